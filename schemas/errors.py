@@ -1,0 +1,71 @@
+"""One exception tree for the whole service.
+
+    VsegError                       base of everything we raise on purpose
+    ├── ConfigError (ValueError)    bad settings, unknown preset
+    │   └── CheckpointError         checkpoint missing or unreadable (names the path and how to get it)
+    ├── PermanentError              retrying cannot help: fail the job at once
+    │   ├── InputError (ValueError) the user's input is wrong
+    │   │   ├── VideoError          missing, corrupt or non-video file, zero frames
+    │   │   ├── PromptError         malformed prompt, prompt outside the frame or video
+    │   │   ├── StorageError        path outside STORAGE_ROOT, frame directory missing or incomplete
+    │   │   └── JobIdError          job id with characters that are unsafe in keys and paths
+    │   └── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
+    ├── RetryableError              transient (Redis blip, CUDA out of memory): retry with backoff
+    └── JobFailed                   a watched job ended in `failed` (carries the worker's error)
+"""
+
+from __future__ import annotations
+
+
+class VsegError(Exception):
+    """Base class of every error this service raises on purpose."""
+
+
+class ConfigError(VsegError, ValueError):
+    """A setting, preset or command-line option is invalid."""
+
+
+class CheckpointError(ConfigError):
+    """A model checkpoint is missing or cannot be loaded."""
+
+
+class PermanentError(VsegError):
+    """An error that retrying cannot fix: the job fails at once."""
+
+
+class InputError(PermanentError, ValueError):
+    """The user's input (video, prompts, paths) is wrong."""
+
+
+class VideoError(InputError):
+    """The video is missing, corrupt, not a video, or has no frames."""
+
+
+class PromptError(InputError):
+    """A prompt is malformed or lies outside the video."""
+
+
+class StorageError(InputError):
+    """A path escapes STORAGE_ROOT, or a frame directory is missing or incomplete."""
+
+
+class JobIdError(InputError):
+    """A job id is empty, too long, or has characters unsafe in Redis keys and paths."""
+
+
+class SchemaError(PermanentError, ValueError):
+    """A wire message is malformed or has an unsupported schema version."""
+
+
+class RetryableError(VsegError):
+    """A transient failure: the job may succeed if retried later."""
+
+
+class JobFailed(VsegError):
+    """A watched job ended in the `failed` state."""
+
+    def __init__(self, job_id: str, error: str, error_type: str = "") -> None:
+        super().__init__(f"job {job_id} failed: {error_type + ': ' if error_type else ''}{error}")
+        self.job_id = job_id
+        self.error = error
+        self.error_type = error_type

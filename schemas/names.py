@@ -1,0 +1,63 @@
+"""Every Redis stream, group and key name, in one place.
+
+Backends read these with their own Redis clients; the README documents them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from schemas.errors import JobIdError
+
+DEFAULT_PREFIX = "vseg"
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return `job_id` if it is safe in Redis keys and file paths, else raise JobIdError."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id) or ".." in job_id:
+        raise JobIdError(
+            f"job id must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter "
+            f"or digit and without '..', but got {job_id!r}"
+        )
+    return job_id
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of the service's streams and keys under one prefix (default `vseg`)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def jobs(self) -> str:
+        """Stream of submitted jobs; workers read it through the `group` consumer group."""
+        return f"{self.prefix}:jobs"
+
+    @property
+    def group(self) -> str:
+        """Consumer group of the workers on `jobs`."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def events(self) -> str:
+        """Lifecycle events (started, progress, completed, failed) of every job."""
+        return f"{self.prefix}:events"
+
+    @property
+    def dead(self) -> str:
+        """Messages that could not be processed (poison, or out of attempts)."""
+        return f"{self.prefix}:dead"
+
+    def results(self, job_id: str) -> str:
+        """One job's results: started, a frame entry per frame in order, then completed or failed."""
+        return f"{self.prefix}:results:{job_id}"
+
+    def job(self, job_id: str) -> str:
+        """Hash with one job's state, attempt, progress and last error."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def worker_health(self, worker: str) -> str:
+        """Key a live worker refreshes; it expires when the worker stops."""
+        return f"{self.prefix}:worker:{worker}"

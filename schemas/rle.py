@@ -1,0 +1,64 @@
+"""Masks as COCO RLE `{size: [h, w], counts: bytes}`, via pycocotools (the format SAM 2's demo uses).
+
+pycocotools is the reference implementation every COCO tool reads, so backends decode our masks with
+`pycocotools.mask.decode` and get exactly our pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+class Rle(TypedDict):
+    size: list[int]
+    counts: bytes
+
+
+def encode_mask(mask: np.ndarray) -> Rle:
+    """Encode a 2D boolean (or 0/1) mask of shape (H, W) as COCO RLE."""
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        shape = getattr(mask, "shape", type(mask).__name__)
+        raise ValueError(f"mask must be a 2D np.ndarray of shape (H, W), but got {shape}")
+    fortran = np.asfortranarray(mask.astype(np.uint8, copy=False))
+    rle = mask_utils.encode(fortran)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": bytes(rle["counts"])}
+
+
+def _coco(rle: Rle | dict[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def decode_mask(rle: Rle | dict[str, Any]) -> np.ndarray:
+    """Decode COCO RLE (counts as bytes or str) to a boolean array of shape (H, W)."""
+    return np.asarray(mask_utils.decode(_coco(rle)), dtype=bool)
+
+
+def rle_area(rle: Rle | dict[str, Any]) -> int:
+    """Number of foreground pixels."""
+    return int(mask_utils.area(_coco(rle)))
+
+
+def rle_bbox_xyxy(rle: Rle | dict[str, Any]) -> list[float]:
+    """Tight box [x0, y0, x1, y1] with x1, y1 exclusive (x1 - x0 = width); [0, 0, 0, 0] when empty."""
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(_coco(rle)))
+    return [x, y, x + w, y + h]
+
+
+def mask_bbox_xyxy(mask: np.ndarray) -> list[float]:
+    """Same box as rle_bbox_xyxy, computed from a dense mask (for checks)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def rle_to_json(rle: Rle | dict[str, Any]) -> dict[str, Any]:
+    """RLE with `counts` as an ASCII string, for JSON files (pycocotools accepts both)."""
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}

@@ -1,0 +1,116 @@
+"""The one settings object: defaults from configs/service.yaml, overridden by the environment, read once.
+
+Precedence: command-line flag > environment variable > configs/service.yaml > the defaults below.
+Build it once at the edge (`Settings.load()`) and pass it down; nothing else reads os.environ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from schemas.errors import ConfigError
+from schemas.names import DEFAULT_PREFIX, Keys
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+SERVICE_YAML = CONFIGS_DIR / "service.yaml"
+
+# field name -> environment variable
+ENV_VARS: dict[str, str] = {
+    "redis_url": "REDIS_URL",
+    "storage_root": "STORAGE_ROOT",
+    "key_prefix": "VSEG_KEY_PREFIX",
+    "model_preset": "VSEG_MODEL",
+    "checkpoint": "VSEG_CHECKPOINT",
+    "checkpoint_dir": "VSEG_CHECKPOINT_DIR",
+    "image_size": "VSEG_IMAGE_SIZE",
+    "device": "VSEG_DEVICE",
+    "jpeg_quality": "VSEG_JPEG_QUALITY",
+    "block_ms": "VSEG_BLOCK_MS",
+    "socket_timeout_s": "VSEG_SOCKET_TIMEOUT_S",
+    "results_ttl_s": "VSEG_RESULTS_TTL_S",
+    "progress_every": "VSEG_PROGRESS_EVERY",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    storage_root: Path = Path("storage")
+    key_prefix: str = DEFAULT_PREFIX
+    model_preset: str = "tiny"
+    checkpoint: str | None = None  # a .pt path, "random" (smoke tests only), or None: the preset's file
+    checkpoint_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vseg" / "checkpoints")
+    image_size: int | None = None  # None: the model's own (1024)
+    device: str = "auto"  # auto, cuda, cuda:N, cpu
+    jpeg_quality: int = 95
+    block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s
+    socket_timeout_s: float = 30.0
+    results_ttl_s: int = 7 * 24 * 3600  # result streams expire this long after their job ends
+    progress_every: int = 10  # frames between progress events on vseg:events
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
+        if self.block_ms <= 0 or self.block_ms / 1000 >= self.socket_timeout_s:
+            raise ConfigError(
+                f"block_ms ({self.block_ms}) must be positive and shorter than socket_timeout_s "
+                f"({self.socket_timeout_s}) or blocking reads time out"
+            )
+        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 16):
+            raise ConfigError(f"image_size must be a positive multiple of 16, but got {self.image_size}")
+        if self.results_ttl_s <= 0 or self.progress_every <= 0:
+            raise ConfigError("results_ttl_s and progress_every must be positive")
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, config_path: Path | None = SERVICE_YAML, **overrides: Any
+    ) -> Settings:
+        """Settings from `config_path` (YAML), then `environ` (default os.environ), then non-None `overrides`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if config_path is not None and config_path.exists():
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{config_path} must hold a map of settings, but holds {type(loaded).__name__}")
+            values.update(loaded)
+        for name, var in ENV_VARS.items():
+            if environ.get(var, "") != "":
+                values[name] = environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls._coerce(values)
+
+    @classmethod
+    def _coerce(cls, values: dict[str, Any]) -> Settings:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}; known: {sorted(fields)}")
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            kind = str(fields[name].type)
+            try:
+                if raw is None:
+                    kwargs[name] = None
+                elif "Path" in kind:
+                    kwargs[name] = Path(os.path.expanduser(str(raw)))
+                elif kind.startswith("int"):
+                    kwargs[name] = int(raw)
+                elif kind.startswith("float"):
+                    kwargs[name] = float(raw)
+                else:
+                    kwargs[name] = str(raw)
+            except ValueError as e:
+                var = ENV_VARS.get(name, name)
+                raise ConfigError(f"setting {name} ({var}) must be {kind}, but got {raw!r}") from e
+        return cls(**kwargs)
