@@ -1,0 +1,45 @@
+"""The Segmenter seam: what the worker needs from a video segmentation model.
+
+Implemented by worker.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor) and by
+worker.fake_segmenter.ColourSegmenter (deterministic, for plumbing tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from schemas.prompts import ObjectPrompt
+
+
+@dataclass(frozen=True)
+class FrameMasks:
+    """Every object's mask on one frame, at the video's resolution."""
+
+    frame_idx: int
+    obj_ids: tuple[int, ...]
+    masks: np.ndarray  # bool, shape (len(obj_ids), H, W)
+    scores: np.ndarray  # float32, shape (len(obj_ids),), object presence probability in [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):
+            raise ValueError(
+                f"masks must have shape (N, H, W) with N = {len(self.obj_ids)} objects, but got {self.masks.shape}"
+            )
+        if self.scores.shape != (len(self.obj_ids),):
+            raise ValueError(f"scores must have shape ({len(self.obj_ids)},), but got {self.scores.shape}")
+
+
+class Segmenter(Protocol):
+    """Propagates prompted objects through a directory of JPEG frames 00000.jpg, 00001.jpg, ..."""
+
+    name: str  # model name for logs and results, e.g. "sam2.1-tiny"
+    random_weights: bool  # True only for smoke tests: results are meaningless
+
+    def segment(self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]) -> Iterator[FrameMasks]:
+        """Yield FrameMasks for frames 0..num_frames-1, in order, each with every prompted object."""
+        ...
