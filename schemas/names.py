@@ -61,3 +61,21 @@ class Keys:
     def worker_health(self, worker: str) -> str:
         """Key a live worker refreshes; it expires when the worker stops."""
         return f"{self.prefix}:worker:{worker}"
+
+
+# Entry ids on a job's result stream are derived from the frame index, so Redis itself rejects a
+# second copy of a frame (XADD with an id <= the stream's last id fails) and readers get frames in
+# order: `started` is 0-1, frame k is (k+1)-0, the one terminal entry is (num_frames+1)-0.
+STARTED_ENTRY_ID = "0-1"
+EVENTS_MAXLEN = 100_000  # vseg:events is a log for observers: trimming it loses no work
+
+
+def frame_entry_id(frame_idx: int) -> str:
+    if frame_idx < 0:
+        raise ValueError(f"frame_idx must be >= 0, but got {frame_idx}")
+    return f"{frame_idx + 1}-0"
+
+
+def terminal_entry_id(num_frames: int) -> str:
+    return f"{num_frames + 1}-0"
+

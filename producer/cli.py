@@ -1,0 +1,111 @@
+"""`python -m producer {submit,extract,watch}`: the client side on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from schemas.errors import InputError, JobFailed, VsegError
+from schemas.logs import configure_logging
+from schemas.settings import Settings
+
+log = logging.getLogger("producer")
+
+
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-frames", type=int, help="keep at most this many frames")
+    p.add_argument("--stride", type=int, default=1, help="keep every Nth frame (default 1)")
+    p.add_argument("--start", type=float, dest="start_s", help="start at this many seconds")
+    p.add_argument("--end", type=float, dest="end_s", help="stop before this many seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m producer", description="Submit videos and follow their results")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("submit", help="decode a video, enqueue a segmentation job, print its id")
+    s.add_argument("video", type=Path)
+    s.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME]",
+                   help="a point on object OBJ (label 1 foreground, 0 background; frame default 0); repeatable")
+    s.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME]",
+                   help="a box around object OBJ; repeatable")
+    s.add_argument("--prompts", type=Path, dest="prompts_file", help="JSON file of prompts (see producer/prompts.py)")
+    s.add_argument("--job-id", help="choose the job id; submitting the same id twice gives one job")
+    s.add_argument("--watch", type=Path, metavar="DIR", help="then follow the job and write DIR/masks.json")
+    _add_decode_options(s)
+
+    e = sub.add_parser("extract", help="only decode VIDEO into DIR/00000.jpg, 00001.jpg, ...")
+    e.add_argument("video", type=Path)
+    e.add_argument("out_dir", type=Path)
+    e.add_argument("--quality", type=int, help="JPEG quality 1-100 (default VSEG_JPEG_QUALITY or 95)")
+    _add_decode_options(e)
+
+    w = sub.add_parser("watch", help="follow a job's results, write DIR/masks.json, print the MP4's path")
+    w.add_argument("job_id")
+    w.add_argument("--out", type=Path, required=True, dest="out_dir")
+    w.add_argument("--timeout", type=float, dest="timeout_s", help="give up after this many seconds without news")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        if args.command == "extract":
+            return _extract(args)
+        settings = Settings.load()
+        if args.command == "submit":
+            return _submit(args, settings)
+        return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
+    except JobFailed as e:
+        log.error("%s", e)
+        return 1
+    except InputError as e:
+        log.error("%s", e)
+        return 2
+    except VsegError as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from producer.decode import extract_frames
+
+    settings = Settings.load(jpeg_quality=args.quality)
+    info = extract_frames(args.video, args.out_dir, max_frames=args.max_frames, stride=args.stride,
+                          start_s=args.start_s, end_s=args.end_s, jpeg_quality=settings.jpeg_quality, progress=True)
+    print(f"{info.num_frames} frames {info.width}x{info.height} at {info.fps:.3f} fps -> {args.out_dir}")
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.prompts import build_prompts
+    from producer.submit import submit
+
+    prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
+    result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
+                    stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True)
+    print(result.job_id, flush=True)
+    if args.watch is not None:
+        return _watch(result.job_id, args.watch, settings, None)
+    return 0
+
+
+def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None) -> int:
+    from producer.results import watch
+
+    result = watch(job_id, out_dir, settings=settings, progress=True, timeout_s=timeout_s)
+    if result.random_weights:
+        log.warning("these masks come from RANDOM WEIGHTS (smoke test): they are meaningless")
+    print(f"masks: {result.masks_json}")
+    print(f"video: {result.render_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Following a job's result stream: a Python iterator for backends, and `watch` that writes masks.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from tqdm import tqdm
+
+from schemas import messages
+from schemas.connection import connect
+from schemas.errors import JobFailed, SchemaError, VsegError
+from schemas.names import validate_job_id
+from schemas.rle import rle_to_json
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (messages.Completed, messages.Failed)
+
+
+class UnknownJobError(VsegError, LookupError):
+    """No job with this id was ever submitted (or its results have expired)."""
+
+
+def follow(
+    job_id: str,
+    *,
+    settings: Settings,
+    client: redis.Redis | None = None,
+    timeout_s: float | None = None,
+) -> Iterator[messages.Message]:
+    """Yield the job's result entries from the start (Started, FrameResult..., then Completed or Failed).
+
+    Blocks while the job runs; reconnects with backoff if Redis drops; stops after the terminal entry.
+    Raises UnknownJobError if the job does not exist, TimeoutError after `timeout_s` without a new entry.
+    """
+    validate_job_id(job_id)
+    client = client or connect(settings)
+    keys = settings.keys
+    stream = keys.results(job_id)
+    if not client.exists(keys.job(job_id)) and not client.exists(stream):
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (wrong REDIS_URL or expired?)")
+    last_id = "0-0"
+    last_seen = time.monotonic()
+    backoff_s = 0.1
+    while True:
+        try:
+            reply = client.xread({stream: last_id}, count=256, block=settings.block_ms)
+            backoff_s = 0.1
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", job_id, e, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+            continue
+        if not reply:
+            if timeout_s is not None and time.monotonic() - last_seen > timeout_s:
+                raise TimeoutError(f"no result for job {job_id} in {timeout_s:.0f} s")
+            continue
+        last_seen = time.monotonic()
+        for entry_id, fields in reply[0][1]:
+            last_id = entry_id
+            try:
+                msg = messages.decode(fields)
+            except SchemaError as e:
+                log.error("skipping undecodable entry %s on %s: %s", entry_id, stream, e)
+                continue
+            yield msg
+            if isinstance(msg, TERMINAL):
+                return
+
+
+@dataclass(frozen=True)
+class WatchResult:
+    job_id: str
+    masks_json: Path
+    render_path: Path
+    num_frames: int
+    random_weights: bool
+
+
+def _object_json(obj: messages.ObjectResult) -> dict[str, Any]:
+    return {
+        "obj_id": obj.obj_id, "mask": rle_to_json(obj.mask), "bbox_xyxy": obj.bbox_xyxy,
+        "area": obj.area, "score": obj.score,
+    }
+
+
+def watch(
+    job_id: str,
+    out_dir: Path,
+    *,
+    settings: Settings,
+    client: redis.Redis | None = None,
+    progress: bool = True,
+    timeout_s: float | None = None,
+) -> WatchResult:
+    """Follow the job to its end, write out_dir/masks.json, return where the render is.
+
+    Raises JobFailed with the worker's error if the job failed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames: list[dict[str, Any]] = []
+    started: messages.Started | None = None
+    bar: tqdm[Any] | None = None
+    try:
+        for msg in follow(job_id, settings=settings, client=client, timeout_s=timeout_s):
+            if isinstance(msg, messages.Started):
+                started = msg
+                if msg.random_weights:
+                    log.warning("job %s runs with RANDOM WEIGHTS: its masks are meaningless", job_id)
+                if progress and bar is None:
+                    bar = tqdm(total=msg.num_frames, desc=f"job {job_id}", unit="frame", dynamic_ncols=True)
+            elif isinstance(msg, messages.FrameResult):
+                frames.append({"frame_idx": msg.frame_idx, "objects": [_object_json(o) for o in msg.objects]})
+                if bar is not None:
+                    bar.update(1)
+            elif isinstance(msg, messages.Failed):
+                raise JobFailed(job_id, msg.error, msg.error_type)
+            elif isinstance(msg, messages.Completed):
+                return _finish(job_id, out_dir, frames, started, msg, settings)
+    finally:
+        if bar is not None:
+            bar.close()
+    raise VsegError(f"result stream of job {job_id} ended without a terminal entry")
+
+
+def _finish(
+    job_id: str,
+    out_dir: Path,
+    frames: list[dict[str, Any]],
+    started: messages.Started | None,
+    done: messages.Completed,
+    settings: Settings,
+) -> WatchResult:
+    frames.sort(key=lambda f: f["frame_idx"])
+    doc = {
+        "job_id": job_id,
+        "num_frames": done.num_frames,
+        "obj_ids": list(started.obj_ids) if started else [],
+        "random_weights": done.random_weights,
+        "render_path": done.render_path,
+        "timings_s": done.timings_s,
+        "frames": frames,
+    }
+    path = out_dir / "masks.json"
+    tmp = out_dir / ".masks.json.partial"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    render = (settings.storage_root / done.render_path).resolve()
+    return WatchResult(job_id, path, render, done.num_frames, done.random_weights)

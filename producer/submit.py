@@ -1,0 +1,132 @@
+"""Submitting a video job: decode to frames under STORAGE_ROOT, check prompts, enqueue exactly once."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from producer.decode import VideoInfo, extract_frames
+from schemas import messages
+from schemas.connection import connect
+from schemas.names import Keys, validate_job_id
+from schemas.prompts import ObjectPrompt, validate_prompts
+from schemas.settings import Settings
+from schemas.storage import job_frames_rel, resolve_inside
+
+log = logging.getLogger(__name__)
+
+# Creates the job's state hash and appends the job to the jobs stream in one atomic step, so the same
+# job id submitted twice (a client retry after a timeout, two racing clients) gives exactly one job.
+_ENQUEUE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'frames_done', 0,
+           'num_frames', ARGV[3], 'submitted_at', ARGV[4], 'source', ARGV[5])
+redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    created: bool  # False: a job with this id already existed, nothing was done
+    video: VideoInfo | None = None
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def job_exists(client: redis.Redis, keys: Keys, job_id: str) -> bool:
+    return bool(client.exists(keys.job(job_id)))
+
+
+def submit(
+    video: Path,
+    prompts: Sequence[ObjectPrompt],
+    *,
+    settings: Settings,
+    client: redis.Redis | None = None,
+    job_id: str | None = None,
+    max_frames: int | None = None,
+    stride: int = 1,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    progress: bool = False,
+) -> Submitted:
+    """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
+
+    The same `job_id` twice gives one job: the second call returns `created=False` and decodes nothing.
+    Raises VideoError / PromptError / JobIdError before anything is enqueued.
+    """
+    client = client or connect(settings)
+    keys = settings.keys
+    job_id = validate_job_id(job_id) if job_id else new_job_id()
+    if job_exists(client, keys, job_id):
+        log.info("job %s already exists: not submitting it again", job_id)
+        return Submitted(job_id, created=False)
+
+    # One submitter per job id decodes; a concurrent duplicate waits for it and returns the same job.
+    lock = client.lock(f"{keys.job(job_id)}:submit-lock", timeout=3600, blocking_timeout=3600)
+    with lock:
+        if job_exists(client, keys, job_id):
+            log.info("job %s was created concurrently by another client", job_id)
+            return Submitted(job_id, created=False)
+        return _decode_and_enqueue(
+            client, settings, job_id, video, prompts,
+            max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress,
+        )
+
+
+def _decode_and_enqueue(
+    client: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    video: Path,
+    prompts: Sequence[ObjectPrompt],
+    *,
+    max_frames: int | None,
+    stride: int,
+    start_s: float | None,
+    end_s: float | None,
+    progress: bool,
+) -> Submitted:
+    keys = settings.keys
+    frames_rel = job_frames_rel(job_id)
+    frames_dir = resolve_inside(settings.storage_root, frames_rel)
+    if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
+        shutil.rmtree(frames_dir)
+    frames_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    info = extract_frames(
+        video, frames_dir, max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s,
+        jpeg_quality=settings.jpeg_quality, progress=progress,
+    )
+    log.info("decoded %s: %d frames %dx%d at %.3f fps in %.1f s", video, info.num_frames, info.width,
+             info.height, info.fps, time.monotonic() - started)
+    try:
+        validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
+        job = messages.JobMessage(
+            job_id=job_id, frames_dir=frames_rel, num_frames=info.num_frames, width=info.width,
+            height=info.height, fps=info.fps, prompts=tuple(prompts), source=Path(video).name,
+        )
+        fields = messages.encode(job)
+        created = client.eval(
+            _ENQUEUE_LUA, 2, keys.job(job_id), keys.jobs,
+            fields["type"], fields["data"], info.num_frames, job.submitted_at, job.source,
+        )
+    except Exception:
+        shutil.rmtree(frames_dir, ignore_errors=True)
+        raise
+    if not created:  # cannot happen while the lock is held, unless the lock expired
+        log.warning("job %s appeared while its submit lock was held", job_id)
+        return Submitted(job_id, created=False, video=info)
+    log.info("submitted job %s (%d frames, %d prompts)", job_id, info.num_frames, len(prompts))
+    return Submitted(job_id, created=True, video=info)

@@ -1,0 +1,47 @@
+"""Fixtures shared by the test tiers.
+
+Integration tests get a real redis-server that the tests start on a free port (never the shared one
+on 6379), flushed before each test, plus a Settings object pointing at it and at a temporary
+STORAGE_ROOT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.local_redis import RedisServer
+from schemas.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def storage_root(tmp_path: Path) -> Path:
+    root = tmp_path / "storage"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, storage_root: Path, tmp_path: Path) -> Settings:
+    return Settings.load(
+        environ={}, redis_url=redis_server.url, storage_root=storage_root, checkpoint_dir=tmp_path / "ckpt",
+        block_ms=200, progress_every=5,
+    )

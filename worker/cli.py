@@ -1,0 +1,72 @@
+"""`python -m worker`: run a worker; `python -m worker check`: exit 0 if a worker on this host is healthy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from schemas.connection import connect
+from schemas.errors import ConfigError, VsegError
+from schemas.logs import configure_logging
+from schemas.settings import Settings
+
+log = logging.getLogger("worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker", description="SAM 2 video segmentation worker")
+    p.add_argument("command", nargs="?", default="run", choices=["run", "check"],
+                   help="run (default): process jobs; check: exit 0 if a worker on this host is healthy")
+    p.add_argument("--model", dest="model_preset", help="model preset: tiny, small, base_plus, large (VSEG_MODEL)")
+    p.add_argument("--checkpoint", help="checkpoint .pt path, or 'random' for a smoke test with random weights")
+    p.add_argument("--image-size", type=int, help="model input size (default: the model's, 1024; CPU tests use 256)")
+    p.add_argument("--device", help="auto (default), cuda, cuda:N or cpu")
+    p.add_argument("--burst", action="store_true", help="process what is queued, then exit")
+    p.add_argument("--name", help="consumer name (default: host-pid-random)")
+    p.add_argument("--fake-segmenter", action="store_true", help=argparse.SUPPRESS)  # plumbing tests only
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def check(settings: Settings) -> int:
+    """0 if some worker on this host refreshed its health key recently, else 1."""
+    client = connect(settings)
+    pattern = settings.keys.worker_health(f"{socket.gethostname()}-*")
+    found = [k for k in client.scan_iter(match=pattern, count=1000)]
+    if found:
+        print(f"healthy: {len(found)} worker(s) on {socket.gethostname()}")
+        return 0
+    print(f"unhealthy: no live worker on {socket.gethostname()} in Redis at {settings.redis_url}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        settings = Settings.load(
+            model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device
+        )
+        if args.command == "check":
+            return check(settings)
+        from worker.consume import Worker
+        from worker.load import load_segmenter
+
+        segmenter = load_segmenter(settings, fake=args.fake_segmenter)
+        worker = Worker(settings=settings, segmenter=segmenter, client=connect(settings), name=args.name)
+        worker.run(burst=args.burst)
+        return 0
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except VsegError as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

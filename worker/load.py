@@ -1,0 +1,33 @@
+"""Building the worker's Segmenter from the settings (the model is loaded once per worker)."""
+
+from __future__ import annotations
+
+import logging
+
+from schemas.settings import Settings
+from worker.segment import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+def load_segmenter(settings: Settings, *, fake: bool = False) -> Segmenter:
+    """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter."""
+    if fake:
+        from worker.fake_segmenter import ColourSegmenter
+
+        log.warning("using the FAKE colour segmenter: for plumbing tests only")
+        return ColourSegmenter()
+    from worker.checkpoints import RANDOM, build_predictor, get_preset, resolve_checkpoint, resolve_device
+    from worker.sam2_segmenter import Sam2Segmenter
+
+    preset = get_preset(settings.model_preset)
+    device = resolve_device(settings.device)
+    ckpt = resolve_checkpoint(preset, settings.checkpoint, settings.checkpoint_dir)
+    random_weights = settings.checkpoint == RANDOM
+    if random_weights:
+        log.warning("!!! RANDOM WEIGHTS: model sam2.1-%s is untrained; every mask is meaningless (smoke test) !!!",
+                    preset.name)
+    predictor = build_predictor(preset, ckpt, device=device, image_size=settings.image_size)
+    log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
+             ckpt or "random")
+    return Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights)

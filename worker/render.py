@@ -1,0 +1,310 @@
+"""Draw object masks on frames and encode them as a browser-playable H.264 MP4 (PyAV, libx264).
+
+Each object gets a stable colour (`colour_for`): its mask is blended in at `alpha`, a 2-px outline is
+drawn just inside the mask's edge (so pixels outside a mask are never touched), and the object id is
+written above the mask's bounding box on a dark label.
+
+`MaskVideoWriter` writes to a hidden temporary file next to the target and renames it into place on
+`close()`, so a reader never sees a half-written MP4.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Saturated BGR colours, none of them pure green (green screens and foliage are common subjects).
+PALETTE_BGR: tuple[tuple[int, int, int], ...] = (
+    (255, 64, 0),  # blue
+    (0, 128, 255),  # orange
+    (255, 0, 255),  # magenta
+    (0, 0, 255),  # red
+    (255, 255, 0),  # cyan
+    (0, 255, 255),  # yellow
+    (255, 0, 128),  # violet
+    (128, 0, 255),  # pink
+    (0, 64, 160),  # brown
+    (255, 128, 128),  # light blue
+)
+
+OUTLINE_PX = 2
+LABEL_BG_BGR = (32, 32, 32)
+LABEL_FG_BGR = (255, 255, 255)
+LABEL_PAD_PX = 2
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+# NTSC-style rates N*1000/1001 are snapped to the exact fraction when fps is this close (relative).
+_NTSC_REL_TOL = 1e-5
+
+
+def colour_for(obj_id: int) -> tuple[int, int, int]:
+    """Stable BGR colour of object `obj_id`: a fixed palette first, then a hash-derived saturated hue."""
+    if 0 <= obj_id < len(PALETTE_BGR):
+        return PALETTE_BGR[obj_id]
+    # Knuth multiplicative hash -> hue in OpenCV's 0..179 scale, skipping the greens (hue 45..75).
+    h = (obj_id * 2654435761) & 0xFFFFFFFF
+    hue = (h % 150) + (30 if h % 150 >= 45 else 0)
+    hsv = np.array([[[hue, 255, 255]]], dtype=np.uint8)
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def check_frame(frame_bgr: Any, what: str = "frame_bgr") -> tuple[int, int]:
+    """Return (H, W) of a BGR uint8 image, or raise ValueError saying what was expected."""
+    if not isinstance(frame_bgr, np.ndarray) or frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
+        shape = getattr(frame_bgr, "shape", type(frame_bgr).__name__)
+        raise ValueError(f"{what} must be an np.ndarray of shape (H, W, 3), but got {shape}")
+    if frame_bgr.dtype != np.uint8:
+        raise ValueError(f"{what} must have dtype uint8, but got {frame_bgr.dtype}")
+    return int(frame_bgr.shape[0]), int(frame_bgr.shape[1])
+
+
+def check_masks(masks: Any, obj_ids: Sequence[int], size_hw: tuple[int, int]) -> None:
+    """Raise ValueError unless `masks` is a bool array of shape (len(obj_ids), H, W)."""
+    expected = (len(obj_ids), *size_hw)
+    if not isinstance(masks, np.ndarray) or masks.shape != expected:
+        shape = getattr(masks, "shape", type(masks).__name__)
+        raise ValueError(
+            f"masks must be an np.ndarray of shape (N, H, W) = {expected} "
+            f"({len(obj_ids)} objects on a {size_hw[1]}x{size_hw[0]} frame), but got {shape}"
+        )
+    if masks.dtype != np.bool_:
+        raise ValueError(f"masks must have dtype bool, but got {masks.dtype}")
+
+
+def _bbox_slices(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Row and column slices of the tight bounding box of `mask`, or None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _inner_outline(mask_crop: np.ndarray) -> np.ndarray:
+    """Band about OUTLINE_PX wide along every mask edge (outer and hole borders), inside the mask."""
+    mask_u8 = mask_crop.astype(np.uint8)
+    contours, _ = cv2.findContours(mask_u8, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    band = np.zeros_like(mask_u8)
+    # A line of width 2k-1 centred on the edge pixels covers k pixels on the inside.
+    cv2.drawContours(band, contours, -1, 1, thickness=2 * OUTLINE_PX - 1)
+    return (band > 0) & mask_crop
+
+
+def _label_scale(size_hw: tuple[int, int]) -> tuple[float, int]:
+    """Font scale and stroke thickness that stay legible from 120p to 4K."""
+    scale = max(0.4, min(size_hw) / 900.0)
+    return scale, 1 if scale < 1.0 else 2
+
+
+def _draw_label(image: np.ndarray, text: str, x0: int, y0: int, y1: int, colour: tuple[int, int, int]) -> None:
+    """Write `text` above the box top-left (x0, y0) when it fits, else just inside it."""
+    height, width = image.shape[:2]
+    scale, thickness = _label_scale((height, width))
+    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, scale, thickness)
+    box_w = text_w + 2 * LABEL_PAD_PX
+    box_h = text_h + baseline + 2 * LABEL_PAD_PX
+    top = y0 - box_h if y0 - box_h >= 0 else min(y0, max(0, height - box_h))
+    left = min(max(0, x0), max(0, width - box_w))
+    cv2.rectangle(image, (left, top), (left + box_w - 1, top + box_h - 1), LABEL_BG_BGR, thickness=-1)
+    cv2.rectangle(image, (left, top), (left + box_w - 1, top + box_h - 1), colour, thickness=1)
+    origin = (left + LABEL_PAD_PX, top + LABEL_PAD_PX + text_h)
+    cv2.putText(image, text, origin, _FONT, scale, LABEL_FG_BGR, thickness, cv2.LINE_AA)
+
+
+def draw_masks(
+    frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+    """Return a copy of `frame_bgr` with each object's mask tinted, outlined and labelled with its id."""
+    size_hw = check_frame(frame_bgr)
+    check_masks(masks, obj_ids, size_hw)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], but got {alpha}")
+    out = frame_bgr.copy()
+    labels: list[tuple[int, int, int, int]] = []  # obj_id, x0, y0, y1
+    for obj_id, mask in zip(obj_ids, masks):
+        box = _bbox_slices(mask)
+        if box is None:
+            continue
+        rows, cols = box
+        colour = colour_for(obj_id)
+        crop = out[rows, cols]
+        mask_crop = mask[rows, cols]
+        colour_arr = np.array(colour, dtype=np.float32)
+        blended = crop[mask_crop].astype(np.float32) * (1.0 - alpha) + colour_arr * alpha
+        crop[mask_crop] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        crop[_inner_outline(mask_crop)] = colour
+        labels.append((obj_id, cols.start, rows.start, rows.stop))
+    # Labels go last so no later mask covers them.
+    for obj_id, x0, y0, y1 in labels:
+        _draw_label(out, str(obj_id), x0, y0, y1, colour_for(obj_id))
+    return out
+
+
+def frame_rate(fps: float | Fraction) -> Fraction:
+    """Exact frame rate: integers stay integers, 29.97 -> 30000/1001, others limited to denominator 1001."""
+    if isinstance(fps, Fraction):
+        rate = fps
+    else:
+        if not math.isfinite(fps):
+            raise ValueError(f"fps must be a finite number > 0, but got {fps}")
+        rate = Fraction(fps)
+        if rate.denominator != 1:
+            ntsc = round(fps * 1001 / 1000)
+            if ntsc > 0 and abs(fps - ntsc * 1000 / 1001) <= _NTSC_REL_TOL * fps:
+                rate = Fraction(ntsc * 1000, 1001)
+            else:
+                rate = rate.limit_denominator(1001)
+    if rate <= 0:
+        raise ValueError(f"fps must be > 0, but got {fps}")
+    return rate
+
+
+def even_size(width: int, height: int) -> tuple[int, int]:
+    """Encoded (width, height): yuv420p needs even dimensions, so odd ones grow by one pixel."""
+    return width + width % 2, height + height % 2
+
+
+def pad_to_even(image: np.ndarray) -> np.ndarray:
+    """Replicate the last column/row when width/height is odd; every source pixel keeps its position."""
+    height, width = image.shape[:2]
+    pad_w, pad_h = width % 2, height % 2
+    if not (pad_w or pad_h):
+        return image
+    return cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+
+
+def partial_path(path: Path) -> Path:
+    """Temporary file a writer fills before renaming it to `path` (same directory, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+class MaskVideoWriter:
+    """Draws masks on frames and encodes them to an H.264 MP4 at `path`, atomically on close().
+
+    Use as a context manager: a clean exit calls close() (file appears at `path`), an exception calls
+    abort() (no file at `path`, temporary file removed).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fps: float | Fraction,
+        width: int,
+        height: int,
+        codec: str = "libx264",
+        crf: int = 20,
+        preset: str = "veryfast",
+    ) -> None:
+        if width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be > 0, but got {width}x{height}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51 (lower is better quality), but got {crf}")
+        self.path = Path(path)
+        self.width = width
+        self.height = height
+        self.rate = frame_rate(fps)
+        self.frames_written = 0
+        self._tmp = partial_path(self.path)
+        self._closed = False
+        enc_width, enc_height = even_size(width, height)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # format="mp4" because the temporary name does not end in .mp4; +faststart moves the index
+        # to the front so browsers can start playing before the download ends.
+        self._container: Any = av.open(
+            str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
+        )
+        try:
+            self._stream: Any = self._container.add_stream(codec, rate=self.rate)
+            self._stream.width = enc_width
+            self._stream.height = enc_height
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.codec_context.time_base = 1 / self.rate
+            if codec == "libx264":
+                self._stream.options = {"crf": str(crf), "preset": preset, "profile": "high"}
+        except Exception:
+            self._discard()
+            raise
+        logger.debug(
+            "rendering %s: %dx%d (encoded %dx%d) at %s fps, codec %s crf %d",
+            self.path, width, height, enc_width, enc_height, self.rate, codec, crf,
+        )
+
+    def write(self, frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray) -> None:
+        """Draw `masks` on `frame_bgr` and encode it as the next video frame."""
+        if self._closed:
+            raise ValueError(f"cannot write to {self.path}: the writer is closed")
+        size_hw = check_frame(frame_bgr)
+        if size_hw != (self.height, self.width):
+            raise ValueError(
+                f"frame_bgr must be {self.width}x{self.height} (W x H) like the writer, "
+                f"but got {size_hw[1]}x{size_hw[0]}"
+            )
+        drawn = pad_to_even(draw_masks(frame_bgr, obj_ids, masks))
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn), format="bgr24")
+        frame.pts = self.frames_written
+        frame.time_base = 1 / self.rate
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> Path:
+        """Flush the encoder, finish the MP4 and rename it to `path`; returns `path`."""
+        if self._closed:
+            return self.path
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}; an MP4 needs at least one frame")
+        try:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+        self._closed = True
+        logger.info("rendered %d frames to %s", self.frames_written, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop without producing `path`: close the encoder and delete the temporary file."""
+        if self._closed:
+            return
+        self._discard()
+        logger.info("aborted render of %s after %d frames", self.path, self.frames_written)
+
+    def _discard(self) -> None:
+        self._closed = True
+        try:
+            self._container.close()
+        except Exception:  # the file is deleted next; a failing flush only means nothing to keep
+            logger.debug("closing the encoder of %s failed while aborting", self.path, exc_info=True)
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> MaskVideoWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
