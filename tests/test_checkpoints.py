@@ -79,7 +79,9 @@ def test_missing_presets_file_is_a_config_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ resolution
 
 
-def test_random_means_no_checkpoint(tiny: ModelPreset, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_random_means_no_checkpoint(
+    tiny: ModelPreset, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert resolve_checkpoint(tiny, RANDOM, tmp_path) is None
     assert "meaningless" in caplog.text
 
@@ -123,7 +125,9 @@ def test_offline_and_missing_names_the_repo_and_the_path(
     _assert_says_how_to_get_it(str(info.value), tiny, tmp_path)
 
 
-def test_download_disabled_and_missing(tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_disabled_and_missing(
+    tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _forbidden_download)
@@ -133,7 +137,9 @@ def test_download_disabled_and_missing(tiny: ModelPreset, tmp_path: Path, monkey
     _assert_says_how_to_get_it(str(info.value), tiny, tmp_path)
 
 
-def test_missing_preset_file_is_downloaded(tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_preset_file_is_downloaded(
+    tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     calls: list[dict[str, Any]] = []
@@ -152,7 +158,9 @@ def test_missing_preset_file_is_downloaded(tiny: ModelPreset, tmp_path: Path, mo
     assert calls == [{"repo_id": tiny.hf_repo, "filename": tiny.file, "local_dir": checkpoint_dir}]
 
 
-def test_failed_download_says_how_to_get_it(tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_download_says_how_to_get_it(
+    tiny: ModelPreset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub
 
     def no_network(**_: Any) -> str:
@@ -182,7 +190,9 @@ def _assert_says_how_to_get_it(message: str, preset: ModelPreset, checkpoint_dir
 
 
 @pytest.fixture(scope="module")
-def saved_tiny(tiny: ModelPreset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def saved_tiny(
+    tiny: ModelPreset, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, torch.Tensor]]:
     """The real sam2.1 tiny model with random weights, saved as a checkpoint file: (path, state dict)."""
     model = build_predictor(tiny, None, device="cpu", image_size=256)
     assert model.image_size == 256
@@ -196,7 +206,9 @@ def test_checkpoint_round_trips_into_the_model(
     tiny: ModelPreset, saved_tiny: tuple[Path, dict[str, torch.Tensor]]
 ) -> None:
     path, state = saved_tiny
-    model = build_predictor(tiny, resolve_checkpoint(tiny, str(path), path.parent), device="cpu", image_size=256)
+    model = build_predictor(
+        tiny, resolve_checkpoint(tiny, str(path), path.parent), device="cpu", image_size=256
+    )
     assert type(model).__name__ == "SAM2VideoPredictor"
     assert not model.training
     loaded = model.state_dict()

@@ -32,7 +32,15 @@ MODELS_YAML = CONFIGS_DIR / "models.yaml"
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
 _MAX_KEYS_SHOWN = 3
 # What torch.load and load_state_dict raise on a file that is not a SAM 2 checkpoint.
-_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError)
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ def load_presets(path: Path = MODELS_YAML) -> dict[str, ModelPreset]:
     except yaml.YAMLError as e:
         raise ConfigError(f"model presets {path} are not valid YAML: {e}") from e
     if not isinstance(loaded, dict) or not loaded:
-        raise ConfigError(f"{path} must hold a map of preset name -> settings, but holds {type(loaded).__name__}")
+        raise ConfigError(
+            f"{path} must hold a map of preset name -> settings, but holds {type(loaded).__name__}"
+        )
     return {str(name): _parse_preset(str(name), entry, path) for name, entry in loaded.items()}
 
 
@@ -131,7 +141,9 @@ def _hf_offline() -> bool:
 
 
 def _download(preset: ModelPreset, path: Path) -> Path:
-    log.info("checkpoint %s not found; downloading %s from Hugging Face repo %s", path, preset.file, preset.hf_repo)
+    log.info(
+        "checkpoint %s not found; downloading %s from Hugging Face repo %s", path, preset.file, preset.hf_repo
+    )
     try:
         from huggingface_hub import hf_hub_download
 
@@ -140,7 +152,9 @@ def _download(preset: ModelPreset, path: Path) -> Path:
     except Exception as e:  # network, auth, disk: all end in the same advice
         raise CheckpointError(_missing_preset_message(preset, path, f"download failed: {e}")) from e
     if not got.is_file():
-        raise CheckpointError(_missing_preset_message(preset, path, f"download returned {got}, which is not a file"))
+        raise CheckpointError(
+            _missing_preset_message(preset, path, f"download returned {got}, which is not a file")
+        )
     log.info("downloaded checkpoint %s (%.1f MB)", got, got.stat().st_size / 1e6)
     return got
 
@@ -158,7 +172,9 @@ def _missing_preset_message(preset: ModelPreset, path: Path, why: str) -> str:
 # ------------------------------------------------------------------------------------------- predictor
 
 
-def build_predictor(preset: ModelPreset, ckpt_path: Path | None, *, device: str, image_size: int | None) -> Any:
+def build_predictor(
+    preset: ModelPreset, ckpt_path: Path | None, *, device: str, image_size: int | None
+) -> Any:
     """The SAM2VideoPredictor for `preset` on `device`, with weights from `ckpt_path` (None: random).
 
     Built on the CPU, loaded, then moved, as sam2's own builder does; the checkpoint is loaded here rather
@@ -203,7 +219,9 @@ def _load_weights(model: torch.nn.Module, preset: ModelPreset, ckpt_path: Path) 
     except OSError as e:
         raise _mismatch(preset, ckpt_path, f"cannot read it: {e}") from e
     except _LOAD_ERRORS as e:
-        raise _mismatch(preset, ckpt_path, f"not a torch checkpoint: {type(e).__name__}: {_first_line(e)}") from e
+        raise _mismatch(
+            preset, ckpt_path, f"not a torch checkpoint: {type(e).__name__}: {_first_line(e)}"
+        ) from e
     if not isinstance(loaded, Mapping) or not isinstance(loaded.get("model"), Mapping):
         keys = sorted(loaded)[:_MAX_KEYS_SHOWN] if isinstance(loaded, Mapping) else type(loaded).__name__
         raise _mismatch(preset, ckpt_path, f"no 'model' state dict in it (found {keys})")
@@ -229,7 +247,11 @@ def _state_dict_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) ->
     ]
     parts = [
         f"{len(items)} {label}, e.g. {', '.join(items[:_MAX_KEYS_SHOWN])}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
         if items
     ]
     return "; ".join(parts)
@@ -252,7 +274,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" if CUDA is available else "cpu"; "cuda"/"cuda:N" must exist here."""
+    """Map "auto" to "cuda" if CUDA is available, else "cpu"; check that "cuda"/"cuda:N" exist here."""
     device = device.strip().lower()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -261,7 +283,9 @@ def resolve_device(device: str) -> str:
     if device != "cuda" and not device.startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, but got {device!r}")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
+        raise ConfigError(
+            f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto"
+        )
     index = device.partition(":")[2]
     if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
         raise ConfigError(

