@@ -1,0 +1,195 @@
+"""Decoding a video file with PyAV into a JPEG frame directory (00000.jpg, 00001.jpg, ...).
+
+Decoding runs on FFmpeg's own threads; JPEG encoding runs in a thread pool (OpenCV releases the GIL),
+with a bounded number of frames in flight. Frames go to a hidden sibling directory that is renamed
+into place only when complete, so a half-written directory never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from schemas.errors import StorageError, VideoError
+from schemas.storage import frame_name
+
+log = logging.getLogger(__name__)
+
+ENCODE_THREADS = max(2, min(8, os.cpu_count() or 2))
+MAX_IN_FLIGHT = 4 * ENCODE_THREADS
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    width: int
+    height: int
+    fps: float  # of the extracted frames: source fps / stride
+    source: str
+
+
+def _open(video: Path) -> av.container.InputContainer:
+    video = Path(video)
+    if not video.exists():
+        raise VideoError(f"video file not found: {video}")
+    if not video.is_file():
+        raise VideoError(f"video path is not a file: {video}")
+    try:
+        container = av.open(str(video), mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f"cannot open {video} as a video ({e}); is it a complete video file?") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{video} has no video stream")
+    return container
+
+
+def _fps(stream: av.video.stream.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 30.0
+
+
+def probe(video: Path) -> tuple[int, int, float]:
+    """(width, height, fps) of the first video stream."""
+    with _open(video) as container:
+        stream = container.streams.video[0]
+        return int(stream.codec_context.width), int(stream.codec_context.height), _fps(stream)
+
+
+def _check_options(max_frames: int | None, stride: int, start_s: float | None, end_s: float | None,
+                   jpeg_quality: int) -> None:
+    if stride < 1:
+        raise VideoError(f"--stride must be >= 1, but got {stride}")
+    if max_frames is not None and max_frames < 1:
+        raise VideoError(f"--max-frames must be >= 1, but got {max_frames}")
+    if start_s is not None and start_s < 0:
+        raise VideoError(f"--start must be >= 0 seconds, but got {start_s}")
+    if end_s is not None and end_s <= (start_s or 0.0):
+        raise VideoError(f"--end ({end_s}) must be after --start ({start_s or 0.0})")
+    if not 1 <= jpeg_quality <= 100:
+        raise VideoError(f"JPEG quality must be 1..100, but got {jpeg_quality}")
+
+
+def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise VideoError(f"JPEG encoding failed for {path.name}")
+    path.write_bytes(buf.tobytes())
+
+
+def extract_frames(
+    video: Path,
+    out_dir: Path,
+    *,
+    max_frames: int | None = None,
+    stride: int = 1,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    jpeg_quality: int = 95,
+    progress: bool = False,
+) -> VideoInfo:
+    """Decode `video` into `out_dir` (which must not exist). Raises VideoError, StorageError."""
+    video, out_dir = Path(video), Path(out_dir)
+    _check_options(max_frames, stride, start_s, end_s, jpeg_quality)
+    if out_dir.exists():
+        raise StorageError(f"output directory {out_dir} already exists: remove it or choose another")
+    container = _open(video)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with container:
+            info = _decode_into(container, video, tmp, max_frames=max_frames, stride=stride, start_s=start_s,
+                                end_s=end_s, jpeg_quality=jpeg_quality, progress=progress)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _decode_into(
+    container: av.container.InputContainer,
+    video: Path,
+    tmp: Path,
+    *,
+    max_frames: int | None,
+    stride: int,
+    start_s: float | None,
+    end_s: float | None,
+    jpeg_quality: int,
+    progress: bool,
+) -> VideoInfo:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    fps = _fps(stream)
+    time_base = stream.time_base or Fraction(1, 1000)
+    if start_s:
+        container.seek(int(start_s / time_base), stream=stream, backward=True, any_frame=False)
+    total = stream.frames // stride if stream.frames else None
+    if max_frames is not None:
+        total = min(total, max_frames) if total else max_frames
+    bar = tqdm(total=total, desc=f"decode {video.name}", unit="frame", disable=not progress, dynamic_ncols=True)
+    kept = decoded = 0
+    width = height = 0
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="jpeg") as pool:
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.pts * time_base) if frame.pts is not None else decoded / fps
+                if start_s is not None and t < start_s - 1e-6:
+                    continue
+                if end_s is not None and t >= end_s - 1e-6:
+                    break
+                decoded += 1
+                if (decoded - 1) % stride:
+                    continue
+                image = frame.to_ndarray(format="bgr24")
+                height, width = image.shape[:2]
+                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), image, jpeg_quality))
+                kept += 1
+                while len(pending) > MAX_IN_FLIGHT:
+                    pending.popleft().result()
+                bar.update(1)
+                if max_frames is not None and kept >= max_frames:
+                    break
+        except av.error.FFmpegError as e:
+            raise VideoError(f"{video} is corrupt at frame {decoded} ({e}); re-encode or re-download it") from e
+        finally:
+            bar.close()
+        while pending:
+            pending.popleft().result()
+    if kept == 0:
+        chosen = ", ".join(
+            f"{name}={value}" for name, value in (("--start", start_s), ("--end", end_s), ("--max-frames", max_frames))
+            if value is not None
+        )
+        raise VideoError(f"no frames decoded from {video}" + (f" with {chosen}" if chosen else "") +
+                         "; check the file plays and the options select part of it")
+    _check_truncation(container, stream, video, decoded, start_s, end_s, max_frames, kept)
+    return VideoInfo(num_frames=kept, width=width, height=height, fps=fps / stride, source=video.name)
+
+
+def _check_truncation(container: av.container.InputContainer, stream: av.video.stream.VideoStream, video: Path,
+                      decoded: int, start_s: float | None, end_s: float | None, max_frames: int | None,
+                      kept: int) -> None:
+    """A file cut short decodes without error but with fewer frames than its header promises."""
+    expected = stream.frames
+    whole_file = start_s is None and end_s is None and (max_frames is None or kept < max_frames)
+    if whole_file and expected and decoded < expected * 0.98 - 1:
+        raise VideoError(
+            f"{video} is truncated or corrupt: its header promises {expected} frames but only {decoded} decode; "
+            "re-encode or re-download it"
+        )
