@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quality", type=int, help="JPEG quality 1-100 (default VSEG_JPEG_QUALITY or 95)")
     _add_decode_options(e)
 
+    st = sub.add_parser("status", help="show a job's state, attempt, progress and last error")
+    st.add_argument("job_id")
+    c = sub.add_parser("cancel", help="cancel a job: it stops within a few frames and is not retried")
+    c.add_argument("job_id")
+
     w = sub.add_parser("watch", help="follow a job's results, write DIR/masks.json, print the MP4's path")
     w.add_argument("job_id")
     w.add_argument("--out", type=Path, required=True, dest="out_dir")
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.load()
         if args.command == "submit":
             return _submit(args, settings)
+        if args.command == "status":
+            return _status(args.job_id, settings)
+        if args.command == "cancel":
+            return _cancel(args.job_id, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
     except JobFailed as e:
         log.error("%s", e)
@@ -93,6 +102,31 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)
+    return 0
+
+
+def _status(job_id: str, settings: Settings) -> int:
+    from producer.control import status
+
+    state = status(job_id, settings=settings)
+    print(f"job {job_id}: {state.get('state', '?')}")
+    print(f"  attempt: {state.get('attempt', '0')}")
+    print(f"  progress: {state.get('frames_done', '0')}/{state.get('num_frames', '?')} frames")
+    for key in ("worker", "error", "render_path", "source"):
+        if state.get(key):
+            print(f"  {key}: {state[key]}")
+    return 0
+
+
+def _cancel(job_id: str, settings: Settings) -> int:
+    from producer.control import cancel
+
+    outcome = cancel(job_id, settings=settings)
+    messages_by_outcome = {
+        "cancelled": "cancelled (it was still queued)",
+        "requested": "cancel requested: its worker stops within a few frames",
+    }
+    print(f"job {job_id}: {messages_by_outcome.get(outcome, f'already ended: {outcome}')}")
     return 0
 
 

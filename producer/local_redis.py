@@ -55,19 +55,20 @@ class RedisServer:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="vseg-redis-"))
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(self, timeout_s: float = 10.0, password: str | None = None) -> RedisServer:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--protected-mode", "no", "--logfile", str(self.data_dir / "redis.log"),
+            "--protected-mode", "no", "--logfile", str(self.data_dir / "redis.log"), *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, password=password)
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -16,18 +16,14 @@ from tqdm import tqdm
 
 from schemas import messages
 from schemas.connection import connect
-from schemas.errors import JobFailed, SchemaError, VsegError
+from schemas.errors import JobFailed, SchemaError, UnknownJobError, VsegError
 from schemas.names import validate_job_id
 from schemas.rle import rle_to_json
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (messages.Completed, messages.Failed)
-
-
-class UnknownJobError(VsegError, LookupError):
-    """No job with this id was ever submitted (or its results have expired)."""
+TERMINAL = messages.TERMINAL_TYPES
 
 
 def follow(
@@ -124,6 +120,10 @@ def watch(
                     bar.update(1)
             elif isinstance(msg, messages.Failed):
                 raise JobFailed(job_id, msg.error, msg.error_type)
+            elif isinstance(msg, messages.Dead):
+                raise JobFailed(job_id, f"dead-lettered after {msg.attempts} attempts: {msg.error}", "Dead")
+            elif isinstance(msg, messages.Cancelled):
+                raise JobFailed(job_id, f"cancelled after {msg.frames_done} frames", "Cancelled")
             elif isinstance(msg, messages.Completed):
                 return _finish(job_id, out_dir, frames, started, msg, settings)
     finally:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import redis
 
-from producer.decode import VideoInfo, extract_frames
+from producer.decode import VideoInfo, extract_frames, probe
 from schemas import messages
 from schemas.connection import connect
+from schemas.limits import check_job_limits
 from schemas.names import Keys, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
@@ -28,7 +29,8 @@ _ENQUEUE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'frames_done', 0,
            'num_frames', ARGV[3], 'submitted_at', ARGV[4], 'source', ARGV[5])
-redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
+local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
+redis.call('HSET', KEYS[1], 'entry_id', id)
 return 1
 """
 
@@ -104,14 +106,19 @@ def _decode_and_enqueue(
     if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
         shutil.rmtree(frames_dir)
     frames_dir.parent.mkdir(parents=True, exist_ok=True)
+    width, height, _ = probe(video)
+    check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     started = time.monotonic()
+    # decode at most one frame past the limit: enough to know the job is too long, without decoding it all
+    cap = settings.max_frames + 1 if max_frames is None else min(max_frames, settings.max_frames + 1)
     info = extract_frames(
-        video, frames_dir, max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s,
+        video, frames_dir, max_frames=cap, stride=stride, start_s=start_s, end_s=end_s,
         jpeg_quality=settings.jpeg_quality, progress=progress,
     )
     log.info("decoded %s: %d frames %dx%d at %.3f fps in %.1f s", video, info.num_frames, info.width,
              info.height, info.fps, time.monotonic() - started)
     try:
+        check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
         validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
         job = messages.JobMessage(
             job_id=job_id, frames_dir=frames_rel, num_frames=info.num_frames, width=info.width,

@@ -11,7 +11,8 @@
     │   │   └── JobIdError          job id with characters that are unsafe in keys and paths
     │   └── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
     ├── RetryableError              transient (Redis blip, CUDA out of memory): retry with backoff
-    └── JobFailed                   a watched job ended in `failed` (carries the worker's error)
+    ├── UnknownJobError (LookupError) no such job id (never submitted, or its results expired)
+    └── JobFailed                   a watched job ended failed, dead or cancelled (carries the error)
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class SchemaError(PermanentError, ValueError):
 
 class RetryableError(VsegError):
     """A transient failure: the job may succeed if retried later."""
+
+
+class UnknownJobError(VsegError, LookupError):
+    """No job with this id was ever submitted (or its results have expired)."""
 
 
 class JobFailed(VsegError):

@@ -13,7 +13,7 @@ import enum
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -32,6 +32,8 @@ class EntryType(str, enum.Enum):
     PROGRESS = "progress"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,36 @@ class Failed:
     v: int = SCHEMA_VERSION
 
 
-Message = Union[JobMessage, FrameResult, Started, Progress, Completed, Failed]
-M = TypeVar("M", JobMessage, FrameResult, Started, Progress, Completed, Failed)
+@dataclass(frozen=True)
+class Cancelled:
+    """Terminal: the job was cancelled (`python -m producer cancel`); it is not retried."""
+
+    TYPE: ClassVar[EntryType] = EntryType.CANCELLED
+    job_id: str
+    frames_done: int = 0
+    at: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class Dead:
+    """Terminal: the job ran out of attempts (or could not be decoded) and was moved to vseg:dead."""
+
+    TYPE: ClassVar[EntryType] = EntryType.DEAD
+    job_id: str
+    error: str
+    attempts: int = 0
+    at: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+Message = JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead
+Terminal = Completed | Failed | Cancelled | Dead
+TERMINAL_TYPES = (Completed, Failed, Cancelled, Dead)
+M = TypeVar("M", JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead)
 
 _BY_TYPE: dict[str, type[Any]] = {
-    cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed)
+    cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead)
 }
 
 

@@ -36,6 +36,14 @@ ENV_VARS: dict[str, str] = {
     "socket_timeout_s": "VSEG_SOCKET_TIMEOUT_S",
     "results_ttl_s": "VSEG_RESULTS_TTL_S",
     "progress_every": "VSEG_PROGRESS_EVERY",
+    "lease_s": "VSEG_LEASE_S",
+    "max_attempts": "VSEG_MAX_ATTEMPTS",
+    "retry_backoff_s": "VSEG_RETRY_BACKOFF_S",
+    "grace_s": "VSEG_GRACE_S",
+    "max_frames": "VSEG_MAX_FRAMES",
+    "max_pixels": "VSEG_MAX_PIXELS",
+    "max_objects": "VSEG_MAX_OBJECTS",
+    "max_prompts": "VSEG_MAX_PROMPTS",
 }
 
 
@@ -54,6 +62,14 @@ class Settings:
     socket_timeout_s: float = 30.0
     results_ttl_s: int = 7 * 24 * 3600  # result streams expire this long after their job ends
     progress_every: int = 10  # frames between progress events on vseg:events
+    lease_s: float = 30.0  # a worker's claim on a job; renewed every lease_s / 3 while it lives
+    max_attempts: int = 3  # runs of one job (crashes and transient errors) before it is dead-lettered
+    retry_backoff_s: float = 1.0  # first wait before retrying a transient error; doubles per attempt
+    grace_s: float = 20.0  # on SIGTERM: time to finish the current job before handing it back
+    max_frames: int = 20_000  # per-job limits, checked at submit and again at the worker
+    max_pixels: int = 3840 * 2160
+    max_objects: int = 32
+    max_prompts: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -65,8 +81,12 @@ class Settings:
             )
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 16):
             raise ConfigError(f"image_size must be a positive multiple of 16, but got {self.image_size}")
-        if self.results_ttl_s <= 0 or self.progress_every <= 0:
-            raise ConfigError("results_ttl_s and progress_every must be positive")
+        for name in ("results_ttl_s", "progress_every", "lease_s", "max_attempts", "grace_s", "max_frames",
+                     "max_pixels", "max_objects", "max_prompts"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        if self.retry_backoff_s < 0:
+            raise ConfigError(f"retry_backoff_s must be >= 0, but got {self.retry_backoff_s}")
 
     @property
     def keys(self) -> Keys:

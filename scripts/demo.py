@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = build_prompts(points=points, boxes=args.box)
         job = submit(args.video, prompts, settings=settings, max_frames=args.max_frames, progress=True)
         log.info("job %s submitted; starting a worker", job.job_id)
-        env = {**os.environ, "REDIS_URL": url, "STORAGE_ROOT": str(settings.storage_root)}
+        env = {**os.environ, "REDIS_URL": url, "STORAGE_ROOT": str(settings.storage_root), "TQDM_DISABLE": "1"}
         cmd = [sys.executable, "-m", "worker", "--burst"]
         for flag, value in (("--checkpoint", args.checkpoint), ("--image-size", args.image_size), ("--model", args.model)):
             if value is not None:

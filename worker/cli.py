@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import socket
 import sys
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cuda, cuda:N or cpu")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit")
     p.add_argument("--name", help="consumer name (default: host-pid-random)")
+    p.add_argument("--lease", type=float, dest="lease_s", help="lease in seconds (VSEG_LEASE_S, default 30)")
+    p.add_argument("--max-attempts", type=int, help="runs of a job before it is dead-lettered (VSEG_MAX_ATTEMPTS)")
+    p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM grace period in seconds (VSEG_GRACE_S)")
     p.add_argument("--fake-segmenter", action="store_true", help=argparse.SUPPRESS)  # plumbing tests only
+    p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--fake-busy", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -33,8 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 def check(settings: Settings) -> int:
     """0 if some worker on this host refreshed its health key recently, else 1."""
     client = connect(settings)
-    pattern = settings.keys.worker_health(f"{socket.gethostname()}-*")
-    found = [k for k in client.scan_iter(match=pattern, count=1000)]
+    host = socket.gethostname()
+    found = []
+    for key in client.scan_iter(match=settings.keys.worker_health("*"), count=1000):
+        raw = client.get(key)
+        try:
+            if raw and json.loads(raw).get("host") == host:
+                found.append(key)
+        except ValueError:
+            continue
     if found:
         print(f"healthy: {len(found)} worker(s) on {socket.gethostname()}")
         return 0
@@ -47,15 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         settings = Settings.load(
-            model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device
+            model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device,
+            lease_s=args.lease_s, max_attempts=args.max_attempts, grace_s=args.grace_s,
         )
         if args.command == "check":
             return check(settings)
         from worker.consume import Worker
         from worker.load import load_segmenter
 
-        segmenter = load_segmenter(settings, fake=args.fake_segmenter)
+        segmenter = load_segmenter(settings, fake=args.fake_segmenter, fake_delay_s=args.fake_delay,
+                                   fake_busy=args.fake_busy)
         worker = Worker(settings=settings, segmenter=segmenter, client=connect(settings), name=args.name)
+        worker.install_signal_handlers()
         worker.run(burst=args.burst)
         return 0
     except ConfigError as e:

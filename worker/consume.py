@@ -1,9 +1,17 @@
-"""The worker loop: read jobs from the consumer group, segment, publish, render, acknowledge.
+"""The worker loop: claim jobs from the consumer group, segment, publish, render, acknowledge.
 
-A job's entry is acknowledged (and deleted from vseg:jobs, which holds only jobs in flight) only
-after its terminal entry is on its result stream. A message that does not decode is poison: it goes
-to vseg:dead with the reason and the worker keeps going. A job that fails (missing frames, model
-error) gets a `failed` entry and event; the worker keeps going.
+Each job runs under a lease (worker/lease.py) renewed by a heartbeat thread; every write is fenced by
+it. The loop first takes over jobs whose lease expired (their worker died: XAUTOCLAIM), then reads
+new ones. A job entry is acknowledged and deleted (vseg:jobs holds only jobs in flight) in the same
+atomic step that writes its one terminal entry: completed, failed, cancelled or dead.
+
+Failures: a message that does not decode is poison (vseg:dead at once). Permanent errors (bad input,
+missing frames) fail the job at once. Transient errors (Redis gone longer than our patience, CUDA out
+of memory, RetryableError) retry with exponential backoff. Each run counts as an attempt, including a
+run whose worker crashed; past max_attempts the job goes to vseg:dead with its last error.
+
+Signals: the first SIGTERM/SIGINT stops taking jobs and gives the current one grace_s to finish, then
+hands it back (claimable at once, the attempt not counted); a second one hands back and exits at once.
 """
 
 from __future__ import annotations
@@ -11,10 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import cv2
@@ -22,42 +33,94 @@ import msgpack
 import redis
 
 from schemas import messages
-from schemas.errors import SchemaError, StorageError, VsegError
-from schemas.names import validate_job_id
+from schemas.errors import PermanentError, RetryableError, SchemaError, StorageError, VsegError
+from schemas.limits import check_job_limits
+from schemas.names import EVENTS_MAXLEN, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import check_frame_dir, frame_name, job_render_rel, resolve_inside
-from worker.publish import ResultPublisher, frame_result
+from worker.lease import HAND_BACK_LUA, Lease, LeaseLost, wait_with_lease
+from worker.publish import JobCancelled, ResultPublisher, frame_result
 from worker.render import MaskVideoWriter
 from worker.segment import Segmenter
 
 log = logging.getLogger(__name__)
 
 HEALTH_TTL_S = 30
+TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
+
+
+class HandBack(Exception):
+    """Shutdown: give the current job back to the group for another worker."""
+
+
+class ForcedExit(HandBack):
+    """Second signal: hand back and exit now."""
 
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, (RetryableError, redis.ConnectionError, redis.TimeoutError)):
+        return True
+    try:
+        import torch
+
+        return isinstance(error, torch.cuda.OutOfMemoryError)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@dataclass
+class WorkerStats:
+    jobs_done: int = 0
+    reclaimed: int = 0
+    handed_back: int = 0
+    leases_lost: int = 0
+    dead_lettered: int = 0
+    duplicates_rejected: int = 0
+    consumers_removed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
 class Worker:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        segmenter: Segmenter,
-        client: redis.Redis,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, *, settings: Settings, segmenter: Segmenter, client: redis.Redis, name: str | None = None) -> None:
         self.settings = settings
         self.keys = settings.keys
         self.segmenter = segmenter
         self.client = client
         self.name = name or default_worker_name()
-        self.jobs_done = 0
+        self.stats = WorkerStats()
         self._health_at = 0.0
+        self._housekeeping_at = 0.0
+        self.stopping = False
+        self.stop_deadline: float | None = None
 
-    # ---- group and health -------------------------------------------------------------------
+    @property
+    def jobs_done(self) -> int:
+        return self.stats.jobs_done
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.settings.lease_s * 1000)
+
+    # ---- signals ------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping:
+            log.warning("second %s: handing back the current job and exiting now", signal.Signals(signum).name)
+            raise ForcedExit()
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.settings.grace_s
+        log.warning("%s: finishing the current job (up to %.0f s), then exiting", signal.Signals(signum).name,
+                    self.settings.grace_s)
+
+    # ---- group, health, housekeeping ----------------------------------------------------------
     def ensure_group(self) -> None:
         """Create the consumer group (from the stream's start, so jobs queued before any worker count)."""
         try:
@@ -70,118 +133,249 @@ class Worker:
     def heartbeat(self, **status: Any) -> None:
         """Refresh this worker's health key (at most once a second)."""
         now = time.monotonic()
-        if now - self._health_at < 1.0 and not status:
+        if now - self._health_at < 1.0:
             return
         self._health_at = now
-        value = json.dumps({"worker": self.name, "at": time.time(), "jobs_done": self.jobs_done, **status})
-        self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S)
+        value = json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(), "jobs_done": self.stats.jobs_done, **status})
+        try:
+            self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # health is best effort; the lease is what matters
+
+    def housekeeping(self, *, force: bool = False) -> None:
+        """Remove consumers of dead workers that hold nothing; trim the events log. Every lease_s."""
+        now = time.monotonic()
+        if not force and now - self._housekeeping_at < self.settings.lease_s:
+            return
+        self._housekeeping_at = now
+        for c in self.client.xinfo_consumers(self.keys.jobs, self.keys.group):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name != self.name and c["pending"] == 0 and c["idle"] > 3 * self.lease_ms:
+                # XGROUP DELCONSUMER drops the consumer's pending entries: only ever when it holds none
+                if self.client.xgroup_delconsumer(self.keys.jobs, self.keys.group, name) == 0:
+                    self.stats.consumers_removed += 1
+                    log.info("removed idle consumer %s (held nothing)", name)
+        self.client.xtrim(self.keys.events, maxlen=EVENTS_MAXLEN, approximate=True)
 
     # ---- main loop ----------------------------------------------------------------------------
     def run(self, *, burst: bool = False) -> int:
-        """Process jobs until stopped (or, with burst, until the queue is empty). Returns jobs handled."""
+        """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
         self.ensure_group()
-        log.info("worker %s ready (model %s%s)", self.name, self.segmenter.name,
-                 ", RANDOM WEIGHTS" if self.segmenter.random_weights else "")
+        log.info("worker %s ready (model %s%s, lease %.1f s)", self.name, self.segmenter.name,
+                 ", RANDOM WEIGHTS" if self.segmenter.random_weights else "", self.settings.lease_s)
         backoff_s = 0.1
-        while True:
-            try:
-                self.heartbeat(state="idle")
-                reply = self.client.xreadgroup(
-                    self.keys.group, self.name, {self.keys.jobs: ">"}, count=1,
-                    block=None if burst else self.settings.block_ms,
-                )
-                backoff_s = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
-                continue
-            except redis.ResponseError as e:
-                if "NOGROUP" in str(e):  # the stream or group was deleted under us: recreate and go on
-                    log.warning("consumer group missing (%s); recreating it", e)
-                    self.ensure_group()
+        try:
+            while not self.stopping:
+                try:
+                    self.heartbeat(state="idle")
+                    self.housekeeping()
+                    entry = self.claim_expired() or self.read_new(block=not burst)
+                    backoff_s = 0.1
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
+                    time.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 5.0)
                     continue
-                raise
-            if not reply:
-                if burst:
-                    log.info("queue empty: burst mode exits after %d jobs", self.jobs_done)
-                    return self.jobs_done
-                continue
-            for entry_id, fields in reply[0][1]:
-                self.handle(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
+                except redis.ResponseError as e:
+                    if "NOGROUP" in str(e):  # stream or group deleted under us: recreate and go on
+                        log.warning("consumer group missing (%s); recreating it", e)
+                        self.ensure_group()
+                        continue
+                    raise
+                if entry is None:
+                    if burst:
+                        log.info("nothing left to claim: burst mode exits after %d jobs", self.stats.jobs_done)
+                        break
+                    continue
+                self.handle(*entry)
+        except ForcedExit:
+            log.warning("exiting at once")
+        finally:
+            try:
+                self.client.delete(self.keys.worker_health(self.name))
+            except redis.RedisError:
+                pass
+        return self.stats.jobs_done
 
+    def claim_expired(self) -> tuple[str, dict[Any, Any]] | None:
+        """Take over one job whose lease expired (its worker stopped renewing)."""
+        _cursor, claimed, *_ = self.client.xautoclaim(
+            self.keys.jobs, self.keys.group, self.name, min_idle_time=self.lease_ms, start_id="0-0", count=1
+        )
+        for entry_id, fields in claimed:
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if not fields:  # deleted while pending: nothing to do but acknowledge
+                self.client.xack(self.keys.jobs, self.keys.group, entry)
+                continue
+            self.stats.reclaimed += 1
+            log.warning("reclaimed job entry %s: its lease expired", entry)
+            return entry, fields
+        return None
+
+    def read_new(self, *, block: bool) -> tuple[str, dict[Any, Any]] | None:
+        reply = self.client.xreadgroup(self.keys.group, self.name, {self.keys.jobs: ">"}, count=1,
+                                       block=self.settings.block_ms if block else None)
+        if not reply or not reply[0][1]:
+            return None
+        entry_id, fields = reply[0][1][0]
+        return (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), fields
+
+    # ---- one entry ----------------------------------------------------------------------------
     def handle(self, entry_id: str, fields: dict[Any, Any]) -> None:
-        """Process one entry of the jobs stream, whatever it holds."""
+        """Process one entry of the jobs stream, whatever it holds; always leaves the worker running."""
         try:
             msg = messages.decode(fields)
             if not isinstance(msg, messages.JobMessage):
                 raise SchemaError(f"expected a job entry on {self.keys.jobs}, got a {msg.TYPE.value} entry")
         except SchemaError as e:
-            self.dead_letter(entry_id, fields, e)
+            self.dead_letter(entry_id, fields, e, job_id=_job_id_of(fields), num_frames=_num_frames_of(fields))
             return
-        self.run_job(msg)
-        self.finish_entry(entry_id)
-        self.jobs_done += 1
+        lease = Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s)
+        pub = ResultPublisher(self.client, self.keys, msg.job_id, msg.num_frames, lease,
+                              patience_s=self.settings.lease_s)
+        with lease:
+            try:
+                self._run_with_retries(msg, entry_id, fields, pub)
+            except LeaseLost as e:
+                self.stats.leases_lost += 1
+                log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
+            except ForcedExit:
+                self.hand_back(entry_id, msg.job_id)
+                raise
+            except HandBack:
+                self.hand_back(entry_id, msg.job_id)
+            finally:
+                self.stats.duplicates_rejected += pub.duplicates_rejected
 
-    def finish_entry(self, entry_id: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(self.keys.jobs, self.keys.group, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
-        pipe.execute()
+    def _run_with_retries(self, job: messages.JobMessage, entry_id: str, fields: dict[Any, Any],
+                          pub: ResultPublisher) -> None:
+        while True:
+            state = {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.job(job.job_id)).items()}
+            if state.get("state") in TERMINAL_STATES:  # finished, but its entry was left behind
+                log.info("job %s is already %s; dropping its entry", job.job_id, state["state"])
+                self.client.xack(self.keys.jobs, self.keys.group, entry_id)
+                self.client.xdel(self.keys.jobs, entry_id)
+                return
+            if state.get("cancel") == "1":
+                self._finish(pub, messages.Cancelled(job.job_id, int(state.get("frames_done", 0))), "cancelled")
+                return
+            attempt = int(self.client.hincrby(self.keys.job(job.job_id), "attempt", 1))
+            if attempt > self.settings.max_attempts:
+                error = state.get("error", "the worker died while running it")
+                self.dead_letter(entry_id, fields, RuntimeError(error), job_id=job.job_id,
+                                 num_frames=job.num_frames, attempts=attempt - 1, pub=pub)
+                return
+            try:
+                self.run_job(job, pub, attempt)
+                return
+            except (LeaseLost, HandBack, JobCancelled):
+                raise
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                pub.set_state(error=f"{type(e).__name__}: {e}", state="retrying")
+                wait_s = self.settings.retry_backoff_s * 2 ** (attempt - 1)
+                log.warning("job %s attempt %d: transient %s: %s; retrying in %.1f s", job.job_id, attempt,
+                            type(e).__name__, e, wait_s)
+                wait_with_lease(wait_s, pub.lease)
 
-    def dead_letter(self, entry_id: str, fields: dict[Any, Any], error: Exception) -> None:
-        """Move a poison message to vseg:dead with the reason; fail its job if it names one."""
-        log.error("dead-lettering entry %s of %s: %s", entry_id, self.keys.jobs, error)
+    def _finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: str, error: str = "") -> None:
+        pub.terminal(msg, ttl_s=self.settings.results_ttl_s, error=error)
+        self.stats.jobs_done += 1
+        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+
+    def hand_back(self, entry_id: str, job_id: str) -> None:
+        """Give the job back: claimable by another worker at once, the attempt not counted."""
+        try:
+            self.client.eval(HAND_BACK_LUA, 2, self.keys.jobs, self.keys.job(job_id), self.keys.group, entry_id,
+                             self.name, 10 * self.lease_ms)
+            self.stats.handed_back += 1
+            log.warning("job %s handed back to the group", job_id)
+        except redis.RedisError as e:
+            log.error("could not hand job %s back (%s); it is reclaimed after its lease expires", job_id, e)
+
+    def dead_letter(self, entry_id: str, fields: dict[Any, Any], error: BaseException, *, job_id: str | None,
+                    num_frames: int, attempts: int = 0, pub: ResultPublisher | None = None) -> None:
+        """Move a message to vseg:dead with the reason; give its job (if it names one) a `dead` entry."""
+        log.error("dead-lettering entry %s of %s%s: %s", entry_id, self.keys.jobs,
+                  f" (job {job_id}, {attempts} attempts)" if job_id else "", error)
         dead: dict[Any, Any] = dict(fields)
         dead.update({"error": str(error), "error_type": type(error).__name__, "source_stream": self.keys.jobs,
-                     "source_id": entry_id, "worker": self.name, "at": str(time.time())})
+                     "source_id": entry_id, "attempts": str(attempts), "worker": self.name, "at": str(time.time())})
         self.client.xadd(self.keys.dead, dead)
-        job_id = _job_id_of(fields)
-        if job_id is not None:
-            ResultPublisher(self.client, self.keys, job_id, _num_frames_of(fields)).terminal(
-                messages.Failed(job_id, str(error), type(error).__name__), ttl_s=self.settings.results_ttl_s
-            )
-            self.client.hset(self.keys.job(job_id), mapping={"state": "dead", "error": str(error)})
-        self.finish_entry(entry_id)
+        self.stats.dead_lettered += 1
+        if job_id is None:
+            self.client.xack(self.keys.jobs, self.keys.group, entry_id)
+            self.client.xdel(self.keys.jobs, entry_id)
+            return
+        if pub is None:
+            with Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s) as lease:
+                pub = ResultPublisher(self.client, self.keys, job_id, num_frames, lease,
+                                      patience_s=self.settings.lease_s)
+                self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
+        else:
+            self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
 
     # ---- one job ------------------------------------------------------------------------------
-    def run_job(self, job: messages.JobMessage) -> None:
-        """Segment, publish and render one job; always ends with exactly one terminal entry."""
-        pub = ResultPublisher(self.client, self.keys, job.job_id, job.num_frames)
+    def run_job(self, job: messages.JobMessage, pub: ResultPublisher, attempt: int) -> None:
+        """Segment, publish and render one job, ending in its terminal entry (or raising to retry)."""
         t0 = time.monotonic()
-        log.info("job %s: %d frames %dx%d, %d prompts", job.job_id, job.num_frames, job.width, job.height,
-                 len(job.prompts))
+        log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, attempt, job.num_frames,
+                 job.width, job.height, len(job.prompts))
         writer: MaskVideoWriter | None = None
         try:
+            check_job_limits(job.num_frames, job.width, job.height, job.prompts, self.settings)
             frames_dir = resolve_inside(self.settings.storage_root, job.frames_dir)
             check_frame_dir(frames_dir, job.num_frames)
             validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=job.num_frames)
             pub.started(messages.Started(
                 job_id=job.job_id, worker=self.name, num_frames=job.num_frames, obj_ids=tuple(object_ids(job.prompts)),
-                model=self.segmenter.name, random_weights=self.segmenter.random_weights,
+                model=self.segmenter.name, attempt=attempt, random_weights=self.segmenter.random_weights,
             ))
             render_rel = job_render_rel(job.job_id)
             writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
-                                     fps=job.fps, width=job.width, height=job.height)
+                                     fps=job.fps, width=job.width, height=job.height,
+                                     partial_tag=self.name)
             timings = self._propagate(job, frames_dir, pub, writer, t0)
+            pub.lease.check()
             t_render = time.monotonic()
             writer.close()
             writer = None
             timings["render_close_s"] = time.monotonic() - t_render
             timings["total_s"] = time.monotonic() - t0
-            pub.terminal(messages.Completed(
+            self._finish(pub, messages.Completed(
                 job_id=job.job_id, render_path=render_rel, num_frames=job.num_frames,
                 num_objects=len(object_ids(job.prompts)), timings_s={k: round(v, 4) for k, v in timings.items()},
                 random_weights=self.segmenter.random_weights,
-            ), ttl_s=self.settings.results_ttl_s)
+            ), "completed")
             log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
                      job.num_frames / max(timings["total_s"], 1e-9))
-        except Exception as e:  # any failure of this job fails the job, never the worker
+        except JobCancelled:
             if writer is not None:
                 writer.abort()
+            log.warning("job %s cancelled", job.job_id)
+            frames_done = int(self.client.hget(self.keys.job(job.job_id), "frames_done") or 0)
+            self._finish(pub, messages.Cancelled(job.job_id, frames_done), "cancelled")
+        except (LeaseLost, HandBack):
+            if writer is not None:
+                writer.abort()
+            raise
+        except Exception as e:
+            if writer is not None:
+                writer.abort()
+            if is_transient(e) and not isinstance(e, PermanentError):
+                raise
             level = logging.WARNING if isinstance(e, VsegError) else logging.ERROR
             log.log(level, "job %s failed: %s: %s", job.job_id, type(e).__name__, e, exc_info=level == logging.ERROR)
-            pub.terminal(messages.Failed(job.job_id, str(e), type(e).__name__), ttl_s=self.settings.results_ttl_s)
+            self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), "failed",
+                         error=f"{type(e).__name__}: {e}")
+
+    def _check_stop(self, pub: ResultPublisher) -> None:
+        pub.lease.check()
+        if pub.cancel_requested:
+            raise JobCancelled()
+        if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+            raise HandBack()
 
     def _propagate(
         self, job: messages.JobMessage, frames_dir: Path, pub: ResultPublisher, writer: MaskVideoWriter, t0: float
@@ -192,6 +386,7 @@ class Worker:
         for out in self.segmenter.segment(frames_dir, job.num_frames, job.prompts):
             t1 = time.monotonic()
             timings["segment_s"] += t1 - t_seg
+            self._check_stop(pub)
             if out.frame_idx != expected:
                 raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
             pub.frame(frame_result(job.job_id, out, random_weights=self.segmenter.random_weights))
@@ -210,6 +405,7 @@ class Worker:
                 pub.progress(expected, expected / max(t3 - t0, 1e-9))
             self.heartbeat(state="busy", job_id=job.job_id, frames_done=expected)
             t_seg = time.monotonic()
+        self._check_stop(pub)
         if expected != job.num_frames:
             raise VsegError(f"segmenter stopped after {expected} of {job.num_frames} frames")
         return timings

@@ -10,13 +10,16 @@ from worker.segment import Segmenter
 log = logging.getLogger(__name__)
 
 
-def load_segmenter(settings: Settings, *, fake: bool = False) -> Segmenter:
-    """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter."""
+def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
+                   fake_busy: bool = False) -> Segmenter:
+    """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter
+    wrapped in the fault-injection hooks of worker/chaos_hooks.py (tests only)."""
     if fake:
+        from worker.chaos_hooks import ChaosHooks
         from worker.fake_segmenter import ColourSegmenter
 
         log.warning("using the FAKE colour segmenter: for plumbing tests only")
-        return ColourSegmenter()
+        return ChaosHooks(ColourSegmenter(), delay_s=fake_delay_s, busy=fake_busy)
     from worker.checkpoints import RANDOM, build_predictor, get_preset, resolve_checkpoint, resolve_device
     from worker.sam2_segmenter import Sam2Segmenter
 

@@ -1,20 +1,33 @@
-"""Writing a job's results: frame entries with ids derived from the frame index, lifecycle events, state."""
+"""Writing a job's results: frame entries with ids derived from the frame index, lifecycle events,
+state. Every write is fenced by the worker's lease (worker/lease.py): once the lease is lost,
+nothing this worker writes lands.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
 
 from schemas import messages
-from schemas.names import EVENTS_MAXLEN, STARTED_ENTRY_ID, Keys, frame_entry_id, terminal_entry_id
+from schemas.names import STARTED_ENTRY_ID, Keys, frame_entry_id, terminal_entry_id
 from schemas.rle import encode_mask, rle_area, rle_bbox_xyxy
+from worker.lease import FENCED_HSET_LUA, FENCED_XADD_LUA, FINISH_LUA, Lease, LeaseLost
 from worker.segment import FrameMasks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TERMINAL_STATE = {
+    messages.Completed: "completed",
+    messages.Failed: "failed",
+    messages.Cancelled: "cancelled",
+    messages.Dead: "dead",
+}
 
 
 def frame_result(job_id: str, out: FrameMasks, *, random_weights: bool) -> messages.FrameResult:
@@ -30,61 +43,103 @@ def frame_result(job_id: str, out: FrameMasks, *, random_weights: bool) -> messa
     return messages.FrameResult(job_id=job_id, frame_idx=out.frame_idx, objects=tuple(objects), random_weights=random_weights)
 
 
-def _is_duplicate_id(error: redis.ResponseError) -> bool:
-    return "equal or smaller than the target stream top item" in str(error)
+def _flat(fields: dict[str, bytes]) -> list[Any]:
+    return [x for kv in fields.items() for x in kv]
+
+
+class JobCancelled(Exception):
+    """The job's cancel flag was set: stop and write the cancelled terminal entry."""
+
+
+def retry_redis(fn: Callable[[], T], *, patience_s: float, what: str) -> T:
+    """Run `fn`, retrying connection errors with backoff for up to `patience_s` (a Redis restart)."""
+    deadline = time.monotonic() + patience_s
+    backoff_s = 0.05
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable during %s (%s); retrying in %.2f s", what, e, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 2.0)
 
 
 class ResultPublisher:
-    """Publishes one job's entries. Frame k goes to id (k+1)-0, so a duplicate is rejected by Redis."""
+    """Publishes one job's entries under `lease`. Frame k goes to id (k+1)-0, so Redis rejects a duplicate."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, job_id: str, num_frames: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, job_id: str, num_frames: int, lease: Lease,
+                 *, patience_s: float) -> None:
         self.client = client
         self.keys = keys
         self.job_id = job_id
         self.num_frames = num_frames
+        self.lease = lease
+        self.patience_s = patience_s
         self.stream = keys.results(job_id)
         self.duplicates_rejected = 0
+        self.cancel_requested = False
 
-    def _xadd(self, entry_id: str, msg: messages.Message) -> bool:
-        try:
-            self.client.xadd(self.stream, messages.encode(msg), id=entry_id)  # type: ignore[arg-type]
-            return True
-        except redis.ResponseError as e:
-            if not _is_duplicate_id(e):
-                raise
+    def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None) -> bool:
+        fields = messages.encode(msg)
+
+        def call() -> Any:
+            return self.client.eval(
+                FENCED_XADD_LUA, 3, self.keys.jobs, stream, self.keys.job(self.job_id), *self.lease.args(),
+                entry_id, "" if frames_done is None else frames_done, *_flat(fields),
+            )
+
+        status, cancel = retry_redis(call, patience_s=self.patience_s, what=f"write to {stream}")
+        if status == -1:
+            self.lease.lost.set()
+            raise LeaseLost(f"job {self.job_id}: lease lost; {msg.TYPE.value} entry not written")
+        self.cancel_requested = self.cancel_requested or cancel == 1
+        if status == 0:
             self.duplicates_rejected += 1
-            log.info("job %s: entry %s already on %s; not written again", self.job_id, entry_id, self.stream)
-            return False
-
-    def event(self, msg: messages.Message) -> None:
-        self.client.xadd(self.keys.events, messages.encode(msg), maxlen=EVENTS_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            log.info("job %s: entry %s already on %s; Redis rejected the duplicate", self.job_id, entry_id, stream)
+        return status == 1
 
     def set_state(self, **fields: Any) -> None:
-        self.client.hset(self.keys.job(self.job_id), mapping={k: str(v) for k, v in fields.items()})
+        flat = [x for k, v in fields.items() for x in (k, str(v))]
+        status = retry_redis(
+            lambda: self.client.eval(FENCED_HSET_LUA, 2, self.keys.jobs, self.keys.job(self.job_id),
+                                     *self.lease.args(), *flat),
+            patience_s=self.patience_s, what="job state update",
+        )
+        if status == -1:
+            self.lease.lost.set()
+            raise LeaseLost(f"job {self.job_id}: lease lost; state not updated")
+
+    def event(self, msg: messages.Message) -> None:
+        self._xadd(self.keys.events, "*", msg)  # trimmed by the worker's housekeeping (EVENTS_MAXLEN)
 
     def started(self, msg: messages.Started) -> None:
-        self._xadd(STARTED_ENTRY_ID, msg)
-        self.set_state(state="running", worker=msg.worker, attempt=msg.attempt, started_at=msg.at)
+        self.set_state(state="running", worker=msg.worker, started_at=msg.at)
+        self._xadd(self.stream, STARTED_ENTRY_ID, msg)
         self.event(msg)
 
     def frame(self, result: messages.FrameResult) -> bool:
-        return self._xadd(frame_entry_id(result.frame_idx), result)
+        return self._xadd(self.stream, frame_entry_id(result.frame_idx), result, frames_done=result.frame_idx + 1)
 
     def progress(self, frames_done: int, fps: float) -> None:
-        self.set_state(frames_done=frames_done)
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)))
 
-    def terminal(self, msg: messages.Completed | messages.Failed, *, ttl_s: int) -> bool:
-        """Write the job's one terminal entry, its final state and event; start the results' expiry."""
-        written = self._xadd(terminal_entry_id(self.num_frames), msg)
+    def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
+        """The job's one terminal step, atomic: entry, state, expiry, XACK + XDEL of the job entry."""
         if isinstance(msg, messages.Completed):
-            self.set_state(state="completed", render_path=msg.render_path, finished_at=time.time(),
-                           frames_done=msg.num_frames)
-        else:
-            self.set_state(state="failed", error=msg.error, error_type=msg.error_type, finished_at=time.time())
-        self.event(msg)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.expire(self.stream, ttl_s)
-        pipe.expire(self.keys.job(self.job_id), ttl_s)
-        pipe.execute()
-        return written
+            self.set_state(render_path=msg.render_path)
+        fields = messages.encode(msg)
+        written = retry_redis(
+            lambda: self.client.eval(
+                FINISH_LUA, 4, self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events,
+                *self.lease.args(),
+                terminal_entry_id(self.num_frames), ttl_s, TERMINAL_STATE[type(msg)], error, len(fields),
+                *_flat(fields),
+            ),
+            patience_s=self.patience_s, what="terminal write",
+        )
+        if written == -1:
+            self.lease.lost.set()
+            raise LeaseLost(f"job {self.job_id}: lease lost; terminal {msg.TYPE.value} not written")
+        return written == 1

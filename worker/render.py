@@ -186,9 +186,11 @@ def pad_to_even(image: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
 
 
-def partial_path(path: Path) -> Path:
-    """Temporary file a writer fills before renaming it to `path` (same directory, so the rename is atomic)."""
-    return path.with_name(f".{path.name}.partial")
+def partial_path(path: Path, tag: str = "") -> Path:
+    """Temporary file a writer fills before renaming it to `path` (same directory, so the rename is atomic).
+
+    `tag` (the worker's name) keeps two workers on the same job from writing one temporary file."""
+    return path.with_name(f".{path.name}.{tag}.partial" if tag else f".{path.name}.partial")
 
 
 class MaskVideoWriter:
@@ -208,6 +210,7 @@ class MaskVideoWriter:
         codec: str = "libx264",
         crf: int = 20,
         preset: str = "veryfast",
+        partial_tag: str = "",
     ) -> None:
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be > 0, but got {width}x{height}")
@@ -218,7 +221,7 @@ class MaskVideoWriter:
         self.height = height
         self.rate = frame_rate(fps)
         self.frames_written = 0
-        self._tmp = partial_path(self.path)
+        self._tmp = partial_path(self.path, partial_tag)
         self._closed = False
         enc_width, enc_height = even_size(width, height)
         self.path.parent.mkdir(parents=True, exist_ok=True)

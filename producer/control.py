@@ -1,0 +1,72 @@
+"""Job control from the client side: status and cancellation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+
+from schemas import messages
+from schemas.connection import connect
+from schemas.errors import UnknownJobError
+from schemas.names import terminal_entry_id, validate_job_id
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
+
+# KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, fields...
+# -1 unknown job, 0 already ended, 1 cancel requested (a worker holds it and stops within a frame or
+# two), 2 cancelled here (it was still queued: its entry is deleted before any worker could read it).
+_CANCEL_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'dead' then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+local eid = redis.call('HGET', KEYS[1], 'entry_id')
+if state == 'queued' and eid then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], eid, eid, 1)
+  if (not ok) or #p == 0 then
+    redis.call('XDEL', KEYS[2], eid)
+    redis.call('XADD', KEYS[3], ARGV[2], unpack(ARGV, 4))
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', unpack(ARGV, 4))
+    redis.call('HSET', KEYS[1], 'state', 'cancelled')
+    redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+    return 2
+  end
+end
+return 1
+"""
+
+
+def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> str:
+    """Cancel a job: returns 'cancelled' (was queued), 'requested' (running: it stops within a few
+    frames), or the state it already ended in. Raises UnknownJobError."""
+    validate_job_id(job_id)
+    client = client or connect(settings)
+    keys = settings.keys
+    num_frames = int(client.hget(keys.job(job_id), "num_frames") or 0)
+    fields = messages.encode(messages.Cancelled(job_id, 0))
+    result = client.eval(
+        _CANCEL_LUA, 4, keys.job(job_id), keys.jobs, keys.results(job_id), keys.events,
+        keys.group, terminal_entry_id(num_frames), settings.results_ttl_s,
+        *[x for kv in fields.items() for x in kv],
+    )
+    if result == -1:
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url}")
+    if result == 0:
+        return str(status(job_id, settings=settings, client=client)["state"])
+    return "cancelled" if result == 2 else "requested"
+
+
+def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:
+    """The job's state hash: state, attempt, frames_done, num_frames, worker, error, render_path..."""
+    validate_job_id(job_id)
+    client = client or connect(settings)
+    raw = client.hgetall(settings.keys.job(job_id))
+    if not raw:
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (never submitted, or expired)")
+    return {k.decode(): v.decode() for k, v in raw.items()}

@@ -1,0 +1,456 @@
+"""Integration tier: leases, reclaim, fencing, attempts, dead letters, cancellation, shutdown, outages.
+
+Workers run as subprocesses with the fake segmenter and a short lease, against a real redis-server
+(fakeredis differs on claims and idle times, so none of this runs on it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer.control import cancel, status
+from producer.local_redis import RedisServer
+from producer.submit import submit
+from schemas import messages
+from schemas.errors import UnknownJobError
+from schemas.prompts import ObjectPrompt
+from schemas.settings import Settings
+from tests.videos import disc_center, make_video
+from tests.workers import WorkerProcess, wait_for
+from worker.chaos_hooks import ChaosHooks
+from worker.consume import Worker
+from worker.fake_segmenter import ColourSegmenter
+from worker.lease import Lease, LeaseLost
+from worker.publish import ResultPublisher, frame_result
+from worker.segment import FrameMasks
+
+pytestmark = pytest.mark.integration
+
+N = 24
+SIZE = (96, 64)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
+
+
+def prompt() -> list[ObjectPrompt]:
+    x, y = disc_center(0, N, SIZE)
+    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
+
+
+def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(settings.keys.job(job_id)).items()}
+
+
+def result_ids(client: redis.Redis, settings: Settings, job_id: str) -> list[str]:
+    return [i.decode() for i, _ in client.xrange(settings.keys.results(job_id))]
+
+
+def assert_complete_exactly_once(client: redis.Redis, settings: Settings, job_id: str, n: int = N) -> None:
+    ids = result_ids(client, settings, job_id)
+    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(n)] + [f"{n + 1}-0"], ids
+    last = messages.decode(client.xrange(settings.keys.results(job_id))[-1][1])
+    assert isinstance(last, messages.Completed)
+    assert (settings.storage_root / last.render_path).is_file()
+    assert not list((settings.storage_root / f"jobs/{job_id}").glob(".*partial*"))
+
+
+def started_events(client: redis.Redis, settings: Settings, job_id: str) -> list[messages.Started]:
+    out = []
+    for _, fields in client.xrange(settings.keys.events):
+        msg = messages.decode(fields)
+        if isinstance(msg, messages.Started) and msg.job_id == job_id:
+            out.append(msg)
+    return out
+
+
+def frames_done(client: redis.Redis, settings: Settings, job_id: str) -> int:
+    return int(client.hget(settings.keys.job(job_id), "frames_done") or 0)
+
+
+# ---- 1. lease and heartbeat ---------------------------------------------------------------------
+def test_long_job_is_never_handed_to_a_second_worker_while_the_first_lives(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A job ten leases long, with CPU-bound (GIL-holding) model work, stays with its first worker."""
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="long")
+    lease_s = 0.5
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=lease_s, delay_s=10 * lease_s / N, extra=["--fake-busy"])
+    wait_for(lambda: state(redis_client, settings, "long").get("state") == "running", what="a starts")
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=lease_s, delay_s=0.01)
+    try:
+        wait_for(lambda: state(redis_client, settings, "long").get("state") == "completed", timeout_s=60,
+                 what="job completes")
+    finally:
+        a.signal(signal.SIGTERM)
+        b.signal(signal.SIGTERM)
+        a.wait()
+        b.wait()
+    assert [s.worker for s in started_events(redis_client, settings, "long")] == ["a"]
+    assert state(redis_client, settings, "long")["attempt"] == "1"
+    assert_complete_exactly_once(redis_client, settings, "long")
+
+
+# ---- 2. crash recovery --------------------------------------------------------------------------
+def test_killed_worker_job_is_reclaimed_and_completes_with_every_frame_once(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="crash")
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1)
+    wait_for(lambda: frames_done(redis_client, settings, "crash") >= 5, what="a publishes frames")
+    a.kill()
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.01)
+    try:
+        wait_for(lambda: state(redis_client, settings, "crash").get("state") == "completed", what="b completes")
+    finally:
+        b.signal(signal.SIGTERM)
+        b.wait()
+    assert_complete_exactly_once(redis_client, settings, "crash")
+    assert state(redis_client, settings, "crash")["attempt"] == "2"
+    assert "reclaimed job entry" in b.log() and "already on" in b.log()  # Redis rejected b's duplicates
+
+
+# ---- 3. fencing -----------------------------------------------------------------------------------
+def test_stale_worker_writes_nothing_after_losing_its_lease(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="stale")
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1)
+    wait_for(lambda: frames_done(redis_client, settings, "stale") >= 3, what="a publishes frames")
+    a.signal(signal.SIGSTOP)
+    frozen_at = frames_done(redis_client, settings, "stale")
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.2)
+    try:
+        wait_for(lambda: len(started_events(redis_client, settings, "stale")) == 2, what="b takes over")
+        a.signal(signal.SIGCONT)
+        wait_for(lambda: "lease lost" in a.log(), what="a notices it lost the lease")
+        wait_for(lambda: state(redis_client, settings, "stale").get("state") == "completed", what="b completes")
+    finally:
+        for w in (a, b):
+            w.signal(signal.SIGCONT)
+            w.signal(signal.SIGTERM)
+            w.wait()
+    assert frozen_at < N
+    assert_complete_exactly_once(redis_client, settings, "stale")
+    assert [s.worker for s in started_events(redis_client, settings, "stale")] == ["a", "b"]
+
+
+def test_fenced_writes_are_refused_once_another_worker_owns_the_entry(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    keys = settings.keys
+    redis_client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
+    redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
+    lease = Lease(redis_client, keys, entry, "a", lease_s=5)
+    pub = ResultPublisher(redis_client, keys, "j", 3, lease, patience_s=1)
+    masks = FrameMasks(0, (1,), __import__("numpy").zeros((1, 4, 4), bool), __import__("numpy").ones(1, "float32"))
+    assert pub.frame(frame_result("j", masks, random_weights=False))
+    redis_client.xclaim(keys.jobs, keys.group, "b", 0, [entry])  # b takes it over
+    with pytest.raises(LeaseLost):
+        pub.frame(frame_result("j", FrameMasks(1, (1,), masks.masks, masks.scores), random_weights=False))
+    with pytest.raises(LeaseLost):
+        pub.terminal(messages.Completed("j", "x.mp4", 3, 1), ttl_s=60)
+    assert not lease.renew() and lease.lost.is_set()
+    assert [i.decode() for i, _ in redis_client.xrange(keys.results("j"))] == ["1-0"]
+    assert redis_client.xpending(keys.jobs, keys.group)["pending"] == 1  # still b's, not acknowledged
+
+
+# ---- 4. attempts and dead letters -------------------------------------------------------------------
+def test_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_flow(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="poison")
+    (settings.storage_root / "jobs/poison/crash-worker").write_text("3")  # fake segmenter: SIGKILL at frame 3
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="after")
+    spawned = 0
+    while state(redis_client, settings, "poison").get("state") != "dead" and spawned < 6:
+        w = WorkerProcess(settings, f"w{spawned}", tmp_path, lease_s=0.5, delay_s=0.01, extra=["--max-attempts", "3"])
+        spawned += 1
+        w.wait(60) if spawned <= 3 else None
+        if spawned > 3:
+            wait_for(lambda: state(redis_client, settings, "poison").get("state") == "dead", what="dead letter")
+            wait_for(lambda: state(redis_client, settings, "after").get("state") == "completed", what="next job")
+            w.signal(signal.SIGTERM)
+            w.wait()
+    assert spawned == 4  # three runs died, the fourth worker dead-lettered it and went on
+    dead = [f for _, f in redis_client.xrange(settings.keys.dead)]
+    assert len(dead) == 1 and dead[0][b"attempts"] == b"3"
+    assert "died" in dead[0][b"error"].decode() or "attempt" in dead[0][b"error"].decode()
+    last = messages.decode(redis_client.xrange(settings.keys.results("poison"))[-1][1])
+    assert isinstance(last, messages.Dead) and last.attempts == 3
+    assert redis_client.xlen(settings.keys.jobs) == 0
+
+
+def test_transient_error_retries_with_backoff_and_permanent_fails_at_once(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="blip")
+    (settings.storage_root / "jobs/blip/transient-once").write_text("4")  # RetryableError once, at frame 4
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="perm")
+    (settings.storage_root / "jobs/perm/frames/00002.jpg").unlink()
+    worker = Worker(settings=settings, segmenter=ChaosHooks(ColourSegmenter()), client=redis_client, name="inproc")
+    worker.run(burst=True)
+    blip = state(redis_client, settings, "blip")
+    assert blip["state"] == "completed" and blip["attempt"] == "2" and "RetryableError" in blip["error"]
+    assert_complete_exactly_once(redis_client, settings, "blip")
+    perm = state(redis_client, settings, "perm")
+    assert perm["state"] == "failed" and perm["attempt"] == "1" and "missing 00002.jpg" in perm["error"]
+
+
+# ---- 5. idempotent submission ----------------------------------------------------------------------
+class TimesOutAfterWriting:
+    """A client whose first eval runs on the server but whose reply is lost, as in a client timeout."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def eval(self, *args: Any) -> Any:
+        result = self._client.eval(*args)
+        if not self.failed:
+            self.failed = True
+            raise redis.TimeoutError("reply lost")
+        return result
+
+
+def test_retry_after_client_timeout_and_racing_submits_give_one_job(
+    video: Path, settings: Settings, redis_client: redis.Redis
+) -> None:
+    flaky = TimesOutAfterWriting(redis_client)
+    with pytest.raises(redis.TimeoutError):
+        submit(video, prompt(), settings=settings, client=flaky, job_id="retry")  # type: ignore[arg-type]
+    assert not submit(video, prompt(), settings=settings, client=redis_client, job_id="retry").created
+
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        submit(video, prompt(), settings=settings, client=redis.Redis.from_url(settings.redis_url), job_id="race").created
+    )) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    assert redis_client.xlen(settings.keys.jobs) == 2
+    worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="inproc")
+    assert worker.run(burst=True) == 2
+    assert len(started_events(redis_client, settings, "race")) == 1
+
+
+# ---- 6. cancellation -----------------------------------------------------------------------------------
+def test_cancel_running_job_stops_it_within_a_few_frames_and_it_is_not_retried(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="stopme")
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=0.5, delay_s=0.15)
+    try:
+        wait_for(lambda: frames_done(redis_client, settings, "stopme") >= 3, what="frames")
+        at_cancel = frames_done(redis_client, settings, "stopme")
+        assert cancel("stopme", settings=settings, client=redis_client) == "requested"
+        wait_for(lambda: state(redis_client, settings, "stopme").get("state") == "cancelled", what="cancelled")
+        time.sleep(1.5)  # three leases: nobody retries it
+    finally:
+        w.signal(signal.SIGTERM)
+        w.wait()
+    last = messages.decode(redis_client.xrange(settings.keys.results("stopme"))[-1][1])
+    assert isinstance(last, messages.Cancelled) and last.frames_done - at_cancel <= 3
+    st = state(redis_client, settings, "stopme")
+    assert st["state"] == "cancelled" and st["attempt"] == "1"
+    assert redis_client.xlen(settings.keys.jobs) == 0
+    assert cancel("stopme", settings=settings, client=redis_client) == "cancelled"  # already ended
+
+
+def test_cancel_queued_job_and_unknown_job(video: Path, settings: Settings, redis_client: redis.Redis) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="queued")
+    assert cancel("queued", settings=settings, client=redis_client) == "cancelled"
+    assert redis_client.xlen(settings.keys.jobs) == 0
+    assert status("queued", settings=settings, client=redis_client)["state"] == "cancelled"
+    assert isinstance(messages.decode(redis_client.xrange(settings.keys.results("queued"))[-1][1]), messages.Cancelled)
+    assert Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True) == 0
+    with pytest.raises(UnknownJobError):
+        cancel("never", settings=settings, client=redis_client)
+
+
+# ---- 7. graceful shutdown --------------------------------------------------------------------------------
+def test_sigterm_finishes_the_current_job_within_the_grace_period(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="finish")
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.05, extra=["--grace", "30"])
+    wait_for(lambda: frames_done(redis_client, settings, "finish") >= 2, what="frames")
+    w.signal(signal.SIGTERM)
+    assert w.wait(30) == 0
+    assert_complete_exactly_once(redis_client, settings, "finish")
+
+
+def test_sigterm_hands_back_after_grace_and_second_sigterm_exits_at_once(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="handback")
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=30.0, delay_s=0.3, extra=["--grace", "0.5"])
+    wait_for(lambda: frames_done(redis_client, settings, "handback") >= 1, what="frames")
+    a.signal(signal.SIGTERM)
+    assert a.wait(15) == 0
+    st = state(redis_client, settings, "handback")
+    assert st["state"] == "queued" and st["attempt"] == "0"  # handed back, the attempt not counted
+    # with a 30 s lease, only an immediate hand-back lets b take it now
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=30.0, delay_s=0.3, extra=["--grace", "60"])
+    wait_for(lambda: len(started_events(redis_client, settings, "handback")) == 2, timeout_s=10, what="b takes it")
+    b.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    b.signal(signal.SIGTERM)
+    assert b.wait(10) != 0 or True
+    assert time.monotonic() - t0 < 5
+    assert state(redis_client, settings, "handback")["state"] == "queued"
+    c = WorkerProcess(settings, "c", tmp_path, lease_s=30.0, delay_s=0.0)
+    try:
+        wait_for(lambda: state(redis_client, settings, "handback").get("state") == "completed", what="c completes")
+    finally:
+        c.signal(signal.SIGTERM)
+        c.wait()
+    assert state(redis_client, settings, "handback")["attempt"] == "1"
+    assert_complete_exactly_once(redis_client, settings, "handback")
+
+
+# ---- 8. Redis outages ----------------------------------------------------------------------------------------
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Any:
+    server = RedisServer(data_dir=tmp_path / "redis-data", appendonly=True)
+    server.data_dir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_restart_mid_job_loses_and_duplicates_nothing(
+    video: Path, own_redis: RedisServer, storage_root: Path, tmp_path: Path
+) -> None:
+    settings = Settings.load(environ={}, redis_url=own_redis.url, storage_root=storage_root, block_ms=200)
+    client = redis.Redis.from_url(own_redis.url)
+    submit(video, prompt(), settings=settings, client=client, job_id="outage")
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=4.0, delay_s=0.1)
+    try:
+        wait_for(lambda: frames_done(client, settings, "outage") >= 4, what="frames")
+        own_redis.kill()
+        time.sleep(1.0)
+        own_redis.start()
+        wait_for(lambda: state(client, settings, "outage").get("state") == "completed", timeout_s=60, what="done")
+    finally:
+        w.signal(signal.SIGTERM)
+        w.wait()
+    assert_complete_exactly_once(client, settings, "outage")
+    assert state(client, settings, "outage")["attempt"] == "1"
+
+
+def test_accepted_job_survives_redis_kill_9_with_aof(video: Path, own_redis: RedisServer, storage_root: Path) -> None:
+    settings = Settings.load(environ={}, redis_url=own_redis.url, storage_root=storage_root, block_ms=200)
+    client = redis.Redis.from_url(own_redis.url)
+    assert submit(video, prompt(), settings=settings, client=client, job_id="durable").created
+    own_redis.kill()
+    own_redis.start()
+    worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=client, name="after-crash")
+    assert worker.run(burst=True) == 1
+    assert_complete_exactly_once(client, settings, "durable")
+
+
+# ---- 9. bounded memory ------------------------------------------------------------------------------------------
+def test_idle_consumers_are_removed_only_when_they_hold_nothing(settings: Settings, redis_client: redis.Redis) -> None:
+    keys = settings.keys
+    settings_fast = Settings.load(environ={}, redis_url=settings.redis_url, lease_s=0.1)
+    redis_client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    redis_client.xadd(keys.jobs, {"type": "job", "data": b""})
+    redis_client.xreadgroup(keys.group, "holder", {keys.jobs: ">"})  # holds one entry
+    redis_client.xgroup_createconsumer(keys.jobs, keys.group, "empty")  # holds nothing
+    time.sleep(0.4)
+    assert {c["name"].decode() for c in redis_client.xinfo_consumers(keys.jobs, keys.group)} == {"holder", "empty"}
+    worker = Worker(settings=settings_fast, segmenter=ColourSegmenter(), client=redis_client, name="me")
+    worker.housekeeping(force=True)
+    names = {c["name"].decode() for c in redis_client.xinfo_consumers(keys.jobs, keys.group)}
+    assert names == {"holder"} and worker.stats.consumers_removed == 1
+
+
+# ---- 10. trust boundaries -----------------------------------------------------------------------------------------
+def test_job_cannot_leave_storage_root_and_limits_apply_at_the_worker(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    keys = settings.keys
+    for job_id, frames_dir, num_frames in (("escape", "../outside", 3), ("abs", "/etc", 3),
+                                           ("huge", "jobs/huge/frames", 10**6)):
+        job = messages.JobMessage(job_id, frames_dir, num_frames, 96, 64, 10.0, tuple(prompt()))
+        redis_client.hset(keys.job(job_id), mapping={"state": "queued"})
+        redis_client.xadd(keys.jobs, messages.encode(job))  # type: ignore[arg-type]
+    Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True)
+    assert "stay inside it" in state(redis_client, settings, "escape")["error"]
+    assert "stay inside it" in state(redis_client, settings, "abs")["error"]
+    assert "over the limit" in state(redis_client, settings, "huge")["error"]
+    from schemas.limits import LimitError
+
+    small = Settings.load(environ={}, redis_url=settings.redis_url, storage_root=settings.storage_root, max_frames=5)
+    with pytest.raises(LimitError, match="VSEG_MAX_FRAMES"):
+        submit(video, prompt(), settings=small, client=redis_client, job_id="toolong")
+    tiny = Settings.load(environ={}, redis_url=settings.redis_url, storage_root=settings.storage_root, max_pixels=100)
+    with pytest.raises(LimitError, match="pixels"):
+        submit(video, prompt(), settings=tiny, client=redis_client, job_id="toobig")
+    assert not redis_client.exists(keys.job("toolong")) and not (settings.storage_root / "jobs/toolong/frames").exists()
+
+
+def test_password_and_acl_user_in_redis_url(video: Path, tmp_path: Path, storage_root: Path) -> None:
+    server = RedisServer(data_dir=tmp_path / "auth")
+    server.data_dir.mkdir()
+    server.extra_args = ["--requirepass", "s3cret", "--user", "svc", "on", ">pw2", "~*", "&*", "+@all"]
+    server.start(password="s3cret")
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping() or redis.Redis(port=server.port).xlen("x")
+        for url in (f"redis://:s3cret@127.0.0.1:{server.port}/0", f"redis://svc:pw2@127.0.0.1:{server.port}/0"):
+            settings = Settings.load(environ={}, redis_url=url, storage_root=storage_root)
+            from schemas.connection import connect
+
+            client = connect(settings)
+            job = f"auth{len(url)}"
+            submit(video, prompt(), settings=settings, client=client, job_id=job)
+            Worker(settings=settings, segmenter=ColourSegmenter(), client=client).run(burst=True)
+            assert state(client, settings, job)["state"] == "completed"
+    finally:
+        server.stop()
+
+
+# ---- 11. visibility --------------------------------------------------------------------------------------------------
+def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT, worker_env
+
+    env = worker_env(settings)
+    check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert check.returncode == 1, check.stdout
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="seen")
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1)
+    try:
+        wait_for(lambda: frames_done(redis_client, settings, "seen") >= 2, what="frames")
+        check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+        out = subprocess.run([sys.executable, "-m", "producer", "status", "seen"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "running" in out.stdout and "attempt: 1" in out.stdout
+        assert f"/{N} frames" in out.stdout
+    finally:
+        w.signal(signal.SIGTERM)
+        w.wait()
+    missing = subprocess.run([sys.executable, "-m", "producer", "status", "nope"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "no job 'nope'" in missing.stderr

@@ -1,0 +1,69 @@
+"""Helpers for tests that run workers as subprocesses (python -m worker --fake-segmenter)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from schemas.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ, "REDIS_URL": settings.redis_url, "STORAGE_ROOT": str(settings.storage_root),
+        "VSEG_KEY_PREFIX": settings.key_prefix, "VSEG_BLOCK_MS": "200", "VSEG_RETRY_BACKOFF_S": "0.2",
+        "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+    }
+
+
+class WorkerProcess:
+    """`python -m worker --fake-segmenter` in a subprocess, its log in a file."""
+
+    def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
+                 delay_s: float = 0.05, extra: list[str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        args = [sys.executable, "-m", "worker", "--fake-segmenter", "--fake-delay", str(delay_s), "--name", name,
+                "--lease", str(lease_s), *(extra or [])]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(settings), stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout_s: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            if self.proc.poll() is not None:
+                self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
