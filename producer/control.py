@@ -10,7 +10,7 @@ import redis
 from schemas import messages
 from schemas.connection import connect
 from schemas.errors import UnknownJobError
-from schemas.names import terminal_entry_id, validate_job_id
+from schemas.names import TERMINAL_ENTRY_ID, validate_job_id
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,10 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
     validate_job_id(job_id)
     client = client or connect(settings)
     keys = settings.keys
-    num_frames = int(client.hget(keys.job(job_id), "num_frames") or 0)
     fields = messages.encode(messages.Cancelled(job_id, 0))
     result = client.eval(
         _CANCEL_LUA, 4, keys.job(job_id), keys.jobs, keys.results(job_id), keys.events,
-        keys.group, terminal_entry_id(num_frames), settings.results_ttl_s,
+        keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s,
         *[x for kv in fields.items() for x in kv],
     )
     if result == -1:

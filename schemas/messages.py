@@ -50,6 +50,9 @@ class JobMessage:
     prompts: tuple[ObjectPrompt, ...]
     source: str = ""  # the video's file name, for humans
     submitted_at: float = field(default_factory=time.time)
+    # Streaming hand-off: when set, frames are still being decoded and are announced on this stream
+    # (vseg:frames:{job_id}); num_frames is then the producer's estimate and the end marker has the total.
+    frames_stream: str = ""
     v: int = SCHEMA_VERSION
 
 

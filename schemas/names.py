@@ -54,6 +54,10 @@ class Keys:
         """One job's results: started, a frame entry per frame in order, then completed or failed."""
         return f"{self.prefix}:results:{job_id}"
 
+    def frames(self, job_id: str) -> str:
+        """Frames of a streamed job, announced as the producer decodes them; then an end marker."""
+        return f"{self.prefix}:frames:{job_id}"
+
     def job(self, job_id: str) -> str:
         """Hash with one job's state, attempt, progress and last error."""
         return f"{self.prefix}:job:{job_id}"
@@ -65,8 +69,11 @@ class Keys:
 
 # Entry ids on a job's result stream are derived from the frame index, so Redis itself rejects a
 # second copy of a frame (XADD with an id <= the stream's last id fails) and readers get frames in
-# order: `started` is 0-1, frame k is (k+1)-0, the one terminal entry is (num_frames+1)-0.
+# order: `started` is 0-1, frame k is (k+1)-0, and the one terminal entry has the fixed id
+# TERMINAL_ENTRY_ID (2^53 - 1, safe in every client's integers), so no write can follow it and the
+# id does not depend on a frame count that a streamed video only knows at its end.
 STARTED_ENTRY_ID = "0-1"
+TERMINAL_ENTRY_ID = "9007199254740991-0"
 EVENTS_MAXLEN = 100_000  # vseg:events is a log for observers: trimming it loses no work
 
 
@@ -76,6 +83,7 @@ def frame_entry_id(frame_idx: int) -> str:
     return f"{frame_idx + 1}-0"
 
 
-def terminal_entry_id(num_frames: int) -> str:
+def frames_end_entry_id(num_frames: int) -> str:
+    """Id of the end marker on a job's frames stream (frame k is announced at (k+1)-0)."""
     return f"{num_frames + 1}-0"
 

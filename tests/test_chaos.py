@@ -15,6 +15,7 @@ import redis
 from producer.local_redis import RedisServer
 from producer.submit import submit
 from schemas import messages
+from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
 from tests.videos import disc_center, make_video
@@ -100,7 +101,7 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
         assert len(terminals) == 1, f"{job_id}: {len(terminals)} terminal entries"
         if state == "completed":
             ids = [i.decode() for i, _ in entries]
-            assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(FRAMES)] + [f"{FRAMES + 1}-0"], f"{job_id}: {ids}"
+            assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(FRAMES)] + [TERMINAL_ENTRY_ID], f"{job_id}: {ids}"
             assert (storage_root / f"jobs/{job_id}/render.mp4").is_file()
     logs = "".join(w.log() for w in all_workers)
     reclaims = logs.count("reclaimed job entry")

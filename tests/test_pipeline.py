@@ -19,6 +19,7 @@ from producer.results import UnknownJobError, follow, watch
 from producer.submit import submit
 from schemas import messages
 from schemas.errors import JobFailed, PromptError, VideoError
+from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask, mask_bbox_xyxy
 from schemas.settings import Settings
@@ -91,7 +92,7 @@ def test_result_stream_layout(video: Path, settings: Settings, redis_client: red
     run_worker(settings, redis_client)
     entries = redis_client.xrange(settings.keys.results("lay"))
     ids = [e[0].decode() for e in entries]
-    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(N_FRAMES)] + [f"{N_FRAMES + 1}-0"]
+    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(N_FRAMES)] + [TERMINAL_ENTRY_ID]
     decoded = [messages.decode(f) for _, f in entries]
     assert isinstance(decoded[0], messages.Started) and decoded[0].obj_ids == (1, 7)
     assert isinstance(decoded[-1], messages.Completed) and decoded[-1].num_objects == 2
@@ -159,7 +160,7 @@ def test_poison_messages_go_to_dead_letters_and_the_worker_keeps_going(
     assert dead[0][1][b"data"] == msgpack.packb(future)  # the original message is kept
     with pytest.raises(JobFailed, match="schema version 99"):  # a watcher of the poisoned job is not left hanging
         watch("future", tmp_path / "f", settings=settings, client=redis_client, progress=False, timeout_s=5)
-    assert worker.jobs_done == 1
+    assert worker.stats.outcomes == {"dead": 1, "completed": 1}
     assert watch("good", tmp_path / "g", settings=settings, client=redis_client, progress=False).num_frames == N_FRAMES
     assert redis_client.xlen(keys.jobs) == 0
     assert redis_client.xpending(keys.jobs, keys.group)["pending"] == 0

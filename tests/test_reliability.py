@@ -20,6 +20,7 @@ from producer.local_redis import RedisServer
 from producer.submit import submit
 from schemas import messages
 from schemas.errors import UnknownJobError
+from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
 from tests.videos import disc_center, make_video
@@ -57,7 +58,7 @@ def result_ids(client: redis.Redis, settings: Settings, job_id: str) -> list[str
 
 def assert_complete_exactly_once(client: redis.Redis, settings: Settings, job_id: str, n: int = N) -> None:
     ids = result_ids(client, settings, job_id)
-    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(n)] + [f"{n + 1}-0"], ids
+    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(n)] + [TERMINAL_ENTRY_ID], ids
     last = messages.decode(client.xrange(settings.keys.results(job_id))[-1][1])
     assert isinstance(last, messages.Completed)
     assert (settings.storage_root / last.render_path).is_file()

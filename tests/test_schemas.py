@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 
 from schemas import messages
 from schemas.errors import ConfigError, JobIdError, PromptError, SchemaError, StorageError
-from schemas.names import Keys, frame_entry_id, terminal_entry_id, validate_job_id
+from schemas.names import TERMINAL_ENTRY_ID, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.rle import decode_mask, encode_mask, mask_bbox_xyxy, rle_area, rle_bbox_xyxy, rle_to_json
 from schemas.settings import Settings
@@ -198,7 +198,8 @@ def test_keys_and_entry_ids() -> None:
     keys = Keys()
     assert (keys.jobs, keys.group, keys.events, keys.dead) == ("vseg:jobs", "vseg:workers", "vseg:events", "vseg:dead")
     assert keys.results("j") == "vseg:results:j" and Keys("other").jobs == "other:jobs"
-    assert frame_entry_id(0) == "1-0" and terminal_entry_id(20) == "21-0"
+    assert frame_entry_id(0) == "1-0" and frames_end_entry_id(20) == "21-0" and keys.frames("j") == "vseg:frames:j"
+    assert int(frame_entry_id(10**9).split("-")[0]) < int(TERMINAL_ENTRY_ID.split("-")[0])
 
 
 def test_settings_precedence(tmp_path: Path) -> None:

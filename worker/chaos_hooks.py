@@ -17,6 +17,7 @@ from pathlib import Path
 
 from schemas.errors import RetryableError
 from schemas.prompts import ObjectPrompt
+from worker.frames import FrameSource
 from worker.segment import FrameMasks, Segmenter
 
 
@@ -46,11 +47,12 @@ class ChaosHooks:
         while time.perf_counter() < end:
             x += sum(range(2000))  # pure Python: holds the GIL between switch intervals
 
-    def segment(self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]) -> Iterator[FrameMasks]:
-        job_dir = frames_dir.parent
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        job_dir = frames.dir.parent
         crash_at = _marker(job_dir / "crash-worker")
         transient_at = _marker(job_dir / "transient-once")
-        for out in self.inner.segment(frames_dir, num_frames, prompts):
+        for out in self.inner.segment(frames, prompts, width=width, height=height):
             self._wait()
             if crash_at is not None and out.frame_idx == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)

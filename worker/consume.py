@@ -24,25 +24,25 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import cv2
 import msgpack
 import redis
 
 from schemas import messages
-from schemas.errors import PermanentError, RetryableError, SchemaError, StorageError, VsegError
+from schemas.errors import PermanentError, RetryableError, SchemaError, VsegError
 from schemas.limits import check_job_limits
 from schemas.names import EVENTS_MAXLEN, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
-from schemas.storage import check_frame_dir, frame_name, job_render_rel, resolve_inside
+from schemas.storage import job_render_rel, resolve_inside
+from worker.frames import DirFrames, FrameSource, StreamedFrames
 from worker.lease import HAND_BACK_LUA, Lease, LeaseLost, wait_with_lease
-from worker.publish import JobCancelled, ResultPublisher, frame_result
+from worker.publish import JobCancelled, ResultPublisher
 from worker.render import MaskVideoWriter
 from worker.segment import Segmenter
+from worker.sink import ResultSink
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,14 @@ class Worker:
         try:
             check_job_limits(job.num_frames, job.width, job.height, job.prompts, self.settings)
             frames_dir = resolve_inside(self.settings.storage_root, job.frames_dir)
-            check_frame_dir(frames_dir, job.num_frames)
-            validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=job.num_frames)
+            frames: FrameSource
+            if job.frames_stream:
+                frames = StreamedFrames(self.client, self.keys.frames(job.job_id), frames_dir,
+                                        block_ms=self.settings.block_ms, stall_s=max(60.0, 4 * self.settings.lease_s))
+                validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=10**9)
+            else:
+                frames = DirFrames(frames_dir, job.num_frames)
+                validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=job.num_frames)
             pub.started(messages.Started(
                 job_id=job.job_id, worker=self.name, num_frames=job.num_frames, obj_ids=tuple(object_ids(job.prompts)),
                 model=self.segmenter.name, attempt=attempt, random_weights=self.segmenter.random_weights,
@@ -336,7 +342,7 @@ class Worker:
             writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
                                      fps=job.fps, width=job.width, height=job.height,
                                      partial_tag=self.name)
-            timings = self._propagate(job, frames_dir, pub, writer, t0)
+            timings, num_frames = self._propagate(job, frames, pub, writer, t0)
             pub.lease.check()
             t_render = time.monotonic()
             writer.close()
@@ -344,12 +350,14 @@ class Worker:
             timings["render_close_s"] = time.monotonic() - t_render
             timings["total_s"] = time.monotonic() - t0
             self._finish(pub, messages.Completed(
-                job_id=job.job_id, render_path=render_rel, num_frames=job.num_frames,
+                job_id=job.job_id, render_path=render_rel, num_frames=num_frames,
                 num_objects=len(object_ids(job.prompts)), timings_s={k: round(v, 4) for k, v in timings.items()},
                 random_weights=self.segmenter.random_weights,
             ), "completed")
+            if job.frames_stream:
+                self.client.expire(self.keys.frames(job.job_id), self.settings.results_ttl_s)
             log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
-                     job.num_frames / max(timings["total_s"], 1e-9))
+                     num_frames / max(timings["total_s"], 1e-9))
         except JobCancelled:
             if writer is not None:
                 writer.abort()
@@ -378,37 +386,45 @@ class Worker:
             raise HandBack()
 
     def _propagate(
-        self, job: messages.JobMessage, frames_dir: Path, pub: ResultPublisher, writer: MaskVideoWriter, t0: float
-    ) -> dict[str, float]:
-        timings = {"first_result_s": 0.0, "segment_s": 0.0, "publish_s": 0.0, "render_s": 0.0}
+        self, job: messages.JobMessage, frames: FrameSource, pub: ResultPublisher, writer: MaskVideoWriter, t0: float
+    ) -> tuple[dict[str, float], int]:
+        """Run the model on this thread; publishing and rendering happen in the sink's thread."""
+        sink = ResultSink(pub, writer, frames, random_weights=self.segmenter.random_weights,
+                          progress_every=self.settings.progress_every,
+                          on_frame=lambda n: self.heartbeat(state="busy", job_id=job.job_id, frames_done=n))
         expected = 0
-        t_seg = time.monotonic()
-        for out in self.segmenter.segment(frames_dir, job.num_frames, job.prompts):
-            t1 = time.monotonic()
-            timings["segment_s"] += t1 - t_seg
-            self._check_stop(pub)
-            if out.frame_idx != expected:
-                raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
-            pub.frame(frame_result(job.job_id, out, random_weights=self.segmenter.random_weights))
-            if expected == 0:
-                timings["first_result_s"] = time.monotonic() - t0
-            t2 = time.monotonic()
-            image = cv2.imread(str(frames_dir / frame_name(out.frame_idx)), cv2.IMREAD_COLOR)
-            if image is None:
-                raise StorageError(f"cannot read frame {frames_dir / frame_name(out.frame_idx)} for rendering")
-            writer.write(image, out.obj_ids, out.masks)
-            t3 = time.monotonic()
-            timings["publish_s"] += t2 - t1
-            timings["render_s"] += t3 - t2
-            expected += 1
-            if expected % self.settings.progress_every == 0 or expected == job.num_frames:
-                pub.progress(expected, expected / max(t3 - t0, 1e-9))
-            self.heartbeat(state="busy", job_id=job.job_id, frames_done=expected)
+        segment_s = 0.0
+        try:
             t_seg = time.monotonic()
+            for out in self.segmenter.segment(frames, job.prompts, width=job.width, height=job.height):
+                segment_s += time.monotonic() - t_seg
+                self._check_stop(pub)
+                if out.frame_idx != expected:
+                    raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
+                sink.put(out)
+                expected += 1
+                t_seg = time.monotonic()
+            sink.close()
+        except (LeaseLost, HandBack, JobCancelled):
+            sink.abort()  # nothing more may be written
+            raise
+        except BaseException:
+            try:
+                sink.close()  # publish what the model produced before it failed
+            except Exception:
+                sink.abort()
+            raise
         self._check_stop(pub)
-        if expected != job.num_frames:
-            raise VsegError(f"segmenter stopped after {expected} of {job.num_frames} frames")
-        return timings
+        total = frames.total if frames.total is not None else expected
+        if expected != total:
+            raise VsegError(f"segmenter stopped after {expected} of {total} frames")
+        timings = {
+            "first_result_s": (sink.first_result_at or time.monotonic()) - t0,
+            "segment_s": segment_s,
+            "publish_s": sink.publish_s,
+            "render_s": sink.render_s,
+        }
+        return timings, total
 
 
 def _raw_data(fields: dict[Any, Any]) -> dict[Any, Any] | None:

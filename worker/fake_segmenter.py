@@ -19,6 +19,7 @@ import numpy as np
 from schemas.errors import PromptError, StorageError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
+from worker.frames import FrameSource
 from worker.segment import FrameMasks
 
 logger = logging.getLogger(__name__)
@@ -92,36 +93,34 @@ class ColourSegmenter:
         self.delay_s = delay_s
         self.fail_at_frame = fail_at_frame
 
-    def reference_colours(
-        self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]
-    ) -> dict[int, np.ndarray]:
+    def reference_colours(self, frames: FrameSource, prompts: Sequence[ObjectPrompt]) -> dict[int, np.ndarray]:
         """BGR colour of each object at its earliest prompt, keyed by obj_id."""
         colours: dict[int, np.ndarray] = {}
         for obj_id, prompt in sorted(first_prompts(prompts).items()):
-            if not 0 <= prompt.frame_idx < num_frames:
+            if not frames.wait(prompt.frame_idx):
                 raise PromptError(
                     f"prompt for object {obj_id} is on frame {prompt.frame_idx}, but the video has "
-                    f"{num_frames} frames (0..{num_frames - 1})"
+                    f"{frames.total} frames (0..{(frames.total or 0) - 1})"
                 )
             x, y = prompt_xy(prompt)
-            colours[obj_id] = sample_colour(read_frame(frames_dir, prompt.frame_idx), x, y)
+            colours[obj_id] = sample_colour(read_frame(frames.dir, prompt.frame_idx), x, y)
             logger.debug("object %d: reference colour %s from frame %d", obj_id, colours[obj_id].tolist(), prompt.frame_idx)
         return colours
 
     def segment(
-        self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]
+        self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0, height: int = 0
     ) -> Iterator[FrameMasks]:
-        """Yield FrameMasks for frames 0..num_frames-1, in order, each with every prompted object."""
+        """Yield FrameMasks for every frame, in order (as frames arrive), each with every prompted object."""
         if not prompts:
             raise PromptError("no prompts: give at least one point or box")
-        colours = self.reference_colours(frames_dir, num_frames, prompts)
+        colours = self.reference_colours(frames, prompts)
         obj_ids = tuple(colours)
-        for frame_idx in range(num_frames):
+        for frame_idx in frames:
             if self.fail_at_frame is not None and frame_idx == self.fail_at_frame:
                 raise RuntimeError(f"fake failure at frame {frame_idx}")
             if self.delay_s:
                 time.sleep(self.delay_s)
-            image = read_frame(frames_dir, frame_idx)
+            image = read_frame(frames.dir, frame_idx)
             masks = np.stack([colour_mask(image, colours[obj_id], self.tolerance) for obj_id in obj_ids])
             scores = masks.any(axis=(1, 2)).astype(np.float32)
             yield FrameMasks(frame_idx=frame_idx, obj_ids=obj_ids, masks=masks, scores=scores)

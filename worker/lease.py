@@ -140,7 +140,7 @@ class Lease:
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise LeaseLost(f"lease on job entry {self.entry_id} lost")
+            raise LeaseLost(f"lease lost on job entry {self.entry_id}")
 
 
 def wait_with_lease(seconds: float, lease: Lease) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import redis
 
 from schemas import messages
-from schemas.names import STARTED_ENTRY_ID, Keys, frame_entry_id, terminal_entry_id
+from schemas.names import STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, Keys, frame_entry_id
 from schemas.rle import encode_mask, rle_area, rle_bbox_xyxy
 from worker.lease import FENCED_HSET_LUA, FENCED_XADD_LUA, FINISH_LUA, Lease, LeaseLost
 from worker.segment import FrameMasks
@@ -134,7 +134,7 @@ class ResultPublisher:
             lambda: self.client.eval(
                 FINISH_LUA, 4, self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events,
                 *self.lease.args(),
-                terminal_entry_id(self.num_frames), ttl_s, TERMINAL_STATE[type(msg)], error, len(fields),
+                TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)], error, len(fields),
                 *_flat(fields),
             ),
             patience_s=self.patience_s, what="terminal write",

@@ -1,7 +1,16 @@
 """The real Segmenter: SAM 2's video predictor, wrapped so nothing else touches its untyped state.
 
 One Sam2Segmenter owns the predictor (loaded once per worker), the autocast context (bf16 on CUDA
-only) and, during a job, the predictor's inference state.
+only) and, during a job, the predictor's inference state. Unlike the predictor's own `init_state`,
+which loads every frame before the first mask and keeps every frame's state forever:
+
+- frames are loaded lazily, as propagation reaches them, by background threads that decode and resize
+  the next few frames (a bounded number is held in memory), and may still be arriving from the
+  producer (streaming hand-off: worker/frames.py);
+- per-frame state that SAM 2's memory attention can no longer read is released as propagation moves
+  on: only the prompted (conditioning) frames and the last `window` frames are kept, where `window`
+  covers both the `num_maskmem` memory frames and the `max_obj_ptrs_in_encoder` object pointers. The
+  masks are identical to the unpruned predictor's (tests/test_sam2_memory.py), and memory stays flat.
 
 Frame order. Results are published in frame order, so propagation runs in two passes: first
 backwards from the last prompted frame M down to frame 0 (buffering frames 0..M-1, which only that
@@ -13,18 +22,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 
-from schemas.errors import StorageError
+from schemas.errors import PromptError
 from schemas.prompts import ObjectPrompt, object_ids
+from worker.frames import FrameSource
 from worker.segment import FrameMasks
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_LENGTH = 1 << 30  # num_frames placeholder while a streamed video's length is unknown
+IMG_MEAN = (0.485, 0.456, 0.406)
+IMG_STD = (0.229, 0.224, 0.225)
+
+
+class EndOfFrames(Exception):
+    """The video ended before the frame propagation asked for (streamed input)."""
 
 
 def _cast_memory_to_query_dtype(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -37,14 +57,81 @@ def _cast_memory_to_query_dtype(_module: torch.nn.Module, args: tuple[Any, ...],
     return args, kwargs
 
 
+class LazyFrames:
+    """Stands in for the predictor's preloaded `images` tensor: frame i is loaded on first access,
+    with the next `prefetch` frames (in the direction of travel) decoded ahead by a thread pool."""
+
+    def __init__(self, source: FrameSource, image_size: int, device: torch.device, *, prefetch: int = 6,
+                 threads: int = 2) -> None:
+        from sam2.utils.misc import _load_img_as_tensor  # the predictor's own loader: identical pixels
+
+        self._load_img = _load_img_as_tensor
+        self.source = source
+        self.image_size = image_size
+        self.device = device
+        self.prefetch = prefetch
+        self.mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
+        self._futures: OrderedDict[int, Future[torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last = -1
+        self.loaded = 0
+
+    def _load(self, frame_idx: int) -> torch.Tensor:
+        if not self.source.wait(frame_idx):
+            raise EndOfFrames(frame_idx)
+        img, _, _ = self._load_img(str(self.source.path(frame_idx)), self.image_size)
+        img = (img.float() - self.mean) / self.std
+        self.loaded += 1
+        return img.to(self.device, non_blocking=True) if self.device.type == "cuda" else img
+
+    def _schedule(self, frame_idx: int) -> Future[torch.Tensor]:
+        fut = self._futures.get(frame_idx)
+        if fut is None:
+            fut = self._pool.submit(self._load, frame_idx)
+            self._futures[frame_idx] = fut
+        return fut
+
+    def __len__(self) -> int:
+        return self.source.total or UNKNOWN_LENGTH
+
+    def __getitem__(self, frame_idx: int) -> torch.Tensor:
+        with self._lock:
+            step = -1 if frame_idx < self._last else 1
+            self._last = frame_idx
+            fut = self._schedule(frame_idx)
+            total = self.source.total
+            for k in range(1, self.prefetch + 1):
+                ahead = frame_idx + step * k
+                if ahead < 0 or (total is not None and ahead >= total):
+                    break
+                self._schedule(ahead)
+            for idx in [i for i in self._futures if abs(i - frame_idx) > self.prefetch]:
+                self._futures.pop(idx).cancel()
+        return fut.result()
+
+    def close(self) -> None:
+        for fut in self._futures.values():
+            fut.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Sam2Segmenter:
     """Segmenter over a loaded SAM2VideoPredictor."""
 
-    def __init__(self, predictor: Any, *, name: str, random_weights: bool) -> None:
+    def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True) -> None:
         self.predictor = predictor
         self.name = name
         self.random_weights = random_weights
+        self.prune = prune
         self.device = torch.device(predictor.device)
+        # memory attention reads frames t-1..t-(num_maskmem-1) and object pointers of up to
+        # max_obj_ptrs_in_encoder-1 earlier frames (memory_temporal_stride_for_eval apart)
+        stride = int(getattr(predictor, "memory_temporal_stride_for_eval", 1))
+        self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
+        self.peak_frames_held = 0
         if self.device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
 
@@ -53,18 +140,40 @@ class Sam2Segmenter:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def segment(self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]) -> Iterator[FrameMasks]:
-        """Yield every object's mask on frames 0..num_frames-1, in order."""
-        with torch.inference_mode(), self._autocast():
-            state = self.predictor.init_state(
-                str(frames_dir), offload_video_to_cpu=self.device.type == "cuda", async_loading_frames=False
-            )
-            try:
-                if state["num_frames"] != num_frames:
-                    raise StorageError(
-                        f"frame directory {frames_dir} holds {state['num_frames']} frames, the job says {num_frames}"
-                    )
+    def _new_state(self, images: LazyFrames, width: int, height: int) -> dict[str, Any]:
+        """The predictor's inference state, as init_state builds it, over lazily loaded frames."""
+        return {
+            "images": images,
+            "num_frames": len(images),
+            "offload_video_to_cpu": False,
+            "offload_state_to_cpu": False,
+            "video_height": height,
+            "video_width": width,
+            "device": self.device,
+            "storage_device": self.device,
+            "point_inputs_per_obj": {},
+            "mask_inputs_per_obj": {},
+            "cached_features": {},
+            "constants": {},
+            "obj_id_to_idx": OrderedDict(),
+            "obj_idx_to_id": OrderedDict(),
+            "obj_ids": [],
+            "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {},
+            "frames_tracked_per_obj": {},
+        }
+
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        """Yield every object's mask on every frame, in order, as soon as it is known."""
+        images = LazyFrames(frames, self.predictor.image_size, self.device)
+        state = self._new_state(images, width, height)
+        try:
+            with torch.inference_mode(), self._autocast():
                 for p in prompts:
+                    if not frames.wait(p.frame_idx):
+                        raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but the video "
+                                          f"has {frames.total} frames")
                     self.predictor.add_new_points_or_box(
                         state,
                         frame_idx=p.frame_idx,
@@ -77,30 +186,61 @@ class Sam2Segmenter:
                 last_prompted = max(p.frame_idx for p in prompts)
                 if last_prompted > 0:
                     earlier: dict[int, FrameMasks] = {}
-                    for out in self._propagate(state, last_prompted, reverse=True):
+                    for out in self._propagate(state, frames, last_prompted, reverse=True, protect=last_prompted):
                         if out.frame_idx < last_prompted:
                             earlier[out.frame_idx] = out
                     for frame_idx in range(last_prompted):
                         yield self._ordered(earlier.pop(frame_idx), expected_ids)
-                for out in self._propagate(state, last_prompted, reverse=False):
+                for out in self._propagate(state, frames, last_prompted, reverse=False, protect=last_prompted):
                     yield self._ordered(out, expected_ids)
-            finally:
-                self.predictor.reset_state(state)
-                del state
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+        finally:
+            images.close()
+            state.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    def _propagate(self, state: dict[str, Any], start: int, *, reverse: bool) -> Iterator[FrameMasks]:
-        for frame_idx, obj_ids, mask_logits in self.predictor.propagate_in_video(
-            state, start_frame_idx=start, reverse=reverse
-        ):
-            masks = (mask_logits[:, 0] > 0.0).cpu().numpy()
-            yield FrameMasks(
+    def _propagate(self, state: dict[str, Any], frames: FrameSource, start: int, *, reverse: bool,
+                   protect: int) -> Iterator[FrameMasks]:
+        state["num_frames"] = frames.total or UNKNOWN_LENGTH
+        steps = self.predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
+        while True:
+            try:
+                frame_idx, obj_ids, mask_logits = next(steps)
+            except StopIteration:
+                return
+            except EndOfFrames:
+                return
+            masks = (mask_logits[:, 0] > 0.0).to("cpu", non_blocking=False).numpy()  # threshold on the device
+            out = FrameMasks(
                 frame_idx=int(frame_idx),
                 obj_ids=tuple(int(i) for i in obj_ids),
                 masks=masks,
                 scores=self._object_scores(state, int(frame_idx), len(obj_ids)),
             )
+            if self.prune:
+                self._release_old_frames(state, int(frame_idx), reverse=reverse, protect=protect)
+            if frames.total is not None:
+                state["num_frames"] = frames.total
+            yield out
+            if not reverse and frames.total is not None and frame_idx + 1 >= frames.total:
+                steps.close()
+                return
+
+    def _release_old_frames(self, state: dict[str, Any], frame_idx: int, *, reverse: bool, protect: int) -> None:
+        """Drop per-frame outputs memory attention can no longer read. Frames within `window` of the
+        current one stay, and in the backward pass so do those within `window` of `protect` (the forward
+        pass starts there and reads them)."""
+        held = 0
+        for obj_idx, outputs in state["output_dict_per_obj"].items():
+            non_cond = outputs["non_cond_frame_outputs"]
+            tracked = state["frames_tracked_per_obj"][obj_idx]
+            for t in list(non_cond):
+                stale = t > frame_idx + self.window if reverse else t < frame_idx - self.window
+                if stale and not (reverse and protect - self.window <= t <= protect):
+                    del non_cond[t]
+                    tracked.pop(t, None)
+            held = max(held, len(non_cond))
+        self.peak_frames_held = max(self.peak_frames_held, held)
 
     @staticmethod
     def _object_scores(state: dict[str, Any], frame_idx: int, num_objects: int) -> np.ndarray:

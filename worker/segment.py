@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from schemas.prompts import ObjectPrompt
+from worker.frames import FrameSource
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,14 @@ class FrameMasks:
 
 
 class Segmenter(Protocol):
-    """Propagates prompted objects through a directory of JPEG frames 00000.jpg, 00001.jpg, ..."""
+    """Propagates prompted objects through JPEG frames 00000.jpg, 00001.jpg, ... (worker/frames.py)."""
 
     name: str  # model name for logs and results, e.g. "sam2.1-tiny"
     random_weights: bool  # True only for smoke tests: results are meaningless
 
-    def segment(self, frames_dir: Path, num_frames: int, prompts: Sequence[ObjectPrompt]) -> Iterator[FrameMasks]:
-        """Yield FrameMasks for frames 0..num_frames-1, in order, each with every prompted object."""
+    def segment(
+        self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int, height: int
+    ) -> Iterator[FrameMasks]:
+        """Yield FrameMasks for every frame of `frames` (which may still be arriving), in order, each
+        with every prompted object; `width` x `height` is the video's size."""
         ...

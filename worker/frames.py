@@ -1,0 +1,130 @@
+"""Where a job's frames come from: a finished directory, or a directory still being filled by the
+producer, which announces each frame on the job's frames stream (streaming hand-off).
+
+Both give `wait(frame_idx)`: True once that frame's JPEG is on disk, False once the video is known to
+have ended before it. `total` is the frame count once known.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from schemas.errors import RetryableError, StorageError, VideoError
+from schemas.storage import check_frame_dir, frame_name
+
+log = logging.getLogger(__name__)
+
+
+class FrameSource(Protocol):
+    dir: Path
+
+    @property
+    def total(self) -> int | None: ...
+
+    def wait(self, frame_idx: int) -> bool: ...
+
+    def path(self, frame_idx: int) -> Path: ...
+
+    def __iter__(self) -> Iterator[int]: ...
+
+
+class _Base:
+    dir: Path
+
+    def path(self, frame_idx: int) -> Path:
+        return self.dir / frame_name(frame_idx)
+
+    def wait(self, frame_idx: int) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        k = 0
+        while self.wait(k):
+            yield k
+            k += 1
+
+
+class DirFrames(_Base):
+    """A complete frame directory of `num_frames` frames (checked up front)."""
+
+    def __init__(self, frames_dir: Path, num_frames: int, *, check: bool = True) -> None:
+        self.dir = frames_dir
+        self._total = num_frames
+        if check:
+            check_frame_dir(frames_dir, num_frames)
+
+    @property
+    def total(self) -> int | None:
+        return self._total
+
+    def wait(self, frame_idx: int) -> bool:
+        return 0 <= frame_idx < self._total
+
+
+class StreamedFrames(_Base):
+    """Frames announced on a Redis stream while the producer is still decoding.
+
+    Entry `(k+1)-0` announces frame k; the end marker (field `end`) carries the total, or `error` if
+    decoding failed. Waiting longer than `stall_s` for the next announcement fails the job.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
+                 stall_s: float = 120.0) -> None:
+        self.client = client
+        self.stream = stream
+        self.dir = frames_dir
+        self.block_ms = block_ms
+        self.stall_s = stall_s
+        self._available = 0  # frames 0.._available-1 are on disk
+        self._total: int | None = None
+        self._error: str | None = None
+        self._last_id = "0-0"
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int | None:
+        return self._total
+
+    @property
+    def available(self) -> int:
+        return self._available
+
+    def _poll(self) -> None:
+        reply = self.client.xread({self.stream: self._last_id}, count=1024, block=self.block_ms)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if b"error" in fields:
+                    self._error = fields[b"error"].decode()
+                elif b"end" in fields:
+                    self._total = int(fields[b"end"])
+                elif b"frame_idx" in fields:
+                    self._available = max(self._available, int(fields[b"frame_idx"]) + 1)
+
+    def wait(self, frame_idx: int) -> bool:
+        deadline = time.monotonic() + self.stall_s
+        with self._lock:
+            while True:
+                if self._error is not None:
+                    raise VideoError(f"the producer failed while decoding: {self._error}")
+                if frame_idx < self._available:
+                    return True
+                if self._total is not None:
+                    if self._available < self._total:
+                        raise StorageError(f"frames stream {self.stream} ended at {self._total} frames but only "
+                                           f"{self._available} were announced")
+                    return frame_idx < self._total
+                if time.monotonic() > deadline:
+                    raise RetryableError(f"no new frame on {self.stream} for {self.stall_s:.0f} s (producer stalled?)")
+                try:
+                    self._poll()
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.warning("Redis unavailable while waiting for frames (%s); retrying", e)
+                    time.sleep(0.2)

@@ -1,0 +1,104 @@
+"""The result path, off the model's thread: RLE encoding, fenced Redis writes and MP4 rendering run in
+a thread fed through a small bounded queue, so the model never waits on them (unless the sink falls a
+whole queue behind, which bounds memory)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import cv2
+
+from schemas.errors import StorageError
+from worker.frames import FrameSource
+from worker.publish import ResultPublisher, frame_result
+from worker.render import MaskVideoWriter
+from worker.segment import FrameMasks
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class ResultSink:
+    def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter, frames: FrameSource, *, random_weights: bool,
+                 progress_every: int, on_frame: Callable[[int], None], depth: int = 4) -> None:
+        self.pub = pub
+        self.writer = writer
+        self.frames = frames
+        self.random_weights = random_weights
+        self.progress_every = progress_every
+        self.on_frame = on_frame
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.frames_done = 0
+        self.first_result_at: float | None = None
+        self.publish_s = 0.0
+        self.render_s = 0.0
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"sink-{pub.job_id}")
+        self._thread.start()
+
+    def put(self, out: FrameMasks) -> None:
+        """Queue one frame's masks (blocks only when the sink is `depth` frames behind)."""
+        self.raise_error()
+        while True:
+            try:
+                self.queue.put(out, timeout=0.5)
+                return
+            except queue.Full:
+                self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Wait until every queued frame is published and rendered; re-raise the sink's error."""
+        self.queue.put(_DONE)
+        self._thread.join()
+        self.raise_error()
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.queue.put(_DONE)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is _DONE or self.error is not None:
+                    return
+                assert isinstance(item, FrameMasks)
+                self._handle(item)
+        except BaseException as e:  # handed to the model's thread at its next put/close
+            self.error = e
+
+    def _handle(self, out: FrameMasks) -> None:
+        t1 = time.monotonic()
+        self.pub.frame(frame_result(self.pub.job_id, out, random_weights=self.random_weights))
+        if self.first_result_at is None:
+            self.first_result_at = time.monotonic()
+        t2 = time.monotonic()
+        path = self.frames.path(out.frame_idx)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise StorageError(f"cannot read frame {path} for rendering")
+        self.writer.write(image, out.obj_ids, out.masks)
+        t3 = time.monotonic()
+        self.publish_s += t2 - t1
+        self.render_s += t3 - t2
+        self.frames_done += 1
+        total = self.frames.total or self.pub.num_frames
+        if self.frames_done % self.progress_every == 0 or self.frames_done == total:
+            self.pub.progress(self.frames_done, self.frames_done / max(t3 - self._t0, 1e-9))
+        self.on_frame(self.frames_done)
