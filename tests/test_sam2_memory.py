@@ -1,0 +1,79 @@
+"""E2E tier: the worker's SAM 2 driver (lazy frames, released per-frame state) gives exactly the masks
+of SAM 2's own predictor (init_state preloading every frame, all state kept), frame by frame, on a
+generated video with the real model (random weights, CPU, image size 256)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from producer.decode import extract_frames
+from schemas.prompts import ObjectPrompt
+from tests.videos import disc_center, make_video
+from worker.checkpoints import build_predictor, get_preset
+from worker.frames import DirFrames
+from worker.sam2_segmenter import Sam2Segmenter
+
+pytestmark = pytest.mark.e2e
+
+N = 34
+SIZE = (128, 96)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> object:
+    torch.manual_seed(0)
+    return build_predictor(get_preset("tiny"), None, device="cpu", image_size=256)
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mem")
+    video = make_video(root / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
+    extract_frames(video, root / "frames")
+    return root / "frames"
+
+
+def bare_predictor_masks(predictor: object, frames_dir: Path, prompts: list[ObjectPrompt]) -> Iterator[tuple[int, np.ndarray]]:
+    """SAM 2's own way, same pass order as the worker: backwards from the last prompt, then forwards."""
+    p = predictor
+    with torch.inference_mode():
+        state = p.init_state(str(frames_dir))  # type: ignore[attr-defined]
+        for pr in prompts:
+            p.add_new_points_or_box(state, frame_idx=pr.frame_idx, obj_id=pr.obj_id,  # type: ignore[attr-defined]
+                                    points=np.array(pr.points_xy, np.float32), labels=np.array(pr.labels, np.int32))
+        last = max(pr.frame_idx for pr in prompts)
+        out: dict[int, np.ndarray] = {}
+        if last > 0:
+            for k, _, logits in p.propagate_in_video(state, start_frame_idx=last, reverse=True):  # type: ignore[attr-defined]
+                if k < last:
+                    out[k] = (logits[:, 0] > 0).numpy()
+        for k, _, logits in p.propagate_in_video(state, start_frame_idx=last):  # type: ignore[attr-defined]
+            out[k] = (logits[:, 0] > 0).numpy()
+    for k in sorted(out):
+        yield k, out[k]
+
+
+@pytest.mark.parametrize("late_frame", [0, 6], ids=["forward-only", "backward-then-forward"])
+def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, frames_dir: Path, late_frame: int) -> None:
+    x0, y0 = disc_center(0, N, SIZE)
+    xl, yl = disc_center(late_frame, N, SIZE)
+    prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,)), ObjectPrompt(2, late_frame, ((xl, yl + 8),), (1,))]
+    seg = Sam2Segmenter(predictor, name="t", random_weights=True, prune=True)
+    ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
+    bare = list(bare_predictor_masks(predictor, frames_dir, prompts))
+    assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
+    for o, (k, masks) in zip(ours, bare):
+        assert o.obj_ids == (1, 2)
+        assert np.array_equal(o.masks, masks), f"frame {k}: masks differ from the unpruned predictor"
+    # state was really released: per object, at most the window (plus, in the backward pass, the frames
+    # the forward pass will read) is held, not the whole video
+    assert seg.window == 17
+    limit = seg.window + 1 if late_frame == 0 else 2 * seg.window + 2
+    assert seg.peak_frames_held <= limit
+    if late_frame == 0:
+        assert seg.peak_frames_held < N
