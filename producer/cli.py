@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=Path, dest="prompts_file", help="JSON file of prompts (see producer/prompts.py)")
     s.add_argument("--job-id", help="choose the job id; submitting the same id twice gives one job")
     s.add_argument("--watch", type=Path, metavar="DIR", help="then follow the job and write DIR/masks.json")
+    s.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="decode the whole video before enqueueing (default: enqueue once the prompted frames "
+                        "are decoded and stream the rest to the worker)")
     _add_decode_options(s)
 
     e = sub.add_parser("extract", help="only decode VIDEO into DIR/00000.jpg, 00001.jpg, ...")
@@ -98,7 +101,8 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
     result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
-                    stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True)
+                    stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
+                    stream=args.stream)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)

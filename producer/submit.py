@@ -12,11 +12,11 @@ from pathlib import Path
 
 import redis
 
-from producer.decode import VideoInfo, extract_frames, probe
+from producer.decode import VideoInfo, extract_frames, probe_video
 from schemas import messages
 from schemas.connection import connect
 from schemas.limits import check_job_limits
-from schemas.names import Keys, validate_job_id
+from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_frames_rel, resolve_inside
@@ -62,11 +62,16 @@ def submit(
     start_s: float | None = None,
     end_s: float | None = None,
     progress: bool = False,
+    stream: bool = True,
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
-    The same `job_id` twice gives one job: the second call returns `created=False` and decodes nothing.
-    Raises VideoError / PromptError / JobIdError before anything is enqueued.
+    With `stream` (the default) the job is enqueued as soon as the frames up to the last prompted one
+    are on disk, and the remaining frames are announced on vseg:frames:{job_id} as they are decoded, so
+    the worker starts at once; otherwise the whole video is decoded first. Either way this returns when
+    decoding is done. The same `job_id` twice gives one job: the second call returns `created=False`.
+    Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
+    turns out corrupt after a streamed job was enqueued fails that job, and raises VideoError here).
     """
     client = client or connect(settings)
     keys = settings.keys
@@ -81,10 +86,96 @@ def submit(
         if job_exists(client, keys, job_id):
             log.info("job %s was created concurrently by another client", job_id)
             return Submitted(job_id, created=False)
-        return _decode_and_enqueue(
+        run = _stream_and_enqueue if stream else _decode_and_enqueue
+        return run(
             client, settings, job_id, video, prompts,
             max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress,
         )
+
+
+def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
+    fields = messages.encode(job)
+    return bool(client.eval(
+        _ENQUEUE_LUA, 2, keys.job(job.job_id), keys.jobs,
+        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source,
+    ))
+
+
+def _fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
+    frames_rel = job_frames_rel(job_id)
+    frames_dir = resolve_inside(settings.storage_root, frames_rel)
+    if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
+        shutil.rmtree(frames_dir)
+    frames_dir.parent.mkdir(parents=True, exist_ok=True)
+    return frames_rel, frames_dir
+
+
+def _stream_and_enqueue(
+    client: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    video: Path,
+    prompts: Sequence[ObjectPrompt],
+    *,
+    max_frames: int | None,
+    stride: int,
+    start_s: float | None,
+    end_s: float | None,
+    progress: bool,
+) -> Submitted:
+    keys = settings.keys
+    frames_stream = keys.frames(job_id)
+    frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)
+    client.delete(frames_stream)
+    width, height, fps, estimate = probe_video(video)
+    check_job_limits(1, width, height, prompts, settings)
+    validate_prompts(prompts, width=width, height=height, num_frames=settings.max_frames)
+    need = max(p.frame_idx for p in prompts) + 1  # frames on disk before the job can start
+    job = messages.JobMessage(
+        job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(estimate // stride or 1, settings.max_frames)),
+        width=width, height=height, fps=fps / stride, prompts=tuple(prompts), source=Path(video).name,
+        frames_stream=frames_stream,
+    )
+    announced = 0
+    enqueued = False
+
+    def on_frames(available: int) -> None:
+        nonlocal announced, enqueued
+        if available > settings.max_frames:
+            check_job_limits(available, width, height, prompts, settings)
+        pipe = client.pipeline(transaction=False)
+        for k in range(announced, available):
+            pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
+        pipe.execute()
+        announced = available
+        if not enqueued and available >= need:
+            enqueued = _enqueue(client, keys, job)
+            log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
+
+    cap = settings.max_frames + 1 if max_frames is None else min(max_frames, settings.max_frames + 1)
+    try:
+        info = extract_frames(
+            video, frames_dir, max_frames=cap, stride=stride, start_s=start_s, end_s=end_s,
+            jpeg_quality=settings.jpeg_quality, progress=progress, atomic=False, on_frames=on_frames,
+        )
+        check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
+        validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
+        if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
+            enqueued = _enqueue(client, keys, job)
+    except Exception as e:
+        if enqueued:  # the worker has started: tell it, so the job fails instead of waiting
+            client.xadd(frames_stream, {"error": f"{type(e).__name__}: {e}"})
+        else:
+            client.delete(frames_stream)
+            shutil.rmtree(frames_dir, ignore_errors=True)
+        raise
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
+    pipe.hset(keys.job(job_id), "num_frames", info.num_frames)
+    pipe.expire(frames_stream, settings.results_ttl_s)
+    pipe.execute()
+    log.info("submitted job %s (%d frames streamed, %d prompts)", job_id, info.num_frames, len(prompts))
+    return Submitted(job_id, created=True, video=info)
 
 
 def _decode_and_enqueue(
@@ -101,12 +192,8 @@ def _decode_and_enqueue(
     progress: bool,
 ) -> Submitted:
     keys = settings.keys
-    frames_rel = job_frames_rel(job_id)
-    frames_dir = resolve_inside(settings.storage_root, frames_rel)
-    if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
-        shutil.rmtree(frames_dir)
-    frames_dir.parent.mkdir(parents=True, exist_ok=True)
-    width, height, _ = probe(video)
+    frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)
+    width, height, _, _ = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     started = time.monotonic()
     # decode at most one frame past the limit: enough to know the job is too long, without decoding it all
@@ -124,11 +211,7 @@ def _decode_and_enqueue(
             job_id=job_id, frames_dir=frames_rel, num_frames=info.num_frames, width=info.width,
             height=info.height, fps=info.fps, prompts=tuple(prompts), source=Path(video).name,
         )
-        fields = messages.encode(job)
-        created = client.eval(
-            _ENQUEUE_LUA, 2, keys.job(job_id), keys.jobs,
-            fields["type"], fields["data"], info.num_frames, job.submitted_at, job.source,
-        )
+        created = _enqueue(client, keys, job)
     except Exception:
         shutil.rmtree(frames_dir, ignore_errors=True)
         raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -195,6 +196,8 @@ class Worker:
                 self.client.delete(self.keys.worker_health(self.name))
             except redis.RedisError:
                 pass
+            log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats,
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return self.stats.jobs_done
 
     def claim_expired(self) -> tuple[str, dict[Any, Any]] | None:
