@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -63,9 +64,19 @@ def _fps(stream: av.video.stream.VideoStream) -> float:
 
 def probe(video: Path) -> tuple[int, int, float]:
     """(width, height, fps) of the first video stream."""
+    width, height, fps, _ = probe_video(video)
+    return width, height, fps
+
+
+def probe_video(video: Path) -> tuple[int, int, float, int]:
+    """(width, height, fps, estimated frame count: 0 if the header does not say) of the first video stream."""
     with _open(video) as container:
         stream = container.streams.video[0]
-        return int(stream.codec_context.width), int(stream.codec_context.height), _fps(stream)
+        fps = _fps(stream)
+        estimate = int(stream.frames or 0)
+        if not estimate and stream.duration and stream.time_base:
+            estimate = int(float(stream.duration * stream.time_base) * fps)
+        return int(stream.codec_context.width), int(stream.codec_context.height), fps, estimate
 
 
 def _check_options(max_frames: int | None, stride: int, start_s: float | None, end_s: float | None,
@@ -86,7 +97,9 @@ def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise VideoError(f"JPEG encoding failed for {path.name}")
-    path.write_bytes(buf.tobytes())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)  # a reader of a streamed directory never sees half a JPEG
 
 
 def extract_frames(
@@ -99,23 +112,33 @@ def extract_frames(
     end_s: float | None = None,
     jpeg_quality: int = 95,
     progress: bool = False,
+    atomic: bool = True,
+    on_frames: Callable[[int], None] | None = None,
 ) -> VideoInfo:
-    """Decode `video` into `out_dir` (which must not exist). Raises VideoError, StorageError."""
+    """Decode `video` into `out_dir` (which must not exist). Raises VideoError, StorageError.
+
+    atomic (default): frames go to a hidden sibling directory renamed to `out_dir` when complete.
+    Otherwise (streaming hand-off) they go straight into `out_dir`, each JPEG appearing whole, and
+    `on_frames(n)` is called whenever frames 0..n-1 are all on disk; on failure `out_dir` is left for
+    the caller to clean up. An exception from `on_frames` stops decoding and is re-raised.
+    """
     video, out_dir = Path(video), Path(out_dir)
     _check_options(max_frames, stride, start_s, end_s, jpeg_quality)
     if out_dir.exists():
         raise StorageError(f"output directory {out_dir} already exists: remove it or choose another")
     container = _open(video)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    target = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}" if atomic else out_dir
+    target.mkdir()
     try:
         with container:
-            info = _decode_into(container, video, tmp, max_frames=max_frames, stride=stride, start_s=start_s,
-                                end_s=end_s, jpeg_quality=jpeg_quality, progress=progress)
-        os.rename(tmp, out_dir)
+            info = _decode_into(container, video, target, max_frames=max_frames, stride=stride, start_s=start_s,
+                                end_s=end_s, jpeg_quality=jpeg_quality, progress=progress, on_frames=on_frames)
+        if atomic:
+            os.rename(target, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if atomic:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     return info
 
@@ -131,6 +154,7 @@ def _decode_into(
     end_s: float | None,
     jpeg_quality: int,
     progress: bool,
+    on_frames: Callable[[int], None] | None = None,
 ) -> VideoInfo:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -142,7 +166,7 @@ def _decode_into(
     if max_frames is not None:
         total = min(total, max_frames) if total else max_frames
     bar = tqdm(total=total, desc=f"decode {video.name}", unit="frame", disable=not progress, dynamic_ncols=True)
-    kept = decoded = 0
+    kept = decoded = written = 0
     width = height = 0
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="jpeg") as pool:
@@ -160,8 +184,12 @@ def _decode_into(
                 height, width = image.shape[:2]
                 pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), image, jpeg_quality))
                 kept += 1
-                while len(pending) > MAX_IN_FLIGHT:
+                before = written
+                while pending and (len(pending) > MAX_IN_FLIGHT or pending[0].done()):
                     pending.popleft().result()
+                    written += 1
+                if on_frames is not None and written > before:
+                    on_frames(written)
                 bar.update(1)
                 if max_frames is not None and kept >= max_frames:
                     break
@@ -169,8 +197,12 @@ def _decode_into(
             raise VideoError(f"{video} is corrupt at frame {decoded} ({e}); re-encode or re-download it") from e
         finally:
             bar.close()
+        before = written
         while pending:
             pending.popleft().result()
+            written += 1
+        if on_frames is not None and written > before:
+            on_frames(written)
     if kept == 0:
         chosen = ", ".join(
             f"{name}={value}" for name, value in (("--start", start_s), ("--end", end_s), ("--max-frames", max_frames))

@@ -87,6 +87,11 @@ class StreamedFrames(_Base):
         self._error: str | None = None
         self._last_id = "0-0"
         self._lock = threading.Lock()
+        if not frames_dir.is_dir():
+            raise StorageError(
+                f"frame directory {frames_dir} does not exist: is STORAGE_ROOT the same for the producer "
+                f"and the worker (a shared volume)?"
+            )
 
     @property
     def total(self) -> int | None:
@@ -115,6 +120,9 @@ class StreamedFrames(_Base):
                 if self._error is not None:
                     raise VideoError(f"the producer failed while decoding: {self._error}")
                 if frame_idx < self._available:
+                    if not self.path(frame_idx).is_file():
+                        raise StorageError(f"frame directory {self.dir} is incomplete: missing "
+                                           f"{frame_name(frame_idx)}, which the producer announced")
                     return True
                 if self._total is not None:
                     if self._available < self._total:
