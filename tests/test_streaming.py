@@ -1,0 +1,144 @@
+"""Integration tier: streaming hand-off. The job is enqueued as soon as the prompted frames are on
+disk, the worker starts while the producer is still decoding, and decoding failures reach the job."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+import producer.decode as decode
+from producer.results import follow
+from producer.submit import submit
+from schemas import messages
+from schemas.errors import PromptError, VideoError
+from schemas.prompts import ObjectPrompt
+from schemas.settings import Settings
+from tests.videos import disc_center, make_video
+from worker.consume import Worker
+from worker.fake_segmenter import ColourSegmenter
+
+pytestmark = pytest.mark.integration
+
+N = 80
+SIZE = (96, 64)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("s") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
+
+
+@pytest.fixture
+def slow_jpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the producer take ~20 ms per frame, so decoding visibly outlasts the first results."""
+    real = decode._write_jpeg
+
+    def slow(path: Path, image: np.ndarray, quality: int) -> None:
+        time.sleep(0.02)
+        real(path, image, quality)
+
+    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
+
+
+def prompt(frame_idx: int = 0) -> ObjectPrompt:
+    x, y = disc_center(frame_idx, N, SIZE)
+    return ObjectPrompt(1, frame_idx, ((x, y),), (1,))
+
+
+def start_worker(settings: Settings) -> tuple[Worker, threading.Thread]:
+    worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis.Redis.from_url(settings.redis_url),
+                    name="streamer")
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+def stop_worker(worker: Worker, thread: threading.Thread) -> None:
+    worker.stopping = True
+    thread.join(10)
+
+
+def test_first_result_arrives_while_the_video_is_still_decoding(
+    video: Path, settings: Settings, redis_client: redis.Redis, slow_jpeg: None
+) -> None:
+    worker, thread = start_worker(settings)
+    done: dict[str, Any] = {}
+
+    def run_submit() -> None:
+        done["result"] = submit(video, [prompt(0)], settings=settings, job_id="live")
+        done["at"] = time.monotonic()
+
+    submitter = threading.Thread(target=run_submit)
+    t0 = time.monotonic()
+    submitter.start()
+    first_at = None
+    while not redis_client.exists(settings.keys.job("live")):
+        time.sleep(0.01)
+    frames = []
+    for msg in follow("live", settings=settings, client=redis_client, timeout_s=30):
+        if isinstance(msg, messages.FrameResult):
+            first_at = first_at or time.monotonic()
+            frames.append(msg.frame_idx)
+        last = msg
+    submitter.join()
+    stop_worker(worker, thread)
+    assert first_at is not None and first_at < done["at"], "first result only after decoding finished"
+    assert first_at - t0 < 0.5 * (done["at"] - t0)
+    assert isinstance(last, messages.Completed) and last.num_frames == N and frames == list(range(N))
+    assert redis_client.hget(settings.keys.job("live"), "num_frames") == str(N).encode()
+
+
+def test_job_waits_for_its_last_prompted_frame(video: Path, settings: Settings, redis_client: redis.Redis,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = decode._write_jpeg
+
+    def spy(path: Path, image: np.ndarray, quality: int) -> None:
+        if not seen and redis_client.exists(settings.keys.job("late")):
+            seen.append(int(path.name[:5]))
+        real(path, image, quality)
+
+    monkeypatch.setattr(decode, "_write_jpeg", spy)
+    submit(video, [prompt(0), ObjectPrompt(2, 30, ((5.0, 5.0),), (1,))], settings=settings, client=redis_client,
+           job_id="late")
+    assert seen and seen[0] > 30  # enqueued only once frame 30 was on disk
+    Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True)
+    assert redis_client.hget(settings.keys.job("late"), "state") == b"completed"
+
+
+def test_prompt_past_the_end_is_refused_before_anything_is_enqueued(
+    video: Path, settings: Settings, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(PromptError, match=f"decoded video has {N} frames"):
+        submit(video, [prompt(0), ObjectPrompt(2, N + 5, ((5.0, 5.0),), (1,))], settings=settings,
+               client=redis_client, job_id="past")
+    assert not redis_client.exists(settings.keys.job("past"), settings.keys.frames("past"))
+    assert redis_client.xlen(settings.keys.jobs) == 0
+    assert not (settings.storage_root / "jobs/past/frames").exists()
+
+
+def test_decoding_failure_after_enqueue_fails_the_job(
+    video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = decode._write_jpeg
+
+    def breaks(path: Path, image: np.ndarray, quality: int) -> None:
+        if path.name == "00040.jpg":
+            raise VideoError("disk full while writing 00040.jpg")
+        real(path, image, quality)
+
+    monkeypatch.setattr(decode, "_write_jpeg", breaks)
+    with pytest.raises(VideoError, match="disk full"):
+        submit(video, [prompt(0)], settings=settings, client=redis_client, job_id="broken")
+    Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True)
+    state = redis_client.hgetall(settings.keys.job("broken"))
+    assert state[b"state"] == b"failed" and b"disk full" in state[b"error"]
+    last = messages.decode(redis_client.xrange(settings.keys.results("broken"))[-1][1])
+    assert isinstance(last, messages.Failed) and "producer failed while decoding" in last.error
