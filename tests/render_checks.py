@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
@@ -19,7 +20,19 @@ def tinted_mask(
     target = np.asarray(colour, dtype=np.float32)
     before = np.linalg.norm(original_bgr.astype(np.float32) - target, axis=2)
     after = np.linalg.norm(rendered_bgr.astype(np.float32) - target, axis=2)
-    return (before > 40) & (before - after >= min_gain * before)
+    by_colour = (before > 40) & (before - after >= min_gain * before)
+    # yuv420p keeps brightness at full resolution and colour at half, so where the tint changes the
+    # brightness clearly, judge by brightness: edges stay sharp there.
+    luma_orig = _luma(original_bgr)
+    expected = 0.5 * (_luma(np.broadcast_to(np.asarray(colour, np.uint8), original_bgr.shape)) - luma_orig)
+    moved = (_luma(rendered_bgr) - luma_orig) * np.sign(expected)
+    # ... and ask only that the colour moved toward the tint at all, which the label's dark box does not
+    by_luma = (moved >= 0.5 * np.abs(expected)) & (before - after >= 0.1 * before)
+    return np.where(np.abs(expected) >= 8, by_luma, by_colour)
+
+
+def _luma(bgr: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(bgr, dtype=np.uint8), cv2.COLOR_BGR2YCrCb)[..., 0].astype(np.float32)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -32,3 +45,13 @@ def disc(size_hw: tuple[int, int], centre_xy: tuple[float, float], radius: float
     """Boolean disc mask of shape `size_hw`."""
     yy, xx = np.mgrid[: size_hw[0], : size_hw[1]]
     return (xx - centre_xy[0]) ** 2 + (yy - centre_xy[1]) ** 2 <= radius**2
+
+
+def near_box(mask: np.ndarray, margin: int = 1) -> np.ndarray:
+    """The mask's bounding box grown by `margin` pixels: where its tint and outline may be, leaving out
+    the id label drawn above the box (whose border is in the object's colour too)."""
+    out = np.zeros(mask.shape, dtype=bool)
+    ys, xs = np.nonzero(mask)
+    if len(xs):
+        out[max(0, ys.min() - margin): ys.max() + margin + 1, max(0, xs.min() - margin): xs.max() + margin + 1] = True
+    return out

@@ -12,6 +12,7 @@ from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
 from tests.render_checks import disc, iou
 from worker.fake_segmenter import ColourSegmenter
+from worker.frames import DirFrames
 from worker.segment import FrameMasks, Segmenter
 
 SIZE_HW = (120, 160)
@@ -26,7 +27,7 @@ def green_centre(frame_idx: int) -> tuple[float, float]:
 
 
 def red_centre(frame_idx: int) -> tuple[float, float]:
-    return 130.0 - 6 * frame_idx, 85.0
+    return 130.0 - 6 * frame_idx, 98.0  # clear of the green disc: JPEG smears a red-green edge
 
 
 def write_frames(frames_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -58,7 +59,7 @@ def test_colour_segmenter_tracks_each_disc(tmp_path: Path) -> None:
     truths = write_frames(frames_dir)
     segmenter: Segmenter = ColourSegmenter()
     assert segmenter.name == "fake-colour" and segmenter.random_weights is False
-    results = list(segmenter.segment(frames_dir, N_FRAMES, prompts()))
+    results = list(segmenter.segment(DirFrames(frames_dir, N_FRAMES), prompts(), width=SIZE_HW[1], height=SIZE_HW[0]))
     assert [r.frame_idx for r in results] == list(range(N_FRAMES))
     for result, (green, red) in zip(results, truths):
         assert isinstance(result, FrameMasks)
@@ -78,7 +79,7 @@ def test_absent_colour_gives_empty_mask_and_zero_score(tmp_path: Path) -> None:
     image[:] = (255, 0, 0)
     cv2.imwrite(str(frames_dir / frame_name(0)), image)
     prompt = ObjectPrompt(obj_id=1, frame_idx=0, points_xy=((5.0, 5.0),), labels=(1,))
-    results = list(ColourSegmenter().segment(frames_dir, N_FRAMES, [prompt]))
+    results = list(ColourSegmenter().segment(DirFrames(frames_dir, N_FRAMES), [prompt], width=SIZE_HW[1], height=SIZE_HW[0]))
     assert results[0].scores.tolist() == [1.0]
     assert all(r.scores.tolist() == [0.0] and not r.masks.any() for r in results[1:])
 
@@ -88,6 +89,6 @@ def test_fail_at_frame_raises_after_yielding_earlier_frames(tmp_path: Path) -> N
     write_frames(frames_dir)
     seen: list[int] = []
     with pytest.raises(RuntimeError, match="fake failure at frame 3"):
-        for result in ColourSegmenter(fail_at_frame=3).segment(frames_dir, N_FRAMES, prompts()):
+        for result in ColourSegmenter(fail_at_frame=3).segment(DirFrames(frames_dir, N_FRAMES), prompts(), width=SIZE_HW[1], height=SIZE_HW[0]):
             seen.append(result.frame_idx)
     assert seen == [0, 1, 2]

@@ -26,9 +26,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Saturated BGR colours, none of them pure green (green screens and foliage are common subjects).
+# Indexed by obj_id (ids usually start at 1). Colours differ in brightness as well as hue, because
+# H.264's yuv420p keeps brightness at full resolution but colour at half: a tint that changes the
+# brightness keeps sharp edges in the MP4.
 PALETTE_BGR: tuple[tuple[int, int, int], ...] = (
-    (255, 64, 0),  # blue
     (0, 128, 255),  # orange
+    (255, 64, 0),  # blue
     (255, 0, 255),  # magenta
     (0, 0, 255),  # red
     (255, 255, 0),  # cyan
