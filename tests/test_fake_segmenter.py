@@ -23,11 +23,11 @@ RED = (0, 0, 255)
 
 
 def green_centre(frame_idx: int) -> tuple[float, float]:
-    return 30.0 + 10 * frame_idx, 40.0 + 4 * frame_idx
+    return 30.0 + 10 * frame_idx, 35.0
 
 
 def red_centre(frame_idx: int) -> tuple[float, float]:
-    return 130.0 - 6 * frame_idx, 98.0  # clear of the green disc: JPEG smears a red-green edge
+    return 130.0 - 6 * frame_idx, 85.0  # never touches the green disc: JPEG smears a red-green edge
 
 
 def write_frames(frames_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
