@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from producer.decode import probe  # noqa: E402
 from producer.local_redis import ensure_redis  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.results import WatchResult, watch  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submit import new_job_id, submit  # noqa: E402
 from schemas.errors import VsegError  # noqa: E402
 from schemas.logs import configure_logging  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
@@ -54,29 +55,37 @@ def main(argv: list[str] | None = None) -> int:
             points = [f"1:{width / 2:.0f},{height / 2:.0f}"]
             log.info("no prompt given: object 1 is the point at the frame's centre (%s)", points[0])
         prompts = build_prompts(points=points, boxes=args.box)
-        job = submit(args.video, prompts, settings=settings, max_frames=args.max_frames, progress=True)
-        log.info("job %s submitted; starting a worker", job.job_id)
+        job_id = new_job_id()
         env = {**os.environ, "REDIS_URL": url, "STORAGE_ROOT": str(settings.storage_root), "TQDM_DISABLE": "1"}
-        cmd = [sys.executable, "-m", "worker", "--burst"]
+        cmd = [sys.executable, "-m", "worker", "--name", f"demo-{job_id}"]
         for flag, value in (("--checkpoint", args.checkpoint), ("--image-size", args.image_size), ("--model", args.model)):
             if value is not None:
                 cmd += [flag, str(value)]
-        worker = subprocess.Popen(cmd, cwd=ROOT, env=env)
-        outcome: dict[str, object] = {}
+        worker = subprocess.Popen(cmd, cwd=ROOT, env=env)  # loads the model while the video decodes
+        try:
+            # streaming hand-off: the job is enqueued after the first frames, decoding goes on meanwhile
+            submit(args.video, prompts, settings=settings, job_id=job_id, max_frames=args.max_frames, progress=True)
+            log.info("job %s: all frames decoded; following its results", job_id)
+            outcome: dict[str, object] = {}
 
-        def follow() -> None:
-            try:
-                outcome["result"] = watch(job.job_id, args.out / job.job_id, settings=settings, progress=True)
-            except VsegError as e:
-                outcome["error"] = e
+            def follow_job() -> None:
+                try:
+                    outcome["result"] = watch(job_id, args.out / job_id, settings=settings, progress=True)
+                except VsegError as e:
+                    outcome["error"] = e
 
-        watcher = threading.Thread(target=follow, daemon=True)
-        watcher.start()
-        rc = worker.wait()
-        if rc != 0:  # e.g. no checkpoint: the worker said why; the job stays queued for a later worker
-            log.error("the worker exited with %d (see its log above); job %s is still queued", rc, job.job_id)
-            return rc
-        watcher.join()
+            watcher = threading.Thread(target=follow_job, daemon=True)
+            watcher.start()
+            while watcher.is_alive() and worker.poll() is None:
+                watcher.join(0.5)
+            if worker.poll() is not None and watcher.is_alive():  # e.g. no checkpoint: the worker said why
+                log.error("the worker exited with %d (see its log above); job %s is still queued",
+                          worker.returncode, job_id)
+                return worker.returncode or 1
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(60)
         if "error" in outcome:
             raise outcome["error"]  # type: ignore[misc]
         result = outcome["result"]

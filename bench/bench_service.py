@@ -1,0 +1,132 @@
+"""The whole service against the plain way, on the same model, clip and prompt, from one run.
+
+Plain: `ffmpeg -i V -q:v 2 -start_number 0 DIR/%05d.jpg`, then SAM 2's init_state (loads every frame),
+add_new_points_or_box, propagate_in_video (bench/plain_sam2.py, in its own process).
+Ours: a worker already running (model loaded, like the plain loop's timer which starts after the model
+is built), then submit (streaming hand-off) and follow the result stream to the last frame.
+
+Reports time to first result, total wall time, frames/s and peak RSS, side by side with ratios.
+CPU: SAM 2.1 tiny with random weights at --image-size 256 (default); on a GPU pass --device cuda
+--image-size 1024.
+
+    python bench/bench_service.py [--frames 300] [--image-size 256] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
+from producer.local_redis import RedisServer  # noqa: E402
+from producer.prompts import build_prompts  # noqa: E402
+from producer.results import follow  # noqa: E402
+from producer.submit import submit  # noqa: E402
+from schemas import messages  # noqa: E402
+from schemas.settings import Settings  # noqa: E402
+
+
+def run_plain(clip: Path, image_size: int, device: str, point: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, str(ROOT / "bench/plain_sam2.py"), str(clip), "--image-size",
+                          str(image_size), "--device", device, "--point", point],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"plain loop failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_service(clip: Path, image_size: int, device: str, point: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(data_dir=Path(tmp)) as server:
+        storage = Path(tmp) / "storage"
+        settings = Settings.load(environ={}, redis_url=server.url, storage_root=storage, block_ms=100)
+        env = {**os.environ, "REDIS_URL": server.url, "STORAGE_ROOT": str(storage), "TQDM_DISABLE": "1",
+               "VSEG_BLOCK_MS": "100"}
+        worker = subprocess.Popen([sys.executable, "-m", "worker", "--checkpoint", "random", "--image-size",
+                                   str(image_size), "--device", device, "--name", "bench"],
+                                  cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        log: list[str] = []
+        ready = threading.Event()
+
+        def read_log() -> None:
+            assert worker.stderr is not None
+            for line in worker.stderr:
+                log.append(line)
+                if "ready" in line:
+                    ready.set()
+
+        threading.Thread(target=read_log, daemon=True).start()
+        if not ready.wait(300):
+            raise SystemExit("worker did not start:\n" + "".join(log[-30:]))
+        t0 = time.monotonic()
+        submitted: dict[str, float] = {}
+
+        def run_submit() -> None:
+            submit(clip, build_prompts(points=[f"1:{point}"]), settings=settings, job_id="bench")
+            submitted["done"] = time.monotonic()
+
+        threading.Thread(target=run_submit, daemon=True).start()
+        first = None
+        frames = 0
+        while True:
+            try:
+                for msg in follow("bench", settings=settings, timeout_s=600):
+                    if isinstance(msg, messages.FrameResult):
+                        frames += 1
+                        first = first or time.monotonic() - t0
+                    elif isinstance(msg, messages.Failed):
+                        raise SystemExit(f"job failed: {msg.error}")
+                break
+            except Exception as e:  # the job hash may not exist yet in the first milliseconds
+                if "no job" not in str(e):
+                    raise
+                time.sleep(0.005)
+        total = time.monotonic() - t0
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        time.sleep(0.2)
+        match = re.search(r"peak RSS (\d+) MiB", "".join(log))
+        return {"first_result_s": first or 0.0, "total_s": total, "frames": frames,
+                "submit_s": submitted.get("done", t0) - t0, "peak_rss_mib": float(match.group(1)) if match else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--video", type=Path, default=SHARED_VIDEOS / "bedroom.mp4")
+    args = ap.parse_args()
+    clip = looped_clip(args.video, args.frames)
+    point = "480,300" if args.video.name == "bedroom.mp4" else "640,360"
+    print(f"machine: {machine()}")
+    print(f"clip: {clip.name} ({args.frames} frames), SAM 2.1 tiny random weights, image size {args.image_size}, "
+          f"{args.device}, one object (point {point} on frame 0)")
+    plain = run_plain(clip, args.image_size, args.device, point)
+    ours = run_service(clip, args.image_size, args.device, point)
+    rows = [
+        ("time to first result (s)", plain["first_result_s"], ours["first_result_s"]),
+        ("total wall time (s)", plain["total_s"], ours["total_s"]),
+        ("frames/s end to end", plain["frames"] / plain["total_s"], ours["frames"] / ours["total_s"]),
+        ("peak RSS (MiB)", plain["peak_rss_mib"], ours["peak_rss_mib"]),
+    ]
+    print(f"{'':28} {'plain':>10} {'service':>10} {'service/plain':>14}")
+    for name, p, o in rows:
+        print(f"{name:28} {p:>10.2f} {o:>10.2f} {o / p if p else float('nan'):>14.3f}")
+    print(f"(plain: ffmpeg took {plain['extract_s']:.2f} s; service: submit returned after {ours['submit_s']:.2f} s; "
+          f"frames {plain['frames']} / {ours['frames']}; service peak RSS is the worker's)")
+
+
+if __name__ == "__main__":
+    main()
