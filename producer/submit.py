@@ -110,6 +110,15 @@ def _fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
     return frames_rel, frames_dir
 
 
+def _expected_frames(estimate: int, fps: float, *, stride: int, max_frames: int | None, start_s: float | None,
+                     end_s: float | None) -> int:
+    """Frames the decode will keep, from the header's estimate (0 if unknown); checked again at the end."""
+    total_s = estimate / fps if fps > 0 else 0.0
+    span_s = max(0.0, (end_s if end_s is not None else total_s) - (start_s or 0.0))
+    expected = int(span_s * fps) // max(stride, 1) if estimate else 0
+    return min(expected, max_frames) if max_frames is not None else expected
+
+
 def _stream_and_enqueue(
     client: redis.Redis,
     settings: Settings,
@@ -130,6 +139,8 @@ def _stream_and_enqueue(
     width, height, fps, estimate = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)
     validate_prompts(prompts, width=width, height=height, num_frames=settings.max_frames)
+    expected = _expected_frames(estimate, fps, stride=stride, max_frames=max_frames, start_s=start_s, end_s=end_s)
+    check_job_limits(expected, width, height, prompts, settings)  # from the header, before anything is enqueued
     need = max(p.frame_idx for p in prompts) + 1  # frames on disk before the job can start
     job = messages.JobMessage(
         job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(estimate // stride or 1, settings.max_frames)),
