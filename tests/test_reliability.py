@@ -455,3 +455,57 @@ def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_clie
     missing = subprocess.run([sys.executable, "-m", "producer", "status", "nope"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "no job 'nope'" in missing.stderr
+
+
+def test_rediss_url_with_a_private_ca(video: Path, tmp_path: Path, storage_root: Path) -> None:
+    """TLS: redis-server with a certificate signed by a CA the test makes; the URL names the CA file."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("openssl"), "openssl is needed to make the test certificates"
+    d = tmp_path / "tls"
+    d.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=vseg-test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.crt", "-days", "2", "-extfile", "san.ext")
+    from producer.local_redis import free_port, redis_server_binary
+
+    tls_port = free_port()
+    binary = redis_server_binary()
+    assert binary is not None
+    proc = subprocess.Popen(  # plain TCP off (--port 0): only TLS is served
+        [binary, "--port", "0", "--bind", "127.0.0.1", "--dir", str(d), "--save", "", "--tls-port", str(tls_port),
+         "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
+         "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={d / 'ca.crt'}"
+    try:
+        settings = Settings.load(environ={}, redis_url=url, storage_root=storage_root)
+        from schemas.connection import connect
+
+        client = connect(settings)
+        wait_for(lambda: _pings(client), timeout_s=10, what="TLS redis-server")
+        submit(video, prompt(), settings=settings, client=client, job_id="tls")
+        Worker(settings=settings, segmenter=ColourSegmenter(), client=client).run(burst=True)
+        assert state(client, settings, "tls")["state"] == "completed"
+        plain = redis.Redis(port=tls_port, socket_timeout=2)
+        with pytest.raises(redis.ConnectionError):
+            plain.ping()  # a client that does not speak TLS is refused
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
