@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
 
@@ -17,11 +19,13 @@ from schemas import messages
 from schemas.connection import connect
 from schemas.limits import check_job_limits
 from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_frames_rel, resolve_inside
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Creates the job's state hash and appends the job to the jobs stream in one atomic step, so the same
 # job id submitted twice (a client retry after a timeout, two racing clients) gives exactly one job.
@@ -110,6 +114,26 @@ def _fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
     return frames_rel, frames_dir
 
 
+def _in_background_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread of lowered priority (it and the threads it starts: FFmpeg's, the JPEG pool),
+    so that decoding ahead never slows a worker's model on the same machine. Re-raises its error."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        lower_this_thread()
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="decode", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
 def _expected_frames(estimate: int, fps: float, *, stride: int, max_frames: int | None, start_s: float | None,
                      end_s: float | None) -> int:
     """Frames the decode will keep, from the header's estimate (0 if unknown); checked again at the end."""
@@ -165,10 +189,10 @@ def _stream_and_enqueue(
 
     cap = settings.max_frames + 1 if max_frames is None else min(max_frames, settings.max_frames + 1)
     try:
-        info = extract_frames(
+        info = _in_background_thread(lambda: extract_frames(
             video, frames_dir, max_frames=cap, stride=stride, start_s=start_s, end_s=end_s,
             jpeg_quality=settings.jpeg_quality, progress=progress, atomic=False, on_frames=on_frames,
-        )
+        ))
         check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
         validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
         if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
