@@ -1,5 +1,6 @@
-"""Thread priority: background throughput work (decoding ahead, rendering) yields the CPU to the
-latency-critical model step when producer and worker share a machine. Linux nice values are per
+"""Thread priority: work that runs ahead of need (the producer decoding ahead, the worker's frame
+prefetch) yields the CPU to the model's step when they share a machine. (Not the result sink: at a
+lower priority it falls behind, fills its queue and blocks the model, serialising the two.) Linux nice values are per
 thread, and threads inherit the value of the thread that creates them (FFmpeg's and thread pools')."""
 
 from __future__ import annotations

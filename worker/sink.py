@@ -13,7 +13,6 @@ from collections.abc import Callable
 import cv2
 
 from schemas.errors import StorageError
-from schemas.priority import lower_this_thread
 from worker.frames import FrameSource
 from worker.publish import ResultPublisher, frame_result
 from worker.render import MaskVideoWriter
@@ -74,7 +73,6 @@ class ResultSink:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        lower_this_thread()  # the model's thread comes first; this one (and x264's threads) fill the gaps
         try:
             while True:
                 item = self.queue.get()
