@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,34 @@ local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
 redis.call('HSET', KEYS[1], 'entry_id', id)
 return 1
 """
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """Which frames of the video to keep (see producer/decode.py)."""
+
+    max_frames: int | None = None
+    stride: int = 1
+    start_s: float | None = None
+    end_s: float | None = None
+    progress: bool = False
+
+    def capped(self, settings: Settings) -> ClipOptions:
+        """Decode at most one frame past the job limit: enough to know a job is too long."""
+        limit = settings.max_frames + 1
+        return replace(self, max_frames=limit if self.max_frames is None else min(self.max_frames, limit))
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        return {"max_frames": self.max_frames, "stride": self.stride, "start_s": self.start_s, "end_s": self.end_s,
+                "progress": self.progress}
+
+    def expected_frames(self, estimate: int, fps: float) -> int:
+        """Frames the decode will keep, from the header's estimate (0 if unknown); checked again at the end."""
+        if not estimate or fps <= 0:
+            return 0
+        span_s = max(0.0, (self.end_s if self.end_s is not None else estimate / fps) - (self.start_s or 0.0))
+        expected = int(span_s * fps) // max(self.stride, 1)
+        return min(expected, self.max_frames) if self.max_frames is not None else expected
 
 
 @dataclass(frozen=True)
@@ -93,7 +121,7 @@ def submit(
         run = _stream_and_enqueue if stream else _decode_and_enqueue
         return run(
             client, settings, job_id, video, prompts,
-            max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress,
+            ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress),
         )
 
 
@@ -134,27 +162,13 @@ def _in_background_thread(fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
-def _expected_frames(estimate: int, fps: float, *, stride: int, max_frames: int | None, start_s: float | None,
-                     end_s: float | None) -> int:
-    """Frames the decode will keep, from the header's estimate (0 if unknown); checked again at the end."""
-    total_s = estimate / fps if fps > 0 else 0.0
-    span_s = max(0.0, (end_s if end_s is not None else total_s) - (start_s or 0.0))
-    expected = int(span_s * fps) // max(stride, 1) if estimate else 0
-    return min(expected, max_frames) if max_frames is not None else expected
-
-
 def _stream_and_enqueue(
     client: redis.Redis,
     settings: Settings,
     job_id: str,
     video: Path,
     prompts: Sequence[ObjectPrompt],
-    *,
-    max_frames: int | None,
-    stride: int,
-    start_s: float | None,
-    end_s: float | None,
-    progress: bool,
+    clip: ClipOptions,
 ) -> Submitted:
     keys = settings.keys
     frames_stream = keys.frames(job_id)
@@ -163,12 +177,12 @@ def _stream_and_enqueue(
     width, height, fps, estimate = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)
     validate_prompts(prompts, width=width, height=height, num_frames=settings.max_frames)
-    expected = _expected_frames(estimate, fps, stride=stride, max_frames=max_frames, start_s=start_s, end_s=end_s)
+    expected = clip.expected_frames(estimate, fps)
     check_job_limits(expected, width, height, prompts, settings)  # from the header, before anything is enqueued
     need = max(p.frame_idx for p in prompts) + 1  # frames on disk before the job can start
     job = messages.JobMessage(
-        job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(estimate // stride or 1, settings.max_frames)),
-        width=width, height=height, fps=fps / stride, prompts=tuple(prompts), source=Path(video).name,
+        job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(expected or 1, settings.max_frames)),
+        width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
         frames_stream=frames_stream,
     )
     announced = 0
@@ -187,11 +201,10 @@ def _stream_and_enqueue(
             enqueued = _enqueue(client, keys, job)
             log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
 
-    cap = settings.max_frames + 1 if max_frames is None else min(max_frames, settings.max_frames + 1)
     try:
         info = _in_background_thread(lambda: extract_frames(
-            video, frames_dir, max_frames=cap, stride=stride, start_s=start_s, end_s=end_s,
-            jpeg_quality=settings.jpeg_quality, progress=progress, atomic=False, on_frames=on_frames,
+            video, frames_dir, jpeg_quality=settings.jpeg_quality, atomic=False, on_frames=on_frames,
+            **clip.capped(settings).decode_kwargs(),
         ))
         check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
         validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
@@ -219,24 +232,14 @@ def _decode_and_enqueue(
     job_id: str,
     video: Path,
     prompts: Sequence[ObjectPrompt],
-    *,
-    max_frames: int | None,
-    stride: int,
-    start_s: float | None,
-    end_s: float | None,
-    progress: bool,
+    clip: ClipOptions,
 ) -> Submitted:
     keys = settings.keys
     frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)
     width, height, _, _ = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     started = time.monotonic()
-    # decode at most one frame past the limit: enough to know the job is too long, without decoding it all
-    cap = settings.max_frames + 1 if max_frames is None else min(max_frames, settings.max_frames + 1)
-    info = extract_frames(
-        video, frames_dir, max_frames=cap, stride=stride, start_s=start_s, end_s=end_s,
-        jpeg_quality=settings.jpeg_quality, progress=progress,
-    )
+    info = extract_frames(video, frames_dir, jpeg_quality=settings.jpeg_quality, **clip.capped(settings).decode_kwargs())
     log.info("decoded %s: %d frames %dx%d at %.3f fps in %.1f s", video, info.num_frames, info.width,
              info.height, info.fps, time.monotonic() - started)
     try:

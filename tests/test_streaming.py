@@ -142,3 +142,20 @@ def test_decoding_failure_after_enqueue_fails_the_job(
     assert state[b"state"] == b"failed" and b"disk full" in state[b"error"]
     last = messages.decode(redis_client.xrange(settings.keys.results("broken"))[-1][1])
     assert isinstance(last, messages.Failed) and "producer failed while decoding" in last.error
+
+
+@pytest.mark.parametrize(
+    "clip, expected",
+    [
+        ({}, 300),
+        ({"stride": 3}, 100),
+        ({"max_frames": 50}, 50),
+        ({"start_s": 2.0, "end_s": 4.0}, 60),
+        ({"start_s": 9.0, "stride": 2}, 15),
+    ],
+)
+def test_expected_frames_from_the_header(clip: dict[str, Any], expected: int) -> None:
+    from producer.submit import ClipOptions
+
+    assert ClipOptions(**clip).expected_frames(300, 30.0) == expected
+    assert ClipOptions(**clip).expected_frames(0, 30.0) == 0  # unknown: checked while decoding instead
