@@ -23,6 +23,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+try:  # JPEG straight from YUV planes; without it frames go through BGR and OpenCV
+    import simplejpeg
+except ImportError:  # pragma: no cover
+    simplejpeg = None
+
 from schemas.errors import StorageError, VideoError
 from schemas.storage import frame_name
 
@@ -93,12 +98,48 @@ def _check_options(max_frames: int | None, stride: int, start_s: float | None, e
         raise VideoError(f"JPEG quality must be 1..100, but got {jpeg_quality}")
 
 
-def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise VideoError(f"JPEG encoding failed for {path.name}")
+# Video YUV is usually "limited range" (Y 16-235, chroma 16-240); JPEG's YCbCr is full range.
+_Y_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+_C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class YuvPlanes:
+    """A decoded yuv420p frame's planes, copied out of the decoder's buffers."""
+
+    y: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    full_range: bool
+
+
+def _frame_payload(frame: av.VideoFrame) -> tuple[YuvPlanes | np.ndarray, int, int]:
+    """What the JPEG writer needs from a decoded frame, and its (height, width).
+
+    4:2:0 frames go to the encoder as their Y, U, V planes (no conversion to RGB and back: faster, and
+    no extra rounding); anything else is converted to BGR."""
+    fmt = frame.format.name
+    if simplejpeg is not None and fmt in ("yuv420p", "yuvj420p"):
+        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy() for p in frame.planes]
+        full = fmt == "yuvj420p" or str(getattr(frame, "color_range", "")).endswith(("2", "JPEG"))
+        return YuvPlanes(planes[0], planes[1], planes[2], full), frame.height, frame.width
+    image = frame.to_ndarray(format="bgr24")
+    return image, image.shape[0], image.shape[1]
+
+
+def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int) -> None:
+    if isinstance(data, YuvPlanes):
+        y, u, v = data.y, data.u, data.v
+        if not data.full_range:
+            y, u, v = cv2.LUT(y, _Y_TO_FULL), cv2.LUT(u, _C_TO_FULL), cv2.LUT(v, _C_TO_FULL)
+        payload = simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality)
+    else:
+        ok, buf = cv2.imencode(".jpg", data, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise VideoError(f"JPEG encoding failed for {path.name}")
+        payload = buf.tobytes()
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.tobytes())
+    tmp.write_bytes(payload)
     os.replace(tmp, path)  # a reader of a streamed directory never sees half a JPEG
 
 
@@ -180,9 +221,8 @@ def _decode_into(
                 decoded += 1
                 if (decoded - 1) % stride:
                     continue
-                image = frame.to_ndarray(format="bgr24")
-                height, width = image.shape[:2]
-                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), image, jpeg_quality))
+                payload, height, width = _frame_payload(frame)
+                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), payload, jpeg_quality))
                 kept += 1
                 before = written
                 while pending and (len(pending) > MAX_IN_FLIGHT or pending[0].done()):
