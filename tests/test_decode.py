@@ -1,0 +1,115 @@
+"""Unit tier: decoding videos into JPEG frame directories (PyAV + simplejpeg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from producer.decode import extract_frames, probe_video
+from schemas.errors import StorageError, VideoError
+from tests.videos import make_video
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("d") / "v.mp4", num_frames=N, size_wh=(160, 120), fps=10)
+
+
+def names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_every_frame_named_in_order_with_its_size(video: Path, tmp_path: Path) -> None:
+    info = extract_frames(video, tmp_path / "f")
+    assert (info.num_frames, info.width, info.height, info.fps, info.source) == (N, 160, 120, 10.0, "v.mp4")
+    assert names(tmp_path / "f") == [f"{k:05d}.jpg" for k in range(N)]
+    assert cv2.imread(str(tmp_path / "f" / "00007.jpg")).shape == (120, 160, 3)
+    assert probe_video(video) == (160, 120, 10.0, N)
+
+
+def test_jpegs_match_the_decoded_source(video: Path, tmp_path: Path) -> None:
+    extract_frames(video, tmp_path / "f", jpeg_quality=95)
+    with av.open(str(video)) as c:
+        source = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+    for k in (0, 9, 19):
+        ours = cv2.imread(str(tmp_path / "f" / f"{k:05d}.jpg")).astype(np.float64)
+        mse = np.mean((ours - source[k].astype(np.float64)) ** 2)
+        assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 35, f"frame {k}: PSNR too low"
+
+
+@pytest.mark.parametrize(
+    "kwargs, count, fps",
+    [
+        ({"stride": 3}, 7, 10 / 3),
+        ({"max_frames": 5}, 5, 10.0),
+        ({"start_s": 1.0}, 10, 10.0),
+        ({"start_s": 0.5, "end_s": 1.2}, 7, 10.0),
+        ({"stride": 2, "max_frames": 4}, 4, 5.0),
+    ],
+)
+def test_frame_selection(video: Path, tmp_path: Path, kwargs: dict[str, float], count: int, fps: float) -> None:
+    info = extract_frames(video, tmp_path / "f", **kwargs)  # type: ignore[arg-type]
+    assert info.num_frames == count and info.fps == pytest.approx(fps)
+    assert names(tmp_path / "f") == [f"{k:05d}.jpg" for k in range(count)]
+
+
+def test_quality_setting_changes_the_files(video: Path, tmp_path: Path) -> None:
+    extract_frames(video, tmp_path / "lo", jpeg_quality=30)
+    extract_frames(video, tmp_path / "hi", jpeg_quality=98)
+    size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
+    assert size(tmp_path / "lo") < size(tmp_path / "hi")
+
+
+def test_odd_sizes(tmp_path: Path) -> None:
+    odd = make_video(tmp_path / "odd.mp4", num_frames=3, size_wh=(161, 121), codec="mpeg4")
+    info = extract_frames(odd, tmp_path / "f")
+    assert info.num_frames == 3 and cv2.imread(str(tmp_path / "f" / "00000.jpg")).shape[:2] == (info.height, info.width)
+
+
+def _corrupt(tmp_path: Path, video: Path) -> Path:
+    cut = tmp_path / "cut.mp4"
+    data = video.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, match",
+    [
+        (lambda t, v: t / "missing.mp4", {}, "video file not found"),
+        (lambda t, v: t, {}, "not a file"),
+        (lambda t, v: (t / "notes.mp4").write_text("hello") and t / "notes.mp4", {}, "cannot open"),
+        (_corrupt, {}, "corrupt|truncated|cannot open"),
+        (lambda t, v: v, {"start_s": 100.0}, "no frames decoded .* --start=100.0"),
+        (lambda t, v: v, {"stride": 0}, "--stride must be >= 1"),
+        (lambda t, v: v, {"max_frames": 0}, "--max-frames must be >= 1"),
+        (lambda t, v: v, {"start_s": 2.0, "end_s": 1.0}, "--end .* must be after --start"),
+        (lambda t, v: v, {"jpeg_quality": 0}, "quality must be 1..100"),
+    ],
+)
+def test_bad_input_is_refused_and_leaves_nothing(video: Path, tmp_path: Path, make, kwargs, match: str) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(VideoError, match=match):
+        extract_frames(make(src, video), tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_existing_output_directory_is_refused(video: Path, tmp_path: Path) -> None:
+    (tmp_path / "f").mkdir()
+    with pytest.raises(StorageError, match="already exists"):
+        extract_frames(video, tmp_path / "f")
+
+
+def test_streaming_mode_reports_contiguous_frames(video: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+    extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
+    assert seen == sorted(seen) and seen[-1] == N and len(set(seen)) == len(seen)
+    assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temp files left
