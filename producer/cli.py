@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from schemas.errors import InputError, JobFailed, VsegError
-from schemas.logs import configure_logging
+from schemas.errors import VsegError
+from schemas.logs import configure_logging, exit_code
 from schemas.settings import Settings
 
 log = logging.getLogger("producer")
@@ -72,15 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cancel":
             return _cancel(args.job_id, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
-    except JobFailed as e:
-        log.error("%s", e)
-        return 1
-    except InputError as e:
-        log.error("%s", e)
-        return 2
     except VsegError as e:
         log.error("%s", e)
-        return 1
+        return exit_code(e)
     except KeyboardInterrupt:
         return 130
 

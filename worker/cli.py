@@ -9,8 +9,8 @@ import socket
 import sys
 
 from schemas.connection import connect
-from schemas.errors import ConfigError, VsegError
-from schemas.logs import configure_logging
+from schemas.errors import VsegError
+from schemas.logs import configure_logging, exit_code
 from schemas.settings import Settings
 
 log = logging.getLogger("worker")
@@ -74,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         worker.install_signal_handlers()
         worker.run(burst=args.burst)
         return 0
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
     except VsegError as e:
         log.error("%s", e)
-        return 1
+        return exit_code(e)
     except KeyboardInterrupt:
         return 130
 

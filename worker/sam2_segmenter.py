@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from schemas.errors import PromptError
-from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, object_ids
 from worker.frames import FrameSource
 from worker.segment import FrameMasks
@@ -73,9 +72,7 @@ class LazyFrames:
         self.prefetch = prefetch
         self.mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
-        # below the model's priority, above the producer's: the model waits only for frames it needs now
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames", initializer=lower_this_thread,
-                                        initargs=(5,))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
         self._futures: OrderedDict[int, Future[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self._last = -1
