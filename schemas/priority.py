@@ -1,6 +1,6 @@
-"""Thread priority: work that runs ahead of need (the producer decoding ahead, the worker's frame
-prefetch) yields the CPU to the model's step when they share a machine. (Not the result sink: at a
-lower priority it falls behind, fills its queue and blocks the model, serialising the two.) Linux nice values are per
+"""Thread priority: the producer decoding ahead yields the CPU to a worker's model step when they share
+a machine. (Not the worker's own helpers, the result sink or the frame prefetch: at a lower priority
+they fall behind and block the model, serialising the two; measured in bench/RESULTS.md.) Linux nice values are per
 thread, and threads inherit the value of the thread that creates them (FFmpeg's and thread pools')."""
 
 from __future__ import annotations
