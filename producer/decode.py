@@ -1,7 +1,8 @@
 """Decoding a video file with PyAV into a JPEG frame directory (00000.jpg, 00001.jpg, ...).
 
-Decoding runs on FFmpeg's own threads; JPEG encoding runs in a thread pool (OpenCV releases the GIL),
-with a bounded number of frames in flight. Frames go to a hidden sibling directory that is renamed
+Decoding runs on FFmpeg's own threads; JPEG encoding runs in a thread pool (simplejpeg and OpenCV
+release the GIL), with a bounded number of frames in flight. 4:2:0 frames are encoded straight from the
+decoder's Y/U/V buffers (no RGB round trip, no copy). Frames go to a hidden sibling directory that is renamed
 into place only when complete, so a half-written directory never looks like a finished one.
 """
 
@@ -105,12 +106,14 @@ _C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255)
 
 @dataclass(frozen=True)
 class YuvPlanes:
-    """A decoded yuv420p frame's planes, copied out of the decoder's buffers."""
+    """A decoded yuv420p frame's planes: views of the decoder's buffers, which stay valid (FFmpeg
+    reference-counts them) while `frame` is held, so nothing is copied before the encoder reads them."""
 
     y: np.ndarray
     u: np.ndarray
     v: np.ndarray
     full_range: bool
+    frame: av.VideoFrame
 
 
 def _frame_payload(frame: av.VideoFrame) -> tuple[YuvPlanes | np.ndarray, int, int]:
@@ -120,27 +123,33 @@ def _frame_payload(frame: av.VideoFrame) -> tuple[YuvPlanes | np.ndarray, int, i
     no extra rounding); anything else is converted to BGR."""
     fmt = frame.format.name
     if simplejpeg is not None and fmt in ("yuv420p", "yuvj420p"):
-        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy() for p in frame.planes]
+        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes]
         full = fmt == "yuvj420p" or str(getattr(frame, "color_range", "")).endswith(("2", "JPEG"))
-        return YuvPlanes(planes[0], planes[1], planes[2], full), frame.height, frame.width
+        return YuvPlanes(planes[0], planes[1], planes[2], full, frame), frame.height, frame.width
     image = frame.to_ndarray(format="bgr24")
     return image, image.shape[0], image.shape[1]
 
 
-def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int) -> None:
+def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: bool = True) -> None:
+    """Encode one frame to `path`. whole: write a temporary name and rename it, so a reader of a
+    directory being filled never sees half a JPEG (not needed when the whole directory is renamed)."""
     if isinstance(data, YuvPlanes):
-        y, u, v = data.y, data.u, data.v
-        if not data.full_range:
-            y, u, v = cv2.LUT(y, _Y_TO_FULL), cv2.LUT(u, _C_TO_FULL), cv2.LUT(v, _C_TO_FULL)
+        if data.full_range:
+            y, u, v = (np.ascontiguousarray(p) for p in (data.y, data.u, data.v))
+        else:  # the lookup reads the decoder's buffer and writes a fresh contiguous plane: no extra copy
+            y, u, v = cv2.LUT(data.y, _Y_TO_FULL), cv2.LUT(data.u, _C_TO_FULL), cv2.LUT(data.v, _C_TO_FULL)
         payload = simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality)
     else:
         ok, buf = cv2.imencode(".jpg", data, [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:
             raise VideoError(f"JPEG encoding failed for {path.name}")
         payload = buf.tobytes()
+    if not whole:
+        path.write_bytes(payload)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(payload)
-    os.replace(tmp, path)  # a reader of a streamed directory never sees half a JPEG
+    os.replace(tmp, path)
 
 
 def extract_frames(
@@ -174,7 +183,8 @@ def extract_frames(
     try:
         with container:
             info = _decode_into(container, video, target, max_frames=max_frames, stride=stride, start_s=start_s,
-                                end_s=end_s, jpeg_quality=jpeg_quality, progress=progress, on_frames=on_frames)
+                                end_s=end_s, jpeg_quality=jpeg_quality, progress=progress, on_frames=on_frames,
+                                atomic=atomic)
         if atomic:
             os.rename(target, out_dir)
     except BaseException:
@@ -196,6 +206,7 @@ def _decode_into(
     jpeg_quality: int,
     progress: bool,
     on_frames: Callable[[int], None] | None = None,
+    atomic: bool = True,
 ) -> VideoInfo:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -213,16 +224,18 @@ def _decode_into(
     with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="jpeg") as pool:
         try:
             for frame in container.decode(stream):
-                t = float(frame.pts * time_base) if frame.pts is not None else decoded / fps
-                if start_s is not None and t < start_s - 1e-6:
-                    continue
-                if end_s is not None and t >= end_s - 1e-6:
-                    break
+                if start_s is not None or end_s is not None:
+                    t = float(frame.pts * time_base) if frame.pts is not None else decoded / fps
+                    if start_s is not None and t < start_s - 1e-6:
+                        continue
+                    if end_s is not None and t >= end_s - 1e-6:
+                        break
                 decoded += 1
                 if (decoded - 1) % stride:
                     continue
                 payload, height, width = _frame_payload(frame)
-                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), payload, jpeg_quality))
+                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), payload, jpeg_quality,
+                                           not atomic))
                 kept += 1
                 before = written
                 while pending and (len(pending) > MAX_IN_FLIGHT or pending[0].done()):

@@ -39,9 +39,9 @@ def slow_jpeg(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the producer take ~20 ms per frame, so decoding visibly outlasts the first results."""
     real = decode._write_jpeg
 
-    def slow(path: Path, image: np.ndarray, quality: int) -> None:
+    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         time.sleep(0.02)
-        real(path, image, quality)
+        real(path, image, quality, whole)
 
     monkeypatch.setattr(decode, "_write_jpeg", slow)
     monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
@@ -100,10 +100,10 @@ def test_job_waits_for_its_last_prompted_frame(video: Path, settings: Settings, 
     seen: list[int] = []
     real = decode._write_jpeg
 
-    def spy(path: Path, image: np.ndarray, quality: int) -> None:
+    def spy(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         if not seen and redis_client.exists(settings.keys.job("late")):
             seen.append(int(path.name[:5]))
-        real(path, image, quality)
+        real(path, image, quality, whole)
 
     monkeypatch.setattr(decode, "_write_jpeg", spy)
     submit(video, [prompt(0), ObjectPrompt(2, 30, ((5.0, 5.0),), (1,))], settings=settings, client=redis_client,
@@ -129,10 +129,10 @@ def test_decoding_failure_after_enqueue_fails_the_job(
 ) -> None:
     real = decode._write_jpeg
 
-    def breaks(path: Path, image: np.ndarray, quality: int) -> None:
+    def breaks(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         if path.name == "00040.jpg":
             raise VideoError("disk full while writing 00040.jpg")
-        real(path, image, quality)
+        real(path, image, quality, whole)
 
     monkeypatch.setattr(decode, "_write_jpeg", breaks)
     with pytest.raises(VideoError, match="disk full"):
