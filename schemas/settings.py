@@ -21,6 +21,8 @@ from schemas.names import DEFAULT_PREFIX, Keys
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 SERVICE_YAML = CONFIGS_DIR / "service.yaml"
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
 # field name -> environment variable
 ENV_VARS: dict[str, str] = {
     "redis_url": "REDIS_URL",
@@ -32,6 +34,8 @@ ENV_VARS: dict[str, str] = {
     "image_size": "VSEG_IMAGE_SIZE",
     "device": "VSEG_DEVICE",
     "jpeg_quality": "VSEG_JPEG_QUALITY",
+    "render_preset": "VSEG_RENDER_PRESET",
+    "render_threads": "VSEG_RENDER_THREADS",
     "block_ms": "VSEG_BLOCK_MS",
     "socket_timeout_s": "VSEG_SOCKET_TIMEOUT_S",
     "results_ttl_s": "VSEG_RESULTS_TTL_S",
@@ -58,6 +62,8 @@ class Settings:
     image_size: int | None = None  # None: the model's own (1024)
     device: str = "auto"  # auto, cuda, cuda:N, cpu
     jpeg_quality: int = 95
+    render_preset: str = "superfast"  # libx264 preset of the rendered MP4 (speed against file size)
+    render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
     block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s
     socket_timeout_s: float = 30.0
     results_ttl_s: int = 7 * 24 * 3600  # result streams expire this long after their job ends
@@ -74,6 +80,10 @@ class Settings:
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
+        if self.render_preset not in X264_PRESETS:
+            raise ConfigError(f"render_preset must be one of {', '.join(X264_PRESETS)}, but got {self.render_preset!r}")
+        if self.render_threads < 0:
+            raise ConfigError(f"render_threads must be >= 0 (0: automatic), but got {self.render_threads}")
         if self.block_ms <= 0 or self.block_ms / 1000 >= self.socket_timeout_s:
             raise ConfigError(
                 f"block_ms ({self.block_ms}) must be positive and shorter than socket_timeout_s "

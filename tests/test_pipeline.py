@@ -6,6 +6,7 @@ masks land on the right pixels in masks.json and in the rendered MP4, without th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -199,3 +200,15 @@ def test_model_failure_mid_job_fails_cleanly(video: Path, settings: Settings, re
 def test_follow_unknown_job(settings: Settings, redis_client: redis.Redis) -> None:
     with pytest.raises(UnknownJobError, match="no job 'nope'"):
         next(follow("nope", settings=settings, client=redis_client))
+
+
+def test_renderer_leaves_the_cores_to_a_cpu_model(settings: Settings, redis_client: redis.Redis) -> None:
+    """x264 would start a thread per core and more, preempting the model's OpenMP threads: on the CPU
+    the worker gives it one, unless render_threads says otherwise; on CUDA it is x264's choice."""
+    cpu = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="t")  # type: ignore[arg-type]
+    assert cpu._render_threads() == 1
+    cuda_segmenter = ColourSegmenter()
+    cuda_segmenter.device = "cuda:0"  # type: ignore[attr-defined]
+    assert Worker(settings=settings, segmenter=cuda_segmenter, client=redis_client, name="t")._render_threads() == 0  # type: ignore[arg-type]
+    three = dataclasses.replace(settings, render_threads=3)
+    assert Worker(settings=three, segmenter=ColourSegmenter(), client=redis_client, name="t")._render_threads() == 3  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from producer.decode import extract_frames
 from schemas.prompts import ObjectPrompt
@@ -70,6 +71,12 @@ def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, fr
     for o, (k, masks) in zip(ours, bare):
         assert o.obj_ids == (1, 2)
         assert np.array_equal(o.masks, masks), f"frame {k}: masks differ from the unpruned predictor"
+    # the forward pass hands each frame, decoded once by the model's loader, on to the renderer
+    handed = [o for o in ours if o.image_rgb is not None]
+    assert {o.frame_idx for o in handed} >= set(range(late_frame + 1, N))
+    for o in handed:
+        with Image.open(frames_dir / f"{o.frame_idx:05d}.jpg") as pil:
+            assert np.array_equal(o.image_rgb, np.asarray(pil.convert("RGB")))
     # state was really released: per object, at most the window (plus, in the backward pass, the frames
     # the forward pass will read) is held, not the whole video
     assert seg.window == 17

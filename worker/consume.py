@@ -344,6 +344,7 @@ class Worker:
             render_rel = job_render_rel(job.job_id)
             writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
                                      fps=job.fps, width=job.width, height=job.height,
+                                     preset=self.settings.render_preset, threads=self._render_threads(),
                                      partial_tag=self.name)
             timings, num_frames = self._propagate(job, frames, pub, writer, t0)
             pub.lease.check()
@@ -380,6 +381,13 @@ class Worker:
             log.log(level, "job %s failed: %s: %s", job.job_id, type(e).__name__, e, exc_info=level == logging.ERROR)
             self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), "failed",
                          error=f"{type(e).__name__}: {e}")
+
+    def _render_threads(self) -> int:
+        """x264 threads: as set, or one while the model runs on the CPU (x264's own choice, a thread per
+        core and more, would preempt the model's OpenMP threads and stall them), else x264's choice."""
+        if self.settings.render_threads:
+            return self.settings.render_threads
+        return 0 if str(getattr(self.segmenter, "device", "cpu")).startswith("cuda") else 1
 
     def _check_stop(self, pub: ResultPublisher) -> None:
         pub.lease.check()

@@ -113,6 +113,7 @@ def _label_scale(size_hw: tuple[int, int]) -> tuple[float, int]:
 
 
 def _draw_label(image: np.ndarray, text: str, x0: int, y0: int, y1: int, colour: tuple[int, int, int]) -> None:
+    # LABEL_BG_BGR and LABEL_FG_BGR are greys: the same in either channel order
     """Write `text` above the box top-left (x0, y0) when it fits, else just inside it."""
     height, width = image.shape[:2]
     scale, thickness = _label_scale((height, width))
@@ -128,32 +129,39 @@ def _draw_label(image: np.ndarray, text: str, x0: int, y0: int, y1: int, colour:
 
 
 def draw_masks(
-    frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, alpha: float = 0.5
+    frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, alpha: float = 0.5, *, rgb: bool = False
 ) -> np.ndarray:
-    """Return a copy of `frame_bgr` with each object's mask tinted, outlined and labelled with its id."""
-    size_hw = check_frame(frame_bgr)
+    """Return a copy of `frame` (BGR, or RGB when `rgb`) with each object's mask tinted, outlined and
+    labelled with its id."""
+    size_hw = check_frame(frame)
     check_masks(masks, obj_ids, size_hw)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], but got {alpha}")
-    out = frame_bgr.copy()
+    out = frame.copy()
     labels: list[tuple[int, int, int, int]] = []  # obj_id, x0, y0, y1
     for obj_id, mask in zip(obj_ids, masks):
         box = _bbox_slices(mask)
         if box is None:
             continue
         rows, cols = box
-        colour = colour_for(obj_id)
+        colour = _in_order(colour_for(obj_id), rgb)
         crop = out[rows, cols]
         mask_crop = mask[rows, cols]
-        colour_arr = np.array(colour, dtype=np.float32)
-        blended = crop[mask_crop].astype(np.float32) * (1.0 - alpha) + colour_arr * alpha
-        crop[mask_crop] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        # blend the whole box with OpenCV's SIMD arithmetic, then keep it only where the mask is
+        tint = np.empty_like(crop)
+        tint[:] = colour
+        blended = cv2.addWeighted(crop, 1.0 - alpha, tint, alpha, 0.0)
+        np.copyto(crop, blended, where=mask_crop[..., None])
         crop[_inner_outline(mask_crop)] = colour
         labels.append((obj_id, cols.start, rows.start, rows.stop))
     # Labels go last so no later mask covers them.
     for obj_id, x0, y0, y1 in labels:
-        _draw_label(out, str(obj_id), x0, y0, y1, colour_for(obj_id))
+        _draw_label(out, str(obj_id), x0, y0, y1, _in_order(colour_for(obj_id), rgb))
     return out
+
+
+def _in_order(colour_bgr: tuple[int, int, int], rgb: bool) -> tuple[int, int, int]:
+    return (colour_bgr[2], colour_bgr[1], colour_bgr[0]) if rgb else colour_bgr
 
 
 def frame_rate(fps: float | Fraction) -> Fraction:
@@ -212,7 +220,8 @@ class MaskVideoWriter:
         height: int,
         codec: str = "libx264",
         crf: int = 20,
-        preset: str = "veryfast",
+        preset: str = "superfast",
+        threads: int = 0,
         partial_tag: str = "",
     ) -> None:
         if width <= 0 or height <= 0:
@@ -239,6 +248,8 @@ class MaskVideoWriter:
             self._stream.height = enc_height
             self._stream.pix_fmt = "yuv420p"
             self._stream.codec_context.time_base = 1 / self.rate
+            if threads > 0:  # 0: the encoder's own choice (one per core, and more)
+                self._stream.codec_context.thread_count = threads
             if codec == "libx264":
                 self._stream.options = {"crf": str(crf), "preset": preset, "profile": "high"}
         except Exception:
@@ -249,8 +260,8 @@ class MaskVideoWriter:
             self.path, width, height, enc_width, enc_height, self.rate, codec, crf,
         )
 
-    def write(self, frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray) -> None:
-        """Draw `masks` on `frame_bgr` and encode it as the next video frame."""
+    def write(self, frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False) -> None:
+        """Draw `masks` on `frame_bgr` (RGB when `rgb`) and encode it as the next video frame."""
         if self._closed:
             raise ValueError(f"cannot write to {self.path}: the writer is closed")
         size_hw = check_frame(frame_bgr)
@@ -259,8 +270,8 @@ class MaskVideoWriter:
                 f"frame_bgr must be {self.width}x{self.height} (W x H) like the writer, "
                 f"but got {size_hw[1]}x{size_hw[0]}"
             )
-        drawn = pad_to_even(draw_masks(frame_bgr, obj_ids, masks))
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn), format="bgr24")
+        drawn = pad_to_even(draw_masks(frame_bgr, obj_ids, masks, rgb=rgb))
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn), format="rgb24" if rgb else "bgr24")
         frame.pts = self.frames_written
         frame.time_base = 1 / self.rate
         for packet in self._stream.encode(frame):

@@ -21,6 +21,7 @@ With every prompt on frame 0 there is no backward pass and the first result come
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from schemas.errors import PromptError
 from schemas.prompts import ObjectPrompt, object_ids
@@ -63,9 +65,6 @@ class LazyFrames:
 
     def __init__(self, source: FrameSource, image_size: int, device: torch.device, *, prefetch: int = 6,
                  threads: int = 2) -> None:
-        from sam2.utils.misc import _load_img_as_tensor  # the predictor's own loader: identical pixels
-
-        self._load_img = _load_img_as_tensor
         self.source = source
         self.image_size = image_size
         self.device = device
@@ -77,14 +76,26 @@ class LazyFrames:
         self._lock = threading.Lock()
         self._last = -1
         self.loaded = 0
+        self._rgb: dict[int, np.ndarray] = {}  # full-size decoded frames, kept for the renderer
 
     def _load(self, frame_idx: int) -> torch.Tensor:
         if not self.source.wait(frame_idx):
             raise EndOfFrames(frame_idx)
-        img, _, _ = self._load_img(str(self.source.path(frame_idx)), self.image_size)
-        img = (img.float() - self.mean) / self.std
+        # The same steps as the predictor's own loader (sam2.utils.misc._load_img_as_tensor), so the
+        # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
+        with Image.open(self.source.path(frame_idx)) as pil:
+            rgb = pil.convert("RGB")
+        small = np.array(rgb.resize((self.image_size, self.image_size))) / 255.0
+        img = (torch.from_numpy(small).permute(2, 0, 1).float() - self.mean) / self.std
+        with self._lock:
+            self._rgb[frame_idx] = np.asarray(rgb)
         self.loaded += 1
         return img.to(self.device, non_blocking=True) if self.device.type == "cuda" else img
+
+    def take_rgb(self, frame_idx: int) -> np.ndarray | None:
+        """The decoded full-size frame, handed over once (None if it was not kept)."""
+        with self._lock:
+            return self._rgb.pop(frame_idx, None)
 
     def _schedule(self, frame_idx: int) -> Future[torch.Tensor]:
         fut = self._futures.get(frame_idx)
@@ -109,6 +120,8 @@ class LazyFrames:
                 self._schedule(ahead)
             for idx in [i for i in self._futures if abs(i - frame_idx) > self.prefetch]:
                 self._futures.pop(idx).cancel()
+            for idx in [i for i in self._rgb if abs(i - frame_idx) > 2 * self.prefetch]:
+                del self._rgb[idx]  # never taken (a backward pass): bounded memory
         return fut.result()
 
     def close(self) -> None:
@@ -116,6 +129,8 @@ class LazyFrames:
             fut.cancel()
         self._futures.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._rgb.clear()
 
 
 class Sam2Segmenter:
@@ -192,6 +207,7 @@ class Sam2Segmenter:
                     for frame_idx in range(last_prompted):
                         yield self._ordered(earlier.pop(frame_idx), expected_ids)
                 for out in self._propagate(state, frames, last_prompted, reverse=False, protect=last_prompted):
+                    out = dataclasses.replace(out, image_rgb=images.take_rgb(out.frame_idx))
                     yield self._ordered(out, expected_ids)
         finally:
             images.close()
@@ -259,4 +275,4 @@ class Sam2Segmenter:
         if out.obj_ids == expected_ids:
             return out
         order = [out.obj_ids.index(i) for i in expected_ids]
-        return FrameMasks(out.frame_idx, expected_ids, out.masks[order], out.scores[order])
+        return FrameMasks(out.frame_idx, expected_ids, out.masks[order], out.scores[order], out.image_rgb)

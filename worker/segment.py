@@ -7,7 +7,7 @@ worker.fake_segmenter.ColourSegmenter (deterministic, for plumbing tests).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +24,9 @@ class FrameMasks:
     obj_ids: tuple[int, ...]
     masks: np.ndarray  # bool, shape (len(obj_ids), H, W)
     scores: np.ndarray  # float32, shape (len(obj_ids),), object presence probability in [0, 1]
+    # The frame itself (H, W, 3 uint8 RGB) when the segmenter has already decoded it: the renderer uses
+    # it instead of reading the JPEG a second time.
+    image_rgb: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):

@@ -89,11 +89,14 @@ class ResultSink:
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
         t2 = time.monotonic()
-        path = self.frames.path(out.frame_idx)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise StorageError(f"cannot read frame {path} for rendering")
-        self.writer.write(image, out.obj_ids, out.masks)
+        if out.image_rgb is not None:  # decoded already by the segmenter
+            self.writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
+        else:
+            path = self.frames.path(out.frame_idx)
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise StorageError(f"cannot read frame {path} for rendering")
+            self.writer.write(image, out.obj_ids, out.masks)
         t3 = time.monotonic()
         self.publish_s += t2 - t1
         self.render_s += t3 - t2
