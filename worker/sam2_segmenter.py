@@ -69,8 +69,8 @@ class LazyFrames:
         self.image_size = image_size
         self.device = device
         self.prefetch = prefetch
-        self.mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
+        self.mean = np.array(IMG_MEAN, dtype=np.float32)
+        self.std = np.array(IMG_STD, dtype=np.float32)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
         self._futures: OrderedDict[int, Future[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -85,8 +85,11 @@ class LazyFrames:
         # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
         with Image.open(self.source.path(frame_idx)) as pil:
             rgb = pil.convert("RGB")
-        small = np.array(rgb.resize((self.image_size, self.image_size))) / 255.0
-        img = (torch.from_numpy(small).permute(2, 0, 1).float() - self.mean) / self.std
+        small = (np.array(rgb.resize((self.image_size, self.image_size))) / 255.0).astype(np.float32)
+        # normalised with NumPy, not torch: a torch op on this thread would start a second OpenMP team
+        # that spins on the cores the model's own threads need (float32 either way: identical values)
+        small = (small - self.mean) / self.std
+        img = torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)))
         with self._lock:
             self._rgb[frame_idx] = np.asarray(rgb)
         self.loaded += 1
