@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=Path, dest="prompts_file", help="JSON file of prompts (see producer/prompts.py)")
     s.add_argument("--job-id", help="choose the job id; submitting the same id twice gives one job")
     s.add_argument("--watch", type=Path, metavar="DIR", help="then follow the job and write DIR/masks.json")
+    s.add_argument("--no-render", dest="render", action="store_false",
+                   help="masks only: the worker draws no MP4 (less work, faster on a CPU worker)")
     s.add_argument("--no-stream", dest="stream", action="store_false",
                    help="decode the whole video before enqueueing (default: enqueue once the prompted frames "
                         "are decoded and stream the rest to the worker)")
@@ -96,7 +98,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
     result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
-                    stream=args.stream)
+                    stream=args.stream, render=args.render)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)
@@ -135,7 +137,7 @@ def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | No
     if result.random_weights:
         log.warning("these masks come from RANDOM WEIGHTS (smoke test): they are meaningless")
     print(f"masks: {result.masks_json}")
-    print(f"video: {result.render_path}")
+    print(f"video: {result.render_path}" if result.render_path else "video: none (submitted with --no-render)")
     return 0
 
 

@@ -77,7 +77,7 @@ def follow(
 class WatchResult:
     job_id: str
     masks_json: Path
-    render_path: Path
+    render_path: Path | None  # None when the job was submitted without a render
     num_frames: int
     random_weights: bool
 
@@ -154,5 +154,5 @@ def _finish(
     tmp = out_dir / ".masks.json.partial"
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
-    render = (settings.storage_root / done.render_path).resolve()
+    render = (settings.storage_root / done.render_path).resolve() if done.render_path else None
     return WatchResult(job_id, path, render, done.num_frames, done.random_weights)

@@ -95,6 +95,7 @@ def submit(
     end_s: float | None = None,
     progress: bool = False,
     stream: bool = True,
+    render: bool = True,
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -102,6 +103,7 @@ def submit(
     are on disk, and the remaining frames are announced on vseg:frames:{job_id} as they are decoded, so
     the worker starts at once; otherwise the whole video is decoded first. Either way this returns when
     decoding is done. The same `job_id` twice gives one job: the second call returns `created=False`.
+    `render=False` asks for masks only: no MP4 is drawn (less work for the worker).
     Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
     turns out corrupt after a streamed job was enqueued fails that job, and raises VideoError here).
     """
@@ -122,6 +124,7 @@ def submit(
         return run(
             client, settings, job_id, video, prompts,
             ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress),
+            render,
         )
 
 
@@ -169,6 +172,7 @@ def _stream_and_enqueue(
     video: Path,
     prompts: Sequence[ObjectPrompt],
     clip: ClipOptions,
+    render: bool = True,
 ) -> Submitted:
     keys = settings.keys
     frames_stream = keys.frames(job_id)
@@ -183,7 +187,7 @@ def _stream_and_enqueue(
     job = messages.JobMessage(
         job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(expected or 1, settings.max_frames)),
         width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
-        frames_stream=frames_stream,
+        frames_stream=frames_stream, render=render,
     )
     announced = 0
     enqueued = False
@@ -233,6 +237,7 @@ def _decode_and_enqueue(
     video: Path,
     prompts: Sequence[ObjectPrompt],
     clip: ClipOptions,
+    render: bool = True,
 ) -> Submitted:
     keys = settings.keys
     frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)
@@ -247,7 +252,7 @@ def _decode_and_enqueue(
         validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
         job = messages.JobMessage(
             job_id=job_id, frames_dir=frames_rel, num_frames=info.num_frames, width=info.width,
-            height=info.height, fps=info.fps, prompts=tuple(prompts), source=Path(video).name,
+            height=info.height, fps=info.fps, prompts=tuple(prompts), source=Path(video).name, render=render,
         )
         created = _enqueue(client, keys, job)
     except Exception:

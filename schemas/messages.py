@@ -53,6 +53,7 @@ class JobMessage:
     # Streaming hand-off: when set, frames are still being decoded and are announced on this stream
     # (vseg:frames:{job_id}); num_frames is then the producer's estimate and the end marker has the total.
     frames_stream: str = ""
+    render: bool = True  # False: masks only, no MP4 (Completed.render_path is then "")
     v: int = SCHEMA_VERSION
 
 
@@ -106,7 +107,7 @@ class Progress:
 class Completed:
     TYPE: ClassVar[EntryType] = EntryType.COMPLETED
     job_id: str
-    render_path: str  # relative to STORAGE_ROOT
+    render_path: str  # relative to STORAGE_ROOT; "" when the job asked for no render
     num_frames: int
     num_objects: int
     timings_s: dict[str, float] = field(default_factory=dict)

@@ -59,3 +59,19 @@ def test_worker_refuses_bad_settings_at_start(env: dict[str, str], args: list[st
 def test_producer_errors(env: dict[str, str], args: list[str], message: str) -> None:
     out = run(["-m", "producer", *args], env)
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_submit_no_render_puts_a_masks_only_job_on_the_queue(env: dict[str, str], tmp_path: Path) -> None:
+    import redis
+
+    from schemas import messages
+    from tests.videos import make_video
+
+    video = make_video(tmp_path / "v.mp4", num_frames=6, size_wh=(64, 48), fps=10)
+    out = run(["-m", "producer", "submit", str(video), "--point", "1:20,20", "--job-id", "nr", "--no-render"], env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    entries = client.xrange("vseg:jobs")
+    jobs = [messages.decode(fields) for _, fields in entries]
+    (job,) = [j for j in jobs if isinstance(j, messages.JobMessage) and j.job_id == "nr"]
+    assert job.render is False

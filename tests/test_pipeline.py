@@ -212,3 +212,19 @@ def test_renderer_leaves_the_cores_to_a_cpu_model(settings: Settings, redis_clie
     assert Worker(settings=settings, segmenter=cuda_segmenter, client=redis_client, name="t")._render_threads() == 0  # type: ignore[arg-type]
     three = dataclasses.replace(settings, render_threads=3)
     assert Worker(settings=three, segmenter=ColourSegmenter(), client=redis_client, name="t")._render_threads() == 3  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_masks_only_job_draws_no_mp4(video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path,
+                                     stream: bool) -> None:
+    submit(video, [disc_prompt(0)], settings=settings, client=redis_client, job_id="norender", stream=stream,
+           render=False)
+    run_worker(settings, redis_client)
+    result = watch("norender", tmp_path / "out", settings=settings, client=redis_client, progress=False, timeout_s=10)
+    doc = json.loads(result.masks_json.read_text())
+    assert [f["frame_idx"] for f in doc["frames"]] == list(range(N_FRAMES))
+    assert all(f["objects"][0]["area"] > 0 for f in doc["frames"])
+    assert result.render_path is None and doc["render_path"] == ""
+    assert not list(settings.storage_root.glob("jobs/norender/*.mp4"))
+    assert not list(settings.storage_root.rglob("*.partial"))
+    assert redis_client.hget(settings.keys.job("norender"), "state") == b"completed"

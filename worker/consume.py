@@ -341,15 +341,17 @@ class Worker:
                 job_id=job.job_id, worker=self.name, num_frames=job.num_frames, obj_ids=tuple(object_ids(job.prompts)),
                 model=self.segmenter.name, attempt=attempt, random_weights=self.segmenter.random_weights,
             ))
-            render_rel = job_render_rel(job.job_id)
-            writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
-                                     fps=job.fps, width=job.width, height=job.height,
-                                     preset=self.settings.render_preset, threads=self._render_threads(),
-                                     partial_tag=self.name)
+            render_rel = job_render_rel(job.job_id) if job.render else ""
+            if job.render:
+                writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
+                                         fps=job.fps, width=job.width, height=job.height,
+                                         preset=self.settings.render_preset, threads=self._render_threads(),
+                                         partial_tag=self.name)
             timings, num_frames = self._propagate(job, frames, pub, writer, t0)
             pub.lease.check()
             t_render = time.monotonic()
-            writer.close()
+            if writer is not None:
+                writer.close()
             writer = None
             timings["render_close_s"] = time.monotonic() - t_render
             timings["total_s"] = time.monotonic() - t0
@@ -397,7 +399,8 @@ class Worker:
             raise HandBack()
 
     def _propagate(
-        self, job: messages.JobMessage, frames: FrameSource, pub: ResultPublisher, writer: MaskVideoWriter, t0: float
+        self, job: messages.JobMessage, frames: FrameSource, pub: ResultPublisher, writer: MaskVideoWriter | None,
+        t0: float
     ) -> tuple[dict[str, float], int]:
         """Run the model on this thread; publishing and rendering happen in the sink's thread."""
         sink = ResultSink(pub, writer, frames, random_weights=self.segmenter.random_weights,

@@ -24,7 +24,7 @@ _DONE = object()
 
 
 class ResultSink:
-    def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter, frames: FrameSource, *, random_weights: bool,
+    def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | None, frames: FrameSource, *, random_weights: bool,
                  progress_every: int, on_frame: Callable[[int], None], depth: int = 4) -> None:
         self.pub = pub
         self.writer = writer
@@ -89,7 +89,9 @@ class ResultSink:
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
         t2 = time.monotonic()
-        if out.image_rgb is not None:  # decoded already by the segmenter
+        if self.writer is None:  # masks only
+            pass
+        elif out.image_rgb is not None:  # decoded already by the segmenter
             self.writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
         else:
             path = self.frames.path(out.frame_idx)
