@@ -41,7 +41,7 @@ from schemas.storage import job_render_rel, resolve_inside
 from worker.frames import DirFrames, FrameSource, StreamedFrames
 from worker.lease import HAND_BACK_LUA, Lease, LeaseLost, wait_with_lease
 from worker.publish import JobCancelled, ResultPublisher
-from worker.render import MaskVideoWriter
+from worker.render import MaskVideoWriter, partial_path
 from worker.segment import Segmenter
 from worker.sink import ResultSink
 
@@ -342,6 +342,7 @@ class Worker:
                 model=self.segmenter.name, attempt=attempt, random_weights=self.segmenter.random_weights,
             ))
             render_rel = job_render_rel(job.job_id) if job.render else ""
+            self._remove_stale_partials(job.job_id)
             if job.render:
                 writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
                                          fps=job.fps, width=job.width, height=job.height,
@@ -383,6 +384,16 @@ class Worker:
             log.log(level, "job %s failed: %s: %s", job.job_id, type(e).__name__, e, exc_info=level == logging.ERROR)
             self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), "failed",
                          error=f"{type(e).__name__}: {e}")
+
+    def _remove_stale_partials(self, job_id: str) -> None:
+        """Delete half-written MP4s that earlier owners of this job left behind (a worker killed with
+        -9 cannot clean up). This worker owns the job now; a frozen earlier owner that wakes up finds
+        its lease gone before it could rename its file into place."""
+        target = resolve_inside(self.settings.storage_root, job_render_rel(job_id))
+        for stale in target.parent.glob(f".{target.name}.*.partial"):
+            if stale != partial_path(target, self.name):
+                log.info("removing %s, left by an earlier run of job %s", stale.name, job_id)
+                stale.unlink(missing_ok=True)
 
     def _render_threads(self) -> int:
         """x264 threads: as set, or one while the model runs on the CPU (x264's own choice, a thread per
