@@ -83,22 +83,24 @@ class ResultSink:
         except BaseException as e:  # handed to the model's thread at its next put/close
             self.error = e
 
+    def _render(self, writer: MaskVideoWriter, out: FrameMasks) -> None:
+        if out.image_rgb is not None:  # decoded already by the segmenter
+            writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
+            return
+        path = self.frames.path(out.frame_idx)
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise StorageError(f"cannot read frame {path} for rendering")
+        writer.write(image, out.obj_ids, out.masks)
+
     def _handle(self, out: FrameMasks) -> None:
         t1 = time.monotonic()
         self.pub.frame(frame_result(self.pub.job_id, out, random_weights=self.random_weights))
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
         t2 = time.monotonic()
-        if self.writer is None:  # masks only
-            pass
-        elif out.image_rgb is not None:  # decoded already by the segmenter
-            self.writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
-        else:
-            path = self.frames.path(out.frame_idx)
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise StorageError(f"cannot read frame {path} for rendering")
-            self.writer.write(image, out.obj_ids, out.masks)
+        if self.writer is not None:  # None: a masks-only job
+            self._render(self.writer, out)
         t3 = time.monotonic()
         self.publish_s += t2 - t1
         self.render_s += t3 - t2
