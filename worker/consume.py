@@ -25,6 +25,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -341,10 +342,11 @@ class Worker:
                 job_id=job.job_id, worker=self.name, num_frames=job.num_frames, obj_ids=tuple(object_ids(job.prompts)),
                 model=self.segmenter.name, attempt=attempt, random_weights=self.segmenter.random_weights,
             ))
+            render_target = resolve_inside(self.settings.storage_root, job_render_rel(job.job_id))
+            self._remove_stale_partials(render_target, job.job_id)
             render_rel = job_render_rel(job.job_id) if job.render else ""
-            self._remove_stale_partials(job.job_id)
             if job.render:
-                writer = MaskVideoWriter(resolve_inside(self.settings.storage_root, render_rel),
+                writer = MaskVideoWriter(render_target,
                                          fps=job.fps, width=job.width, height=job.height,
                                          preset=self.settings.render_preset, threads=self._render_threads(),
                                          partial_tag=self.name)
@@ -385,11 +387,10 @@ class Worker:
             self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), "failed",
                          error=f"{type(e).__name__}: {e}")
 
-    def _remove_stale_partials(self, job_id: str) -> None:
+    def _remove_stale_partials(self, target: Path, job_id: str) -> None:
         """Delete half-written MP4s that earlier owners of this job left behind (a worker killed with
         -9 cannot clean up). This worker owns the job now; a frozen earlier owner that wakes up finds
         its lease gone before it could rename its file into place."""
-        target = resolve_inside(self.settings.storage_root, job_render_rel(job_id))
         for stale in target.parent.glob(f".{target.name}.*.partial"):
             if stale != partial_path(target, self.name):
                 log.info("removing %s, left by an earlier run of job %s", stale.name, job_id)

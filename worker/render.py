@@ -270,23 +270,23 @@ class MaskVideoWriter:
             self.path, width, height, enc_width, enc_height, self.rate, codec, crf,
         )
 
-    def write(self, frame_bgr: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False) -> None:
-        """Draw `masks` on `frame_bgr` (RGB when `rgb`) and encode it as the next video frame."""
+    def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False) -> None:
+        """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame."""
         if self._closed:
             raise ValueError(f"cannot write to {self.path}: the writer is closed")
-        size_hw = check_frame(frame_bgr)
+        size_hw = check_frame(frame)
         if size_hw != (self.height, self.width):
             raise ValueError(
-                f"frame_bgr must be {self.width}x{self.height} (W x H) like the writer, "
+                f"frame must be {self.width}x{self.height} (W x H) like the writer, "
                 f"but got {size_hw[1]}x{size_hw[0]}"
             )
-        drawn = pad_to_even(draw_masks(frame_bgr, obj_ids, masks, rgb=rgb))
+        drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb))
         # OpenCV's SIMD conversion to 4:2:0 (BT.601, video range, as FFmpeg's) costs a tenth of swscale's
         yuv = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-        frame.pts = self.frames_written
-        frame.time_base = 1 / self.rate
-        for packet in self._stream.encode(frame):
+        video_frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        video_frame.pts = self.frames_written
+        video_frame.time_base = 1 / self.rate
+        for packet in self._stream.encode(video_frame):
             self._container.mux(packet)
         self.frames_written += 1
 
