@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -38,13 +39,27 @@ from schemas import messages  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_plain(clip: Path, image_size: int, device: str, point: str) -> dict[str, float]:
+    cpu0 = _children_cpu_s()
     out = subprocess.run([sys.executable, str(ROOT / "bench/plain_sam2.py"), str(clip), "--image-size",
                           str(image_size), "--device", device, "--point", point],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode != 0:
         raise SystemExit(f"plain loop failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["cpu_s"] = _children_cpu_s() - cpu0  # the plain process and its ffmpeg child
+    return result
 
 
 def run_service(clip: Path, image_size: int, device: str, point: str, *, render: bool = True) -> dict[str, float]:
@@ -69,6 +84,7 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
         threading.Thread(target=read_log, daemon=True).start()
         if not ready.wait(300):
             raise SystemExit("worker did not start:\n" + "".join(log[-30:]))
+        worker_cpu0, redis_cpu0, own_cpu0 = _cpu_s(worker.pid), _cpu_s(server.proc.pid), time.process_time()
         t0 = time.monotonic()
         submitted: dict[str, float] = {}
 
@@ -93,12 +109,15 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
                     raise
                 time.sleep(0.005)
         total = time.monotonic() - t0
+        cpu = {"worker_cpu_s": _cpu_s(worker.pid) - worker_cpu0, "redis_cpu_s": _cpu_s(server.proc.pid) - redis_cpu0,
+               "producer_cpu_s": time.process_time() - own_cpu0}
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         time.sleep(0.2)
         match = re.search(r"peak RSS (\d+) MiB", "".join(log))
         return {"first_result_s": first or 0.0, "total_s": total, "frames": frames,
-                "submit_s": submitted.get("done", t0) - t0, "peak_rss_mib": float(match.group(1)) if match else 0.0}
+                "submit_s": submitted.get("done", t0) - t0, **cpu,
+                "cpu_s": sum(cpu.values()), "peak_rss_mib": float(match.group(1)) if match else 0.0}
 
 
 def main() -> None:
@@ -121,18 +140,22 @@ def main() -> None:
         ("total wall time (s)", "total_s"),
         ("frames/s end to end", "fps"),
         ("peak RSS (MiB)", "peak_rss_mib"),
+        ("CPU time, all processes (s)", "cpu_s"),
     ]
     for run in (plain, ours, masks_only):
         run["fps"] = run["frames"] / run["total_s"]
     print("service: with the MP4 render (the default); masks only: submitted with render=False, like the plain "
           "loop, which draws no video")
-    print(f"{'':26} {'plain':>8} {'service':>8} {'masks only':>10} {'service/plain':>14} {'masks only/plain':>17}")
+    print(f"{'':28} {'plain':>8} {'service':>8} {'masks only':>10} {'service/plain':>14} {'masks only/plain':>17}")
     for name, key in rows:
         p, o, m = plain[key], ours[key], masks_only[key]
-        print(f"{name:26} {p:>8.2f} {o:>8.2f} {m:>10.2f} {o / p:>14.3f} {m / p:>17.3f}")
+        print(f"{name:28} {p:>8.2f} {o:>8.2f} {m:>10.2f} {o / p:>14.3f} {m / p:>17.3f}")
     print(f"(plain: ffmpeg took {plain['extract_s']:.2f} s; service: submit returned after {ours['submit_s']:.2f} s; "
           f"frames {plain['frames']} / {ours['frames']} / {masks_only['frames']}; service peak RSS is the worker's; "
           f"total = submit to the job's terminal entry, after the MP4 is closed)")
+    for name, run in (("service", ours), ("masks only", masks_only)):
+        print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f}, producer (this process) "
+              f"{run['producer_cpu_s']:.1f}, redis-server {run['redis_cpu_s']:.1f}")
 
 
 if __name__ == "__main__":

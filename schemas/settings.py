@@ -33,6 +33,7 @@ ENV_VARS: dict[str, str] = {
     "checkpoint_dir": "VSEG_CHECKPOINT_DIR",
     "image_size": "VSEG_IMAGE_SIZE",
     "device": "VSEG_DEVICE",
+    "encoder_batch": "VSEG_ENCODER_BATCH",
     "jpeg_quality": "VSEG_JPEG_QUALITY",
     "render_preset": "VSEG_RENDER_PRESET",
     "render_threads": "VSEG_RENDER_THREADS",
@@ -61,6 +62,7 @@ class Settings:
     checkpoint_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vseg" / "checkpoints")
     image_size: int | None = None  # None: the model's own (1024)
     device: str = "auto"  # auto, cuda, cuda:N, cpu
+    encoder_batch: int = 2  # frames per image-encoder pass (already-loaded frames ahead; 1: one at a time)
     jpeg_quality: int = 95
     render_preset: str = "superfast"  # libx264 preset of the rendered MP4 (speed against file size)
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
@@ -80,6 +82,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
+        if not 1 <= self.encoder_batch <= 64:
+            raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
         if self.render_preset not in X264_PRESETS:
             raise ConfigError(f"render_preset must be one of {', '.join(X264_PRESETS)}, but got {self.render_preset!r}")
         if self.render_threads < 0:

@@ -68,6 +68,8 @@ def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, fr
     ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
     bare = list(bare_predictor_masks(predictor, frames_dir, prompts))
     assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
+    # the image encoder ran on two frames at a time (the default batch) for most of the video
+    assert seg.features is not None and seg.features.batched > 0
     for o, (k, masks) in zip(ours, bare):
         assert o.obj_ids == (1, 2)
         assert np.array_equal(o.masks, masks), f"frame {k}: masks differ from the unpruned predictor"

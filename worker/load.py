@@ -33,4 +33,5 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
     predictor = build_predictor(preset, ckpt, device=device, image_size=settings.image_size)
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
              ckpt or "random")
-    return Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights)
+    return Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
+                         encoder_batch=settings.encoder_batch)

@@ -7,6 +7,7 @@ which loads every frame before the first mask and keeps every frame's state fore
 - frames are loaded lazily, as propagation reaches them, by background threads that decode and resize
   the next few frames (a bounded number is held in memory), and may still be arriving from the
   producer (streaming hand-off: worker/frames.py);
+- the image encoder runs on the next frames together (`encoder_batch`, worker/encoder_batch.py);
 - per-frame state that SAM 2's memory attention can no longer read is released as propagation moves
   on: only the prompted (conditioning) frames and the last `window` frames are kept, where `window`
   covers both the `num_maskmem` memory frames and the `max_obj_ptrs_in_encoder` object pointers. The
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from schemas.errors import PromptError
+from schemas.errors import ConfigError, PromptError
 from schemas.prompts import ObjectPrompt, object_ids
+from worker.encoder_batch import BatchedFeatures
 from worker.frames import FrameSource
 from worker.segment import FrameMasks
 
@@ -95,6 +97,12 @@ class LazyFrames:
         self.loaded += 1
         return img.to(self.device, non_blocking=True) if self.device.type == "cuda" else img
 
+    def ready(self, frame_idx: int) -> bool:
+        """Whether frame i is already loaded (scheduled, finished, no error): taking it will not wait."""
+        with self._lock:
+            fut = self._futures.get(frame_idx)
+        return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+
     def take_rgb(self, frame_idx: int) -> np.ndarray | None:
         """The decoded full-size frame, handed over once (None if it was not kept)."""
         with self._lock:
@@ -139,8 +147,13 @@ class LazyFrames:
 class Sam2Segmenter:
     """Segmenter over a loaded SAM2VideoPredictor."""
 
-    def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True) -> None:
+    def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True,
+                 encoder_batch: int = 2) -> None:
+        if encoder_batch < 1:
+            raise ConfigError(f"encoder_batch must be >= 1, but got {encoder_batch}")
         self.predictor = predictor
+        self.encoder_batch = encoder_batch
+        self.features: BatchedFeatures | None = None  # the current (or last) job's feature cache
         self.name = name
         self.random_weights = random_weights
         self.prune = prune
@@ -171,7 +184,7 @@ class Sam2Segmenter:
             "storage_device": self.device,
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
-            "cached_features": {},
+            "cached_features": self.features,
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
@@ -185,6 +198,7 @@ class Sam2Segmenter:
                 height: int) -> Iterator[FrameMasks]:
         """Yield every object's mask on every frame, in order, as soon as it is known."""
         images = LazyFrames(frames, self.predictor.image_size, self.device)
+        self.features = BatchedFeatures(images, self.predictor.forward_image, self.device, batch=self.encoder_batch)
         state = self._new_state(images, width, height)
         try:
             with torch.inference_mode(), self._autocast():
@@ -214,6 +228,7 @@ class Sam2Segmenter:
                     yield self._ordered(out, expected_ids)
         finally:
             images.close()
+            self.features.clear()
             state.clear()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
