@@ -64,7 +64,7 @@ class Settings:
     device: str = "auto"  # auto, cuda, cuda:N, cpu
     encoder_batch: int = 2  # frames per image-encoder pass (already-loaded frames ahead; 1: one at a time)
     jpeg_quality: int = 95
-    render_preset: str = "superfast"  # libx264 preset of the rendered MP4 (speed against file size)
+    render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
     block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s
     socket_timeout_s: float = 30.0
@@ -84,8 +84,9 @@ class Settings:
             raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
         if not 1 <= self.encoder_batch <= 64:
             raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
-        if self.render_preset not in X264_PRESETS:
-            raise ConfigError(f"render_preset must be one of {', '.join(X264_PRESETS)}, but got {self.render_preset!r}")
+        if self.render_preset != "auto" and self.render_preset not in X264_PRESETS:
+            raise ConfigError(f"render_preset must be auto or one of {', '.join(X264_PRESETS)}, but got "
+                              f"{self.render_preset!r}")
         if self.render_threads < 0:
             raise ConfigError(f"render_threads must be >= 0 (0: automatic), but got {self.render_threads}")
         if self.block_ms <= 0 or self.block_ms / 1000 >= self.socket_timeout_s:

@@ -204,14 +204,17 @@ def test_follow_unknown_job(settings: Settings, redis_client: redis.Redis) -> No
 
 def test_renderer_leaves_the_cores_to_a_cpu_model(settings: Settings, redis_client: redis.Redis) -> None:
     """x264 would start a thread per core and more, preempting the model's OpenMP threads: on the CPU
-    the worker gives it one, unless render_threads says otherwise; on CUDA it is x264's choice."""
+    the worker gives it one and the fastest preset, unless the settings say otherwise; on CUDA it is
+    x264's choice of threads and `superfast`."""
     cpu = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="t")  # type: ignore[arg-type]
-    assert cpu._render_threads() == 1
+    assert (cpu._render_threads(), cpu._render_preset()) == (1, "ultrafast")
     cuda_segmenter = ColourSegmenter()
     cuda_segmenter.device = "cuda:0"  # type: ignore[attr-defined]
-    assert Worker(settings=settings, segmenter=cuda_segmenter, client=redis_client, name="t")._render_threads() == 0  # type: ignore[arg-type]
-    three = dataclasses.replace(settings, render_threads=3)
-    assert Worker(settings=three, segmenter=ColourSegmenter(), client=redis_client, name="t")._render_threads() == 3  # type: ignore[arg-type]
+    cuda = Worker(settings=settings, segmenter=cuda_segmenter, client=redis_client, name="t")  # type: ignore[arg-type]
+    assert (cuda._render_threads(), cuda._render_preset()) == (0, "superfast")
+    three = dataclasses.replace(settings, render_threads=3, render_preset="veryfast")
+    chosen = Worker(settings=three, segmenter=ColourSegmenter(), client=redis_client, name="t")  # type: ignore[arg-type]
+    assert (chosen._render_threads(), chosen._render_preset()) == (3, "veryfast")
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])

@@ -217,7 +217,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
         ({"VSEG_IMAGE_SIZE": "250"}, "multiple of 16"),
         ({"VSEG_JPEG_QUALITY": "0"}, "jpeg_quality"),
         ({"VSEG_BLOCK_MS": "60000"}, "shorter than socket_timeout_s"),
-        ({"VSEG_RENDER_PRESET": "turbo"}, "render_preset must be one of ultrafast"),
+        ({"VSEG_RENDER_PRESET": "turbo"}, "render_preset must be auto or one of ultrafast"),
         ({"VSEG_RENDER_THREADS": "-1"}, "render_threads must be >= 0"),
     ],
 )
