@@ -5,7 +5,9 @@ add_new_points_or_box, propagate_in_video (bench/plain_sam2.py, in its own proce
 Ours: a worker already running (model loaded, like the plain loop's timer which starts after the model
 is built), then submit (streaming hand-off) and follow the result stream to the last frame.
 
-Reports time to first result, total wall time, frames/s and peak RSS, side by side with ratios.
+Reports time to first result, total wall time, frames/s, peak RSS and CPU seconds, side by side with
+ratios: the medians of --repeats interleaved rounds (plain, service, masks only), because a shared
+machine's speed drifts by several percent within minutes.
 CPU: SAM 2.1 tiny with random weights at --image-size 256 (default); on a GPU pass --device cuda
 --image-size 1024.
 
@@ -20,6 +22,7 @@ import os
 import re
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,21 +123,37 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
                 "cpu_s": sum(cpu.values()), "peak_rss_mib": float(match.group(1)) if match else 0.0}
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (the runs are interleaved, so drift hits all three alike)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of plain, service, masks only (medians reported)")
     ap.add_argument("--video", type=Path, default=SHARED_VIDEOS / "bedroom.mp4")
     args = ap.parse_args()
     clip = looped_clip(args.video, args.frames)
     point = "480,300" if args.video.name == "bedroom.mp4" else "640,360"
     print(f"machine: {machine()}")
     print(f"clip: {clip.name} ({args.frames} frames), SAM 2.1 tiny random weights, image size {args.image_size}, "
-          f"{args.device}, one object (point {point} on frame 0)")
-    plain = run_plain(clip, args.image_size, args.device, point)
-    ours = run_service(clip, args.image_size, args.device, point)
-    masks_only = run_service(clip, args.image_size, args.device, point, render=False)
+          f"{args.device}, one object (point {point} on frame 0); {args.repeats} interleaved rounds, medians")
+    rounds: list[tuple[dict[str, float], dict[str, float], dict[str, float]]] = []
+    for k in range(args.repeats):
+        plain = run_plain(clip, args.image_size, args.device, point)
+        ours = run_service(clip, args.image_size, args.device, point)
+        masks_only = run_service(clip, args.image_size, args.device, point, render=False)
+        for run in (plain, ours, masks_only):
+            run["fps"] = run["frames"] / run["total_s"]
+        rounds.append((plain, ours, masks_only))
+        print(f"round {k + 1}: frames/s plain {plain['fps']:.2f}, service {ours['fps']:.2f} "
+              f"({ours['fps'] / plain['fps']:.3f}), masks only {masks_only['fps']:.2f} "
+              f"({masks_only['fps'] / plain['fps']:.3f}); first result {plain['first_result_s']:.2f} / "
+              f"{ours['first_result_s']:.2f} / {masks_only['first_result_s']:.2f} s", flush=True)
+    plain, ours, masks_only = (median_run([r[i] for r in rounds]) for i in range(3))
     rows = [
         ("time to first result (s)", "first_result_s"),
         ("total wall time (s)", "total_s"),
@@ -142,17 +161,19 @@ def main() -> None:
         ("peak RSS (MiB)", "peak_rss_mib"),
         ("CPU time, all processes (s)", "cpu_s"),
     ]
-    for run in (plain, ours, masks_only):
-        run["fps"] = run["frames"] / run["total_s"]
     print("service: with the MP4 render (the default); masks only: submitted with render=False, like the plain "
           "loop, which draws no video")
-    print(f"{'':28} {'plain':>8} {'service':>8} {'masks only':>10} {'service/plain':>14} {'masks only/plain':>17}")
+    print(f"{'median of the rounds':28} {'plain':>8} {'service':>8} {'masks only':>10} {'service/plain':>14} "
+          f"{'masks only/plain':>17}")
     for name, key in rows:
         p, o, m = plain[key], ours[key], masks_only[key]
         print(f"{name:28} {p:>8.2f} {o:>8.2f} {m:>10.2f} {o / p:>14.3f} {m / p:>17.3f}")
+    fps_ratios = [(o["fps"] / p["fps"], m["fps"] / p["fps"]) for p, o, m in rounds]
+    print(f"frames/s ratio per round: service {', '.join(f'{a:.3f}' for a, _ in fps_ratios)}; "
+          f"masks only {', '.join(f'{b:.3f}' for _, b in fps_ratios)}")
     print(f"(plain: ffmpeg took {plain['extract_s']:.2f} s; service: submit returned after {ours['submit_s']:.2f} s; "
-          f"frames {plain['frames']} / {ours['frames']} / {masks_only['frames']}; service peak RSS is the worker's; "
-          f"total = submit to the job's terminal entry, after the MP4 is closed)")
+          f"frames {plain['frames']:.0f} / {ours['frames']:.0f} / {masks_only['frames']:.0f}; service peak RSS is the "
+          f"worker's; total = submit to the job's terminal entry, after the MP4 is closed)")
     for name, run in (("service", ours), ("masks only", masks_only)):
         print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f}, producer (this process) "
               f"{run['producer_cpu_s']:.1f}, redis-server {run['redis_cpu_s']:.1f}")
