@@ -17,7 +17,7 @@ from schemas.prompts import ObjectPrompt
 from tests.videos import disc_center, make_video
 from worker.checkpoints import build_predictor, get_preset
 from worker.frames import DirFrames
-from worker.sam2_segmenter import Sam2Segmenter
+from worker.sam2_segmenter import LazyFrames, Sam2Segmenter
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +86,21 @@ def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, fr
     assert seg.peak_frames_held <= limit
     if late_frame == 0:
         assert seg.peak_frames_held < N
+
+
+def test_lazy_frames_give_the_predictors_own_pixels(frames_dir: Path) -> None:
+    """The worker's loader (PIL, lookup-table normalisation, no torch) gives exactly the tensors of
+    SAM 2's own frame loader."""
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    theirs, height, width = load_video_frames_from_jpg_images(str(frames_dir), 256, offload_video_to_cpu=True,
+                                                              compute_device=torch.device("cpu"))
+    assert (width, height) == SIZE
+    lazy = LazyFrames(DirFrames(frames_dir, N), 256, torch.device("cpu"))
+    try:
+        for k in (0, 1, N // 2, N - 1):
+            ours = lazy[k]
+            assert ours.dtype == torch.float32 and ours.shape == (3, 256, 256)
+            assert torch.equal(ours, theirs[k]), f"frame {k}: loader pixels differ from SAM 2's"
+    finally:
+        lazy.close()

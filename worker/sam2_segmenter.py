@@ -61,6 +61,15 @@ def _cast_memory_to_query_dtype(_module: torch.nn.Module, args: tuple[Any, ...],
     return args, kwargs
 
 
+def normalisation_table() -> np.ndarray:
+    """(3, 256) float32: channel c's pixel value v as the model sees it. The predictor's loader computes
+    v / 255 in float64, casts to float32, then subtracts the mean and divides by the std in float32;
+    the same operations per value, done once, give identical numbers for a gather's cost."""
+    scaled = (np.arange(256) / 255.0).astype(np.float32)
+    mean, std = np.array(IMG_MEAN, dtype=np.float32), np.array(IMG_STD, dtype=np.float32)
+    return np.stack([(scaled - mean[c]) / std[c] for c in range(3)])
+
+
 class LazyFrames:
     """Stands in for the predictor's preloaded `images` tensor: frame i is loaded on first access,
     with the next `prefetch` frames (in the direction of travel) decoded ahead by a thread pool."""
@@ -71,8 +80,7 @@ class LazyFrames:
         self.image_size = image_size
         self.device = device
         self.prefetch = prefetch
-        self.mean = np.array(IMG_MEAN, dtype=np.float32)
-        self.std = np.array(IMG_STD, dtype=np.float32)
+        self._norm = normalisation_table()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
         self._futures: OrderedDict[int, Future[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -86,12 +94,12 @@ class LazyFrames:
         # The same steps as the predictor's own loader (sam2.utils.misc._load_img_as_tensor), so the
         # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
         with Image.open(self.source.path(frame_idx)) as pil:
-            rgb = pil.convert("RGB")
-        small = (np.array(rgb.resize((self.image_size, self.image_size))) / 255.0).astype(np.float32)
-        # normalised with NumPy, not torch: a torch op on this thread would start a second OpenMP team
-        # that spins on the cores the model's own threads need (float32 either way: identical values)
-        small = (small - self.mean) / self.std
-        img = torch.from_numpy(np.ascontiguousarray(small.transpose(2, 0, 1)))
+            pil.load()
+            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # a JPEG decodes to RGB: no copy
+        small = np.asarray(rgb.resize((self.image_size, self.image_size)))
+        # normalised with a lookup table, not torch: a torch op on this thread would start a second
+        # OpenMP team that spins on the cores the model's own threads need
+        img = torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
         with self._lock:
             self._rgb[frame_idx] = np.asarray(rgb)
         self.loaded += 1
