@@ -283,3 +283,20 @@ def test_models_yaml_is_plain_yaml() -> None:
     from schemas.settings import CONFIGS_DIR
 
     assert set(yaml.safe_load((CONFIGS_DIR / "models.yaml").read_text())) == PRESET_NAMES
+
+
+def test_opencv_runs_single_threaded_beside_a_cpu_model() -> None:
+    """OpenCV's thread pool would preempt a CPU model's OpenMP threads on every core at once."""
+    import cv2
+
+    from worker.load import share_cores_with_model
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        share_cores_with_model("cuda:0")
+        assert cv2.getNumThreads() == 2  # a GPU model leaves the CPU to OpenCV
+        share_cores_with_model("cpu")
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

@@ -10,6 +10,16 @@ from worker.segment import Segmenter
 log = logging.getLogger(__name__)
 
 
+def share_cores_with_model(device: str) -> None:
+    """Beside a model on the CPU, OpenCV (the renderer's drawing and colour conversion) runs on the
+    calling thread only: its own thread pool would wake a thread per core for each call and preempt
+    the model's OpenMP threads on every core at once. Beside a GPU model it keeps its threads."""
+    import cv2
+
+    if not str(device).startswith("cuda"):
+        cv2.setNumThreads(1)
+
+
 def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
                    fake_busy: bool = False) -> Segmenter:
     """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter
@@ -31,6 +41,7 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
         log.warning("!!! RANDOM WEIGHTS: model sam2.1-%s is untrained; every mask is meaningless (smoke test) !!!",
                     preset.name)
     predictor = build_predictor(preset, ckpt, device=device, image_size=settings.image_size)
+    share_cores_with_model(str(device))
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
              ckpt or "random")
     return Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
