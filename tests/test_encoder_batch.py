@@ -112,3 +112,11 @@ def test_batch_of_one_is_the_predictors_own_behaviour() -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch must be >= 1"):
         features(FakeImages(1), batch=0)
+
+
+def test_the_segmenter_rejects_a_bad_batch_size_before_touching_the_model() -> None:
+    from schemas.errors import ConfigError
+    from worker.sam2_segmenter import Sam2Segmenter
+
+    with pytest.raises(ConfigError, match="encoder_batch must be >= 1"):
+        Sam2Segmenter(object(), name="t", random_weights=True, encoder_batch=0)
