@@ -94,14 +94,14 @@ class LazyFrames:
         # The same steps as the predictor's own loader (sam2.utils.misc._load_img_as_tensor), so the
         # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
         with Image.open(self.source.path(frame_idx)) as pil:
-            pil.load()
             rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # a JPEG decodes to RGB: no copy
-        small = np.asarray(rgb.resize((self.image_size, self.image_size)))
+            small = np.asarray(rgb.resize((self.image_size, self.image_size)))
+            full = np.asarray(rgb)
         # normalised with a lookup table, not torch: a torch op on this thread would start a second
         # OpenMP team that spins on the cores the model's own threads need
         img = torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
         with self._lock:
-            self._rgb[frame_idx] = np.asarray(rgb)
+            self._rgb[frame_idx] = full
         self.loaded += 1
         return img.to(self.device, non_blocking=True) if self.device.type == "cuda" else img
 
