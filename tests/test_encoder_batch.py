@@ -4,6 +4,8 @@ equality is tests/test_sam2_memory.py)."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +122,28 @@ def test_the_segmenter_rejects_a_bad_batch_size_before_touching_the_model() -> N
 
     with pytest.raises(ConfigError, match="encoder_batch must be >= 1"):
         Sam2Segmenter(object(), name="t", random_weights=True, encoder_batch=0)
+
+
+def test_lazy_frames_ready_means_loaded_without_waiting(tmp_path: Path) -> None:
+    """`ready` is true only for a frame the prefetch has finished loading: never for one not yet
+    scheduled, and never for one past the end of the video (its load fails)."""
+    import numpy as np
+    from PIL import Image
+
+    from worker.frames import DirFrames
+    from worker.sam2_segmenter import LazyFrames
+
+    for k in range(3):
+        Image.fromarray(np.full((24, 32, 3), 40 * k, np.uint8)).save(tmp_path / f"{k:05d}.jpg")
+    lazy = LazyFrames(DirFrames(tmp_path, 3), 32, torch.device("cpu"), prefetch=2)
+    try:
+        assert not lazy.ready(0) and not lazy.ready(1)
+        lazy[0]  # loads 0 and schedules 1 and 2 ahead
+        assert lazy.ready(0)
+        deadline = time.monotonic() + 10
+        while not (lazy.ready(1) and lazy.ready(2)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lazy.ready(1) and lazy.ready(2)
+        assert not lazy.ready(3)  # past the end: never scheduled
+    finally:
+        lazy.close()
