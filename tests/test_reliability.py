@@ -166,6 +166,39 @@ def test_fenced_writes_are_refused_once_another_worker_owns_the_entry(
     assert redis_client.xpending(keys.jobs, keys.group)["pending"] == 1  # still b's, not acknowledged
 
 
+def test_frame_entries_are_written_in_one_pipelined_round_trip_and_duplicates_rejected(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    import numpy as np
+
+    keys = settings.keys
+    redis_client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
+    redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
+    pub = ResultPublisher(redis_client, keys, "p", 4, Lease(redis_client, keys, entry, "a", lease_s=5), patience_s=1)
+    results = [frame_result("p", FrameMasks(k, (1,), np.zeros((1, 4, 4), bool), np.ones(1, "float32")),
+                            random_weights=False) for k in range(4)]
+    round_trips = []
+    real_pipeline = redis_client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+        pipe.execute = lambda *a, **k: (round_trips.append(len(pipe.command_stack)), execute(*a, **k))[1]
+        return pipe
+
+    redis_client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    assert pub.frames(results[:3]) == 3
+    assert pub.frames(results[2:]) == 1  # frame 2 again: Redis rejects it, frame 3 is new
+    assert round_trips == [3, 2]
+    assert pub.duplicates_rejected == 1
+    assert [i.decode() for i, _ in redis_client.xrange(keys.results("p"))] == ["1-0", "2-0", "3-0", "4-0"]
+    assert frames_done(redis_client, settings, "p") == 4
+    redis_client.xclaim(keys.jobs, keys.group, "b", 0, [entry])  # b takes the job over
+    with pytest.raises(LeaseLost, match="frame entry 1-0"):
+        pub.frames(results[:2])
+
+
 # ---- 4. attempts and dead letters -------------------------------------------------------------------
 def test_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_flow(
     video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -120,7 +120,38 @@ class ResultPublisher:
         self.event(msg)
 
     def frame(self, result: messages.FrameResult) -> bool:
-        return self._xadd(self.stream, frame_entry_id(result.frame_idx), result, frames_done=result.frame_idx + 1)
+        return self.frames([result]) == 1
+
+    def frames(self, results: Sequence[messages.FrameResult]) -> int:
+        """Write several frames' entries, in order, in one round trip (a Redis pipeline of fenced XADDs).
+        Returns how many were new; the others were duplicates Redis rejected. Raises LeaseLost if the
+        lease was lost: the entries before that point landed, none after it. A connection error resends
+        the whole batch, which is safe because each frame's entry id is fixed."""
+        if not results:
+            return 0
+        entries = [(frame_entry_id(r.frame_idx), r.frame_idx + 1, _flat(messages.encode(r))) for r in results]
+
+        def call() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            lease_args = self.lease.args()
+            for entry_id, frames_done, flat in entries:
+                pipe.eval(FENCED_XADD_LUA, 3, self.keys.jobs, self.stream, self.keys.job(self.job_id), *lease_args,
+                          entry_id, frames_done, *flat)
+            return pipe.execute()
+
+        replies = retry_redis(call, patience_s=self.patience_s, what=f"write to {self.stream}")
+        written = 0
+        for (entry_id, _, _), (status, cancel) in zip(entries, replies):
+            if status == -1:
+                self.lease.lost.set()
+                raise LeaseLost(f"job {self.job_id}: lease lost; frame entry {entry_id} and any after it not written")
+            self.cancel_requested = self.cancel_requested or cancel == 1
+            if status == 0:
+                self.duplicates_rejected += 1
+                log.info("job %s: entry %s already on %s; Redis rejected the duplicate", self.job_id, entry_id,
+                         self.stream)
+            written += status == 1
+        return written
 
     def progress(self, frames_done: int, fps: float) -> None:
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)))

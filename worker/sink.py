@@ -1,6 +1,7 @@
 """The result path, off the model's thread: RLE encoding, fenced Redis writes and MP4 rendering run in
 a thread fed through a small bounded queue, so the model never waits on them (unless the sink falls a
-whole queue behind, which bounds memory)."""
+whole queue behind, which bounds memory). Frames that are waiting when the sink turns to the queue
+are published together, in one pipelined round trip to Redis."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class ResultSink:
         self.first_result_at: float | None = None
         self.publish_s = 0.0
         self.render_s = 0.0
+        self.max_batch = depth  # frames written per Redis round trip, at most
+        self.batches = 0  # round trips made for frame entries
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"sink-{pub.job_id}")
         self._thread.start()
@@ -75,11 +78,20 @@ class ResultSink:
     def _run(self) -> None:
         try:
             while True:
-                item = self.queue.get()
-                if item is _DONE or self.error is not None:
+                batch = [self.queue.get()]
+                while len(batch) < self.max_batch:  # frames already waiting go out in one round trip
+                    try:
+                        batch.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                done = any(item is _DONE for item in batch)
+                outs = [item for item in batch if isinstance(item, FrameMasks)]
+                if self.error is not None:
                     return
-                assert isinstance(item, FrameMasks)
-                self._handle(item)
+                if outs:
+                    self._handle(outs)
+                if done:
+                    return
         except BaseException as e:  # handed to the model's thread at its next put/close
             self.error = e
 
@@ -93,19 +105,22 @@ class ResultSink:
             raise StorageError(f"cannot read frame {path} for rendering")
         writer.write(image, out.obj_ids, out.masks)
 
-    def _handle(self, out: FrameMasks) -> None:
+    def _handle(self, outs: list[FrameMasks]) -> None:
         t1 = time.monotonic()
-        self.pub.frame(frame_result(self.pub.job_id, out, random_weights=self.random_weights))
+        self.pub.frames([frame_result(self.pub.job_id, out, random_weights=self.random_weights) for out in outs])
+        self.batches += 1
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
         t2 = time.monotonic()
-        if self.writer is not None:  # None: a masks-only job
-            self._render(self.writer, out)
-        t3 = time.monotonic()
         self.publish_s += t2 - t1
-        self.render_s += t3 - t2
-        self.frames_done += 1
         total = self.frames.total or self.pub.num_frames
-        if self.frames_done % self.progress_every == 0 or self.frames_done == total:
-            self.pub.progress(self.frames_done, self.frames_done / max(t3 - self._t0, 1e-9))
-        self.on_frame(self.frames_done)
+        for out in outs:
+            t3 = time.monotonic()
+            if self.writer is not None:  # None: a masks-only job
+                self._render(self.writer, out)
+            t4 = time.monotonic()
+            self.render_s += t4 - t3
+            self.frames_done += 1
+            if self.frames_done % self.progress_every == 0 or self.frames_done == total:
+                self.pub.progress(self.frames_done, self.frames_done / max(t4 - self._t0, 1e-9))
+            self.on_frame(self.frames_done)
