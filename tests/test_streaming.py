@@ -159,3 +159,28 @@ def test_expected_frames_from_the_header(clip: dict[str, Any], expected: int) ->
 
     assert ClipOptions(**clip).expected_frames(300, 30.0) == expected
     assert ClipOptions(**clip).expected_frames(0, 30.0) == 0  # unknown: checked while decoding instead
+
+
+def test_a_frame_already_announced_is_not_held_up_by_a_read_for_a_later_one(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The prefetch asks for frame 0 and frames ahead at once: a loader thread blocked reading the
+    frames stream for frame 5 must not delay the thread that wants frame 0 (that was the first
+    result's latency, up to block_ms)."""
+    from worker.frames import StreamedFrames
+
+    stream = "t:frames"
+    (tmp_path / "00000.jpg").write_bytes(b"jpeg")
+    redis_client.xadd(stream, {"frame_idx": 0}, id="1-0")
+    frames = StreamedFrames(redis_client, stream, tmp_path, block_ms=3000, stall_s=30)
+    later: list[bool] = []
+    waiter = threading.Thread(target=lambda: later.append(frames.wait(5)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter has read frame 0's announcement and is blocked reading for more
+    t0 = time.monotonic()
+    assert frames.wait(0)
+    assert time.monotonic() - t0 < 1.0
+    redis_client.xadd(stream, {"end": 1}, id="2-0")  # the video has one frame: frame 5 never comes
+    waiter.join(10)
+    assert later == [False]
+    assert frames.total == 1 and not frames.wait(1)

@@ -86,7 +86,8 @@ class StreamedFrames(_Base):
         self._total: int | None = None
         self._error: str | None = None
         self._last_id = "0-0"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields above
+        self._poll_lock = threading.Lock()  # one thread at a time reads the stream
         if not frames_dir.is_dir():
             raise StorageError(
                 f"frame directory {frames_dir} does not exist: is STORAGE_ROOT the same for the producer "
@@ -102,33 +103,47 @@ class StreamedFrames(_Base):
         return self._available
 
     def _poll(self) -> None:
+        """One blocking read of new announcements (the caller holds `_poll_lock`, not `_lock`)."""
         reply = self.client.xread({self.stream: self._last_id}, count=1024, block=self.block_ms)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if b"error" in fields:
-                    self._error = fields[b"error"].decode()
-                elif b"end" in fields:
-                    self._total = int(fields[b"end"])
-                elif b"frame_idx" in fields:
-                    self._available = max(self._available, int(fields[b"frame_idx"]) + 1)
+        with self._lock:
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    if b"error" in fields:
+                        self._error = fields[b"error"].decode()
+                    elif b"end" in fields:
+                        self._total = int(fields[b"end"])
+                    elif b"frame_idx" in fields:
+                        self._available = max(self._available, int(fields[b"frame_idx"]) + 1)
+
+    def _known(self, frame_idx: int) -> bool | None:
+        """Whether frame i exists, from what has been read so far; None: not known yet."""
+        with self._lock:
+            if self._error is not None:
+                raise VideoError(f"the producer failed while decoding: {self._error}")
+            if frame_idx < self._available:
+                if not self.path(frame_idx).is_file():
+                    raise StorageError(f"frame directory {self.dir} is incomplete: missing "
+                                       f"{frame_name(frame_idx)}, which the producer announced")
+                return True
+            if self._total is not None:
+                if self._available < self._total:
+                    raise StorageError(f"frames stream {self.stream} ended at {self._total} frames but only "
+                                       f"{self._available} were announced")
+                return frame_idx < self._total
+            return None
 
     def wait(self, frame_idx: int) -> bool:
+        """Block until frame i is on disk (True) or the video is known to end before it (False). A frame
+        already announced returns at once, even while another thread is blocked reading for a later one."""
         deadline = time.monotonic() + self.stall_s
-        with self._lock:
-            while True:
-                if self._error is not None:
-                    raise VideoError(f"the producer failed while decoding: {self._error}")
-                if frame_idx < self._available:
-                    if not self.path(frame_idx).is_file():
-                        raise StorageError(f"frame directory {self.dir} is incomplete: missing "
-                                           f"{frame_name(frame_idx)}, which the producer announced")
-                    return True
-                if self._total is not None:
-                    if self._available < self._total:
-                        raise StorageError(f"frames stream {self.stream} ended at {self._total} frames but only "
-                                           f"{self._available} were announced")
-                    return frame_idx < self._total
+        while True:
+            known = self._known(frame_idx)
+            if known is not None:
+                return known
+            with self._poll_lock:  # one blocking read at a time; the others wait here, then re-check
+                if self._known(frame_idx) is not None:
+                    continue
                 if time.monotonic() > deadline:
                     raise RetryableError(f"no new frame on {self.stream} for {self.stall_s:.0f} s (producer stalled?)")
                 try:
