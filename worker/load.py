@@ -44,5 +44,7 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
     share_cores_with_model(str(device))
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
              ckpt or "random")
-    return Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
-                         encoder_batch=settings.encoder_batch)
+    segmenter = Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
+                              encoder_batch=settings.encoder_batch)
+    log.info("warmed the model up in %.2f s (one-time costs, kept out of the first job)", segmenter.warm_up())
+    return segmenter

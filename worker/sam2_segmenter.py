@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +39,9 @@ from PIL import Image
 
 from schemas.errors import ConfigError, PromptError
 from schemas.prompts import ObjectPrompt, object_ids
+from schemas.storage import frame_name
 from worker.encoder_batch import BatchedFeatures
-from worker.frames import FrameSource
+from worker.frames import DirFrames, FrameSource
 from worker.segment import FrameMasks
 
 log = logging.getLogger(__name__)
@@ -173,6 +177,23 @@ class Sam2Segmenter:
         self.peak_frames_held = 0
         if self.device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
+
+    def warm_up(self, num_frames: int = 3, size_wh: tuple[int, int] = (64, 48)) -> float:
+        """Run the whole per-frame path once on a small synthetic clip, so that a worker's first job
+        does not pay one-time costs in its time to first result: PIL's JPEG plugin, the model's first
+        calls (kernel selection, memory pools; on CUDA also the context and cuBLAS/cuDNN set-up), the
+        batched encoder's shapes. Returns the seconds it took; nothing of it is kept."""
+        t0 = time.monotonic()
+        width, height = size_wh
+        pixels = np.random.default_rng(0).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+        with tempfile.TemporaryDirectory(prefix="vseg-warm-up-") as tmp:
+            for k in range(num_frames):
+                Image.fromarray(pixels[k]).save(Path(tmp) / frame_name(k), quality=90)
+            prompt = ObjectPrompt(1, 0, ((width / 2, height / 2),), (1,))
+            for _ in self.segment(DirFrames(Path(tmp), num_frames), [prompt], width=width, height=height):
+                pass
+        self.peak_frames_held = 0
+        return time.monotonic() - t0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
