@@ -145,15 +145,22 @@ def test_stale_worker_writes_nothing_after_losing_its_lease(
     assert [s.worker for s in started_events(redis_client, settings, "stale")] == ["a", "b"]
 
 
+def publisher_of_a_claimed_job(client: redis.Redis, settings: Settings, job_id: str,
+                               num_frames: int) -> tuple[str, Lease, ResultPublisher]:
+    """A job entry read by consumer "a", its lease and a publisher writing under that lease."""
+    keys = settings.keys
+    client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    entry = client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
+    client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
+    lease = Lease(client, keys, entry, "a", lease_s=5)
+    return entry, lease, ResultPublisher(client, keys, job_id, num_frames, lease, patience_s=1)
+
+
 def test_fenced_writes_are_refused_once_another_worker_owns_the_entry(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     keys = settings.keys
-    redis_client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
-    entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
-    redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
-    lease = Lease(redis_client, keys, entry, "a", lease_s=5)
-    pub = ResultPublisher(redis_client, keys, "j", 3, lease, patience_s=1)
+    entry, lease, pub = publisher_of_a_claimed_job(redis_client, settings, "j", 3)
     masks = FrameMasks(0, (1,), __import__("numpy").zeros((1, 4, 4), bool), __import__("numpy").ones(1, "float32"))
     assert pub.frame(frame_result("j", masks, random_weights=False))
     redis_client.xclaim(keys.jobs, keys.group, "b", 0, [entry])  # b takes it over
@@ -172,10 +179,7 @@ def test_frame_entries_are_written_in_one_pipelined_round_trip_and_duplicates_re
     import numpy as np
 
     keys = settings.keys
-    redis_client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
-    entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
-    redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
-    pub = ResultPublisher(redis_client, keys, "p", 4, Lease(redis_client, keys, entry, "a", lease_s=5), patience_s=1)
+    entry, _, pub = publisher_of_a_claimed_job(redis_client, settings, "p", 4)
     results = [frame_result("p", FrameMasks(k, (1,), np.zeros((1, 4, 4), bool), np.ones(1, "float32")),
                             random_weights=False) for k in range(4)]
     round_trips = []

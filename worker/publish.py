@@ -82,23 +82,37 @@ class ResultPublisher:
         self.cancel_requested = False
 
     def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None) -> bool:
-        fields = messages.encode(msg)
+        return self._fenced_xadds(stream, [(entry_id, frames_done, msg)]) == 1
 
-        def call() -> Any:
-            return self.client.eval(
-                FENCED_XADD_LUA, 3, self.keys.jobs, stream, self.keys.job(self.job_id), *self.lease.args(),
-                entry_id, "" if frames_done is None else frames_done, *_flat(fields),
-            )
+    def _fenced_xadds(self, stream: str, entries: Sequence[tuple[str, int | None, messages.Message]]) -> int:
+        """Add (entry id, frames_done or None, message) entries to `stream`, in order, in one round trip
+        (a Redis pipeline of fenced XADDs). Returns how many were new; the others were duplicates Redis
+        rejected. Raises LeaseLost if the lease was lost: the entries before that point landed, none
+        after it. A connection error resends them all, which is safe because every id is fixed."""
+        encoded = [(entry_id, "" if done is None else done, _flat(messages.encode(msg)), msg)
+                   for entry_id, done, msg in entries]
 
-        status, cancel = retry_redis(call, patience_s=self.patience_s, what=f"write to {stream}")
-        if status == -1:
-            self.lease.lost.set()
-            raise LeaseLost(f"job {self.job_id}: lease lost; {msg.TYPE.value} entry not written")
-        self.cancel_requested = self.cancel_requested or cancel == 1
-        if status == 0:
-            self.duplicates_rejected += 1
-            log.info("job %s: entry %s already on %s; Redis rejected the duplicate", self.job_id, entry_id, stream)
-        return status == 1
+        def call() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            lease_args = self.lease.args()
+            for entry_id, done, flat, _ in encoded:
+                pipe.eval(FENCED_XADD_LUA, 3, self.keys.jobs, stream, self.keys.job(self.job_id), *lease_args,
+                          entry_id, done, *flat)
+            return pipe.execute()
+
+        replies = retry_redis(call, patience_s=self.patience_s, what=f"write to {stream}")
+        written = 0
+        for (entry_id, _, _, msg), (status, cancel) in zip(encoded, replies):
+            if status == -1:
+                self.lease.lost.set()
+                raise LeaseLost(f"job {self.job_id}: lease lost; {msg.TYPE.value} entry {entry_id} (and any after "
+                                f"it) not written")
+            self.cancel_requested = self.cancel_requested or cancel == 1
+            if status == 0:
+                self.duplicates_rejected += 1
+                log.info("job %s: entry %s already on %s; Redis rejected the duplicate", self.job_id, entry_id, stream)
+            written += status == 1
+        return written
 
     def set_state(self, **fields: Any) -> None:
         flat = [x for k, v in fields.items() for x in (k, str(v))]
@@ -123,35 +137,10 @@ class ResultPublisher:
         return self.frames([result]) == 1
 
     def frames(self, results: Sequence[messages.FrameResult]) -> int:
-        """Write several frames' entries, in order, in one round trip (a Redis pipeline of fenced XADDs).
-        Returns how many were new; the others were duplicates Redis rejected. Raises LeaseLost if the
-        lease was lost: the entries before that point landed, none after it. A connection error resends
-        the whole batch, which is safe because each frame's entry id is fixed."""
+        """Write several frames' entries in one round trip (see `_fenced_xadds`); returns how many were new."""
         if not results:
             return 0
-        entries = [(frame_entry_id(r.frame_idx), r.frame_idx + 1, _flat(messages.encode(r))) for r in results]
-
-        def call() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            lease_args = self.lease.args()
-            for entry_id, frames_done, flat in entries:
-                pipe.eval(FENCED_XADD_LUA, 3, self.keys.jobs, self.stream, self.keys.job(self.job_id), *lease_args,
-                          entry_id, frames_done, *flat)
-            return pipe.execute()
-
-        replies = retry_redis(call, patience_s=self.patience_s, what=f"write to {self.stream}")
-        written = 0
-        for (entry_id, _, _), (status, cancel) in zip(entries, replies):
-            if status == -1:
-                self.lease.lost.set()
-                raise LeaseLost(f"job {self.job_id}: lease lost; frame entry {entry_id} and any after it not written")
-            self.cancel_requested = self.cancel_requested or cancel == 1
-            if status == 0:
-                self.duplicates_rejected += 1
-                log.info("job %s: entry %s already on %s; Redis rejected the duplicate", self.job_id, entry_id,
-                         self.stream)
-            written += status == 1
-        return written
+        return self._fenced_xadds(self.stream, [(frame_entry_id(r.frame_idx), r.frame_idx + 1, r) for r in results])
 
     def progress(self, frames_done: int, fps: float) -> None:
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)))
