@@ -46,5 +46,6 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
              ckpt or "random")
     segmenter = Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
                               encoder_batch=settings.encoder_batch)
-    log.info("warmed the model up in %.2f s (one-time costs, kept out of the first job)", segmenter.warm_up())
+    log.info("warming the model up on a 3-frame synthetic clip (one-time costs, kept out of the first job)")
+    log.info("warmed up in %.2f s", segmenter.warm_up())
     return segmenter
