@@ -59,21 +59,31 @@ def bare_predictor_masks(predictor: object, frames_dir: Path, prompts: list[Obje
         yield k, out[k]
 
 
+@pytest.mark.parametrize("encoder_batch", [1, 2], ids=["one-frame-encoder", "batched-encoder"])
 @pytest.mark.parametrize("late_frame", [0, 6], ids=["forward-only", "backward-then-forward"])
-def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, frames_dir: Path, late_frame: int) -> None:
+def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, frames_dir: Path, late_frame: int,
+                                                           encoder_batch: int) -> None:
+    """With the predictor's own one-frame encoding the masks must be bit-identical. With batched
+    encoding they were bit-identical too on the machines measured (each sample takes the same
+    operations), but a CPU's math library may pick other kernels for another batch size, so that case
+    allows a thousandth of the pixels to flip at the threshold."""
     x0, y0 = disc_center(0, N, SIZE)
     xl, yl = disc_center(late_frame, N, SIZE)
     prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,)), ObjectPrompt(2, late_frame, ((xl, yl + 8),), (1,))]
-    seg = Sam2Segmenter(predictor, name="t", random_weights=True, prune=True)
+    seg = Sam2Segmenter(predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch)
     assert seg.warm_up() > 0  # as the worker does at start: it must leave nothing behind that changes a job
     ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
     bare = list(bare_predictor_masks(predictor, frames_dir, prompts))
     assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
-    # the image encoder ran on two frames at a time (the default batch) for most of the video
-    assert seg.features is not None and seg.features.batched > 0
+    assert seg.features is not None
+    assert (seg.features.batched > 0) == (encoder_batch > 1)  # batching really happened (when asked for)
     for o, (k, masks) in zip(ours, bare):
         assert o.obj_ids == (1, 2)
-        assert np.array_equal(o.masks, masks), f"frame {k}: masks differ from the unpruned predictor"
+        if encoder_batch == 1:
+            assert np.array_equal(o.masks, masks), f"frame {k}: masks differ from the unpruned predictor"
+        else:
+            flipped = np.count_nonzero(o.masks != masks) / masks.size
+            assert flipped <= 1e-3, f"frame {k}: {flipped:.2%} of mask pixels differ from the unpruned predictor"
     # the forward pass hands each frame, decoded once by the model's loader, on to the renderer
     handed = [o for o in ours if o.image_rgb is not None]
     assert {o.frame_idx for o in handed} >= set(range(late_frame + 1, N))
