@@ -10,7 +10,7 @@ view, the predictor never replaces it.
 Why: the image encoder is about two thirds of a frame's work, and on a CPU a batch of two keeps both
 cores busier than one frame does (SAM 2.1 tiny at image size 256, 2 cores: about 72 against 85 ms a
 frame, bench/RESULTS.md). Each sample goes through the same operations either way, and the masks
-were bit-identical to the predictor's on the CPUs measured (tests/test_sam2_memory.py checks both
+were bit-identical to the predictor's on the CPU measured (tests/test_sam2_memory.py checks both
 ways of encoding; a math library may choose other kernels for another batch size, so `batch=1` is
 the setting that guarantees the predictor's exact numbers). A frame that starts a run (the first
 request, a prompt, a jump) is encoded alone, so the first result is not delayed.
