@@ -18,13 +18,10 @@ request, a prompt, a jump) is encoded alone, so the first result is not delayed.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class FrameImages(Protocol):

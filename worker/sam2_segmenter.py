@@ -200,7 +200,7 @@ class Sam2Segmenter:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _new_state(self, images: LazyFrames, width: int, height: int) -> dict[str, Any]:
+    def _new_state(self, images: LazyFrames, features: BatchedFeatures, width: int, height: int) -> dict[str, Any]:
         """The predictor's inference state, as init_state builds it, over lazily loaded frames."""
         return {
             "images": images,
@@ -213,7 +213,7 @@ class Sam2Segmenter:
             "storage_device": self.device,
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
-            "cached_features": self.features,
+            "cached_features": features,
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
@@ -228,7 +228,7 @@ class Sam2Segmenter:
         """Yield every object's mask on every frame, in order, as soon as it is known."""
         images = LazyFrames(frames, self.predictor.image_size, self.device)
         self.features = BatchedFeatures(images, self.predictor.forward_image, self.device, batch=self.encoder_batch)
-        state = self._new_state(images, width, height)
+        state = self._new_state(images, self.features, width, height)
         try:
             with torch.inference_mode(), self._autocast():
                 for p in prompts:

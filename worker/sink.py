@@ -39,7 +39,6 @@ class ResultSink:
         self.first_result_at: float | None = None
         self.publish_s = 0.0
         self.render_s = 0.0
-        self.max_batch = depth  # frames written per Redis round trip, at most
         self.batches = 0  # round trips made for frame entries
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"sink-{pub.job_id}")
@@ -79,7 +78,7 @@ class ResultSink:
         try:
             while True:
                 batch = [self.queue.get()]
-                while len(batch) < self.max_batch:  # frames already waiting go out in one round trip
+                while len(batch) < self.queue.maxsize:  # frames already waiting go out in one round trip
                     try:
                         batch.append(self.queue.get_nowait())
                     except queue.Empty:
