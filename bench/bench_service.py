@@ -118,7 +118,9 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
         worker.wait(60)
         time.sleep(0.2)
         match = re.search(r"peak RSS (\d+) MiB", "".join(log))
+        waited = re.findall(r"the model waited ([\d.]+) s", "".join(log))
         return {"first_result_s": first or 0.0, "total_s": total, "frames": frames,
+                "waited_s": float(waited[-1]) if waited else 0.0,
                 "submit_s": submitted.get("done", t0) - t0, **cpu,
                 "cpu_s": sum(cpu.values()), "peak_rss_mib": float(match.group(1)) if match else 0.0}
 

@@ -1,9 +1,11 @@
 """E2E tier: the worker's SAM 2 driver (lazy frames, released per-frame state) gives exactly the masks
 of SAM 2's own predictor (init_state preloading every frame, all state kept), frame by frame, on a
-generated video with the real model (random weights, CPU, image size 256)."""
+generated video with the real model (random weights, CPU, image size 256; on CUDA, the gpu tier, at
+the model's own 1024 in bf16 as the worker runs it)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,7 +44,9 @@ def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bare_predictor_masks(predictor: object, frames_dir: Path, prompts: list[ObjectPrompt]) -> Iterator[tuple[int, np.ndarray]]:
     """SAM 2's own way, same pass order as the worker: backwards from the last prompt, then forwards."""
     p = predictor
-    with torch.inference_mode():
+    on_cuda = str(p.device).startswith("cuda")  # type: ignore[attr-defined]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         state = p.init_state(str(frames_dir))  # type: ignore[attr-defined]
         for pr in prompts:
             p.add_new_points_or_box(state, frame_idx=pr.frame_idx, obj_id=pr.obj_id,  # type: ignore[attr-defined]
@@ -52,9 +56,9 @@ def bare_predictor_masks(predictor: object, frames_dir: Path, prompts: list[Obje
         if last > 0:
             for k, _, logits in p.propagate_in_video(state, start_frame_idx=last, reverse=True):  # type: ignore[attr-defined]
                 if k < last:
-                    out[k] = (logits[:, 0] > 0).numpy()
+                    out[k] = (logits[:, 0] > 0).cpu().numpy()
         for k, _, logits in p.propagate_in_video(state, start_frame_idx=last):  # type: ignore[attr-defined]
-            out[k] = (logits[:, 0] > 0).numpy()
+            out[k] = (logits[:, 0] > 0).cpu().numpy()
     for k in sorted(out):
         yield k, out[k]
 
@@ -113,5 +117,59 @@ def test_lazy_frames_give_the_predictors_own_pixels(frames_dir: Path) -> None:
             ours = lazy[k]
             assert ours.dtype == torch.float32 and ours.shape == (3, 256, 256)
             assert torch.equal(ours, theirs[k]), f"frame {k}: loader pixels differ from SAM 2's"
+    finally:
+        lazy.close()
+
+
+@pytest.fixture(scope="module")
+def cuda_predictor() -> object:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    return build_predictor(get_preset("tiny"), None, device="cuda", image_size=1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("encoder_batch", [1, 2], ids=["one-frame-encoder", "batched-encoder"])
+def test_on_cuda_the_pruned_lazy_driver_matches_the_unpruned_predictor(cuda_predictor: object, frames_dir: Path,
+                                                                       encoder_batch: int) -> None:
+    """The same check on the GPU, in bf16 at image size 1024, where the loader normalises on the device
+    from its own CUDA streams: the masks equal those of SAM 2's predictor holding every frame on the GPU."""
+    late_frame = 6
+    x0, y0 = disc_center(0, N, SIZE)
+    xl, yl = disc_center(late_frame, N, SIZE)
+    prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,)), ObjectPrompt(2, late_frame, ((xl, yl + 8),), (1,))]
+    seg = Sam2Segmenter(cuda_predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch)
+    seg.warm_up()
+    ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
+    bare = list(bare_predictor_masks(cuda_predictor, frames_dir, prompts))
+    assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
+    assert seg.features is not None and (seg.features.batched > 0) == (encoder_batch > 1)
+    flipped = [np.count_nonzero(o.masks != masks) / masks.size for o, (_, masks) in zip(ours, bare)]
+    if encoder_batch == 1:
+        assert max(flipped) == 0, f"masks differ from the unpruned predictor on frames {np.nonzero(flipped)[0]}"
+    else:  # bf16 kernels may differ per batch size
+        assert max(flipped) <= 1e-3, f"up to {max(flipped):.3%} of mask pixels differ from the unpruned predictor"
+    assert seg.peak_frames_held <= 2 * seg.window + 2
+    assert seg.last_frames_stats["loaded"] >= N
+
+
+@pytest.mark.gpu
+def test_on_cuda_lazy_frames_give_the_predictors_own_pixels(frames_dir: Path) -> None:
+    """On CUDA the lookup runs on the GPU: still exactly the tensors SAM 2's own loader puts there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    cuda = torch.device("cuda")
+    theirs, _, _ = load_video_frames_from_jpg_images(str(frames_dir), 1024, offload_video_to_cpu=False,
+                                                     compute_device=cuda)
+    lazy = LazyFrames(DirFrames(frames_dir, N), 1024, cuda)
+    try:
+        for k in range(N):  # every frame, so several loader threads and streams take part
+            ours = lazy[k]
+            assert ours.device.type == "cuda" and ours.dtype == torch.float32 and ours.shape == (3, 1024, 1024)
+            assert torch.equal(ours, theirs[k]), f"frame {k}: loader pixels differ from SAM 2's"
+        assert lazy.loaded >= N and lazy.load_s > 0
     finally:
         lazy.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -79,35 +80,63 @@ class LazyFrames:
     with the next `prefetch` frames (in the direction of travel) decoded ahead by a thread pool."""
 
     def __init__(self, source: FrameSource, image_size: int, device: torch.device, *, prefetch: int = 6,
-                 threads: int = 2) -> None:
+                 threads: int | None = None) -> None:
         self.source = source
         self.image_size = image_size
         self.device = device
         self.prefetch = prefetch
         self._norm = normalisation_table()
+        self._on_cuda = device.type == "cuda"
+        # On CUDA the model leaves the CPU free and frames must keep up with it: more decoding threads,
+        # and the lookup runs on the GPU (the uint8 frame crosses the bus, a quarter of the bytes)
+        threads = threads or (min(6, os.cpu_count() or 2) if self._on_cuda else 2)
+        self._norm_on_device = torch.from_numpy(self._norm).to(device) if self._on_cuda else None
+        self._streams: dict[int, torch.cuda.Stream] = {}  # one side stream per loader thread (CUDA)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
         self._futures: OrderedDict[int, Future[torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self._last = -1
         self.loaded = 0
+        self.load_s = 0.0  # seconds the loader threads spent on frames (all threads together)
+        self.waited_s = 0.0  # seconds the model waited for a frame (or for the producer to write it)
         self._rgb: dict[int, np.ndarray] = {}  # full-size decoded frames, kept for the renderer
 
     def _load(self, frame_idx: int) -> torch.Tensor:
         if not self.source.wait(frame_idx):
             raise EndOfFrames(frame_idx)
+        t0 = time.perf_counter()
         # The same steps as the predictor's own loader (sam2.utils.misc._load_img_as_tensor), so the
         # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
         with Image.open(self.source.path(frame_idx)) as pil:
             rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # a JPEG decodes to RGB: no copy
             small = np.asarray(rgb.resize((self.image_size, self.image_size)))
             full = np.asarray(rgb)
-        # normalised with a lookup table, not torch: a torch op on this thread would start a second
-        # OpenMP team that spins on the cores the model's own threads need
-        img = torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
+        img = self._normalise_on_cuda(small) if self._on_cuda else self._normalise_here(small)
         with self._lock:
             self._rgb[frame_idx] = full
-        self.loaded += 1
-        return img.to(self.device, non_blocking=True) if self.device.type == "cuda" else img
+            self.loaded += 1
+            self.load_s += time.perf_counter() - t0
+        return img
+
+    def _normalise_here(self, small: np.ndarray) -> torch.Tensor:
+        # a lookup table, not torch: a torch op on this thread would start a second OpenMP team that
+        # spins on the cores the model's own threads need
+        return torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
+
+    def _normalise_on_cuda(self, small: np.ndarray) -> torch.Tensor:
+        """The same lookup on the GPU (identical numbers), on this thread's own stream so that the copy
+        and the gather overlap the model's work; returns once the frame is ready on the device."""
+        assert self._norm_on_device is not None
+        ident = threading.get_ident()
+        stream = self._streams.get(ident)
+        if stream is None:
+            stream = self._streams.setdefault(ident, torch.cuda.Stream(self.device))
+        with torch.cuda.stream(stream):
+            pixels = torch.from_numpy(small).pin_memory().to(self.device, non_blocking=True)
+            index = pixels.permute(2, 0, 1).reshape(3, -1).long()
+            img = torch.gather(self._norm_on_device, 1, index).reshape(3, self.image_size, self.image_size)
+        stream.synchronize()
+        return img
 
     def ready(self, frame_idx: int) -> bool:
         """Whether frame i is already loaded (scheduled, finished, no error): taking it will not wait."""
@@ -145,7 +174,15 @@ class LazyFrames:
                 self._futures.pop(idx).cancel()
             for idx in [i for i in self._rgb if abs(i - frame_idx) > 2 * self.prefetch]:
                 del self._rgb[idx]  # never taken (a backward pass): bounded memory
-        return fut.result()
+        if fut.done():
+            img = fut.result()
+        else:
+            t0 = time.perf_counter()
+            img = fut.result()
+            self.waited_s += time.perf_counter() - t0
+        if self._on_cuda:  # made on a loader thread's stream, read on this one's: keep its memory until then
+            img.record_stream(torch.cuda.current_stream(self.device))
+        return img
 
     def close(self) -> None:
         for fut in self._futures.values():
@@ -175,6 +212,7 @@ class Sam2Segmenter:
         stride = int(getattr(predictor, "memory_temporal_stride_for_eval", 1))
         self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
         self.peak_frames_held = 0
+        self.last_frames_stats: dict[str, float] = {}  # the last job's loader figures (logged too)
         if self.device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
 
@@ -257,6 +295,11 @@ class Sam2Segmenter:
                     yield self._ordered(out, expected_ids)
         finally:
             images.close()
+            if images.loaded:
+                self.last_frames_stats = {"loaded": images.loaded, "waited_s": images.waited_s,
+                                          "load_ms": 1000 * images.load_s / images.loaded}
+                log.info("frames: %d loaded (%.1f ms each on a loader thread); the model waited %.2f s for them",
+                         images.loaded, 1000 * images.load_s / images.loaded, images.waited_s)
             self.features.clear()
             state.clear()
             if self.device.type == "cuda":
@@ -308,12 +351,17 @@ class Sam2Segmenter:
     @staticmethod
     def _object_scores(state: dict[str, Any], frame_idx: int, num_objects: int) -> np.ndarray:
         """SAM 2's object presence score per object on this frame, as a probability."""
-        scores = np.zeros(num_objects, dtype=np.float32)
+        found: list[int] = []
+        logits: list[torch.Tensor] = []
         for obj_idx in range(num_objects):
             outputs = state["output_dict_per_obj"][obj_idx]
             out = outputs["cond_frame_outputs"].get(frame_idx) or outputs["non_cond_frame_outputs"].get(frame_idx)
             if out is not None and out.get("object_score_logits") is not None:
-                scores[obj_idx] = float(torch.sigmoid(out["object_score_logits"].float()).flatten()[0])
+                found.append(obj_idx)
+                logits.append(out["object_score_logits"].flatten()[:1])
+        scores = np.zeros(num_objects, dtype=np.float32)
+        if logits:  # one copy from the device for all objects
+            scores[found] = torch.sigmoid(torch.cat(logits).float()).cpu().numpy()
         return scores
 
     @staticmethod

@@ -1,0 +1,140 @@
+"""The service on a GPU against the bare model loop, side by side from one run.
+
+Bare loop: the frames already on the GPU (SAM 2's own init_state, which loads every frame onto the
+device, untimed), then add_new_points_or_box + propagate_in_video, each frame's masks thresholded and
+copied to the host as any consumer needs them: the fastest SAM 2 itself can go.
+Driver only: our SAM 2 driver (Sam2Segmenter.segment: lazy loading from the JPEG directory, batched
+encoder, released state) in this process, no Redis: what the model path costs before publishing.
+Service: the whole service, submit from the video file to the job's last result
+(bench_service.run_service), with the MP4 render (the default) and masks only.
+
+All runs use SAM 2.1 tiny with random weights in bf16 (autocast, as the worker does) at --image-size
+(1024, the model's own size, by default), one object prompted by a point on frame 0. Rounds are
+interleaved and medians reported. Needs no ffmpeg (frames are extracted with our own producer).
+
+    python bench/bench_gpu.py [--frames 300] [--image-size 1024] [--repeats 3] [--video V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_service import run_service  # noqa: E402
+from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
+from producer.decode import extract_frames  # noqa: E402
+from schemas.prompts import ObjectPrompt  # noqa: E402
+from worker.checkpoints import build_predictor, get_preset  # noqa: E402
+from worker.frames import DirFrames  # noqa: E402
+from worker.sam2_segmenter import Sam2Segmenter  # noqa: E402
+
+
+def run_bare(predictor: object, frames_dir: Path, point: tuple[float, float]) -> dict[str, float]:
+    """SAM 2's own loop with every frame already on the GPU; timed from the prompt to the last mask."""
+    p = predictor
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        state = p.init_state(str(frames_dir))  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        p.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=np.array([point], np.float32),  # type: ignore[attr-defined]
+                                labels=np.array([1], np.int32))
+        first, n = 0.0, 0
+        for _k, _ids, logits in p.propagate_in_video(state):  # type: ignore[attr-defined]
+            _ = (logits[:, 0] > 0).cpu().numpy()
+            n += 1
+            first = first or time.perf_counter() - t0
+        total = time.perf_counter() - t0
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20
+    del state
+    torch.cuda.empty_cache()
+    return {"first_result_s": first, "total_s": total, "frames": n, "gpu_peak_mib": gpu_peak}
+
+
+def run_driver(seg: Sam2Segmenter, frames_dir: Path, num_frames: int, point: tuple[float, float],
+               size_wh: tuple[int, int]) -> dict[str, float]:
+    """Our driver over the JPEG directory (frames loaded lazily by its threads), no Redis."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    first, n = 0.0, 0
+    prompt = ObjectPrompt(1, 0, (point,), (1,))
+    for _out in seg.segment(DirFrames(frames_dir, num_frames), [prompt], width=size_wh[0], height=size_wh[1]):
+        n += 1
+        first = first or time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    stats = seg.last_frames_stats
+    return {"first_result_s": first, "total_s": total, "frames": n, "waited_s": stats["waited_s"],
+            "load_ms": stats["load_ms"], "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--image-size", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--video", type=Path, default=SHARED_VIDEOS / "bedroom.mp4")
+    ap.add_argument("--encoder-batch", type=int, default=2)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu needs CUDA; on a CPU use bench/bench_service.py")
+    clip = looped_clip(args.video, args.frames)
+    point_s = "480,300" if args.video.name == "bedroom.mp4" else "640,360"
+    point = tuple(float(v) for v in point_s.split(","))
+    print(f"machine: {machine()}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"clip: {clip.name} ({args.frames} frames), SAM 2.1 tiny random weights, bf16, image size "
+          f"{args.image_size}, one object (point {point_s} on frame 0); {args.repeats} interleaved rounds, medians")
+    torch.manual_seed(0)
+    predictor = build_predictor(get_preset("tiny"), None, device="cuda", image_size=args.image_size)
+    seg = Sam2Segmenter(predictor, name="tiny", random_weights=True, encoder_batch=args.encoder_batch)
+    seg.warm_up()
+    rounds: list[dict[str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        frames_dir = Path(tmp) / "frames"
+        extract_frames(clip, frames_dir)
+        with Image.open(frames_dir / "00000.jpg") as first_frame:
+            size_wh = first_frame.size
+        for k in range(args.repeats):
+            runs = {
+                "bare": run_bare(predictor, frames_dir, point),
+                "driver": run_driver(seg, frames_dir, args.frames, point, size_wh),
+                "service": run_service(clip, args.image_size, "cuda", point_s),
+                "masks only": run_service(clip, args.image_size, "cuda", point_s, render=False),
+            }
+            for run in runs.values():
+                run["fps"] = run["frames"] / run["total_s"]
+            rounds.append(runs)
+            bare = runs["bare"]["fps"]
+            print(f"round {k + 1}: frames/s " + ", ".join(f"{name} {run['fps']:.1f} ({run['fps'] / bare:.3f})"
+                                                          for name, run in runs.items()), flush=True)
+    names = list(rounds[0])
+    med = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]} for name in names}
+    print(f"{'median of the rounds':26}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/bare':>17}" for n in names[1:]))
+    for label, key in (("frames/s", "fps"), ("time to first result (s)", "first_result_s"), ("total (s)", "total_s")):
+        base = med["bare"][key]
+        print(f"{label:26}" + "".join(f"{med[n][key]:>12.3f}" for n in names)
+              + "".join(f"{med[n][key] / base:>17.3f}" for n in names[1:]))
+    print(f"the model waited for frames (s): driver {med['driver']['waited_s']:.2f}, service "
+          f"{med['service']['waited_s']:.2f}, masks only {med['masks only']['waited_s']:.2f}; loader "
+          f"{med['driver']['load_ms']:.1f} ms a frame (one thread)")
+    print(f"GPU memory peak (MiB): bare {med['bare']['gpu_peak_mib']:.0f} (every frame on the device), "
+          f"driver {med['driver']['gpu_peak_mib']:.0f}")
+    for name in ("service", "masks only"):
+        run = med[name]
+        print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f}, producer {run['producer_cpu_s']:.1f}, "
+              f"redis-server {run['redis_cpu_s']:.1f}; worker peak RSS {run['peak_rss_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
