@@ -87,6 +87,12 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
         threading.Thread(target=read_log, daemon=True).start()
         if not ready.wait(300):
             raise SystemExit("worker did not start:\n" + "".join(log[-30:]))
+        spy = None
+        if os.environ.get("VSEG_BENCH_PYSPY"):  # EXPERIMENT: where the worker's threads hold the GIL
+            spy = subprocess.Popen(["py-spy", "record", "--gil", "--format", "raw", "--rate", "500", "-o",
+                                    f"{os.environ['VSEG_BENCH_PYSPY']}-{'render' if render else 'masks'}.txt",
+                                    "--pid", str(worker.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            time.sleep(1.0)
         worker_cpu0, redis_cpu0, own_cpu0 = _cpu_s(worker.pid), _cpu_s(server.proc.pid), time.process_time()
         t0 = time.monotonic()
         submitted: dict[str, float] = {}
@@ -116,6 +122,8 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
                "producer_cpu_s": time.process_time() - own_cpu0}
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
+        if spy is not None:
+            spy.wait(30)
         time.sleep(0.2)
         match = re.search(r"peak RSS (\d+) MiB", "".join(log))
         waited = re.findall(r"the model waited ([\d.]+) s", "".join(log))

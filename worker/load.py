@@ -14,10 +14,17 @@ def share_cores_with_model(device: str) -> None:
     """Beside a model on the CPU, OpenCV (the renderer's drawing and colour conversion) runs on the
     calling thread only: its own thread pool would wake a thread per core for each call and preempt
     the model's OpenMP threads on every core at once. Beside a GPU model it keeps its threads."""
+    import os
+    import sys
+
     import cv2
 
     if not str(device).startswith("cuda"):
         cv2.setNumThreads(1)
+    interval_ms = os.environ.get("VSEG_SWITCH_INTERVAL_MS")  # EXPERIMENT
+    if interval_ms:
+        sys.setswitchinterval(float(interval_ms) / 1000)
+        log.info("GIL switch interval %s ms", interval_ms)
 
 
 def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
