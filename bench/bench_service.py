@@ -89,7 +89,7 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
             raise SystemExit("worker did not start:\n" + "".join(log[-30:]))
         spy = None
         if os.environ.get("VSEG_BENCH_PYSPY"):  # EXPERIMENT: where the worker's threads hold the GIL
-            spy = subprocess.Popen(["py-spy", "record", "--gil", "--format", "raw", "--rate", "500", "-o",
+            spy = subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "--rate", "500", "-o",
                                     f"{os.environ['VSEG_BENCH_PYSPY']}-{'render' if render else 'masks'}.txt",
                                     "--pid", str(worker.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             time.sleep(1.0)
