@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 import numpy as np
+from pycocotools import _mask
 from pycocotools import mask as mask_utils
 
 
@@ -22,9 +23,23 @@ def encode_mask(mask: np.ndarray) -> Rle:
     if not isinstance(mask, np.ndarray) or mask.ndim != 2:
         shape = getattr(mask, "shape", type(mask).__name__)
         raise ValueError(f"mask must be a 2D np.ndarray of shape (H, W), but got {shape}")
-    fortran = np.asfortranarray(mask.astype(np.uint8, copy=False))
-    rle = mask_utils.encode(fortran)
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": bytes(rle["counts"])}
+    height, width = mask.shape
+    # Run lengths in column-major order (COCO's), found with numpy, which lets go of the GIL for each
+    # whole-array step; pycocotools then only packs the runs into its string. The same bytes as
+    # mask_utils.encode (tests/test_schemas.py), whose per-pixel loop holds the GIL and would stall
+    # the model's thread, which launches its GPU work from Python.
+    flat = np.ascontiguousarray(mask.T).reshape(-1).view(np.uint8) if mask.dtype == np.bool_ else \
+        (np.ascontiguousarray(mask.T).reshape(-1) != 0).view(np.uint8)
+    if flat.size == 0:
+        counts = np.zeros(1, dtype=np.uint32)  # one empty run of zeros, as pycocotools writes it
+    else:
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        bounds = np.concatenate(([0], change, [flat.size]))
+        counts = np.diff(bounds).astype(np.uint32)
+        if flat[0]:  # COCO counts start with a (possibly empty) run of zeros
+            counts = np.concatenate((np.zeros(1, dtype=np.uint32), counts))
+    rle = _mask.frUncompressedRLE([{"size": [height, width], "counts": counts}], height, width)[0]
+    return {"size": [int(height), int(width)], "counts": bytes(rle["counts"])}
 
 
 def _coco(rle: Rle | dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +66,12 @@ def rle_bbox_xyxy(rle: Rle | dict[str, Any]) -> list[float]:
 
 
 def mask_bbox_xyxy(mask: np.ndarray) -> list[float]:
-    """Same box as rle_bbox_xyxy, computed from a dense mask (for checks)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    """Same box as rle_bbox_xyxy, computed from a dense (H, W) mask."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    rows = np.flatnonzero(mask.any(axis=1))
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
 def rle_to_json(rle: Rle | dict[str, Any]) -> dict[str, Any]:

@@ -121,6 +121,31 @@ def test_lazy_frames_give_the_predictors_own_pixels(frames_dir: Path) -> None:
         lazy.close()
 
 
+def test_the_cuda_loaders_arithmetic_gives_the_predictors_own_pixels(frames_dir: Path, tmp_path: Path) -> None:
+    """The CUDA loader's steps (simplejpeg decode, Pillow's resize in integers, the lookup table with
+    torch) run here on the CPU tensor: exactly SAM 2's loader's tensors, for the producer's frames and
+    for JPEGs Pillow writes (other subsampling), a grey one, and a PNG (which takes the Pillow path)."""
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
+    from worker.sam2_segmenter import _decode_rgb, model_input_on_device, normalisation_table
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rgb = np.asarray(Image.open(frames_dir / "00003.jpg"))
+    Image.fromarray(rgb).save(odd / "00000.jpg", quality=90, subsampling=0)
+    Image.fromarray(rgb[:, :, 1]).save(odd / "00001.jpg")
+    Image.fromarray(rgb).save(odd / "00002.png")  # SAM 2 lists only .jpg/.jpeg: compared with Pillow below
+    table = torch.from_numpy(normalisation_table())
+    for folder, count in ((frames_dir, N), (odd, 2)):
+        theirs, _, _ = load_video_frames_from_jpg_images(str(folder), 1024, offload_video_to_cpu=True,
+                                                         compute_device=torch.device("cpu"))
+        for k in range(count):
+            ours = model_input_on_device(torch.from_numpy(_decode_rgb(folder / f"{k:05d}.jpg")), 1024, table)
+            assert torch.equal(ours, theirs[k]), f"{folder.name} frame {k}: pixels differ from SAM 2's loader"
+    png = _decode_rgb(odd / "00002.png")
+    assert np.array_equal(png, rgb)
+
+
 @pytest.fixture(scope="module")
 def cuda_predictor() -> object:
     if not torch.cuda.is_available():

@@ -108,6 +108,29 @@ def test_rle_round_trip_matches_pycocotools() -> None:
     assert np.array_equal(decode_mask(rle_to_json(rle)), mask)
 
 
+def _masks_of_every_kind() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    masks = [np.zeros((20, 30), bool), np.ones((20, 30), bool), np.zeros((1, 1), bool), np.ones((1, 1), bool),
+             np.zeros((0, 4), bool), rng.random((540, 960)) > 0.5, rng.random((61, 17)) > 0.97]
+    first = np.zeros((9, 7), bool)
+    first[0, 0] = True  # a mask starting with foreground: counts begin with an empty run
+    last = np.zeros((9, 7), bool)
+    last[-1, -1] = True
+    disc = np.hypot(*np.mgrid[-270:270, -480:480]) < 200
+    return [*masks, first, last, disc, np.asfortranarray(disc), disc[::2, ::3], disc.astype(np.uint8)]
+
+
+@pytest.mark.parametrize("k", range(13))
+def test_rle_bytes_equal_pycocotools_encode(k: int) -> None:
+    """Our run-length path gives exactly pycocotools' own encoding, for any layout, size and content."""
+    mask = _masks_of_every_kind()[k]
+    ours = encode_mask(mask)
+    theirs = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert ours["size"] == [int(v) for v in theirs["size"]] and ours["counts"] == theirs["counts"]
+    if mask.size:
+        assert mask_bbox_xyxy(mask.astype(bool)) == rle_bbox_xyxy(ours)
+
+
 def test_bbox_is_tight_and_exclusive() -> None:
     mask = np.zeros((20, 30), dtype=bool)
     mask[4:9, 7:12] = True

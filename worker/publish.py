@@ -15,7 +15,7 @@ import redis
 
 from schemas import messages
 from schemas.names import STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, Keys, frame_entry_id
-from schemas.rle import encode_mask, rle_area, rle_bbox_xyxy
+from schemas.rle import encode_mask, mask_bbox_xyxy
 from worker.lease import FENCED_HSET_LUA, FENCED_XADD_LUA, FINISH_LUA, Lease, LeaseLost
 from worker.segment import FrameMasks
 
@@ -34,11 +34,10 @@ def frame_result(job_id: str, out: FrameMasks, *, random_weights: bool) -> messa
     """RLE-encode every object's mask on one frame (pure)."""
     objects = []
     for obj_id, mask, score in zip(out.obj_ids, out.masks, out.scores):
-        rle = encode_mask(np.asarray(mask, dtype=bool))
+        dense = np.asarray(mask, dtype=bool)
         objects.append(
-            messages.ObjectResult(
-                obj_id=int(obj_id), mask=rle, bbox_xyxy=rle_bbox_xyxy(rle), area=rle_area(rle), score=float(score)
-            )
+            messages.ObjectResult(obj_id=int(obj_id), mask=encode_mask(dense), bbox_xyxy=mask_bbox_xyxy(dense),
+                                  area=int(np.count_nonzero(dense)), score=float(score))
         )
     return messages.FrameResult(job_id=job_id, frame_idx=out.frame_idx, objects=tuple(objects), random_weights=random_weights)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import tempfile
@@ -35,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
 from schemas.errors import ConfigError, PromptError
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.storage import frame_name
+from worker import pil_resize
 from worker.encoder_batch import BatchedFeatures
 from worker.frames import DirFrames, FrameSource
 from worker.segment import FrameMasks
@@ -75,6 +78,26 @@ def normalisation_table() -> np.ndarray:
     return np.stack([(scaled - mean[c]) / std[c] for c in range(3)])
 
 
+def model_input_on_device(pixels: torch.Tensor, image_size: int, table: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB on a device -> the model's (3, S, S) float32 input there: Pillow's resize
+    in integers, then `table` (normalisation_table() on that device) per channel."""
+    small = pil_resize.resize(pixels, (image_size, image_size))
+    index = small.permute(2, 0, 1).reshape(3, -1).long()
+    return torch.gather(table, 1, index).reshape(3, image_size, image_size)
+
+
+def _decode_rgb(path: Path) -> np.ndarray:
+    """A frame as an (H, W, 3) RGB array, Pillow's exact pixels (both use libjpeg-turbo's default
+    decoder; tests/test_sam2_memory.py), decoded by simplejpeg, which lets go of the GIL throughout.
+    Anything simplejpeg cannot read (not a JPEG, CMYK) goes through Pillow, as SAM 2's loader does."""
+    data = path.read_bytes()
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:  # noqa: BLE001 - Pillow reads it or says clearly why not
+        with Image.open(io.BytesIO(data)) as pil:
+            return np.asarray(pil.convert("RGB"))
+
+
 class LazyFrames:
     """Stands in for the predictor's preloaded `images` tensor: frame i is loaded on first access,
     with the next `prefetch` frames (in the direction of travel) decoded ahead by a thread pool."""
@@ -105,13 +128,17 @@ class LazyFrames:
         if not self.source.wait(frame_idx):
             raise EndOfFrames(frame_idx)
         t0 = time.perf_counter()
-        # The same steps as the predictor's own loader (sam2.utils.misc._load_img_as_tensor), so the
-        # model sees identical pixels; the full-size RGB frame is kept too, for the renderer.
-        with Image.open(self.source.path(frame_idx)) as pil:
-            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # a JPEG decodes to RGB: no copy
-            small = np.asarray(rgb.resize((self.image_size, self.image_size)))
-            full = np.asarray(rgb)
-        img = self._normalise_on_cuda(small) if self._on_cuda else self._normalise_here(small)
+        # The same pixels as the predictor's own loader (sam2.utils.misc._load_img_as_tensor: Pillow's
+        # decode, convert("RGB"), resize); the full-size RGB frame is kept too, for the renderer.
+        if self._on_cuda:
+            full = _decode_rgb(self.source.path(frame_idx))
+            img = self._prepare_on_cuda(full)
+        else:
+            with Image.open(self.source.path(frame_idx)) as pil:
+                rgb = pil if pil.mode == "RGB" else pil.convert("RGB")  # a JPEG decodes to RGB: no copy
+                small = np.asarray(rgb.resize((self.image_size, self.image_size)))
+                full = np.asarray(rgb)
+            img = self._normalise_here(small)
         with self._lock:
             self._rgb[frame_idx] = full
             self.loaded += 1
@@ -123,18 +150,19 @@ class LazyFrames:
         # spins on the cores the model's own threads need
         return torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
 
-    def _normalise_on_cuda(self, small: np.ndarray) -> torch.Tensor:
-        """The same lookup on the GPU (identical numbers), on this thread's own stream so that the copy
-        and the gather overlap the model's work; returns once the frame is ready on the device."""
+    def _prepare_on_cuda(self, full: np.ndarray) -> torch.Tensor:
+        """Resize (Pillow's arithmetic in integers: worker/pil_resize.py) and normalise (the same lookup
+        table) on the GPU, so the model gets identical numbers while this thread holds the GIL for
+        almost nothing; on this thread's own stream, overlapping the model's work. Returns once the
+        frame is ready on the device."""
         assert self._norm_on_device is not None
         ident = threading.get_ident()
         stream = self._streams.get(ident)
         if stream is None:
             stream = self._streams.setdefault(ident, torch.cuda.Stream(self.device))
         with torch.cuda.stream(stream):
-            pixels = torch.from_numpy(small).pin_memory().to(self.device, non_blocking=True)
-            index = pixels.permute(2, 0, 1).reshape(3, -1).long()
-            img = torch.gather(self._norm_on_device, 1, index).reshape(3, self.image_size, self.image_size)
+            pixels = torch.from_numpy(full).pin_memory().to(self.device, non_blocking=True)
+            img = model_input_on_device(pixels, self.image_size, self._norm_on_device)
         stream.synchronize()
         return img
 
