@@ -113,6 +113,8 @@ def main() -> None:
                 "driver": run_driver(seg, frames_dir, args.frames, point, size_wh),
                 "service": run_service(clip, args.image_size, "cuda", point_s),
                 "masks only": run_service(clip, args.image_size, "cuda", point_s, render=False),
+                "one process": run_service(clip, args.image_size, "cuda", point_s,
+                                           env_extra={"VSEG_MODEL_PROCESS": "off"}),
             }
             for run in runs.values():
                 run["fps"] = run["frames"] / run["total_s"]
@@ -132,10 +134,13 @@ def main() -> None:
           f"{med['driver']['load_ms']:.1f} ms a frame (one thread)")
     print(f"GPU memory peak (MiB): bare {med['bare']['gpu_peak_mib']:.0f} (every frame on the device), "
           f"driver {med['driver']['gpu_peak_mib']:.0f}")
-    for name in ("service", "masks only"):
+    print("service, masks only: the model in its own process (model_process auto, the CUDA default); one process: "
+          "the model in the worker's process (VSEG_MODEL_PROCESS=off), with the MP4")
+    for name in ("service", "masks only", "one process"):
         run = med[name]
-        print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f}, producer {run['producer_cpu_s']:.1f}, "
-              f"redis-server {run['redis_cpu_s']:.1f}; worker peak RSS {run['peak_rss_mib']:.0f} MiB")
+        print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f} (with its model process), producer "
+              f"{run['producer_cpu_s']:.1f}, redis-server {run['redis_cpu_s']:.1f}; worker peak RSS "
+              f"{run['peak_rss_mib']:.0f} MiB (the worker's process alone)")
 
 
 if __name__ == "__main__":

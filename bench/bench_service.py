@@ -48,6 +48,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the worker and its model process)."""
+    total = _cpu_s(pid)
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            total += _tree_cpu_s(int(child))
+    return total
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -65,12 +74,13 @@ def run_plain(clip: Path, image_size: int, device: str, point: str) -> dict[str,
     return result
 
 
-def run_service(clip: Path, image_size: int, device: str, point: str, *, render: bool = True) -> dict[str, float]:
+def run_service(clip: Path, image_size: int, device: str, point: str, *, render: bool = True,
+                env_extra: dict[str, str] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp, RedisServer(data_dir=Path(tmp)) as server:
         storage = Path(tmp) / "storage"
         settings = Settings.load(environ={}, redis_url=server.url, storage_root=storage, block_ms=100)
         env = {**os.environ, "REDIS_URL": server.url, "STORAGE_ROOT": str(storage), "TQDM_DISABLE": "1",
-               "VSEG_BLOCK_MS": "100"}
+               "VSEG_BLOCK_MS": "100", **(env_extra or {})}
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--checkpoint", "random", "--image-size",
                                    str(image_size), "--device", device, "--name", "bench"],
                                   cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -87,13 +97,7 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
         threading.Thread(target=read_log, daemon=True).start()
         if not ready.wait(300):
             raise SystemExit("worker did not start:\n" + "".join(log[-30:]))
-        spy = None
-        if os.environ.get("VSEG_BENCH_PYSPY"):  # EXPERIMENT: where the worker's threads hold the GIL
-            spy = subprocess.Popen(["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "--rate", "500", "-o",
-                                    f"{os.environ['VSEG_BENCH_PYSPY']}-{'render' if render else 'masks'}.txt",
-                                    "--pid", str(worker.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            time.sleep(1.0)
-        worker_cpu0, redis_cpu0, own_cpu0 = _cpu_s(worker.pid), _cpu_s(server.proc.pid), time.process_time()
+        worker_cpu0, redis_cpu0, own_cpu0 = _tree_cpu_s(worker.pid), _cpu_s(server.proc.pid), time.process_time()
         t0 = time.monotonic()
         submitted: dict[str, float] = {}
 
@@ -118,12 +122,10 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
                     raise
                 time.sleep(0.005)
         total = time.monotonic() - t0
-        cpu = {"worker_cpu_s": _cpu_s(worker.pid) - worker_cpu0, "redis_cpu_s": _cpu_s(server.proc.pid) - redis_cpu0,
+        cpu = {"worker_cpu_s": _tree_cpu_s(worker.pid) - worker_cpu0, "redis_cpu_s": _cpu_s(server.proc.pid) - redis_cpu0,
                "producer_cpu_s": time.process_time() - own_cpu0}
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
-        if spy is not None:
-            spy.wait(30)
         time.sleep(0.2)
         match = re.search(r"peak RSS (\d+) MiB", "".join(log))
         waited = re.findall(r"the model waited ([\d.]+) s", "".join(log))

@@ -34,6 +34,7 @@ ENV_VARS: dict[str, str] = {
     "image_size": "VSEG_IMAGE_SIZE",
     "device": "VSEG_DEVICE",
     "encoder_batch": "VSEG_ENCODER_BATCH",
+    "model_process": "VSEG_MODEL_PROCESS",
     "jpeg_quality": "VSEG_JPEG_QUALITY",
     "render_preset": "VSEG_RENDER_PRESET",
     "render_threads": "VSEG_RENDER_THREADS",
@@ -63,6 +64,7 @@ class Settings:
     image_size: int | None = None  # None: the model's own (1024)
     device: str = "auto"  # auto, cuda, cuda:N, cpu
     encoder_batch: int = 2  # frames per image-encoder pass (already-loaded frames ahead; 1: one at a time)
+    model_process: str = "auto"  # the model in a child process: auto (on CUDA only), on, off
     jpeg_quality: int = 95
     render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
@@ -84,6 +86,8 @@ class Settings:
             raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
         if not 1 <= self.encoder_batch <= 64:
             raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
+        if self.model_process not in ("auto", "on", "off"):
+            raise ConfigError(f"model_process must be auto, on or off, but got {self.model_process!r}")
         if self.render_preset != "auto" and self.render_preset not in X264_PRESETS:
             raise ConfigError(f"render_preset must be auto or one of {', '.join(X264_PRESETS)}, but got "
                               f"{self.render_preset!r}")

@@ -45,11 +45,17 @@ def env(redis_server: RedisServer, storage_root: Path, tmp_path: Path) -> dict[s
             "VSEG_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "VSEG_BLOCK_MS": "200", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_submit_worker_watch_with_real_sam2(device: str, env: dict[str, str], tmp_path: Path,
+@pytest.mark.parametrize(("device", "model_process"), [
+    ("cpu", "auto"),  # in the worker's process
+    ("cpu", "on"),  # in a child process, as on CUDA by default
+    pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+    pytest.param("cuda", "off", marks=pytest.mark.gpu),
+])
+def test_submit_worker_watch_with_real_sam2(device: str, model_process: str, env: dict[str, str], tmp_path: Path,
                                             storage_root: Path) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    env = {**env, "VSEG_MODEL_PROCESS": model_process}
     video = make_video(tmp_path / "two.mp4", num_frames=N_FRAMES, size_wh=SIZE_WH, fps=8)
     x0, y0 = disc_center(0, N_FRAMES, SIZE_WH)
     x5, y5 = disc_center(5, N_FRAMES, SIZE_WH)
@@ -64,6 +70,7 @@ def test_submit_worker_watch_with_real_sam2(device: str, env: dict[str, str], tm
               env)
     assert wrk.returncode == 0, wrk.stderr[-3000:]
     assert "RANDOM WEIGHTS" in wrk.stderr
+    assert ("model process" in wrk.stderr) == (model_process == "on" or (device, model_process) == ("cuda", "auto"))
 
     out = tmp_path / "out"
     wat = run(["-m", "producer", "watch", "e2e", "--out", str(out), "--timeout", "60"], env)

@@ -120,6 +120,38 @@ def test_killed_worker_job_is_reclaimed_and_completes_with_every_frame_once(
     assert "reclaimed job entry" in b.log() and "already on" in b.log()  # Redis rejected b's duplicates
 
 
+def test_model_process_workers_kill_9_leaves_no_orphan_and_the_job_completes_once(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The same with the model in a child process of each worker (VSEG_MODEL_PROCESS=on, the CUDA
+    default): killing the worker takes its model process with it, and the next worker's model
+    process finishes the job, every frame once."""
+    import re
+
+    on = {"VSEG_MODEL_PROCESS": "on"}
+    submit(video, prompt(), settings=settings, client=redis_client, job_id="mp")
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1, env=on)
+    wait_for(lambda: frames_done(redis_client, settings, "mp") >= 5, what="a publishes frames")
+    child = int(re.search(r"model process (\d+) ready", a.log()).group(1))  # type: ignore[union-attr]
+    a.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")  # exited, unreaped
+        except OSError:
+            return True
+
+    wait_for(lambda: gone(child), timeout_s=15, what="a's model process exits")
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.01, env=on)
+    try:
+        wait_for(lambda: state(redis_client, settings, "mp").get("state") == "completed", what="b completes")
+    finally:
+        b.signal(signal.SIGTERM)
+        assert b.wait() == 0
+    assert_complete_exactly_once(redis_client, settings, "mp")
+    assert "model process" in b.log() and "ready" in b.log()
+
+
 # ---- 3. fencing -----------------------------------------------------------------------------------
 def test_stale_worker_writes_nothing_after_losing_its_lease(
     video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path

@@ -27,13 +27,13 @@ class WorkerProcess:
     """`python -m worker --fake-segmenter` in a subprocess, its log in a file."""
 
     def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
-                 delay_s: float = 0.05, extra: list[str] | None = None) -> None:
+                 delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         args = [sys.executable, "-m", "worker", "--fake-segmenter", "--fake-delay", str(delay_s), "--name", name,
                 "--lease", str(lease_s), *(extra or [])]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=worker_env(settings), stdout=self._log,
+        self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
     def signal(self, sig: int) -> None:

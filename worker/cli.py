@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
 
         segmenter = load_segmenter(settings, fake=args.fake_segmenter, fake_delay_s=args.fake_delay,
                                    fake_busy=args.fake_busy)
-        worker = Worker(settings=settings, segmenter=segmenter, client=connect(settings), name=args.name)
-        worker.install_signal_handlers()
-        worker.run(burst=args.burst)
+        try:
+            worker = Worker(settings=settings, segmenter=segmenter, client=connect(settings), name=args.name)
+            worker.install_signal_handlers()
+            worker.run(burst=args.burst)
+        finally:
+            close = getattr(segmenter, "close", None)  # the model's process, if it has one
+            if close is not None:
+                close()
         return 0
     except VsegError as e:
         log.error("%s", e)

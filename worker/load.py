@@ -14,23 +14,28 @@ def share_cores_with_model(device: str) -> None:
     """Beside a model on the CPU, OpenCV (the renderer's drawing and colour conversion) runs on the
     calling thread only: its own thread pool would wake a thread per core for each call and preempt
     the model's OpenMP threads on every core at once. Beside a GPU model it keeps its threads."""
-    import os
-    import sys
-
     import cv2
 
     if not str(device).startswith("cuda"):
         cv2.setNumThreads(1)
-    interval_ms = os.environ.get("VSEG_SWITCH_INTERVAL_MS")  # EXPERIMENT
-    if interval_ms:
-        sys.setswitchinterval(float(interval_ms) / 1000)
-        log.info("GIL switch interval %s ms", interval_ms)
 
 
 def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
                    fake_busy: bool = False) -> Segmenter:
     """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter
-    wrapped in the fault-injection hooks of worker/chaos_hooks.py (tests only)."""
+    wrapped in the fault-injection hooks of worker/chaos_hooks.py (tests only). With `model_process`
+    (auto: on CUDA) the model runs in a child process (worker/model_process.py)."""
+    if settings.model_process != "off":
+        from worker.model_process import ModelProcess, use_model_process
+
+        if fake:
+            device = "cpu"
+        else:
+            from worker.checkpoints import resolve_device
+
+            device = resolve_device(settings.device)
+        if use_model_process(settings, device):
+            return ModelProcess(settings, fake={"fake_delay_s": fake_delay_s, "fake_busy": fake_busy} if fake else None)
     if fake:
         from worker.chaos_hooks import ChaosHooks
         from worker.fake_segmenter import ColourSegmenter

@@ -1,0 +1,126 @@
+"""The model in its own process (worker/model_process.py), driven through the fake colour segmenter
+and its fault-injection hooks: same results as in the worker's process, early stops, errors that
+keep their type, a child that dies mid-job, and a child that cannot start."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from schemas.errors import ConfigError, RetryableError
+from schemas.settings import Settings
+from tests.test_fake_segmenter import prompts, write_frames
+from worker.fake_segmenter import ColourSegmenter
+from worker.frames import DirFrames, StreamedFrames
+from worker.load import load_segmenter
+from worker.model_process import (
+    ModelProcess,
+    ModelProcessDied,
+    describe_frames,
+    open_frames,
+    use_model_process,
+)
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ModelProcess]:
+    proc = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    yield proc
+    proc.close()
+
+
+@pytest.fixture
+def frames(tmp_path: Path) -> DirFrames:
+    write_frames(tmp_path / "frames")
+    return DirFrames(tmp_path / "frames", N)
+
+
+def test_results_equal_those_of_the_segmenter_in_this_process(model: ModelProcess, frames: DirFrames) -> None:
+    assert model.name == ColourSegmenter().name and model.device == "cpu" and model.pid != os.getpid()
+    ours = list(model.segment(frames, prompts(), width=160, height=120))
+    theirs = list(ColourSegmenter().segment(frames, prompts(), width=160, height=120))
+    assert [o.frame_idx for o in ours] == [t.frame_idx for t in theirs] == list(range(N))
+    for o, t in zip(ours, theirs):
+        assert o.obj_ids == t.obj_ids
+        assert o.masks.dtype == bool and np.array_equal(o.masks, t.masks)  # bit-packed across, unpacked exactly
+        assert np.array_equal(o.scores, t.scores)
+
+
+def test_a_job_stopped_early_leaves_the_process_ready_for_the_next(model: ModelProcess, frames: DirFrames) -> None:
+    pid = model.pid
+    outputs = model.segment(frames, prompts(), width=160, height=120)
+    assert [next(outputs).frame_idx for _ in range(2)] == [0, 1]
+    outputs.close()  # what the worker's loop does on cancel, lost lease or hand-back
+    assert [o.frame_idx for o in model.segment(frames, prompts(), width=160, height=120)] == list(range(N))
+    assert model.pid == pid and model.restarts == 0
+
+
+def test_an_error_in_the_model_process_is_raised_as_itself(model: ModelProcess, frames: DirFrames) -> None:
+    (frames.dir.parent / "transient-once").write_text("3")  # RetryableError on frame 3 (like a CUDA OOM)
+    seen = []
+    with pytest.raises(RetryableError, match="injected transient"):
+        for out in model.segment(frames, prompts(), width=160, height=120):
+            seen.append(out.frame_idx)
+    assert seen == [0, 1, 2]
+    assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N  # the retry runs
+
+
+def test_a_model_process_that_dies_fails_the_attempt_and_a_new_one_takes_over(frames: DirFrames) -> None:
+    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    try:
+        first = model.pid
+        (frames.dir.parent / "crash-worker").write_text("4")  # the model's process SIGKILLs itself on frame 4
+        with pytest.raises(ModelProcessDied, match=r"died during job \(exit code -9\)"):
+            list(model.segment(frames, prompts(), width=160, height=120))
+        assert isinstance(ModelProcessDied("x"), RetryableError)  # so the worker retries the job
+        (frames.dir.parent / "crash-worker").unlink()
+        assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N
+        assert model.restarts == 1 and model.pid != first
+    finally:
+        model.close()
+
+
+def test_a_killed_model_process_between_jobs_is_replaced(frames: DirFrames) -> None:
+    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    try:
+        assert model.pid is not None
+        os.kill(model.pid, signal.SIGKILL)
+        with pytest.raises(ModelProcessDied):
+            list(model.segment(frames, prompts(), width=160, height=120))
+        assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N
+    finally:
+        model.close()
+
+
+def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
+    settings = Settings(model_process="on", checkpoint=str(tmp_path / "missing.pt"), device="cpu")
+    with pytest.raises(ConfigError, match="missing.pt"):
+        ModelProcess(settings)
+
+
+def test_frame_sources_cross_the_process_boundary(tmp_path: Path) -> None:
+    d = open_frames(describe_frames(DirFrames(tmp_path, 5, check=False)))
+    assert isinstance(d, DirFrames) and d.dir == tmp_path and d.total == 5
+    client = redis.Redis(host="127.0.0.1", port=6390, db=3, socket_timeout=7.0)
+    s = open_frames(describe_frames(StreamedFrames(client, "vseg:frames:j", tmp_path, block_ms=150, stall_s=9.0)))
+    assert isinstance(s, StreamedFrames) and (s.stream, s.dir, s.block_ms, s.stall_s) == ("vseg:frames:j", tmp_path, 150, 9.0)
+    kwargs = s.client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["socket_timeout"]) == ("127.0.0.1", 6390, 3, 7.0)
+
+
+def test_model_process_setting() -> None:
+    assert use_model_process(Settings(), "cuda:0") and not use_model_process(Settings(), "cpu")
+    assert use_model_process(Settings(model_process="on"), "cpu")
+    assert not use_model_process(Settings(model_process="off"), "cuda")
+    with pytest.raises(ConfigError, match="model_process must be auto, on or off"):
+        Settings(model_process="sometimes")
+    assert isinstance(load_segmenter(Settings(), fake=True), object)  # auto beside the fake: in process
+    assert not isinstance(load_segmenter(Settings(), fake=True), ModelProcess)

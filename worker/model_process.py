@@ -1,0 +1,255 @@
+"""The model in a process of its own, so that the result path cannot slow it down (the default on CUDA).
+
+A small model on a fast GPU is bound by the Python thread that launches its kernels: SAM 2.1 tiny at
+1024 runs about 45 frames/s on an H100 with the GPU mostly idle. That thread takes the GIL back
+hundreds of times a frame, and every other thread of the worker (RLE encoding, MP4 rendering, Redis
+writes) holds the GIL in between: in one process the model ran at about 70 to 80% of its bare speed
+(bench/RESULTS.md, GPU section). Here the worker's process keeps the queue, the lease and the result
+path; a spawned child process owns the model and its frame loaders and sends each frame's masks
+(bit-packed) back through a pipe as soon as they are known.
+
+`ModelProcess` is a Segmenter (worker/segment.py), so the worker's job loop does not change:
+
+- the child starts once per worker, loads the model and warms it up; `ModelProcess()` returns when it
+  is ready, or raises the child's own error (a bad checkpoint, no CUDA) with its message;
+- `segment()` sends the job (frame source, prompts, size) and yields FrameMasks as they arrive; a
+  generator closed early (cancel, lease lost, hand-back) asks the child to stop and waits for it;
+- an error in the child (a bad prompt, CUDA out of memory) is re-raised in the worker as itself, so it
+  is classified as before (retried or failed); a child that dies (killed, segfault) raises
+  `ModelProcessDied`, a RetryableError: the job is retried and the next job starts a fresh child;
+- the child exits when the worker closes it, or when the pipe breaks because the worker died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.errors import RetryableError, VsegError
+from schemas.prompts import ObjectPrompt
+from schemas.settings import Settings
+from worker.frames import DirFrames, FrameSource, StreamedFrames
+from worker.segment import FrameMasks
+
+log = logging.getLogger(__name__)
+
+
+class ModelProcessDied(RetryableError):
+    """The model's process ended unexpectedly (killed, crashed): the job is retried with a new one."""
+
+
+# ---- frame sources across the process boundary --------------------------------------------------
+def describe_frames(frames: FrameSource) -> tuple[Any, ...]:
+    """What the child needs to open the same frame source (a Redis client cannot be pickled)."""
+    if isinstance(frames, StreamedFrames):
+        import inspect
+
+        import redis
+
+        accepted = inspect.signature(redis.Redis.__init__).parameters
+        kwargs = {("unix_socket_path" if k == "path" else k): v
+                  for k, v in frames.client.connection_pool.connection_kwargs.items()
+                  if (k in accepted or k == "path") and isinstance(v, (str, int, float, bool, type(None)))}
+        return ("stream", kwargs, frames.stream, str(frames.dir), frames.block_ms, frames.stall_s)
+    if isinstance(frames, DirFrames):
+        return ("dir", str(frames.dir), frames.total)
+    raise TypeError(f"cannot hand a {type(frames).__name__} to the model process")
+
+
+def open_frames(spec: tuple[Any, ...]) -> FrameSource:
+    if spec[0] == "dir":
+        return DirFrames(Path(spec[1]), spec[2], check=False)  # the worker checked it
+    import redis
+
+    _, kwargs, stream, frames_dir, block_ms, stall_s = spec
+    return StreamedFrames(redis.Redis(**kwargs), stream, Path(frames_dir), block_ms=block_ms, stall_s=stall_s)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling (so the worker classifies it as before), else a
+    RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable error becomes a plain one
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+# ---- the child ----------------------------------------------------------------------------------
+def _serve(conn: multiprocessing.connection.Connection, settings: Settings, fake: dict[str, Any] | None,
+           log_level: int) -> None:
+    """The child's main loop: load the model, then run one job per `segment` message."""
+    # Ctrl-C reaches the whole process group: the worker handles it (finish the job, then exit) and
+    # tells this process when to go
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
+    from worker.load import load_segmenter
+
+    try:
+        segmenter = load_segmenter(dataclasses.replace(settings, model_process="off"), fake=fake is not None,
+                                   **(fake or {}))
+    except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
+        conn.send(("error", _portable(e)))
+        return
+    conn.send(("ready", segmenter.name, segmenter.random_weights, str(getattr(segmenter, "device", "cpu"))))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the worker is gone
+            return
+        if msg[0] == "exit":
+            return
+        if msg[0] == "segment":
+            try:
+                _run_job(conn, segmenter, *msg[1:])
+            except (BrokenPipeError, EOFError, OSError):
+                return
+
+
+def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames_spec: tuple[Any, ...],
+             prompts: list[ObjectPrompt], width: int, height: int) -> None:
+    outputs = segmenter.segment(open_frames(frames_spec), prompts, width=width, height=height)
+    try:
+        for out in outputs:
+            conn.send(("frame", out.frame_idx, out.obj_ids, np.packbits(out.masks, axis=-1), out.masks.shape,
+                       out.scores))
+            if conn.poll() and conn.recv()[0] == "stop":  # the worker stopped reading
+                outputs.close()
+                conn.send(("stopped",))
+                return
+    except Exception as e:  # noqa: BLE001 - raised again in the worker
+        conn.send(("error", _portable(e)))
+        return
+    conn.send(("done",))
+
+
+# ---- the worker's side ---------------------------------------------------------------------------
+class ModelProcess:
+    """A Segmenter whose model runs in a child process (see the module doc)."""
+
+    def __init__(self, settings: Settings, *, fake: dict[str, Any] | None = None,
+                 start_timeout_s: float = 900.0) -> None:
+        self.settings = settings
+        self.fake = fake
+        self.start_timeout_s = start_timeout_s
+        self.name = ""
+        self.random_weights = False
+        self.device = "cpu"
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, self.settings, self.fake, logging.getLogger().level),
+                                 name="vseg-model", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        log.info("model process %d starting", self._proc.pid)
+        msg = self._recv(timeout_s=self.start_timeout_s, what="start")
+        if msg[0] == "error":
+            self.close()
+            raise msg[1]
+        _, self.name, self.random_weights, self.device = msg
+        log.info("model process %d ready (%s on %s)", self._proc.pid, self.name, self.device)
+
+    def _recv(self, *, timeout_s: float | None = None, what: str = "job") -> tuple[Any, ...]:
+        assert self._conn is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._conn.poll(1.0):
+            if not self._proc.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()
+                raise ModelProcessDied(f"the model process did not {what} within {timeout_s:.0f} s")
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            code = self._proc.exitcode
+            self.close()
+            raise ModelProcessDied(f"the model process died during {what} (exit code {code}); "
+                                   "the job is retried with a new one") from None
+
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        if self._conn is None:  # the last one died: start afresh
+            self.restarts += 1
+            self._start()
+        assert self._conn is not None
+        self._conn.send(("segment", describe_frames(frames), list(prompts), width, height))
+        finished = False
+        try:
+            while True:
+                msg = self._recv()
+                if msg[0] == "frame":
+                    _, frame_idx, obj_ids, packed, shape, scores = msg
+                    masks = np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool)
+                    yield FrameMasks(frame_idx, tuple(obj_ids), masks, scores)
+                elif msg[0] == "done":
+                    finished = True
+                    return
+                elif msg[0] == "error":
+                    finished = True
+                    raise msg[1]
+        finally:
+            if not finished and self._conn is not None:
+                self._stop_job()
+
+    def _stop_job(self) -> None:
+        """The worker stopped reading: tell the child and wait until it has left the job."""
+        assert self._conn is not None
+        try:
+            self._conn.send(("stop",))
+            while True:
+                msg = self._recv(timeout_s=60.0, what="stop")
+                if msg[0] in ("stopped", "done", "error"):
+                    return
+        except (VsegError, OSError) as e:
+            log.warning("model process did not stop cleanly (%s); starting a new one for the next job", e)
+            self.close()
+
+    def close(self) -> None:
+        """Ask the child to exit; kill it if it does not."""
+        conn, proc = self._conn, self._proc
+        self._conn = None
+        if conn is not None:
+            try:
+                conn.send(("exit",))
+            except OSError:
+                pass
+            conn.close()
+        if proc is not None and proc.pid is not None:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+def use_model_process(settings: Settings, device: str) -> bool:
+    """`model_process` auto: on for a CUDA model (launch-bound, see the module doc), off on the CPU,
+    where the model's own threads use every core and a second process would only add copies."""
+    if settings.model_process == "on":
+        return True
+    if settings.model_process == "off":
+        return False
+    return device.startswith("cuda")
