@@ -231,3 +231,16 @@ def test_masks_only_job_draws_no_mp4(video: Path, settings: Settings, redis_clie
     assert not list(settings.storage_root.glob("jobs/norender/*.mp4"))
     assert not list(settings.storage_root.rglob("*.partial"))
     assert redis_client.hget(settings.keys.job("norender"), "state") == b"completed"
+
+
+def test_worker_peak_rss_is_its_own_not_its_forking_parents() -> None:
+    """The worker logs its own peak memory even when started by a big process (a benchmark holding a
+    model): Linux's ru_maxrss would carry the parent's over the exec."""
+    import subprocess
+    import sys
+
+    big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident in this process
+    out = subprocess.run([sys.executable, "-c", "from worker.consume import peak_rss_mib; print(peak_rss_mib())"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert float(out.stdout) < 300, out.stdout
+    del big

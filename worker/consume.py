@@ -64,6 +64,18 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from
+    the process that forked this one (a benchmark holding a model would inflate the worker's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, (RetryableError, redis.ConnectionError, redis.TimeoutError)):
         return True
@@ -197,8 +209,7 @@ class Worker:
                 self.client.delete(self.keys.worker_health(self.name))
             except redis.RedisError:
                 pass
-            log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats,
-                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats, peak_rss_mib())
         return self.stats.jobs_done
 
     def claim_expired(self) -> tuple[str, dict[Any, Any]] | None:
