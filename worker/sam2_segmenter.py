@@ -95,7 +95,7 @@ def _decode_rgb(path: Path) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     except Exception:  # noqa: BLE001 - Pillow reads it or says clearly why not
         with Image.open(io.BytesIO(data)) as pil:
-            return np.asarray(pil.convert("RGB"))
+            return np.array(pil.convert("RGB"))  # writable, as torch.from_numpy wants
 
 
 class LazyFrames:
