@@ -100,6 +100,20 @@ def test_a_killed_model_process_between_jobs_is_replaced(frames: DirFrames) -> N
         model.close()
 
 
+def test_closing_mid_job_ends_the_model_process_promptly(frames: DirFrames) -> None:
+    """A worker that exits in the middle of a job (an error, a second SIGTERM) closes its model
+    process: the child leaves the job at its next frame and exits, nothing is left running."""
+    import time
+
+    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.2, "fake_busy": False})
+    outputs = model.segment(frames, prompts(), width=160, height=120)
+    assert next(outputs).frame_idx == 0
+    proc = model._proc
+    t0 = time.monotonic()
+    model.close()
+    assert time.monotonic() - t0 < 5 and not proc.is_alive() and proc.exitcode == 0  # it exited, not killed
+
+
 def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
     settings = Settings(model_process="on", checkpoint=str(tmp_path / "missing.pt"), device="cpu")
     with pytest.raises(ConfigError, match="missing.pt"):

@@ -113,26 +113,33 @@ def _serve(conn: multiprocessing.connection.Connection, settings: Settings, fake
             return
         if msg[0] == "segment":
             try:
-                _run_job(conn, segmenter, *msg[1:])
+                if _run_job(conn, segmenter, *msg[1:]) == "exit":
+                    return
             except (BrokenPipeError, EOFError, OSError):
                 return
 
 
 def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames_spec: tuple[Any, ...],
-             prompts: list[ObjectPrompt], width: int, height: int) -> None:
+             prompts: list[ObjectPrompt], width: int, height: int) -> str:
+    """One job; returns how it ended: done, error, stopped (the worker stopped reading) or exit (the
+    worker is closing this process)."""
     outputs = segmenter.segment(open_frames(frames_spec), prompts, width=width, height=height)
     try:
         for out in outputs:
             conn.send(("frame", out.frame_idx, out.obj_ids, np.packbits(out.masks, axis=-1), out.masks.shape,
                        out.scores))
-            if conn.poll() and conn.recv()[0] == "stop":  # the worker stopped reading
-                outputs.close()
-                conn.send(("stopped",))
-                return
+            if conn.poll():
+                command = conn.recv()[0]
+                if command in ("stop", "exit"):
+                    outputs.close()
+                    if command == "stop":
+                        conn.send(("stopped",))
+                    return "stopped" if command == "stop" else "exit"
     except Exception as e:  # noqa: BLE001 - raised again in the worker
         conn.send(("error", _portable(e)))
-        return
+        return "error"
     conn.send(("done",))
+    return "done"
 
 
 # ---- the worker's side ---------------------------------------------------------------------------
