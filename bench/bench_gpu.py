@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--video", type=Path, default=SHARED_VIDEOS / "bedroom.mp4")
     ap.add_argument("--encoder-batch", type=int, default=2)
+    ap.add_argument("--staged", action="store_true",
+                    help="also run the service with the video decoded and queued before the worker starts "
+                         "(diagnostic: the producer's share of the gap)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs CUDA; on a CPU use bench/bench_service.py")
@@ -116,6 +119,8 @@ def main() -> None:
                 "one process": run_service(clip, args.image_size, "cuda", point_s,
                                            env_extra={"VSEG_MODEL_PROCESS": "off"}),
             }
+            if args.staged:
+                runs["staged"] = run_service(clip, args.image_size, "cuda", point_s, staged=True)
             for run in runs.values():
                 run["fps"] = run["frames"] / run["total_s"]
             rounds.append(runs)

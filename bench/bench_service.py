@@ -75,10 +75,16 @@ def run_plain(clip: Path, image_size: int, device: str, point: str) -> dict[str,
 
 
 def run_service(clip: Path, image_size: int, device: str, point: str, *, render: bool = True,
-                env_extra: dict[str, str] | None = None) -> dict[str, float]:
+                env_extra: dict[str, str] | None = None, staged: bool = False) -> dict[str, float]:
+    """Submit to the job's last result with a worker already running. staged (a diagnostic): the
+    video is decoded and the job queued before the worker starts, and the clock starts when the
+    worker is ready, so nothing else runs beside the model."""
     with tempfile.TemporaryDirectory() as tmp, RedisServer(data_dir=Path(tmp)) as server:
         storage = Path(tmp) / "storage"
         settings = Settings.load(environ={}, redis_url=server.url, storage_root=storage, block_ms=100)
+        if staged:
+            submit(clip, build_prompts(points=[f"1:{point}"]), settings=settings, job_id="bench", render=render,
+                   stream=False)
         env = {**os.environ, "REDIS_URL": server.url, "STORAGE_ROOT": str(storage), "TQDM_DISABLE": "1",
                "VSEG_BLOCK_MS": "100", **(env_extra or {})}
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--checkpoint", "random", "--image-size",
@@ -91,7 +97,7 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
             assert worker.stderr is not None
             for line in worker.stderr:
                 log.append(line)
-                if "ready" in line:
+                if "worker bench ready" in line:
                     ready.set()
 
         threading.Thread(target=read_log, daemon=True).start()
@@ -105,7 +111,8 @@ def run_service(clip: Path, image_size: int, device: str, point: str, *, render:
             submit(clip, build_prompts(points=[f"1:{point}"]), settings=settings, job_id="bench", render=render)
             submitted["done"] = time.monotonic()
 
-        threading.Thread(target=run_submit, daemon=True).start()
+        if not staged:
+            threading.Thread(target=run_submit, daemon=True).start()
         first = None
         frames = 0
         while True:
