@@ -195,11 +195,20 @@ class ModelProcess:
 
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
-        if self._conn is None:  # the last one died: start afresh
+        if self._conn is None or not self._proc.is_alive():  # died during or since the last job: start afresh
+            if self._conn is not None:
+                log.warning("model process %s ended between jobs (exit code %s); starting a new one",
+                            self._proc.pid, self._proc.exitcode)
+                self.close()
             self.restarts += 1
             self._start()
         assert self._conn is not None
-        self._conn.send(("segment", describe_frames(frames), list(prompts), width, height))
+        try:
+            self._conn.send(("segment", describe_frames(frames), list(prompts), width, height))
+        except OSError:  # it died just now
+            self.close()
+            raise ModelProcessDied("the model process died before the job started; the job is retried with "
+                                   "a new one") from None
         finished = False
         try:
             while True:
