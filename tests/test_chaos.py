@@ -1,6 +1,7 @@
-"""Slow tier (still runs in CI): dozens of jobs, three workers, random kill -9 and SIGSTOP/SIGCONT of
-workers and one Redis kill -9 + restart (AOF on). At the end every job is in exactly one terminal state
-and every completed job's frames are complete and unique, in order."""
+"""Slow tier (still runs in CI): dozens of jobs, three workers (one with its model in a child process,
+the CUDA default), random kill -9 and SIGSTOP/SIGCONT of workers and one Redis kill -9 + restart (AOF
+on). At the end every job is in exactly one terminal state and every completed job's frames are
+complete and unique, in order."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
         submit(video, [ObjectPrompt(1, 0, ((x, y),), (1,))], settings=settings, client=client, job_id=f"c{i:02d}")
 
     extra = ["--max-attempts", "6", "--grace", "5"]
-    workers = [WorkerProcess(settings, f"w{i}", tmp_path, lease_s=1.0, delay_s=0.15, extra=extra) for i in range(3)]
+
+    def model_env(i: int) -> dict[str, str]:  # worker 1's model runs in a child process, as on CUDA
+        return {"VSEG_MODEL_PROCESS": "on" if i == 1 else "off"}
+
+    workers = [WorkerProcess(settings, f"w{i}", tmp_path, lease_s=1.0, delay_s=0.15, extra=extra, env=model_env(i))
+               for i in range(3)]
     all_workers = list(workers)
     kills = stops = 0
     restarted = False
@@ -68,7 +74,7 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
                 workers[victim].kill()
                 kills += 1
                 workers[victim] = WorkerProcess(settings, f"w{victim}-{kills}", tmp_path, lease_s=1.0, delay_s=0.15,
-                                                extra=extra)
+                                                extra=extra, env=model_env(victim))
                 all_workers.append(workers[victim])
             elif action < 0.45:
                 workers[victim].signal(signal.SIGSTOP)
@@ -114,4 +120,5 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
     assert all(s in TERMINAL for s in final.values()), final
     assert client.xlen(settings.keys.jobs) == 0
     assert restarted and kills > 0
+    assert "model process" in logs  # the child-process configuration took part
     server.stop()
