@@ -37,7 +37,6 @@ from producer.decode import extract_frames  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
 from worker.checkpoints import build_predictor, get_preset  # noqa: E402
 from worker.frames import DirFrames  # noqa: E402
-from worker.load import share_cores_with_model  # noqa: E402
 from worker.sam2_segmenter import Sam2Segmenter  # noqa: E402
 
 
@@ -101,7 +100,6 @@ def main() -> None:
           f"{args.image_size}, one object (point {point_s} on frame 0); {args.repeats} interleaved rounds, medians")
     torch.manual_seed(0)
     predictor = build_predictor(get_preset("tiny"), None, device="cuda", image_size=args.image_size)
-    share_cores_with_model("cuda")
     seg = Sam2Segmenter(predictor, name="tiny", random_weights=True, encoder_batch=args.encoder_batch)
     seg.warm_up()
     rounds: list[dict[str, dict[str, float]]] = []

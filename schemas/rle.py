@@ -28,8 +28,7 @@ def encode_mask(mask: np.ndarray) -> Rle:
     # whole-array step; pycocotools then only packs the runs into its string. The same bytes as
     # mask_utils.encode (tests/test_schemas.py), whose per-pixel loop holds the GIL and would stall
     # the model's thread, which launches its GPU work from Python.
-    flat = np.ascontiguousarray(mask.T).reshape(-1).view(np.uint8) if mask.dtype == np.bool_ else \
-        (np.ascontiguousarray(mask.T).reshape(-1) != 0).view(np.uint8)
+    flat = np.ascontiguousarray(mask.T).reshape(-1).astype(bool, copy=False).view(np.uint8)
     if flat.size == 0:
         counts = np.zeros(1, dtype=np.uint32)  # one empty run of zeros, as pycocotools writes it
     else:

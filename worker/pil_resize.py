@@ -65,7 +65,7 @@ def coefficients(in_size: int, out_size: int, kind: str = "bicubic") -> tuple[np
             w = w / total if total != 0.0 else w
             weight[xx, x] = int(-0.5 + w * (1 << PRECISION_BITS)) if w < 0 else int(0.5 + w * (1 << PRECISION_BITS))
             index[xx, x] = xmin + x
-        index[xx, xmax:] = min(xmin + max(xmax - 1, 0), in_size - 1)
+        index[xx, xmax:] = xmin + xmax - 1  # weight 0: any pixel in range will do
     return index, weight
 
 

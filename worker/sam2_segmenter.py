@@ -202,12 +202,9 @@ class LazyFrames:
                 self._futures.pop(idx).cancel()
             for idx in [i for i in self._rgb if abs(i - frame_idx) > 2 * self.prefetch]:
                 del self._rgb[idx]  # never taken (a backward pass): bounded memory
-        if fut.done():
-            img = fut.result()
-        else:
-            t0 = time.perf_counter()
-            img = fut.result()
-            self.waited_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        img = fut.result()
+        self.waited_s += time.perf_counter() - t0
         if self._on_cuda:  # made on a loader thread's stream, read on this one's: keep its memory until then
             img.record_stream(torch.cuda.current_stream(self.device))
         return img
