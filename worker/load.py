@@ -25,28 +25,26 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
     """SAM 2 per settings (preset, checkpoint, device, image size); `fake` gives the colour segmenter
     wrapped in the fault-injection hooks of worker/chaos_hooks.py (tests only). With `model_process`
     (auto: on CUDA) the model runs in a child process (worker/model_process.py)."""
-    if settings.model_process != "off":
-        from worker.model_process import ModelProcess, use_model_process
+    from worker.model_process import ModelProcess, use_model_process
 
-        if fake:
-            device = "cpu"
-        else:
-            from worker.checkpoints import resolve_device
+    if fake:
+        device = "cpu"
+    else:
+        from worker.checkpoints import resolve_device
 
-            device = resolve_device(settings.device)
-        if use_model_process(settings, device):
-            return ModelProcess(settings, fake={"fake_delay_s": fake_delay_s, "fake_busy": fake_busy} if fake else None)
+        device = resolve_device(settings.device)
+    if use_model_process(settings, device):
+        return ModelProcess(settings, fake={"fake_delay_s": fake_delay_s, "fake_busy": fake_busy} if fake else None)
     if fake:
         from worker.chaos_hooks import ChaosHooks
         from worker.fake_segmenter import ColourSegmenter
 
         log.warning("using the FAKE colour segmenter: for plumbing tests only")
         return ChaosHooks(ColourSegmenter(), delay_s=fake_delay_s, busy=fake_busy)
-    from worker.checkpoints import RANDOM, build_predictor, get_preset, resolve_checkpoint, resolve_device
+    from worker.checkpoints import RANDOM, build_predictor, get_preset, resolve_checkpoint
     from worker.sam2_segmenter import Sam2Segmenter
 
     preset = get_preset(settings.model_preset)
-    device = resolve_device(settings.device)
     ckpt = resolve_checkpoint(preset, settings.checkpoint, settings.checkpoint_dir)
     random_weights = settings.checkpoint == RANDOM
     if random_weights:
