@@ -6,13 +6,15 @@ copied to the host as any consumer needs them: the fastest SAM 2 itself can go.
 Driver only: our SAM 2 driver (Sam2Segmenter.segment: lazy loading from the JPEG directory, batched
 encoder, released state) in this process, no Redis: what the model path costs before publishing.
 Service: the whole service, submit from the video file to the job's last result
-(bench_service.run_service), with the MP4 render (the default) and masks only.
+(bench_service.run_service), with the MP4 render (the default) and masks only. Our driver and the
+service run SAM 2's per-frame modules from CUDA graphs (worker/cuda_graphs.py, the default); the
+"eager" runs turn that off, to show what the graphs add and what the rest of the service costs.
 
 All runs use SAM 2.1 tiny with random weights in bf16 (autocast, as the worker does) at --image-size
 (1024, the model's own size, by default), one object prompted by a point on frame 0. Rounds are
 interleaved and medians reported. Needs no ffmpeg (frames are extracted with our own producer).
 
-    python bench/bench_gpu.py [--frames 300] [--image-size 1024] [--repeats 3] [--video V]
+    python bench/bench_gpu.py [--frames 300] [--image-size 1024] [--repeats 3] [--video V] [--runs a,b]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +82,10 @@ def run_driver(seg: Sam2Segmenter, frames_dir: Path, num_frames: int, point: tup
             "load_ms": stats["load_ms"], "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
+RUNS = ("bare", "driver", "driver eager", "service", "service eager", "masks only", "staged", "one process")
+DEFAULT_RUNS = "bare,driver,driver eager,service,service eager,masks only,staged"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=300)
@@ -86,10 +93,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--video", type=Path, default=SHARED_VIDEOS / "bedroom.mp4")
     ap.add_argument("--encoder-batch", type=int, default=2)
-    ap.add_argument("--staged", action="store_true",
-                    help="also run the service with the video decoded and queued before the worker starts "
-                         "(diagnostic: the producer's share of the gap)")
+    ap.add_argument("--runs", default=DEFAULT_RUNS,
+                    help=f"comma-separated, from: {', '.join(RUNS)} (bare is always run: the ratios' base)")
     args = ap.parse_args()
+    wanted = ["bare"] + [r for r in args.runs.split(",") if r and r != "bare"]
+    unknown = sorted(set(wanted) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs CUDA; on a CPU use bench/bench_service.py")
     clip = looped_clip(args.video, args.frames)
@@ -98,10 +108,26 @@ def main() -> None:
     print(f"machine: {machine()}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"clip: {clip.name} ({args.frames} frames), SAM 2.1 tiny random weights, bf16, image size "
           f"{args.image_size}, one object (point {point_s} on frame 0); {args.repeats} interleaved rounds, medians")
+    print("runs: bare = SAM 2's own loop, frames already on the GPU, eager (the target's base); driver = our "
+          "driver in this process (CUDA graphs on, the default), driver eager = the same with cuda_graphs off; "
+          "service = the whole service (model process and CUDA graphs: the defaults), service eager = with "
+          "VSEG_CUDA_GRAPHS=off, masks only = without the MP4, staged = video decoded and queued before the "
+          "worker starts (producer not running beside the model), one process = VSEG_MODEL_PROCESS=off", flush=True)
     torch.manual_seed(0)
     predictor = build_predictor(get_preset("tiny"), None, device="cuda", image_size=args.image_size)
-    seg = Sam2Segmenter(predictor, name="tiny", random_weights=True, encoder_batch=args.encoder_batch)
-    seg.warm_up()
+    segs = {"driver": Sam2Segmenter(predictor, name="tiny", random_weights=True, encoder_batch=args.encoder_batch),
+            "driver eager": Sam2Segmenter(predictor, name="tiny", random_weights=True,
+                                          encoder_batch=args.encoder_batch, cuda_graphs=False)}
+    for name, seg in segs.items():
+        if name in wanted:
+            print(f"{name}: warmed up in {seg.warm_up():.1f} s", flush=True)
+    services: dict[str, dict[str, Any]] = {
+        "service": {},
+        "service eager": {"env_extra": {"VSEG_CUDA_GRAPHS": "off"}},
+        "masks only": {"render": False},
+        "staged": {"staged": True},
+        "one process": {"env_extra": {"VSEG_MODEL_PROCESS": "off"}},
+    }
     rounds: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         frames_dir = Path(tmp) / "frames"
@@ -109,41 +135,38 @@ def main() -> None:
         with Image.open(frames_dir / "00000.jpg") as first_frame:
             size_wh = first_frame.size
         for k in range(args.repeats):
-            runs = {
-                "bare": run_bare(predictor, frames_dir, point),
-                "driver": run_driver(seg, frames_dir, args.frames, point, size_wh),
-                "service": run_service(clip, args.image_size, "cuda", point_s),
-                "masks only": run_service(clip, args.image_size, "cuda", point_s, render=False),
-                "one process": run_service(clip, args.image_size, "cuda", point_s,
-                                           env_extra={"VSEG_MODEL_PROCESS": "off"}),
-            }
-            if args.staged:
-                runs["staged"] = run_service(clip, args.image_size, "cuda", point_s, staged=True)
-            for run in runs.values():
-                run["fps"] = run["frames"] / run["total_s"]
+            runs: dict[str, dict[str, float]] = {}
+            for name in wanted:
+                if name == "bare":
+                    runs[name] = run_bare(predictor, frames_dir, point)
+                elif name in segs:
+                    runs[name] = run_driver(segs[name], frames_dir, args.frames, point, size_wh)
+                else:
+                    runs[name] = run_service(clip, args.image_size, "cuda", point_s, **services[name])
+                runs[name]["fps"] = runs[name]["frames"] / runs[name]["total_s"]
             rounds.append(runs)
             bare = runs["bare"]["fps"]
             print(f"round {k + 1}: frames/s " + ", ".join(f"{name} {run['fps']:.1f} ({run['fps'] / bare:.3f})"
                                                           for name, run in runs.items()), flush=True)
     names = list(rounds[0])
     med = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]} for name in names}
-    print(f"{'median of the rounds':26}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/bare':>17}" for n in names[1:]))
+    ratios = {name: statistics.median(r[name]["fps"] / r["bare"]["fps"] for r in rounds) for name in names}
+    print(f"{'median of the rounds':26}" + "".join(f"{n:>14}" for n in names))
     for label, key in (("frames/s", "fps"), ("time to first result (s)", "first_result_s"), ("total (s)", "total_s")):
-        base = med["bare"][key]
-        print(f"{label:26}" + "".join(f"{med[n][key]:>12.3f}" for n in names)
-              + "".join(f"{med[n][key] / base:>17.3f}" for n in names[1:]))
-    print(f"the model waited for frames (s): driver {med['driver']['waited_s']:.2f}, service "
-          f"{med['service']['waited_s']:.2f}, masks only {med['masks only']['waited_s']:.2f}; loader "
-          f"{med['driver']['load_ms']:.1f} ms a frame (one thread)")
-    print(f"GPU memory peak (MiB): bare {med['bare']['gpu_peak_mib']:.0f} (every frame on the device), "
-          f"driver {med['driver']['gpu_peak_mib']:.0f}")
-    print("service, masks only: the model in its own process (model_process auto, the CUDA default); one process: "
-          "the model in the worker's process (VSEG_MODEL_PROCESS=off), with the MP4")
-    for name in ("service", "masks only", "one process"):
-        run = med[name]
-        print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f} (with its model process), producer "
-              f"{run['producer_cpu_s']:.1f}, redis-server {run['redis_cpu_s']:.1f}; worker peak RSS "
-              f"{run['peak_rss_mib']:.0f} MiB (the worker's process alone)")
+        print(f"{label:26}" + "".join(f"{med[n][key]:>14.3f}" for n in names))
+    print(f"{'frames/s / bare (median)':26}" + "".join(f"{ratios[n]:>14.3f}" for n in names))
+    waited = ", ".join(f"{n} {med[n]['waited_s']:.2f}" for n in names if "waited_s" in med[n])
+    print(f"the model waited for frames (s): {waited}")
+    gpu = ", ".join(f"{n} {med[n]['gpu_peak_mib']:.0f}" for n in names if "gpu_peak_mib" in med[n])
+    print(f"GPU memory peak (MiB): {gpu} (bare: every frame on the device)")
+    if "driver" in segs and segs["driver"].graphs is not None:
+        print(f"driver's CUDA graphs: {segs['driver'].graphs.summary()}")
+    for name in names:
+        if "worker_cpu_s" in med[name]:
+            run = med[name]
+            print(f"{name} CPU seconds: worker {run['worker_cpu_s']:.1f} (with its model process), producer "
+                  f"{run['producer_cpu_s']:.1f}, redis-server {run['redis_cpu_s']:.1f}; worker peak RSS "
+                  f"{run['peak_rss_mib']:.0f} MiB (the worker's process alone)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ ENV_VARS: dict[str, str] = {
     "device": "VSEG_DEVICE",
     "encoder_batch": "VSEG_ENCODER_BATCH",
     "model_process": "VSEG_MODEL_PROCESS",
+    "cuda_graphs": "VSEG_CUDA_GRAPHS",
     "jpeg_quality": "VSEG_JPEG_QUALITY",
     "render_preset": "VSEG_RENDER_PRESET",
     "render_threads": "VSEG_RENDER_THREADS",
@@ -65,6 +66,7 @@ class Settings:
     device: str = "auto"  # auto, cuda, cuda:N, cpu
     encoder_batch: int = 2  # frames per image-encoder pass (already-loaded frames ahead; 1: one at a time)
     model_process: str = "auto"  # the model in a child process: auto (on CUDA only), on, off
+    cuda_graphs: str = "on"  # on CUDA, replay SAM 2's per-frame modules from CUDA graphs: on, off
     jpeg_quality: int = 95
     render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
@@ -88,6 +90,8 @@ class Settings:
             raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
         if self.model_process not in ("auto", "on", "off"):
             raise ConfigError(f"model_process must be auto, on or off, but got {self.model_process!r}")
+        if self.cuda_graphs not in ("on", "off"):
+            raise ConfigError(f"cuda_graphs must be on or off, but got {self.cuda_graphs!r}")
         if self.render_preset != "auto" and self.render_preset not in X264_PRESETS:
             raise ConfigError(f"render_preset must be auto or one of {', '.join(X264_PRESETS)}, but got "
                               f"{self.render_preset!r}")
@@ -147,6 +151,8 @@ class Settings:
                     kwargs[name] = int(raw)
                 elif kind.startswith("float"):
                     kwargs[name] = float(raw)
+                elif isinstance(raw, bool):  # YAML reads a bare on/off as a boolean
+                    kwargs[name] = "on" if raw else "off"
                 else:
                     kwargs[name] = str(raw)
             except ValueError as e:

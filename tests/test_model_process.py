@@ -147,3 +147,46 @@ def test_model_process_setting() -> None:
         Settings(model_process="sometimes")
     assert isinstance(load_segmenter(Settings(), fake=True), object)  # auto beside the fake: in process
     assert not isinstance(load_segmenter(Settings(), fake=True), ModelProcess)
+
+
+def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
+    """Frames larger than a pipe buffer are queued and sent by a thread, in order; the model's send
+    returns at once even while the worker reads nothing."""
+    import multiprocessing
+    import time
+
+    from worker.model_process import _Sender
+
+    here, there = multiprocessing.Pipe()
+    sender = _Sender(there, depth=8)
+    masks = np.ones((2, 540, 960), dtype=bool)  # 2 x 65 KB packed: more than a pipe buffer holds
+    t0 = time.monotonic()
+    for k in range(6):
+        sender.send(("frame", k, (1, 2), masks, np.zeros(2, np.float32)))
+    assert time.monotonic() - t0 < 2.0  # nothing was read yet, and no send waited for the reader
+    sender.send(("done",))
+    received = [here.recv() for _ in range(7)]
+    sender.close()
+    assert [m[1] for m in received[:6]] == list(range(6)) and received[6] == ("done",)
+    _, _, ids, packed, shape, _ = received[0]
+    assert ids == (1, 2) and shape == masks.shape
+    assert np.array_equal(np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool), masks)
+    here.close()
+    there.close()
+
+
+def test_the_sender_reports_a_worker_that_went_away() -> None:
+    import multiprocessing
+
+    from worker.model_process import _Sender, _WorkerGone
+
+    here, there = multiprocessing.Pipe()
+    here.close()  # the worker is gone
+    sender = _Sender(there, depth=2)
+    sender.send(("frame", 0, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
+    with pytest.raises(_WorkerGone):
+        for k in range(1, 100):  # the broken pipe surfaces on a later send, never as a hang
+            sender.send(("frame", k, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
+    with pytest.raises(_WorkerGone):
+        sender.close()
+    there.close()

@@ -155,19 +155,28 @@ def cuda_predictor() -> object:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["cuda-graphs", "eager"])
 @pytest.mark.parametrize("encoder_batch", [1, 2], ids=["one-frame-encoder", "batched-encoder"])
 def test_on_cuda_the_pruned_lazy_driver_matches_the_unpruned_predictor(cuda_predictor: object, frames_dir: Path,
-                                                                       encoder_batch: int) -> None:
+                                                                       encoder_batch: int, cuda_graphs: bool) -> None:
     """The same check on the GPU, in bf16 at image size 1024, where the loader normalises on the device
-    from its own CUDA streams: the masks equal those of SAM 2's predictor holding every frame on the GPU."""
+    from its own CUDA streams and (the default) SAM 2's per-frame modules replay from CUDA graphs: the
+    masks equal those of SAM 2's predictor holding every frame on the GPU, run eagerly."""
     late_frame = 6
     x0, y0 = disc_center(0, N, SIZE)
     xl, yl = disc_center(late_frame, N, SIZE)
     prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,)), ObjectPrompt(2, late_frame, ((xl, yl + 8),), (1,))]
-    seg = Sam2Segmenter(cuda_predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch)
+    seg = Sam2Segmenter(cuda_predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch,
+                        cuda_graphs=cuda_graphs)
     seg.warm_up()
     ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
     bare = list(bare_predictor_masks(cuda_predictor, frames_dir, prompts))
+    if cuda_graphs:  # every module really replayed (the predictor itself ran eagerly: graphs are scoped)
+        assert seg.graphs is not None
+        for name, graphed in seg.graphs.all().items():
+            assert graphed.stats.replays > 0 and not graphed.stats.failed, (name, graphed.stats)
+    else:
+        assert seg.graphs is None
     assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
     assert seg.features is not None and (seg.features.batched > 0) == (encoder_batch > 1)
     flipped = [np.count_nonzero(o.masks != masks) / masks.size for o, (_, masks) in zip(ours, bare)]

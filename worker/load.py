@@ -55,7 +55,7 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
              ckpt or "random")
     segmenter = Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
-                              encoder_batch=settings.encoder_batch)
+                              encoder_batch=settings.encoder_batch, cuda_graphs=settings.cuda_graphs == "on")
     log.info("warming the model up on a 3-frame synthetic clip (one-time costs, kept out of the first job)")
     log.info("warmed up in %.2f s", segmenter.warm_up())
     return segmenter

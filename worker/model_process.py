@@ -24,13 +24,16 @@ renderer decodes the JPEG again in the worker's process, which costs a few ms of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
 import pickle
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -117,30 +120,96 @@ def _serve(conn: multiprocessing.connection.Connection, settings: Settings, fake
             try:
                 if _run_job(conn, segmenter, *msg[1:]) == "exit":
                     return
-            except (BrokenPipeError, EOFError, OSError):
+            except (_WorkerGone, EOFError, OSError):  # the worker is gone
                 return
+
+
+class _WorkerGone(Exception):
+    """The pipe to the worker broke: the worker died or closed it."""
+
+
+def _command(conn: multiprocessing.connection.Connection) -> str | None:
+    """The worker's command, if one is waiting (stop or exit)."""
+    try:
+        return conn.recv()[0] if conn.poll() else None
+    except (EOFError, OSError) as e:
+        raise _WorkerGone(str(e)) from e
+
+
+class _Sender:
+    """The child's messages to the worker, sent from a thread of their own so that the model never waits
+    on the pipe: one frame's masks (65 KB a 960x540 object, bit-packed) are more than a pipe buffer
+    holds, so a send returns only once the worker has read it. Messages keep their order; at most
+    `depth` frames wait here. A broken pipe (the worker died) is raised by the next `send`."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16) -> None:
+        self.conn = conn
+        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(depth)
+        self.error: _WorkerGone | None = None
+        self.thread = threading.Thread(target=self._run, name="vseg-model-send", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # the worker is gone: drop the rest
+            try:
+                if msg[0] == "frame":  # packed here, off the model's thread
+                    _, frame_idx, obj_ids, masks, scores = msg
+                    msg = ("frame", frame_idx, obj_ids, np.packbits(masks, axis=-1), masks.shape, scores)
+                self.conn.send(msg)
+            except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
+                self.error = _WorkerGone(f"{type(e).__name__}: {e}")
+
+    def send(self, msg: tuple[Any, ...] | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(msg, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread."""
+        self.send(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """Stop without waiting: the worker is closing this process and reads nothing more."""
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
 
 
 def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames_spec: tuple[Any, ...],
              prompts: list[ObjectPrompt], width: int, height: int) -> str:
     """One job; returns how it ended: done, error, stopped (the worker stopped reading) or exit (the
     worker is closing this process)."""
+    sender = _Sender(conn)
     outputs = segmenter.segment(open_frames(frames_spec), prompts, width=width, height=height)
     try:
         for out in outputs:
-            conn.send(("frame", out.frame_idx, out.obj_ids, np.packbits(out.masks, axis=-1), out.masks.shape,
-                       out.scores))
-            if conn.poll():
-                command = conn.recv()[0]
-                if command in ("stop", "exit"):
-                    outputs.close()
-                    if command == "stop":
-                        conn.send(("stopped",))
-                    return "stopped" if command == "stop" else "exit"
+            sender.send(("frame", out.frame_idx, out.obj_ids, out.masks, out.scores))
+            command = _command(conn)
+            if command in ("stop", "exit"):
+                outputs.close()
+                if command == "exit":
+                    sender.abandon()
+                    return "exit"
+                sender.send(("stopped",))
+                sender.close()
+                return "stopped"
+    except _WorkerGone:
+        raise  # the caller returns
     except Exception as e:  # noqa: BLE001 - raised again in the worker
-        conn.send(("error", _portable(e)))
+        sender.send(("error", _portable(e)))
+        sender.close()
         return "error"
-    conn.send(("done",))
+    sender.send(("done",))
+    sender.close()
     return "done"
 
 

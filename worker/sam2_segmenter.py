@@ -44,6 +44,7 @@ from schemas.errors import ConfigError, PromptError
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.storage import frame_name
 from worker import pil_resize
+from worker.cuda_graphs import GraphCache, graphed_modules
 from worker.encoder_batch import BatchedFeatures
 from worker.frames import DirFrames, FrameSource
 from worker.segment import FrameMasks
@@ -222,7 +223,7 @@ class Sam2Segmenter:
     """Segmenter over a loaded SAM2VideoPredictor."""
 
     def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True,
-                 encoder_batch: int = 2) -> None:
+                 encoder_batch: int = 2, cuda_graphs: bool = True) -> None:
         if encoder_batch < 1:
             raise ConfigError(f"encoder_batch must be >= 1, but got {encoder_batch}")
         self.predictor = predictor
@@ -238,14 +239,20 @@ class Sam2Segmenter:
         self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
         self.peak_frames_held = 0
         self.last_frames_stats: dict[str, float] = {}  # the last job's loader figures (logged too)
+        # SAM 2's per-frame modules replayed from CUDA graphs (worker/cuda_graphs.py), kept across jobs
+        self.graphs = GraphCache(predictor) if cuda_graphs and self.device.type == "cuda" else None
         if self.device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
 
-    def warm_up(self, num_frames: int = 3, size_wh: tuple[int, int] = (64, 48)) -> float:
+    def warm_up(self, num_frames: int | None = None, size_wh: tuple[int, int] = (64, 48)) -> float:
         """Run the whole per-frame path once on a small synthetic clip, so that a worker's first job
         does not pay one-time costs in its time to first result: PIL's JPEG plugin, the model's first
         calls (kernel selection, memory pools; on CUDA also the context and cuBLAS/cuDNN set-up), the
-        batched encoder's shapes. Returns the seconds it took; nothing of it is kept."""
+        batched encoder's shapes. With CUDA graphs the clip is long enough (window + 2 frames) for
+        memory attention to reach its steady-state inputs, so one object's graphs are all captured
+        here. Returns the seconds it took; of the job itself nothing is kept."""
+        if num_frames is None:
+            num_frames = self.window + 2 if self.graphs is not None else 3
         t0 = time.monotonic()
         width, height = size_wh
         pixels = np.random.default_rng(0).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
@@ -290,10 +297,12 @@ class Sam2Segmenter:
                 height: int) -> Iterator[FrameMasks]:
         """Yield every object's mask on every frame, in order, as soon as it is known."""
         images = LazyFrames(frames, self.predictor.image_size, self.device)
-        self.features = BatchedFeatures(images, self.predictor.forward_image, self.device, batch=self.encoder_batch)
+        encode = self.graphs.image if self.graphs is not None else self.predictor.forward_image
+        self.features = BatchedFeatures(images, encode, self.device, batch=self.encoder_batch)
         state = self._new_state(images, self.features, width, height)
+        graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
         try:
-            with torch.inference_mode(), self._autocast():
+            with graphed, torch.inference_mode(), self._autocast():
                 for p in prompts:
                     if not frames.wait(p.frame_idx):
                         raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but the video "
@@ -325,6 +334,8 @@ class Sam2Segmenter:
                                           "load_ms": 1000 * images.load_s / images.loaded}
                 log.info("frames: %d loaded (%.1f ms each on a loader thread); the model waited %.2f s for them",
                          images.loaded, 1000 * images.load_s / images.loaded, images.waited_s)
+            if self.graphs is not None:
+                log.info("CUDA graphs so far: %s", self.graphs.summary())
             self.features.clear()
             state.clear()
             if self.device.type == "cuda":
