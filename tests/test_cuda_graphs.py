@@ -72,6 +72,26 @@ def test_buffer_keeps_an_expanded_inputs_layout() -> None:
     assert buf is not None and buf.index is None and torch.equal(buf.view, dense_in)
 
 
+@pytest.mark.parametrize(("fn", "flagged"), [
+    (lambda x: x * 2 + 1, None),
+    (lambda x: torch.repeat_interleave(x, 3, dim=0), None),  # SAM 2's mask decoder: an int count
+    (lambda x: x.sum().item(), "_local_scalar_dense"),
+    (lambda x: x[x > 0], "boolean mask"),
+    (lambda x: x.nonzero(), "nonzero"),
+    (lambda x: torch.repeat_interleave(x, torch.tensor([1, 2, 1, 2])), "repeat_interleave"),  # sized by the data
+    (lambda x: x.to("meta"), "between cpu and meta"),  # a copy to another device (on a GPU: a host copy)
+], ids=["arithmetic", "repeat-int", "item", "bool-mask", "nonzero", "repeat-tensor", "device-copy"])
+def test_the_capture_check_flags_what_a_graph_cannot_hold(fn: Any, flagged: str | None) -> None:
+    from worker.cuda_graphs import _CaptureCheck
+
+    with _CaptureCheck() as check:
+        fn(torch.arange(4.0) - 1)
+    if flagged is None:
+        assert check.found is None
+    else:
+        assert check.found is not None and flagged in check.found
+
+
 def test_cpu_tensors_run_eagerly() -> None:
     calls = []
 

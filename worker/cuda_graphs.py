@@ -55,9 +55,9 @@ GRAPHED_MODULES = ("memory_attention", "memory_encoder", "sam_mask_decoder", "sa
 
 # operations a CUDA graph cannot hold: they wait for the GPU (a value read back, an output whose size
 # depends on the data) or copy between the host and the GPU; their overloads are matched by packet
-_WAITS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "_unique", "_unique2",
-          "unique_consecutive", "unique_dim", "repeat_interleave", "item", "equal", "is_nonzero"}
-_COPIES = {"_to_copy", "copy_", "copy", "to"}
+_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_consecutive",
+          "unique_dim", "item", "equal", "is_nonzero"}
+_COPIES = {"_to_copy", "copy_", "copy"}
 
 
 class _CaptureCheck(TorchDispatchMode):
@@ -76,7 +76,10 @@ class _CaptureCheck(TorchDispatchMode):
             tensors: list[torch.Tensor] = []
             _collect((args, kwargs), tensors)
             devices = {t.device.type for t in tensors if t.dim() > 0 or name in _COPIES}
-            if name in _WAITS:
+            if name == "_to_copy" and kwargs.get("device") is not None:
+                devices.add(torch.device(kwargs["device"]).type)
+            if name in _WAITS or (name == "repeat_interleave" and kwargs.get("output_size") is None
+                                  and isinstance(args[1] if len(args) > 1 else args[0], torch.Tensor)):
                 self.found = f"{name} (waits for the GPU)"
             elif name in _COPIES and len(devices) > 1:
                 self.found = f"{name} between {' and '.join(sorted(devices))}"
