@@ -52,8 +52,15 @@ def _tree_cpu_s(pid: int) -> float:
     """CPU seconds of a process and its live descendants (the worker and its model process)."""
     total = _cpu_s(pid)
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in task.read_text().split():
-            total += _tree_cpu_s(int(child))
+        try:
+            children = task.read_text().split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        for child in children:
+            try:
+                total += _tree_cpu_s(int(child))
+            except FileNotFoundError:  # a child that ended meanwhile
+                continue
     return total
 
 
