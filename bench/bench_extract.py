@@ -11,7 +11,6 @@ ffmpeg must be installed (apt-get install -y ffmpeg); without it that column is 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CACHE, SHARED_VIDEOS, machine  # noqa: E402
+from bench.common import CACHE, SHARED_VIDEOS, ffmpeg_exe, machine  # noqa: E402
 from producer.decode import extract_frames  # noqa: E402
 
 
@@ -53,7 +52,7 @@ def ours(video: Path, out: Path, n: int) -> None:
 
 def ffmpeg(video: Path, out: Path, n: int) -> None:
     out.mkdir()
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(video), "-frames:v", str(n), "-q:v", "2",
+    subprocess.run([str(ffmpeg_exe()), "-loglevel", "error", "-i", str(video), "-frames:v", str(n), "-q:v", "2",
                     "-start_number", "0", str(out / "%05d.jpg")], check=True)
 
 
@@ -97,7 +96,7 @@ def main() -> None:
     n = args.frames
     print(f"machine: {machine()}")
     methods: list[Callable[[Path, Path, int], None]] = [ours, opencv]
-    if shutil.which("ffmpeg"):
+    if ffmpeg_exe():
         methods.insert(1, ffmpeg)
     else:
         print("ffmpeg not found (apt-get install -y ffmpeg): its column is skipped")

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
+from bench.common import SHARED_VIDEOS, ffmpeg_exe, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.results import follow  # noqa: E402
@@ -164,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     clip = looped_clip(args.video, args.frames)
     point = "480,300" if args.video.name == "bedroom.mp4" else "640,360"
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; ffmpeg: {ffmpeg_exe()}")
     print(f"clip: {clip.name} ({args.frames} frames), SAM 2.1 tiny random weights, image size {args.image_size}, "
           f"{args.device}, one object (point {point} on frame 0); {args.repeats} interleaved rounds, medians")
     rounds: list[tuple[dict[str, float], dict[str, float], dict[str, float]]] = []

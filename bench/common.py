@@ -60,10 +60,26 @@ def looped_clip(source: Path, num_frames: int, *, size_wh: tuple[int, int] | Non
     return out
 
 
+def ffmpeg_exe() -> str | None:
+    """The ffmpeg to compare against: $FFMPEG, else the one on PATH (Debian's, as measured here), else
+    the static build of the imageio-ffmpeg wheel (for machines with no package manager, such as the
+    GPU machine; a different ffmpeg version, so say which one ran)."""
+    if os.environ.get("FFMPEG"):
+        return os.environ["FFMPEG"]
+    if shutil.which("ffmpeg"):
+        return shutil.which("ffmpeg")
+    try:
+        import imageio_ffmpeg  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
 def ffmpeg_extract(video: Path, out_dir: Path) -> None:
     """The plain way users extract frames for SAM 2 (its README's command)."""
-    if shutil.which("ffmpeg") is None:
-        raise SystemExit("ffmpeg is not installed: apt-get install -y ffmpeg")
+    exe = ffmpeg_exe()
+    if exe is None:
+        raise SystemExit("ffmpeg is not installed: apt-get install -y ffmpeg (or pip install imageio-ffmpeg)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(video), "-q:v", "2", "-start_number", "0",
+    subprocess.run([exe, "-loglevel", "error", "-i", str(video), "-q:v", "2", "-start_number", "0",
                     str(out_dir / "%05d.jpg")], check=True)

@@ -6,7 +6,9 @@ hundreds of times a frame, and every other thread of the worker (RLE encoding, M
 writes) holds the GIL in between: in one process the model ran at about 70 to 80% of its bare speed
 (bench/RESULTS.md, GPU section). Here the worker's process keeps the queue, the lease and the result
 path; a spawned child process owns the model and its frame loaders and sends each frame's masks
-(bit-packed) back through a pipe as soon as they are known. The decoded frame is not sent: the
+(bit-packed) back through a pipe as soon as they are known, from a thread of its own (`_Sender`):
+one frame's masks are more than a pipe buffer holds, so a send waits until the worker has read it,
+and the model must not wait with it. The decoded frame is not sent: the
 renderer decodes the JPEG again in the worker's process, which costs a few ms of CPU there but no
 1.5 to 6 MB pipe copy per frame on the model's side.
 

@@ -8,6 +8,9 @@ which loads every frame before the first mask and keeps every frame's state fore
   the next few frames (a bounded number is held in memory), and may still be arriving from the
   producer (streaming hand-off: worker/frames.py);
 - the image encoder runs on the next frames together (`encoder_batch`, worker/encoder_batch.py);
+- on CUDA, the image encoder, memory attention, memory encoder, mask decoder and prompt encoder
+  replay from CUDA graphs (`cuda_graphs`, worker/cuda_graphs.py), installed on the predictor only
+  while a job runs;
 - per-frame state that SAM 2's memory attention can no longer read is released as propagation moves
   on: only the prompted (conditioning) frames and the last `window` frames are kept, where `window`
   covers both the `num_maskmem` memory frames and the `max_obj_ptrs_in_encoder` object pointers. The
