@@ -228,17 +228,18 @@ class GraphedForward:
             return self._refuse(key, "an input's layout (an overlapping view) cannot be reproduced by a buffer")
         swap = iter([b.view for b in inputs])
         call_args, call_kwargs = _rebuild(args, swap), _rebuild(kwargs, swap)
+        device = tensors[0].device
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=tensors[0].device)
+            self._stream = torch.cuda.Stream(device=device)
         stream = self._stream
         graph = torch.cuda.CUDAGraph()
         dtype = torch.get_autocast_dtype("cuda")
         enabled = torch.is_autocast_enabled("cuda")
         check = _CaptureCheck()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), check:
             self.fn(*call_args, **call_kwargs)  # warm-up: lazy set-up happens outside the graph
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         if check.found is not None:
             return self._refuse(key, f"it runs {check.found}, which a graph cannot hold")
         try:
@@ -248,7 +249,7 @@ class GraphedForward:
                 output = self.fn(*call_args, **call_kwargs)
         except Exception as e:  # noqa: BLE001 - this forward runs eagerly from now on
             with contextlib.suppress(Exception):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             self.disabled = True
             log.error("%s: CUDA graph capture failed (%s: %s); this module runs eagerly from now on. PyTorch's CUDA "
                       "state may be inconsistent after a failed capture: if errors follow, set VSEG_CUDA_GRAPHS=off",

@@ -50,6 +50,10 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
     if random_weights:
         log.warning("!!! RANDOM WEIGHTS: model sam2.1-%s is untrained; every mask is meaningless (smoke test) !!!",
                     preset.name)
+    if device.startswith("cuda:"):  # the model's thread launches on that GPU's streams (loaders, graphs)
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     predictor = build_predictor(preset, ckpt, device=device, image_size=settings.image_size)
     share_cores_with_model(str(device))
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,

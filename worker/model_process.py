@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from schemas.errors import RetryableError, VsegError
-from schemas.prompts import ObjectPrompt
+from schemas.prompts import ObjectPrompt, object_ids
 from schemas.settings import Settings
 from worker.frames import DirFrames, FrameSource, StreamedFrames
 from worker.segment import FrameMasks
@@ -126,6 +126,9 @@ def _serve(conn: multiprocessing.connection.Connection, settings: Settings, fake
                 return
 
 
+SEND_BUFFER_BYTES = 64 << 20  # unpacked masks waiting to be sent, at most (and 2 to 16 frames)
+
+
 class _WorkerGone(Exception):
     """The pipe to the worker broke: the worker died or closed it."""
 
@@ -190,7 +193,8 @@ def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames
              prompts: list[ObjectPrompt], width: int, height: int) -> str:
     """One job; returns how it ended: done, error, stopped (the worker stopped reading) or exit (the
     worker is closing this process)."""
-    sender = _Sender(conn)
+    frame_bytes = len(object_ids(prompts)) * width * height  # one frame's masks before packing
+    sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))))
     outputs = segmenter.segment(open_frames(frames_spec), prompts, width=width, height=height)
     try:
         for out in outputs:
