@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every check this project asks of a GPU machine, in one go, logs under OUTDIR:
+#   1. the gpu test tier (CUDA graphs, the driver's masks against SAM 2's own predictor, CUDA end to end);
+#   2. bench_gpu.py: the service against SAM 2's bare loop with frames already on the GPU (target >= 0.9);
+#   3. bench_service.py --device cuda --image-size 1024: the service against the plain way (ffmpeg, then
+#      init_state and propagation) at full size in bf16. Needs an ffmpeg: on PATH, $FFMPEG, or the
+#      imageio-ffmpeg package (a static build; bench/common.py says which one ran).
+# Usage: bash bench/gpu_checks.sh OUTDIR [VIDEO]   (python3 must have torch with CUDA and this
+# project's dependencies; VIDEO defaults to ../shared/videos/bedroom.mp4)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: bash bench/gpu_checks.sh OUTDIR [VIDEO]}"
+video="${2:-../shared/videos/bedroom.mp4}"
+mkdir -p "$out"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA here'; print(torch.__version__, torch.cuda.get_device_name())" \
+  | tee "$out/env.txt" || exit 1
+timeout "${TESTS_S:-300}" "$PY" -m pytest -q -m gpu -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?" | tee -a "$out/gpu_tests.log"
+timeout "${GPU_BENCH_S:-400}" "$PY" bench/bench_gpu.py --video "$video" --repeats "${REPEATS:-3}" \
+  --runs "${RUNS:-driver,driver eager,service,masks only}" > "$out/bench_gpu.log" 2>&1
+echo "bench_gpu rc=$?" | tee -a "$out/bench_gpu.log"
+timeout "${SERVICE_BENCH_S:-400}" "$PY" bench/bench_service.py --device cuda --image-size 1024 --frames 300 \
+  --repeats "${REPEATS:-3}" --video "$video" > "$out/bench_service_cuda.log" 2>&1
+echo "bench_service rc=$?" | tee -a "$out/bench_service_cuda.log"
+grep -h -E "passed|failed|round|median|frames/s|first result|bare|plain|rc=" "$out"/*.log | grep -v "propagate in video"
