@@ -25,6 +25,9 @@ Safety:
   one warning; so does one whose input layout cannot be reproduced by a buffer. (A capture that
   fails half-way leaves PyTorch's CUDA state inconsistent, so the check comes first; should a
   capture fail anyway, the module runs eagerly from then on and the log says so);
+- a graphed forward must not modify its inputs in place (a graph would modify its own buffer, not the
+  caller's tensor); SAM 2's modules do not, and their outputs are compared with SAM 2's own in the
+  gpu tier;
 - graphs are kept per signature up to `max_graphs`, least recently used first out; each holds its own
   memory pool, freed with it.
 
