@@ -60,6 +60,7 @@ def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: floa
              ckpt or "random")
     segmenter = Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
                               encoder_batch=settings.encoder_batch, cuda_graphs=settings.cuda_graphs == "on")
-    log.info("warming the model up on a 3-frame synthetic clip (one-time costs, kept out of the first job)")
+    log.info("warming the model up on a short synthetic clip (one-time costs and, on CUDA, the graphs' capture, "
+             "kept out of the first job)")
     log.info("warmed up in %.2f s", segmenter.warm_up())
     return segmenter
