@@ -1,7 +1,8 @@
 """The model in a process of its own, so that the result path cannot slow it down (the default on CUDA).
 
 A small model on a fast GPU is bound by the Python thread that launches its kernels: SAM 2.1 tiny at
-1024 runs about 45 frames/s on an H100 with the GPU mostly idle. That thread takes the GIL back
+1024 runs 27 to 55 frames/s on an H100 eagerly (about 80 with CUDA graphs, worker/cuda_graphs.py),
+with the GPU mostly idle either way. That thread takes the GIL back
 hundreds of times a frame, and every other thread of the worker (RLE encoding, MP4 rendering, Redis
 writes) holds the GIL in between: in one process the model ran at about 70 to 80% of its bare speed
 (bench/RESULTS.md, GPU section). Here the worker's process keeps the queue, the lease and the result
