@@ -153,6 +153,7 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     """Frames larger than a pipe buffer are queued and sent by a thread, in order; the model's send
     returns at once even while the worker reads nothing."""
     import multiprocessing
+    import threading
     import time
 
     from worker.model_process import _Sender
@@ -164,9 +165,10 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     for k in range(6):
         sender.send(("frame", k, (1, 2), masks, np.zeros(2, np.float32)))
     assert time.monotonic() - t0 < 2.0  # nothing was read yet, and no send waited for the reader
-    sender.send(("done",))
+    closing = threading.Thread(target=sender.close, args=(("done",),))
+    closing.start()
     received = [here.recv() for _ in range(7)]
-    sender.close()
+    closing.join()
     assert [m[1] for m in received[:6]] == list(range(6)) and received[6] == ("done",)
     _, _, ids, packed, shape, _ = received[0]
     assert ids == (1, 2) and shape == masks.shape
@@ -188,5 +190,5 @@ def test_the_sender_reports_a_worker_that_went_away() -> None:
         for k in range(1, 100):  # the broken pipe surfaces on a later send, never as a hang
             sender.send(("frame", k, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
     with pytest.raises(_WorkerGone):
-        sender.close()
+        sender.close(("done",))
     there.close()

@@ -177,8 +177,9 @@ class _Sender:
             except queue.Full:
                 continue
 
-    def close(self) -> None:
-        """Send what is queued, then stop the thread."""
+    def close(self, last: tuple[Any, ...]) -> None:
+        """Send what is queued and then `last` (how the job ended), then stop the thread."""
+        self.send(last)
         self.send(None)
         self.thread.join()
         if self.error is not None:
@@ -206,17 +207,14 @@ def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames
                 if command == "exit":
                     sender.abandon()
                     return "exit"
-                sender.send(("stopped",))
-                sender.close()
+                sender.close(("stopped",))
                 return "stopped"
     except _WorkerGone:
         raise  # the caller returns
     except Exception as e:  # noqa: BLE001 - raised again in the worker
-        sender.send(("error", _portable(e)))
-        sender.close()
+        sender.close(("error", _portable(e)))
         return "error"
-    sender.send(("done",))
-    sender.close()
+    sender.close(("done",))
     return "done"
 
 
