@@ -86,7 +86,8 @@ def _extract(args: argparse.Namespace) -> int:
 
     settings = Settings.load(jpeg_quality=args.quality)
     info = extract_frames(args.video, args.out_dir, max_frames=args.max_frames, stride=args.stride,
-                          start_s=args.start_s, end_s=args.end_s, jpeg_quality=settings.jpeg_quality, progress=True)
+                          start_s=args.start_s, end_s=args.end_s, jpeg_quality=settings.jpeg_quality,
+                          decode_threads=settings.decode_threads, progress=True)
     print(f"{info.num_frames} frames {info.width}x{info.height} at {info.fps:.3f} fps -> {args.out_dir}")
     return 0
 

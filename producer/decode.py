@@ -1,8 +1,9 @@
 """Decoding a video file with PyAV into a JPEG frame directory (00000.jpg, 00001.jpg, ...).
 
-Decoding runs on FFmpeg's own threads; JPEG encoding runs in a thread pool (simplejpeg and OpenCV
-release the GIL), with a bounded number of frames in flight. 4:2:0 frames are encoded straight from the
-decoder's Y/U/V buffers (no RGB round trip, no copy). Frames go to a hidden sibling directory that is renamed
+Decoding runs in the calling thread (one FFmpeg thread on machines with two cores or fewer, FFmpeg's
+frame threads otherwise); JPEG encoding runs in a thread pool (simplejpeg and OpenCV release the GIL),
+with a bounded number of frames in flight, and in the calling thread whenever the pool falls behind. 4:2:0 frames are encoded straight from the decoder's Y/U/V
+buffers (no RGB round trip, no copy). Frames go to a hidden sibling directory that is renamed
 into place only when complete, so a half-written directory never looks like a finished one.
 """
 
@@ -34,8 +35,20 @@ from schemas.storage import frame_name
 
 log = logging.getLogger(__name__)
 
-ENCODE_THREADS = max(2, min(8, os.cpu_count() or 2))
-MAX_IN_FLIGHT = 4 * ENCODE_THREADS
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# The decoding thread is also an encoder: when MAX_IN_FLIGHT frames wait for the pool it encodes the next
+# frame itself (caller runs) instead of waiting, so the pool needs one thread fewer than the cores and
+# 2 cores run exactly 2 busy threads (bench/RESULTS.md: 6-12% more frames/s than a pool of 2 beside it).
+ENCODE_THREADS = max(1, min(8, usable_cores() - 1))
+MAX_IN_FLIGHT = 2 * ENCODE_THREADS + 1
 
 
 @dataclass(frozen=True)
@@ -99,9 +112,26 @@ def _check_options(max_frames: int | None, stride: int, start_s: float | None, e
         raise VideoError(f"JPEG quality must be 1..100, but got {jpeg_quality}")
 
 
-# Video YUV is usually "limited range" (Y 16-235, chroma 16-240); JPEG's YCbCr is full range.
-_Y_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
-_C_TO_FULL = np.clip(np.round((np.arange(256) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
+def decoder_threads(requested: int = 0, cores: int | None = None) -> int:
+    """FFmpeg decoder threads for `requested` (0: automatic). Automatic is one thread on two cores or
+    fewer: frame threading costs 10-20% more CPU per frame, and there the JPEG pool needs every core
+    the decoder leaves (bench/RESULTS.md); with more cores FFmpeg's own choice (0) decodes faster."""
+    if requested:
+        return requested
+    return 1 if (cores if cores is not None else usable_cores()) <= 2 else 0
+
+
+# Video YUV is usually "limited range" (Y 16-235, chroma 16-240); JPEG's YCbCr is full range:
+# full = clip(round(video * scale + offset)). cv2.addWeighted does this in SIMD, 2.4x faster than a lookup
+# table, with the same bytes for all 256 inputs (tests/test_decode.py checks).
+_Y_SCALE, _Y_OFFSET = 255 / 219, -16 * 255 / 219
+_C_SCALE, _C_OFFSET = 255 / 224, 128 - 128 * 255 / 224
+
+
+def to_full_range(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Limited-range (video) Y, U, V planes as new contiguous full-range (JPEG) planes."""
+    return (cv2.addWeighted(y, _Y_SCALE, y, 0.0, _Y_OFFSET), cv2.addWeighted(u, _C_SCALE, u, 0.0, _C_OFFSET),
+            cv2.addWeighted(v, _C_SCALE, v, 0.0, _C_OFFSET))
 
 
 @dataclass(frozen=True)
@@ -136,8 +166,8 @@ def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: b
     if isinstance(data, YuvPlanes):
         if data.full_range:
             y, u, v = (np.ascontiguousarray(p) for p in (data.y, data.u, data.v))
-        else:  # the lookup reads the decoder's buffer and writes a fresh contiguous plane: no extra copy
-            y, u, v = cv2.LUT(data.y, _Y_TO_FULL), cv2.LUT(data.u, _C_TO_FULL), cv2.LUT(data.v, _C_TO_FULL)
+        else:  # reads the decoder's buffers and writes fresh contiguous planes: no extra copy
+            y, u, v = to_full_range(data.y, data.u, data.v)
         payload = simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=quality)
     else:
         ok, buf = cv2.imencode(".jpg", data, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -145,11 +175,33 @@ def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: b
             raise VideoError(f"JPEG encoding failed for {path.name}")
         payload = buf.tobytes()
     if not whole:
-        path.write_bytes(payload)
+        _write_file(path, payload)
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
+    _write_file(tmp, payload)
     os.replace(tmp, path)
+
+
+def _write_file(path: Path, payload: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _run_here(fn: Callable[..., None], *args: object) -> Future[None]:
+    """fn(*args) run now in this thread, as a finished Future (an error is kept for its turn, in order)."""
+    done: Future[None] = Future()
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised by done.result(), in frame order
+        done.set_exception(e)
+    else:
+        done.set_result(None)
+    return done
 
 
 def extract_frames(
@@ -161,6 +213,7 @@ def extract_frames(
     start_s: float | None = None,
     end_s: float | None = None,
     jpeg_quality: int = 95,
+    decode_threads: int = 0,
     progress: bool = False,
     atomic: bool = True,
     on_frames: Callable[[int], None] | None = None,
@@ -171,9 +224,12 @@ def extract_frames(
     Otherwise (streaming hand-off) they go straight into `out_dir`, each JPEG appearing whole, and
     `on_frames(n)` is called whenever frames 0..n-1 are all on disk; on failure `out_dir` is left for
     the caller to clean up. An exception from `on_frames` stops decoding and is re-raised.
+    decode_threads: FFmpeg decoder threads; 0 chooses by the machine (`decoder_threads`).
     """
     video, out_dir = Path(video), Path(out_dir)
     _check_options(max_frames, stride, start_s, end_s, jpeg_quality)
+    if decode_threads < 0:
+        raise VideoError(f"decode threads must be >= 0 (0: automatic), but got {decode_threads}")
     if out_dir.exists():
         raise StorageError(f"output directory {out_dir} already exists: remove it or choose another")
     container = _open(video)
@@ -184,7 +240,7 @@ def extract_frames(
         with container:
             info = _decode_into(container, video, target, max_frames=max_frames, stride=stride, start_s=start_s,
                                 end_s=end_s, jpeg_quality=jpeg_quality, progress=progress, on_frames=on_frames,
-                                atomic=atomic)
+                                atomic=atomic, decode_threads=decoder_threads(decode_threads))
         if atomic:
             os.rename(target, out_dir)
     except BaseException:
@@ -207,9 +263,15 @@ def _decode_into(
     progress: bool,
     on_frames: Callable[[int], None] | None = None,
     atomic: bool = True,
+    decode_threads: int = 0,
 ) -> VideoInfo:
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    if decode_threads == 1:
+        stream.thread_type = "NONE"
+        stream.codec_context.thread_count = 1
+    else:
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = decode_threads
     fps = _fps(stream)
     time_base = stream.time_base or Fraction(1, 1000)
     if start_s:
@@ -234,11 +296,14 @@ def _decode_into(
                 if (decoded - 1) % stride:
                     continue
                 payload, height, width = _frame_payload(frame)
-                pending.append(pool.submit(_write_jpeg, tmp / frame_name(kept), payload, jpeg_quality,
-                                           not atomic))
+                args = (tmp / frame_name(kept), payload, jpeg_quality, not atomic)
+                if sum(not f.done() for f in pending) >= MAX_IN_FLIGHT:  # the pool is behind: encode it here
+                    pending.append(_run_here(_write_jpeg, *args))
+                else:
+                    pending.append(pool.submit(_write_jpeg, *args))
                 kept += 1
                 before = written
-                while pending and (len(pending) > MAX_IN_FLIGHT or pending[0].done()):
+                while pending and pending[0].done():  # in order, so `written` counts a contiguous prefix
                     pending.popleft().result()
                     written += 1
                 if on_frames is not None and written > before:

@@ -207,7 +207,8 @@ def _stream_and_enqueue(
 
     try:
         info = _in_background_thread(lambda: extract_frames(
-            video, frames_dir, jpeg_quality=settings.jpeg_quality, atomic=False, on_frames=on_frames,
+            video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
+            atomic=False, on_frames=on_frames,
             **clip.capped(settings).decode_kwargs(),
         ))
         check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
@@ -244,7 +245,8 @@ def _decode_and_enqueue(
     width, height, _, _ = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     started = time.monotonic()
-    info = extract_frames(video, frames_dir, jpeg_quality=settings.jpeg_quality, **clip.capped(settings).decode_kwargs())
+    info = extract_frames(video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
+                          **clip.capped(settings).decode_kwargs())
     log.info("decoded %s: %d frames %dx%d at %.3f fps in %.1f s", video, info.num_frames, info.width,
              info.height, info.fps, time.monotonic() - started)
     try:

@@ -37,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "model_process": "VSEG_MODEL_PROCESS",
     "cuda_graphs": "VSEG_CUDA_GRAPHS",
     "jpeg_quality": "VSEG_JPEG_QUALITY",
+    "decode_threads": "VSEG_DECODE_THREADS",
     "render_preset": "VSEG_RENDER_PRESET",
     "render_threads": "VSEG_RENDER_THREADS",
     "block_ms": "VSEG_BLOCK_MS",
@@ -68,6 +69,7 @@ class Settings:
     model_process: str = "auto"  # the model in a child process: auto (on CUDA only), on, off
     cuda_graphs: str = "on"  # on CUDA, replay SAM 2's per-frame modules from CUDA graphs: on, off
     jpeg_quality: int = 95
+    decode_threads: int = 0  # producer's FFmpeg decoder threads; 0: one on 2 cores or fewer, else FFmpeg's choice
     render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
     block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s
@@ -95,6 +97,8 @@ class Settings:
         if self.render_preset != "auto" and self.render_preset not in X264_PRESETS:
             raise ConfigError(f"render_preset must be auto or one of {', '.join(X264_PRESETS)}, but got "
                               f"{self.render_preset!r}")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads must be >= 0 (0: automatic), but got {self.decode_threads}")
         if self.render_threads < 0:
             raise ConfigError(f"render_threads must be >= 0 (0: automatic), but got {self.render_threads}")
         if self.block_ms <= 0 or self.block_ms / 1000 >= self.socket_timeout_s:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -9,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from producer.decode import extract_frames, probe_video
+from producer import decode
+from producer.decode import decoder_threads, extract_frames, probe_video, to_full_range
 from schemas.errors import StorageError, VideoError
 from tests.videos import make_video
 
@@ -91,6 +94,7 @@ def _corrupt(tmp_path: Path, video: Path) -> Path:
         (lambda t, v: v, {"max_frames": 0}, "--max-frames must be >= 1"),
         (lambda t, v: v, {"start_s": 2.0, "end_s": 1.0}, "--end .* must be after --start"),
         (lambda t, v: v, {"jpeg_quality": 0}, "quality must be 1..100"),
+        (lambda t, v: v, {"decode_threads": -1}, "decode threads must be >= 0"),
     ],
 )
 def test_bad_input_is_refused_and_leaves_nothing(video: Path, tmp_path: Path, make, kwargs, match: str) -> None:  # type: ignore[no-untyped-def]
@@ -113,3 +117,66 @@ def test_streaming_mode_reports_contiguous_frames(video: Path, tmp_path: Path) -
     extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
     assert seen == sorted(seen) and seen[-1] == N and len(set(seen)) == len(seen)
     assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_full_range_conversion_is_exact_for_every_value() -> None:
+    """Limited (video) to full (JPEG) range, against the formula computed in float64: every one of the
+    256 values, on strided views of odd widths like the decoder's padded planes."""
+    values = np.tile(np.arange(256, dtype=np.uint8), (5, 3))[:, 7:700]
+    expected_y = np.clip(np.round((values.astype(np.float64) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+    expected_c = np.clip(np.round((values.astype(np.float64) - 128) * 255 / 224 + 128), 0, 255).astype(np.uint8)
+    y, u, v = to_full_range(values, values[:, :301], values[1:3])
+    assert np.array_equal(y, expected_y) and np.array_equal(u, expected_c[:, :301])
+    assert np.array_equal(v, expected_c[1:3]) and y.flags.c_contiguous and u.flags.c_contiguous
+    assert (y[values <= 16] == 0).all() and (y[values >= 235] == 255).all()
+
+
+@pytest.mark.parametrize("requested, cores, threads", [(0, 1, 1), (0, 2, 1), (0, 3, 0), (0, 16, 0), (4, 2, 4)])
+def test_decoder_threads_by_machine(requested: int, cores: int, threads: int) -> None:
+    assert decoder_threads(requested, cores) == threads
+
+
+def test_decoder_threading_does_not_change_the_jpegs(video: Path, tmp_path: Path) -> None:
+    extract_frames(video, tmp_path / "one", decode_threads=1)
+    extract_frames(video, tmp_path / "auto", decode_threads=3)
+    assert names(tmp_path / "one") == names(tmp_path / "auto")
+    for name in names(tmp_path / "one"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "auto" / name).read_bytes()
+
+
+def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow pool makes the decoding thread encode frames itself; frames stay whole, named in order, and
+    `on_frames` still reports only contiguous prefixes."""
+    real, writers = decode._write_jpeg, {}
+
+    def slow_pool(path: Path, data: object, quality: int, whole: bool = True) -> None:
+        writers[path.name] = threading.current_thread().name
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.03)
+        real(path, data, quality, whole)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode, "_write_jpeg", slow_pool)
+    seen: list[int] = []
+    extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
+    here = [name for name, thread in writers.items() if thread == threading.main_thread().name]
+    assert here and len(here) < N, "the calling thread should share the encoding, not do all of it"
+    assert names(tmp_path / "f") == [f"{k:05d}.jpg" for k in range(N)]
+    assert seen == sorted(set(seen)) and seen[-1] == N
+    assert all(cv2.imread(str(tmp_path / "f" / name)) is not None for name in names(tmp_path / "f"))
+
+
+def test_an_error_in_a_frame_the_caller_encodes_is_raised(video: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = decode._write_jpeg
+
+    def broken_here(path: Path, data: object, quality: int, whole: bool = True) -> None:
+        if threading.current_thread() is threading.main_thread():
+            raise StorageError(f"disk full while writing {path.name}")
+        time.sleep(0.03)
+        real(path, data, quality, whole)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode, "_write_jpeg", broken_here)
+    with pytest.raises(StorageError, match="disk full"):
+        extract_frames(video, tmp_path / "f")
+    assert not (tmp_path / "f").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]

@@ -242,6 +242,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
         ({"VSEG_BLOCK_MS": "60000"}, "shorter than socket_timeout_s"),
         ({"VSEG_RENDER_PRESET": "turbo"}, "render_preset must be auto or one of ultrafast"),
         ({"VSEG_RENDER_THREADS": "-1"}, "render_threads must be >= 0"),
+        ({"VSEG_DECODE_THREADS": "-2"}, "decode_threads must be >= 0"),
         ({"VSEG_ENCODER_BATCH": "0"}, "encoder_batch must be 1..64"),
         ({"VSEG_ENCODER_BATCH": "two"}, "VSEG_ENCODER_BATCH"),
     ],
