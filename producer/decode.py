@@ -204,6 +204,22 @@ def _run_here(fn: Callable[..., None], *args: object) -> Future[None]:
     return done
 
 
+def _collect(pending: deque[Future[None]], written: int, on_frames: Callable[[int], None] | None,
+             wait: bool = False) -> int:
+    """Take finished writes off the front of `pending` (all of them if `wait`), in frame order, so the
+    returned count is a contiguous prefix on disk; report it to `on_frames` when it grew. A failed
+    write is raised after the frames before it are reported, so what is on disk is always announced."""
+    before = written
+    try:
+        while pending and (wait or pending[0].done()):
+            pending.popleft().result()
+            written += 1
+    finally:
+        if on_frames is not None and written > before:
+            on_frames(written)
+    return written
+
+
 def extract_frames(
     video: Path,
     out_dir: Path,
@@ -302,12 +318,7 @@ def _decode_into(
                 else:
                     pending.append(pool.submit(_write_jpeg, *args))
                 kept += 1
-                before = written
-                while pending and pending[0].done():  # in order, so `written` counts a contiguous prefix
-                    pending.popleft().result()
-                    written += 1
-                if on_frames is not None and written > before:
-                    on_frames(written)
+                written = _collect(pending, written, on_frames)
                 bar.update(1)
                 if max_frames is not None and kept >= max_frames:
                     break
@@ -315,12 +326,7 @@ def _decode_into(
             raise VideoError(f"{video} is corrupt at frame {decoded} ({e}); re-encode or re-download it") from e
         finally:
             bar.close()
-        before = written
-        while pending:
-            pending.popleft().result()
-            written += 1
-        if on_frames is not None and written > before:
-            on_frames(written)
+        written = _collect(pending, written, on_frames, wait=True)
     if kept == 0:
         chosen = ", ".join(
             f"{name}={value}" for name, value in (("--start", start_s), ("--end", end_s), ("--max-frames", max_frames))

@@ -180,3 +180,27 @@ def test_an_error_in_a_frame_the_caller_encodes_is_raised(video: Path, tmp_path:
     with pytest.raises(StorageError, match="disk full"):
         extract_frames(video, tmp_path / "f")
     assert not (tmp_path / "f").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's first frames finish only after the calling thread has failed on the last one: the
+    frames before the failure are still reported (a streaming job then fails instead of never starting)."""
+    real, release = decode._write_jpeg, threading.Event()
+
+    def stalled_pool(path: Path, data: object, quality: int, whole: bool = True) -> None:
+        if threading.current_thread() is threading.main_thread():
+            if path.name == f"{N - 1:05d}.jpg":
+                release.set()
+                raise StorageError(f"disk full while writing {path.name}")
+        else:
+            release.wait(10)
+        real(path, data, quality, whole)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode, "_write_jpeg", stalled_pool)
+    monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
+    monkeypatch.setattr(decode, "MAX_IN_FLIGHT", 3)
+    seen: list[int] = []
+    with pytest.raises(StorageError, match="disk full"):
+        extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
+    assert seen == [N - 1]
