@@ -204,3 +204,27 @@ def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_pat
     with pytest.raises(StorageError, match="disk full"):
         extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
     assert seen == [N - 1]
+
+
+def test_full_range_source_with_padded_rows(tmp_path: Path) -> None:
+    """A full-range (yuvj420p, MJPEG) source goes to the encoder as the decoder's own padded planes,
+    without a range conversion: the JPEGs match the decoded source."""
+    path, (w, h) = tmp_path / "full.mkv", (170, 98)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuvj420p"
+        for k in range(4):
+            img = cv2.resize(np.full((2, 2, 3), 40 * k, np.uint8) + np.array([[[0, 90, 200]]], np.uint8), (w, h))
+            frame = av.VideoFrame.from_ndarray(img, format="bgr24").reformat(format="yuvj420p")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+        assert frames[0].format.name == "yuvj420p" and frames[0].planes[0].line_size != w  # padded rows
+        source = [f.to_ndarray(format="bgr24").astype(np.float64) for f in frames]
+    extract_frames(path, tmp_path / "f", jpeg_quality=95)
+    for k, ref in enumerate(source):
+        ours = cv2.imread(str(tmp_path / "f" / f"{k:05d}.jpg")).astype(np.float64)
+        assert 10 * np.log10(255**2 / max(np.mean((ours - ref) ** 2), 1e-9)) > 35, f"frame {k}"
