@@ -31,17 +31,10 @@ except ImportError:  # pragma: no cover
     simplejpeg = None
 
 from schemas.errors import StorageError, VideoError
+from schemas.machine import usable_cores
 from schemas.storage import frame_name
 
 log = logging.getLogger(__name__)
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), not the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 # The decoding thread is also an encoder: when MAX_IN_FLIGHT frames wait for the pool it encodes the next

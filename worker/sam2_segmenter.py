@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ import torch
 from PIL import Image
 
 from schemas.errors import ConfigError, PromptError
+from schemas.machine import usable_cores
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.storage import frame_name
 from worker import pil_resize
@@ -116,7 +116,7 @@ class LazyFrames:
         self._on_cuda = device.type == "cuda"
         # On CUDA the model leaves the CPU free and frames must keep up with it: more decoding threads,
         # and the lookup runs on the GPU (the uint8 frame crosses the bus, a quarter of the bytes)
-        threads = threads or (min(6, os.cpu_count() or 2) if self._on_cuda else 2)
+        threads = threads or (min(6, usable_cores()) if self._on_cuda else 2)
         self._norm_on_device = torch.from_numpy(self._norm).to(device) if self._on_cuda else None
         self._streams: dict[int, torch.cuda.Stream] = {}  # one side stream per loader thread (CUDA)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="frames")
