@@ -300,3 +300,24 @@ def test_opencv_runs_single_threaded_beside_a_cpu_model() -> None:
         assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(before)
+
+
+def test_cpu_model_threads_are_capped_at_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container whose CPU quota allows fewer CPUs than torch counts, the model uses that many."""
+    import cv2
+    import torch
+
+    from schemas import machine
+    from worker.load import share_cores_with_model
+
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(machine, "usable_cores", lambda: 1)
+        share_cores_with_model("cuda:0")
+        assert torch.get_num_threads() == 4  # a GPU model: the CPU threads are left alone
+        share_cores_with_model("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)

@@ -13,11 +13,21 @@ log = logging.getLogger(__name__)
 def share_cores_with_model(device: str) -> None:
     """Beside a model on the CPU, OpenCV (the renderer's drawing and colour conversion) runs on the
     calling thread only: its own thread pool would wake a thread per core for each call and preempt
-    the model's OpenMP threads on every core at once. Beside a GPU model it keeps its threads."""
+    the model's OpenMP threads on every core at once. Beside a GPU model it keeps its threads.
+    A CPU model's own threads are capped at the CPUs a container's quota allows (torch counts the
+    host's cores: 16 OpenMP threads throttled to a 2-CPU quota stall each other)."""
     import cv2
 
     if not str(device).startswith("cuda"):
+        import torch
+
+        from schemas.machine import usable_cores
+
         cv2.setNumThreads(1)
+        if torch.get_num_threads() > usable_cores():
+            log.info("model threads: %d, the CPUs this worker may use (torch counted %d)", usable_cores(),
+                     torch.get_num_threads())
+            torch.set_num_threads(usable_cores())
 
 
 def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
