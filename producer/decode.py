@@ -2,9 +2,10 @@
 
 Decoding runs in the calling thread (one FFmpeg thread on machines with two cores or fewer, FFmpeg's
 frame threads otherwise); JPEG encoding runs in a thread pool (simplejpeg and OpenCV release the GIL),
-with a bounded number of frames in flight, and in the calling thread whenever the pool falls behind. 4:2:0 frames are encoded straight from the decoder's Y/U/V
-buffers (no RGB round trip, no copy). Frames go to a hidden sibling directory that is renamed
-into place only when complete, so a half-written directory never looks like a finished one.
+with a bounded number of frames in flight, and in the calling thread whenever the pool falls behind.
+4:2:0 frames are encoded straight from their Y/U/V planes (no RGB round trip). Frames go to a hidden
+sibling directory that is renamed into place only when complete, so a half-written directory never
+looks like a finished one.
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ def share_cores_with_model(device: str) -> None:
         from schemas.machine import usable_cores
 
         cv2.setNumThreads(1)
-        if torch.get_num_threads() > usable_cores():
-            log.info("model threads: %d, the CPUs this worker may use (torch counted %d)", usable_cores(),
+        cores = usable_cores()
+        if torch.get_num_threads() > cores:
+            log.info("model threads: %d, the CPUs this worker may use (torch counted %d)", cores,
                      torch.get_num_threads())
-            torch.set_num_threads(usable_cores())
+            torch.set_num_threads(cores)
 
 
 def load_segmenter(settings: Settings, *, fake: bool = False, fake_delay_s: float = 0.0,
