@@ -1,6 +1,6 @@
 """Frame extraction: our producer against the ffmpeg command SAM 2's README uses and an OpenCV loop.
 
-    python bench/bench_extract.py [--frames 150] [--rounds 5]
+    python bench/bench_extract.py [--frames 150] [--rounds 5] [--frame-threads]
 
 For a 720p clip (01_dog.mp4) and a 1080p clip (01_dog.mp4 upscaled, made once and cached), each
 method writes JPEGs of the first --frames frames into a new directory, once per round, over --rounds
