@@ -113,6 +113,31 @@ def test_job_waits_for_its_last_prompted_frame(video: Path, settings: Settings, 
     assert redis_client.hget(settings.keys.job("late"), "state") == b"completed"
 
 
+@pytest.mark.parametrize("length", [40, 400])
+def test_job_is_enqueued_after_the_same_few_frames_whatever_the_length(
+    length: int, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """What the first result waits for does not grow with the video: the job is on the queue once the
+    first frames are on disk, for a 400-frame video as for a 40-frame one."""
+    video = make_video(tmp_path / f"v{length}.mp4", num_frames=length, size_wh=SIZE, fps=10)
+    job_id = f"len{length}"
+    started: list[int] = []
+    real = decode._write_jpeg
+
+    def spy(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
+        if not redis_client.exists(settings.keys.job(job_id)):
+            started.append(int(path.name[:5]))
+        time.sleep(0.004)  # a frame's work outlasts a thread's start-up, as with real frame sizes
+        real(path, image, quality, whole)
+
+    monkeypatch.setattr(decode, "_write_jpeg", spy)
+    submit(video, [prompt(0)], settings=settings, client=redis_client, job_id=job_id)
+    frames_before_enqueue = max(started) + 1  # frames whose writing began before the job was queued
+    assert frames_before_enqueue <= decode.MAX_IN_FLIGHT + 3, f"{frames_before_enqueue} frames of {length}"
+    assert redis_client.hget(settings.keys.job(job_id), "num_frames") == str(length).encode()
+
+
 def test_prompt_past_the_end_is_refused_before_anything_is_enqueued(
     video: Path, settings: Settings, redis_client: redis.Redis
 ) -> None:
