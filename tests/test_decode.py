@@ -146,14 +146,19 @@ def test_decoder_threading_does_not_change_the_jpegs(video: Path, tmp_path: Path
 
 def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slow pool makes the decoding thread encode frames itself; frames stay whole, named in order, and
-    `on_frames` still reports only contiguous prefixes."""
-    real, writers = decode._write_jpeg, {}
+    """A pool that falls behind (here: held until the calling thread has encoded a frame) makes the
+    decoding thread encode frames itself; frames stay whole, named in order, and `on_frames` still
+    reports only contiguous prefixes."""
+    real, writers, caller_encoded = decode._write_jpeg, {}, threading.Event()
 
     def slow_pool(path: Path, data: object, quality: int, whole: bool = True) -> None:
         writers[path.name] = threading.current_thread().name
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.03)
+        if threading.current_thread() is threading.main_thread():
+            caller_encoded.set()
+        else:
+            if not caller_encoded.wait(2):  # the caller never took a frame: fail below, not slowly here
+                caller_encoded.set()
+            time.sleep(0.002)
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
     monkeypatch.setattr(decode, "_write_jpeg", slow_pool)
@@ -168,12 +173,14 @@ def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
 
 def test_an_error_in_a_frame_the_caller_encodes_is_raised(video: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real = decode._write_jpeg
+    real, failed = decode._write_jpeg, threading.Event()
 
     def broken_here(path: Path, data: object, quality: int, whole: bool = True) -> None:
         if threading.current_thread() is threading.main_thread():
+            failed.set()
             raise StorageError(f"disk full while writing {path.name}")
-        time.sleep(0.03)
+        if not failed.wait(2):  # the pool is behind until the calling thread has taken a frame and failed
+            failed.set()
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
     monkeypatch.setattr(decode, "_write_jpeg", broken_here)
@@ -193,8 +200,8 @@ def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_pat
             if path.name == f"{N - 1:05d}.jpg":
                 release.set()
                 raise StorageError(f"disk full while writing {path.name}")
-        else:
-            release.wait(10)
+        elif not release.wait(2):  # the caller never took the last frame: fail below, not slowly here
+            release.set()
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
     monkeypatch.setattr(decode, "_write_jpeg", stalled_pool)
