@@ -93,7 +93,7 @@ def probe_video(video: Path) -> tuple[int, int, float, int]:
 
 
 def _check_options(max_frames: int | None, stride: int, start_s: float | None, end_s: float | None,
-                   jpeg_quality: int) -> None:
+                   jpeg_quality: int, decode_threads: int) -> None:
     if stride < 1:
         raise VideoError(f"--stride must be >= 1, but got {stride}")
     if max_frames is not None and max_frames < 1:
@@ -104,6 +104,8 @@ def _check_options(max_frames: int | None, stride: int, start_s: float | None, e
         raise VideoError(f"--end ({end_s}) must be after --start ({start_s or 0.0})")
     if not 1 <= jpeg_quality <= 100:
         raise VideoError(f"JPEG quality must be 1..100, but got {jpeg_quality}")
+    if decode_threads < 0:
+        raise VideoError(f"decode threads must be >= 0 (0: automatic), but got {decode_threads}")
 
 
 def decoder_threads(requested: int = 0, cores: int | None = None) -> int:
@@ -236,9 +238,7 @@ def extract_frames(
     decode_threads: FFmpeg decoder threads; 0 chooses by the machine (`decoder_threads`).
     """
     video, out_dir = Path(video), Path(out_dir)
-    _check_options(max_frames, stride, start_s, end_s, jpeg_quality)
-    if decode_threads < 0:
-        raise VideoError(f"decode threads must be >= 0 (0: automatic), but got {decode_threads}")
+    _check_options(max_frames, stride, start_s, end_s, jpeg_quality, decode_threads)
     if out_dir.exists():
         raise StorageError(f"output directory {out_dir} already exists: remove it or choose another")
     container = _open(video)
