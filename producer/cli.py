@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return exit_code(e)
     except KeyboardInterrupt:
+        log.error("interrupted")
         return 130
 
 

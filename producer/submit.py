@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 import redis
 
 from producer.decode import VideoInfo, extract_frames, probe_video
+from producer.liveness import ProducerHeartbeat
 from schemas import messages
 from schemas.connection import connect
+from schemas.errors import VideoError
 from schemas.limits import check_job_limits
 from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.priority import lower_this_thread
@@ -187,13 +189,16 @@ def _stream_and_enqueue(
     job = messages.JobMessage(
         job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(expected or 1, settings.max_frames)),
         width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
-        frames_stream=frames_stream, render=render,
+        frames_stream=frames_stream, render=render, producer_ttl_s=settings.producer_ttl_s,
     )
     announced = 0
     enqueued = False
+    interrupted = threading.Event()  # set when this thread gives up: the decoding thread stops at its next frames
 
     def on_frames(available: int) -> None:
         nonlocal announced, enqueued
+        if interrupted.is_set():
+            raise VideoError("submit was interrupted: decoding stopped")
         if available > settings.max_frames:
             check_job_limits(available, width, height, prompts, settings)
         pipe = client.pipeline(transaction=False)
@@ -205,30 +210,44 @@ def _stream_and_enqueue(
             enqueued = _enqueue(client, keys, job)
             log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
 
-    try:
-        info = _in_background_thread(lambda: extract_frames(
-            video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
-            atomic=False, on_frames=on_frames,
-            **clip.capped(settings).decode_kwargs(),
-        ))
-        check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
-        validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
-        if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
-            enqueued = _enqueue(client, keys, job)
-    except Exception as e:
-        if enqueued:  # the worker has started: tell it, so the job fails instead of waiting
-            client.xadd(frames_stream, {"error": f"{type(e).__name__}: {e}"})
-        else:
-            client.delete(frames_stream)
-            shutil.rmtree(frames_dir, ignore_errors=True)
-        raise
-    pipe = client.pipeline(transaction=False)
-    pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
-    pipe.hset(keys.job(job_id), "num_frames", info.num_frames)
-    pipe.expire(frames_stream, settings.results_ttl_s)
-    pipe.execute()
+    # The liveness key exists before the job is enqueued and goes only after the end (or error) marker.
+    with ProducerHeartbeat(client, keys.producer(job_id), settings.producer_ttl_s):
+        try:
+            info = _in_background_thread(lambda: extract_frames(
+                video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
+                atomic=False, on_frames=on_frames,
+                **clip.capped(settings).decode_kwargs(),
+            ))
+            check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
+            validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
+            if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
+                enqueued = _enqueue(client, keys, job)
+        except BaseException as e:  # Ctrl-C and SystemExit too: a started worker must not wait for frames
+            interrupted.set()
+            _abandon(client, frames_stream, frames_dir, e, enqueued)
+            raise
+        pipe = client.pipeline(transaction=False)
+        pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
+        pipe.hset(keys.job(job_id), "num_frames", info.num_frames)
+        pipe.expire(frames_stream, settings.results_ttl_s)
+        pipe.execute()
     log.info("submitted job %s (%d frames streamed, %d prompts)", job_id, info.num_frames, len(prompts))
     return Submitted(job_id, created=True, video=info)
+
+
+def _abandon(client: redis.Redis, frames_stream: str, frames_dir: Path, error: BaseException, enqueued: bool) -> None:
+    """After a failed streamed decode: tell a started worker (so the job fails now instead of waiting for
+    frames), or, before the job was enqueued, remove what was written."""
+    reason = str(error) or ("the producer was interrupted" if isinstance(error, KeyboardInterrupt) else "no detail")
+    try:
+        if enqueued:
+            client.xadd(frames_stream, {"error": f"{type(error).__name__}: {reason}"})
+        else:
+            client.delete(frames_stream)
+    except redis.RedisError as e:  # the original error matters more; the worker's liveness check covers this
+        log.warning("cannot mark %s as failed (%s)", frames_stream, e)
+    if not enqueued:
+        shutil.rmtree(frames_dir, ignore_errors=True)
 
 
 def _decode_and_enqueue(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class JobMessage:
     # Streaming hand-off: when set, frames are still being decoded and are announced on this stream
     # (vseg:frames:{job_id}); num_frames is then the producer's estimate and the end marker has the total.
     frames_stream: str = ""
+    # Streamed jobs: the producer keeps Keys.producer(job_id) alive, expiring after this many seconds,
+    # while it decodes, so a worker can tell a dead producer from a slow one; 0: it does not (older producers).
+    producer_ttl_s: float = 0.0
     render: bool = True  # False: masks only, no MP4 (Completed.render_path is then "")
     v: int = SCHEMA_VERSION
 
@@ -236,6 +240,9 @@ def from_dict(cls: type[M], data: Any) -> M:
                     raise SchemaError(f"job field {key} must be a positive integer, but got {kwargs[key]!r}")
             if not isinstance(kwargs["frames_dir"], str):
                 raise SchemaError(f"job field frames_dir must be a string, got {kwargs['frames_dir']!r}")
+            ttl = kwargs.get("producer_ttl_s", 0.0)
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < math.inf:
+                raise SchemaError(f"job field producer_ttl_s must be a number of seconds >= 0, but got {ttl!r}")
         elif cls is FrameResult:
             kwargs["objects"] = tuple(ObjectResult(**o) for o in kwargs["objects"])
         elif cls is Started:

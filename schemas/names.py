@@ -58,6 +58,10 @@ class Keys:
         """Frames of a streamed job, announced as the producer decodes them; then an end marker."""
         return f"{self.prefix}:frames:{job_id}"
 
+    def producer(self, job_id: str) -> str:
+        """Key the producer of a streamed job keeps alive while it decodes; it expires if the producer dies."""
+        return f"{self.prefix}:producer:{job_id}"
+
     def job(self, job_id: str) -> str:
         """Hash with one job's state, attempt, progress and last error."""
         return f"{self.prefix}:job:{job_id}"

@@ -83,6 +83,8 @@ def _job_data(**changes: Any) -> dict[str, Any]:
         (_fields({k: v for k, v in _job_data().items() if k != "v"}), "schema version"),
         (_fields({k: v for k, v in _job_data().items() if k != "num_frames"}), "missing required fields"),
         (_fields(_job_data(num_frames=-3)), "positive integer"),
+        (_fields(_job_data(producer_ttl_s=-1.0)), "producer_ttl_s must be a number of seconds >= 0, but got -1.0"),
+        (_fields(_job_data(producer_ttl_s="10")), "producer_ttl_s must be a number of seconds >= 0, but got '10'"),
         (_fields(_job_data(job_id="../etc")), "job id"),
         (_fields(_job_data(prompts=[{"obj_id": 1, "points_xy": [[1, 2]], "labels": [7]}])), "label"),
         (_fields(_job_data(prompts=[{"frame_idx": 0}])), "obj_id"),
@@ -95,6 +97,13 @@ def test_malformed_entries_raise_schema_error(fields: dict[bytes, bytes], match:
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     assert messages.decode(_fields(_job_data(added_in_v2="x"))) == _job()
+
+
+def test_a_job_from_an_older_producer_has_no_liveness_ttl() -> None:
+    """Fields added later have defaults: a job without producer_ttl_s (no liveness key) still decodes."""
+    old = {k: v for k, v in _job_data().items() if k != "producer_ttl_s"}
+    job = messages.decode(_fields(old))
+    assert isinstance(job, messages.JobMessage) and job.producer_ttl_s == 0.0
 
 
 def test_rle_round_trip_matches_pycocotools() -> None:
@@ -243,6 +252,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
         ({"VSEG_RENDER_PRESET": "turbo"}, "render_preset must be auto or one of ultrafast"),
         ({"VSEG_RENDER_THREADS": "-1"}, "render_threads must be >= 0"),
         ({"VSEG_DECODE_THREADS": "-2"}, "decode_threads must be >= 0"),
+        ({"VSEG_PRODUCER_TTL_S": "0"}, r"producer_ttl_s \(VSEG_PRODUCER_TTL_S\) must be positive"),
         ({"VSEG_ENCODER_BATCH": "0"}, "encoder_batch must be 1..64"),
         ({"VSEG_ENCODER_BATCH": "two"}, "VSEG_ENCODER_BATCH"),
     ],

@@ -344,7 +344,9 @@ class Worker:
             frames: FrameSource
             if job.frames_stream:
                 frames = StreamedFrames(self.client, self.keys.frames(job.job_id), frames_dir,
-                                        block_ms=self.settings.block_ms, stall_s=max(60.0, 4 * self.settings.lease_s))
+                                        block_ms=self.settings.block_ms, stall_s=max(60.0, 4 * self.settings.lease_s),
+                                        producer_key=self.keys.producer(job.job_id),
+                                        producer_ttl_s=job.producer_ttl_s)
                 validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=10**9)
             else:
                 frames = DirFrames(frames_dir, job.num_frames)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import redis
 
-from schemas.errors import RetryableError, StorageError, VideoError
+from schemas.errors import PermanentError, RetryableError, StorageError, VideoError
 from schemas.storage import check_frame_dir, frame_name
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,25 @@ class StreamedFrames(_Base):
     """Frames announced on a Redis stream while the producer is still decoding.
 
     Entry `(k+1)-0` announces frame k; the end marker (field `end`) carries the total, or `error` if
-    decoding failed. Waiting longer than `stall_s` for the next announcement fails the job.
+    decoding failed. Waiting longer than `stall_s` for the next announcement fails the attempt
+    (RetryableError). With `producer_key`, the producer's liveness key (`producer/liveness.py`, expiring
+    `producer_ttl_s` after its last refresh): once it has been gone for half that while a frame is
+    awaited, the producer is dead and no frame will come, so the job fails (PermanentError) without
+    waiting for `stall_s`. Half the TTL is longer than the producer's refresh interval (a third), so a
+    key lost in a Redis restart is back before it counts.
     """
 
     def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
-                 stall_s: float = 120.0) -> None:
+                 stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0) -> None:
         self.client = client
         self.stream = stream
         self.dir = frames_dir
         self.block_ms = block_ms
         self.stall_s = stall_s
+        self.producer_key = producer_key if producer_ttl_s > 0 else ""
+        self.producer_ttl_s = producer_ttl_s
+        self._producer_checked_at = 0.0
+        self._producer_missing_since: float | None = None
         self._available = 0  # frames 0.._available-1 are on disk
         self._total: int | None = None
         self._error: str | None = None
@@ -133,6 +142,32 @@ class StreamedFrames(_Base):
                 return frame_idx < self._total
             return None
 
+    def _check_producer(self) -> None:
+        """Raise PermanentError once the producer's liveness key has been gone for half its TTL (checked
+        at most every quarter TTL; the caller holds `_poll_lock`)."""
+        if not self.producer_key:
+            return
+        now = time.monotonic()
+        if now - self._producer_checked_at < min(1.0, self.producer_ttl_s / 4):
+            return
+        self._producer_checked_at = now
+        if self.client.exists(self.producer_key):
+            self._producer_missing_since = None
+            return
+        if self._producer_missing_since is None:
+            self._producer_missing_since = now
+            return
+        if now - self._producer_missing_since >= self.producer_ttl_s / 2:
+            self._poll()  # the end or error marker may have landed just before the key went
+            with self._lock:
+                ended = self._total is not None or self._error is not None
+            if not ended:
+                raise PermanentError(
+                    f"the producer stopped: its liveness key {self.producer_key} has been gone for "
+                    f"{now - self._producer_missing_since:.0f} s with {self._available} frames announced and no "
+                    f"end marker on {self.stream} (the producing process died or lost Redis); submit the video again"
+                )
+
     def wait(self, frame_idx: int) -> bool:
         """Block until frame i is on disk (True) or the video is known to end before it (False). A frame
         already announced returns at once, even while another thread is blocked reading for a later one."""
@@ -147,6 +182,7 @@ class StreamedFrames(_Base):
                 if time.monotonic() > deadline:
                     raise RetryableError(f"no new frame on {self.stream} for {self.stall_s:.0f} s (producer stalled?)")
                 try:
+                    self._check_producer()
                     self._poll()
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     log.warning("Redis unavailable while waiting for frames (%s); retrying", e)

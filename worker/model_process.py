@@ -69,7 +69,8 @@ def describe_frames(frames: FrameSource) -> tuple[Any, ...]:
         kwargs = {("unix_socket_path" if k == "path" else k): v
                   for k, v in frames.client.connection_pool.connection_kwargs.items()
                   if (k in accepted or k == "path") and isinstance(v, (str, int, float, bool, type(None)))}
-        return ("stream", kwargs, frames.stream, str(frames.dir), frames.block_ms, frames.stall_s)
+        return ("stream", kwargs, frames.stream, str(frames.dir), frames.block_ms, frames.stall_s,
+                frames.producer_key, frames.producer_ttl_s)
     if isinstance(frames, DirFrames):
         return ("dir", str(frames.dir), frames.total)
     raise TypeError(f"cannot hand a {type(frames).__name__} to the model process")
@@ -80,8 +81,9 @@ def open_frames(spec: tuple[Any, ...]) -> FrameSource:
         return DirFrames(Path(spec[1]), spec[2], check=False)  # the worker checked it
     import redis
 
-    _, kwargs, stream, frames_dir, block_ms, stall_s = spec
-    return StreamedFrames(redis.Redis(**kwargs), stream, Path(frames_dir), block_ms=block_ms, stall_s=stall_s)
+    _, kwargs, stream, frames_dir, block_ms, stall_s, producer_key, producer_ttl_s = spec
+    return StreamedFrames(redis.Redis(**kwargs), stream, Path(frames_dir), block_ms=block_ms, stall_s=stall_s,
+                          producer_key=producer_key, producer_ttl_s=producer_ttl_s)
 
 
 def _portable(error: BaseException) -> BaseException:
