@@ -17,6 +17,7 @@ from producer.results import follow
 from producer.submit import submit
 from schemas import messages
 from schemas.errors import PromptError, VideoError
+from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
 from tests.videos import disc_center, make_video
@@ -209,3 +210,51 @@ def test_a_frame_already_announced_is_not_held_up_by_a_read_for_a_later_one(
     waiter.join(10)
     assert later == [False]
     assert frames.total == 1 and not frames.wait(1)
+
+
+def test_a_worker_killed_mid_stream_is_replaced_and_the_job_completes_with_every_frame_once(
+    video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """kill -9 the worker while the producer is still decoding: the next worker reclaims the job after
+    one lease, reads the frames stream from the start, waits for the frames still to come, and the
+    result stream ends with every frame once."""
+    from tests.workers import WorkerProcess, wait_for
+
+    real = decode._write_jpeg
+
+    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
+        time.sleep(0.15)  # about 6 s for the video: long enough for a kill, a start-up and a lease
+        real(path, image, quality, whole)
+
+    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    done: dict[str, float] = {}
+
+    def run_submit() -> None:
+        submit(video, [prompt(0)], settings=settings, job_id="midkill")
+        done["at"] = time.time()
+
+    submitter = threading.Thread(target=run_submit)
+    a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.002)
+    b = None
+    try:
+        submitter.start()
+        wait_for(lambda: int(redis_client.hget(settings.keys.job("midkill"), "frames_done") or 0) >= 5,
+                 what="a publishes frames")
+        b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.002)  # idle: a holds the job
+        wait_for(lambda: redis_client.exists(settings.keys.worker_health("b")), what="b is up")
+        assert "at" not in done, "decoding ended before the kill: slow the producer down further"
+        a.kill()
+        wait_for(lambda: redis_client.hget(settings.keys.job("midkill"), "state") == b"completed", what="b completes")
+        submitter.join(30)
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
+    starts = [m for m in (messages.decode(f) for _, f in redis_client.xrange(settings.keys.events))
+              if isinstance(m, messages.Started)]
+    assert [s.worker for s in starts] == ["a", "b"] and starts[1].attempt == 2
+    assert starts[1].at < done["at"], "b started only after decoding had finished: not a mid-stream reclaim"
+    ids = [i.decode() for i, _ in redis_client.xrange(settings.keys.results("midkill"))]
+    assert ids == ["0-1"] + [f"{k + 1}-0" for k in range(N)] + [TERMINAL_ENTRY_ID], ids
+    last = messages.decode(redis_client.xrange(settings.keys.results("midkill"))[-1][1])
+    assert isinstance(last, messages.Completed) and last.num_frames == N
