@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -65,7 +65,7 @@ def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None
     """The job's state hash: state, attempt, frames_done, num_frames, worker, error, render_path..."""
     validate_job_id(job_id)
     client = client or connect(settings)
-    raw = client.hgetall(settings.keys.job(job_id))
+    raw = cast(dict[bytes, bytes], client.hgetall(settings.keys.job(job_id)))
     if not raw:
         raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (never submitted, or expired)")
     return {k.decode(): v.decode() for k, v in raw.items()}

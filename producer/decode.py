@@ -151,7 +151,11 @@ def _frame_payload(frame: av.VideoFrame) -> tuple[YuvPlanes | np.ndarray, int, i
     at 1080p than converting in the encoder's thread)."""
     fmt = frame.format.name
     if simplejpeg is not None and fmt in ("yuv420p", "yuvj420p"):
-        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes)
+        # the ignore: before Python 3.12 numpy's stubs accept only bytes-like types as buffers, not a VideoPlane
+        y, u, v = (
+            np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width]  # type: ignore[call-overload]
+            for p in frame.planes
+        )
         if fmt == "yuvj420p" or str(getattr(frame, "color_range", "")).endswith(("2", "JPEG")):
             return YuvPlanes(y, u, v, frame), frame.height, frame.width
         return YuvPlanes(*to_full_range(y, u, v), None), frame.height, frame.width

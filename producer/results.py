@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from tqdm import tqdm
@@ -44,12 +44,13 @@ def follow(
     stream = keys.results(job_id)
     if not client.exists(keys.job(job_id)) and not client.exists(stream):
         raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (wrong REDIS_URL or expired?)")
-    last_id = "0-0"
+    last_id: bytes | str = "0-0"
     last_seen = time.monotonic()
     backoff_s = 0.1
     while True:
         try:
-            reply = client.xread({stream: last_id}, count=256, block=settings.block_ms)
+            reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+                         client.xread({stream: last_id}, count=256, block=settings.block_ms))
             backoff_s = 0.1
         except (redis.ConnectionError, redis.TimeoutError) as e:
             log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", job_id, e, backoff_s)

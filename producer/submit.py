@@ -164,7 +164,7 @@ def _in_background_thread(fn: Callable[[], T]) -> T:
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 def _stream_and_enqueue(

@@ -226,7 +226,7 @@ def from_dict(cls: type[M], data: Any) -> M:
         for f in known.values()
         if f.name not in kwargs
         and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise SchemaError(f"{name} message is missing required fields {missing}")

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import redis
@@ -228,8 +228,9 @@ class Worker:
         return None
 
     def read_new(self, *, block: bool) -> tuple[str, dict[Any, Any]] | None:
-        reply = self.client.xreadgroup(self.keys.group, self.name, {self.keys.jobs: ">"}, count=1,
-                                       block=self.settings.block_ms if block else None)
+        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+                     self.client.xreadgroup(self.keys.group, self.name, {self.keys.jobs: ">"}, count=1,
+                                            block=self.settings.block_ms if block else None))
         if not reply or not reply[0][1]:
             return None
         entry_id, fields = reply[0][1][0]
@@ -265,7 +266,8 @@ class Worker:
     def _run_with_retries(self, job: messages.JobMessage, entry_id: str, fields: dict[Any, Any],
                           pub: ResultPublisher) -> None:
         while True:
-            state = {k.decode(): v.decode() for k, v in self.client.hgetall(self.keys.job(job.job_id)).items()}
+            state = {k.decode(): v.decode()
+                     for k, v in cast(dict[bytes, bytes], self.client.hgetall(self.keys.job(job.job_id))).items()}
             if state.get("state") in TERMINAL_STATES:  # finished, but its entry was left behind
                 log.info("job %s is already %s; dropping its entry", job.job_id, state["state"])
                 self.client.xack(self.keys.jobs, self.keys.group, entry_id)

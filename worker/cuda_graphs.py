@@ -228,7 +228,8 @@ class GraphedForward:
         buffers = [_Buffer.like(t) for t in tensors]
         inputs = [b for b in buffers if b is not None]
         if len(inputs) != len(buffers):
-            return self._refuse(key, "an input's layout (an overlapping view) cannot be reproduced by a buffer")
+            self._refuse(key, "an input's layout (an overlapping view) cannot be reproduced by a buffer")
+            return None
         swap = iter([b.view for b in inputs])
         call_args, call_kwargs = _rebuild(args, swap), _rebuild(kwargs, swap)
         device = tensors[0].device
@@ -244,7 +245,8 @@ class GraphedForward:
             self.fn(*call_args, **call_kwargs)  # warm-up: lazy set-up happens outside the graph
         torch.cuda.current_stream(device).wait_stream(stream)
         if check.found is not None:
-            return self._refuse(key, f"it runs {check.found}, which a graph cannot hold")
+            self._refuse(key, f"it runs {check.found}, which a graph cannot hold")
+            return None
         try:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False), torch.cuda.graph(
                 graph, stream=stream, capture_error_mode="thread_local"
@@ -257,7 +259,8 @@ class GraphedForward:
             log.error("%s: CUDA graph capture failed (%s: %s); this module runs eagerly from now on. PyTorch's CUDA "
                       "state may be inconsistent after a failed capture: if errors follow, set VSEG_CUDA_GRAPHS=off",
                       self.name, type(e).__name__, e)
-            return self._refuse(key, f"capture failed: {type(e).__name__}: {e}")
+            self._refuse(key, f"capture failed: {type(e).__name__}: {e}")
+            return None
         entry = _Graph(graph, inputs, output)
         self.graphs[key] = entry
         self.stats.captures += 1

@@ -60,7 +60,7 @@ class BatchedFeatures(dict[int, Features]):
         self.encoded = 0  # frames through the encoder
         self.batched = 0  # of those, frames encoded in a batch of more than one
 
-    def get(self, frame_idx: int, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, frame_idx: int, default: Any = None) -> Any:
         hit = super().get(frame_idx)
         if hit is None:
             hit = self._encode_from(frame_idx)

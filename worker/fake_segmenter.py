@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -122,5 +123,5 @@ class ColourSegmenter:
                 time.sleep(self.delay_s)
             image = read_frame(frames.dir, frame_idx)
             masks = np.stack([colour_mask(image, colours[obj_id], self.tolerance) for obj_id in obj_ids])
-            scores = masks.any(axis=(1, 2)).astype(np.float32)
+            scores = cast(np.ndarray, masks.any(axis=(1, 2)).astype(np.float32))
             yield FrameMasks(frame_idx=frame_idx, obj_ids=obj_ids, masks=masks, scores=scores)

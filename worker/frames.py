@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import redis
 
@@ -113,7 +113,8 @@ class StreamedFrames(_Base):
 
     def _poll(self) -> None:
         """One blocking read of new announcements (the caller holds `_poll_lock`, not `_lock`)."""
-        reply = self.client.xread({self.stream: self._last_id}, count=1024, block=self.block_ms)
+        reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
+                     self.client.xread({self.stream: self._last_id}, count=1024, block=self.block_ms))
         with self._lock:
             for _, entries in reply or []:
                 for entry_id, fields in entries:

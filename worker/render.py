@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import av
 import cv2
@@ -253,7 +253,7 @@ class MaskVideoWriter:
             str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
         )
         try:
-            self._stream: Any = self._container.add_stream(codec, rate=self.rate)
+            self._stream: Any = cast("av.VideoStream", self._container.add_stream(codec, rate=self.rate))
             self._stream.width = enc_width
             self._stream.height = enc_height
             self._stream.pix_fmt = "yuv420p"
@@ -282,7 +282,7 @@ class MaskVideoWriter:
             )
         drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb))
         # OpenCV's SIMD conversion to 4:2:0 (BT.601, video range, as FFmpeg's) costs a tenth of swscale's
-        yuv = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
+        yuv: np.ndarray = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
         video_frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         video_frame.pts = self.frames_written
         video_frame.time_base = 1 / self.rate

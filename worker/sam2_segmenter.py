@@ -65,7 +65,7 @@ class EndOfFrames(Exception):
 
 def _cast_memory_to_query_dtype(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """SAM 2 stores memory features in bf16; without autocast (CPU) they must match the fp32 query."""
-    curr = kwargs.get("curr")
+    curr: Any = kwargs.get("curr")
     dtype = (curr[0] if isinstance(curr, (list, tuple)) else curr).dtype
     for key in ("memory", "memory_pos"):
         if isinstance(kwargs.get(key), torch.Tensor):
