@@ -147,9 +147,10 @@ def _fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
     return frames_rel, frames_dir
 
 
-def _in_background_thread(fn: Callable[[], T]) -> T:
+def _in_background_thread(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
     """Run `fn` in a thread of lowered priority (it and the threads it starts: FFmpeg's, the JPEG pool),
-    so that decoding ahead never slows a worker's model on the same machine. Re-raises its error."""
+    so that decoding ahead never slows a worker's model on the same machine. Re-raises its error.
+    Interrupted while waiting, sets `stop` (which `fn` must heed soon) and waits up to 10 s for it."""
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -161,7 +162,13 @@ def _in_background_thread(fn: Callable[[], T]) -> T:
 
     thread = threading.Thread(target=run, name="decode", daemon=True)
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except BaseException:  # Ctrl-C while waiting: have the thread stop, and wait for it (a process that exits
+        if stop is not None:  # while FFmpeg's or OpenCV's native threads still run aborts in C++)
+            stop.set()
+        thread.join(timeout=10)
+        raise
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -194,21 +201,23 @@ def _stream_and_enqueue(
     announced = 0
     enqueued = False
     interrupted = threading.Event()  # set when this thread gives up: the decoding thread stops at its next frames
+    handing_off = threading.Lock()  # held while frames are announced or the job enqueued, so giving up waits
 
     def on_frames(available: int) -> None:
         nonlocal announced, enqueued
-        if interrupted.is_set():
-            raise VideoError("submit was interrupted: decoding stopped")
-        if available > settings.max_frames:
-            check_job_limits(available, width, height, prompts, settings)
-        pipe = client.pipeline(transaction=False)
-        for k in range(announced, available):
-            pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
-        pipe.execute()
-        announced = available
-        if not enqueued and available >= need:
-            enqueued = _enqueue(client, keys, job)
-            log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
+        with handing_off:
+            if interrupted.is_set():
+                raise VideoError("submit was interrupted: decoding stopped")
+            if available > settings.max_frames:
+                check_job_limits(available, width, height, prompts, settings)
+            pipe = client.pipeline(transaction=False)
+            for k in range(announced, available):
+                pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
+            pipe.execute()
+            announced = available
+            if not enqueued and available >= need:
+                enqueued = _enqueue(client, keys, job)
+                log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
 
     # The liveness key exists before the job is enqueued and goes only after the end (or error) marker.
     with ProducerHeartbeat(client, keys.producer(job_id), settings.producer_ttl_s):
@@ -217,14 +226,18 @@ def _stream_and_enqueue(
                 video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
                 atomic=False, on_frames=on_frames,
                 **clip.capped(settings).decode_kwargs(),
-            ))
+            ), stop=interrupted)
             check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
             validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
             if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
                 enqueued = _enqueue(client, keys, job)
         except BaseException as e:  # Ctrl-C and SystemExit too: a started worker must not wait for frames
+            # Wait for the decoding thread to be between announcements (not forever: it may hang on Redis).
+            locked = handing_off.acquire(timeout=5)
             interrupted.set()
-            _abandon(client, frames_stream, frames_dir, e, enqueued)
+            if locked:
+                handing_off.release()
+            _abandon(client, keys, job_id, frames_dir, e)
             raise
         pipe = client.pipeline(transaction=False)
         pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
@@ -235,19 +248,21 @@ def _stream_and_enqueue(
     return Submitted(job_id, created=True, video=info)
 
 
-def _abandon(client: redis.Redis, frames_stream: str, frames_dir: Path, error: BaseException, enqueued: bool) -> None:
-    """After a failed streamed decode: tell a started worker (so the job fails now instead of waiting for
-    frames), or, before the job was enqueued, remove what was written."""
+def _abandon(client: redis.Redis, keys: Keys, job_id: str, frames_dir: Path, error: BaseException) -> None:
+    """After a failed streamed decode: tell a worker (so the job fails now instead of waiting for
+    frames), or, if the job was never enqueued, remove what was written. Whether it was is asked of Redis,
+    not of a flag, which an interrupt can land before (the enqueue done, its result not yet stored)."""
+    frames_stream = keys.frames(job_id)
     reason = str(error) or ("the producer was interrupted" if isinstance(error, KeyboardInterrupt) else "no detail")
     try:
-        if enqueued:
+        if job_exists(client, keys, job_id):  # this call holds the submit lock: the job is ours
             client.xadd(frames_stream, {"error": f"{type(error).__name__}: {reason}"})
-        else:
-            client.delete(frames_stream)
+            return
+        client.delete(frames_stream)
     except redis.RedisError as e:  # the original error matters more; the worker's liveness check covers this
         log.warning("cannot mark %s as failed (%s)", frames_stream, e)
-    if not enqueued:
-        shutil.rmtree(frames_dir, ignore_errors=True)
+        return  # a worker may be reading the frames: leave them
+    shutil.rmtree(frames_dir, ignore_errors=True)
 
 
 def _decode_and_enqueue(
