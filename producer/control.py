@@ -8,6 +8,7 @@ from typing import Any, cast
 import redis
 
 from schemas import messages
+from schemas.cleanup import producer_finished, remove_frames
 from schemas.connection import connect
 from schemas.errors import UnknownJobError
 from schemas.names import TERMINAL_ENTRY_ID, validate_job_id
@@ -15,7 +16,6 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
 
 # KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, fields...
 # -1 unknown job, 0 already ended, 1 cancel requested (a worker holds it and stops within a frame or
@@ -58,7 +58,11 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
         raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url}")
     if result == 0:
         return str(status(job_id, settings=settings, client=client)["state"])
-    return "cancelled" if result == 2 else "requested"
+    if result == 2:  # no worker ever had it; a producer still streaming removes the frames when it stops
+        if producer_finished(client, settings, job_id):
+            remove_frames(settings, job_id)
+        return "cancelled"
+    return "requested"
 
 
 def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:

@@ -10,17 +10,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 
 from producer.decode import VideoInfo, extract_frames, probe_video
 from producer.liveness import ProducerHeartbeat
 from schemas import messages
+from schemas.cleanup import job_ended, remove_frames
 from schemas.connection import connect
-from schemas.errors import VideoError
+from schemas.errors import JobFailed, VideoError
 from schemas.limits import check_job_limits
-from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.names import TERMINAL_STATES, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
@@ -200,14 +201,18 @@ def _stream_and_enqueue(
     )
     announced = 0
     enqueued = False
+    checked_at = time.monotonic()
     interrupted = threading.Event()  # set when this thread gives up: the decoding thread stops at its next frames
     handing_off = threading.Lock()  # held while frames are announced or the job enqueued, so giving up waits
 
     def on_frames(available: int) -> None:
-        nonlocal announced, enqueued
+        nonlocal announced, enqueued, checked_at
         with handing_off:
             if interrupted.is_set():
                 raise VideoError("submit was interrupted: decoding stopped")
+            if enqueued and time.monotonic() - checked_at >= 1.0:  # a job failed or cancelled: stop decoding
+                checked_at = time.monotonic()
+                _stop_if_ended(client, settings, job_id)
             if available > settings.max_frames:
                 check_job_limits(available, width, height, prompts, settings)
             pipe = client.pipeline(transaction=False)
@@ -237,26 +242,40 @@ def _stream_and_enqueue(
             interrupted.set()
             if locked:
                 handing_off.release()
-            _abandon(client, keys, job_id, frames_dir, e)
+            _abandon(client, settings, job_id, frames_dir, e)
             raise
         pipe = client.pipeline(transaction=False)
         pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
         pipe.hset(keys.job(job_id), "num_frames", info.num_frames)
         pipe.expire(frames_stream, settings.results_ttl_s)
         pipe.execute()
+    if job_ended(client, settings, job_id):  # after the end marker: the worker may have finished first
+        remove_frames(settings, job_id)
     log.info("submitted job %s (%d frames streamed, %d prompts)", job_id, info.num_frames, len(prompts))
     return Submitted(job_id, created=True, video=info)
 
 
-def _abandon(client: redis.Redis, keys: Keys, job_id: str, frames_dir: Path, error: BaseException) -> None:
+def _stop_if_ended(client: redis.Redis, settings: Settings, job_id: str) -> None:
+    """Raise JobFailed if the streamed job has already ended (failed, cancelled): its frames are not needed."""
+    state = cast(dict[bytes, bytes], client.hgetall(settings.keys.job(job_id)))
+    ended = state.get(b"state", b"").decode()
+    if ended in TERMINAL_STATES:
+        raise JobFailed(job_id, f"it ended {ended} while its video was being decoded, so decoding stopped "
+                                f"({state.get(b'error', b'no error recorded').decode()})")
+
+
+def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: Path, error: BaseException) -> None:
     """After a failed streamed decode: tell a worker (so the job fails now instead of waiting for
     frames), or, if the job was never enqueued, remove what was written. Whether it was is asked of Redis,
     not of a flag, which an interrupt can land before (the enqueue done, its result not yet stored)."""
+    keys = settings.keys
     frames_stream = keys.frames(job_id)
     reason = str(error) or ("the producer was interrupted" if isinstance(error, KeyboardInterrupt) else "no detail")
     try:
         if job_exists(client, keys, job_id):  # this call holds the submit lock: the job is ours
             client.xadd(frames_stream, {"error": f"{type(error).__name__}: {reason}"})
+            if job_ended(client, settings, job_id):  # after the error marker: the worker may have finished first
+                remove_frames(settings, job_id)
             return
         client.delete(frames_stream)
     except redis.RedisError as e:  # the original error matters more; the worker's liveness check covers this

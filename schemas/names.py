@@ -71,6 +71,9 @@ class Keys:
         return f"{self.prefix}:worker:{worker}"
 
 
+# A job's `state` in its hash (vseg:job:{id}) ends in one of these; none is ever left.
+TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
+
 # Entry ids on a job's result stream are derived from the frame index, so Redis itself rejects a
 # second copy of a frame (XADD with an id <= the stream's last id fails) and readers get frames in
 # order: `started` is 0-1, frame k is (k+1)-0, and the one terminal entry has the fixed id

@@ -59,6 +59,7 @@ def run_worker(settings: Settings, client: redis.Redis, **kwargs: object) -> Wor
 
 
 def test_masks_land_on_the_right_pixels(video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path) -> None:
+    settings = dataclasses.replace(settings, keep_frames="on")  # the frames are compared with the render below
     job = submit(video, [disc_prompt(0)], settings=settings, client=redis_client, job_id="disc")
     assert job.created and job.video is not None and job.video.num_frames == N_FRAMES
     run_worker(settings, redis_client)

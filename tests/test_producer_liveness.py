@@ -184,23 +184,25 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
         worker.kill()
 
 
-@pytest.mark.parametrize("enqueued", [True, False])
+@pytest.mark.parametrize("state", ["queued", "cancelled", None])
 def test_giving_up_asks_redis_whether_the_job_was_enqueued(
-    enqueued: bool, settings: Settings, redis_client: redis.Redis
+    state: str | None, settings: Settings, redis_client: redis.Redis
 ) -> None:
     """An interrupt can land after the enqueue but before its result is stored: whether a worker must be
-    told is read from Redis. Enqueued: the frames stay and the stream gets an error marker; not: both go."""
+    told is read from Redis. Enqueued: the stream gets an error marker, and the frames stay for the
+    worker unless the job has already ended; never enqueued: stream and frames go."""
     from producer.submit import _abandon
 
     keys = settings.keys
     frames_dir = settings.storage_root / "jobs/j/frames"
     frames_dir.mkdir(parents=True)
     redis_client.xadd(keys.frames("j"), {"frame_idx": 0}, id=frame_entry_id(0))
-    if enqueued:
-        redis_client.hset(keys.job("j"), "state", "queued")
-    _abandon(redis_client, keys, "j", frames_dir, KeyboardInterrupt())
-    if enqueued:
+    if state:
+        redis_client.hset(keys.job("j"), "state", state)
+    _abandon(redis_client, settings, "j", frames_dir, KeyboardInterrupt())
+    if state:
         last = redis_client.xrevrange(keys.frames("j"), count=1)[0][1]
-        assert last == {b"error": b"KeyboardInterrupt: the producer was interrupted"} and frames_dir.is_dir()
+        assert last == {b"error": b"KeyboardInterrupt: the producer was interrupted"}
+        assert frames_dir.is_dir() == (state == "queued")
     else:
         assert not redis_client.exists(keys.frames("j")) and not frames_dir.exists()

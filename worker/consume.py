@@ -33,9 +33,10 @@ import msgpack
 import redis
 
 from schemas import messages
+from schemas.cleanup import producer_finished, remove_frames
 from schemas.errors import PermanentError, RetryableError, SchemaError, VsegError
 from schemas.limits import check_job_limits
-from schemas.names import EVENTS_MAXLEN, validate_job_id
+from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
@@ -49,7 +50,6 @@ from worker.sink import ResultSink
 log = logging.getLogger(__name__)
 
 HEALTH_TTL_S = 30
-TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
 
 
 class HandBack(Exception):
@@ -300,6 +300,16 @@ class Worker:
         pub.terminal(msg, ttl_s=self.settings.results_ttl_s, error=error)
         self.stats.jobs_done += 1
         self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        self._release_frames(msg.job_id)
+
+    def _release_frames(self, job_id: str) -> None:
+        """After the job's terminal state: its frames go if the producer has finished too; otherwise the
+        producer removes them when it does (schemas/cleanup.py)."""
+        try:
+            if producer_finished(self.client, self.settings, job_id):
+                remove_frames(self.settings, job_id)
+        except (redis.RedisError, VsegError, OSError) as e:  # disk space, not correctness: log and go on
+            log.warning("could not remove the frames of job %s (%s)", job_id, e)
 
     def hand_back(self, entry_id: str, job_id: str) -> None:
         """Give the job back: claimable by another worker at once, the attempt not counted."""
