@@ -274,6 +274,7 @@ def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: P
     try:
         if job_exists(client, keys, job_id):  # this call holds the submit lock: the job is ours
             client.xadd(frames_stream, {"error": f"{type(error).__name__}: {reason}"})
+            client.expire(frames_stream, settings.results_ttl_s)
             if job_ended(client, settings, job_id):  # after the error marker: the worker may have finished first
                 remove_frames(settings, job_id)
             return

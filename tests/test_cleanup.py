@@ -139,6 +139,7 @@ def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_th
     announced = redis_client.xlen(settings.keys.frames("cut")) - 1  # less the error marker
     assert announced < N, "decoding went on to the end"
     assert not frames_dir.exists()
+    assert redis_client.ttl(settings.keys.frames("cut")) > 0  # the frames stream expires with the results
 
 
 def test_a_queued_streamed_job_cancelled_before_any_worker_stops_its_producer(
@@ -169,3 +170,4 @@ def test_a_queued_streamed_job_cancelled_before_any_worker_stops_its_producer(
     submitter.join(10)
     assert len(errors) == 1 and isinstance(errors[0], JobFailed) and "ended cancelled" in str(errors[0])
     assert not (settings.storage_root / "jobs/early/frames").exists()
+    assert redis_client.ttl(settings.keys.frames("early")) > 0

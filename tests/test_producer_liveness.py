@@ -69,6 +69,10 @@ def test_a_dead_producer_fails_the_wait_within_its_ttl(redis_client: redis.Redis
                                              r"for \d+ s with 1 frames announced and no end marker"):
         frames.wait(1)
     assert time.monotonic() - t0 < 5  # not the 60 s stall timeout
+    last = redis_client.xrevrange(STREAM, count=1)[0][1]  # closed for the dead producer
+    assert last[b"error"].startswith(b"producer lost: the producer stopped")
+    with pytest.raises(redis.ResponseError, match="equal or smaller"):  # a producer only cut off is refused
+        redis_client.xadd(STREAM, {"frame_idx": 1}, id=frame_entry_id(1))
 
 
 def test_a_live_but_silent_producer_is_waited_for_until_the_stall_timeout(
@@ -180,6 +184,11 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
         assert len(frames) <= announced
         if sig == signal.SIGINT:
             assert proc.returncode == 130 and "interrupted" in out, out
+        # The stream is closed (by the producer's marker, or by the worker for a dead producer) and expires
+        # with the results, and the frames are removed: a dead producer leaks neither Redis memory nor disk.
+        last_marker = redis_client.xrevrange(settings.keys.frames(job_id), count=1)[0][1]
+        assert b"error" in last_marker and redis_client.ttl(settings.keys.frames(job_id)) > 0
+        assert not (settings.storage_root / f"jobs/{job_id}/frames").exists()
     finally:
         worker.kill()
 

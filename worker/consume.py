@@ -303,9 +303,10 @@ class Worker:
         self._release_frames(msg.job_id)
 
     def _release_frames(self, job_id: str) -> None:
-        """After the job's terminal state: its frames go if the producer has finished too; otherwise the
-        producer removes them when it does (schemas/cleanup.py)."""
+        """After the job's terminal state: its frames stream expires with its results, and its frames go if
+        the producer has finished too; otherwise the producer removes them when it does (schemas/cleanup.py)."""
         try:
+            self.client.expire(self.keys.frames(job_id), self.settings.results_ttl_s)
             if producer_finished(self.client, self.settings, job_id):
                 remove_frames(self.settings, job_id)
         except (redis.RedisError, VsegError, OSError) as e:  # disk space, not correctness: log and go on
@@ -388,8 +389,6 @@ class Worker:
                 num_objects=len(object_ids(job.prompts)), timings_s={k: round(v, 4) for k, v in timings.items()},
                 random_weights=self.segmenter.random_weights,
             ), "completed")
-            if job.frames_stream:
-                self.client.expire(self.keys.frames(job.job_id), self.settings.results_ttl_s)
             log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
                      num_frames / max(timings["total_s"], 1e-9))
         except JobCancelled:

@@ -163,11 +163,15 @@ class StreamedFrames(_Base):
             with self._lock:
                 ended = self._total is not None or self._error is not None
             if not ended:
-                raise PermanentError(
+                error = PermanentError(
                     f"the producer stopped: its liveness key {self.producer_key} has been gone for "
                     f"{now - self._producer_missing_since:.0f} s with {self._available} frames announced and no "
                     f"end marker on {self.stream} (the producing process died or lost Redis); submit the video again"
                 )
+                # Close the stream for it: its frames can then be removed when the job ends, and a producer that
+                # was only cut off finds its next announcement refused (ids below this one) and stops.
+                self.client.xadd(self.stream, {"error": f"producer lost: {error}"})
+                raise error
 
     def wait(self, frame_idx: int) -> bool:
         """Block until frame i is on disk (True) or the video is known to end before it (False). A frame
