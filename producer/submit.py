@@ -249,8 +249,11 @@ def _stream_and_enqueue(
         pipe.hset(keys.job(job_id), "num_frames", info.num_frames)
         pipe.expire(frames_stream, settings.results_ttl_s)
         pipe.execute()
-    if job_ended(client, settings, job_id):  # after the end marker: the worker may have finished first
-        remove_frames(settings, job_id)
+    try:
+        if job_ended(client, settings, job_id):  # after the end marker: the worker may have finished first
+            remove_frames(settings, job_id)
+    except (redis.RedisError, OSError) as e:  # disk space, not correctness: the submit itself succeeded
+        log.warning("could not check whether job %s's frames can be removed (%s)", job_id, e)
     log.info("submitted job %s (%d frames streamed, %d prompts)", job_id, info.num_frames, len(prompts))
     return Submitted(job_id, created=True, video=info)
 
