@@ -59,8 +59,11 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
     if result == 0:
         return str(status(job_id, settings=settings, client=client)["state"])
     if result == 2:  # no worker ever had it; a producer still streaming removes the frames when it stops
-        if producer_finished(client, settings, job_id):
-            remove_frames(settings, job_id)
+        try:
+            if producer_finished(client, settings, job_id):
+                remove_frames(settings, job_id)
+        except (redis.RedisError, OSError) as e:  # disk space, not correctness: the job is cancelled
+            log.warning("could not remove the frames of cancelled job %s (%s)", job_id, e)
         return "cancelled"
     return "requested"
 
