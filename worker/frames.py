@@ -166,7 +166,8 @@ class StreamedFrames(_Base):
                 error = PermanentError(
                     f"the producer stopped: its liveness key {self.producer_key} has been gone for "
                     f"{now - self._producer_missing_since:.0f} s with {self._available} frames announced and no "
-                    f"end marker on {self.stream} (the producing process died or lost Redis); submit the video again"
+                    f"end marker on {self.stream} (the producing process died or lost Redis); submit the video again "
+                    f"under a new job id (the same id names this failed job)"
                 )
                 # Close the stream for it: its frames can then be removed when the job ends, and a producer that
                 # was only cut off finds its next announcement refused (ids below this one) and stops.
