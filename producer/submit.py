@@ -21,7 +21,7 @@ from schemas.cleanup import job_ended, remove_frames
 from schemas.connection import connect
 from schemas.errors import JobFailed, VideoError
 from schemas.limits import check_job_limits
-from schemas.names import TERMINAL_STATES, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
@@ -260,11 +260,10 @@ def _stream_and_enqueue(
 
 def _stop_if_ended(client: redis.Redis, settings: Settings, job_id: str) -> None:
     """Raise JobFailed if the streamed job has already ended (failed, cancelled): its frames are not needed."""
-    state = cast(dict[bytes, bytes], client.hgetall(settings.keys.job(job_id)))
-    ended = state.get(b"state", b"").decode()
-    if ended in TERMINAL_STATES:
-        raise JobFailed(job_id, f"it ended {ended} while its video was being decoded, so decoding stopped "
-                                f"({state.get(b'error', b'no error recorded').decode()})")
+    if job_ended(client, settings, job_id):
+        state, error = cast(list[bytes | None], client.hmget(settings.keys.job(job_id), ["state", "error"]))
+        raise JobFailed(job_id, f"it ended {(state or b'expired').decode()} while its video was being decoded, so "
+                                f"decoding stopped ({(error or b'no error recorded').decode()})")
 
 
 def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: Path, error: BaseException) -> None:

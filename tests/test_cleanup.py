@@ -42,6 +42,33 @@ def prompt() -> list[ObjectPrompt]:
     return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
+@pytest.fixture
+def slow_producer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 0.1 s a frame (2 s for the video): long enough to end the job while it decodes."""
+    real = decode._write_jpeg
+
+    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
+        time.sleep(0.1)
+        real(path, image, quality, whole)
+
+    monkeypatch.setattr(decode, "_write_jpeg", slow)
+
+
+def submit_in_thread(video: Path, settings: Settings, job_id: str) -> tuple[threading.Thread, list[BaseException]]:
+    """Start submitting in a thread; the list receives what `submit` raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            submit(video, prompt(), settings=settings, job_id=job_id)
+        except BaseException as e:  # noqa: BLE001 - checked by the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
 def run_worker(settings: Settings, client: redis.Redis) -> None:
     Worker(settings=settings, segmenter=ColourSegmenter(), client=client).run(burst=True)
 
@@ -96,31 +123,15 @@ def test_a_frame_directory_a_backend_made_is_never_removed(
 
 
 def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_the_frames(
-    video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    video: Path, settings: Settings, redis_client: redis.Redis, slow_producer: None
 ) -> None:
     """The worker ends the job first and must leave the frames (the producer is still writing them);
     the producer notices within a second, stops decoding, and removes them."""
-    real = decode._write_jpeg
-
-    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
-        time.sleep(0.1)  # about 2 s for the video
-        real(path, image, quality, whole)
-
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
     worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis.Redis.from_url(settings.redis_url))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    errors: list[BaseException] = []
-
-    def run_submit() -> None:
-        try:
-            submit(video, prompt(), settings=settings, job_id="cut")
-        except BaseException as e:  # noqa: BLE001 - checked below
-            errors.append(e)
-
-    submitter = threading.Thread(target=run_submit)
     try:
-        submitter.start()
+        submitter, errors = submit_in_thread(video, settings, "cut")
         deadline = time.monotonic() + 20
         while job_state(redis_client, settings, "cut") != "running" and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -143,25 +154,9 @@ def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_th
 
 
 def test_a_queued_streamed_job_cancelled_before_any_worker_stops_its_producer(
-    video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    video: Path, settings: Settings, redis_client: redis.Redis, slow_producer: None
 ) -> None:
-    real = decode._write_jpeg
-
-    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
-        time.sleep(0.1)
-        real(path, image, quality, whole)
-
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
-    errors: list[BaseException] = []
-
-    def run_submit() -> None:
-        try:
-            submit(video, prompt(), settings=settings, job_id="early")
-        except BaseException as e:  # noqa: BLE001 - checked below
-            errors.append(e)
-
-    submitter = threading.Thread(target=run_submit)
-    submitter.start()
+    submitter, errors = submit_in_thread(video, settings, "early")
     deadline = time.monotonic() + 20
     while job_state(redis_client, settings, "early") != "queued" and time.monotonic() < deadline:
         time.sleep(0.01)
