@@ -153,6 +153,7 @@ def _in_background_thread(fn: Callable[[], T], stop: threading.Event | None = No
     so that decoding ahead never slows a worker's model on the same machine. Re-raises its error.
     Interrupted while waiting, sets `stop` (which `fn` must heed soon) and waits up to 10 s for it."""
     box: dict[str, Any] = {}
+    finished = threading.Event()
 
     def run() -> None:
         lower_this_thread()
@@ -160,15 +161,18 @@ def _in_background_thread(fn: Callable[[], T], stop: threading.Event | None = No
             box["value"] = fn()
         except BaseException as e:  # handed back to the caller's thread
             box["error"] = e
+        finally:
+            finished.set()
 
-    thread = threading.Thread(target=run, name="decode", daemon=True)
-    thread.start()
+    threading.Thread(target=run, name="decode", daemon=True).start()
+    # Waited for with an Event, not Thread.join: a join interrupted by Ctrl-C marks a still-running thread
+    # as stopped (CPython 3.11's bpo-45274 handling), so a second join would not wait.
     try:
-        thread.join()
-    except BaseException:  # Ctrl-C while waiting: have the thread stop, and wait for it (a process that exits
-        if stop is not None:  # while FFmpeg's or OpenCV's native threads still run aborts in C++)
+        finished.wait()
+    except BaseException:  # Ctrl-C while waiting: have the thread stop, and wait for it. A daemon thread still
+        if stop is not None:  # inside OpenCV when the interpreter exits is unwound through C++ and aborts it.
             stop.set()
-        thread.join(timeout=10)
+        finished.wait(timeout=10)
         raise
     if "error" in box:
         raise box["error"]
@@ -202,27 +206,27 @@ def _stream_and_enqueue(
     announced = 0
     enqueued = False
     checked_at = time.monotonic()
-    interrupted = threading.Event()  # set when this thread gives up: the decoding thread stops at its next frames
-    handing_off = threading.Lock()  # held while frames are announced or the job enqueued, so giving up waits
+    # Set when this thread is interrupted while waiting; the decoding thread then stops at its next frames,
+    # and `_in_background_thread` waits for that, so nothing is announced after the error marker.
+    interrupted = threading.Event()
 
     def on_frames(available: int) -> None:
         nonlocal announced, enqueued, checked_at
-        with handing_off:
-            if interrupted.is_set():
-                raise VideoError("submit was interrupted: decoding stopped")
-            if enqueued and time.monotonic() - checked_at >= 1.0:  # a job failed or cancelled: stop decoding
-                checked_at = time.monotonic()
-                _stop_if_ended(client, settings, job_id)
-            if available > settings.max_frames:
-                check_job_limits(available, width, height, prompts, settings)
-            pipe = client.pipeline(transaction=False)
-            for k in range(announced, available):
-                pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
-            pipe.execute()
-            announced = available
-            if not enqueued and available >= need:
-                enqueued = _enqueue(client, keys, job)
-                log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
+        if interrupted.is_set():
+            raise VideoError("submit was interrupted: decoding stopped")
+        if enqueued and time.monotonic() - checked_at >= 1.0:  # a job failed or cancelled: stop decoding
+            checked_at = time.monotonic()
+            _stop_if_ended(client, settings, job_id)
+        if available > settings.max_frames:
+            check_job_limits(available, width, height, prompts, settings)
+        pipe = client.pipeline(transaction=False)
+        for k in range(announced, available):
+            pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
+        pipe.execute()
+        announced = available
+        if not enqueued and available >= need:
+            enqueued = _enqueue(client, keys, job)
+            log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
 
     # The liveness key exists before the job is enqueued and goes only after the end (or error) marker.
     with ProducerHeartbeat(client, keys.producer(job_id), settings.producer_ttl_s):
@@ -237,11 +241,6 @@ def _stream_and_enqueue(
             if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
                 enqueued = _enqueue(client, keys, job)
         except BaseException as e:  # Ctrl-C and SystemExit too: a started worker must not wait for frames
-            # Wait for the decoding thread to be between announcements (not forever: it may hang on Redis).
-            locked = handing_off.acquire(timeout=5)
-            interrupted.set()
-            if locked:
-                handing_off.release()
             _abandon(client, settings, job_id, frames_dir, e)
             raise
         pipe = client.pipeline(transaction=False)
