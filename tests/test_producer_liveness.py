@@ -155,15 +155,18 @@ def wait_for_terminal(client: redis.Redis, settings: Settings, job_id: str, time
     raise AssertionError(f"job {job_id} did not end within {timeout_s} s")
 
 
-@pytest.mark.parametrize("sig, expected", [
-    (signal.SIGKILL, "the producer stopped: its liveness key"),
-    (signal.SIGINT, "KeyboardInterrupt: the producer was interrupted"),
+@pytest.mark.parametrize("sig, expected, model_process", [
+    (signal.SIGKILL, "the producer stopped: its liveness key", "off"),
+    (signal.SIGKILL, "the producer stopped: its liveness key", "on"),  # the check runs in the model's process
+    (signal.SIGINT, "KeyboardInterrupt: the producer was interrupted", "off"),
 ])
 def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
-    sig: int, expected: str, long_video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path,
+    sig: int, expected: str, model_process: str, long_video: Path, settings: Settings, redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
-    job_id = f"stopped-{sig}"
-    worker = WorkerProcess(settings, "w-live", tmp_path, lease_s=2.0, delay_s=0.002)  # stall timeout: 60 s
+    job_id = f"stopped-{sig}-{model_process}"
+    worker = WorkerProcess(settings, "w-live", tmp_path, lease_s=2.0, delay_s=0.002,  # stall timeout: 60 s
+                           env={"VSEG_MODEL_PROCESS": model_process})
     try:
         proc = submit_process(settings, long_video, job_id)
         while not redis_client.exists(settings.keys.job(job_id)):  # enqueued: the worker may start
