@@ -21,7 +21,7 @@ from schemas.errors import PermanentError, RetryableError
 from schemas.names import frame_entry_id, frames_end_entry_id
 from schemas.settings import Settings
 from tests.videos import disc_center, make_video
-from tests.workers import ROOT, WorkerProcess, worker_env
+from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 from worker.frames import StreamedFrames
 
 pytestmark = pytest.mark.integration
@@ -189,9 +189,12 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
             assert proc.returncode == 130 and "interrupted" in out, out
         # The stream is closed (by the producer's marker, or by the worker for a dead producer) and expires
         # with the results, and the frames are removed: a dead producer leaks neither Redis memory nor disk.
+        # (The worker does this just after writing the terminal entry: wait for it.)
         last_marker = redis_client.xrevrange(settings.keys.frames(job_id), count=1)[0][1]
-        assert b"error" in last_marker and redis_client.ttl(settings.keys.frames(job_id)) > 0
-        assert not (settings.storage_root / f"jobs/{job_id}/frames").exists()
+        assert b"error" in last_marker
+        wait_for(lambda: redis_client.ttl(settings.keys.frames(job_id)) > 0, timeout_s=10, what="the stream's expiry")
+        wait_for(lambda: not (settings.storage_root / f"jobs/{job_id}/frames").exists(), timeout_s=10,
+                 what="the frames' removal")
     finally:
         worker.kill()
 
