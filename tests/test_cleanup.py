@@ -10,11 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 
-import producer.decode as decode
 from producer.control import cancel
 from producer.decode import extract_frames
 from producer.submit import _enqueue, submit
@@ -22,7 +20,7 @@ from schemas import messages
 from schemas.errors import JobFailed
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from worker.consume import Worker
 from worker.fake_segmenter import ColourSegmenter
 
@@ -45,13 +43,7 @@ def prompt() -> list[ObjectPrompt]:
 @pytest.fixture
 def slow_producer(monkeypatch: pytest.MonkeyPatch) -> None:
     """About 0.1 s a frame (2 s for the video): long enough to end the job while it decodes."""
-    real = decode._write_jpeg
-
-    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
-        time.sleep(0.1)
-        real(path, image, quality, whole)
-
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    slow_down_jpeg_writes(monkeypatch, 0.1)
 
 
 def submit_in_thread(video: Path, settings: Settings, job_id: str) -> tuple[threading.Thread, list[BaseException]]:

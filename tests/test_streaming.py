@@ -20,7 +20,7 @@ from schemas.errors import PromptError, VideoError
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from worker.consume import Worker
 from worker.fake_segmenter import ColourSegmenter
 
@@ -38,13 +38,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def slow_jpeg(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the producer take ~20 ms per frame, so decoding visibly outlasts the first results."""
-    real = decode._write_jpeg
-
-    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
-        time.sleep(0.02)
-        real(path, image, quality, whole)
-
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    slow_down_jpeg_writes(monkeypatch, 0.02)
     monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
 
 
@@ -220,13 +214,7 @@ def test_a_worker_killed_mid_stream_is_replaced_and_the_job_completes_with_every
     result stream ends with every frame once."""
     from tests.workers import WorkerProcess, wait_for
 
-    real = decode._write_jpeg
-
-    def slow(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
-        time.sleep(0.15)  # about 6 s for the video: long enough for a kill, a start-up and a lease
-        real(path, image, quality, whole)
-
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    slow_down_jpeg_writes(monkeypatch, 0.15)  # about 6 s for the video: long enough for a kill, a start-up and a lease
     done: dict[str, float] = {}
 
     def run_submit() -> None:

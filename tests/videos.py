@@ -5,8 +5,10 @@ Ground truth (centre, mask) is known exactly, so tests can measure where masks l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -71,3 +73,17 @@ def make_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float) -> None:
+    """Make the producer spend `delay_s` more on each frame's JPEG, so decoding outlasts what a test
+    does meanwhile (results arriving, a kill, a cancel)."""
+    import producer.decode as decode
+
+    real = decode._write_jpeg
+
+    def slow(path: Path, data: Any, quality: int, whole: bool = True) -> None:
+        time.sleep(delay_s)
+        real(path, data, quality, whole)
+
+    monkeypatch.setattr(decode, "_write_jpeg", slow)
