@@ -11,6 +11,12 @@
     │   │   └── JobIdError          job id with characters that are unsafe in keys and paths
     │   └── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
     ├── RetryableError              transient (Redis blip, CUDA out of memory): retry with backoff
+    │   └── InfrastructureError     Redis or the disk is at fault, not the job: the operator's to fix
+    │       ├── RedisUnavailable    Redis cannot be reached (names the URL and what to check)
+    │       ├── RedisFull           Redis is at maxmemory with noeviction (says what to change)
+    │       └── DiskFull (OSError)  no space left (ENOSPC) or quota exceeded (EDQUOT) under STORAGE_ROOT
+    ├── WorkerBroken                the worker's own machinery failed (lease thread, model process):
+    │                               it exits non-zero so that its supervisor restarts it
     ├── UnknownJobError (LookupError) no such job id (never submitted, or its results expired)
     └── JobFailed                   a watched job ended failed, dead or cancelled (carries the error)
 """
@@ -60,6 +66,27 @@ class SchemaError(PermanentError, ValueError):
 
 class RetryableError(VsegError):
     """A transient failure: the job may succeed if retried later."""
+
+
+class InfrastructureError(RetryableError):
+    """Redis or the disk is at fault, not the job: retried with backoff; the message says what to fix."""
+
+
+class RedisUnavailable(InfrastructureError):
+    """Redis does not answer (refused, unreachable, hung past the socket timeout)."""
+
+
+class RedisFull(InfrastructureError):
+    """Redis refuses writes: used memory is at maxmemory and the policy is noeviction."""
+
+
+class DiskFull(InfrastructureError, OSError):
+    """No space left (ENOSPC) or disk quota exceeded (EDQUOT) where the service writes."""
+
+
+class WorkerBroken(VsegError):
+    """A worker's own machinery failed (its lease thread died, its model process cannot be restarted,
+    its model thread is wedged): it hands its job back and exits non-zero for its supervisor."""
 
 
 class UnknownJobError(VsegError, LookupError):
