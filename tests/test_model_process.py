@@ -130,7 +130,7 @@ def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
 
 
 def test_frame_sources_cross_the_process_boundary(tmp_path: Path) -> None:
-    d = open_frames(describe_frames(DirFrames(tmp_path, 5, check=False)))
+    d = open_frames(describe_frames(DirFrames(tmp_path, 5, verify=False)))
     assert isinstance(d, DirFrames) and d.dir == tmp_path and d.total == 5
     client = redis.Redis(host="127.0.0.1", port=6390, db=3, socket_timeout=7.0)
     s = open_frames(describe_frames(StreamedFrames(client, "vseg:frames:j", tmp_path, block_ms=150, stall_s=9.0)))

@@ -3,6 +3,7 @@
 Marker files in a job's directory (the parent of its frame directory) make its runs misbehave:
   crash-worker     holding N: the worker SIGKILLs itself on frame N (a job that kills its worker)
   transient-once   holding N: RetryableError on frame N, once (the file is removed), like a CUDA OOM
+  block-forever    holding N: the model never returns from frame N (a wedged model or driver)
 Per-frame `delay_s` slows the job down; with `busy` the delay is spent in a Python loop that holds
 the GIL, to show the lease heartbeat is not starved by the model's work.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,6 +54,7 @@ class ChaosHooks:
         job_dir = frames.dir.parent
         crash_at = _marker(job_dir / "crash-worker")
         transient_at = _marker(job_dir / "transient-once")
+        block_at = _marker(job_dir / "block-forever")
         for out in self.inner.segment(frames, prompts, width=width, height=height):
             self._wait()
             if crash_at is not None and out.frame_idx == crash_at:
@@ -59,4 +62,6 @@ class ChaosHooks:
             if transient_at is not None and out.frame_idx == transient_at:
                 (job_dir / "transient-once").unlink(missing_ok=True)
                 raise RetryableError(f"injected transient failure at frame {out.frame_idx}")
+            if block_at is not None and out.frame_idx == block_at:
+                threading.Event().wait()  # forever: nothing in this thread can stop it
             yield out

@@ -9,11 +9,13 @@ import socket
 import sys
 
 from schemas.connection import connect
-from schemas.errors import VsegError
+from schemas.errors import VsegError, WorkerBroken
 from schemas.logs import configure_logging, exit_code
 from schemas.settings import Settings
 
 log = logging.getLogger("worker")
+
+EXIT_BROKEN = 3  # worker.consume.EXIT_BROKEN: its own machinery failed; the supervisor should restart it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=float, dest="lease_s", help="lease in seconds (VSEG_LEASE_S, default 30)")
     p.add_argument("--max-attempts", type=int, help="runs of a job before it is dead-lettered (VSEG_MAX_ATTEMPTS)")
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM grace period in seconds (VSEG_GRACE_S)")
+    p.add_argument("--stall", type=float, dest="stall_s",
+                   help="abandon a job with no progress for this many seconds (VSEG_STALL_S, default 120)")
     p.add_argument("--fake-segmenter", action="store_true", help=argparse.SUPPRESS)  # plumbing tests only
     p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--fake-busy", action="store_true", help=argparse.SUPPRESS)
@@ -37,21 +41,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(settings: Settings) -> int:
-    """0 if some worker on this host refreshed its health key recently, else 1."""
-    client = connect(settings)
+    """0 if some worker on this host refreshed its health key recently and none on it is broken, else 1.
+
+    A worker whose own machinery failed writes `"state": "broken"` and a `"reason"` into its health key:
+    that is reported (one line) and is unhealthy even beside live workers, so a supervisor restarts it.
+    Redis unreachable or hung: one line on stderr naming the URL (password hidden), exit 1, within seconds.
+    """
+    import redis
+
+    from schemas.faults import redact_url, redis_fault
+
     host = socket.gethostname()
-    found = []
-    for key in client.scan_iter(match=settings.keys.worker_health("*"), count=1000):
-        raw = client.get(key)
-        try:
-            if raw and json.loads(raw).get("host") == host:
-                found.append(key)
-        except ValueError:
-            continue
-    if found:
-        print(f"healthy: {len(found)} worker(s) on {socket.gethostname()}")
+    url = redact_url(settings.redis_url)
+    # fails fast: one retry, at most 2.5 s an attempt, no health-check PING (whose own retries multiply
+    # these): about 5 s against a hung Redis, well inside a healthcheck's timeout
+    client = connect(settings, retries=1, socket_timeout_s=min(settings.socket_timeout_s, 2.5), connect_timeout_s=2.5,
+                     health_check_interval_s=0)
+    live: list[str] = []
+    broken: list[str] = []
+    try:
+        for key in client.scan_iter(match=settings.keys.worker_health("*"), count=1000):
+            raw = client.get(key)
+            try:
+                health = json.loads(raw) if raw else None
+            except ValueError:
+                continue
+            if not isinstance(health, dict) or health.get("host") != host:
+                continue
+            name = str(health.get("worker") or (key.decode(errors="replace") if isinstance(key, bytes) else key))
+            if health.get("state") == "broken":
+                broken.append(f"worker {name} on {host} is broken: {health.get('reason') or 'no reason given'}")
+            else:
+                live.append(name)
+    except redis.RedisError as e:
+        fault = redis_fault(e, settings.redis_url)
+        log.error("unhealthy: %s", fault if fault is not None else f"Redis at {url} answered with an error: {e}")
+        return 1
+    finally:
+        client.close()
+    if broken:
+        print(f"unhealthy: {'; '.join(broken)}")
+        return 1
+    if live:
+        print(f"healthy: {len(live)} worker(s) on {host}")
         return 0
-    print(f"unhealthy: no live worker on {socket.gethostname()} in Redis at {settings.redis_url}")
+    print(f"unhealthy: no live worker on {host} in Redis at {url}")
     return 1
 
 
@@ -61,17 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.load(
             model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device,
-            lease_s=args.lease_s, max_attempts=args.max_attempts, grace_s=args.grace_s,
+            lease_s=args.lease_s, max_attempts=args.max_attempts, grace_s=args.grace_s, stall_s=args.stall_s,
         )
         if args.command == "check":
             return check(settings)
-        from worker.consume import Worker
+        from worker.consume import Worker, worker_client
         from worker.load import load_segmenter
 
         segmenter = load_segmenter(settings, fake=args.fake_segmenter, fake_delay_s=args.fake_delay,
                                    fake_busy=args.fake_busy)
         try:
-            worker = Worker(settings=settings, segmenter=segmenter, client=connect(settings), name=args.name)
+            worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=args.name)
             worker.install_signal_handlers()
             worker.run(burst=args.burst)
         finally:
@@ -79,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             if close is not None:
                 close()
         return 0
+    except WorkerBroken as e:
+        log.error("%s", e)
+        return EXIT_BROKEN
     except VsegError as e:
         log.error("%s", e)
         return exit_code(e)

@@ -11,7 +11,18 @@ of memory, RetryableError) retry with exponential backoff. Each run counts as an
 run whose worker crashed; past max_attempts the job goes to vseg:dead with its last error.
 
 Signals: the first SIGTERM/SIGINT stops taking jobs and gives the current one grace_s to finish, then
-hands it back (claimable at once, the attempt not counted); a second one hands back and exits at once.
+hands it back (claimable at once, the attempt not counted; the attempt to hand back waits at most a
+lease); a second one hands back and exits at once. An idle worker exits at once, whatever Redis does.
+
+Infrastructure faults (README "Guarantees"): the worker waits for Redis at start and whenever it is
+gone, with backoff, logging where it tries. A job whose lease cannot be renewed for a whole lease
+(Redis refused or hung) stops writing and stays pending; it is taken again once Redis is back. A job
+with no progress for stall_s is abandoned by its lease (worker/lease.py); if the job's thread does
+not come back within a lease after that (a wedged model), the worker exits with EXIT_BROKEN. Redis
+restarted empty: the job is logged as vanished, the group recreated, and the worker goes on. Redis
+full or a full disk: retried with backoff (RetryableError), the job's input kept until its attempts
+are spent. A broken worker (its lease thread died, its model process cannot be restarted) hands its
+job back, marks its health key broken and exits non-zero.
 """
 
 from __future__ import annotations
@@ -22,34 +33,47 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgpack
 import redis
 
 from schemas import messages
 from schemas.cleanup import producer_finished, remove_frames
-from schemas.errors import PermanentError, RetryableError, SchemaError, VsegError
+from schemas.errors import (
+    InfrastructureError,
+    PermanentError,
+    RedisFull,
+    RetryableError,
+    SchemaError,
+    VsegError,
+    WorkerBroken,
+)
+from schemas.faults import redact_url, redis_fault, redis_full_message
 from schemas.limits import check_job_limits
 from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
 from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.lease import HAND_BACK_LUA, Lease, LeaseLost, wait_with_lease
+from worker.lease import HAND_BACK_LUA, JobVanished, Lease, LeaseLost, is_nogroup, wait_with_lease
 from worker.publish import JobCancelled, ResultPublisher
 from worker.render import MaskVideoWriter, partial_path
 from worker.segment import Segmenter
 from worker.sink import ResultSink
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_TTL_S = 30
+EXIT_BROKEN = 3  # a worker whose own machinery failed exits with this, for its supervisor to restart it
 
 
 class HandBack(Exception):
@@ -76,6 +100,47 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def call_bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T | None:
+    """Run `fn` on a daemon thread and wait at most `timeout_s` for it (a hung Redis answers nothing,
+    and a worker on its way out must not wait for it). None if it did not finish in time or failed."""
+    result: list[T] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception as e:  # noqa: BLE001 - reported here, the caller goes on without it
+            log.warning("%s failed: %s", what, e)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"bounded-{what}")
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    if thread.is_alive():
+        log.warning("%s did not finish within %.1f s; going on without it", what, timeout_s)
+        return None
+    return result[0] if result else None
+
+
+def worker_socket_timeout_s(settings: Settings) -> float:
+    """The worker's Redis calls give up after this: never longer than a third of a lease (a hung Redis must
+    not hold a thread past the lease it is guarding), never shorter than a blocking read plus a second."""
+    return min(settings.socket_timeout_s, max(settings.block_ms / 1000 + 1.0, settings.lease_s / 3))
+
+
+def worker_client(settings: Settings) -> redis.Redis:
+    """The worker's Redis client: bounded socket timeouts and one quick reconnect; the worker's own loops
+    (lease, fenced writes, the main loop) do the retrying, each within its lease."""
+    from schemas.connection import connect
+
+    timeout_s = worker_socket_timeout_s(settings)
+    return connect(settings, retries=1, socket_timeout_s=timeout_s, connect_timeout_s=min(5.0, timeout_s))
+
+
+def exit_now(reason: str) -> None:
+    """The worker is wedged (a thread that cannot be stopped): leave now, for the supervisor to restart it."""
+    logging.shutdown()
+    os._exit(EXIT_BROKEN)
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, (RetryableError, redis.ConnectionError, redis.TimeoutError)):
         return True
@@ -93,6 +158,9 @@ class WorkerStats:
     reclaimed: int = 0
     handed_back: int = 0
     leases_lost: int = 0
+    jobs_vanished: int = 0
+    jobs_abandoned: int = 0
+    redis_faults: int = 0
     dead_lettered: int = 0
     duplicates_rejected: int = 0
     consumers_removed: int = 0
@@ -100,7 +168,8 @@ class WorkerStats:
 
 
 class Worker:
-    def __init__(self, *, settings: Settings, segmenter: Segmenter, client: redis.Redis, name: str | None = None) -> None:
+    def __init__(self, *, settings: Settings, segmenter: Segmenter, client: redis.Redis, name: str | None = None,
+                 on_fatal: Callable[[str], None] = exit_now) -> None:
         self.settings = settings
         self.keys = settings.keys
         self.segmenter = segmenter
@@ -111,6 +180,10 @@ class Worker:
         self._housekeeping_at = 0.0
         self.stopping = False
         self.stop_deadline: float | None = None
+        self.on_fatal = on_fatal  # called from a helper thread when the job's thread is wedged
+        self.broken: str | None = None  # why this worker cannot go on, once it cannot
+        self._idle = False  # waiting for work or for Redis, holding no job: a signal may end the wait at once
+        self._url = redact_url(settings.redis_url)
 
     @property
     def jobs_done(self) -> int:
@@ -126,13 +199,17 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._idle:  # no job held: leave at once, even from a read that a hung Redis never answers
+            self.stopping = True
+            log.warning("%s: idle, exiting now", name)
+            raise ForcedExit()
         if self.stopping:
-            log.warning("second %s: handing back the current job and exiting now", signal.Signals(signum).name)
+            log.warning("second %s: handing back the current job and exiting now", name)
             raise ForcedExit()
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.settings.grace_s
-        log.warning("%s: finishing the current job (up to %.0f s), then exiting", signal.Signals(signum).name,
-                    self.settings.grace_s)
+        log.warning("%s: finishing the current job (up to %.0f s), then exiting", name, self.settings.grace_s)
 
     # ---- group, health, housekeeping ----------------------------------------------------------
     def ensure_group(self) -> None:
@@ -153,8 +230,17 @@ class Worker:
         value = json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(), "jobs_done": self.stats.jobs_done, **status})
         try:
             self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S)
-        except (redis.ConnectionError, redis.TimeoutError):
-            pass  # health is best effort; the lease is what matters
+        except redis.RedisError:
+            pass  # health is best effort (Redis gone or full); the lease is what matters
+
+    def _report_broken(self, reason: str) -> None:
+        """Mark this worker broken in its health key (`python -m worker check` reports it), best effort."""
+        self.broken = reason
+        log.critical("worker %s is broken: %s; exiting so that its supervisor restarts it", self.name, reason)
+        value = json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(), "state": "broken",
+                            "reason": reason, "jobs_done": self.stats.jobs_done})
+        call_bounded(lambda: self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S),
+                     min(2.0, self.settings.lease_s), "marking the health key broken")
 
     def housekeeping(self, *, force: bool = False) -> None:
         """Remove consumers of dead workers that hold nothing; trim the events log. Every lease_s."""
@@ -172,43 +258,90 @@ class Worker:
         self.client.xtrim(self.keys.events, maxlen=EVENTS_MAXLEN, approximate=True)
 
     # ---- main loop ----------------------------------------------------------------------------
+    def wait_for_redis(self) -> None:
+        """Until Redis answers and the consumer group exists (or is made): wait with backoff, saying where
+        it tries; the worker is not ready (no health key) meanwhile."""
+        backoff_s = 0.2
+        tries = 0
+        while not self.stopping:
+            tries += 1
+            try:
+                self.client.ping()
+                self.ensure_group()
+                if tries > 1:
+                    log.info("Redis at %s answers again (after %d tries)", self._url, tries)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("waiting for Redis at %s (try %d: %s); retrying in %.1f s", self._url, tries, e, backoff_s)
+            except redis.ResponseError as e:
+                if redis_fault(e, self.settings.redis_url) is None:
+                    raise
+                log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
+            self._sleep_idle(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
+
+    def _sleep_idle(self, seconds: float) -> None:
+        self._idle = True
+        try:
+            time.sleep(seconds)
+        finally:
+            self._idle = False
+
     def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
-        self.ensure_group()
-        log.info("worker %s ready (model %s%s, lease %.1f s)", self.name, self.segmenter.name,
-                 ", RANDOM WEIGHTS" if self.segmenter.random_weights else "", self.settings.lease_s)
         backoff_s = 0.1
         try:
+            self.wait_for_redis()
+            log.info("worker %s ready (model %s%s, lease %.1f s, stall %.0f s)", self.name, self.segmenter.name,
+                     ", RANDOM WEIGHTS" if self.segmenter.random_weights else "", self.settings.lease_s,
+                     self.settings.stall_s)
             while not self.stopping:
+                entry = None
+                ensure_started = getattr(self.segmenter, "ensure_started", None)
+                if ensure_started is not None:  # a model process that died is restarted before a job is taken
+                    ensure_started()
+                self._idle = True
                 try:
                     self.heartbeat(state="idle")
                     self.housekeeping()
                     entry = self.claim_expired() or self.read_new(block=not burst)
                     backoff_s = 0.1
                 except (redis.ConnectionError, redis.TimeoutError) as e:
-                    log.warning("Redis unavailable (%s); retrying in %.1f s", e, backoff_s)
+                    log.warning("Redis at %s unavailable (%s); retrying in %.1f s", self._url, e, backoff_s)
                     time.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
                     continue
                 except redis.ResponseError as e:
-                    if "NOGROUP" in str(e):  # stream or group deleted under us: recreate and go on
+                    if is_nogroup(e):  # stream or group gone (Redis restarted empty): recreate and go on
                         log.warning("consumer group missing (%s); recreating it", e)
-                        self.ensure_group()
+                        self._idle = False
+                        self.wait_for_redis()
                         continue
-                    raise
+                    if redis_fault(e, self.settings.redis_url) is None:
+                        raise
+                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
+                    time.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 5.0)
+                    continue
+                finally:
+                    self._idle = False
                 if entry is None:
                     if burst:
                         log.info("nothing left to claim: burst mode exits after %d jobs", self.stats.jobs_done)
                         break
                     continue
-                self.handle(*entry)
+                if self.handle(*entry) == "redis":  # Redis failed under the job: back off before the next try
+                    self._sleep_idle(backoff_s)
+                    backoff_s = min(backoff_s * 2, 5.0)
         except ForcedExit:
             log.warning("exiting at once")
+        except WorkerBroken as e:
+            self._report_broken(str(e))
+            raise
         finally:
-            try:
-                self.client.delete(self.keys.worker_health(self.name))
-            except redis.RedisError:
-                pass
+            if self.broken is None:
+                call_bounded(lambda: self.client.delete(self.keys.worker_health(self.name)),
+                             min(1.0, self.settings.lease_s), "removing the health key")
             log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats, peak_rss_mib())
         return self.stats.jobs_done
 
@@ -237,8 +370,32 @@ class Worker:
         return (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), fields
 
     # ---- one entry ----------------------------------------------------------------------------
-    def handle(self, entry_id: str, fields: dict[Any, Any]) -> None:
-        """Process one entry of the jobs stream, whatever it holds; always leaves the worker running."""
+    def handle(self, entry_id: str, fields: dict[Any, Any]) -> str:
+        """Process one entry of the jobs stream, whatever it holds; leaves the worker running unless it is
+        broken or told to exit. Returns "redis" when Redis failed under the job (it stays pending), else "ok"."""
+        job_id = _job_id_of(fields) or entry_id
+        try:
+            self._handle(entry_id, fields)
+        except JobVanished as e:
+            self.stats.jobs_vanished += 1
+            log.error("%s", e)
+            return "redis"
+        except (redis.RedisError, InfrastructureError) as e:
+            if isinstance(e, redis.ResponseError) and is_nogroup(e):
+                self.stats.jobs_vanished += 1
+                log.error("job %s vanished: Redis lost the jobs stream or its group (%s); submit it again", job_id, e)
+                return "redis"
+            fault = redis_fault(e, self.settings.redis_url)
+            if fault is None:  # a Redis reply we do not expect: say so, keep the job pending, keep serving
+                log.exception("job %s: unexpected Redis error; the job stays pending and is retried", job_id)
+                return "redis"
+            self.stats.redis_faults += 1
+            log.warning("job %s: %s; this attempt stops here and the job stays pending: it is taken again once "
+                        "Redis can take it", job_id, fault)
+            return "redis"
+        return "ok"
+
+    def _handle(self, entry_id: str, fields: dict[Any, Any]) -> None:
         try:
             msg = messages.decode(fields)
             if not isinstance(msg, messages.JobMessage):
@@ -246,22 +403,54 @@ class Worker:
         except SchemaError as e:
             self.dead_letter(entry_id, fields, e, job_id=_job_id_of(fields), num_frames=_num_frames_of(fields))
             return
-        lease = Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s)
+        left = threading.Event()  # set once this job's thread has left the job
+        lease = Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s, stall_s=self.settings.stall_s,
+                      job=msg.job_id, on_stall=lambda reason: self._on_stall(reason, left))
         pub = ResultPublisher(self.client, self.keys, msg.job_id, msg.num_frames, lease,
-                              patience_s=self.settings.lease_s)
+                              redis_url=self.settings.redis_url)
         with lease:
             try:
                 self._run_with_retries(msg, entry_id, fields, pub)
+            except JobVanished:
+                raise
             except LeaseLost as e:
+                if "stalled" in str(e):
+                    self.stats.jobs_abandoned += 1
                 self.stats.leases_lost += 1
                 log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
             except ForcedExit:
-                self.hand_back(entry_id, msg.job_id)
+                self.hand_back(entry_id, msg.job_id, lease, timeout_s=min(2.0, self.settings.lease_s))
                 raise
             except HandBack:
-                self.hand_back(entry_id, msg.job_id)
+                self.hand_back(entry_id, msg.job_id, lease)
+            except WorkerBroken:
+                self.hand_back(entry_id, msg.job_id, lease)
+                raise
             finally:
+                left.set()
                 self.stats.duplicates_rejected += pub.duplicates_rejected
+
+    def _on_stall(self, reason: str, left: threading.Event) -> None:
+        """Called by a stalled job's lease thread once it has abandoned the job: stop the model (a model
+        process is killed, so the job's thread comes back at once), and if the job's thread still has not
+        come back a lease later, it is wedged: this worker cannot serve again and exits."""
+        interrupt = getattr(self.segmenter, "interrupt", None)
+        if interrupt is not None:
+            interrupt(reason)
+        wait_s = max(self.settings.lease_s, 2.0)
+
+        def watch() -> None:
+            if left.wait(wait_s):
+                return
+            why = (f"the job's thread did not come back {wait_s:g} s after its job was abandoned ({reason}); the "
+                   f"model is wedged")
+            self._report_broken(why)
+            close = getattr(self.segmenter, "close", None)
+            if close is not None:
+                call_bounded(close, 5.0, "closing the model process")
+            self.on_fatal(why)
+
+        threading.Thread(target=watch, daemon=True, name="stall-watch").start()
 
     def _run_with_retries(self, job: messages.JobMessage, entry_id: str, fields: dict[Any, Any],
                           pub: ResultPublisher) -> None:
@@ -285,16 +474,27 @@ class Worker:
             try:
                 self.run_job(job, pub, attempt)
                 return
-            except (LeaseLost, HandBack, JobCancelled):
+            except (LeaseLost, HandBack, JobCancelled, WorkerBroken):
                 raise
             except Exception as e:
                 if not is_transient(e):
                     raise
-                pub.set_state(error=f"{type(e).__name__}: {e}", state="retrying")
+                if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                    raise  # Redis itself is gone: the job stays pending (handle), taken again when it is back
+                self._note_retry(pub, e)
                 wait_s = self.settings.retry_backoff_s * 2 ** (attempt - 1)
                 log.warning("job %s attempt %d: transient %s: %s; retrying in %.1f s", job.job_id, attempt,
                             type(e).__name__, e, wait_s)
                 wait_with_lease(wait_s, pub.lease)
+
+    @staticmethod
+    def _note_retry(pub: ResultPublisher, error: BaseException) -> None:
+        """Record the error in the job's state, best effort: with Redis full the record itself is refused, and
+        the retry must not wait on it."""
+        try:
+            pub.set_state(error=f"{type(error).__name__}: {error}", state="retrying", best_effort=True)
+        except (redis.RedisError, RedisFull) as e:
+            log.warning("job %s: could not record the error (%s)", pub.job_id, e)
 
     def _finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: str, error: str = "") -> None:
         pub.terminal(msg, ttl_s=self.settings.results_ttl_s, error=error)
@@ -312,15 +512,24 @@ class Worker:
         except (redis.RedisError, VsegError, OSError) as e:  # disk space, not correctness: log and go on
             log.warning("could not remove the frames of job %s (%s)", job_id, e)
 
-    def hand_back(self, entry_id: str, job_id: str) -> None:
-        """Give the job back: claimable by another worker at once, the attempt not counted."""
-        try:
-            self.client.eval(HAND_BACK_LUA, 2, self.keys.jobs, self.keys.job(job_id), self.keys.group, entry_id,
-                             self.name, 10 * self.lease_ms)
+    def hand_back(self, entry_id: str, job_id: str, lease: Lease | None = None, *, timeout_s: float | None = None) -> None:
+        """Give the job back: claimable by another worker at once, the attempt not counted. One try, waiting
+        at most a lease (or `timeout_s`); with the lease lost or presumed lost (Redis unreachable) there is
+        nothing to hand back: the job stays pending and is reclaimed after its lease."""
+        if lease is not None and (lease.lost.is_set() or lease.remaining_s() <= 0):
+            log.warning("job %s not handed back: its lease is lost or presumed lost (%s); it is reclaimed after its "
+                        "lease", job_id, lease.reason or "Redis not answering")
+            return
+        wait_s = self.settings.lease_s if timeout_s is None else timeout_s
+        done = call_bounded(
+            lambda: self.client.eval(HAND_BACK_LUA, 2, self.keys.jobs, self.keys.job(job_id), self.keys.group, entry_id,
+                                     self.name, 10 * self.lease_ms),
+            wait_s, f"handing job {job_id} back")
+        if done == 1:
             self.stats.handed_back += 1
             log.warning("job %s handed back to the group", job_id)
-        except redis.RedisError as e:
-            log.error("could not hand job %s back (%s); it is reclaimed after its lease expires", job_id, e)
+        else:
+            log.error("could not hand job %s back; it is reclaimed after its lease expires", job_id)
 
     def dead_letter(self, entry_id: str, fields: dict[Any, Any], error: BaseException, *, job_id: str | None,
                     num_frames: int, attempts: int = 0, pub: ResultPublisher | None = None) -> None:
@@ -337,9 +546,10 @@ class Worker:
             self.client.xdel(self.keys.jobs, entry_id)
             return
         if pub is None:
-            with Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s) as lease:
+            with Lease(self.client, self.keys, entry_id, self.name, self.settings.lease_s,
+                       stall_s=self.settings.stall_s, job=job_id) as lease:
                 pub = ResultPublisher(self.client, self.keys, job_id, num_frames, lease,
-                                      patience_s=self.settings.lease_s)
+                                      redis_url=self.settings.redis_url)
                 self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
         else:
             self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
@@ -351,18 +561,20 @@ class Worker:
         log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, attempt, job.num_frames,
                  job.width, job.height, len(job.prompts))
         writer: MaskVideoWriter | None = None
+        pub.lease.progress()
+        job_check = lambda: self._check_stop(pub)  # noqa: E731 - the frames' and the sink's view of the job
         try:
             check_job_limits(job.num_frames, job.width, job.height, job.prompts, self.settings)
             frames_dir = resolve_inside(self.settings.storage_root, job.frames_dir)
             frames: FrameSource
             if job.frames_stream:
                 frames = StreamedFrames(self.client, self.keys.frames(job.job_id), frames_dir,
-                                        block_ms=self.settings.block_ms, stall_s=max(60.0, 4 * self.settings.lease_s),
+                                        block_ms=self.settings.block_ms, stall_s=self.settings.stall_s,
                                         producer_key=self.keys.producer(job.job_id),
-                                        producer_ttl_s=job.producer_ttl_s)
+                                        producer_ttl_s=job.producer_ttl_s, check=job_check)
                 validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=10**9)
             else:
-                frames = DirFrames(frames_dir, job.num_frames)
+                frames = DirFrames(frames_dir, job.num_frames, check=job_check)
                 validate_prompts(job.prompts, width=job.width, height=job.height, num_frames=job.num_frames)
             pub.started(messages.Started(
                 job_id=job.job_id, worker=self.name, num_frames=job.num_frames, obj_ids=tuple(object_ids(job.prompts)),
@@ -376,8 +588,9 @@ class Worker:
                                          fps=job.fps, width=job.width, height=job.height,
                                          preset=self._render_preset(), threads=self._render_threads(),
                                          partial_tag=self.name)
-            timings, num_frames = self._propagate(job, frames, pub, writer, t0)
+            timings, num_frames = self._propagate(job, frames, pub, writer, t0, job_check)
             pub.lease.check()
+            pub.lease.progress()
             t_render = time.monotonic()
             if writer is not None:
                 writer.close()
@@ -397,7 +610,7 @@ class Worker:
             log.warning("job %s cancelled", job.job_id)
             frames_done = int(self.client.hget(self.keys.job(job.job_id), "frames_done") or 0)
             self._finish(pub, messages.Cancelled(job.job_id, frames_done), "cancelled")
-        except (LeaseLost, HandBack):
+        except (LeaseLost, HandBack, WorkerBroken):
             if writer is not None:
                 writer.abort()
             raise
@@ -447,18 +660,24 @@ class Worker:
 
     def _propagate(
         self, job: messages.JobMessage, frames: FrameSource, pub: ResultPublisher, writer: MaskVideoWriter | None,
-        t0: float
+        t0: float, job_check: Callable[[], None]
     ) -> tuple[dict[str, float], int]:
-        """Run the model on this thread; publishing and rendering happen in the sink's thread."""
+        """Run the model on this thread; publishing and rendering happen in the sink's thread. Every frame
+        the model yields and every frame the sink publishes is the job's progress (its lease's renewal)."""
+
+        def published(n: int) -> None:
+            pub.lease.progress()
+            self.heartbeat(state="busy", job_id=job.job_id, frames_done=n)
+
         sink = ResultSink(pub, writer, frames, random_weights=self.segmenter.random_weights,
-                          progress_every=self.settings.progress_every,
-                          on_frame=lambda n: self.heartbeat(state="busy", job_id=job.job_id, frames_done=n))
+                          progress_every=self.settings.progress_every, on_frame=published, check=job_check)
         expected = 0
         segment_s = 0.0
         try:
             t_seg = time.monotonic()
             for out in self.segmenter.segment(frames, job.prompts, width=job.width, height=job.height):
                 segment_s += time.monotonic() - t_seg
+                pub.lease.progress()
                 self._check_stop(pub)
                 if out.frame_idx != expected:
                     raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
@@ -466,7 +685,7 @@ class Worker:
                 expected += 1
                 t_seg = time.monotonic()
             sink.close()
-        except (LeaseLost, HandBack, JobCancelled):
+        except (LeaseLost, HandBack, JobCancelled, WorkerBroken):
             sink.abort()  # nothing more may be written
             raise
         except BaseException:

@@ -2,7 +2,9 @@
 producer, which announces each frame on the job's frames stream (streaming hand-off).
 
 Both give `wait(frame_idx)`: True once that frame's JPEG is on disk, False once the video is known to
-have ended before it. `total` is the frame count once known.
+have ended before it. `total` is the frame count once known. `check`, run by every `wait`, is the
+job's own: it raises once the job must stop (its lease lost or presumed lost in a Redis outage, a
+shutdown deadline), so a model waiting for frames learns it at once, whichever thread waits.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -22,8 +24,13 @@ from schemas.storage import check_frame_dir, frame_name
 log = logging.getLogger(__name__)
 
 
+def no_check() -> None:
+    return None
+
+
 class FrameSource(Protocol):
     dir: Path
+    check: Callable[[], None]
 
     @property
     def total(self) -> int | None: ...
@@ -37,6 +44,7 @@ class FrameSource(Protocol):
 
 class _Base:
     dir: Path
+    check: Callable[[], None]
 
     def path(self, frame_idx: int) -> Path:
         return self.dir / frame_name(frame_idx)
@@ -54,10 +62,12 @@ class _Base:
 class DirFrames(_Base):
     """A complete frame directory of `num_frames` frames (checked up front)."""
 
-    def __init__(self, frames_dir: Path, num_frames: int, *, check: bool = True) -> None:
+    def __init__(self, frames_dir: Path, num_frames: int, *, verify: bool = True,
+                 check: Callable[[], None] = no_check) -> None:
         self.dir = frames_dir
         self._total = num_frames
-        if check:
+        self.check = check
+        if verify:
             check_frame_dir(frames_dir, num_frames)
 
     @property
@@ -65,6 +75,7 @@ class DirFrames(_Base):
         return self._total
 
     def wait(self, frame_idx: int) -> bool:
+        self.check()
         return 0 <= frame_idx < self._total
 
 
@@ -81,8 +92,10 @@ class StreamedFrames(_Base):
     """
 
     def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
-                 stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0) -> None:
+                 stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0,
+                 check: Callable[[], None] = no_check) -> None:
         self.client = client
+        self.check = check
         self.stream = stream
         self.dir = frames_dir
         self.block_ms = block_ms
@@ -179,6 +192,7 @@ class StreamedFrames(_Base):
         already announced returns at once, even while another thread is blocked reading for a later one."""
         deadline = time.monotonic() + self.stall_s
         while True:
+            self.check()
             known = self._known(frame_idx)
             if known is not None:
                 return known

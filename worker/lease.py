@@ -8,6 +8,20 @@ lease_s, i.e. only after its owner stopped renewing: crashed, frozen (SIGSTOP), 
 
 Every write a worker makes for a job goes through a script that first checks that the worker still
 owns the entry, so a stale worker that wakes up after losing its lease writes nothing.
+
+A lease is renewed only for a job that makes progress (BullMQ's stalled-job checker is the model):
+the job calls `progress()` for every frame the model yields and every batch the result path
+publishes. With no progress for `stall_s` the heartbeat stops renewing and abandons the job (it is
+handed to a placeholder consumer, idle for ten leases, so any worker's XAUTOCLAIM takes it at once and
+this worker's fenced writes are refused), and `on_stall` is told why. The job's threads learn how
+their lease stands from `check()`, which never waits on Redis:
+  - lost (another worker owns it), stalled (abandoned), vanished (Redis lost the stream or group:
+    restarted empty): LeaseLost, and the job stops writing;
+  - presumed lost: no renewal has been confirmed for a whole lease (Redis refused, hung or
+    unreachable), so another worker may own it by now: LeaseLost, and the job stops writing; once
+    Redis is back the job is taken again by XAUTOCLAIM (this worker or another) and rerun, its
+    frames already published rejected by their fixed ids;
+  - the heartbeat thread itself died: WorkerBroken, and the worker exits for its supervisor.
 """
 
 from __future__ import annotations
@@ -15,10 +29,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from schemas.errors import WorkerBroken
+from schemas.faults import is_redis_full
 from schemas.names import Keys
 
 log = logging.getLogger(__name__)
@@ -89,44 +106,130 @@ return 1
 """
 
 
+# Abandon a stalled job: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, placeholder consumer,
+# idle ms, error. Hands the entry to the placeholder consumer (so this worker's fenced writes are refused
+# from now on), idle long enough for any worker's XAUTOCLAIM to take it at once. The attempt stays counted.
+ABANDON_LUA = _OWNER_CHECK + """
+redis.call('HSET', KEYS[2], 'state', 'retrying', 'error', ARGV[6])
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[4], 0, ARGV[2], 'IDLE', ARGV[5], 'JUSTID')
+return 1
+"""
+
+ABANDONED_CONSUMER = "abandoned"  # holds stalled jobs' entries until a worker's XAUTOCLAIM takes them
+
+
 class LeaseLost(Exception):
-    """This worker no longer owns the job: another worker took it. Stop and write nothing."""
+    """This worker no longer owns the job (another worker took it, or may have: Redis was out of reach
+    for a whole lease; or the job stalled and was abandoned). Stop and write nothing."""
+
+
+class JobVanished(LeaseLost):
+    """Redis no longer has the jobs stream or the consumer group (restarted empty, or failed over to a
+    replica without them): the job's entry is gone and cannot be recovered here."""
+
+
+def is_nogroup(error: BaseException) -> bool:
+    return isinstance(error, redis.ResponseError) and "NOGROUP" in str(error)
+
+
+def vanished_message(job: str, keys: Keys) -> str:
+    return (f"job {job} vanished: Redis no longer has the stream {keys.jobs} or its group {keys.group} (restarted "
+            f"without persistence, or failed over to a replica without them); its entry cannot be recovered here: "
+            f"submit it again")
 
 
 class Lease:
-    """Ownership of one job entry, renewed by a background thread while the job runs."""
+    """Ownership of one job entry, renewed by a background thread while the job makes progress."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, entry_id: str, consumer: str, lease_s: float) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, entry_id: str, consumer: str, lease_s: float, *,
+                 stall_s: float | None = None, job: str = "", on_stall: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.keys = keys
         self.entry_id = entry_id
         self.consumer = consumer
         self.lease_s = lease_s
+        self.stall_s = stall_s if stall_s is not None else 4 * lease_s
+        self.job = job or entry_id
+        self.on_stall = on_stall
         self.lost = threading.Event()
+        self.reason = ""  # why the lease is lost, once it is
+        self.vanished = False  # lost because Redis lost the stream or group
+        self.crashed: BaseException | None = None  # the heartbeat thread's own failure
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.renewals = 0
+        now = time.monotonic()
+        self.renewed_at = now  # when the last confirmed renewal was sent (the claim itself counts)
+        self.progress_at = now
 
     def args(self) -> list[Any]:
         return [self.keys.group, self.entry_id, self.consumer]
 
+    def progress(self) -> None:
+        """The job moved on (a frame processed or published): keep renewing."""
+        self.progress_at = time.monotonic()
+
+    def mark_lost(self, reason: str, *, vanished: bool = False) -> None:
+        if not self.lost.is_set():
+            self.reason = reason
+            self.vanished = vanished
+            self.lost.set()
+
     def renew(self) -> bool:
+        sent_at = time.monotonic()
         ok = self.client.eval(RENEW_LUA, 1, self.keys.jobs, *self.args()) == 1
         if ok:
             self.renewals += 1
+            self.renewed_at = max(self.renewed_at, sent_at)
         else:
-            self.lost.set()
+            self.mark_lost(f"lease lost on job entry {self.entry_id}: another worker owns it now")
         return ok
+
+    def _abandon(self) -> None:
+        """No progress for stall_s: stop renewing and make the job claimable at once (best effort: if Redis
+        does not answer, the lease simply runs out)."""
+        idle_s = time.monotonic() - self.progress_at
+        reason = (f"job {self.job} stalled: no frame processed or published for {idle_s:.0f} s (stall_s "
+                  f"{self.stall_s:g}); abandoned by worker {self.consumer} so that it can be taken again")
+        self.mark_lost(reason)
+        log.error("%s", reason)
+        try:
+            self.client.eval(ABANDON_LUA, 2, self.keys.jobs, self.keys.job(self.job), *self.args(),
+                             ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason)
+        except redis.RedisError as e:
+            log.warning("could not hand the stalled job %s back at once (%s); it is claimable after its lease",
+                        self.job, e)
+        if self.on_stall is not None:
+            self.on_stall(reason)
 
     def _run(self) -> None:
         interval = self.lease_s / 3
-        while not self._stop.wait(interval):
-            try:
-                if not self.renew():
-                    log.warning("lost the lease on %s: another worker owns it now", self.entry_id)
+        try:
+            while not self._stop.wait(interval):
+                if self.lost.is_set():
                     return
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("could not renew the lease on %s (%s); retrying", self.entry_id, e)
+                if time.monotonic() - self.progress_at > self.stall_s:
+                    self._abandon()
+                    return
+                try:
+                    was_lost = self.lost.is_set()
+                    if not self.renew():
+                        if not was_lost:
+                            log.warning("%s", self.reason)
+                        return
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.warning("could not renew the lease on %s (%s); retrying", self.entry_id, e)
+                except redis.ResponseError as e:
+                    if is_nogroup(e):
+                        self.mark_lost(vanished_message(self.job, self.keys), vanished=True)
+                        log.error("%s", self.reason)
+                        return
+                    if not is_redis_full(e):  # renewal writes nothing new: it should pass even when full
+                        raise
+                    log.warning("could not renew the lease on %s (Redis is full: %s); retrying", self.entry_id, e)
+        except BaseException as e:  # noqa: BLE001 - reported to the job's threads by check()
+            self.crashed = e
+            log.exception("the lease thread of job %s died", self.job)
 
     def __enter__(self) -> Lease:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{self.entry_id}")
@@ -138,14 +241,31 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def remaining_s(self) -> float:
+        """Seconds until the lease is presumed lost, unless a renewal is confirmed before then."""
+        return self.renewed_at + self.lease_s - time.monotonic()
+
     def check(self) -> None:
+        """Raise unless the job may go on writing: LeaseLost (lost, stalled, vanished, or presumed lost
+        after a whole lease without a confirmed renewal) or WorkerBroken (the heartbeat thread died)."""
+        if self.crashed is not None:
+            raise WorkerBroken(f"the lease thread of job {self.job} died ({type(self.crashed).__name__}: "
+                               f"{self.crashed}): nothing renews the lease")
         if self.lost.is_set():
-            raise LeaseLost(f"lease lost on job entry {self.entry_id}")
+            raise JobVanished(self.reason) if self.vanished else LeaseLost(self.reason)
+        if self.remaining_s() <= 0:
+            self.mark_lost(f"lease lost on job entry {self.entry_id} (presumed: no renewal confirmed for "
+                           f"{time.monotonic() - self.renewed_at:.1f} s, longer than the lease of {self.lease_s:g} s; Redis "
+                           f"unreachable or not answering, or this worker frozen), so another worker may own the job by now")
+            raise LeaseLost(self.reason)
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            raise WorkerBroken(f"the lease thread of job {self.job} is gone: nothing renews the lease")
 
 
 def wait_with_lease(seconds: float, lease: Lease) -> None:
-    """Sleep (e.g. a retry backoff) while the lease thread keeps the job ours."""
+    """Sleep (e.g. a retry backoff) while the lease thread keeps the job ours (waiting as told is progress)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         lease.check()
+        lease.progress()
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

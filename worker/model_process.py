@@ -22,7 +22,13 @@ renderer decodes the JPEG again in the worker's process, which costs a few ms of
 - an error in the child (a bad prompt, CUDA out of memory) is re-raised in the worker as itself, so it
   is classified as before (retried or failed); a child that dies (killed, segfault) raises
   `ModelProcessDied`, a RetryableError: the job is retried and the next job starts a fresh child;
-- the child exits when the worker closes it, or when the pipe breaks because the worker died.
+- the child exits when the worker closes it, or when the pipe breaks because the worker died;
+- while it waits for the child, the worker runs the job's `check` (frames.check) every 0.2 s, so a
+  lost lease or a shutdown deadline stops the job even while the child is blocked (waiting for a
+  frame in a Redis outage); a child that does not leave the job within `stop_timeout_s` of being
+  asked is killed, and `interrupt()` (a stalled job) kills it at once;
+- a child that cannot be started again raises WorkerBroken: the worker hands its job back and exits
+  non-zero, so that its supervisor restarts it, instead of failing job after job.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import RetryableError, VsegError
+from schemas.errors import RetryableError, VsegError, WorkerBroken
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.settings import Settings
 from worker.frames import DirFrames, FrameSource, StreamedFrames
@@ -78,7 +84,7 @@ def describe_frames(frames: FrameSource) -> tuple[Any, ...]:
 
 def open_frames(spec: tuple[Any, ...]) -> FrameSource:
     if spec[0] == "dir":
-        return DirFrames(Path(spec[1]), spec[2], check=False)  # the worker checked it
+        return DirFrames(Path(spec[1]), spec[2], verify=False)  # the worker checked it
     import redis
 
     _, kwargs, stream, frames_dir, block_ms, stall_s, producer_key, producer_ttl_s = spec
@@ -225,10 +231,11 @@ class ModelProcess:
     """A Segmenter whose model runs in a child process (see the module doc)."""
 
     def __init__(self, settings: Settings, *, fake: dict[str, Any] | None = None,
-                 start_timeout_s: float = 900.0) -> None:
+                 start_timeout_s: float = 900.0, stop_timeout_s: float = 10.0) -> None:
         self.settings = settings
         self.fake = fake
         self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
         self.name = ""
         self.random_weights = False
         self.device = "cpu"
@@ -253,17 +260,22 @@ class ModelProcess:
         _, self.name, self.random_weights, self.device = msg
         log.info("model process %d ready (%s on %s)", self._proc.pid, self.name, self.device)
 
-    def _recv(self, *, timeout_s: float | None = None, what: str = "job") -> tuple[Any, ...]:
-        assert self._conn is not None
+    def _recv(self, *, timeout_s: float | None = None, what: str = "job",
+              check: Any = None) -> tuple[Any, ...]:
+        conn = self._conn
+        if conn is None:
+            raise ModelProcessDied(f"the model process was stopped during {what}; the job is retried with a new one")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self._conn.poll(1.0):
+        while not conn.poll(0.2 if check is not None else 1.0):
+            if check is not None:
+                check()
             if not self._proc.is_alive():
                 break
             if deadline is not None and time.monotonic() > deadline:
                 self.close()
                 raise ModelProcessDied(f"the model process did not {what} within {timeout_s:.0f} s")
         try:
-            return self._conn.recv()
+            return conn.recv()
         except (EOFError, OSError):
             self._proc.join(5)
             code = self._proc.exitcode
@@ -271,15 +283,25 @@ class ModelProcess:
             raise ModelProcessDied(f"the model process died during {what} (exit code {code}); "
                                    "the job is retried with a new one") from None
 
+    def ensure_started(self) -> None:
+        """Start a new child if the last one died (the worker calls this before it claims a job, so a restart
+        never eats into a job's lease); WorkerBroken if it cannot be started."""
+        if self._conn is not None and self._proc.is_alive():
+            return
+        if self._conn is not None:
+            log.warning("model process %s ended between jobs (exit code %s); starting a new one",
+                        self._proc.pid, self._proc.exitcode)
+            self.close(join_s=1.0)
+        self.restarts += 1
+        try:
+            self._start()
+        except Exception as e:  # noqa: BLE001 - whatever stops it, this worker cannot serve
+            raise WorkerBroken(f"the model process could not be started again ({type(e).__name__}: {e}); "
+                               f"this worker cannot run jobs") from e
+
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
-        if self._conn is None or not self._proc.is_alive():  # died during or since the last job: start afresh
-            if self._conn is not None:
-                log.warning("model process %s ended between jobs (exit code %s); starting a new one",
-                            self._proc.pid, self._proc.exitcode)
-                self.close()
-            self.restarts += 1
-            self._start()
+        self.ensure_started()  # died during or since the last job: start afresh
         assert self._conn is not None
         try:
             self._conn.send(("segment", describe_frames(frames), list(prompts), width, height))
@@ -289,8 +311,9 @@ class ModelProcess:
                                    "a new one") from None
         finished = False
         try:
+            check = getattr(frames, "check", None)
             while True:
-                msg = self._recv()
+                msg = self._recv(check=check)
                 if msg[0] == "frame":
                     _, frame_idx, obj_ids, packed, shape, scores = msg
                     masks = np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool)
@@ -306,20 +329,31 @@ class ModelProcess:
                 self._stop_job()
 
     def _stop_job(self) -> None:
-        """The worker stopped reading: tell the child and wait until it has left the job."""
+        """The worker stopped reading: tell the child and wait (up to stop_timeout_s) until it has left the
+        job; a child that does not (blocked waiting for a frame, wedged) is killed, and the next job
+        starts a new one."""
         assert self._conn is not None
         try:
             self._conn.send(("stop",))
+            deadline = time.monotonic() + self.stop_timeout_s
             while True:
-                msg = self._recv(timeout_s=60.0, what="stop")
+                msg = self._recv(timeout_s=max(0.1, deadline - time.monotonic()), what="stop")
                 if msg[0] in ("stopped", "done", "error"):
                     return
         except (VsegError, OSError) as e:
             log.warning("model process did not stop cleanly (%s); starting a new one for the next job", e)
-            self.close()
+            self.close(join_s=0)
 
-    def close(self) -> None:
-        """Ask the child to exit; kill it if it does not."""
+    def interrupt(self, reason: str) -> None:
+        """Kill the child now (from any thread): its job is abandoned (stalled), and the thread reading
+        from it gets ModelProcessDied at once. The next job starts a new child."""
+        proc = self._proc
+        if proc is not None and proc.pid is not None and proc.is_alive():
+            log.warning("killing model process %d: %s", proc.pid, reason)
+            proc.kill()
+
+    def close(self, join_s: float = 10.0) -> None:
+        """Ask the child to exit; kill it if it does not within `join_s`."""
         conn, proc = self._conn, self._proc
         self._conn = None
         if conn is not None:
@@ -329,7 +363,7 @@ class ModelProcess:
                 pass
             conn.close()
         if proc is not None and proc.pid is not None:
-            proc.join(10)
+            proc.join(join_s)
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)

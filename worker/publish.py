@@ -1,6 +1,12 @@
 """Writing a job's results: frame entries with ids derived from the frame index, lifecycle events,
 state. Every write is fenced by the worker's lease (worker/lease.py): once the lease is lost,
 nothing this worker writes lands.
+
+Infrastructure faults while writing (`retry_redis`): a refused or hung Redis is retried with backoff
+for as long as the lease may still be ours, then the lease is presumed lost (LeaseLost) and the job
+stops writing; a full Redis (maxmemory, noeviction: the lease still renews) is retried for up to
+`stall_s`, the job counting as progressing meanwhile, then RedisFull fails the attempt (retried with
+backoff); Redis without the jobs stream or group (restarted empty) is JobVanished.
 """
 
 from __future__ import annotations
@@ -14,13 +20,25 @@ import numpy as np
 import redis
 
 from schemas import messages
+from schemas.errors import RedisFull
+from schemas.faults import is_redis_full, redis_full_message
 from schemas.names import STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, Keys, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
-from worker.lease import FENCED_HSET_LUA, FENCED_XADD_LUA, FINISH_LUA, Lease, LeaseLost
+from worker.lease import (
+    FENCED_HSET_LUA,
+    FENCED_XADD_LUA,
+    FINISH_LUA,
+    JobVanished,
+    Lease,
+    LeaseLost,
+    is_nogroup,
+    vanished_message,
+)
 from worker.segment import FrameMasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LOG_EVERY_S = 5.0
 
 TERMINAL_STATE = {
     messages.Completed: "completed",
@@ -50,35 +68,66 @@ class JobCancelled(Exception):
     """The job's cancel flag was set: stop and write the cancelled terminal entry."""
 
 
-def retry_redis(fn: Callable[[], T], *, patience_s: float, what: str) -> T:
-    """Run `fn`, retrying connection errors with backoff for up to `patience_s` (a Redis restart)."""
-    deadline = time.monotonic() + patience_s
+def retry_redis(fn: Callable[[], T], *, lease: Lease, what: str, redis_url: str = "",
+                full_patience_s: float | None = None, patience_s: float | None = None) -> T:
+    """Run `fn` (a fenced write), retrying infrastructure faults with backoff (see the module doc):
+    connection errors until the lease is presumed lost (or `patience_s`, if shorter), Redis full for up
+    to `full_patience_s` (default: the lease's stall_s), then RedisFull. Every try checks the lease
+    first, so nothing is sent once it is lost."""
+    started = time.monotonic()
+    full_since: float | None = None
+    full_patience = lease.stall_s if full_patience_s is None else full_patience_s
     backoff_s = 0.05
+    logged_at = -1e9  # one warning every LOG_EVERY_S while a fault lasts
     while True:
+        lease.check()
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            if time.monotonic() > deadline:
+            if patience_s is not None and time.monotonic() - started > patience_s:
                 raise
-            log.warning("Redis unavailable during %s (%s); retrying in %.2f s", what, e, backoff_s)
-            time.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 2.0)
+            if time.monotonic() - logged_at >= LOG_EVERY_S:
+                logged_at = time.monotonic()
+                log.warning("Redis unavailable during %s (%s); retrying while the lease lasts (%.1f s left)", what, e,
+                            max(0.0, lease.remaining_s()))
+        except redis.ResponseError as e:
+            if is_nogroup(e):
+                lease.mark_lost(vanished_message(lease.job, lease.keys), vanished=True)
+                raise JobVanished(lease.reason) from None
+            if not is_redis_full(e):
+                raise
+            now = time.monotonic()
+            full_since = now if full_since is None else full_since
+            if now - full_since >= full_patience:
+                raise RedisFull(f"{redis_full_message(redis_url or 'REDIS_URL')} ({what} refused for "
+                                f"{now - full_since:.0f} s)") from None
+            if now - logged_at >= LOG_EVERY_S:
+                logged_at = now
+                log.warning("%s; %s waits (up to %.0f s) and retries", redis_full_message(redis_url or "REDIS_URL"),
+                            what, full_patience)
+            lease.progress()  # writes retrying on a full Redis: the job is waiting on the operator, not stuck
+        time.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, 1.0)
 
 
 class ResultPublisher:
     """Publishes one job's entries under `lease`. Frame k goes to id (k+1)-0, so Redis rejects a duplicate."""
 
     def __init__(self, client: redis.Redis, keys: Keys, job_id: str, num_frames: int, lease: Lease,
-                 *, patience_s: float) -> None:
+                 *, patience_s: float | None = None, redis_url: str = "") -> None:
         self.client = client
         self.keys = keys
         self.job_id = job_id
         self.num_frames = num_frames
         self.lease = lease
-        self.patience_s = patience_s
+        self.patience_s = patience_s  # None: retry connection errors while the lease lasts
+        self.redis_url = redis_url
         self.stream = keys.results(job_id)
         self.duplicates_rejected = 0
         self.cancel_requested = False
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return retry_redis(fn, lease=self.lease, what=what, redis_url=self.redis_url, patience_s=self.patience_s)
 
     def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None) -> bool:
         return self._fenced_xadds(stream, [(entry_id, frames_done, msg)]) == 1
@@ -99,13 +148,14 @@ class ResultPublisher:
                           entry_id, done, *flat)
             return pipe.execute()
 
-        replies = retry_redis(call, patience_s=self.patience_s, what=f"write to {stream}")
+        replies = self._retry(call, f"write to {stream}")
         written = 0
         for (entry_id, _, _, msg), (status, cancel) in zip(encoded, replies):
             if status == -1:
-                self.lease.lost.set()
-                raise LeaseLost(f"job {self.job_id}: lease lost; {msg.TYPE.value} entry {entry_id} (and any after "
-                                f"it) not written")
+                reason = (f"job {self.job_id}: lease lost; {msg.TYPE.value} entry {entry_id} (and any after it) not "
+                          f"written")
+                self.lease.mark_lost(reason)
+                raise LeaseLost(reason)
             self.cancel_requested = self.cancel_requested or cancel == 1
             if status == 0:
                 self.duplicates_rejected += 1
@@ -113,16 +163,22 @@ class ResultPublisher:
             written += status == 1
         return written
 
-    def set_state(self, **fields: Any) -> None:
+    def set_state(self, *, best_effort: bool = False, **fields: Any) -> None:
+        """Fenced HSET of the job's state hash; `best_effort`: one try (no waiting on a full or gone Redis)."""
         flat = [x for k, v in fields.items() for x in (k, str(v))]
-        status = retry_redis(
-            lambda: self.client.eval(FENCED_HSET_LUA, 2, self.keys.jobs, self.keys.job(self.job_id),
-                                     *self.lease.args(), *flat),
-            patience_s=self.patience_s, what="job state update",
-        )
+
+        def call() -> Any:
+            return self.client.eval(FENCED_HSET_LUA, 2, self.keys.jobs, self.keys.job(self.job_id),
+                                    *self.lease.args(), *flat)
+
+        if best_effort:
+            status = retry_redis(call, lease=self.lease, what="job state update", redis_url=self.redis_url,
+                                 full_patience_s=0, patience_s=0)
+        else:
+            status = self._retry(call, "job state update")
         if status == -1:
-            self.lease.lost.set()
-            raise LeaseLost(f"job {self.job_id}: lease lost; state not updated")
+            self.lease.mark_lost(f"job {self.job_id}: lease lost; state not updated")
+            raise LeaseLost(self.lease.reason)
 
     def event(self, msg: messages.Message) -> None:
         self._xadd(self.keys.events, "*", msg)  # trimmed by the worker's housekeeping (EVENTS_MAXLEN)
@@ -149,16 +205,16 @@ class ResultPublisher:
         if isinstance(msg, messages.Completed):
             self.set_state(render_path=msg.render_path)
         fields = messages.encode(msg)
-        written = retry_redis(
+        written = self._retry(
             lambda: self.client.eval(
                 FINISH_LUA, 4, self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events,
                 *self.lease.args(),
                 TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)], error, len(fields),
                 *_flat(fields),
             ),
-            patience_s=self.patience_s, what="terminal write",
+            "terminal write",
         )
         if written == -1:
-            self.lease.lost.set()
-            raise LeaseLost(f"job {self.job_id}: lease lost; terminal {msg.TYPE.value} not written")
+            self.lease.mark_lost(f"job {self.job_id}: lease lost; terminal {msg.TYPE.value} not written")
+            raise LeaseLost(self.lease.reason)
         return written == 1

@@ -1,7 +1,12 @@
 """The result path, off the model's thread: RLE encoding, fenced Redis writes and MP4 rendering run in
 a thread fed through a small bounded queue, so the model never waits on them (unless the sink falls a
 whole queue behind, which bounds memory). Frames that are waiting when the sink turns to the queue
-are published together, in one pipelined round trip to Redis."""
+are published together, in one pipelined round trip to Redis.
+
+No wait between the two threads is unbounded: `put` and `close` wait in short steps, and between
+steps re-raise the sink's error, notice a sink thread that has ended, and run the job's `check` (a
+lost lease, a cancel, a shutdown deadline), so the model's thread never blocks on a queue whose
+consumer is gone."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from collections.abc import Callable
 
 import cv2
 
-from schemas.errors import StorageError
+from schemas.errors import RetryableError, StorageError
 from worker.frames import FrameSource
 from worker.publish import ResultPublisher, frame_result
 from worker.render import MaskVideoWriter
@@ -22,17 +27,24 @@ from worker.segment import FrameMasks
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_STEP_S = 0.2  # how often a waiting thread looks at its peer and at the job
+
+
+def _no_check() -> None:
+    return None
 
 
 class ResultSink:
     def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | None, frames: FrameSource, *, random_weights: bool,
-                 progress_every: int, on_frame: Callable[[int], None], depth: int = 4) -> None:
+                 progress_every: int, on_frame: Callable[[int], None], depth: int = 4,
+                 check: Callable[[], None] = _no_check) -> None:
         self.pub = pub
         self.writer = writer
         self.frames = frames
         self.random_weights = random_weights
         self.progress_every = progress_every
         self.on_frame = on_frame
+        self.check = check
         self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.frames_done = 0
@@ -46,13 +58,22 @@ class ResultSink:
 
     def put(self, out: FrameMasks) -> None:
         """Queue one frame's masks (blocks only when the sink is `depth` frames behind)."""
-        self.raise_error()
+        self._put(out)
+
+    def _put(self, item: object) -> None:
         while True:
+            self.raise_error()
             try:
-                self.queue.put(out, timeout=0.5)
+                self.queue.put(item, timeout=_STEP_S)
                 return
             except queue.Full:
-                self.raise_error()
+                self._check_peer()
+
+    def _check_peer(self) -> None:
+        self.raise_error()
+        if not self._thread.is_alive():
+            raise RetryableError(f"the result sink of job {self.pub.job_id} stopped without finishing")
+        self.check()
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -60,19 +81,28 @@ class ResultSink:
 
     def close(self) -> None:
         """Wait until every queued frame is published and rendered; re-raise the sink's error."""
-        self.queue.put(_DONE)
-        self._thread.join()
+        self._put(_DONE)
+        while self._thread.is_alive():
+            self._thread.join(_STEP_S)
+            if self._thread.is_alive():
+                self.raise_error()
+                self.check()
         self.raise_error()
 
-    def abort(self) -> None:
+    def abort(self, timeout_s: float = 0.5) -> None:
+        """Stop the sink: nothing queued is written. Waits up to `timeout_s` for its thread (one blocked in a
+        Redis call ends by itself: every write checks the lease first)."""
         self.error = self.error or RuntimeError("aborted")
         try:
             while True:
                 self.queue.get_nowait()
         except queue.Empty:
             pass
-        self.queue.put(_DONE)
-        self._thread.join(timeout=10)
+        try:
+            self.queue.put_nowait(_DONE)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
         try:
