@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from schemas import messages
+from schemas.errors import RetryableError
 from worker.segment import FrameMasks
 from worker.sink import ResultSink
 
@@ -86,3 +87,66 @@ def test_a_failed_write_reaches_the_models_thread() -> None:
             sink.put(masks(k))
         sink.close()
     assert all(2 not in batch for batch in pub.batches)
+
+
+def test_close_with_a_full_queue_and_a_dead_sink_raises_instead_of_blocking() -> None:
+    """The stall of issue 18: the sink died while its queue was full; close() used to block forever on
+    Queue.put. Now it re-raises the sink's error within a step."""
+    pub = FakePublisher(fail_at=0)
+    sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
+                      on_frame=lambda n: None, depth=2)
+    sink.put(masks(0))
+    assert pub.entered.wait(10)  # the sink is inside its write of frame 0
+    sink.put(masks(1))
+    sink.put(masks(2))  # the queue is full
+    pub.release.set()  # the write of frame 0 fails: the sink thread ends
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            sink.close()
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+        done.set()
+
+    threading.Thread(target=close, daemon=True).start()
+    assert done.wait(5), "close() blocked on a queue nobody drains"
+    assert len(errors) == 1 and "Redis said no" in str(errors[0])
+
+
+def test_put_and_close_run_the_jobs_check_while_they_wait() -> None:
+    """A sink stuck in a write (Redis hung) does not hold the model's thread: the job's check (a lost
+    lease, a shutdown deadline) is raised from put and from close while they wait."""
+    pub = FakePublisher()  # its first write blocks until released
+    stop = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise TimeoutError("the lease is presumed lost")
+
+    sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
+                      on_frame=lambda n: None, depth=1, check=check)
+    sink.put(masks(0))
+    assert pub.entered.wait(10)
+    sink.put(masks(1))  # fills the queue
+    stop.set()
+    with pytest.raises(TimeoutError, match="presumed lost"):
+        sink.put(masks(2))
+    with pytest.raises(TimeoutError, match="presumed lost"):
+        sink.close()
+    sink.abort()
+    pub.release.set()
+
+
+def test_a_sink_thread_that_ended_without_an_error_is_noticed() -> None:
+    pub = FakePublisher()
+    pub.release.set()
+    sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
+                      on_frame=lambda n: None, depth=1)
+    sink.queue.put(object())  # not a frame: the sink skips it
+    sink.abort()  # ends the thread; then pretend nothing was recorded
+    sink.error = None
+    sink.queue.put(masks(0))  # full again, nobody drains it
+    with pytest.raises(RetryableError, match="stopped without finishing"):
+        sink.put(masks(1))

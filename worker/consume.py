@@ -183,6 +183,7 @@ class Worker:
         self.on_fatal = on_fatal  # called from a helper thread when the job's thread is wedged
         self.broken: str | None = None  # why this worker cannot go on, once it cannot
         self._idle = False  # waiting for work or for Redis, holding no job: a signal may end the wait at once
+        self._redis_answering = True  # False once a bounded call on the way out found Redis not answering
         self._url = redact_url(settings.redis_url)
 
     @property
@@ -306,7 +307,9 @@ class Worker:
                     self.housekeeping()
                     entry = self.claim_expired() or self.read_new(block=not burst)
                     backoff_s = 0.1
+                    self._redis_answering = True
                 except (redis.ConnectionError, redis.TimeoutError) as e:
+                    self._redis_answering = False
                     log.warning("Redis at %s unavailable (%s); retrying in %.1f s", self._url, e, backoff_s)
                     time.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 5.0)
@@ -339,9 +342,9 @@ class Worker:
             self._report_broken(str(e))
             raise
         finally:
-            if self.broken is None:
+            if self.broken is None and self._redis_answering:  # else the key expires by itself
                 call_bounded(lambda: self.client.delete(self.keys.worker_health(self.name)),
-                             min(1.0, self.settings.lease_s), "removing the health key")
+                             min(0.5, self.settings.lease_s), "removing the health key")
             log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats, peak_rss_mib())
         return self.stats.jobs_done
 
@@ -416,6 +419,8 @@ class Worker:
             except LeaseLost as e:
                 if "stalled" in str(e):
                     self.stats.jobs_abandoned += 1
+                if "presumed" in str(e):
+                    self._redis_answering = False
                 self.stats.leases_lost += 1
                 log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
             except ForcedExit:
@@ -521,6 +526,8 @@ class Worker:
                         "lease", job_id, lease.reason or "Redis not answering")
             return
         wait_s = self.settings.lease_s if timeout_s is None else timeout_s
+        if lease is not None:  # past the lease's end the job is not ours to hand back
+            wait_s = min(wait_s, max(0.1, lease.remaining_s()))
         done = call_bounded(
             lambda: self.client.eval(HAND_BACK_LUA, 2, self.keys.jobs, self.keys.job(job_id), self.keys.group, entry_id,
                                      self.name, 10 * self.lease_ms),
@@ -529,6 +536,7 @@ class Worker:
             self.stats.handed_back += 1
             log.warning("job %s handed back to the group", job_id)
         else:
+            self._redis_answering = False
             log.error("could not hand job %s back; it is reclaimed after its lease expires", job_id)
 
     def dead_letter(self, entry_id: str, fields: dict[Any, Any], error: BaseException, *, job_id: str | None,

@@ -89,7 +89,7 @@ class ResultSink:
                 self.check()
         self.raise_error()
 
-    def abort(self, timeout_s: float = 0.5) -> None:
+    def abort(self, timeout_s: float = 0.25) -> None:
         """Stop the sink: nothing queued is written. Waits up to `timeout_s` for its thread (one blocked in a
         Redis call ends by itself: every write checks the lease first)."""
         self.error = self.error or RuntimeError("aborted")
