@@ -448,3 +448,40 @@ def test_model_process_that_cannot_restart_makes_the_worker_exit_broken(
         mp.close()
     st = state(client, cfg, "nomodel")
     assert st["state"] == "queued" and st["attempt"] == "0", st
+
+
+# ---- with the real model -------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_outage_of_three_leases_with_the_real_sam2_then_every_frame_once(
+    tmp_path: Path, server: RedisServer, cfg: Settings, client: redis.Redis
+) -> None:
+    """The scenario of issue 18 with SAM 2 itself (random weights, 256, CPU): Redis stopped mid-job for
+    three leases and started again on the same port; the job completes with every frame once."""
+    n = 30
+    clip = make_video(tmp_path / "real.mp4", num_frames=n, size_wh=(160, 120), fps=10)
+    x, y = disc_center(0, n, (160, 120))
+    submit(clip, [ObjectPrompt(1, 0, ((x, y),), (1,))], settings=cfg, client=client, job_id="real")
+    lease_s = 2.0
+    env = {**worker_env(cfg), "VSEG_CHECKPOINT_DIR": str(tmp_path / "ckpt"), "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path / "real-worker.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "--checkpoint", "random", "--image-size", "256",
+                                 "--device", "cpu", "--lease", str(lease_s), "--name", "real"], cwd=ROOT, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: frames_done(client, cfg, "real") >= 5, timeout_s=120, what="frames from SAM 2")
+            server.stop()
+            time.sleep(3 * lease_s)
+            server.start()
+            wait_for(lambda: state(client, cfg, "real").get("state") == "completed", timeout_s=180,
+                     what="the job completes")
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    assert_every_frame_once(client, cfg, "real", n=n)
+    log = log_path.read_text(errors="replace")
+    assert "presumed" in log and "Traceback" not in log, log[-3000:]
