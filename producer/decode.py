@@ -31,7 +31,8 @@ try:  # JPEG straight from YUV planes; without it frames go through BGR and Open
 except ImportError:  # pragma: no cover
     simplejpeg = None
 
-from schemas.errors import StorageError, VideoError
+from schemas.errors import DiskFull, StorageError, VideoError
+from schemas.faults import SUBMIT_AGAIN, disk_fault
 from schemas.machine import usable_cores
 from schemas.storage import frame_name
 
@@ -177,18 +178,37 @@ def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: b
         _write_file(path, payload)
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    _write_file(tmp, payload)
-    os.replace(tmp, path)
-
-
-def _write_file(path: Path, payload: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
+        _write_file(tmp, payload, shown=path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # half a JPEG (a full disk): nothing half-written stays behind
+        raise
+
+
+def _write_file(path: Path, payload: bytes, shown: Path | None = None) -> None:
+    """Write `payload` to `path`. An OSError names the file (`shown`, default `path`; os.write's own
+    names none), so a full disk can be reported with the frame it was writing."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(shown or path)) from e
+
+
+def _raise_if_disk_full(error: OSError, where: Path, storage_root: Path) -> None:
+    """Raise DiskFull (one line: STORAGE_ROOT, free space, what to do) for ENOSPC/EDQUOT; else return."""
+    full = disk_fault(error, Path(error.filename) if isinstance(error.filename, str) else where, storage_root,
+                      then=SUBMIT_AGAIN)
+    if full is not None and full is not error:
+        raise full from error
 
 
 def _run_here(fn: Callable[..., None], *args: object) -> Future[None]:
@@ -232,23 +252,32 @@ def extract_frames(
     progress: bool = False,
     atomic: bool = True,
     on_frames: Callable[[int], None] | None = None,
+    storage_root: Path | None = None,
 ) -> VideoInfo:
-    """Decode `video` into `out_dir` (which must not exist). Raises VideoError, StorageError.
+    """Decode `video` into `out_dir` (which must not exist). Raises VideoError, StorageError, DiskFull.
 
     atomic (default): frames go to a hidden sibling directory renamed to `out_dir` when complete.
     Otherwise (streaming hand-off) they go straight into `out_dir`, each JPEG appearing whole, and
     `on_frames(n)` is called whenever frames 0..n-1 are all on disk; on failure `out_dir` is left for
     the caller to clean up. An exception from `on_frames` stops decoding and is re-raised.
     decode_threads: FFmpeg decoder threads; 0 chooses by the machine (`decoder_threads`).
+    storage_root: named by the DiskFull raised when the disk fills up (no space, quota exceeded);
+    default `out_dir` itself.
     """
     video, out_dir = Path(video), Path(out_dir)
+    root = Path(storage_root) if storage_root is not None else out_dir
     _check_options(max_frames, stride, start_s, end_s, jpeg_quality, decode_threads)
     if out_dir.exists():
         raise StorageError(f"output directory {out_dir} already exists: remove it or choose another")
     container = _open(video)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     target = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}" if atomic else out_dir
-    target.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        target.mkdir()
+    except OSError as e:
+        container.close()
+        _raise_if_disk_full(e, target, root)
+        raise
     try:
         with container:
             info = _decode_into(container, video, target, max_frames=max_frames, stride=stride, start_s=start_s,
@@ -256,9 +285,11 @@ def extract_frames(
                                 atomic=atomic, decode_threads=decoder_threads(decode_threads))
         if atomic:
             os.rename(target, out_dir)
-    except BaseException:
+    except BaseException as e:
         if atomic:
             shutil.rmtree(target, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, DiskFull):
+            _raise_if_disk_full(e, target, root)
         raise
     return info
 

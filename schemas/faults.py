@@ -72,20 +72,26 @@ def free_mib(path: Path) -> float | None:
     return None
 
 
-def disk_full_message(where: Path, storage_root: Path | None = None) -> str:
+WORKER_RETRIES = "a worker retries the job with backoff"
+SUBMIT_AGAIN = "then submit the video again"
+
+
+def disk_full_message(where: Path, storage_root: Path | None = None, then: str = WORKER_RETRIES) -> str:
     root = storage_root if storage_root is not None else where
     free = free_mib(where)
     free_text = f"{free:.1f} MiB free" if free is not None else "free space unknown"
     return (f"no space left on the disk of STORAGE_ROOT {root} ({free_text}; writing {where}): free space there "
-            f"or point STORAGE_ROOT at a larger volume (a worker retries the job with backoff)")
+            f"or point STORAGE_ROOT at a larger volume ({then})")
 
 
-def disk_fault(error: BaseException, where: Path, storage_root: Path | None = None) -> DiskFull | None:
-    """DiskFull (naming STORAGE_ROOT, the free space and what to do) for ENOSPC or EDQUOT, else None."""
+def disk_fault(error: BaseException, where: Path, storage_root: Path | None = None,
+               then: str = WORKER_RETRIES) -> DiskFull | None:
+    """DiskFull (naming STORAGE_ROOT, the free space and what to do, then `then`) for ENOSPC or EDQUOT,
+    else None."""
     if isinstance(error, DiskFull):
         return error
     if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-        full = DiskFull(disk_full_message(where, storage_root))
+        full = DiskFull(disk_full_message(where, storage_root, then))
         full.errno = error.errno
         return full
     return None

@@ -595,7 +595,7 @@ class Worker:
                 writer = MaskVideoWriter(render_target,
                                          fps=job.fps, width=job.width, height=job.height,
                                          preset=self._render_preset(), threads=self._render_threads(),
-                                         partial_tag=self.name)
+                                         partial_tag=self.name, storage_root=self.settings.storage_root)
             timings, num_frames = self._propagate(job, frames, pub, writer, t0, job_check)
             pub.lease.check()
             pub.lease.progress()

@@ -183,7 +183,8 @@ class _Sender:
                 self.queue.put(msg, timeout=1.0)
                 return
             except queue.Full:
-                continue
+                if not self.thread.is_alive():
+                    raise _WorkerGone("the sending thread ended") from None
 
     def close(self, last: tuple[Any, ...]) -> None:
         """Send what is queued and then `last` (how the job ended), then stop the thread."""

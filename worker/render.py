@@ -5,7 +5,10 @@ drawn just inside the mask's edge (so pixels outside a mask are never touched), 
 written above the mask's bounding box on a dark label.
 
 `MaskVideoWriter` writes to a hidden temporary file next to the target and renames it into place on
-`close()`, so a reader never sees a half-written MP4.
+`close()`, so a reader never sees a half-written MP4. A full disk (ENOSPC, EDQUOT: PyAV raises
+`av.error.OSError` with that errno, from `mux` once its buffer is flushed or from the trailer on close)
+is raised as `DiskFull` (retryable: the worker retries the job with backoff), and the temporary file
+is removed at once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -23,6 +27,9 @@ from typing import Any, cast
 import av
 import cv2
 import numpy as np
+
+from schemas.errors import DiskFull
+from schemas.faults import disk_fault
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +221,25 @@ def partial_path(path: Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}.{tag}.partial" if tag else f".{path.name}.partial")
 
 
+def storage_root_of(path: Path) -> Path:
+    """STORAGE_ROOT of a job's render target (`STORAGE_ROOT/jobs/<id>/render.mp4`, schemas/storage.py), or
+    the target's own directory for a path laid out otherwise."""
+    if path.parent.parent.name == "jobs" and len(path.parents) >= 3:
+        return path.parents[2]
+    return path.parent
+
+
+class RenderAborted(RuntimeError):
+    """A frame was written after the render was aborted (the job stopped while its result path wrote)."""
+
+
 class MaskVideoWriter:
     """Draws masks on frames and encodes them to an H.264 MP4 at `path`, atomically on close().
 
     Use as a context manager: a clean exit calls close() (file appears at `path`), an exception calls
-    abort() (no file at `path`, temporary file removed).
+    abort() (no file at `path`, temporary file removed). A full disk raises DiskFull naming
+    `storage_root` (default: inferred from `path`, see `storage_root_of`), the temporary file already
+    removed.
     """
 
     def __init__(
@@ -233,6 +254,7 @@ class MaskVideoWriter:
         preset: str = "superfast",
         threads: int = 0,
         partial_tag: str = "",
+        storage_root: Path | None = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be > 0, but got {width}x{height}")
@@ -244,14 +266,26 @@ class MaskVideoWriter:
         self.rate = frame_rate(fps)
         self.frames_written = 0
         self._tmp = partial_path(self.path, partial_tag)
+        self.storage_root = Path(storage_root) if storage_root is not None else storage_root_of(self.path)
         self._closed = False
+        self._discarded = False  # aborted: nothing at `path`, and close() must not pretend otherwise
+        # write() runs on the result path's thread, abort() may come from the job's: one at a time, and a
+        # write after an abort is refused instead of touching a closed container
+        self._lock = threading.RLock()
         enc_width, enc_height = even_size(width, height)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # format="mp4" because the temporary name does not end in .mp4; +faststart moves the index
-        # to the front so browsers can start playing before the download ends.
-        self._container: Any = av.open(
-            str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # format="mp4" because the temporary name does not end in .mp4; +faststart moves the index
+            # to the front so browsers can start playing before the download ends.
+            self._container: Any = av.open(
+                str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
+            )
+        except OSError as e:
+            full = self._disk_full(e)
+            self._tmp.unlink(missing_ok=True)
+            if full is None:
+                raise
+            raise full from e
         try:
             self._stream: Any = cast("av.VideoStream", self._container.add_stream(codec, rate=self.rate))
             self._stream.width = enc_width
@@ -286,12 +320,24 @@ class MaskVideoWriter:
         video_frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         video_frame.pts = self.frames_written
         video_frame.time_base = 1 / self.rate
-        for packet in self._stream.encode(video_frame):
-            self._container.mux(packet)
-        self.frames_written += 1
+        with self._lock:
+            if self._discarded:
+                raise RenderAborted(f"the render of {self.path} was aborted; frame {self.frames_written} not written")
+            try:
+                for packet in self._stream.encode(video_frame):
+                    self._container.mux(packet)
+            except OSError as e:  # a full disk: nothing of this MP4 can be kept, so free its space now
+                full = self._disk_full(e)
+                if full is None:
+                    raise
+                self._discard()
+                raise full from e
+            self.frames_written += 1
 
     def close(self) -> Path:
         """Flush the encoder, finish the MP4 and rename it to `path`; returns `path`."""
+        if self._discarded:
+            raise ValueError(f"cannot close {self.path}: its render was aborted, nothing was written there")
         if self._closed:
             return self.path
         if self.frames_written == 0:
@@ -302,9 +348,12 @@ class MaskVideoWriter:
                 self._container.mux(packet)
             self._container.close()
             os.replace(self._tmp, self.path)
-        except BaseException:
+        except BaseException as e:
+            full = self._disk_full(e)  # before the discard: the free space as the write found it
             self._discard()
-            raise
+            if full is None:
+                raise
+            raise full from e
         self._closed = True
         logger.info("rendered %d frames to %s", self.frames_written, self.path)
         return self.path
@@ -316,13 +365,22 @@ class MaskVideoWriter:
         self._discard()
         logger.info("aborted render of %s after %d frames", self.path, self.frames_written)
 
+    def _disk_full(self, error: BaseException) -> DiskFull | None:
+        """DiskFull (STORAGE_ROOT, its free space, what to do) for ENOSPC or EDQUOT (PyAV's av.error.OSError
+        carries the errno), else None."""
+        return disk_fault(error, self._tmp, self.storage_root)
+
     def _discard(self) -> None:
-        self._closed = True
-        try:
-            self._container.close()
-        except Exception:  # the file is deleted next; a failing flush only means nothing to keep
-            logger.debug("closing the encoder of %s failed while aborting", self.path, exc_info=True)
-        self._tmp.unlink(missing_ok=True)
+        """Close the container (PyAV closes the file even when the trailer fails, a full disk, so its
+        space is freed) and delete the temporary file. Idempotent, and safe from two threads."""
+        with self._lock:
+            self._closed = self._discarded = True
+            try:
+                self._container.close()
+            except Exception as e:  # the file is deleted next; a failing flush only means nothing to keep
+                logger.debug("closing the encoder of %s failed while aborting: %s", self.path, e,
+                             exc_info=self._disk_full(e) is None)  # a full disk is expected here: no trace
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> MaskVideoWriter:
         return self

@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -207,11 +208,23 @@ class LazyFrames:
             for idx in [i for i in self._rgb if abs(i - frame_idx) > 2 * self.prefetch]:
                 del self._rgb[idx]  # never taken (a backward pass): bounded memory
         t0 = time.perf_counter()
-        img = fut.result()
+        img = self._result(fut)
         self.waited_s += time.perf_counter() - t0
         if self._on_cuda:  # made on a loader thread's stream, read on this one's: keep its memory until then
             img.record_stream(torch.cuda.current_stream(self.device))
         return img
+
+    def _result(self, fut: Future[torch.Tensor]) -> torch.Tensor:
+        """The loaded frame, waiting in short steps: between them the job's check runs (a lost lease or a
+        shutdown stops the model even while a loader thread is stuck), and a pool that can no longer run
+        the load is noticed."""
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except FutureTimeout:
+                self.source.check()
+                if self._pool._shutdown and not fut.running():  # noqa: SLF001 - closed under us: it will never run
+                    raise RuntimeError("the frame loaders were shut down while a frame was awaited") from None
 
     def close(self) -> None:
         for fut in self._futures.values():
