@@ -1,4 +1,8 @@
-"""`python -m producer {submit,extract,watch}`: the client side on the command line."""
+"""`python -m producer {submit,extract,watch,status,cancel}`: the client side on the command line.
+
+Every error a user can cause or meet ends in one line on stderr and a non-zero exit: bad input (2),
+Redis unreachable, hung or out of memory (1, naming the URL without its password and what to do).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,21 @@ import logging
 import sys
 from pathlib import Path
 
-from schemas.errors import VsegError
+import redis
+from redis.exceptions import LockError
+
+from schemas.connection import connect
+from schemas.errors import RedisUnavailable, VsegError
+from schemas.faults import redact_url, redis_fault
 from schemas.logs import configure_logging, exit_code
 from schemas.settings import Settings
 
 log = logging.getLogger("producer")
+
+# The command line's first contact with Redis: one retry, and at most this long per attempt, so a dead or
+# hung Redis is reported within seconds (the library clients retry for longer, to ride out restarts).
+QUICK_RETRIES = 1
+QUICK_TIMEOUT_S = 2.5
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
@@ -63,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    settings: Settings | None = None
     try:
         if args.command == "extract":
             return _extract(args)
@@ -74,12 +89,50 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cancel":
             return _cancel(args.job_id, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
+    except redis.RedisError as e:  # one the library did not classify (e.g. raised while cleaning up)
+        error = redis_error(e, settings.redis_url if settings is not None else "REDIS_URL")
+        log.error("%s", error)
+        return exit_code(error)
     except VsegError as e:
         log.error("%s", e)
         return exit_code(e)
+    except TimeoutError as e:  # watch --timeout: no news for that long
+        log.error("%s", e)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+
+
+def redis_error(error: redis.RedisError, url: str) -> VsegError:
+    """A Redis error as a one-line VsegError that names the URL (its password hidden) and what to do:
+    RedisUnavailable (down, hung, wrong credentials) or RedisFull (maxmemory with noeviction)."""
+    if isinstance(error, redis.AuthenticationError):  # a ConnectionError to redis-py, but REDIS_URL's to fix
+        return RedisUnavailable(f"Redis at {redact_url(url)} refused the credentials ({error}): check the user and "
+                                f"password in REDIS_URL")
+    fault = redis_fault(error, url)
+    if fault is not None:
+        return fault
+    if isinstance(error, LockError):  # waited out another submit of the same job id
+        return VsegError(str(error))
+    return VsegError(f"Redis at {redact_url(url)} refused a command: {error}")
+
+
+def quick_client(settings: Settings) -> redis.Redis:
+    """A client that fails within seconds when Redis is down or hung (for commands that never block)."""
+    return connect(settings, retries=QUICK_RETRIES, socket_timeout_s=min(settings.socket_timeout_s, QUICK_TIMEOUT_S),
+                   connect_timeout_s=QUICK_TIMEOUT_S, health_check_interval_s=0)
+
+
+def check_redis(settings: Settings) -> None:
+    """PING Redis with a quick client: RedisUnavailable (one line) before anything else is done."""
+    client = quick_client(settings)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise redis_error(e, settings.redis_url) from e
+    finally:
+        client.close()
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -98,6 +151,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.submit import submit
 
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
+    check_redis(settings)  # Redis down: say so at once, before any decoding
     result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
                     stream=args.stream, render=args.render)
@@ -110,7 +164,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 def _status(job_id: str, settings: Settings) -> int:
     from producer.control import status
 
-    state = status(job_id, settings=settings)
+    state = status(job_id, settings=settings, client=quick_client(settings))
     print(f"job {job_id}: {state.get('state', '?')}")
     print(f"  attempt: {state.get('attempt', '0')}")
     print(f"  progress: {state.get('frames_done', '0')}/{state.get('num_frames', '?')} frames")
@@ -123,7 +177,7 @@ def _status(job_id: str, settings: Settings) -> int:
 def _cancel(job_id: str, settings: Settings) -> int:
     from producer.control import cancel
 
-    outcome = cancel(job_id, settings=settings)
+    outcome = cancel(job_id, settings=settings, client=quick_client(settings))
     messages_by_outcome = {
         "cancelled": "cancelled (it was still queued)",
         "requested": "cancel requested: its worker stops within a few frames",
@@ -135,6 +189,7 @@ def _cancel(job_id: str, settings: Settings) -> int:
 def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None) -> int:
     from producer.results import watch
 
+    check_redis(settings)  # down from the start: one line (later outages are waited out)
     result = watch(job_id, out_dir, settings=settings, progress=True, timeout_s=timeout_s)
     if result.random_weights:
         log.warning("these masks come from RANDOM WEIGHTS (smoke test): they are meaningless")

@@ -11,6 +11,7 @@ from schemas import messages
 from schemas.cleanup import producer_finished, remove_frames
 from schemas.connection import connect
 from schemas.errors import UnknownJobError
+from schemas.faults import redact_url
 from schemas.names import TERMINAL_ENTRY_ID, validate_job_id
 from schemas.settings import Settings
 
@@ -44,7 +45,8 @@ return 1
 
 def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> str:
     """Cancel a job: returns 'cancelled' (was queued), 'requested' (running: it stops within a few
-    frames), or the state it already ended in. Raises UnknownJobError."""
+    frames), or the state it already ended in. Raises UnknownJobError, or redis-py's errors (the cancel
+    flag is a write: a Redis at maxmemory refuses it with OutOfMemoryError)."""
     validate_job_id(job_id)
     client = client or connect(settings)
     keys = settings.keys
@@ -55,7 +57,7 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
         *[x for kv in fields.items() for x in kv],
     )
     if result == -1:
-        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url}")
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)}")
     if result == 0:
         return str(status(job_id, settings=settings, client=client)["state"])
     if result == 2:  # no worker ever had it; a producer still streaming removes the frames when it stops
@@ -69,10 +71,12 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
 
 
 def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:
-    """The job's state hash: state, attempt, frames_done, num_frames, worker, error, render_path..."""
+    """The job's state hash: state, attempt, frames_done, num_frames, worker, error, render_path...
+    Raises UnknownJobError. A read: it works on a Redis at maxmemory."""
     validate_job_id(job_id)
     client = client or connect(settings)
     raw = cast(dict[bytes, bytes], client.hgetall(settings.keys.job(job_id)))
     if not raw:
-        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (never submitted, or expired)")
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)} "
+                              f"(never submitted, or expired)")
     return {k.decode(): v.decode() for k, v in raw.items()}

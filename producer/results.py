@@ -17,6 +17,7 @@ from tqdm import tqdm
 from schemas import messages
 from schemas.connection import connect
 from schemas.errors import JobFailed, SchemaError, UnknownJobError, VsegError
+from schemas.faults import redact_url
 from schemas.names import validate_job_id
 from schemas.rle import rle_to_json
 from schemas.settings import Settings
@@ -36,14 +37,17 @@ def follow(
     """Yield the job's result entries from the start (Started, FrameResult..., then Completed or Failed).
 
     Blocks while the job runs; reconnects with backoff if Redis drops; stops after the terminal entry.
-    Raises UnknownJobError if the job does not exist, TimeoutError after `timeout_s` without a new entry.
+    Raises UnknownJobError if the job does not exist, redis-py's ConnectionError/TimeoutError if Redis
+    cannot be reached at the start (later outages are waited out), TimeoutError after `timeout_s`
+    without a new entry.
     """
     validate_job_id(job_id)
     client = client or connect(settings)
     keys = settings.keys
     stream = keys.results(job_id)
-    if not client.exists(keys.job(job_id)) and not client.exists(stream):
-        raise UnknownJobError(f"no job {job_id!r} in Redis at {settings.redis_url} (wrong REDIS_URL or expired?)")
+    if not client.exists(keys.job(job_id)) and not client.exists(stream):  # Redis down: raised, not waited out
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)} "
+                              f"(wrong REDIS_URL or expired?)")
     last_id: bytes | str = "0-0"
     last_seen = time.monotonic()
     backoff_s = 0.1

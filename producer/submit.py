@@ -7,19 +7,23 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from producer.decode import VideoInfo, extract_frames, probe_video
-from producer.liveness import ProducerHeartbeat
+from producer.liveness import ProducerHeartbeat, redis_unavailable
 from schemas import messages
 from schemas.cleanup import job_ended, remove_frames
 from schemas.connection import connect
 from schemas.errors import JobFailed, VideoError
+from schemas.faults import SUBMIT_AGAIN, disk_fault
 from schemas.limits import check_job_limits
 from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.priority import lower_this_thread
@@ -109,17 +113,22 @@ def submit(
     `render=False` asks for masks only: no MP4 is drawn (less work for the worker).
     Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
     turns out corrupt after a streamed job was enqueued fails that job, and raises VideoError here).
+    Redis errors are redis-py's (the command line turns them into one line with
+    `schemas.faults.redis_fault`): down or hung from the start, raised before anything is decoded; at
+    maxmemory (OutOfMemoryError), the job is refused. Either way no half-made job remains, and the
+    frames of a job that was never enqueued are removed.
     """
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
-    if job_exists(client, keys, job_id):
+    if job_exists(client, keys, job_id):  # the first Redis call, before any decoding
         log.info("job %s already exists: not submitting it again", job_id)
         return Submitted(job_id, created=False)
 
     # One submitter per job id decodes; a concurrent duplicate waits for it and returns the same job.
+    # (A Redis at maxmemory already refuses this lock: nothing is decoded for a job it cannot take.)
     lock = client.lock(f"{keys.job(job_id)}:submit-lock", timeout=3600, blocking_timeout=3600)
-    with lock:
+    with _holding(lock, job_id):
         if job_exists(client, keys, job_id):
             log.info("job %s was created concurrently by another client", job_id)
             return Submitted(job_id, created=False)
@@ -129,6 +138,24 @@ def submit(
             ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress),
             render,
         )
+
+
+@contextmanager
+def _holding(lock: Lock, job_id: str) -> Iterator[None]:
+    """Hold the submit lock for the block. A release that fails never hides the block's own error (nor
+    fails a submit that succeeded): the lock then expires on its own."""
+    if not lock.acquire():
+        raise LockError(f"timed out waiting for another submit of job {job_id} to finish")
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        try:
+            lock.release()
+        except redis.RedisError as e:
+            (log.debug if failed else log.warning)("cannot release the submit lock of job %s (%s); it expires in 1 h",
+                                                   job_id, e)
 
 
 def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
@@ -142,9 +169,15 @@ def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
 def _fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
     frames_rel = job_frames_rel(job_id)
     frames_dir = resolve_inside(settings.storage_root, frames_rel)
-    if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
-        shutil.rmtree(frames_dir)
-    frames_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
+            shutil.rmtree(frames_dir)
+        frames_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        full = disk_fault(e, frames_dir.parent, settings.storage_root, then=SUBMIT_AGAIN)
+        if full is None:
+            raise
+        raise full from e
     return frames_rel, frames_dir
 
 
@@ -190,14 +223,14 @@ def _stream_and_enqueue(
 ) -> Submitted:
     keys = settings.keys
     frames_stream = keys.frames(job_id)
-    frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)
-    client.delete(frames_stream)
     width, height, fps, estimate = probe_video(video)
     check_job_limits(1, width, height, prompts, settings)
     validate_prompts(prompts, width=width, height=height, num_frames=settings.max_frames)
     expected = clip.expected_frames(estimate, fps)
     check_job_limits(expected, width, height, prompts, settings)  # from the header, before anything is enqueued
     need = max(p.frame_idx for p in prompts) + 1  # frames on disk before the job can start
+    frames_rel, frames_dir = _fresh_frames_dir(settings, job_id)  # after the checks: a bad video leaves nothing
+    client.delete(frames_stream)
     job = messages.JobMessage(
         job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(expected or 1, settings.max_frames)),
         width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
@@ -205,10 +238,16 @@ def _stream_and_enqueue(
     )
     announced = 0
     enqueued = False
+    tried_enqueue = False  # set before the attempt: an error (or an interrupt) may leave it done on the server
     checked_at = time.monotonic()
     # Set when this thread is interrupted while waiting; the decoding thread then stops at its next frames,
     # and `_in_background_thread` waits for that, so nothing is announced after the error marker.
     interrupted = threading.Event()
+
+    def enqueue() -> bool:
+        nonlocal tried_enqueue
+        tried_enqueue = True
+        return _enqueue(client, keys, job)
 
     def on_frames(available: int) -> None:
         nonlocal announced, enqueued, checked_at
@@ -222,26 +261,31 @@ def _stream_and_enqueue(
         pipe = client.pipeline(transaction=False)
         for k in range(announced, available):
             pipe.xadd(frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.ResponseError as e:
+            _raise_if_closed(client, settings, job_id, e)
+            raise
         announced = available
         if not enqueued and available >= need:
-            enqueued = _enqueue(client, keys, job)
+            enqueued = enqueue()
             log.info("job %s enqueued after %d frames; decoding goes on", job_id, available)
 
     # The liveness key exists before the job is enqueued and goes only after the end (or error) marker.
-    with ProducerHeartbeat(client, keys.producer(job_id), settings.producer_ttl_s):
+    with ExitStack() as beating:
         try:
+            beating.enter_context(ProducerHeartbeat(client, keys.producer(job_id), settings.producer_ttl_s))
             info = _in_background_thread(lambda: extract_frames(
                 video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
-                atomic=False, on_frames=on_frames,
+                atomic=False, on_frames=on_frames, storage_root=settings.storage_root,
                 **clip.capped(settings).decode_kwargs(),
             ), stop=interrupted)
             check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
             validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
             if not enqueued:  # a short video whose frames all fit before the last prompt's: now or never
-                enqueued = _enqueue(client, keys, job)
+                enqueued = enqueue()
         except BaseException as e:  # Ctrl-C and SystemExit too: a started worker must not wait for frames
-            _abandon(client, settings, job_id, frames_dir, e)
+            _abandon(client, settings, job_id, frames_dir, e, maybe_enqueued=tried_enqueue)
             raise
         pipe = client.pipeline(transaction=False)
         pipe.xadd(frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
@@ -265,13 +309,34 @@ def _stop_if_ended(client: redis.Redis, settings: Settings, job_id: str) -> None
                                 f"decoding stopped ({(error or b'no error recorded').decode()})")
 
 
-def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: Path, error: BaseException) -> None:
+def _raise_if_closed(client: redis.Redis, settings: Settings, job_id: str, error: redis.ResponseError) -> None:
+    """A frame announcement refused because the stream ends with an error marker: the worker closed it
+    (this producer's liveness key was gone: it was cut off from Redis or stalled). Raise JobFailed."""
+    last = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(settings.keys.frames(job_id), count=1))
+    if last and b"error" in last[0][1]:
+        raise JobFailed(job_id, f"its frames stream was closed while its video was being decoded "
+                                f"({last[0][1][b'error'].decode(errors='replace')}), so decoding stopped") from error
+
+
+def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: Path, error: BaseException,
+             *, maybe_enqueued: bool = True) -> None:
     """After a failed streamed decode: tell a worker (so the job fails now instead of waiting for
     frames), or, if the job was never enqueued, remove what was written. Whether it was is asked of Redis,
-    not of a flag, which an interrupt can land before (the enqueue done, its result not yet stored)."""
+    not of a flag, which an interrupt can land before (the enqueue done, its result not yet stored);
+    `maybe_enqueued` False (no enqueue was ever tried) settles it without Redis.
+
+    When Redis itself is what failed (unreachable, hung), it is not asked again: that would only wait
+    out more retries before the one-line error. The liveness key then expires, and a worker that holds
+    the job fails it, closes the frames stream and removes the frames."""
     keys = settings.keys
     frames_stream = keys.frames(job_id)
     reason = str(error) or ("the producer was interrupted" if isinstance(error, KeyboardInterrupt) else "no detail")
+    if redis_unavailable(error):
+        if maybe_enqueued:
+            log.debug("not closing %s: Redis does not answer (%s)", frames_stream, error)
+            return  # a worker may be reading the frames: leave them
+        _remove_job_dir(frames_dir)
+        return
     try:
         if job_exists(client, keys, job_id):  # this call holds the submit lock: the job is ours
             client.xadd(frames_stream, {"error": f"{type(error).__name__}: {reason}"})
@@ -281,9 +346,21 @@ def _abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: P
             return
         client.delete(frames_stream)
     except redis.RedisError as e:  # the original error matters more; the worker's liveness check covers this
+        if not maybe_enqueued:
+            _remove_job_dir(frames_dir)
+            return
         log.warning("cannot mark %s as failed (%s)", frames_stream, e)
         return  # a worker may be reading the frames: leave them
+    _remove_job_dir(frames_dir)
+
+
+def _remove_job_dir(frames_dir: Path) -> None:
+    """Remove the frames of a job that was never enqueued, and the job's directory if that leaves it empty."""
     shutil.rmtree(frames_dir, ignore_errors=True)
+    try:
+        frames_dir.parent.rmdir()
+    except OSError:  # not empty (another file of the job's), or already gone
+        pass
 
 
 def _decode_and_enqueue(
@@ -301,7 +378,7 @@ def _decode_and_enqueue(
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     started = time.monotonic()
     info = extract_frames(video, frames_dir, jpeg_quality=settings.jpeg_quality, decode_threads=settings.decode_threads,
-                          **clip.capped(settings).decode_kwargs())
+                          storage_root=settings.storage_root, **clip.capped(settings).decode_kwargs())
     log.info("decoded %s: %d frames %dx%d at %.3f fps in %.1f s", video, info.num_frames, info.width,
              info.height, info.fps, time.monotonic() - started)
     try:
@@ -312,8 +389,8 @@ def _decode_and_enqueue(
             height=info.height, fps=info.fps, prompts=tuple(prompts), source=Path(video).name, render=render,
         )
         created = _enqueue(client, keys, job)
-    except Exception:
-        shutil.rmtree(frames_dir, ignore_errors=True)
+    except Exception:  # refused (bad prompts, Redis full, ...): the job was never enqueued
+        _remove_job_dir(frames_dir)
         raise
     if not created:  # cannot happen while the lock is held, unless the lock expired
         log.warning("job %s appeared while its submit lock was held", job_id)

@@ -339,13 +339,13 @@ def test_sink_thread_killed_by_failing_writes_fails_or_retries_the_job_never_sta
     real_frames = ResultPublisher.frames
     calls = {"n": 0}
 
-    def failing(self: ResultPublisher, results: Any) -> int:
+    def failing(self: ResultPublisher, results: Any, interrupt: Any = None) -> int:
         calls["n"] += 1
         if self.job_id == "sinkperm" and calls["n"] == 2:
             raise RuntimeError("the result path broke")
         if self.job_id == "sinkretry" and calls["n"] == 2:
             raise RetryableError("the result path hiccupped")
-        return real_frames(self, results)
+        return real_frames(self, results, interrupt)
 
     monkeypatch.setattr(ResultPublisher, "frames", failing)
     slow = ColourSegmenter()

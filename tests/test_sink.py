@@ -36,7 +36,7 @@ class FakePublisher:
         self.entered = threading.Event()
         self.fail_at = fail_at
 
-    def frames(self, results: list[messages.FrameResult]) -> int:
+    def frames(self, results: list[messages.FrameResult], interrupt: object = None) -> int:
         self.entered.set()
         if not self.batches:
             self.release.wait(10)
@@ -46,7 +46,7 @@ class FakePublisher:
         self.batches.append(idx)
         return len(results)
 
-    def progress(self, frames_done: int, fps: float) -> None:
+    def progress(self, frames_done: int, fps: float, interrupt: object = None) -> None:
         self.progress_calls.append(frames_done)
 
 

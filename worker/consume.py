@@ -411,6 +411,7 @@ class Worker:
                       job=msg.job_id, on_stall=lambda reason: self._on_stall(reason, left))
         pub = ResultPublisher(self.client, self.keys, msg.job_id, msg.num_frames, lease,
                               redis_url=self.settings.redis_url)
+        pub.interrupt = self._check_deadline  # a write waiting out Redis still hands back at the deadline
         with lease:
             try:
                 self._run_with_retries(msg, entry_id, fields, pub)
@@ -419,8 +420,6 @@ class Worker:
             except LeaseLost as e:
                 if "stalled" in str(e):
                     self.stats.jobs_abandoned += 1
-                if "presumed" in str(e):
-                    self._redis_answering = False
                 self.stats.leases_lost += 1
                 log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
             except ForcedExit:
@@ -521,9 +520,10 @@ class Worker:
         """Give the job back: claimable by another worker at once, the attempt not counted. One try, waiting
         at most a lease (or `timeout_s`); with the lease lost or presumed lost (Redis unreachable) there is
         nothing to hand back: the job stays pending and is reclaimed after its lease."""
-        if lease is not None and (lease.lost.is_set() or lease.remaining_s() <= 0):
+        if lease is not None and not lease.writable():
             log.warning("job %s not handed back: its lease is lost or presumed lost (%s); it is reclaimed after its "
                         "lease", job_id, lease.reason or "Redis not answering")
+            self._redis_answering = lease.lost.is_set()
             return
         wait_s = self.settings.lease_s if timeout_s is None else timeout_s
         if lease is not None:  # past the lease's end the job is not ours to hand back
@@ -659,12 +659,15 @@ class Worker:
             return self.settings.render_threads
         return 0 if self._model_on_cuda() else 1
 
+    def _check_deadline(self) -> None:
+        if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
+            raise HandBack()
+
     def _check_stop(self, pub: ResultPublisher) -> None:
         pub.lease.check()
         if pub.cancel_requested:
             raise JobCancelled()
-        if self.stop_deadline is not None and time.monotonic() > self.stop_deadline:
-            raise HandBack()
+        self._check_deadline()
 
     def _propagate(
         self, job: messages.JobMessage, frames: FrameSource, pub: ResultPublisher, writer: MaskVideoWriter | None,

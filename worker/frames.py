@@ -3,8 +3,7 @@ producer, which announces each frame on the job's frames stream (streaming hand-
 
 Both give `wait(frame_idx)`: True once that frame's JPEG is on disk, False once the video is known to
 have ended before it. `total` is the frame count once known. `check`, run by every `wait`, is the
-job's own: it raises once the job must stop (its lease lost or presumed lost in a Redis outage, a
-shutdown deadline), so a model waiting for frames learns it at once, whichever thread waits.
+job's own: it raises once the job must stop (its lease lost, a cancel, a shutdown deadline), so a model waiting for frames learns it at once, whichever thread waits.
 """
 
 from __future__ import annotations

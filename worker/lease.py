@@ -17,10 +17,14 @@ this worker's fenced writes are refused), and `on_stall` is told why. The job's 
 their lease stands from `check()`, which never waits on Redis:
   - lost (another worker owns it), stalled (abandoned), vanished (Redis lost the stream or group:
     restarted empty): LeaseLost, and the job stops writing;
-  - presumed lost: no renewal has been confirmed for a whole lease (Redis refused, hung or
-    unreachable), so another worker may own it by now: LeaseLost, and the job stops writing; once
-    Redis is back the job is taken again by XAUTOCLAIM (this worker or another) and rerun, its
-    frames already published rejected by their fixed ids;
+  - suspended (presumed lost): no renewal has been confirmed for a whole lease (Redis refused, hung
+    or unreachable), so another worker may own the job by now. `check()` does not raise, but every
+    write waits (`writable()` is False) and nothing but the heartbeat's owner-checked renewal is
+    sent. When Redis is back the renewal settles it: still ours (the entry still in this worker's
+    pending list) and the job resumes where it paused, every queued write resent with its fixed id;
+    taken by another worker (XAUTOCLAIM after the lease) and it is lost, so this worker stops and the
+    other reruns it, Redis rejecting the frames already published. A suspension longer than
+    stall_s is a stall like any other;
   - the heartbeat thread itself died: WorkerBroken, and the worker exits for its supervisor.
 """
 
@@ -161,6 +165,7 @@ class Lease:
         now = time.monotonic()
         self.renewed_at = now  # when the last confirmed renewal was sent (the claim itself counts)
         self.progress_at = now
+        self._suspended_since: float | None = None
 
     def args(self) -> list[Any]:
         return [self.keys.group, self.entry_id, self.consumer]
@@ -175,11 +180,24 @@ class Lease:
             self.vanished = vanished
             self.lost.set()
 
+    @property
+    def suspended(self) -> bool:
+        """No renewal confirmed for a whole lease: the job may be another worker's by now, so nothing is
+        written until a renewal confirms it is still ours (or the lease is lost)."""
+        return not self.lost.is_set() and self.remaining_s() <= 0
+
+    def writable(self) -> bool:
+        return not self.lost.is_set() and self.remaining_s() > 0
+
     def renew(self) -> bool:
         sent_at = time.monotonic()
         ok = self.client.eval(RENEW_LUA, 1, self.keys.jobs, *self.args()) == 1
         if ok:
             self.renewals += 1
+            if self._suspended_since is not None:
+                log.warning("lease on job %s confirmed again after %.1f s without Redis: still ours, writes resume",
+                            self.job, time.monotonic() - self._suspended_since)
+                self._suspended_since = None
             self.renewed_at = max(self.renewed_at, sent_at)
         else:
             self.mark_lost(f"lease lost on job entry {self.entry_id}: another worker owns it now")
@@ -211,6 +229,12 @@ class Lease:
                 if time.monotonic() - self.progress_at > self.stall_s:
                     self._abandon()
                     return
+                if self.suspended and self._suspended_since is None:
+                    self._suspended_since = time.monotonic()
+                    log.warning("lease on job %s presumed lost: no renewal confirmed for %.1f s, longer than the lease "
+                                "(%g s; Redis unreachable or not answering, or this worker frozen), so another worker "
+                                "may own the job by now: writes paused until Redis answers", self.job,
+                                time.monotonic() - self.renewed_at, self.lease_s)
                 try:
                     was_lost = self.lost.is_set()
                     if not self.renew():
@@ -246,18 +270,13 @@ class Lease:
         return self.renewed_at + self.lease_s - time.monotonic()
 
     def check(self) -> None:
-        """Raise unless the job may go on writing: LeaseLost (lost, stalled, vanished, or presumed lost
-        after a whole lease without a confirmed renewal) or WorkerBroken (the heartbeat thread died)."""
+        """Raise if the job must stop: LeaseLost (lost, stalled, vanished) or WorkerBroken (the heartbeat
+        thread died). A suspended lease does not raise: writes wait for it (see `writable`)."""
         if self.crashed is not None:
             raise WorkerBroken(f"the lease thread of job {self.job} died ({type(self.crashed).__name__}: "
                                f"{self.crashed}): nothing renews the lease")
         if self.lost.is_set():
             raise JobVanished(self.reason) if self.vanished else LeaseLost(self.reason)
-        if self.remaining_s() <= 0:
-            self.mark_lost(f"lease lost on job entry {self.entry_id} (presumed: no renewal confirmed for "
-                           f"{time.monotonic() - self.renewed_at:.1f} s, longer than the lease of {self.lease_s:g} s; Redis "
-                           f"unreachable or not answering, or this worker frozen), so another worker may own the job by now")
-            raise LeaseLost(self.reason)
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             raise WorkerBroken(f"the lease thread of job {self.job} is gone: nothing renews the lease")
 

@@ -3,8 +3,9 @@ state. Every write is fenced by the worker's lease (worker/lease.py): once the l
 nothing this worker writes lands.
 
 Infrastructure faults while writing (`retry_redis`): a refused or hung Redis is retried with backoff
-for as long as the lease may still be ours, then the lease is presumed lost (LeaseLost) and the job
-stops writing; a full Redis (maxmemory, noeviction: the lease still renews) is retried for up to
+for as long as the lease may still be ours; past that the lease is suspended (presumed lost) and
+nothing is sent until the heartbeat's renewal confirms the job is still ours (the write goes on) or
+finds it lost (LeaseLost); a full Redis (maxmemory, noeviction: the lease still renews) is retried for up to
 `stall_s`, the job counting as progressing meanwhile, then RedisFull fails the attempt (retried with
 backoff); Redis without the jobs stream or group (restarted empty) is JobVanished.
 """
@@ -68,12 +69,19 @@ class JobCancelled(Exception):
     """The job's cancel flag was set: stop and write the cancelled terminal entry."""
 
 
+def _no_interrupt() -> None:
+    return None
+
+
 def retry_redis(fn: Callable[[], T], *, lease: Lease, what: str, redis_url: str = "",
-                full_patience_s: float | None = None, patience_s: float | None = None) -> T:
-    """Run `fn` (a fenced write), retrying infrastructure faults with backoff (see the module doc):
-    connection errors until the lease is presumed lost (or `patience_s`, if shorter), Redis full for up
-    to `full_patience_s` (default: the lease's stall_s), then RedisFull. Every try checks the lease
-    first, so nothing is sent once it is lost."""
+                full_patience_s: float | None = None, patience_s: float | None = None,
+                interrupt: Callable[[], None] = _no_interrupt) -> T:
+    """Run `fn` (a fenced write), waiting out infrastructure faults (see the module doc): connection
+    errors are retried while the lease may still be ours, then the write waits for the lease to be
+    confirmed again or lost; Redis full is retried for up to `full_patience_s` (default: the lease's
+    stall_s), then RedisFull. `patience_s` (if given) bounds the waiting for Redis to answer.
+    Every try first checks the lease and runs `interrupt` (a shutdown deadline, an aborted sink), so
+    nothing is sent once the lease is lost, and a waiting write can always be stopped."""
     started = time.monotonic()
     full_since: float | None = None
     full_patience = lease.stall_s if full_patience_s is None else full_patience_s
@@ -81,6 +89,12 @@ def retry_redis(fn: Callable[[], T], *, lease: Lease, what: str, redis_url: str 
     logged_at = -1e9  # one warning every LOG_EVERY_S while a fault lasts
     while True:
         lease.check()
+        interrupt()
+        if not lease.writable():  # suspended: another worker may own the job; wait for the heartbeat
+            if patience_s is not None and time.monotonic() - started > patience_s:
+                raise redis.ConnectionError(f"{what}: Redis has not confirmed the lease for a whole lease")
+            time.sleep(0.1)
+            continue
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -125,14 +139,25 @@ class ResultPublisher:
         self.stream = keys.results(job_id)
         self.duplicates_rejected = 0
         self.cancel_requested = False
+        self.interrupt: Callable[[], None] = _no_interrupt  # the worker's: raises past a shutdown deadline
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return retry_redis(fn, lease=self.lease, what=what, redis_url=self.redis_url, patience_s=self.patience_s)
+    def _retry(self, fn: Callable[[], T], what: str, interrupt: Callable[[], None] | None = None) -> T:
+        """`interrupt`: the caller's own stop (an aborted sink), run with the worker's deadline check."""
 
-    def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None) -> bool:
-        return self._fenced_xadds(stream, [(entry_id, frames_done, msg)]) == 1
+        def stop() -> None:
+            if interrupt is not None:
+                interrupt()
+            self.interrupt()
 
-    def _fenced_xadds(self, stream: str, entries: Sequence[tuple[str, int | None, messages.Message]]) -> int:
+        return retry_redis(fn, lease=self.lease, what=what, redis_url=self.redis_url, patience_s=self.patience_s,
+                           interrupt=stop)
+
+    def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None,
+              interrupt: Callable[[], None] | None = None) -> bool:
+        return self._fenced_xadds(stream, [(entry_id, frames_done, msg)], interrupt) == 1
+
+    def _fenced_xadds(self, stream: str, entries: Sequence[tuple[str, int | None, messages.Message]],
+                      interrupt: Callable[[], None] | None = None) -> int:
         """Add (entry id, frames_done or None, message) entries to `stream`, in order, in one round trip
         (a Redis pipeline of fenced XADDs). Returns how many were new; the others were duplicates Redis
         rejected. Raises LeaseLost if the lease was lost: the entries before that point landed, none
@@ -148,7 +173,7 @@ class ResultPublisher:
                           entry_id, done, *flat)
             return pipe.execute()
 
-        replies = self._retry(call, f"write to {stream}")
+        replies = self._retry(call, f"write to {stream}", interrupt)
         written = 0
         for (entry_id, _, _, msg), (status, cancel) in zip(encoded, replies):
             if status == -1:
@@ -173,15 +198,15 @@ class ResultPublisher:
 
         if best_effort:
             status = retry_redis(call, lease=self.lease, what="job state update", redis_url=self.redis_url,
-                                 full_patience_s=0, patience_s=0)
+                                 full_patience_s=0, patience_s=0, interrupt=self.interrupt)
         else:
             status = self._retry(call, "job state update")
         if status == -1:
             self.lease.mark_lost(f"job {self.job_id}: lease lost; state not updated")
             raise LeaseLost(self.lease.reason)
 
-    def event(self, msg: messages.Message) -> None:
-        self._xadd(self.keys.events, "*", msg)  # trimmed by the worker's housekeeping (EVENTS_MAXLEN)
+    def event(self, msg: messages.Message, interrupt: Callable[[], None] | None = None) -> None:
+        self._xadd(self.keys.events, "*", msg, interrupt=interrupt)  # trimmed by housekeeping (EVENTS_MAXLEN)
 
     def started(self, msg: messages.Started) -> None:
         self.set_state(state="running", worker=msg.worker, started_at=msg.at)
@@ -191,14 +216,16 @@ class ResultPublisher:
     def frame(self, result: messages.FrameResult) -> bool:
         return self.frames([result]) == 1
 
-    def frames(self, results: Sequence[messages.FrameResult]) -> int:
-        """Write several frames' entries in one round trip (see `_fenced_xadds`); returns how many were new."""
+    def frames(self, results: Sequence[messages.FrameResult], interrupt: Callable[[], None] | None = None) -> int:
+        """Write several frames' entries in one round trip (see `_fenced_xadds`); returns how many were new.
+        `interrupt` stops a write that waits out Redis (the sink's abort)."""
         if not results:
             return 0
-        return self._fenced_xadds(self.stream, [(frame_entry_id(r.frame_idx), r.frame_idx + 1, r) for r in results])
+        return self._fenced_xadds(self.stream, [(frame_entry_id(r.frame_idx), r.frame_idx + 1, r) for r in results],
+                                  interrupt)
 
-    def progress(self, frames_done: int, fps: float) -> None:
-        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)))
+    def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None) -> None:
+        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)), interrupt)
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
         """The job's one terminal step, atomic: entry, state, expiry, XACK + XDEL of the job entry."""

@@ -27,6 +27,11 @@ from worker.segment import FrameMasks
 log = logging.getLogger(__name__)
 
 _DONE = object()
+
+
+class SinkAborted(Exception):
+    """The sink was aborted (the job stopped) while one of its writes waited out Redis."""
+
 _STEP_S = 0.2  # how often a waiting thread looks at its peer and at the job
 
 
@@ -45,6 +50,7 @@ class ResultSink:
         self.progress_every = progress_every
         self.on_frame = on_frame
         self.check = check
+        self._aborted = threading.Event()
         self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.frames_done = 0
@@ -75,6 +81,10 @@ class ResultSink:
             raise RetryableError(f"the result sink of job {self.pub.job_id} stopped without finishing")
         self.check()
 
+    def _raise_if_aborted(self) -> None:
+        if self._aborted.is_set():
+            raise SinkAborted(f"the result sink of job {self.pub.job_id} was aborted: nothing more is written")
+
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
@@ -93,6 +103,7 @@ class ResultSink:
         """Stop the sink: nothing queued is written. Waits up to `timeout_s` for its thread (one blocked in a
         Redis call ends by itself: every write checks the lease first)."""
         self.error = self.error or RuntimeError("aborted")
+        self._aborted.set()
         try:
             while True:
                 self.queue.get_nowait()
@@ -136,7 +147,8 @@ class ResultSink:
 
     def _handle(self, outs: list[FrameMasks]) -> None:
         t1 = time.monotonic()
-        self.pub.frames([frame_result(self.pub.job_id, out, random_weights=self.random_weights) for out in outs])
+        self.pub.frames([frame_result(self.pub.job_id, out, random_weights=self.random_weights) for out in outs],
+                        interrupt=self._raise_if_aborted)
         self.batches += 1
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
@@ -151,5 +163,6 @@ class ResultSink:
             self.render_s += t4 - t3
             self.frames_done += 1
             if self.frames_done % self.progress_every == 0 or self.frames_done == total:
-                self.pub.progress(self.frames_done, self.frames_done / max(t4 - self._t0, 1e-9))
+                self.pub.progress(self.frames_done, self.frames_done / max(t4 - self._t0, 1e-9),
+                                  interrupt=self._raise_if_aborted)
             self.on_frame(self.frames_done)
