@@ -131,8 +131,9 @@ def test_outage_of_three_leases_mid_job_then_the_job_completes_with_every_frame_
     how: str, video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
 ) -> None:
     """Redis stopped (then started on the same port) or frozen with SIGSTOP (the socket stays open and
-    nothing answers) for three leases mid-job: the worker presumes its lease lost, stops writing, and
-    once Redis is back takes the job again; every frame ends up once."""
+    nothing answers) for three leases mid-job: the worker presumes its lease lost and stops writing;
+    once Redis is back its renewal finds the job still its own (no other worker took it), so the job
+    resumes where it paused, in the same attempt, and every frame ends up once."""
     lease_s = 1.0
     submit(video, prompt(), settings=cfg, client=client, job_id="out")
     w = WorkerProcess(cfg, "w", tmp_path, lease_s=lease_s, delay_s=0.1)
@@ -152,8 +153,9 @@ def test_outage_of_three_leases_mid_job_then_the_job_completes_with_every_frame_
     finally:
         stop_all(w)
     assert_every_frame_once(client, cfg, "out")
+    assert state(client, cfg, "out")["attempt"] == "1"  # resumed, not rerun
     log = w.log()
-    assert "presumed" in log, log[-3000:]
+    assert "presumed lost" in log and "writes resume" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
 
 
