@@ -264,22 +264,27 @@ class Worker:
         it tries; the worker is not ready (no health key) meanwhile."""
         backoff_s = 0.2
         tries = 0
-        while not self.stopping:
-            tries += 1
-            try:
-                self.client.ping()
-                self.ensure_group()
-                if tries > 1:
-                    log.info("Redis at %s answers again (after %d tries)", self._url, tries)
-                return
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("waiting for Redis at %s (try %d: %s); retrying in %.1f s", self._url, tries, e, backoff_s)
-            except redis.ResponseError as e:
-                if redis_fault(e, self.settings.redis_url) is None:
-                    raise
-                log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
-            self._sleep_idle(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)
+        self._idle = True  # no job held: a signal ends the wait at once, even inside a call Redis never answers
+        try:
+            while not self.stopping:
+                tries += 1
+                try:
+                    self.client.ping()
+                    self.ensure_group()
+                    if tries > 1:
+                        log.info("Redis at %s answers again (after %d tries)", self._url, tries)
+                    return
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.warning("waiting for Redis at %s (try %d: %s); retrying in %.1f s", self._url, tries, e,
+                                backoff_s)
+                except redis.ResponseError as e:
+                    if redis_fault(e, self.settings.redis_url) is None:
+                        raise
+                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+        finally:
+            self._idle = False
 
     def _sleep_idle(self, seconds: float) -> None:
         self._idle = True
