@@ -81,7 +81,7 @@ class Settings:
     results_ttl_s: int = 7 * 24 * 3600  # result streams expire this long after their job ends
     progress_every: int = 10  # frames between progress events on vseg:events
     lease_s: float = 30.0  # a worker's claim on a job; renewed every lease_s / 3 while the job makes progress
-    stall_s: float = 120.0  # a job with no progress this long is abandoned by its worker (reclaimable); frame waits too
+    stall_s: float = 300.0  # no progress this long: abandoned by its worker (reclaimable); also the longest frame wait
     producer_ttl_s: float = 10.0  # a streaming producer's liveness key; refreshed every producer_ttl_s / 3
     max_attempts: int = 3  # runs of one job (crashes and transient errors) before it is dead-lettered
     retry_backoff_s: float = 1.0  # first wait before retrying a transient error; doubles per attempt

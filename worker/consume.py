@@ -63,7 +63,7 @@ from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
 from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.lease import HAND_BACK_LUA, JobVanished, Lease, LeaseLost, is_nogroup, wait_with_lease
+from worker.lease import HAND_BACK_LUA, JobStalled, JobVanished, Lease, LeaseLost, is_nogroup, wait_with_lease
 from worker.publish import JobCancelled, ResultPublisher
 from worker.render import MaskVideoWriter, partial_path
 from worker.segment import Segmenter
@@ -74,6 +74,7 @@ T = TypeVar("T")
 
 HEALTH_TTL_S = 30
 EXIT_BROKEN = 3  # a worker whose own machinery failed exits with this, for its supervisor to restart it
+STALL_NUDGE_S = 2.0  # a stalled job's thread not back by then: stop its model (kill a model process)
 
 
 class HandBack(Exception):
@@ -423,7 +424,7 @@ class Worker:
             except JobVanished:
                 raise
             except LeaseLost as e:
-                if "stalled" in str(e):
+                if isinstance(e, JobStalled):
                     self.stats.jobs_abandoned += 1
                 self.stats.leases_lost += 1
                 log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
@@ -440,15 +441,18 @@ class Worker:
                 self.stats.duplicates_rejected += pub.duplicates_rejected
 
     def _on_stall(self, reason: str, left: threading.Event) -> None:
-        """Called by a stalled job's lease thread once it has abandoned the job: stop the model (a model
-        process is killed, so the job's thread comes back at once), and if the job's thread still has not
-        come back a lease later, it is wedged: this worker cannot serve again and exits."""
+        """Called by a stalled job's lease thread once it has abandoned the job. The job's thread learns it
+        at its next check and normally leaves within a step; if it has not within STALL_NUDGE_S, the
+        model is stopped (a model process is killed, so the thread comes back at once); if it still has
+        not come back a lease later, it is wedged: this worker cannot serve again and exits."""
         interrupt = getattr(self.segmenter, "interrupt", None)
-        if interrupt is not None:
-            interrupt(reason)
         wait_s = max(self.settings.lease_s, 2.0)
 
         def watch() -> None:
+            if left.wait(STALL_NUDGE_S):
+                return
+            if interrupt is not None:
+                interrupt(reason)
             if left.wait(wait_s):
                 return
             why = (f"the job's thread did not come back {wait_s:g} s after its job was abandoned ({reason}); the "

@@ -132,6 +132,10 @@ class JobVanished(LeaseLost):
     replica without them): the job's entry is gone and cannot be recovered here."""
 
 
+class JobStalled(LeaseLost):
+    """The job made no progress for stall_s: its lease was abandoned so that it can be taken again."""
+
+
 def is_nogroup(error: BaseException) -> bool:
     return isinstance(error, redis.ResponseError) and "NOGROUP" in str(error)
 
@@ -152,12 +156,13 @@ class Lease:
         self.entry_id = entry_id
         self.consumer = consumer
         self.lease_s = lease_s
-        self.stall_s = stall_s if stall_s is not None else 4 * lease_s
+        self.stall_s = stall_s if stall_s is not None else 10 * lease_s
         self.job = job or entry_id
         self.on_stall = on_stall
         self.lost = threading.Event()
         self.reason = ""  # why the lease is lost, once it is
         self.vanished = False  # lost because Redis lost the stream or group
+        self.stalled = False  # lost because the job made no progress for stall_s
         self.crashed: BaseException | None = None  # the heartbeat thread's own failure
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,10 +179,11 @@ class Lease:
         """The job moved on (a frame processed or published): keep renewing."""
         self.progress_at = time.monotonic()
 
-    def mark_lost(self, reason: str, *, vanished: bool = False) -> None:
+    def mark_lost(self, reason: str, *, vanished: bool = False, stalled: bool = False) -> None:
         if not self.lost.is_set():
             self.reason = reason
             self.vanished = vanished
+            self.stalled = stalled
             self.lost.set()
 
     @property
@@ -209,7 +215,7 @@ class Lease:
         idle_s = time.monotonic() - self.progress_at
         reason = (f"job {self.job} stalled: no frame processed or published for {idle_s:.0f} s (stall_s "
                   f"{self.stall_s:g}); abandoned by worker {self.consumer} so that it can be taken again")
-        self.mark_lost(reason)
+        self.mark_lost(reason, stalled=True)
         log.error("%s", reason)
         try:
             self.client.eval(ABANDON_LUA, 2, self.keys.jobs, self.keys.job(self.job), *self.args(),
@@ -276,7 +282,9 @@ class Lease:
             raise WorkerBroken(f"the lease thread of job {self.job} died ({type(self.crashed).__name__}: "
                                f"{self.crashed}): nothing renews the lease")
         if self.lost.is_set():
-            raise JobVanished(self.reason) if self.vanished else LeaseLost(self.reason)
+            if self.vanished:
+                raise JobVanished(self.reason)
+            raise JobStalled(self.reason) if self.stalled else LeaseLost(self.reason)
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             raise WorkerBroken(f"the lease thread of job {self.job} is gone: nothing renews the lease")
 
