@@ -429,11 +429,14 @@ class Worker:
                 self.stats.leases_lost += 1
                 log.warning("job %s: %s; stopping without writing anything more", msg.job_id, e)
             except ForcedExit:
+                lease.stop(join_s=0.5)  # no renewal may land after the hand-back (it would hide the job a lease)
                 self.hand_back(entry_id, msg.job_id, lease, timeout_s=min(2.0, self.settings.lease_s))
                 raise
             except HandBack:
+                lease.stop(join_s=0.5)
                 self.hand_back(entry_id, msg.job_id, lease)
             except WorkerBroken:
+                lease.stop(join_s=0.5)
                 self.hand_back(entry_id, msg.job_id, lease)
                 raise
             finally:

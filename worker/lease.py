@@ -243,6 +243,8 @@ class Lease:
                                 time.monotonic() - self.renewed_at, self.lease_s)
                 try:
                     was_lost = self.lost.is_set()
+                    if self._stop.is_set():
+                        return
                     if not self.renew():
                         if not was_lost:
                             log.warning("%s", self.reason)
@@ -267,9 +269,14 @@ class Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, join_s: float = 1.0) -> None:
+        """Stop renewing; wait up to `join_s` for a renewal in flight (one stuck on a hung Redis ends by its
+        socket timeout, and then renews nothing more)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=join_s)
 
     def remaining_s(self) -> float:
         """Seconds until the lease is presumed lost, unless a renewal is confirmed before then."""
