@@ -61,8 +61,9 @@ def one_run(video: Path, args: argparse.Namespace, work: Path, *, outage: bool) 
            stream=False)
     env = {**os.environ, "REDIS_URL": server.url, "STORAGE_ROOT": str(storage), "VSEG_BLOCK_MS": "200",
            "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "VSEG_CHECKPOINT_DIR": str(work / "ckpt")}
-    model = ["--fake-segmenter", "--fake-delay", "0.1"] if args.fake else [
-        "--checkpoint", "random", "--image-size", "256", "--device", "cpu"]
+    if args.fake:  # the colour segmenter of tests/fakes.py, 0.1 s a frame
+        env.update({"VSEG_SEGMENTER": "tests.fakes:from_env", "VSEG_FAKE_DELAY_S": "0.1"})
+    model = [] if args.fake else ["--checkpoint", "random", "--image-size", "256", "--device", "cpu"]
     log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "worker", *model, "--lease", str(args.lease), "--name", "w"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

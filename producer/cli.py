@@ -1,7 +1,9 @@
 """`python -m producer {submit,extract,watch,status,cancel}`: the client side on the command line.
 
-Every error a user can cause or meet ends in one line on stderr and a non-zero exit: bad input (2),
-Redis unreachable, hung or out of memory (1, naming the URL without its password and what to do).
+Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`schemas.logs.run_cli`):
+bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
+has no such job), Redis unreachable, hung or out of memory (1, naming the URL without its password and what
+to do).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from redis.exceptions import LockError
 from schemas.connection import connect
 from schemas.errors import RedisUnavailable, VsegError
 from schemas.faults import redact_url, redis_fault
-from schemas.logs import configure_logging, exit_code
+from schemas.logs import configure_logging, run_cli
+from schemas.names import JobState
 from schemas.settings import Settings
 
 log = logging.getLogger("producer")
@@ -75,10 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its errors go through `schemas.logs.run_cli` (one line, exit 1, or 2 for bad input)."""
+    args = build_parser().parse_args(argv)  # argparse's own errors: its usage line, exit 2
     configure_logging(args.verbose)
     settings: Settings | None = None
-    try:
+
+    def command() -> int:
+        nonlocal settings
         if args.command == "extract":
             return _extract(args)
         settings = Settings.load()
@@ -89,19 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cancel":
             return _cancel(args.job_id, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
-    except redis.RedisError as e:  # one the library did not classify (e.g. raised while cleaning up)
-        error = redis_error(e, settings.redis_url if settings is not None else "REDIS_URL")
-        log.error("%s", error)
-        return exit_code(error)
-    except VsegError as e:
-        log.error("%s", e)
-        return exit_code(e)
-    except TimeoutError as e:  # watch --timeout: no news for that long
-        log.error("%s", e)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+
+    def translate(error: Exception) -> Exception:  # one the library did not classify (e.g. raised while cleaning up)
+        if isinstance(error, redis.RedisError):
+            return redis_error(error, settings.redis_url if settings is not None else "REDIS_URL")
+        return error
+
+    # TimeoutError: watch --timeout, no news for that long (exit 1)
+    return run_cli(command, log, handled=(VsegError, redis.RedisError, TimeoutError), translate=translate)
 
 
 def redis_error(error: redis.RedisError, url: str) -> VsegError:
@@ -179,7 +180,7 @@ def _cancel(job_id: str, settings: Settings) -> int:
 
     outcome = cancel(job_id, settings=settings, client=quick_client(settings))
     messages_by_outcome = {
-        "cancelled": "cancelled (it was still queued)",
+        JobState.CANCELLED.value: "cancelled (it was still queued)",
         "requested": "cancel requested: its worker stops within a few frames",
     }
     print(f"job {job_id}: {messages_by_outcome.get(outcome, f'already ended: {outcome}')}")

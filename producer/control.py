@@ -12,28 +12,30 @@ from schemas.cleanup import producer_finished, remove_frames
 from schemas.connection import connect
 from schemas.errors import UnknownJobError
 from schemas.faults import redact_url
-from schemas.names import TERMINAL_ENTRY_ID, validate_job_id
+from schemas.names import EVENTS_MAXLEN, TERMINAL_ENTRY_ID, JobState, terminal_states_arg, validate_job_id
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-# KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, fields...
+# KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, events MAXLEN
+# (EVENTS_MAXLEN), the queued state, the cancelled state, the terminal states (space-separated: JobState,
+# terminal_states_arg), then the cancelled entry's field/value pairs.
 # -1 unknown job, 0 already ended, 1 cancel requested (a worker holds it and stops within a frame or
 # two), 2 cancelled here (it was still queued: its entry is deleted before any worker could read it).
 _CANCEL_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
-if state == 'completed' or state == 'failed' or state == 'cancelled' or state == 'dead' then return 0 end
+if string.find(' ' .. ARGV[7] .. ' ', ' ' .. state .. ' ', 1, true) then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 local eid = redis.call('HGET', KEYS[1], 'entry_id')
-if state == 'queued' and eid then
+if state == ARGV[5] and eid then
   local ok, p = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], eid, eid, 1)
   if (not ok) or #p == 0 then
     redis.call('XDEL', KEYS[2], eid)
-    redis.call('XADD', KEYS[3], ARGV[2], unpack(ARGV, 4))
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', unpack(ARGV, 4))
-    redis.call('HSET', KEYS[1], 'state', 'cancelled')
+    redis.call('XADD', KEYS[3], ARGV[2], unpack(ARGV, 8))
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', tonumber(ARGV[4]), '*', unpack(ARGV, 8))
+    redis.call('HSET', KEYS[1], 'state', ARGV[6])
     redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
     return 2
@@ -53,7 +55,8 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
     fields = messages.encode(messages.Cancelled(job_id, 0))
     result = client.eval(
         _CANCEL_LUA, 4, keys.job(job_id), keys.jobs, keys.results(job_id), keys.events,
-        keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s,
+        keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s, EVENTS_MAXLEN, JobState.QUEUED.value,
+        JobState.CANCELLED.value, terminal_states_arg(),
         *[x for kv in fields.items() for x in kv],
     )
     if result == -1:
@@ -66,7 +69,7 @@ def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None
                 remove_frames(settings, job_id)
         except (redis.RedisError, OSError) as e:  # disk space, not correctness: the job is cancelled
             log.warning("could not remove the frames of cancelled job %s (%s)", job_id, e)
-        return "cancelled"
+        return JobState.CANCELLED.value
     return "requested"
 
 

@@ -50,7 +50,9 @@ def _from_json(json_file: Path) -> list[dict[str, Any]]:
         doc = json.loads(Path(json_file).read_text())
     except FileNotFoundError as e:
         raise PromptError(f"prompts file not found: {json_file}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:  # a directory, no permission, ...
+        raise PromptError(f"prompts file {json_file} cannot be read: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PromptError(f"prompts file {json_file} is not valid JSON: {e}") from e
     if not isinstance(doc, list):
         raise PromptError(f"prompts file {json_file} must hold a JSON list of prompts, not {type(doc).__name__}")

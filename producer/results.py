@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 TERMINAL = messages.TERMINAL_TYPES
 
 
+def require_job(job_id: str, *, settings: Settings, client: redis.Redis) -> None:
+    """Raise JobIdError for a malformed id, UnknownJobError if Redis has neither the job's state nor its
+    results; redis-py's errors if Redis cannot be reached (raised, not waited out)."""
+    validate_job_id(job_id)
+    keys = settings.keys
+    if not client.exists(keys.job(job_id)) and not client.exists(keys.results(job_id)):
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)} "
+                              f"(wrong REDIS_URL or expired?)")
+
+
 def follow(
     job_id: str,
     *,
@@ -34,20 +44,17 @@ def follow(
     client: redis.Redis | None = None,
     timeout_s: float | None = None,
 ) -> Iterator[messages.Message]:
-    """Yield the job's result entries from the start (Started, FrameResult..., then Completed or Failed).
+    """Yield the job's result entries from the start (Started, FrameResult..., then the terminal entry:
+    Completed, Failed, Cancelled or Dead).
 
     Blocks while the job runs; reconnects with backoff if Redis drops; stops after the terminal entry.
     Raises UnknownJobError if the job does not exist, redis-py's ConnectionError/TimeoutError if Redis
     cannot be reached at the start (later outages are waited out), TimeoutError after `timeout_s`
     without a new entry.
     """
-    validate_job_id(job_id)
     client = client or connect(settings)
-    keys = settings.keys
-    stream = keys.results(job_id)
-    if not client.exists(keys.job(job_id)) and not client.exists(stream):  # Redis down: raised, not waited out
-        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)} "
-                              f"(wrong REDIS_URL or expired?)")
+    require_job(job_id, settings=settings, client=client)
+    stream = settings.keys.results(job_id)
     last_id: bytes | str = "0-0"
     last_seen = time.monotonic()
     backoff_s = 0.1
@@ -105,8 +112,11 @@ def watch(
 ) -> WatchResult:
     """Follow the job to its end, write out_dir/masks.json, return where the render is.
 
-    Raises JobFailed with the worker's error if the job failed.
+    Raises JobFailed with the worker's error if the job failed, UnknownJobError (before `out_dir` is
+    created) if there is no such job.
     """
+    client = client or connect(settings)
+    require_job(job_id, settings=settings, client=client)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames: list[dict[str, Any]] = []
     started: messages.Started | None = None

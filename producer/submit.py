@@ -25,7 +25,7 @@ from schemas.connection import connect
 from schemas.errors import JobFailed, VideoError
 from schemas.faults import SUBMIT_AGAIN, disk_fault
 from schemas.limits import check_job_limits
-from schemas.names import Keys, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.names import JobState, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.settings import Settings
@@ -36,9 +36,11 @@ T = TypeVar("T")
 
 # Creates the job's state hash and appends the job to the jobs stream in one atomic step, so the same
 # job id submitted twice (a client retry after a timeout, two racing clients) gives exactly one job.
+# KEYS: job hash, jobs stream. ARGV: entry type, entry data, num_frames, submitted_at, source, state
+# (JobState.QUEUED). 1 enqueued, 0 the job already exists (nothing written).
 _ENQUEUE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'frames_done', 0,
+redis.call('HSET', KEYS[1], 'state', ARGV[6], 'attempt', 0, 'frames_done', 0,
            'num_frames', ARGV[3], 'submitted_at', ARGV[4], 'source', ARGV[5])
 local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
 redis.call('HSET', KEYS[1], 'entry_id', id)
@@ -127,7 +129,7 @@ def submit(
 
     # One submitter per job id decodes; a concurrent duplicate waits for it and returns the same job.
     # (A Redis at maxmemory already refuses this lock: nothing is decoded for a job it cannot take.)
-    lock = client.lock(f"{keys.job(job_id)}:submit-lock", timeout=3600, blocking_timeout=3600)
+    lock = client.lock(keys.submit_lock(job_id), timeout=3600, blocking_timeout=3600)
     with _holding(lock, job_id):
         if job_exists(client, keys, job_id):
             log.info("job %s was created concurrently by another client", job_id)
@@ -162,7 +164,7 @@ def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
     fields = messages.encode(job)
     return bool(client.eval(
         _ENQUEUE_LUA, 2, keys.job(job.job_id), keys.jobs,
-        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source,
+        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source, JobState.QUEUED.value,
     ))
 
 

@@ -5,6 +5,7 @@ Backends read these with their own Redis clients; the README documents them.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class Keys:
 
     @property
     def events(self) -> str:
-        """Lifecycle events (started, progress, completed, failed) of every job."""
+        """Lifecycle events of every job: started, progress, and a copy of its terminal entry."""
         return f"{self.prefix}:events"
 
     @property
@@ -51,7 +52,8 @@ class Keys:
         return f"{self.prefix}:dead"
 
     def results(self, job_id: str) -> str:
-        """One job's results: started, a frame entry per frame in order, then completed or failed."""
+        """One job's results: started, a frame entry per frame in order, then one terminal entry (completed,
+        failed, cancelled or dead) at TERMINAL_ENTRY_ID."""
         return f"{self.prefix}:results:{job_id}"
 
     def frames(self, job_id: str) -> str:
@@ -66,13 +68,45 @@ class Keys:
         """Hash with one job's state, attempt, progress and last error."""
         return f"{self.prefix}:job:{job_id}"
 
+    def submit_lock(self, job_id: str) -> str:
+        """Lock held by the one submit that decodes and enqueues a job id (a duplicate waits on it)."""
+        return f"{self.job(job_id)}:submit-lock"
+
     def worker_health(self, worker: str) -> str:
-        """Key a live worker refreshes; it expires when the worker stops."""
+        """Key a live worker refreshes (JSON: worker, host, at, jobs_done, state idle/busy/broken, reason,
+        job_id, frames_done); it expires when the worker stops."""
         return f"{self.prefix}:worker:{worker}"
 
 
-# A job's `state` in its hash (vseg:job:{id}) ends in one of these; none is ever left.
-TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
+class JobState(str, enum.Enum):
+    """A job's `state` field in its hash (vseg:job:{id}). The Lua scripts that write or compare a state
+    take it as an ARGV from here, so Python and Lua share one spelling.
+
+    queued (submitted, or handed back by a worker) -> running (a worker started an attempt) -> one of
+    the terminal states; retrying: an attempt failed transiently or stalled, the job runs again.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    def __str__(self) -> str:  # the wire spelling, also in f-strings and str(): never "JobState.QUEUED"
+        return self.value
+
+
+# A job's state ends in one of these; none is ever left. Members compare equal to their decoded strings
+# (`"dead" in TERMINAL_STATES`).
+TERMINAL_STATES: tuple[JobState, ...] = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD)
+
+
+def terminal_states_arg() -> str:
+    """TERMINAL_STATES as one Lua ARGV: space-separated (no state has a space)."""
+    return " ".join(s.value for s in TERMINAL_STATES)
+
 
 # Entry ids on a job's result stream are derived from the frame index, so Redis itself rejects a
 # second copy of a frame (XADD with an id <= the stream's last id fails) and readers get frames in
@@ -81,7 +115,9 @@ TERMINAL_STATES = ("completed", "failed", "cancelled", "dead")
 # id does not depend on a frame count that a streamed video only knows at its end.
 STARTED_ENTRY_ID = "0-1"
 TERMINAL_ENTRY_ID = "9007199254740991-0"
-EVENTS_MAXLEN = 100_000  # vseg:events is a log for observers: trimming it loses no work
+# vseg:events is a log for observers: trimming it loses no work. Approximate (`MAXLEN ~`): every XADD to it
+# in a Lua script takes this as an ARGV, and the worker's housekeeping XTRIMs to it.
+EVENTS_MAXLEN = 100_000
 
 
 def frame_entry_id(frame_idx: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ ENV_VARS: dict[str, str] = {
     "storage_root": "STORAGE_ROOT",
     "key_prefix": "VSEG_KEY_PREFIX",
     "model_preset": "VSEG_MODEL",
+    "segmenter": "VSEG_SEGMENTER",
     "checkpoint": "VSEG_CHECKPOINT",
     "checkpoint_dir": "VSEG_CHECKPOINT_DIR",
     "image_size": "VSEG_IMAGE_SIZE",
@@ -64,6 +66,7 @@ class Settings:
     storage_root: Path = Path("storage")
     key_prefix: str = DEFAULT_PREFIX
     model_preset: str = "tiny"
+    segmenter: str = ""  # "module:callable" building another Segmenter from the Settings (tests); "": SAM 2
     checkpoint: str | None = None  # a .pt path, "random" (smoke tests only), or None: the preset's file
     checkpoint_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "vseg" / "checkpoints")
     image_size: int | None = None  # None: the model's own (1024)
@@ -96,6 +99,8 @@ class Settings:
             raise ConfigError(f"jpeg_quality must be 1..100, but got {self.jpeg_quality}")
         if not 1 <= self.encoder_batch <= 64:
             raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
+        if self.segmenter and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.segmenter):
+            raise ConfigError(f"segmenter must be module.path:callable (or empty for SAM 2), but got {self.segmenter!r}")
         if self.model_process not in ("auto", "on", "off"):
             raise ConfigError(f"model_process must be auto, on or off, but got {self.model_process!r}")
         if self.cuda_graphs not in ("on", "off"):

@@ -93,11 +93,11 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
             elif action < 0.45:
                 workers[victim].signal(signal.SIGSTOP)
                 stops += 1
-                time.sleep(rng.uniform(0.5, 2.0))
+                time.sleep(rng.uniform(0.5, 2.0))  # deliberate: frozen this long
                 workers[victim].signal(signal.SIGCONT)
             elif not redis_faults and elapsed > 2:
                 server.kill()
-                time.sleep(0.5)
+                time.sleep(0.5)  # deliberate: down this long
                 server.start()
                 redis_faults.append("kill -9")
             elif len(redis_faults) == 1 and elapsed > 5:
@@ -116,7 +116,7 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
                 os.kill(server.proc.pid, signal.SIGCONT)
                 workers[victim] = spawn(victim, "after-sigterm")
                 redis_faults.append("SIGSTOP 3 leases + SIGTERM")
-            time.sleep(rng.uniform(0.3, 1.0))
+            time.sleep(rng.uniform(0.3, 1.0))  # deliberate: time between faults
         last_fault = time.monotonic()
         # phase 2: no more faults; every job must end within SETTLE_S
         while time.monotonic() - last_fault < SETTLE_S and not all_terminal():

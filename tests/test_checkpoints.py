@@ -289,7 +289,7 @@ def test_opencv_runs_single_threaded_beside_a_cpu_model() -> None:
     """OpenCV's thread pool would preempt a CPU model's OpenMP threads on every core at once."""
     import cv2
 
-    from worker.load import share_cores_with_model
+    from worker.build import share_cores_with_model
 
     before = cv2.getNumThreads()
     try:
@@ -308,7 +308,7 @@ def test_cpu_model_threads_are_capped_at_the_usable_cores(monkeypatch: pytest.Mo
     import torch
 
     from schemas import machine
-    from worker.load import share_cores_with_model
+    from worker.build import share_cores_with_model
 
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,10 @@ from schemas import messages
 from schemas.errors import JobFailed
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
+from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
+from tests.workers import wait_for
 from worker.consume import Worker
-from worker.fake_segmenter import ColourSegmenter
 
 pytestmark = pytest.mark.integration
 
@@ -124,13 +124,9 @@ def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_th
     thread.start()
     try:
         submitter, errors = submit_in_thread(video, settings, "cut")
-        deadline = time.monotonic() + 20
-        while job_state(redis_client, settings, "cut") != "running" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: job_state(redis_client, settings, "cut") == "running", timeout_s=20, what="the job to run")
         assert cancel("cut", settings=settings, client=redis_client) == "requested"
-        while job_state(redis_client, settings, "cut") != "cancelled" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert job_state(redis_client, settings, "cut") == "cancelled"
+        wait_for(lambda: job_state(redis_client, settings, "cut") == "cancelled", timeout_s=20, what="the cancel")
         frames_dir = settings.storage_root / "jobs/cut/frames"
         assert frames_dir.is_dir(), "the worker removed frames the producer was still writing"
         submitter.join(10)
@@ -149,9 +145,7 @@ def test_a_queued_streamed_job_cancelled_before_any_worker_stops_its_producer(
     video: Path, settings: Settings, redis_client: redis.Redis, slow_producer: None
 ) -> None:
     submitter, errors = submit_in_thread(video, settings, "early")
-    deadline = time.monotonic() + 20
-    while job_state(redis_client, settings, "early") != "queued" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: job_state(redis_client, settings, "early") == "queued", timeout_s=20, what="the job to be queued")
     assert cancel("early", settings=settings, client=redis_client) == "cancelled"
     assert (settings.storage_root / "jobs/early/frames").is_dir()  # the producer is still writing them
     submitter.join(10)

@@ -41,10 +41,10 @@ from schemas.logs import exit_code
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
+from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, worker_env
 from worker.consume import Worker
-from worker.fake_segmenter import ColourSegmenter
 from worker.frames import FrameSource
 from worker.render import MaskVideoWriter, partial_path
 from worker.segment import FrameMasks

@@ -4,7 +4,6 @@ equality is tests/test_sam2_memory.py)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +129,7 @@ def test_lazy_frames_ready_means_loaded_without_waiting(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
+    from tests.workers import wait_for
     from worker.frames import DirFrames
     from worker.sam2_segmenter import LazyFrames
 
@@ -140,10 +140,7 @@ def test_lazy_frames_ready_means_loaded_without_waiting(tmp_path: Path) -> None:
         assert not lazy.ready(0) and not lazy.ready(1)
         lazy[0]  # loads 0 and schedules 1 and 2 ahead
         assert lazy.ready(0)
-        deadline = time.monotonic() + 10
-        while not (lazy.ready(1) and lazy.ready(2)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert lazy.ready(1) and lazy.ready(2)
+        wait_for(lambda: lazy.ready(1) and lazy.ready(2), timeout_s=10, what="frames 1 and 2 loaded ahead")
         assert not lazy.ready(3)  # past the end: never scheduled
     finally:
         lazy.close()

@@ -1,4 +1,4 @@
-"""Unit tests of worker.fake_segmenter.ColourSegmenter on JPEG frames of moving discs."""
+"""Unit tests of tests.fakes.ColourSegmenter on JPEG frames of moving discs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
+from tests.fakes import ColourSegmenter
 from tests.render_checks import disc, iou
-from worker.fake_segmenter import ColourSegmenter
 from worker.frames import DirFrames
 from worker.segment import FrameMasks, Segmenter
 

@@ -1,7 +1,7 @@
 """Integration tier: infrastructure faults under a running worker (README "Guarantees", issue 18).
 
 Each test runs a real redis-server of its own (AOF on, `appendfsync always`), mostly with subprocess
-workers (`python -m worker --fake-segmenter`) and short leases: Redis stopped or frozen (SIGSTOP) for
+workers (`python -m worker` with the fake segmenter of tests/fakes.py) and short leases: Redis stopped or frozen (SIGSTOP) for
 longer than a lease, restarted empty, full (maxmemory, noeviction), not yet up; SIGTERM during an
 outage; a result path whose writes fail; a model that never returns. The invariant throughout: every
 job ends in one terminal state, and a completed job holds every frame exactly once.
@@ -30,10 +30,10 @@ from schemas.errors import RetryableError, WorkerBroken
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
+from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 from worker.consume import EXIT_BROKEN, Worker
-from worker.fake_segmenter import ColourSegmenter
 from worker.lease import Lease
 from worker.publish import ResultPublisher
 
@@ -143,7 +143,7 @@ def test_outage_of_three_leases_mid_job_then_the_job_completes_with_every_frame_
             server.stop()
         else:
             freeze(server)
-        time.sleep(3 * lease_s)
+        time.sleep(3 * lease_s)  # deliberate: the outage, three leases
         if how == "stopped":
             server.start()
         else:
@@ -221,7 +221,7 @@ def test_an_idle_worker_exits_at_once_on_sigterm_with_redis_hung(
     try:
         wait_for(lambda: "ready" in w.log(), what="worker ready")
         freeze(server)
-        time.sleep(0.5)  # now inside a read that nothing will answer
+        time.sleep(0.5)  # deliberate: past a read's block_ms (200 ms), the next read is one nothing answers
         t0 = time.monotonic()
         w.signal(signal.SIGTERM)
         assert w.wait(15) == 0
@@ -284,7 +284,7 @@ def test_redis_full_before_and_during_a_job(
     w = WorkerProcess(cfg, "w", tmp_path, lease_s=1.0, delay_s=0.1)
     try:
         wait_for(lambda: "out of memory" in w.log(), timeout_s=20, what="the worker reports Redis full")
-        time.sleep(1.0)
+        time.sleep(1.0)  # deliberate: a lease of Redis full, and the worker stays up
         assert w.alive()
         free_memory(client)
         wait_for(lambda: state(client, cfg, "full1").get("state") == "completed", timeout_s=40, what="job 1")
@@ -373,19 +373,19 @@ def test_stalled_job_is_abandoned_reclaimed_and_dead_lettered_after_max_attempts
     EXIT_BROKEN for its supervisor; with its model in a child process, the child is killed and the same
     worker goes on. Past max_attempts the job is dead-lettered and the next job still flows."""
     submit(video, prompt(), settings=cfg, client=client, job_id="wedge")
-    (cfg.storage_root / "jobs/wedge/block-forever").write_text("3")
     submit(video, prompt(), settings=cfg, client=client, job_id="after")
     extra = ["--stall", "1.5", "--max-attempts", "2"]
     env = {"VSEG_MODEL_PROCESS": model_process}
+    wedge = {"wedge": {"block_at": 3}}
     workers: list[WorkerProcess] = []
     try:
         if model_process == "off":
             for i in range(2):  # each run wedges its worker, which exits for its supervisor
-                w = WorkerProcess(cfg, f"w{i}", tmp_path, lease_s=0.5, delay_s=0.01, extra=extra, env=env)
+                w = WorkerProcess(cfg, f"w{i}", tmp_path, lease_s=0.5, delay_s=0.01, extra=extra, env=env, faults=wedge)
                 workers.append(w)
                 assert w.wait(30) == EXIT_BROKEN, w.log()[-3000:]
                 assert "stalled" in w.log() and "wedged" in w.log()
-        w = WorkerProcess(cfg, "last", tmp_path, lease_s=0.5, delay_s=0.01, extra=extra, env=env)
+        w = WorkerProcess(cfg, "last", tmp_path, lease_s=0.5, delay_s=0.01, extra=extra, env=env, faults=wedge)
         workers.append(w)
         wait_for(lambda: state(client, cfg, "wedge").get("state") == "dead", timeout_s=60, what="dead letter")
         wait_for(lambda: state(client, cfg, "after").get("state") == "completed", timeout_s=30, what="next job")
@@ -411,7 +411,7 @@ def test_dead_lease_thread_hands_the_job_back_and_the_worker_exits_broken(
         raise RuntimeError("injected: the heartbeat crashed")
 
     monkeypatch.setattr(Lease, "renew", broken_renew)
-    from worker.chaos_hooks import ChaosHooks
+    from tests.fakes import ChaosHooks
 
     worker = Worker(settings=Settings.load(environ={}, redis_url=cfg.redis_url, storage_root=cfg.storage_root,
                                            block_ms=200, lease_s=0.6),
@@ -433,7 +433,7 @@ def test_model_process_that_cannot_restart_makes_the_worker_exit_broken(
 ) -> None:
     from worker.model_process import ModelProcess
 
-    mp = ModelProcess(Settings.load(environ={}, model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    mp = ModelProcess(Settings.load(environ={}, model_process="on", segmenter=FROM_ENV))
     try:
         os.kill(mp.pid or 0, signal.SIGKILL)
         wait_for(lambda: not mp._proc.is_alive(), what="the model process dies")
@@ -473,7 +473,7 @@ def test_outage_of_three_leases_with_the_real_sam2_then_every_frame_once(
         try:
             wait_for(lambda: frames_done(client, cfg, "real") >= 5, timeout_s=120, what="frames from SAM 2")
             server.stop()
-            time.sleep(3 * lease_s)
+            time.sleep(3 * lease_s)  # deliberate: the outage, three leases
             server.start()
             wait_for(lambda: state(client, cfg, "real").get("state") == "completed", timeout_s=180,
                      what="the job completes")

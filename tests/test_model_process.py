@@ -4,6 +4,7 @@ keep their type, a child that dies mid-job, and a child that cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -15,8 +16,8 @@ import redis
 
 from schemas.errors import ConfigError, RetryableError
 from schemas.settings import Settings
+from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
-from worker.fake_segmenter import ColourSegmenter
 from worker.frames import DirFrames, StreamedFrames
 from worker.load import load_segmenter
 from worker.model_process import (
@@ -28,11 +29,12 @@ from worker.model_process import (
 )
 
 N = 8
+FAKE = Settings(model_process="on", segmenter=FROM_ENV, device="cpu")  # tests.fakes in the child, faults from its env
 
 
 @pytest.fixture(scope="module")
 def model() -> Iterator[ModelProcess]:
-    proc = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    proc = ModelProcess(FAKE)
     yield proc
     proc.close()
 
@@ -63,25 +65,31 @@ def test_a_job_stopped_early_leaves_the_process_ready_for_the_next(model: ModelP
     assert model.pid == pid and model.restarts == 0
 
 
-def test_an_error_in_the_model_process_is_raised_as_itself(model: ModelProcess, frames: DirFrames) -> None:
-    (frames.dir.parent / "transient-once").write_text("3")  # RetryableError on frame 3 (like a CUDA OOM)
-    seen = []
-    with pytest.raises(RetryableError, match="injected transient"):
-        for out in model.segment(frames, prompts(), width=160, height=120):
-            seen.append(out.frame_idx)
-    assert seen == [0, 1, 2]
-    assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N  # the retry runs
+def test_an_error_in_the_model_process_is_raised_as_itself(frames: DirFrames, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VSEG_FAKE_FAULTS", json.dumps({"*": {"transient_at": 3}}))  # RetryableError on frame 3, once
+    model = ModelProcess(FAKE)
+    try:
+        seen = []
+        with pytest.raises(RetryableError, match="injected transient"):
+            for out in model.segment(frames, prompts(), width=160, height=120):
+                seen.append(out.frame_idx)
+        assert seen == [0, 1, 2]
+        assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N  # the retry runs
+    finally:
+        model.close()
 
 
-def test_a_model_process_that_dies_fails_the_attempt_and_a_new_one_takes_over(frames: DirFrames) -> None:
-    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+def test_a_model_process_that_dies_fails_the_attempt_and_a_new_one_takes_over(
+    frames: DirFrames, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VSEG_FAKE_FAULTS", json.dumps({"*": {"crash_at": 4}}))  # the child SIGKILLs itself on frame 4
+    model = ModelProcess(FAKE)
     try:
         first = model.pid
-        (frames.dir.parent / "crash-worker").write_text("4")  # the model's process SIGKILLs itself on frame 4
         with pytest.raises(ModelProcessDied, match=r"died during job \(exit code -9\)"):
             list(model.segment(frames, prompts(), width=160, height=120))
-        assert isinstance(ModelProcessDied("x"), RetryableError)  # so the worker retries the job
-        (frames.dir.parent / "crash-worker").unlink()
+        assert issubclass(ModelProcessDied, RetryableError)  # so the worker retries the job
+        monkeypatch.setenv("VSEG_FAKE_FAULTS", "{}")  # the next child is started without the fault
         assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N
         assert model.restarts == 1 and model.pid != first
     finally:
@@ -89,7 +97,7 @@ def test_a_model_process_that_dies_fails_the_attempt_and_a_new_one_takes_over(fr
 
 
 def test_a_model_process_killed_between_jobs_is_replaced_before_the_next(frames: DirFrames) -> None:
-    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.0, "fake_busy": False})
+    model = ModelProcess(FAKE)
     try:
         first = model._proc
         os.kill(first.pid, signal.SIGKILL)
@@ -109,12 +117,13 @@ def test_a_model_process_killed_between_jobs_is_replaced_before_the_next(frames:
         model.close()
 
 
-def test_closing_mid_job_ends_the_model_process_promptly(frames: DirFrames) -> None:
+def test_closing_mid_job_ends_the_model_process_promptly(frames: DirFrames, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker that exits in the middle of a job (an error, a second SIGTERM) closes its model
     process: the child leaves the job at its next frame and exits, nothing is left running."""
     import time
 
-    model = ModelProcess(Settings(model_process="on"), fake={"fake_delay_s": 0.2, "fake_busy": False})
+    monkeypatch.setenv("VSEG_FAKE_DELAY_S", "0.2")
+    model = ModelProcess(FAKE)
     outputs = model.segment(frames, prompts(), width=160, height=120)
     assert next(outputs).frame_idx == 0
     proc = model._proc
@@ -145,8 +154,12 @@ def test_model_process_setting() -> None:
     assert not use_model_process(Settings(model_process="off"), "cuda")
     with pytest.raises(ConfigError, match="model_process must be auto, on or off"):
         Settings(model_process="sometimes")
-    assert isinstance(load_segmenter(Settings(), fake=True), object)  # auto beside the fake: in process
-    assert not isinstance(load_segmenter(Settings(), fake=True), ModelProcess)
+    beside_fake = load_segmenter(Settings(segmenter=FROM_ENV))  # auto beside a factory's segmenter: in process
+    assert isinstance(beside_fake, ChaosHooks) and not isinstance(beside_fake, ModelProcess)
+    with pytest.raises(ConfigError, match="module.path:callable"):
+        Settings(segmenter="not a factory")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        load_segmenter(Settings(segmenter="tests.no_such_module:make"))
 
 
 def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:

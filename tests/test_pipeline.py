@@ -25,10 +25,10 @@ from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask, mask_bbox_xyxy
 from schemas.settings import Settings
 from schemas.storage import frame_name
+from tests.fakes import ColourSegmenter
 from tests.render_checks import near_box, tinted_mask
 from tests.videos import disc_center, disc_mask, make_video
 from worker.consume import Worker
-from worker.fake_segmenter import ColourSegmenter
 from worker.render import colour_for
 
 pytestmark = pytest.mark.integration

@@ -48,10 +48,7 @@ def test_heartbeat_puts_back_a_key_that_was_lost(redis_client: redis.Redis) -> N
     """As after a Redis restart without persistence: the next refresh restores it."""
     with ProducerHeartbeat(redis_client, KEY, ttl_s=0.9):
         redis_client.delete(KEY)
-        deadline = time.monotonic() + 2.0
-        while not redis_client.exists(KEY) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert redis_client.exists(KEY)
+        wait_for(lambda: redis_client.exists(KEY), timeout_s=2.0, what="the next refresh to restore the key")
 
 
 def test_heartbeat_rejects_a_ttl_that_is_not_positive(redis_client: redis.Redis) -> None:
@@ -92,9 +89,9 @@ def test_a_briefly_lost_key_does_not_fail_the_job(redis_client: redis.Redis, tmp
 
     def producer() -> None:
         with ProducerHeartbeat(redis_client, KEY, ttl_s=2.0):
-            time.sleep(0.2)
+            time.sleep(0.2)  # deliberate: the worker is waiting for frame 0 by now
             redis_client.delete(KEY)  # lost (Redis restarted); the next refresh, within 0.7 s, restores it
-            time.sleep(2.5)
+            time.sleep(2.5)  # deliberate: longer than the TTL, so only the restored key keeps the job alive
             announce(redis_client, tmp_path, 0)
             redis_client.xadd(STREAM, {"end": 1}, id=frames_end_entry_id(1))
 
@@ -113,7 +110,7 @@ def test_a_finished_producer_needs_no_key(redis_client: redis.Redis, tmp_path: P
     redis_client.xadd(STREAM, {"end": 3}, id=frames_end_entry_id(3))
     frames = StreamedFrames(redis_client, STREAM, tmp_path, block_ms=100, stall_s=30, producer_key=KEY,
                             producer_ttl_s=0.2)
-    time.sleep(0.3)
+    time.sleep(0.3)  # deliberate: longer than the TTL of a key that never existed
     assert list(frames) == [0, 1, 2]
 
 
@@ -169,8 +166,10 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
                            env={"VSEG_MODEL_PROCESS": model_process})
     try:
         proc = submit_process(settings, long_video, job_id)
+        deadline = time.monotonic() + 60  # polled every 5 ms (not wait_for's 50): the signal must land mid-stream
         while not redis_client.exists(settings.keys.job(job_id)):  # enqueued: the worker may start
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the producer did not enqueue the job within 60 s"
             time.sleep(0.005)
         proc.send_signal(sig)
         out = proc.communicate(timeout=30)[0].decode()

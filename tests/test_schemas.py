@@ -13,7 +13,16 @@ from pycocotools import mask as mask_utils
 
 from schemas import messages
 from schemas.errors import ConfigError, JobIdError, PromptError, SchemaError, StorageError
-from schemas.names import TERMINAL_ENTRY_ID, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.names import (
+    EVENTS_MAXLEN,
+    TERMINAL_ENTRY_ID,
+    TERMINAL_STATES,
+    JobState,
+    Keys,
+    frame_entry_id,
+    frames_end_entry_id,
+    validate_job_id,
+)
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.rle import decode_mask, encode_mask, mask_bbox_xyxy, rle_area, rle_bbox_xyxy, rle_to_json
 from schemas.settings import Settings
@@ -260,3 +269,20 @@ def test_settings_precedence(tmp_path: Path) -> None:
 def test_bad_settings(env: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         Settings.load(env, config_path=None)
+
+
+def test_job_states_are_the_wire_strings_and_no_lua_script_spells_one_itself() -> None:
+    assert [s.value for s in JobState] == ["queued", "running", "retrying", "completed", "failed", "cancelled", "dead"]
+    assert str(JobState.QUEUED) == f"{JobState.QUEUED}" == "queued" and JobState.DEAD == "dead"
+    assert "cancelled" in TERMINAL_STATES and "retrying" not in TERMINAL_STATES
+    assert {s.value for s in TERMINAL_STATES} == {t.TYPE.value for t in messages.TERMINAL_TYPES}
+    from producer import control, submit
+    from worker import lease
+
+    scripts = {f"{m.__name__}.{name}": value for m in (control, submit, lease) for name, value in vars(m).items()
+               if name.endswith("_LUA")}
+    assert len(scripts) >= 8, sorted(scripts)
+    for name, lua in scripts.items():
+        for state in JobState:
+            assert f"'{state.value}'" not in lua and f'"{state.value}"' not in lua, (name, state)
+        assert str(EVENTS_MAXLEN) not in lua, name

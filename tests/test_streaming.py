@@ -20,9 +20,10 @@ from schemas.errors import PromptError, VideoError
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
+from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
+from tests.workers import wait_for
 from worker.consume import Worker
-from worker.fake_segmenter import ColourSegmenter
 
 pytestmark = pytest.mark.integration
 
@@ -74,8 +75,7 @@ def test_first_result_arrives_while_the_video_is_still_decoding(
     t0 = time.monotonic()
     submitter.start()
     first_at = None
-    while not redis_client.exists(settings.keys.job("live")):
-        time.sleep(0.01)
+    wait_for(lambda: redis_client.exists(settings.keys.job("live")), timeout_s=30, what="the job to be enqueued")
     frames = []
     for msg in follow("live", settings=settings, client=redis_client, timeout_s=30):
         if isinstance(msg, messages.FrameResult):
@@ -196,7 +196,8 @@ def test_a_frame_already_announced_is_not_held_up_by_a_read_for_a_later_one(
     later: list[bool] = []
     waiter = threading.Thread(target=lambda: later.append(frames.wait(5)))
     waiter.start()
-    time.sleep(0.3)  # the waiter has read frame 0's announcement and is blocked reading for more
+    # the waiter has read frame 0's announcement and is blocked reading for more (holding the read lock)
+    wait_for(lambda: frames.available >= 1 and frames._poll_lock.locked(), timeout_s=10, what="the waiter to block")
     t0 = time.monotonic()
     assert frames.wait(0)
     assert time.monotonic() - t0 < 1.0

@@ -1,7 +1,9 @@
-"""Helpers for tests that run workers as subprocesses (python -m worker --fake-segmenter)."""
+"""Helpers for tests that run workers as subprocesses (`python -m worker` with the fake segmenter of
+tests/fakes.py, chosen by VSEG_SEGMENTER)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas.settings import Settings
+from tests.fakes import FROM_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,17 +26,25 @@ def worker_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def fake_env(*, delay_s: float = 0.0, busy: bool = False, faults: dict[str, dict[str, int]] | None = None) -> dict[str, str]:
+    """Environment that makes `python -m worker` (and its model process) run tests.fakes:from_env."""
+    return {"VSEG_SEGMENTER": FROM_ENV, "VSEG_DEVICE": "cpu", "VSEG_FAKE_DELAY_S": str(delay_s),
+            "VSEG_FAKE_BUSY": "1" if busy else "", "VSEG_FAKE_FAULTS": json.dumps(faults or {})}
+
+
 class WorkerProcess:
-    """`python -m worker --fake-segmenter` in a subprocess, its log in a file."""
+    """`python -m worker` with the fake segmenter in a subprocess, its log in a file. `faults`: job id (or
+    "*") to {"crash_at" | "transient_at" | "block_at": frame} (tests/fakes.py)."""
 
     def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
-                 delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 busy: bool = False, faults: dict[str, dict[str, int]] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        args = [sys.executable, "-m", "worker", "--fake-segmenter", "--fake-delay", str(delay_s), "--name", name,
-                "--lease", str(lease_s), *(extra or [])]
+        args = [sys.executable, "-m", "worker", "--name", name, "--lease", str(lease_s), *(extra or [])]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **(env or {})}, stdout=self._log,
+        self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **fake_env(delay_s=delay_s, busy=busy, faults=faults),
+                                                     **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
 
     def signal(self, sig: int) -> None:

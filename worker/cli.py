@@ -10,7 +10,7 @@ import sys
 
 from schemas.connection import connect
 from schemas.errors import VsegError, WorkerBroken
-from schemas.logs import configure_logging, exit_code
+from schemas.logs import configure_logging, report
 from schemas.settings import Settings
 
 log = logging.getLogger("worker")
@@ -32,10 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, help="runs of a job before it is dead-lettered (VSEG_MAX_ATTEMPTS)")
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM grace period in seconds (VSEG_GRACE_S)")
     p.add_argument("--stall", type=float, dest="stall_s",
-                   help="abandon a job with no progress for this many seconds (VSEG_STALL_S, default 120)")
-    p.add_argument("--fake-segmenter", action="store_true", help=argparse.SUPPRESS)  # plumbing tests only
-    p.add_argument("--fake-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--fake-busy", action="store_true", help=argparse.SUPPRESS)
+                   help="abandon a job with no progress for this many seconds (VSEG_STALL_S, default 300)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -90,7 +87,9 @@ def check(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run or check; errors go through `schemas.logs.report`, the CLIs' one error path (one line; exit 1,
+    2 for bad settings, EXIT_BROKEN for WorkerBroken, 130 for Ctrl-C)."""
+    args = build_parser().parse_args(argv)  # argparse's own errors: its usage line, exit 2
     configure_logging(args.verbose)
     try:
         settings = Settings.load(
@@ -102,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         from worker.consume import Worker, worker_client
         from worker.load import load_segmenter
 
-        segmenter = load_segmenter(settings, fake=args.fake_segmenter, fake_delay_s=args.fake_delay,
-                                   fake_busy=args.fake_busy)
+        segmenter = load_segmenter(settings)
         try:
             worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=args.name)
             worker.install_signal_handlers()
@@ -113,14 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             if close is not None:
                 close()
         return 0
-    except WorkerBroken as e:
-        log.error("%s", e)
-        return EXIT_BROKEN
-    except VsegError as e:
-        log.error("%s", e)
-        return exit_code(e)
-    except KeyboardInterrupt:
-        return 130
+    except (VsegError, KeyboardInterrupt) as e:
+        return report(e, log, codes={WorkerBroken: EXIT_BROKEN})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from schemas.errors import (
 )
 from schemas.faults import redact_url, redis_fault, redis_full_message
 from schemas.limits import check_job_limits
-from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, validate_job_id
+from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, JobState, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
@@ -479,7 +479,7 @@ class Worker:
                 self.client.xdel(self.keys.jobs, entry_id)
                 return
             if state.get("cancel") == "1":
-                self._finish(pub, messages.Cancelled(job.job_id, int(state.get("frames_done", 0))), "cancelled")
+                self._finish(pub, messages.Cancelled(job.job_id, int(state.get("frames_done", 0))), JobState.CANCELLED)
                 return
             attempt = int(self.client.hincrby(self.keys.job(job.job_id), "attempt", 1))
             if attempt > self.settings.max_attempts:
@@ -508,14 +508,14 @@ class Worker:
         """Record the error in the job's state, best effort: with Redis full the record itself is refused, and
         the retry must not wait on it."""
         try:
-            pub.set_state(error=f"{type(error).__name__}: {error}", state="retrying", best_effort=True)
+            pub.set_state(error=f"{type(error).__name__}: {error}", state=JobState.RETRYING.value, best_effort=True)
         except (redis.RedisError, RedisFull) as e:
             log.warning("job %s: could not record the error (%s)", pub.job_id, e)
 
-    def _finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: str, error: str = "") -> None:
+    def _finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: JobState, error: str = "") -> None:
         pub.terminal(msg, ttl_s=self.settings.results_ttl_s, error=error)
         self.stats.jobs_done += 1
-        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        self.stats.outcomes[outcome.value] = self.stats.outcomes.get(outcome.value, 0) + 1
         self._release_frames(msg.job_id)
 
     def _release_frames(self, job_id: str) -> None:
@@ -542,7 +542,7 @@ class Worker:
             wait_s = min(wait_s, max(0.1, lease.remaining_s()))
         done = call_bounded(
             lambda: self.client.eval(HAND_BACK_LUA, 2, self.keys.jobs, self.keys.job(job_id), self.keys.group, entry_id,
-                                     self.name, 10 * self.lease_ms),
+                                     self.name, 10 * self.lease_ms, JobState.QUEUED.value),
             wait_s, f"handing job {job_id} back")
         if done == 1:
             self.stats.handed_back += 1
@@ -570,9 +570,9 @@ class Worker:
                        stall_s=self.settings.stall_s, job=job_id) as lease:
                 pub = ResultPublisher(self.client, self.keys, job_id, num_frames, lease,
                                       redis_url=self.settings.redis_url)
-                self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
+                self._finish(pub, messages.Dead(job_id, str(error), attempts), JobState.DEAD, error=str(error))
         else:
-            self._finish(pub, messages.Dead(job_id, str(error), attempts), "dead", error=str(error))
+            self._finish(pub, messages.Dead(job_id, str(error), attempts), JobState.DEAD, error=str(error))
 
     # ---- one job ------------------------------------------------------------------------------
     def run_job(self, job: messages.JobMessage, pub: ResultPublisher, attempt: int) -> None:
@@ -621,7 +621,7 @@ class Worker:
                 job_id=job.job_id, render_path=render_rel, num_frames=num_frames,
                 num_objects=len(object_ids(job.prompts)), timings_s={k: round(v, 4) for k, v in timings.items()},
                 random_weights=self.segmenter.random_weights,
-            ), "completed")
+            ), JobState.COMPLETED)
             log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
                      num_frames / max(timings["total_s"], 1e-9))
         except JobCancelled:
@@ -629,7 +629,7 @@ class Worker:
                 writer.abort()
             log.warning("job %s cancelled", job.job_id)
             frames_done = int(self.client.hget(self.keys.job(job.job_id), "frames_done") or 0)
-            self._finish(pub, messages.Cancelled(job.job_id, frames_done), "cancelled")
+            self._finish(pub, messages.Cancelled(job.job_id, frames_done), JobState.CANCELLED)
         except (LeaseLost, HandBack, WorkerBroken):
             if writer is not None:
                 writer.abort()
@@ -641,7 +641,7 @@ class Worker:
                 raise
             level = logging.WARNING if isinstance(e, VsegError) else logging.ERROR
             log.log(level, "job %s failed: %s: %s", job.job_id, type(e).__name__, e, exc_info=level == logging.ERROR)
-            self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), "failed",
+            self._finish(pub, messages.Failed(job.job_id, str(e), type(e).__name__), JobState.FAILED,
                          error=f"{type(e).__name__}: {e}")
 
     def _remove_stale_partials(self, target: Path, job_id: str) -> None:

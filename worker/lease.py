@@ -40,7 +40,7 @@ import redis
 
 from schemas.errors import WorkerBroken
 from schemas.faults import is_redis_full
-from schemas.names import Keys
+from schemas.names import JobState, Keys
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +78,19 @@ return 1
 """
 
 # The one terminal step: KEYS: jobs stream, results stream, job hash, events stream. ARGV: group, entry id, consumer,
-# terminal entry id, ttl_s, state, error, n_fields, field/value pairs of the entry.
-# Writes the terminal entry, the final state, the expiry, acknowledges and deletes the job entry.
+# terminal entry id, ttl_s, state (a terminal JobState), error, events MAXLEN (EVENTS_MAXLEN), n_fields, field/value
+# pairs of the entry. Writes the terminal entry (and its copy on the events stream), the final state, the expiry,
+# acknowledges and deletes the job entry. Returns 1 written, 0 already there, -1 lease lost.
 FINISH_LUA = _OWNER_CHECK + """
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local fields = {}
-for i = 9, 8 + 2 * n do fields[#fields + 1] = ARGV[i] end
+for i = 10, 9 + 2 * n do fields[#fields + 1] = ARGV[i] end
 local r = redis.pcall('XADD', KEYS[2], ARGV[4], unpack(fields))
 local written = 1
 if type(r) == 'table' and r.err then
   if string.find(r.err, 'equal or smaller', 1, true) then written = 0 else return redis.error_reply(r.err) end
 end
-if written == 1 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100000, '*', unpack(fields)) end
+if written == 1 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', tonumber(ARGV[8]), '*', unpack(fields)) end
 redis.call('HSET', KEYS[3], 'state', ARGV[6], 'finished_at', redis.call('TIME')[1])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[7]) end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
@@ -99,22 +100,23 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return written
 """
 
-# Hand a job back on shutdown: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, idle ms.
-# Gives the attempt back and makes the entry look idle for a whole lease, so another worker's
-# XAUTOCLAIM takes it at once.
+# Hand a job back on shutdown: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, idle ms, state
+# (JobState.QUEUED). Gives the attempt back, sets the state, and makes the entry look idle for a whole lease,
+# so another worker's XAUTOCLAIM takes it at once. 1 handed back, -1 lease lost.
 HAND_BACK_LUA = _OWNER_CHECK + """
 redis.call('HINCRBY', KEYS[2], 'attempt', -1)
-redis.call('HSET', KEYS[2], 'state', 'queued')
+redis.call('HSET', KEYS[2], 'state', ARGV[5])
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
 return 1
 """
 
 
 # Abandon a stalled job: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, placeholder consumer,
-# idle ms, error. Hands the entry to the placeholder consumer (so this worker's fenced writes are refused
-# from now on), idle long enough for any worker's XAUTOCLAIM to take it at once. The attempt stays counted.
+# idle ms, error, state (JobState.RETRYING). Hands the entry to the placeholder consumer (so this worker's fenced
+# writes are refused from now on), idle long enough for any worker's XAUTOCLAIM to take it at once. The attempt
+# stays counted. 1 abandoned, -1 lease lost.
 ABANDON_LUA = _OWNER_CHECK + """
-redis.call('HSET', KEYS[2], 'state', 'retrying', 'error', ARGV[6])
+redis.call('HSET', KEYS[2], 'state', ARGV[7], 'error', ARGV[6])
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[4], 0, ARGV[2], 'IDLE', ARGV[5], 'JUSTID')
 return 1
 """
@@ -219,7 +221,7 @@ class Lease:
         log.error("%s", reason)
         try:
             self.client.eval(ABANDON_LUA, 2, self.keys.jobs, self.keys.job(self.job), *self.args(),
-                             ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason)
+                             ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason, JobState.RETRYING.value)
         except redis.RedisError as e:
             log.warning("could not hand the stalled job %s back at once (%s); it is claimable after its lease",
                         self.job, e)

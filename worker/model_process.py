@@ -103,19 +103,17 @@ def _portable(error: BaseException) -> BaseException:
 
 
 # ---- the child ----------------------------------------------------------------------------------
-def _serve(conn: multiprocessing.connection.Connection, settings: Settings, fake: dict[str, Any] | None,
-           log_level: int) -> None:
+def _serve(conn: multiprocessing.connection.Connection, settings: Settings, log_level: int) -> None:
     """The child's main loop: load the model, then run one job per `segment` message."""
     # Ctrl-C reaches the whole process group: the worker handles it (finish the job, then exit) and
     # tells this process when to go
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
-    from worker.load import load_segmenter
+    from worker.build import build_segmenter
 
     try:
-        segmenter = load_segmenter(dataclasses.replace(settings, model_process="off"), fake=fake is not None,
-                                   **(fake or {}))
+        segmenter = build_segmenter(dataclasses.replace(settings, model_process="off"))
     except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
         conn.send(("error", _portable(e)))
         return
@@ -231,10 +229,8 @@ def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames
 class ModelProcess:
     """A Segmenter whose model runs in a child process (see the module doc)."""
 
-    def __init__(self, settings: Settings, *, fake: dict[str, Any] | None = None,
-                 start_timeout_s: float = 900.0, stop_timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings, *, start_timeout_s: float = 900.0, stop_timeout_s: float = 10.0) -> None:
         self.settings = settings
-        self.fake = fake
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.name = ""
@@ -248,7 +244,7 @@ class ModelProcess:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.settings, self.fake, logging.getLogger().level),
+        self._proc = ctx.Process(target=_serve, args=(child, self.settings, logging.getLogger().level),
                                  name="vseg-model", daemon=True)
         self._proc.start()
         child.close()

@@ -23,7 +23,7 @@ import redis
 from schemas import messages
 from schemas.errors import RedisFull
 from schemas.faults import is_redis_full, redis_full_message
-from schemas.names import STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, Keys, frame_entry_id
+from schemas.names import EVENTS_MAXLEN, STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, JobState, Keys, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
 from worker.lease import (
     FENCED_HSET_LUA,
@@ -42,10 +42,10 @@ T = TypeVar("T")
 LOG_EVERY_S = 5.0
 
 TERMINAL_STATE = {
-    messages.Completed: "completed",
-    messages.Failed: "failed",
-    messages.Cancelled: "cancelled",
-    messages.Dead: "dead",
+    messages.Completed: JobState.COMPLETED,
+    messages.Failed: JobState.FAILED,
+    messages.Cancelled: JobState.CANCELLED,
+    messages.Dead: JobState.DEAD,
 }
 
 
@@ -209,7 +209,7 @@ class ResultPublisher:
         self._xadd(self.keys.events, "*", msg, interrupt=interrupt)  # trimmed by housekeeping (EVENTS_MAXLEN)
 
     def started(self, msg: messages.Started) -> None:
-        self.set_state(state="running", worker=msg.worker, started_at=msg.at)
+        self.set_state(state=JobState.RUNNING.value, worker=msg.worker, started_at=msg.at)
         self._xadd(self.stream, STARTED_ENTRY_ID, msg)
         self.event(msg)
 
@@ -236,7 +236,7 @@ class ResultPublisher:
             lambda: self.client.eval(
                 FINISH_LUA, 4, self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events,
                 *self.lease.args(),
-                TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)], error, len(fields),
+                TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)].value, error, EVENTS_MAXLEN, len(fields),
                 *_flat(fields),
             ),
             "terminal write",

@@ -1,7 +1,8 @@
 """The Segmenter seam: what the worker needs from a video segmentation model.
 
-Implemented by worker.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor) and by
-worker.fake_segmenter.ColourSegmenter (deterministic, for plumbing tests).
+Implemented by worker.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
+worker.model_process.ModelProcess (either, in a child process), and in tests by tests.fakes
+(chosen with the `segmenter` setting).
 """
 
 from __future__ import annotations

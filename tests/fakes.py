@@ -1,27 +1,44 @@
-"""A deterministic Segmenter for plumbing tests: an object is "the blob of its prompt's colour".
+"""Test doubles for the worker's Segmenter seam (worker/segment.py); tests only, never imported by the service.
 
-For each object, the reference colour is read at its prompt (first foreground point, else the box
-centre) on the object's earliest prompt frame. On every frame the mask is the largest connected
-region of pixels within `tolerance` (max absolute BGR difference) of that colour, so JPEG noise
-elsewhere does not leak in. No model, no GPU: tests of the queue, leases and rendering use it.
+`ColourSegmenter`: a deterministic segmenter for plumbing tests. An object is "the blob of its
+prompt's colour": its reference colour is read at its prompt (first foreground point, else the box
+centre) on its earliest prompt frame, and on every frame its mask is the largest connected region of
+pixels within `tolerance` (max absolute BGR difference) of that colour. No model, no GPU.
+
+`ChaosHooks`: fault injection around a segmenter, per job id (the name of the job's directory), from
+the test's own configuration (never from files in a job's folder):
+  crash_at N      the process SIGKILLs itself on frame N (a job that kills its worker, or its model process)
+  transient_at N  RetryableError on frame N, once per process (like a CUDA out of memory)
+  block_at N      the model never returns from frame N (a wedged model or driver)
+Per-frame `delay_s` slows jobs down; with `busy` the delay is spent in a Python loop that holds the GIL.
+
+`from_env`: the factory a worker started by a test names in its settings
+(`VSEG_SEGMENTER=tests.fakes:from_env`); it reads VSEG_FAKE_DELAY_S, VSEG_FAKE_BUSY (1) and
+VSEG_FAKE_FAULTS (JSON: job id, or "*" for every job, to {"crash_at": N, ...}).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import cv2
 import numpy as np
 
-from schemas.errors import PromptError, StorageError
+from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
+from schemas.settings import Settings
 from schemas.storage import frame_name
 from worker.frames import FrameSource
-from worker.segment import FrameMasks
+from worker.segment import FrameMasks, Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +142,68 @@ class ColourSegmenter:
             masks = np.stack([colour_mask(image, colours[obj_id], self.tolerance) for obj_id in obj_ids])
             scores = cast(np.ndarray, masks.any(axis=(1, 2)).astype(np.float32))
             yield FrameMasks(frame_idx=frame_idx, obj_ids=obj_ids, masks=masks, scores=scores)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What goes wrong in one job's runs (frame indices; None: nothing)."""
+
+    crash_at: int | None = None
+    transient_at: int | None = None
+    block_at: int | None = None
+
+
+class ChaosHooks:
+    """Fault injection around a Segmenter, per job id (see the module doc)."""
+
+    def __init__(self, inner: Segmenter, *, delay_s: float = 0.0, busy: bool = False,
+                 faults: Mapping[str, Faults] | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.random_weights = inner.random_weights
+        self.device = "cpu"
+        self.delay_s = delay_s
+        self.busy = busy
+        self.faults = dict(faults or {})
+        self._transient_done: set[str] = set()
+
+    def _wait(self) -> None:
+        if self.delay_s <= 0:
+            return
+        if not self.busy:
+            time.sleep(self.delay_s)
+            return
+        end = time.perf_counter() + self.delay_s
+        x = 0
+        while time.perf_counter() < end:
+            x += sum(range(2000))  # pure Python: holds the GIL between switch intervals
+
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        job = frames.dir.parent.name  # STORAGE_ROOT/jobs/<job id>/frames
+        faults = self.faults.get(job) or self.faults.get("*") or Faults()
+        for out in self.inner.segment(frames, prompts, width=width, height=height):
+            self._wait()
+            if out.frame_idx == faults.crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if out.frame_idx == faults.transient_at and job not in self._transient_done:
+                self._transient_done.add(job)
+                raise RetryableError(f"injected transient failure at frame {out.frame_idx}")
+            if out.frame_idx == faults.block_at:
+                threading.Event().wait()  # forever: nothing in this thread can stop it
+            yield out
+
+
+def faults_from_json(text: str) -> dict[str, Faults]:
+    return {job: Faults(**spec) for job, spec in json.loads(text or "{}").items()}
+
+
+def from_env(settings: Settings) -> Segmenter:
+    """The segmenter of a worker started by a test (`VSEG_SEGMENTER=tests.fakes:from_env`)."""
+    logger.warning("using the FAKE colour segmenter (tests.fakes): for plumbing tests only")
+    return ChaosHooks(ColourSegmenter(), delay_s=float(os.environ.get("VSEG_FAKE_DELAY_S", "0") or 0),
+                      busy=os.environ.get("VSEG_FAKE_BUSY", "") == "1",
+                      faults=faults_from_json(os.environ.get("VSEG_FAKE_FAULTS", "")))
+
+
+FROM_ENV = "tests.fakes:from_env"
