@@ -38,7 +38,7 @@ from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
 from schemas.storage import frame_name
 from worker.frames import FrameSource
-from worker.segment import FrameMasks, Segmenter
+from worker.segment import FrameMasks, InProcessModel, Segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,12 @@ def first_prompts(prompts: Sequence[ObjectPrompt]) -> dict[int, ObjectPrompt]:
     return first
 
 
-class ColourSegmenter:
+class ColourSegmenter(InProcessModel):
     """Segmenter that tracks each object as the largest blob of its prompt's colour."""
 
     name = "fake-colour"
     random_weights = False
+    device = "cpu"
 
     def __init__(
         self, tolerance: int = 60, *, delay_s: float = 0.0, fail_at_frame: int | None = None
@@ -153,7 +154,7 @@ class Faults:
     block_at: int | None = None
 
 
-class ChaosHooks:
+class ChaosHooks(InProcessModel):
     """Fault injection around a Segmenter, per job id (see the module doc)."""
 
     def __init__(self, inner: Segmenter, *, delay_s: float = 0.0, busy: bool = False,

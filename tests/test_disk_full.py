@@ -43,11 +43,11 @@ from schemas.prompts import ObjectPrompt
 from schemas.settings import Settings
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
-from tests.workers import ROOT, worker_env
+from tests.workers import ROOT, wait_for, worker_env
 from worker.consume import Worker
 from worker.frames import FrameSource
 from worker.render import MaskVideoWriter, partial_path
-from worker.segment import FrameMasks
+from worker.segment import FrameMasks, InProcessModel
 
 N = 24
 SIZE = (160, 120)  # each frame's JPEG (< 2 KiB) takes one 4 KiB page of a tmpfs; the MP4 about 20 KiB
@@ -212,11 +212,12 @@ def partials(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if "partial" in p.name or p.name.endswith(".tmp")]
 
 
-class FreesSpaceOnAttempt:
+class FreesSpaceOnAttempt(InProcessModel):
     """ColourSegmenter that frees the disk when attempt `attempt` starts (None: never)."""
 
     name = ColourSegmenter.name
     random_weights = False
+    device = "cpu"
 
     def __init__(self, disk: Disk, attempt: int | None) -> None:
         self.disk, self.attempt, self.calls = disk, attempt, 0
@@ -404,14 +405,33 @@ def test_mask_video_writer_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.Mo
 
 # ---- integration: the producer --------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def longer_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Long enough (a few seconds of decoding) for a test to fill the disk while it is decoded."""
+    return make_video(tmp_path_factory.mktemp("v") / "longer.mp4", num_frames=1500, size_wh=SIZE, fps=25)
+
+
 @pytest.mark.integration
 def test_submit_onto_a_full_disk_prints_one_line_and_the_job_fails(
-        long_video: Path, settings: Settings, redis_client: redis.Redis) -> None:
+        long_video: Path, longer_video: Path, settings: Settings, redis_client: redis.Redis) -> None:
+    """The disk fills up after the streamed job was enqueued (filled by the test once the job exists:
+    deterministic, where a disk that fills by itself may do so before the first frame is reported,
+    and then nothing is enqueued at all)."""
     root = settings.storage_root
-    with small_disk(root, 64) as disk:
+    with small_disk(root, 4096) as disk:
         x, y = disc_center(0, 80, SIZE)
-        done = run_producer(disk, settings, "submit", str(long_video), "--point", f"1:{x:.0f},{y:.0f}",
-                            "--job-id", "full")
+        if disk.mounted:
+            env = {**worker_env(settings), "VSEG_LOG_LEVEL": "WARNING"}
+            proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(longer_video), "--point",
+                                     f"1:{x:.0f},{y:.0f}", "--job-id", "full"], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            wait_for(lambda: redis_client.exists(settings.keys.job("full")), timeout_s=30, what="the job enqueued")
+            disk.fill()
+            out, err = proc.communicate(timeout=60)
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        else:
+            done = run_producer(disk, settings, "submit", str(long_video), "--point", f"1:{x:.0f},{y:.0f}",
+                                "--job-id", "full")
         assert done.returncode == 1, done.stderr
         assert done.stdout == ""  # no job id printed: the submit failed
         line = assert_one_disk_full_line(done.stderr, root)
@@ -422,6 +442,7 @@ def test_submit_onto_a_full_disk_prints_one_line_and_the_job_fails(
         assert markers and b"error" in markers[-1] and b"DiskFull: no space left" in markers[-1][b"error"]
         assert not partials(root), partials(root)
 
+        disk.free()  # the worker's own writes are not what this test is about
         Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="w").run(burst=True)
         job = state(redis_client, settings, "full")
         assert job["state"] == "failed", job

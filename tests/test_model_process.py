@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
 from worker.frames import DirFrames, StreamedFrames
 from worker.load import load_segmenter
+from worker.model_messages import DirSpec, Done, Frame, Segment, StreamSpec
 from worker.model_process import (
     ModelProcess,
     ModelProcessDied,
@@ -27,6 +29,8 @@ from worker.model_process import (
     open_frames,
     use_model_process,
 )
+from worker.redis_client import worker_socket_timeout_s
+from worker.segment import FrameMasks
 
 N = 8
 FAKE = Settings(model_process="on", segmenter=FROM_ENV, device="cpu")  # tests.fakes in the child, faults from its env
@@ -139,13 +143,26 @@ def test_a_model_that_cannot_load_reports_why(tmp_path: Path) -> None:
 
 
 def test_frame_sources_cross_the_process_boundary(tmp_path: Path) -> None:
-    d = open_frames(describe_frames(DirFrames(tmp_path, 5, verify=False)))
+    """As typed specs: the child opens the same source, a streamed one with a worker client of its own
+    (bounded timeouts) for the same settings."""
+    d_spec = describe_frames(DirFrames(tmp_path, 5, verify=False))
+    assert d_spec == DirSpec(str(tmp_path), 5)
+    d = open_frames(d_spec, Settings())
     assert isinstance(d, DirFrames) and d.dir == tmp_path and d.total == 5
     client = redis.Redis(host="127.0.0.1", port=6390, db=3, socket_timeout=7.0)
-    s = open_frames(describe_frames(StreamedFrames(client, "vseg:frames:j", tmp_path, block_ms=150, stall_s=9.0)))
+    spec = describe_frames(StreamedFrames(client, "vseg:frames:j", tmp_path, block_ms=150, stall_s=9.0,
+                                          producer_key="vseg:producer:j", producer_ttl_s=4.0))
+    assert spec == StreamSpec("vseg:frames:j", str(tmp_path), 150, 9.0, "vseg:producer:j", 4.0)
+    assert pickle.loads(pickle.dumps(Segment(spec, tuple(prompts()), 160, 120))).frames == spec
+    settings = Settings(redis_url="redis://127.0.0.1:6390/3", lease_s=6.0, block_ms=150)
+    s = open_frames(spec, settings)
     assert isinstance(s, StreamedFrames) and (s.stream, s.dir, s.block_ms, s.stall_s) == ("vseg:frames:j", tmp_path, 150, 9.0)
+    assert (s.producer_key, s.producer_ttl_s) == ("vseg:producer:j", 4.0)
     kwargs = s.client.connection_pool.connection_kwargs
-    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["socket_timeout"]) == ("127.0.0.1", 6390, 3, 7.0)
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("127.0.0.1", 6390, 3)
+    assert kwargs["socket_timeout"] == worker_socket_timeout_s(settings) == 2.0
+    with pytest.raises(TypeError, match="cannot hand"):
+        describe_frames(object())  # type: ignore[arg-type]
 
 
 def test_model_process_setting() -> None:
@@ -176,16 +193,16 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     masks = np.ones((2, 540, 960), dtype=bool)  # 2 x 65 KB packed: more than a pipe buffer holds
     t0 = time.monotonic()
     for k in range(6):
-        sender.send(("frame", k, (1, 2), masks, np.zeros(2, np.float32)))
+        sender.send(FrameMasks(k, (1, 2), masks, np.zeros(2, np.float32)))
     assert time.monotonic() - t0 < 2.0  # nothing was read yet, and no send waited for the reader
-    closing = threading.Thread(target=sender.close, args=(("done",),))
+    closing = threading.Thread(target=sender.close, args=(Done(),))
     closing.start()
     received = [here.recv() for _ in range(7)]
     closing.join()
-    assert [m[1] for m in received[:6]] == list(range(6)) and received[6] == ("done",)
-    _, _, ids, packed, shape, _ = received[0]
-    assert ids == (1, 2) and shape == masks.shape
-    assert np.array_equal(np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool), masks)
+    assert [m.frame_idx for m in received[:6]] == list(range(6)) and received[6] == Done()
+    first = received[0]
+    assert isinstance(first, Frame) and first.obj_ids == (1, 2) and first.shape == masks.shape
+    assert np.array_equal(np.unpackbits(first.packed, axis=-1, count=first.shape[-1]).astype(bool), masks)
     here.close()
     there.close()
 
@@ -198,10 +215,10 @@ def test_the_sender_reports_a_worker_that_went_away() -> None:
     here, there = multiprocessing.Pipe()
     here.close()  # the worker is gone
     sender = _Sender(there, depth=2)
-    sender.send(("frame", 0, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
+    sender.send(FrameMasks(0, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
     with pytest.raises(_WorkerGone):
         for k in range(1, 100):  # the broken pipe surfaces on a later send, never as a hang
-            sender.send(("frame", k, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
+            sender.send(FrameMasks(k, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
     with pytest.raises(_WorkerGone):
-        sender.close(("done",))
+        sender.close(Done())
     there.close()

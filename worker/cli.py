@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "check":
             return check(settings)
-        from worker.consume import Worker, worker_client
+        from worker.consume import Worker
         from worker.load import load_segmenter
+        from worker.redis_client import worker_client
 
         segmenter = load_segmenter(settings)
         try:
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.install_signal_handlers()
             worker.run(burst=args.burst)
         finally:
-            close = getattr(segmenter, "close", None)  # the model's process, if it has one
-            if close is not None:
-                close()
+            segmenter.close()  # the model's process, if it has one
         return 0
     except (VsegError, KeyboardInterrupt) as e:
         return report(e, log, codes={WorkerBroken: EXIT_BROKEN})

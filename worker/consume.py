@@ -121,21 +121,6 @@ def call_bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T | None:
     return result[0] if result else None
 
 
-def worker_socket_timeout_s(settings: Settings) -> float:
-    """The worker's Redis calls give up after this: never longer than a third of a lease (a hung Redis must
-    not hold a thread past the lease it is guarding), never shorter than a blocking read plus a second."""
-    return min(settings.socket_timeout_s, max(settings.block_ms / 1000 + 1.0, settings.lease_s / 3))
-
-
-def worker_client(settings: Settings) -> redis.Redis:
-    """The worker's Redis client: bounded socket timeouts and one quick reconnect; the worker's own loops
-    (lease, fenced writes, the main loop) do the retrying, each within its lease."""
-    from schemas.connection import connect
-
-    timeout_s = worker_socket_timeout_s(settings)
-    return connect(settings, retries=1, socket_timeout_s=timeout_s, connect_timeout_s=min(5.0, timeout_s))
-
-
 def exit_now(reason: str) -> None:
     """The worker is wedged (a thread that cannot be stopped): leave now, for the supervisor to restart it."""
     logging.shutdown()
@@ -304,9 +289,7 @@ class Worker:
                      self.settings.stall_s)
             while not self.stopping:
                 entry = None
-                ensure_started = getattr(self.segmenter, "ensure_started", None)
-                if ensure_started is not None:  # a model process that died is restarted before a job is taken
-                    ensure_started()
+                self.segmenter.ensure_started()  # a model process that died is restarted before a job is taken
                 self._idle = True
                 try:
                     self.heartbeat(state="idle")
@@ -448,22 +431,18 @@ class Worker:
         at its next check and normally leaves within a step; if it has not within STALL_NUDGE_S, the
         model is stopped (a model process is killed, so the thread comes back at once); if it still has
         not come back a lease later, it is wedged: this worker cannot serve again and exits."""
-        interrupt = getattr(self.segmenter, "interrupt", None)
         wait_s = max(self.settings.lease_s, 2.0)
 
         def watch() -> None:
             if left.wait(STALL_NUDGE_S):
                 return
-            if interrupt is not None:
-                interrupt(reason)
+            self.segmenter.interrupt(reason)
             if left.wait(wait_s):
                 return
             why = (f"the job's thread did not come back {wait_s:g} s after its job was abandoned ({reason}); the "
                    f"model is wedged")
             self._report_broken(why)
-            close = getattr(self.segmenter, "close", None)
-            if close is not None:
-                call_bounded(close, 5.0, "closing the model process")
+            call_bounded(self.segmenter.close, 5.0, "closing the model process")
             self.on_fatal(why)
 
         threading.Thread(target=watch, daemon=True, name="stall-watch").start()
@@ -654,7 +633,7 @@ class Worker:
                 stale.unlink(missing_ok=True)
 
     def _model_on_cuda(self) -> bool:
-        return str(getattr(self.segmenter, "device", "cpu")).startswith("cuda")
+        return self.segmenter.device.startswith("cuda")
 
     def _render_preset(self) -> str:
         """x264 preset: as set, or (auto) `ultrafast` while the model runs on the CPU, where every core

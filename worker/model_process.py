@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,22 @@ from schemas.errors import RetryableError, VsegError, WorkerBroken
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.settings import Settings
 from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.segment import FrameMasks
+from worker.model_messages import (
+    DirSpec,
+    Done,
+    Error,
+    Exit,
+    Frame,
+    FramesSpec,
+    FromModel,
+    Ready,
+    Segment,
+    Stop,
+    Stopped,
+    StreamSpec,
+    ToModel,
+)
+from worker.segment import FrameMasks, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -64,32 +79,24 @@ class ModelProcessDied(RetryableError):
 
 
 # ---- frame sources across the process boundary --------------------------------------------------
-def describe_frames(frames: FrameSource) -> tuple[Any, ...]:
-    """What the child needs to open the same frame source (a Redis client cannot be pickled)."""
+def describe_frames(frames: FrameSource) -> FramesSpec:
+    """What the child needs to open the same frame source (a Redis client cannot be pickled: the child
+    makes its own from the same settings)."""
     if isinstance(frames, StreamedFrames):
-        import inspect
-
-        import redis
-
-        accepted = inspect.signature(redis.Redis.__init__).parameters
-        kwargs = {("unix_socket_path" if k == "path" else k): v
-                  for k, v in frames.client.connection_pool.connection_kwargs.items()
-                  if (k in accepted or k == "path") and isinstance(v, (str, int, float, bool, type(None)))}
-        return ("stream", kwargs, frames.stream, str(frames.dir), frames.block_ms, frames.stall_s,
-                frames.producer_key, frames.producer_ttl_s)
+        return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
+                          frames.producer_ttl_s)
     if isinstance(frames, DirFrames):
-        return ("dir", str(frames.dir), frames.total)
+        return DirSpec(str(frames.dir), int(frames.total or 0))
     raise TypeError(f"cannot hand a {type(frames).__name__} to the model process")
 
 
-def open_frames(spec: tuple[Any, ...]) -> FrameSource:
-    if spec[0] == "dir":
-        return DirFrames(Path(spec[1]), spec[2], verify=False)  # the worker checked it
-    import redis
+def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
+    if isinstance(spec, DirSpec):
+        return DirFrames(Path(spec.dir), spec.total, verify=False)  # the worker checked it
+    from worker.redis_client import worker_client
 
-    _, kwargs, stream, frames_dir, block_ms, stall_s, producer_key, producer_ttl_s = spec
-    return StreamedFrames(redis.Redis(**kwargs), stream, Path(frames_dir), block_ms=block_ms, stall_s=stall_s,
-                          producer_key=producer_key, producer_ttl_s=producer_ttl_s)
+    return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
+                          stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s)
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -115,19 +122,19 @@ def _serve(conn: multiprocessing.connection.Connection, settings: Settings, log_
     try:
         segmenter = build_segmenter(dataclasses.replace(settings, model_process="off"))
     except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
-        conn.send(("error", _portable(e)))
+        conn.send(Error(_portable(e)))
         return
-    conn.send(("ready", segmenter.name, segmenter.random_weights, str(getattr(segmenter, "device", "cpu"))))
+    conn.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device))
     while True:
         try:
-            msg = conn.recv()
+            msg: ToModel = conn.recv()
         except (EOFError, OSError):  # the worker is gone
             return
-        if msg[0] == "exit":
+        if isinstance(msg, Exit):
             return
-        if msg[0] == "segment":
+        if isinstance(msg, Segment):
             try:
-                if _run_job(conn, segmenter, *msg[1:]) == "exit":
+                if _run_job(conn, segmenter, msg, settings) == "exit":
                     return
             except (_WorkerGone, EOFError, OSError):  # the worker is gone
                 return
@@ -140,10 +147,10 @@ class _WorkerGone(Exception):
     """The pipe to the worker broke: the worker died or closed it."""
 
 
-def _command(conn: multiprocessing.connection.Connection) -> str | None:
-    """The worker's command, if one is waiting (stop or exit)."""
+def _command(conn: multiprocessing.connection.Connection) -> ToModel | None:
+    """The worker's command, if one is waiting (Stop or Exit)."""
     try:
-        return conn.recv()[0] if conn.poll() else None
+        return conn.recv() if conn.poll() else None
     except (EOFError, OSError) as e:
         raise _WorkerGone(str(e)) from e
 
@@ -156,7 +163,7 @@ class _Sender:
 
     def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16) -> None:
         self.conn = conn
-        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(depth)
+        self.queue: queue.Queue[FrameMasks | FromModel | None] = queue.Queue(depth)
         self.error: _WorkerGone | None = None
         self.thread = threading.Thread(target=self._run, name="vseg-model-send", daemon=True)
         self.thread.start()
@@ -166,14 +173,15 @@ class _Sender:
             if self.error is not None:
                 continue  # the worker is gone: drop the rest
             try:
-                if msg[0] == "frame":  # packed here, off the model's thread
-                    _, frame_idx, obj_ids, masks, scores = msg
-                    msg = ("frame", frame_idx, obj_ids, np.packbits(masks, axis=-1), masks.shape, scores)
-                self.conn.send(msg)
+                if isinstance(msg, FrameMasks):  # packed here, off the model's thread
+                    self.conn.send(Frame(msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
+                                         tuple(msg.masks.shape), msg.scores))
+                else:
+                    self.conn.send(msg)
             except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
                 self.error = _WorkerGone(f"{type(e).__name__}: {e}")
 
-    def send(self, msg: tuple[Any, ...] | None) -> None:
+    def send(self, msg: FrameMasks | FromModel | None) -> None:
         while True:
             if self.error is not None:
                 raise self.error
@@ -184,7 +192,7 @@ class _Sender:
                 if not self.thread.is_alive():
                     raise _WorkerGone("the sending thread ended") from None
 
-    def close(self, last: tuple[Any, ...]) -> None:
+    def close(self, last: FromModel) -> None:
         """Send what is queued and then `last` (how the job ended), then stop the thread."""
         self.send(last)
         self.send(None)
@@ -198,30 +206,30 @@ class _Sender:
             self.queue.put_nowait(None)
 
 
-def _run_job(conn: multiprocessing.connection.Connection, segmenter: Any, frames_spec: tuple[Any, ...],
-             prompts: list[ObjectPrompt], width: int, height: int) -> str:
+def _run_job(conn: multiprocessing.connection.Connection, segmenter: Segmenter, job: Segment,
+             settings: Settings) -> str:
     """One job; returns how it ended: done, error, stopped (the worker stopped reading) or exit (the
     worker is closing this process)."""
-    frame_bytes = len(object_ids(prompts)) * width * height  # one frame's masks before packing
+    frame_bytes = len(object_ids(job.prompts)) * job.width * job.height  # one frame's masks before packing
     sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))))
-    outputs = segmenter.segment(open_frames(frames_spec), prompts, width=width, height=height)
+    outputs = segmenter.segment(open_frames(job.frames, settings), job.prompts, width=job.width, height=job.height)
     try:
         for out in outputs:
-            sender.send(("frame", out.frame_idx, out.obj_ids, out.masks, out.scores))
+            sender.send(dataclasses.replace(out, image_rgb=None))  # the renderer decodes its own copy
             command = _command(conn)
-            if command in ("stop", "exit"):
-                outputs.close()
-                if command == "exit":
+            if isinstance(command, (Stop, Exit)):
+                outputs.close()  # type: ignore[attr-defined]  # a generator
+                if isinstance(command, Exit):
                     sender.abandon()
                     return "exit"
-                sender.close(("stopped",))
+                sender.close(Stopped())
                 return "stopped"
     except _WorkerGone:
         raise  # the caller returns
     except Exception as e:  # noqa: BLE001 - raised again in the worker
-        sender.close(("error", _portable(e)))
+        sender.close(Error(_portable(e)))
         return "error"
-    sender.close(("done",))
+    sender.close(Done())
     return "done"
 
 
@@ -251,14 +259,17 @@ class ModelProcess:
         self._conn = parent
         log.info("model process %d starting", self._proc.pid)
         msg = self._recv(timeout_s=self.start_timeout_s, what="start")
-        if msg[0] == "error":
+        if isinstance(msg, Error):
             self.close()
-            raise msg[1]
-        _, self.name, self.random_weights, self.device = msg
+            raise msg.error
+        if not isinstance(msg, Ready):
+            self.close()
+            raise ModelProcessDied(f"the model process said {type(msg).__name__} instead of Ready")
+        self.name, self.random_weights, self.device = msg.name, msg.random_weights, msg.device
         log.info("model process %d ready (%s on %s)", self._proc.pid, self.name, self.device)
 
     def _recv(self, *, timeout_s: float | None = None, what: str = "job",
-              check: Any = None) -> tuple[Any, ...]:
+              check: Callable[[], None] | None = None) -> FromModel:
         conn = self._conn
         if conn is None:
             raise ModelProcessDied(f"the model process was stopped during {what}; the job is retried with a new one")
@@ -301,7 +312,7 @@ class ModelProcess:
         self.ensure_started()  # died during or since the last job: start afresh
         assert self._conn is not None
         try:
-            self._conn.send(("segment", describe_frames(frames), list(prompts), width, height))
+            self._conn.send(Segment(describe_frames(frames), tuple(prompts), width, height))
         except OSError:  # it died just now
             self.close()
             raise ModelProcessDied("the model process died before the job started; the job is retried with "
@@ -311,16 +322,15 @@ class ModelProcess:
             check = getattr(frames, "check", None)
             while True:
                 msg = self._recv(check=check)
-                if msg[0] == "frame":
-                    _, frame_idx, obj_ids, packed, shape, scores = msg
-                    masks = np.unpackbits(packed, axis=-1, count=shape[-1]).astype(bool)
-                    yield FrameMasks(frame_idx, tuple(obj_ids), masks, scores)
-                elif msg[0] == "done":
+                if isinstance(msg, Frame):
+                    masks = np.unpackbits(msg.packed, axis=-1, count=msg.shape[-1]).astype(bool)
+                    yield FrameMasks(msg.frame_idx, tuple(msg.obj_ids), masks, msg.scores)
+                elif isinstance(msg, Done):
                     finished = True
                     return
-                elif msg[0] == "error":
+                elif isinstance(msg, Error):
                     finished = True
-                    raise msg[1]
+                    raise msg.error
         finally:
             if not finished and self._conn is not None:
                 self._stop_job()
@@ -331,11 +341,11 @@ class ModelProcess:
         starts a new one."""
         assert self._conn is not None
         try:
-            self._conn.send(("stop",))
+            self._conn.send(Stop())
             deadline = time.monotonic() + self.stop_timeout_s
             while True:
                 msg = self._recv(timeout_s=max(0.1, deadline - time.monotonic()), what="stop")
-                if msg[0] in ("stopped", "done", "error"):
+                if isinstance(msg, (Stopped, Done, Error)):
                     return
         except (VsegError, OSError) as e:
             log.warning("model process did not stop cleanly (%s); starting a new one for the next job", e)
@@ -355,7 +365,7 @@ class ModelProcess:
         self._conn = None
         if conn is not None:
             try:
-                conn.send(("exit",))
+                conn.send(Exit())
             except OSError:
                 pass
             conn.close()

@@ -51,7 +51,7 @@ from worker import pil_resize
 from worker.cuda_graphs import GraphCache, graphed_modules
 from worker.encoder_batch import BatchedFeatures
 from worker.frames import DirFrames, FrameSource
-from worker.segment import FrameMasks
+from worker.segment import FrameMasks, InProcessModel
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LazyFrames:
             self._rgb.clear()
 
 
-class Sam2Segmenter:
+class Sam2Segmenter(InProcessModel):
     """Segmenter over a loaded SAM2VideoPredictor."""
 
     def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True,
@@ -248,7 +248,7 @@ class Sam2Segmenter:
         self.name = name
         self.random_weights = random_weights
         self.prune = prune
-        self.device = torch.device(predictor.device)
+        self.torch_device = torch.device(predictor.device)
         # memory attention reads frames t-1..t-(num_maskmem-1) and object pointers of up to
         # max_obj_ptrs_in_encoder-1 earlier frames (memory_temporal_stride_for_eval apart)
         stride = int(getattr(predictor, "memory_temporal_stride_for_eval", 1))
@@ -256,10 +256,14 @@ class Sam2Segmenter:
         self.peak_frames_held = 0
         self.last_frames_stats: dict[str, float] = {}  # the last job's loader figures (logged too)
         # SAM 2's per-frame modules replayed from CUDA graphs (worker/cuda_graphs.py), kept across jobs
-        self.graphs = GraphCache(predictor) if cuda_graphs and self.device.type == "cuda" else None
-        if self.device.type != "cuda":
+        self.graphs = GraphCache(predictor) if cuda_graphs and self.torch_device.type == "cuda" else None
+        if self.torch_device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
 
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
     def warm_up(self, num_frames: int | None = None, size_wh: tuple[int, int] = (64, 48)) -> float:
         """Run the whole per-frame path once on a small synthetic clip, so that a worker's first job
         does not pay one-time costs in its time to first result: PIL's JPEG plugin, the model's first
@@ -282,7 +286,7 @@ class Sam2Segmenter:
         return time.monotonic() - t0
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
+        if self.torch_device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -295,8 +299,8 @@ class Sam2Segmenter:
             "offload_state_to_cpu": False,
             "video_height": height,
             "video_width": width,
-            "device": self.device,
-            "storage_device": self.device,
+            "device": self.torch_device,
+            "storage_device": self.torch_device,
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
             "cached_features": features,
@@ -312,9 +316,9 @@ class Sam2Segmenter:
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
         """Yield every object's mask on every frame, in order, as soon as it is known."""
-        images = LazyFrames(frames, self.predictor.image_size, self.device)
+        images = LazyFrames(frames, self.predictor.image_size, self.torch_device)
         encode = self.graphs.image if self.graphs is not None else self.predictor.forward_image
-        self.features = BatchedFeatures(images, encode, self.device, batch=self.encoder_batch)
+        self.features = BatchedFeatures(images, encode, self.torch_device, batch=self.encoder_batch)
         state = self._new_state(images, self.features, width, height)
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
         try:
@@ -354,7 +358,7 @@ class Sam2Segmenter:
                 log.info("CUDA graphs so far: %s", self.graphs.summary())
             self.features.clear()
             state.clear()
-            if self.device.type == "cuda":
+            if self.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def _propagate(self, state: dict[str, Any], frames: FrameSource, start: int, *, reverse: bool,

@@ -44,9 +44,42 @@ class Segmenter(Protocol):
     name: str  # model name for logs and results, e.g. "sam2.1-tiny"
     random_weights: bool  # True only for smoke tests: results are meaningless
 
+    @property
+    def device(self) -> str:
+        """Where the model runs: "cpu", "cuda", "cuda:N" (the renderer picks its x264 preset by it)."""
+        ...
+
     def segment(
         self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int, height: int
     ) -> Iterator[FrameMasks]:
         """Yield FrameMasks for every frame of `frames` (which may still be arriving), in order, each
         with every prompted object; `width` x `height` is the video's size."""
         ...
+
+    def ensure_started(self) -> None:
+        """Before a job is claimed: make sure the model can run (a model process that died is started
+        again); WorkerBroken if it cannot."""
+        ...
+
+    def interrupt(self, reason: str) -> None:
+        """From another thread: the job in progress was abandoned (stalled); stop the model if it can be
+        stopped (a model process is killed), so the job's thread comes back."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (a model process exits)."""
+        ...
+
+
+class InProcessModel:
+    """What a segmenter that runs in the worker's own process does for the Segmenter protocol's
+    lifecycle: nothing to start, nothing to stop from outside, nothing to release."""
+
+    def ensure_started(self) -> None:
+        return None
+
+    def interrupt(self, reason: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
