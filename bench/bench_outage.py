@@ -31,6 +31,7 @@ from producer.submit import submit  # noqa: E402
 from schemas.names import TERMINAL_ENTRY_ID  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
+from tests.workers import wait_for  # noqa: E402
 
 
 def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str]:
@@ -38,15 +39,6 @@ def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str
         return {k.decode(): v.decode() for k, v in client.hgetall(settings.keys.job(job_id)).items()}
     except redis.RedisError:
         return {}
-
-
-def wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def one_run(video: Path, args: argparse.Namespace, work: Path, *, outage: bool) -> dict[str, float | int | bool]:
@@ -68,16 +60,16 @@ def one_run(video: Path, args: argparse.Namespace, work: Path, *, outage: bool) 
     proc = subprocess.Popen([sys.executable, "-m", "worker", *model, "--lease", str(args.lease), "--name", "w"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait(lambda: state(client, settings, "job").get("state") == "running", 600, "the worker to start")
+        wait_for(lambda: state(client, settings, "job").get("state") == "running", timeout_s=600, what="the worker to start")
         t0 = time.monotonic()
         back_at = t0
         if outage:
-            wait(lambda: int(state(client, settings, "job").get("frames_done", 0)) >= args.after, 600, "frames")
+            wait_for(lambda: int(state(client, settings, "job").get("frames_done", 0)) >= args.after, timeout_s=600, what="frames")
             server.stop()
             time.sleep(args.outage)
             server.start()
             back_at = time.monotonic()
-        wait(lambda: state(client, settings, "job").get("state") == "completed", 900, "the job to complete")
+        wait_for(lambda: state(client, settings, "job").get("state") == "completed", timeout_s=900, what="the job to complete")
         done_at = time.monotonic()
         ids = [i.decode() for i, _ in client.xrange(settings.keys.results("job"))]
         once = ids == ["0-1"] + [f"{k + 1}-0" for k in range(args.frames)] + [TERMINAL_ENTRY_ID]

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
-from schemas.connection import connect
+from schemas.connection import quick_client
 from schemas.errors import RedisUnavailable, VsegError
 from schemas.faults import redact_url, redis_fault
 from schemas.logs import configure_logging, run_cli
@@ -25,10 +25,6 @@ from schemas.settings import Settings
 
 log = logging.getLogger("producer")
 
-# The command line's first contact with Redis: one retry, and at most this long per attempt, so a dead or
-# hung Redis is reported within seconds (the library clients retry for longer, to ride out restarts).
-QUICK_RETRIES = 1
-QUICK_TIMEOUT_S = 2.5
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
@@ -117,12 +113,6 @@ def redis_error(error: redis.RedisError, url: str) -> VsegError:
     if isinstance(error, LockError):  # waited out another submit of the same job id
         return VsegError(str(error))
     return VsegError(f"Redis at {redact_url(url)} refused a command: {error}")
-
-
-def quick_client(settings: Settings) -> redis.Redis:
-    """A client that fails within seconds when Redis is down or hung (for commands that never block)."""
-    return connect(settings, retries=QUICK_RETRIES, socket_timeout_s=min(settings.socket_timeout_s, QUICK_TIMEOUT_S),
-                   connect_timeout_s=QUICK_TIMEOUT_S, health_check_interval_s=0)
 
 
 def check_redis(settings: Settings) -> None:

@@ -37,3 +37,15 @@ def connect(
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+QUICK_RETRIES = 1
+QUICK_TIMEOUT_S = 2.5
+
+
+def quick_client(settings: Settings) -> redis.Redis:
+    """A client that fails within seconds when Redis is down or hung, for the command-line tools' calls
+    that never block: one retry, at most QUICK_TIMEOUT_S an attempt, and no health-check PING (whose own
+    retries would multiply these)."""
+    return connect(settings, retries=QUICK_RETRIES, socket_timeout_s=min(settings.socket_timeout_s, QUICK_TIMEOUT_S),
+                   connect_timeout_s=QUICK_TIMEOUT_S, health_check_interval_s=0)

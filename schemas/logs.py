@@ -10,7 +10,7 @@ calls) end an error as one line on stderr (the logger's format) and an exit stat
     2    the command line is wrong: a bad flag value or setting (ConfigError), a bad file, video,
          prompt or job id (InputError); argparse's own errors (unknown flag, missing argument, a value
          of the wrong type) also exit 2, with its usage line and one error line
-    3    worker only: its own machinery failed (WorkerBroken, `worker.cli.EXIT_BROKEN`)
+    3    worker only: its own machinery failed (WorkerBroken, EXIT_BROKEN)
     130  interrupted (Ctrl-C)
 
 Anything else is a bug, and keeps its traceback.
@@ -26,6 +26,7 @@ from schemas.errors import ConfigError, InputError, VsegError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # what argparse exits with for its own errors too
+EXIT_BROKEN = 3  # a worker whose own machinery failed, for its supervisor to restart it
 EXIT_INTERRUPTED = 130
 
 

@@ -8,14 +8,12 @@ import logging
 import socket
 import sys
 
-from schemas.connection import connect
+from schemas.connection import quick_client
 from schemas.errors import VsegError, WorkerBroken
-from schemas.logs import configure_logging, report
+from schemas.logs import EXIT_BROKEN, configure_logging, report
 from schemas.settings import Settings
 
 log = logging.getLogger("worker")
-
-EXIT_BROKEN = 3  # worker.consume.EXIT_BROKEN: its own machinery failed; the supervisor should restart it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +48,7 @@ def check(settings: Settings) -> int:
 
     host = socket.gethostname()
     url = redact_url(settings.redis_url)
-    # fails fast: one retry, at most 2.5 s an attempt, no health-check PING (whose own retries multiply
-    # these): about 5 s against a hung Redis, well inside a healthcheck's timeout
-    client = connect(settings, retries=1, socket_timeout_s=min(settings.socket_timeout_s, 2.5), connect_timeout_s=2.5,
-                     health_check_interval_s=0)
+    client = quick_client(settings)  # about 5 s against a hung Redis, well inside a healthcheck's timeout
     live: list[str] = []
     broken: list[str] = []
     try:

@@ -16,7 +16,8 @@ lease); a second one hands back and exits at once. An idle worker exits at once,
 
 Infrastructure faults (README "Guarantees"): the worker waits for Redis at start and whenever it is
 gone, with backoff, logging where it tries. A job whose lease cannot be renewed for a whole lease
-(Redis refused or hung) stops writing and stays pending; it is taken again once Redis is back. A job
+(Redis refused or hung) stops writing until the lease's renewal says whether the job is still this
+worker's (it resumes) or another's (it stops; worker/lease.py). A job
 with no progress for stall_s is abandoned by its lease (worker/lease.py); if the job's thread does
 not come back within a lease after that (a wedged model), the worker exits with EXIT_BROKEN. Redis
 restarted empty: the job is logged as vanished, the group recreated, and the worker goes on. Redis
@@ -58,12 +59,22 @@ from schemas.errors import (
 )
 from schemas.faults import redact_url, redis_fault, redis_full_message
 from schemas.limits import check_job_limits
+from schemas.logs import EXIT_BROKEN
 from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, JobState, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
 from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
 from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.lease import HAND_BACK_LUA, JobStalled, JobVanished, Lease, LeaseLost, is_nogroup, wait_with_lease
+from worker.lease import (
+    HAND_BACK_LUA,
+    JobStalled,
+    JobVanished,
+    Lease,
+    LeaseLost,
+    is_nogroup,
+    vanished_message,
+    wait_with_lease,
+)
 from worker.publish import JobCancelled, ResultPublisher
 from worker.render import MaskVideoWriter, partial_path
 from worker.segment import Segmenter
@@ -73,7 +84,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_TTL_S = 30
-EXIT_BROKEN = 3  # a worker whose own machinery failed exits with this, for its supervisor to restart it
 STALL_NUDGE_S = 2.0  # a stalled job's thread not back by then: stop its model (kill a model process)
 
 
@@ -119,6 +129,23 @@ def call_bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T | None:
         log.warning("%s did not finish within %.1f s; going on without it", what, timeout_s)
         return None
     return result[0] if result else None
+
+
+class Backoff:
+    """Exponential backoff for the main loop's waits on Redis: `next_s` doubles after each `sleep`, up to
+    `cap_s`; `reset` when Redis answers again."""
+
+    def __init__(self, first_s: float, cap_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.next_s = first_s
+
+    def sleep(self) -> None:
+        time.sleep(self.next_s)
+        self.next_s = min(self.next_s * 2, self.cap_s)
+
+    def reset(self) -> None:
+        self.next_s = self.first_s
 
 
 def exit_now(reason: str) -> None:
@@ -214,18 +241,20 @@ class Worker:
         if now - self._health_at < 1.0:
             return
         self._health_at = now
-        value = json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(), "jobs_done": self.stats.jobs_done, **status})
         try:
-            self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S)
+            self.client.set(self.keys.worker_health(self.name), self._health_value(**status), ex=HEALTH_TTL_S)
         except redis.RedisError:
             pass  # health is best effort (Redis gone or full); the lease is what matters
+
+    def _health_value(self, **status: Any) -> str:
+        return json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(),
+                           "jobs_done": self.stats.jobs_done, **status})
 
     def _report_broken(self, reason: str) -> None:
         """Mark this worker broken in its health key (`python -m worker check` reports it), best effort."""
         self.broken = reason
         log.critical("worker %s is broken: %s; exiting so that its supervisor restarts it", self.name, reason)
-        value = json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(), "state": "broken",
-                            "reason": reason, "jobs_done": self.stats.jobs_done})
+        value = self._health_value(state="broken", reason=reason)
         call_bounded(lambda: self.client.set(self.keys.worker_health(self.name), value, ex=HEALTH_TTL_S),
                      min(2.0, self.settings.lease_s), "marking the health key broken")
 
@@ -248,7 +277,7 @@ class Worker:
     def wait_for_redis(self) -> None:
         """Until Redis answers and the consumer group exists (or is made): wait with backoff, saying where
         it tries; the worker is not ready (no health key) meanwhile."""
-        backoff_s = 0.2
+        backoff = Backoff(0.2)
         tries = 0
         self._idle = True  # no job held: a signal ends the wait at once, even inside a call Redis never answers
         try:
@@ -262,26 +291,18 @@ class Worker:
                     return
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     log.warning("waiting for Redis at %s (try %d: %s); retrying in %.1f s", self._url, tries, e,
-                                backoff_s)
+                                backoff.next_s)
                 except redis.ResponseError as e:
                     if redis_fault(e, self.settings.redis_url) is None:
                         raise
-                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
-        finally:
-            self._idle = False
-
-    def _sleep_idle(self, seconds: float) -> None:
-        self._idle = True
-        try:
-            time.sleep(seconds)
+                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff.next_s)
+                backoff.sleep()
         finally:
             self._idle = False
 
     def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
-        backoff_s = 0.1
+        backoff = Backoff(0.1)
         try:
             self.wait_for_redis()
             log.info("worker %s ready (model %s%s, lease %.1f s, stall %.0f s)", self.name, self.segmenter.name,
@@ -295,13 +316,12 @@ class Worker:
                     self.heartbeat(state="idle")
                     self.housekeeping()
                     entry = self.claim_expired() or self.read_new(block=not burst)
-                    backoff_s = 0.1
+                    backoff.reset()
                     self._redis_answering = True
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     self._redis_answering = False
-                    log.warning("Redis at %s unavailable (%s); retrying in %.1f s", self._url, e, backoff_s)
-                    time.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+                    log.warning("Redis at %s unavailable (%s); retrying in %.1f s", self._url, e, backoff.next_s)
+                    backoff.sleep()
                     continue
                 except redis.ResponseError as e:
                     if is_nogroup(e):  # stream or group gone (Redis restarted empty): recreate and go on
@@ -311,9 +331,8 @@ class Worker:
                         continue
                     if redis_fault(e, self.settings.redis_url) is None:
                         raise
-                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff_s)
-                    time.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+                    log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff.next_s)
+                    backoff.sleep()
                     continue
                 finally:
                     self._idle = False
@@ -323,8 +342,11 @@ class Worker:
                         break
                     continue
                 if self.handle(*entry) == "redis":  # Redis failed under the job: back off before the next try
-                    self._sleep_idle(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+                    self._idle = True
+                    try:
+                        backoff.sleep()
+                    finally:
+                        self._idle = False
         except ForcedExit:
             log.warning("exiting at once")
         except WorkerBroken as e:
@@ -375,7 +397,7 @@ class Worker:
         except (redis.RedisError, InfrastructureError) as e:
             if isinstance(e, redis.ResponseError) and is_nogroup(e):
                 self.stats.jobs_vanished += 1
-                log.error("job %s vanished: Redis lost the jobs stream or its group (%s); submit it again", job_id, e)
+                log.error("%s", vanished_message(job_id, self.keys))
                 return "redis"
             fault = redis_fault(e, self.settings.redis_url)
             if fault is None:  # a Redis reply we do not expect: say so, keep the job pending, keep serving
@@ -680,7 +702,7 @@ class Worker:
             for out in self.segmenter.segment(frames, job.prompts, width=job.width, height=job.height):
                 segment_s += time.monotonic() - t_seg
                 pub.lease.progress()
-                self._check_stop(pub)
+                job_check()
                 if out.frame_idx != expected:
                     raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
                 sink.put(out)
@@ -696,7 +718,7 @@ class Worker:
             except Exception:
                 sink.abort()
             raise
-        self._check_stop(pub)
+        job_check()
         total = frames.total if frames.total is not None else expected
         if expected != total:
             raise VsegError(f"segmenter stopped after {expected} of {total} frames")
