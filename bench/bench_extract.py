@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CACHE, SHARED_VIDEOS, ffmpeg_exe, machine  # noqa: E402
 from producer.decode import extract_frames  # noqa: E402
-from schemas.machine import usable_cores  # noqa: E402
+from runtime.machine import usable_cores  # noqa: E402
 
 
 def upscaled_1080p(source: Path) -> Path:

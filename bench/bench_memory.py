@@ -26,7 +26,7 @@ from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.submit import submit  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
+from runtime.settings import Settings  # noqa: E402
 
 
 def run_job(num_frames: int, image_size: int) -> tuple[float, float]:

@@ -38,8 +38,8 @@ from producer.local_redis import RedisServer  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.results import follow  # noqa: E402
 from producer.submit import submit  # noqa: E402
+from runtime.settings import Settings  # noqa: E402
 from schemas import messages  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
 
 
 def _cpu_s(pid: int) -> float:

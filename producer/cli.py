@@ -1,6 +1,6 @@
 """`python -m producer {submit,extract,watch,status,cancel}`: the client side on the command line.
 
-Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`schemas.logs.run_cli`):
+Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
 has no such job), Redis unreachable, hung or out of memory (1, naming the URL without its password and what
 to do).
@@ -16,12 +16,12 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
-from schemas.connection import quick_client
+from runtime.connection import quick_client
+from runtime.faults import redact_url, redis_fault
+from runtime.logs import configure_logging, run_cli
+from runtime.settings import Settings
 from schemas.errors import RedisUnavailable, VsegError
-from schemas.faults import redact_url, redis_fault
-from schemas.logs import configure_logging, run_cli
 from schemas.names import JobState
-from schemas.settings import Settings
 
 log = logging.getLogger("producer")
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; its errors go through `schemas.logs.run_cli` (one line, exit 1, or 2 for bad input)."""
+    """Run one command; its errors go through `runtime.logs.run_cli` (one line, exit 1, or 2 for bad input)."""
     args = build_parser().parse_args(argv)  # argparse's own errors: its usage line, exit 2
     configure_logging(args.verbose)
     settings: Settings | None = None

@@ -7,13 +7,13 @@ from typing import Any, cast
 
 import redis
 
+from runtime.cleanup import producer_finished, remove_frames
+from runtime.connection import connect
+from runtime.faults import redact_url
+from runtime.settings import Settings
 from schemas import messages
-from schemas.cleanup import producer_finished, remove_frames
-from schemas.connection import connect
 from schemas.errors import UnknownJobError
-from schemas.faults import redact_url
 from schemas.names import EVENTS_MAXLEN, TERMINAL_ENTRY_ID, JobState, terminal_states_arg, validate_job_id
-from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ try:  # JPEG straight from YUV planes; without it frames go through BGR and Open
 except ImportError:  # pragma: no cover
     simplejpeg = None
 
+from runtime.faults import SUBMIT_AGAIN, disk_fault
+from runtime.machine import usable_cores
 from schemas.errors import DiskFull, StorageError, VideoError
-from schemas.faults import SUBMIT_AGAIN, disk_fault
-from schemas.machine import usable_cores
 from schemas.storage import frame_name
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ A streamed job is on the queue before its video is decoded, so a worker waits fo
 running producer can write. While it decodes, the producer keeps `Keys.producer(job_id)` alive (SET
 with an expiry of `ttl_s`, refreshed every `ttl_s / 3`); a worker that finds the key gone for longer
 than a refresh interval knows the producer died (killed, crashed, machine lost) and fails the job at
-once, instead of waiting out its stall timeout on every attempt (`worker/frames.py`).
+once, instead of waiting out its stall timeout on every attempt (`worker/sources/frames.py`).
 
 A producer cut off from Redis (down, hung, partitioned) cannot delete its key, and does not wait for
 Redis to say goodbye: the key expires on its own, which is the signal the worker acts on.

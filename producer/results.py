@@ -14,13 +14,13 @@ from typing import Any, cast
 import redis
 from tqdm import tqdm
 
+from runtime.connection import connect
+from runtime.faults import redact_url
+from runtime.settings import Settings
 from schemas import messages
-from schemas.connection import connect
 from schemas.errors import JobFailed, SchemaError, UnknownJobError, VsegError
-from schemas.faults import redact_url
 from schemas.names import validate_job_id
 from schemas.rle import rle_to_json
-from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 

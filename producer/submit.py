@@ -19,16 +19,16 @@ from redis.lock import Lock
 
 from producer.decode import VideoInfo, extract_frames, probe_video
 from producer.liveness import ProducerHeartbeat, redis_unavailable
+from runtime.cleanup import job_ended, remove_frames
+from runtime.connection import connect
+from runtime.faults import SUBMIT_AGAIN, disk_fault
+from runtime.limits import check_job_limits
+from runtime.priority import lower_this_thread
+from runtime.settings import Settings
 from schemas import messages
-from schemas.cleanup import job_ended, remove_frames
-from schemas.connection import connect
 from schemas.errors import JobFailed, VideoError
-from schemas.faults import SUBMIT_AGAIN, disk_fault
-from schemas.limits import check_job_limits
 from schemas.names import JobState, Keys, frame_entry_id, frames_end_entry_id, validate_job_id
-from schemas.priority import lower_this_thread
 from schemas.prompts import ObjectPrompt, validate_prompts
-from schemas.settings import Settings
 from schemas.storage import job_frames_rel, resolve_inside
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def submit(
     Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
     turns out corrupt after a streamed job was enqueued fails that job, and raises VideoError here).
     Redis errors are redis-py's (the command line turns them into one line with
-    `schemas.faults.redis_fault`): down or hung from the start, raised before anything is decoded; at
+    `runtime.faults.redis_fault`): down or hung from the start, raised before anything is decoded; at
     maxmemory (OutOfMemoryError), the job is refused. Either way no half-made job remains, and the
     frames of a job that was never enqueued are removed.
     """

@@ -1,4 +1,5 @@
-"""The wire contract shared by producer/ and worker/: messages, codec, names, RLE, prompts, settings.
+"""The wire contract shared by producer/ and worker/: messages and their codec, stream and key names,
+RLE masks, prompts, the storage layout, and the exception tree.
 
-This package imports nothing from either side.
+It imports nothing from runtime/, producer/ or worker/.
 """

@@ -27,8 +27,8 @@ from producer.prompts import build_prompts  # noqa: E402
 from producer.results import WatchResult, watch  # noqa: E402
 from producer.submit import new_job_id, submit  # noqa: E402
 from schemas.errors import VsegError  # noqa: E402
-from schemas.logs import configure_logging  # noqa: E402
-from schemas.settings import Settings  # noqa: E402
+from runtime.logs import configure_logging  # noqa: E402
+from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("demo")
 

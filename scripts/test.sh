@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 PY="${VSEG_VENV:-.venv}/bin/python"
-"$PY" -m ruff check schemas producer worker tests bench || exit 1
+"$PY" -m ruff check schemas runtime producer worker tests bench || exit 1
 "$PY" -m mypy || exit 1
 "$PY" -m pytest "$@"
 rc=$?

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer.local_redis import RedisServer
-from schemas.settings import Settings
+from runtime.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Test doubles for the worker's Segmenter seam (worker/segment.py); tests only, never imported by the service.
+"""Test doubles for the worker's Segmenter seam (worker/model/segment.py); tests only, never imported by the service.
 
 `ColourSegmenter`: a deterministic segmenter for plumbing tests. An object is "the blob of its
 prompt's colour": its reference colour is read at its prompt (first foreground point, else the box
@@ -33,12 +33,12 @@ from typing import cast
 import cv2
 import numpy as np
 
+from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from schemas.storage import frame_name
-from worker.frames import FrameSource
-from worker.segment import FrameMasks, InProcessModel, Segmenter
+from worker.model.segment import FrameMasks, InProcessModel, Segmenter
+from worker.sources.frames import FrameSource
 
 logger = logging.getLogger(__name__)
 

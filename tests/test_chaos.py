@@ -19,10 +19,10 @@ import redis
 
 from producer.local_redis import RedisServer
 from producer.submit import submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.videos import disc_center, make_video
 from tests.workers import WorkerProcess
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from schemas.errors import CheckpointError, ConfigError
-from worker.checkpoints import (
+from worker.model.checkpoints import (
     RANDOM,
     ModelPreset,
     build_predictor,
@@ -280,7 +280,7 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_models_yaml_is_plain_yaml() -> None:
-    from schemas.settings import CONFIGS_DIR
+    from runtime.settings import CONFIGS_DIR
 
     assert set(yaml.safe_load((CONFIGS_DIR / "models.yaml").read_text())) == PRESET_NAMES
 
@@ -289,7 +289,7 @@ def test_opencv_runs_single_threaded_beside_a_cpu_model() -> None:
     """OpenCV's thread pool would preempt a CPU model's OpenMP threads on every core at once."""
     import cv2
 
-    from worker.build import share_cores_with_model
+    from worker.model.build import share_cores_with_model
 
     before = cv2.getNumThreads()
     try:
@@ -307,8 +307,8 @@ def test_cpu_model_threads_are_capped_at_the_usable_cores(monkeypatch: pytest.Mo
     import cv2
     import torch
 
-    from schemas import machine
-    from worker.build import share_cores_with_model
+    from runtime import machine
+    from worker.model.build import share_cores_with_model
 
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     try:

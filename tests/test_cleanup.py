@@ -1,5 +1,5 @@
 """Integration tier: a job's JPEG frames are removed once the job has ended and its producer has
-finished, whichever of the two comes last (schemas/cleanup.py); never while a retry or a streaming
+finished, whichever of the two comes last (runtime/cleanup.py); never while a retry or a streaming
 producer still needs them, never with keep_frames on, never a frame directory a backend made itself.
 A streamed job that ends early (cancelled, failed) also stops its producer's decoding."""
 
@@ -15,14 +15,14 @@ import redis
 from producer.control import cancel
 from producer.decode import extract_frames
 from producer.submit import _enqueue, submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from tests.workers import wait_for
-from worker.consume import Worker
+from worker.service.consume import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -53,7 +53,7 @@ def one_line(out: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-# Exit status (schemas/logs.py): 2 when the command line is wrong (a bad flag, file, video, prompt or job id),
+# Exit status (runtime/logs.py): 2 when the command line is wrong (a bad flag, file, video, prompt or job id),
 # 1 when it is well-formed but fails: an unknown job is a well-formed id that Redis has no job for.
 @pytest.mark.parametrize(
     "args, code, message",

@@ -20,11 +20,11 @@ import pytest
 import redis
 
 from producer.local_redis import RedisServer, free_port
+from runtime.faults import redis_fault
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed, RedisFull
-from schemas.faults import redis_fault
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from tests.workers import ROOT, wait_for, worker_env
 

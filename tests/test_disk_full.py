@@ -27,6 +27,9 @@ import redis
 
 from producer.decode import extract_frames
 from producer.submit import submit
+from runtime.faults import disk_fault, redact_url, redis_fault
+from runtime.logs import exit_code
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import (
     DiskFull,
@@ -36,18 +39,15 @@ from schemas.errors import (
     RetryableError,
     VsegError,
 )
-from schemas.faults import disk_fault, redact_url, redis_fault
-from schemas.logs import exit_code
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, wait_for, worker_env
-from worker.consume import Worker
-from worker.frames import FrameSource
-from worker.render import MaskVideoWriter, partial_path
-from worker.segment import FrameMasks, InProcessModel
+from worker.model.segment import FrameMasks, InProcessModel
+from worker.output.render import MaskVideoWriter, partial_path
+from worker.service.consume import Worker
+from worker.sources.frames import FrameSource
 
 N = 24
 SIZE = (160, 120)  # each frame's JPEG (< 2 KiB) takes one 4 KiB page of a tmpfs; the MP4 about 20 KiB
@@ -267,7 +267,7 @@ def assert_one_line_records(log: RetryLog) -> None:
             assert record.exc_info is None and "\n" not in record.getMessage(), record.getMessage()
 
 
-# ---- unit: schemas/faults.py ----------------------------------------------------------------------
+# ---- unit: runtime/faults.py ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_disk_fault_names_storage_root_free_space_and_the_fix(tmp_path: Path, code: int) -> None:

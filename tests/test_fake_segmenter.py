@@ -12,8 +12,8 @@ from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
 from tests.fakes import ColourSegmenter
 from tests.render_checks import disc, iou
-from worker.frames import DirFrames
-from worker.segment import FrameMasks, Segmenter
+from worker.model.segment import FrameMasks, Segmenter
+from worker.sources.frames import DirFrames
 
 SIZE_HW = (120, 160)
 N_FRAMES = 8

@@ -25,17 +25,17 @@ import redis
 
 from producer.local_redis import RedisServer, free_port
 from producer.submit import submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import RetryableError, WorkerBroken
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
-from worker.consume import EXIT_BROKEN, Worker
-from worker.lease import Lease
-from worker.publish import ResultPublisher
+from worker.broker.lease import Lease
+from worker.broker.publish import ResultPublisher
+from worker.service.consume import EXIT_BROKEN, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -431,7 +431,7 @@ def test_dead_lease_thread_hands_the_job_back_and_the_worker_exits_broken(
 def test_model_process_that_cannot_restart_makes_the_worker_exit_broken(
     video: Path, cfg: Settings, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.model_process import ModelProcess
+    from worker.model.process import ModelProcess
 
     mp = ModelProcess(Settings.load(environ={}, model_process="on", segmenter=FROM_ENV))
     try:

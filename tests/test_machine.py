@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import machine
+from runtime import machine
 
 
 @pytest.mark.parametrize(

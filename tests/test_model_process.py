@@ -1,4 +1,4 @@
-"""The model in its own process (worker/model_process.py), driven through the fake colour segmenter
+"""The model in its own process (worker/model/process.py), driven through the fake colour segmenter
 and its fault-injection hooks: same results as in the worker's process, early stops, errors that
 keep their type, a child that dies mid-job, and a child that cannot start."""
 
@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 import redis
 
+from runtime.settings import Settings
 from schemas.errors import ConfigError, RetryableError
-from schemas.settings import Settings
 from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
-from worker.frames import DirFrames, StreamedFrames
-from worker.load import load_segmenter
-from worker.model_messages import DirSpec, Done, Frame, Segment, StreamSpec
-from worker.model_process import (
+from worker.broker.redis_client import worker_socket_timeout_s
+from worker.model.load import load_segmenter
+from worker.model.process import (
     ModelProcess,
     ModelProcessDied,
     describe_frames,
     open_frames,
     use_model_process,
 )
-from worker.redis_client import worker_socket_timeout_s
-from worker.segment import FrameMasks
+from worker.model.process_messages import DirSpec, Done, Frame, Segment, StreamSpec
+from worker.model.segment import FrameMasks
+from worker.sources.frames import DirFrames, StreamedFrames
 
 N = 8
 FAKE = Settings(model_process="on", segmenter=FROM_ENV, device="cpu")  # tests.fakes in the child, faults from its env
@@ -186,7 +186,7 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     import threading
     import time
 
-    from worker.model_process import _Sender
+    from worker.model.process import _Sender
 
     here, there = multiprocessing.Pipe()
     sender = _Sender(there, depth=8)
@@ -210,7 +210,7 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
 def test_the_sender_reports_a_worker_that_went_away() -> None:
     import multiprocessing
 
-    from worker.model_process import _Sender, _WorkerGone
+    from worker.model.process import _Sender, _WorkerGone
 
     here, there = multiprocessing.Pipe()
     here.close()  # the worker is gone

@@ -18,18 +18,18 @@ import redis
 
 from producer.results import UnknownJobError, follow, watch
 from producer.submit import submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed, PromptError, VideoError
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask, mask_bbox_xyxy
-from schemas.settings import Settings
 from schemas.storage import frame_name
 from tests.fakes import ColourSegmenter
 from tests.render_checks import near_box, tinted_mask
 from tests.videos import disc_center, disc_mask, make_video
-from worker.consume import Worker
-from worker.render import colour_for
+from worker.output.render import colour_for
+from worker.service.consume import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -241,7 +241,7 @@ def test_worker_peak_rss_is_its_own_not_its_forking_parents() -> None:
     import sys
 
     big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident in this process
-    out = subprocess.run([sys.executable, "-c", "from worker.consume import peak_rss_mib; print(peak_rss_mib())"],
+    out = subprocess.run([sys.executable, "-c", "from worker.service.consume import peak_rss_mib; print(peak_rss_mib())"],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(out.stdout) < 300, out.stdout
     del big

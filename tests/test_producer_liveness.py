@@ -16,13 +16,13 @@ import pytest
 import redis
 
 from producer.liveness import ProducerHeartbeat
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PermanentError, RetryableError
 from schemas.names import frame_entry_id, frames_end_entry_id
-from schemas.settings import Settings
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
-from worker.frames import StreamedFrames
+from worker.sources.frames import StreamedFrames
 
 pytestmark = pytest.mark.integration
 

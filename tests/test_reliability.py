@@ -18,18 +18,18 @@ import redis
 from producer.control import cancel, status
 from producer.local_redis import RedisServer
 from producer.submit import submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import UnknownJobError
 from schemas.names import TERMINAL_ENTRY_ID, JobState
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.fakes import ChaosHooks, ColourSegmenter, Faults
 from tests.videos import disc_center, make_video
 from tests.workers import WorkerProcess, wait_for
-from worker.consume import Worker
-from worker.lease import Lease, LeaseLost
-from worker.publish import ResultPublisher, frame_result
-from worker.segment import FrameMasks
+from worker.broker.lease import Lease, LeaseLost
+from worker.broker.publish import ResultPublisher, frame_result
+from worker.model.segment import FrameMasks
+from worker.service.consume import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -492,7 +492,7 @@ def test_job_cannot_leave_storage_root_and_limits_apply_at_the_worker(
     assert "stay inside it" in state(redis_client, settings, "escape")["error"]
     assert "stay inside it" in state(redis_client, settings, "abs")["error"]
     assert "over the limit" in state(redis_client, settings, "huge")["error"]
-    from schemas.limits import LimitError
+    from runtime.limits import LimitError
 
     small = Settings.load(environ={}, redis_url=settings.redis_url, storage_root=settings.storage_root, max_frames=5)
     with pytest.raises(LimitError, match="VSEG_MAX_FRAMES"):
@@ -513,7 +513,7 @@ def test_password_and_acl_user_in_redis_url(video: Path, tmp_path: Path, storage
             redis.Redis(port=server.port).ping() or redis.Redis(port=server.port).xlen("x")
         for url in (f"redis://:s3cret@127.0.0.1:{server.port}/0", f"redis://svc:pw2@127.0.0.1:{server.port}/0"):
             settings = Settings.load(environ={}, redis_url=url, storage_root=storage_root)
-            from schemas.connection import connect
+            from runtime.connection import connect
 
             client = connect(settings)
             job = f"auth{len(url)}"
@@ -584,7 +584,7 @@ def test_rediss_url_with_a_private_ca(video: Path, tmp_path: Path, storage_root:
     url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={d / 'ca.crt'}"
     try:
         settings = Settings.load(environ={}, redis_url=url, storage_root=storage_root)
-        from schemas.connection import connect
+        from runtime.connection import connect
 
         client = connect(settings)
         wait_for(lambda: _pings(client), timeout_s=10, what="TLS redis-server")

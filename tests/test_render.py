@@ -1,4 +1,4 @@
-"""Unit tests of worker.render: mask drawing and the H.264 MP4 writer (no Redis, no GPU)."""
+"""Unit tests of worker.output.render: mask drawing and the H.264 MP4 writer (no Redis, no GPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.render_checks import disc, iou, near_box, tinted_mask
-from worker.render import (
+from worker.output.render import (
     PALETTE_BGR,
     MaskVideoWriter,
     colour_for,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import ConfigError, JobIdError, PromptError, SchemaError, StorageError
 from schemas.names import (
@@ -25,7 +26,6 @@ from schemas.names import (
 )
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.rle import decode_mask, encode_mask, mask_bbox_xyxy, rle_area, rle_bbox_xyxy, rle_to_json
-from schemas.settings import Settings
 from schemas.storage import check_frame_dir, frame_index, frame_name, job_frames_rel, resolve_inside
 
 PROMPTS = (
@@ -277,7 +277,7 @@ def test_job_states_are_the_wire_strings_and_no_lua_script_spells_one_itself() -
     assert "cancelled" in TERMINAL_STATES and "retrying" not in TERMINAL_STATES
     assert {s.value for s in TERMINAL_STATES} == {t.TYPE.value for t in messages.TERMINAL_TYPES}
     from producer import control, submit
-    from worker import lease
+    from worker.broker import lease
 
     scripts = {f"{m.__name__}.{name}": value for m in (control, submit, lease) for name, value in vars(m).items()
                if name.endswith("_LUA")}

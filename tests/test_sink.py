@@ -1,4 +1,4 @@
-"""Unit tests of worker.sink.ResultSink: frames waiting in its queue are published together (one
+"""Unit tests of worker.output.sink.ResultSink: frames waiting in its queue are published together (one
 pipelined Redis round trip), in order, each exactly once; errors reach the model's thread."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from schemas import messages
 from schemas.errors import RetryableError
-from worker.segment import FrameMasks
-from worker.sink import ResultSink
+from worker.model.segment import FrameMasks
+from worker.output.sink import ResultSink
 
 
 class FakeFrames:

@@ -15,15 +15,15 @@ import redis
 import producer.decode as decode
 from producer.results import follow
 from producer.submit import submit
+from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError, VideoError
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
-from schemas.settings import Settings
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from tests.workers import wait_for
-from worker.consume import Worker
+from worker.service.consume import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +187,7 @@ def test_a_frame_already_announced_is_not_held_up_by_a_read_for_a_later_one(
     """The prefetch asks for frame 0 and frames ahead at once: a loader thread blocked reading the
     frames stream for frame 5 must not delay the thread that wants frame 0 (that was the first
     result's latency, up to block_ms)."""
-    from worker.frames import StreamedFrames
+    from worker.sources.frames import StreamedFrames
 
     stream = "t:frames"
     (tmp_path / "00000.jpg").write_bytes(b"jpeg")

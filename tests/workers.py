@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from schemas.settings import Settings
+from runtime.settings import Settings
 from tests.fakes import FROM_ENV
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,10 @@ import logging
 import socket
 import sys
 
-from schemas.connection import quick_client
+from runtime.connection import quick_client
+from runtime.logs import EXIT_BROKEN, configure_logging, report
+from runtime.settings import Settings
 from schemas.errors import VsegError, WorkerBroken
-from schemas.logs import EXIT_BROKEN, configure_logging, report
-from schemas.settings import Settings
 
 log = logging.getLogger("worker")
 
@@ -44,7 +44,7 @@ def check(settings: Settings) -> int:
     """
     import redis
 
-    from schemas.faults import redact_url, redis_fault
+    from runtime.faults import redact_url, redis_fault
 
     host = socket.gethostname()
     url = redact_url(settings.redis_url)
@@ -82,7 +82,7 @@ def check(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run or check; errors go through `schemas.logs.report`, the CLIs' one error path (one line; exit 1,
+    """Run or check; errors go through `runtime.logs.report`, the CLIs' one error path (one line; exit 1,
     2 for bad settings, EXIT_BROKEN for WorkerBroken, 130 for Ctrl-C)."""
     args = build_parser().parse_args(argv)  # argparse's own errors: its usage line, exit 2
     configure_logging(args.verbose)
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "check":
             return check(settings)
-        from worker.consume import Worker
-        from worker.load import load_segmenter
-        from worker.redis_client import worker_client
+        from worker.broker.redis_client import worker_client
+        from worker.model.load import load_segmenter
+        from worker.service.consume import Worker
 
         segmenter = load_segmenter(settings)
         try:

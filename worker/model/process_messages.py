@@ -1,4 +1,4 @@
-"""What the worker and its model process say to each other (worker/model_process.py), one dataclass a
+"""What the worker and its model process say to each other (worker/model/process.py), one dataclass a
 message; every message is pickled whole through the pipe. Frame sources cross as specs: the child opens
 the same source itself (a streamed one with its own Redis client, from the same settings)."""
 
@@ -14,7 +14,7 @@ from schemas.prompts import ObjectPrompt
 # ---- frame sources ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DirSpec:
-    """A finished frame directory (worker/frames.py DirFrames), already checked by the worker."""
+    """A finished frame directory (worker/sources/frames.py DirFrames), already checked by the worker."""
 
     dir: str
     total: int
@@ -22,7 +22,7 @@ class DirSpec:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A directory still being filled, announced on a frames stream (worker/frames.py StreamedFrames)."""
+    """A directory still being filled, announced on a frames stream (worker/sources/frames.py StreamedFrames)."""
 
     stream: str
     dir: str

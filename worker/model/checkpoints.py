@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import yaml
 
+from runtime.settings import CONFIGS_DIR
 from schemas.errors import CheckpointError, ConfigError
-from schemas.settings import CONFIGS_DIR
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import cast
 
 import redis
 
+from runtime.settings import Settings
 from schemas.names import TERMINAL_STATES
-from schemas.settings import Settings
 from schemas.storage import job_frames_rel, resolve_inside
 
 log = logging.getLogger(__name__)

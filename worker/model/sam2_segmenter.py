@@ -6,10 +6,10 @@ which loads every frame before the first mask and keeps every frame's state fore
 
 - frames are loaded lazily, as propagation reaches them, by background threads that decode and resize
   the next few frames (a bounded number is held in memory), and may still be arriving from the
-  producer (streaming hand-off: worker/frames.py);
-- the image encoder runs on the next frames together (`encoder_batch`, worker/encoder_batch.py);
+  producer (streaming hand-off: worker/sources/frames.py);
+- the image encoder runs on the next frames together (`encoder_batch`, worker/model/encoder_batch.py);
 - on CUDA, the image encoder, memory attention, memory encoder, mask decoder and prompt encoder
-  replay from CUDA graphs (`cuda_graphs`, worker/cuda_graphs.py), installed on the predictor only
+  replay from CUDA graphs (`cuda_graphs`, worker/model/cuda_graphs.py), installed on the predictor only
   while a job runs;
 - per-frame state that SAM 2's memory attention can no longer read is released as propagation moves
   on: only the prompted (conditioning) frames and the last `window` frames are kept, where `window`
@@ -43,15 +43,15 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from runtime.machine import usable_cores
 from schemas.errors import ConfigError, PromptError
-from schemas.machine import usable_cores
 from schemas.prompts import ObjectPrompt, object_ids
 from schemas.storage import frame_name
-from worker import pil_resize
-from worker.cuda_graphs import GraphCache, graphed_modules
-from worker.encoder_batch import BatchedFeatures
-from worker.frames import DirFrames, FrameSource
-from worker.segment import FrameMasks, InProcessModel
+from worker.model import pil_resize
+from worker.model.cuda_graphs import GraphCache, graphed_modules
+from worker.model.encoder_batch import BatchedFeatures
+from worker.model.segment import FrameMasks, InProcessModel
+from worker.sources.frames import DirFrames, FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LazyFrames:
         return torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
 
     def _prepare_on_cuda(self, full: np.ndarray) -> torch.Tensor:
-        """Resize (Pillow's arithmetic in integers: worker/pil_resize.py) and normalise (the same lookup
+        """Resize (Pillow's arithmetic in integers: worker/model/pil_resize.py) and normalise (the same lookup
         table) on the GPU, so the model gets identical numbers while this thread holds the GIL for
         almost nothing; on this thread's own stream, overlapping the model's work. Returns once the
         frame is ready on the device."""
@@ -255,7 +255,7 @@ class Sam2Segmenter(InProcessModel):
         self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
         self.peak_frames_held = 0
         self.last_frames_stats: dict[str, float] = {}  # the last job's loader figures (logged too)
-        # SAM 2's per-frame modules replayed from CUDA graphs (worker/cuda_graphs.py), kept across jobs
+        # SAM 2's per-frame modules replayed from CUDA graphs (worker/model/cuda_graphs.py), kept across jobs
         self.graphs = GraphCache(predictor) if cuda_graphs and self.torch_device.type == "cuda" else None
         if self.torch_device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)

@@ -6,7 +6,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from schemas.settings import Settings
+from runtime.settings import Settings
 
 
 def connect(

@@ -9,9 +9,9 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from runtime.settings import Settings
 from schemas.errors import ConfigError
-from schemas.settings import Settings
-from worker.segment import Segmenter
+from worker.model.segment import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def share_cores_with_model(device: str) -> None:
     if not str(device).startswith("cuda"):
         import torch
 
-        from schemas.machine import usable_cores
+        from runtime.machine import usable_cores
 
         cv2.setNumThreads(1)
         cores = usable_cores()
@@ -54,8 +54,14 @@ def build_segmenter(settings: Settings) -> Segmenter:
     """The segmenter itself, in this process (a model process's child calls this too)."""
     if settings.segmenter:
         return import_factory(settings.segmenter)(settings)
-    from worker.checkpoints import RANDOM, build_predictor, get_preset, resolve_checkpoint, resolve_device
-    from worker.sam2_segmenter import Sam2Segmenter
+    from worker.model.checkpoints import (
+        RANDOM,
+        build_predictor,
+        get_preset,
+        resolve_checkpoint,
+        resolve_device,
+    )
+    from worker.model.sam2_segmenter import Sam2Segmenter
 
     device = resolve_device(settings.device)
     preset = get_preset(settings.model_preset)

@@ -38,8 +38,8 @@ from typing import Any
 
 import redis
 
+from runtime.faults import is_redis_full
 from schemas.errors import WorkerBroken
-from schemas.faults import is_redis_full
 from schemas.names import JobState, Keys
 
 log = logging.getLogger(__name__)

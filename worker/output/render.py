@@ -28,8 +28,8 @@ import av
 import cv2
 import numpy as np
 
+from runtime.faults import disk_fault
 from schemas.errors import DiskFull
-from schemas.faults import disk_fault
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The worker loop: claim jobs from the consumer group, segment, publish, render, acknowledge.
 
-Each job runs under a lease (worker/lease.py) renewed by a heartbeat thread; every write is fenced by
+Each job runs under a lease (worker/broker/lease.py) renewed by a heartbeat thread; every write is fenced by
 it. The loop first takes over jobs whose lease expired (their worker died: XAUTOCLAIM), then reads
 new ones. A job entry is acknowledged and deleted (vseg:jobs holds only jobs in flight) in the same
 atomic step that writes its one terminal entry: completed, failed, cancelled or dead.
@@ -17,8 +17,8 @@ lease); a second one hands back and exits at once. An idle worker exits at once,
 Infrastructure faults (README "Guarantees"): the worker waits for Redis at start and whenever it is
 gone, with backoff, logging where it tries. A job whose lease cannot be renewed for a whole lease
 (Redis refused or hung) stops writing until the lease's renewal says whether the job is still this
-worker's (it resumes) or another's (it stops; worker/lease.py). A job
-with no progress for stall_s is abandoned by its lease (worker/lease.py); if the job's thread does
+worker's (it resumes) or another's (it stops; worker/broker/lease.py). A job
+with no progress for stall_s is abandoned by its lease (worker/broker/lease.py); if the job's thread does
 not come back within a lease after that (a wedged model), the worker exits with EXIT_BROKEN. Redis
 restarted empty: the job is logged as vanished, the group recreated, and the worker goes on. Redis
 full or a full disk: retried with backoff (RetryableError), the job's input kept until its attempts
@@ -46,8 +46,12 @@ from typing import Any, TypeVar, cast
 import msgpack
 import redis
 
+from runtime.cleanup import producer_finished, remove_frames
+from runtime.faults import redact_url, redis_fault, redis_full_message
+from runtime.limits import check_job_limits
+from runtime.logs import EXIT_BROKEN
+from runtime.settings import Settings
 from schemas import messages
-from schemas.cleanup import producer_finished, remove_frames
 from schemas.errors import (
     InfrastructureError,
     PermanentError,
@@ -57,15 +61,10 @@ from schemas.errors import (
     VsegError,
     WorkerBroken,
 )
-from schemas.faults import redact_url, redis_fault, redis_full_message
-from schemas.limits import check_job_limits
-from schemas.logs import EXIT_BROKEN
 from schemas.names import EVENTS_MAXLEN, TERMINAL_STATES, JobState, validate_job_id
 from schemas.prompts import object_ids, validate_prompts
-from schemas.settings import Settings
 from schemas.storage import job_render_rel, resolve_inside
-from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.lease import (
+from worker.broker.lease import (
     HAND_BACK_LUA,
     JobStalled,
     JobVanished,
@@ -75,10 +74,11 @@ from worker.lease import (
     vanished_message,
     wait_with_lease,
 )
-from worker.publish import JobCancelled, ResultPublisher
-from worker.render import MaskVideoWriter, partial_path
-from worker.segment import Segmenter
-from worker.sink import ResultSink
+from worker.broker.publish import JobCancelled, ResultPublisher
+from worker.model.segment import Segmenter
+from worker.output.render import MaskVideoWriter, partial_path
+from worker.output.sink import ResultSink
+from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -521,7 +521,7 @@ class Worker:
 
     def _release_frames(self, job_id: str) -> None:
         """After the job's terminal state: its frames stream expires with its results, and its frames go if
-        the producer has finished too; otherwise the producer removes them when it does (schemas/cleanup.py)."""
+        the producer has finished too; otherwise the producer removes them when it does (runtime/cleanup.py)."""
         try:
             self.client.expire(self.keys.frames(job_id), self.settings.results_ttl_s)
             if producer_finished(self.client, self.settings, job_id):

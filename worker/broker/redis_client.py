@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import redis
 
-from schemas.connection import connect
-from schemas.settings import Settings
+from runtime.connection import connect
+from runtime.settings import Settings
 
 
 def worker_socket_timeout_s(settings: Settings) -> float:

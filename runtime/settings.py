@@ -76,7 +76,7 @@ class Settings:
     cuda_graphs: str = "on"  # on CUDA, replay SAM 2's per-frame modules from CUDA graphs: on, off
     jpeg_quality: int = 95
     decode_threads: int = 0  # producer's FFmpeg decoder threads; 0: one on 2 cores or fewer, else FFmpeg's choice
-    keep_frames: str = "off"  # on: a job's JPEG frames stay after it ends; off: removed (schemas/cleanup.py)
+    keep_frames: str = "off"  # on: a job's JPEG frames stay after it ends; off: removed (runtime/cleanup.py)
     render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
     block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s

@@ -1,5 +1,5 @@
 """Writing a job's results: frame entries with ids derived from the frame index, lifecycle events,
-state. Every write is fenced by the worker's lease (worker/lease.py): once the lease is lost,
+state. Every write is fenced by the worker's lease (worker/broker/lease.py): once the lease is lost,
 nothing this worker writes lands.
 
 Infrastructure faults while writing (`retry_redis`): a refused or hung Redis is retried with backoff
@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 import numpy as np
 import redis
 
+from runtime.faults import is_redis_full, redis_full_message
 from schemas import messages
 from schemas.errors import RedisFull
-from schemas.faults import is_redis_full, redis_full_message
 from schemas.names import EVENTS_MAXLEN, STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, JobState, Keys, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
-from worker.lease import (
+from worker.broker.lease import (
     FENCED_HSET_LUA,
     FENCED_XADD_LUA,
     FINISH_LUA,
@@ -35,7 +35,7 @@ from worker.lease import (
     is_nogroup,
     vanished_message,
 )
-from worker.segment import FrameMasks
+from worker.model.segment import FrameMasks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

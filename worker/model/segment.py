@@ -1,7 +1,7 @@
 """The Segmenter seam: what the worker needs from a video segmentation model.
 
-Implemented by worker.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
-worker.model_process.ModelProcess (either, in a child process), and in tests by tests.fakes
+Implemented by worker.model.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
+worker.model.process.ModelProcess (either, in a child process), and in tests by tests.fakes
 (chosen with the `segmenter` setting).
 """
 
@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from schemas.prompts import ObjectPrompt
-from worker.frames import FrameSource
+from worker.sources.frames import FrameSource
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class FrameMasks:
 
 
 class Segmenter(Protocol):
-    """Propagates prompted objects through JPEG frames 00000.jpg, 00001.jpg, ... (worker/frames.py)."""
+    """Propagates prompted objects through JPEG frames 00000.jpg, 00001.jpg, ... (worker/sources/frames.py)."""
 
     name: str  # model name for logs and results, e.g. "sam2.1-tiny"
     random_weights: bool  # True only for smoke tests: results are meaningless

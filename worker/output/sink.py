@@ -19,10 +19,10 @@ from collections.abc import Callable
 import cv2
 
 from schemas.errors import RetryableError, StorageError
-from worker.frames import FrameSource
-from worker.publish import ResultPublisher, frame_result
-from worker.render import MaskVideoWriter
-from worker.segment import FrameMasks
+from worker.broker.publish import ResultPublisher, frame_result
+from worker.model.segment import FrameMasks
+from worker.output.render import MaskVideoWriter
+from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from runtime.settings import Settings
 from schemas.errors import InputError
 from schemas.prompts import ObjectPrompt, object_ids
-from schemas.settings import Settings
 
 
 class LimitError(InputError):

@@ -1,7 +1,7 @@
 """The model in a process of its own, so that the result path cannot slow it down (the default on CUDA).
 
 A small model on a fast GPU is bound by the Python thread that launches its kernels: SAM 2.1 tiny at
-1024 runs 27 to 55 frames/s on an H100 eagerly (about 80 with CUDA graphs, worker/cuda_graphs.py),
+1024 runs 27 to 55 frames/s on an H100 eagerly (about 80 with CUDA graphs, worker/model/cuda_graphs.py),
 with the GPU mostly idle either way. That thread takes the GIL back
 hundreds of times a frame, and every other thread of the worker (RLE encoding, MP4 rendering, Redis
 writes) holds the GIL in between: in one process the model ran at about 70 to 80% of its bare speed
@@ -13,7 +13,7 @@ and the model must not wait with it. The decoded frame is not sent: the
 renderer decodes the JPEG again in the worker's process, which costs a few ms of CPU there but no
 1.5 to 6 MB pipe copy per frame on the model's side.
 
-`ModelProcess` is a Segmenter (worker/segment.py), so the worker's job loop does not change:
+`ModelProcess` is a Segmenter (worker/model/segment.py), so the worker's job loop does not change:
 
 - the child starts once per worker, loads the model and warms it up; `ModelProcess()` returns when it
   is ready, or raises the child's own error (a bad checkpoint, no CUDA) with its message;
@@ -50,11 +50,10 @@ from typing import Any
 
 import numpy as np
 
+from runtime.settings import Settings
 from schemas.errors import RetryableError, VsegError, WorkerBroken
 from schemas.prompts import ObjectPrompt, object_ids
-from schemas.settings import Settings
-from worker.frames import DirFrames, FrameSource, StreamedFrames
-from worker.model_messages import (
+from worker.model.process_messages import (
     DirSpec,
     Done,
     Error,
@@ -69,7 +68,8 @@ from worker.model_messages import (
     StreamSpec,
     ToModel,
 )
-from worker.segment import FrameMasks, Segmenter
+from worker.model.segment import FrameMasks, Segmenter
+from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def describe_frames(frames: FrameSource) -> FramesSpec:
 def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
     if isinstance(spec, DirSpec):
         return DirFrames(Path(spec.dir), spec.total, verify=False)  # the worker checked it
-    from worker.redis_client import worker_client
+    from worker.broker.redis_client import worker_client
 
     return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
                           stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s)
@@ -117,7 +117,7 @@ def _serve(conn: multiprocessing.connection.Connection, settings: Settings, log_
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
-    from worker.build import build_segmenter
+    from worker.model.build import build_segmenter
 
     try:
         segmenter = build_segmenter(dataclasses.replace(settings, model_process="off"))

@@ -1,12 +1,12 @@
-"""Which segmenter a worker runs, and where: in this process (worker/build.py), or in a model process
-of its own (worker/model_process.py; `model_process` auto: on for a CUDA model)."""
+"""Which segmenter a worker runs, and where: in this process (worker/model/build.py), or in a model process
+of its own (worker/model/process.py; `model_process` auto: on for a CUDA model)."""
 
 from __future__ import annotations
 
-from schemas.settings import Settings
-from worker.build import build_segmenter
-from worker.model_process import ModelProcess, use_model_process
-from worker.segment import Segmenter
+from runtime.settings import Settings
+from worker.model.build import build_segmenter
+from worker.model.process import ModelProcess, use_model_process
+from worker.model.segment import Segmenter
 
 
 def model_device(settings: Settings) -> str:
@@ -14,7 +14,7 @@ def model_device(settings: Settings) -> str:
     picks its own, so auto counts as the CPU for it."""
     if settings.segmenter:
         return "cpu" if settings.device == "auto" else settings.device
-    from worker.checkpoints import resolve_device
+    from worker.model.checkpoints import resolve_device
 
     return resolve_device(settings.device)
 

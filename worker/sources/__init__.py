@@ -1,0 +1,1 @@
+"""Where a job's frames come from: a finished frame directory or frames streamed by the producer."""
