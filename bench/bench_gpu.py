@@ -73,11 +73,13 @@ def run_driver(seg: Sam2Segmenter, frames_dir: Path, num_frames: int, point: tup
     t0 = time.perf_counter()
     first, n = 0.0, 0
     prompt = ObjectPrompt(1, 0, (point,), (1,))
-    for _out in seg.segment(DirFrames(frames_dir, num_frames), [prompt], width=size_wh[0], height=size_wh[1]):
-        n += 1
-        first = first or time.perf_counter() - t0
+    with seg.open_session(DirFrames(frames_dir, num_frames), [prompt], width=size_wh[0],
+                          height=size_wh[1]) as session:
+        for _out in session:
+            n += 1
+            first = first or time.perf_counter() - t0
     total = time.perf_counter() - t0
-    stats = seg.last_frames_stats
+    stats = session.stats
     return {"first_result_s": first, "total_s": total, "frames": n, "waited_s": stats["waited_s"],
             "load_ms": stats["load_ms"], "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
 

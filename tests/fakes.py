@@ -37,7 +37,8 @@ from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
-from worker.model.segment import FrameMasks, InProcessModel, Segmenter
+from worker.model.segment import FrameMasks, InProcessModel, Segmenter, Session
+from worker.model.session import SessionBase
 from worker.sources.frames import FrameSource
 
 logger = logging.getLogger(__name__)
@@ -112,37 +113,61 @@ class ColourSegmenter(InProcessModel):
         self.delay_s = delay_s
         self.fail_at_frame = fail_at_frame
 
-    def reference_colours(self, frames: FrameSource, prompts: Sequence[ObjectPrompt]) -> dict[int, np.ndarray]:
-        """BGR colour of each object at its earliest prompt, keyed by obj_id."""
-        colours: dict[int, np.ndarray] = {}
-        for obj_id, prompt in sorted(first_prompts(prompts).items()):
-            if not frames.wait(prompt.frame_idx):
-                raise PromptError(
-                    f"prompt for object {obj_id} is on frame {prompt.frame_idx}, but the video has "
-                    f"{frames.total} frames (0..{(frames.total or 0) - 1})"
-                )
-            x, y = prompt_xy(prompt)
-            colours[obj_id] = sample_colour(read_frame(frames.dir, prompt.frame_idx), x, y)
-            logger.debug("object %d: reference colour %s from frame %d", obj_id, colours[obj_id].tolist(), prompt.frame_idx)
-        return colours
-
-    def segment(
-        self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0, height: int = 0
-    ) -> Iterator[FrameMasks]:
-        """Yield FrameMasks for every frame, in order (as frames arrive), each with every prompted object."""
+    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0,
+                     height: int = 0) -> ColourSession:
         if not prompts:
             raise PromptError("no prompts: give at least one point or box")
-        colours = self.reference_colours(frames, prompts)
-        obj_ids = tuple(colours)
-        for frame_idx in frames:
-            if self.fail_at_frame is not None and frame_idx == self.fail_at_frame:
+        return ColourSession(self, frames, prompts)
+
+
+class ColourSession(SessionBase):
+    """One job on the ColourSegmenter: an object's reference colour is sampled at its first prompt (and
+    again at a later prompt for it, a correction); frames are segmented as they arrive."""
+
+    def __init__(self, model: ColourSegmenter, frames: FrameSource, prompts: Sequence[ObjectPrompt]) -> None:
+        super().__init__()
+        self.model = model
+        self.frames = frames
+        self.colours: dict[int, np.ndarray] = {}
+        self.add_prompts(prompts)
+
+    def _total(self) -> int | None:
+        return self.frames.total
+
+    def _sample(self, prompts: Sequence[ObjectPrompt]) -> None:
+        for obj_id, prompt in sorted(first_prompts(prompts).items()):
+            if not self.frames.wait(prompt.frame_idx):
+                raise PromptError(
+                    f"prompt for object {obj_id} is on frame {prompt.frame_idx}, but the video has "
+                    f"{self.frames.total} frames (0..{(self.frames.total or 0) - 1})"
+                )
+            x, y = prompt_xy(prompt)
+            self.colours[obj_id] = sample_colour(read_frame(self.frames.dir, prompt.frame_idx), x, y)
+            self.book.tracked.add(obj_id)
+            logger.debug("object %d: reference colour %s from frame %d", obj_id, self.colours[obj_id].tolist(),
+                         prompt.frame_idx)
+
+    def _run(self) -> Iterator[FrameMasks]:
+        self._sample(self.book.take_until(1 << 30))  # every object from its first prompt, whatever its frame
+        frame_idx = 0
+        while self.frames.wait(frame_idx):
+            for obj_id in self.book.removals:
+                self.colours.pop(obj_id, None)
+                self.book.tracked.discard(obj_id)
+            self.book.removals.clear()
+            self._sample(self.book.take(frame_idx))
+            if self.model.fail_at_frame is not None and frame_idx == self.model.fail_at_frame:
                 raise RuntimeError(f"fake failure at frame {frame_idx}")
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            image = read_frame(frames.dir, frame_idx)
-            masks = np.stack([colour_mask(image, colours[obj_id], self.tolerance) for obj_id in obj_ids])
+            if self.model.delay_s:
+                time.sleep(self.model.delay_s)
+            image = read_frame(self.frames.dir, frame_idx)
+            obj_ids = tuple(sorted(self.colours))
+            masks = np.stack([colour_mask(image, self.colours[i], self.model.tolerance) for i in obj_ids]) \
+                if obj_ids else np.zeros((0, *image.shape[:2]), dtype=bool)
             scores = cast(np.ndarray, masks.any(axis=(1, 2)).astype(np.float32))
-            yield FrameMasks(frame_idx=frame_idx, obj_ids=obj_ids, masks=masks, scores=scores)
+            frame_idx += 1
+            self._position = frame_idx
+            yield FrameMasks(frame_idx=frame_idx - 1, obj_ids=obj_ids, masks=masks, scores=scores)
 
 
 @dataclass(frozen=True)
@@ -179,20 +204,52 @@ class ChaosHooks(InProcessModel):
         while time.perf_counter() < end:
             x += sum(range(2000))  # pure Python: holds the GIL between switch intervals
 
-    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                height: int) -> Iterator[FrameMasks]:
+    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                     height: int) -> Session:
         job = frames.dir.parent.name  # STORAGE_ROOT/jobs/<job id>/frames
         faults = self.faults.get(job) or self.faults.get("*") or Faults()
-        for out in self.inner.segment(frames, prompts, width=width, height=height):
-            self._wait()
-            if out.frame_idx == faults.crash_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if out.frame_idx == faults.transient_at and job not in self._transient_done:
-                self._transient_done.add(job)
-                raise RetryableError(f"injected transient failure at frame {out.frame_idx}")
-            if out.frame_idx == faults.block_at:
-                threading.Event().wait()  # forever: nothing in this thread can stop it
-            yield out
+        return ChaosSession(self, self.inner.open_session(frames, prompts, width=width, height=height), job, faults)
+
+
+class ChaosSession:
+    """An inner session's frames, with its job's faults injected."""
+
+    def __init__(self, hooks: ChaosHooks, inner: Session, job: str, faults: Faults) -> None:
+        self.hooks, self.inner, self.job, self.faults = hooks, inner, job, faults
+
+    obj_ids = property(lambda self: self.inner.obj_ids)
+    position = property(lambda self: self.inner.position)
+    stats = property(lambda self: self.inner.stats)
+
+    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None:
+        self.inner.add_prompts(prompts)
+
+    def remove_object(self, obj_id: int) -> None:
+        self.inner.remove_object(obj_id)
+
+    def __iter__(self) -> ChaosSession:
+        return self
+
+    def __next__(self) -> FrameMasks:
+        out = next(self.inner)
+        self.hooks._wait()
+        if out.frame_idx == self.faults.crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if out.frame_idx == self.faults.transient_at and self.job not in self.hooks._transient_done:
+            self.hooks._transient_done.add(self.job)
+            raise RetryableError(f"injected transient failure at frame {out.frame_idx}")
+        if out.frame_idx == self.faults.block_at:
+            threading.Event().wait()  # forever: nothing in this thread can stop it
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> ChaosSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def faults_from_json(text: str) -> dict[str, Faults]:

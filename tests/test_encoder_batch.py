@@ -130,7 +130,7 @@ def test_lazy_frames_ready_means_loaded_without_waiting(tmp_path: Path) -> None:
     from PIL import Image
 
     from tests.workers import wait_for
-    from worker.model.sam2_segmenter import LazyFrames
+    from worker.model.lazy_frames import LazyFrames
     from worker.sources.frames import DirFrames
 
     for k in range(3):

@@ -21,14 +21,16 @@ from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
 from worker.broker.redis_client import worker_socket_timeout_s
 from worker.model.load import load_segmenter
-from worker.model.process import (
-    ModelProcess,
-    ModelProcessDied,
+from worker.model.process import ModelProcess, ModelProcessDied, use_model_process
+from worker.model.process_messages import (
+    DirSpec,
+    Done,
+    Frame,
+    OpenSession,
+    StreamSpec,
     describe_frames,
     open_frames,
-    use_model_process,
 )
-from worker.model.process_messages import DirSpec, Done, Frame, Segment, StreamSpec
 from worker.model.segment import FrameMasks
 from worker.sources.frames import DirFrames, StreamedFrames
 
@@ -153,7 +155,7 @@ def test_frame_sources_cross_the_process_boundary(tmp_path: Path) -> None:
     spec = describe_frames(StreamedFrames(client, "vseg:frames:j", tmp_path, block_ms=150, stall_s=9.0,
                                           producer_key="vseg:producer:j", producer_ttl_s=4.0))
     assert spec == StreamSpec("vseg:frames:j", str(tmp_path), 150, 9.0, "vseg:producer:j", 4.0)
-    assert pickle.loads(pickle.dumps(Segment(spec, tuple(prompts()), 160, 120))).frames == spec
+    assert pickle.loads(pickle.dumps(OpenSession(1, spec, tuple(prompts()), 160, 120))).frames == spec
     settings = Settings(redis_url="redis://127.0.0.1:6390/3", lease_s=6.0, block_ms=150)
     s = open_frames(spec, settings)
     assert isinstance(s, StreamedFrames) and (s.stream, s.dir, s.block_ms, s.stall_s) == ("vseg:frames:j", tmp_path, 150, 9.0)
@@ -186,7 +188,7 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     import threading
     import time
 
-    from worker.model.process import _Sender
+    from worker.model.process_child import _Sender
 
     here, there = multiprocessing.Pipe()
     sender = _Sender(there, depth=8)
@@ -195,11 +197,11 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     for k in range(6):
         sender.send(FrameMasks(k, (1, 2), masks, np.zeros(2, np.float32)))
     assert time.monotonic() - t0 < 2.0  # nothing was read yet, and no send waited for the reader
-    closing = threading.Thread(target=sender.close, args=(Done(),))
+    closing = threading.Thread(target=sender.close, args=(Done(0, {}),))
     closing.start()
     received = [here.recv() for _ in range(7)]
     closing.join()
-    assert [m.frame_idx for m in received[:6]] == list(range(6)) and received[6] == Done()
+    assert [m.frame_idx for m in received[:6]] == list(range(6)) and received[6] == Done(0, {})
     first = received[0]
     assert isinstance(first, Frame) and first.obj_ids == (1, 2) and first.shape == masks.shape
     assert np.array_equal(np.unpackbits(first.packed, axis=-1, count=first.shape[-1]).astype(bool), masks)
@@ -210,7 +212,7 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
 def test_the_sender_reports_a_worker_that_went_away() -> None:
     import multiprocessing
 
-    from worker.model.process import _Sender, _WorkerGone
+    from worker.model.process_child import _Sender, _WorkerGone
 
     here, there = multiprocessing.Pipe()
     here.close()  # the worker is gone
@@ -220,5 +222,5 @@ def test_the_sender_reports_a_worker_that_went_away() -> None:
         for k in range(1, 100):  # the broken pipe surfaces on a later send, never as a hang
             sender.send(FrameMasks(k, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
     with pytest.raises(_WorkerGone):
-        sender.close(Done())
+        sender.close(Done(0, {}))
     there.close()

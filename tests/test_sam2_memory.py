@@ -18,7 +18,8 @@ from producer.decode import extract_frames
 from schemas.prompts import ObjectPrompt
 from tests.videos import disc_center, make_video
 from worker.model.checkpoints import build_predictor, get_preset
-from worker.model.sam2_segmenter import LazyFrames, Sam2Segmenter
+from worker.model.lazy_frames import LazyFrames
+from worker.model.sam2_segmenter import Sam2Segmenter
 from worker.sources.frames import DirFrames
 
 pytestmark = pytest.mark.e2e
@@ -76,11 +77,12 @@ def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, fr
     prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,)), ObjectPrompt(2, late_frame, ((xl, yl + 8),), (1,))]
     seg = Sam2Segmenter(predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch)
     assert seg.warm_up() > 0  # as the worker does at start: it must leave nothing behind that changes a job
-    ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
+    with seg.open_session(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]) as session:
+        ours = list(session)
+    stats = session.stats
     bare = list(bare_predictor_masks(predictor, frames_dir, prompts))
     assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
-    assert seg.features is not None
-    assert (seg.features.batched > 0) == (encoder_batch > 1)  # batching really happened (when asked for)
+    assert (stats["batched"] > 0) == (encoder_batch > 1)  # batching really happened (when asked for)
     for o, (k, masks) in zip(ours, bare):
         assert o.obj_ids == (1, 2)
         if encoder_batch == 1:
@@ -98,9 +100,9 @@ def test_pruned_lazy_driver_matches_the_unpruned_predictor(predictor: object, fr
     # the forward pass will read) is held, not the whole video
     assert seg.window == 17
     limit = seg.window + 1 if late_frame == 0 else 2 * seg.window + 2
-    assert seg.peak_frames_held <= limit
+    assert stats["peak_frames_held"] <= limit
     if late_frame == 0:
-        assert seg.peak_frames_held < N
+        assert stats["peak_frames_held"] < N
 
 
 def test_lazy_frames_give_the_predictors_own_pixels(frames_dir: Path) -> None:
@@ -127,7 +129,7 @@ def test_the_cuda_loaders_arithmetic_gives_the_predictors_own_pixels(frames_dir:
     for JPEGs Pillow writes (other subsampling), a grey one, and a PNG (which takes the Pillow path)."""
     from sam2.utils.misc import load_video_frames_from_jpg_images
 
-    from worker.model.sam2_segmenter import _decode_rgb, model_input_on_device, normalisation_table
+    from worker.model.lazy_frames import _decode_rgb, model_input_on_device, normalisation_table
 
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -169,7 +171,9 @@ def test_on_cuda_the_pruned_lazy_driver_matches_the_unpruned_predictor(cuda_pred
     seg = Sam2Segmenter(cuda_predictor, name="t", random_weights=True, prune=True, encoder_batch=encoder_batch,
                         cuda_graphs=cuda_graphs)
     seg.warm_up()
-    ours = list(seg.segment(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]))
+    with seg.open_session(DirFrames(frames_dir, N), prompts, width=SIZE[0], height=SIZE[1]) as session:
+        ours = list(session)
+    stats = session.stats
     bare = list(bare_predictor_masks(cuda_predictor, frames_dir, prompts))
     if cuda_graphs:  # every module really replayed (the predictor itself ran eagerly: graphs are scoped)
         assert seg.graphs is not None
@@ -178,14 +182,14 @@ def test_on_cuda_the_pruned_lazy_driver_matches_the_unpruned_predictor(cuda_pred
     else:
         assert seg.graphs is None
     assert [o.frame_idx for o in ours] == [k for k, _ in bare] == list(range(N))
-    assert seg.features is not None and (seg.features.batched > 0) == (encoder_batch > 1)
+    assert (stats["batched"] > 0) == (encoder_batch > 1)
     flipped = [np.count_nonzero(o.masks != masks) / masks.size for o, (_, masks) in zip(ours, bare)]
     if encoder_batch == 1:
         assert max(flipped) == 0, f"masks differ from the unpruned predictor on frames {np.nonzero(flipped)[0]}"
     else:  # bf16 kernels may differ per batch size
         assert max(flipped) <= 1e-3, f"up to {max(flipped):.3%} of mask pixels differ from the unpruned predictor"
-    assert seg.peak_frames_held <= 2 * seg.window + 2
-    assert seg.last_frames_stats["loaded"] >= N
+    assert stats["peak_frames_held"] <= 2 * seg.window + 2
+    assert stats["loaded"] >= N
 
 
 @pytest.mark.gpu

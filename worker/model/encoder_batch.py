@@ -25,7 +25,7 @@ import torch
 
 
 class FrameImages(Protocol):
-    """The frames' model-ready pixels (worker.model.sam2_segmenter.LazyFrames)."""
+    """The frames' model-ready pixels (worker.model.lazy_frames.LazyFrames)."""
 
     def __getitem__(self, frame_idx: int) -> torch.Tensor: ...
 

@@ -5,10 +5,13 @@ the same source itself (a streamed one with its own Redis client, from the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from runtime.settings import Settings
 from schemas.prompts import ObjectPrompt
+from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 
 
 # ---- frame sources ---------------------------------------------------------------------------------
@@ -35,11 +38,33 @@ class StreamSpec:
 FramesSpec = DirSpec | StreamSpec
 
 
-# ---- worker -> model process ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Segment:
-    """Run one job: yield its frames' masks as `Frame`s, then `Done` (or `Error`)."""
+def describe_frames(frames: FrameSource) -> FramesSpec:
+    """What the child needs to open the same frame source (a Redis client cannot be pickled: the child
+    makes its own from the same settings)."""
+    if isinstance(frames, StreamedFrames):
+        return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
+                          frames.producer_ttl_s)
+    if isinstance(frames, DirFrames):
+        return DirSpec(str(frames.dir), int(frames.total or 0))
+    raise TypeError(f"cannot hand a {type(frames).__name__} to the model process")
 
+
+def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
+    if isinstance(spec, DirSpec):
+        return DirFrames(Path(spec.dir), spec.total, verify=False)  # the worker checked it
+    from worker.broker.redis_client import worker_client
+
+    return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
+                          stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s)
+
+
+# ---- worker -> model process: the session protocol (worker/model/session.py) -------------------------
+@dataclass(frozen=True)
+class OpenSession:
+    """Open session `session` on these frames with these first prompts; its frames come as `Frame`s, then
+    `Done` (or `Error`). The model process holds one session at a time."""
+
+    session: int
     frames: FramesSpec
     prompts: tuple[ObjectPrompt, ...]
     width: int
@@ -47,16 +72,34 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Stop:
-    """Leave the current job (the worker stopped reading it): answer `Stopped`."""
+class AddPrompts:
+    """Session.add_prompts: answered by an `Answer` (with the error, if the prompts were refused)."""
+
+    session: int
+    prompts: tuple[ObjectPrompt, ...]
+
+
+@dataclass(frozen=True)
+class RemoveObject:
+    """Session.remove_object: answered by an `Answer`."""
+
+    session: int
+    obj_id: int
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    """Session.close (the worker stopped reading it): answered by `Closed`."""
+
+    session: int
 
 
 @dataclass(frozen=True)
 class Exit:
-    """Leave the job, if any, and exit."""
+    """Close the session, if any, and exit."""
 
 
-ToModel = Segment | Stop | Exit
+ToModel = OpenSession | AddPrompts | RemoveObject | CloseSession | Exit
 
 
 # ---- model process -> worker ------------------------------------------------------------------------
@@ -73,6 +116,7 @@ class Ready:
 class Frame:
     """One frame's masks, bit-packed along the last axis (`np.unpackbits(packed, axis=-1, count=shape[-1])`)."""
 
+    session: int
     frame_idx: int
     obj_ids: tuple[int, ...]
     packed: np.ndarray
@@ -81,20 +125,37 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class Done:
-    """The job's last frame was sent."""
+class Answer:
+    """AddPrompts or RemoveObject done (`error` None) or refused (`error`, raised in the worker as itself);
+    `position` is the session's position in the model process when it answered."""
+
+    session: int
+    position: int
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
-class Stopped:
-    """The job was left, as asked."""
+class Done:
+    """The session's last frame was sent."""
+
+    session: int
+    stats: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The session was closed, as asked."""
+
+    session: int
 
 
 @dataclass(frozen=True)
 class Error:
-    """Loading the model, or the job, failed with `error` (re-raised in the worker as itself)."""
+    """Loading the model (`session` None), or a session, failed with `error` (re-raised in the worker as
+    itself)."""
 
     error: BaseException
+    session: int | None = None
 
 
-FromModel = Ready | Frame | Done | Stopped | Error
+FromModel = Ready | Frame | Answer | Done | Closed | Error

@@ -1,41 +1,23 @@
 """The Segmenter seam: what the worker needs from a video segmentation model.
 
-Implemented by worker.model.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
-worker.model.process.ModelProcess (either, in a child process), and in tests by tests.fakes
-(chosen with the `segmenter` setting).
+A Segmenter is the model, loaded once per worker; each job opens a Session on it
+(worker/model/session.py) that owns the job's state. Implemented by
+worker.model.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
+worker.model.process.ModelProcess (either, in a child process), and in tests by tests.fakes (chosen
+with the `segmenter` setting).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-
 from schemas.prompts import ObjectPrompt
+from worker.model.frame_masks import FrameMasks
+from worker.model.session import Session
 from worker.sources.frames import FrameSource
 
-
-@dataclass(frozen=True)
-class FrameMasks:
-    """Every object's mask on one frame, at the video's resolution."""
-
-    frame_idx: int
-    obj_ids: tuple[int, ...]
-    masks: np.ndarray  # bool, shape (len(obj_ids), H, W)
-    scores: np.ndarray  # float32, shape (len(obj_ids),), object presence probability in [0, 1]
-    # The frame itself (H, W, 3 uint8 RGB) when the segmenter has already decoded it: the renderer uses
-    # it instead of reading the JPEG a second time.
-    image_rgb: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):
-            raise ValueError(
-                f"masks must have shape (N, H, W) with N = {len(self.obj_ids)} objects, but got {self.masks.shape}"
-            )
-        if self.scores.shape != (len(self.obj_ids),):
-            raise ValueError(f"scores must have shape ({len(self.obj_ids)},), but got {self.scores.shape}")
+__all__ = ["FrameMasks", "InProcessModel", "Segmenter", "Session"]
 
 
 class Segmenter(Protocol):
@@ -49,11 +31,16 @@ class Segmenter(Protocol):
         """Where the model runs: "cpu", "cuda", "cuda:N" (the renderer picks its x264 preset by it)."""
         ...
 
-    def segment(
-        self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int, height: int
-    ) -> Iterator[FrameMasks]:
-        """Yield FrameMasks for every frame of `frames` (which may still be arriving), in order, each
-        with every prompted object; `width` x `height` is the video's size."""
+    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                     height: int) -> Session:
+        """A session over `frames` (which may still be arriving) with these first prompts; `width` x
+        `height` is the video's size. Bad prompts raise PromptError here or from the first frame."""
+        ...
+
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        """A session's frames from open to end: every frame of `frames`, in order, each with every
+        prompted object; the session is closed when the generator is."""
         ...
 
     def ensure_started(self) -> None:
@@ -71,9 +58,24 @@ class Segmenter(Protocol):
         ...
 
 
+def run_session(session: Session) -> Iterator[FrameMasks]:
+    """Every frame of a session, closing it at the end or when the generator is closed."""
+    with session:
+        yield from session
+
+
 class InProcessModel:
     """What a segmenter that runs in the worker's own process does for the Segmenter protocol's
-    lifecycle: nothing to start, nothing to stop from outside, nothing to release."""
+    lifecycle (nothing to start, nothing to stop from outside, nothing to release), and `segment` as
+    one session run to its end."""
+
+    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                     height: int) -> Session:
+        raise NotImplementedError
+
+    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+                height: int) -> Iterator[FrameMasks]:
+        return run_session(self.open_session(frames, prompts, width=width, height=height))
 
     def ensure_started(self) -> None:
         return None

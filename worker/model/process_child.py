@@ -1,0 +1,207 @@
+"""The model process's side (worker/model/process.py has the worker's side and the why): load the model
+once, then serve sessions (worker/model/session.py) as the worker opens them, one at a time, speaking
+the typed messages of worker/model/process_messages.py. Each frame's masks go back bit-packed from a
+sending thread (`_Sender`), so the model never waits on the pipe; between frames the worker's commands
+for the session (add prompts, remove an object, close) are applied."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import queue
+import signal
+import sys
+import threading
+
+import numpy as np
+
+from runtime.settings import Settings
+from schemas.errors import PromptError
+from worker.model.frame_masks import FrameMasks
+from worker.model.process_messages import (
+    AddPrompts,
+    Answer,
+    Closed,
+    CloseSession,
+    Done,
+    Error,
+    Exit,
+    Frame,
+    FromModel,
+    OpenSession,
+    Ready,
+    RemoveObject,
+    ToModel,
+    open_frames,
+)
+from worker.model.segment import Segmenter, Session
+
+SEND_BUFFER_BYTES = 64 << 20  # unpacked masks waiting to be sent, at most (and 2 to 16 frames)
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling (so the worker classifies it as before), else a
+    RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any unpicklable error becomes a plain one
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_level: int) -> None:
+    """The child's main loop: load the model, then serve one session per `OpenSession`."""
+    # Ctrl-C reaches the whole process group: the worker handles it (finish the job, then exit) and
+    # tells this process when to go
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
+    from worker.model.build import build_segmenter
+
+    try:
+        segmenter = build_segmenter(dataclasses.replace(settings, model_process="off"))
+    except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
+        conn.send(Error(_portable(e)))
+        return
+    conn.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device))
+    while True:
+        try:
+            msg: ToModel = conn.recv()
+        except (EOFError, OSError):  # the worker is gone
+            return
+        try:
+            if isinstance(msg, Exit):
+                return
+            if isinstance(msg, OpenSession):
+                if _serve_session(conn, segmenter, msg, settings) == "exit":
+                    return
+            elif isinstance(msg, (AddPrompts, RemoveObject)):  # the session ended before this reached it
+                conn.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
+            elif isinstance(msg, CloseSession):
+                conn.send(Closed(msg.session))
+        except (_WorkerGone, EOFError, OSError):  # the worker is gone
+            return
+
+
+class _WorkerGone(Exception):
+    """The pipe to the worker broke: the worker died or closed it."""
+
+
+def _command(conn: multiprocessing.connection.Connection) -> ToModel | None:
+    """The worker's next command, if one is waiting."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError) as e:
+        raise _WorkerGone(str(e)) from e
+
+
+class _Sender:
+    """The child's messages to the worker, sent from a thread of their own so that the model never waits
+    on the pipe: one frame's masks (65 KB a 960x540 object, bit-packed) are more than a pipe buffer
+    holds, so a send returns only once the worker has read it. Messages keep their order; at most
+    `depth` frames wait here. A broken pipe (the worker died) is raised by the next `send`."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16, session: int = 0) -> None:
+        self.conn = conn
+        self.session = session
+        self.queue: queue.Queue[FrameMasks | FromModel | None] = queue.Queue(depth)
+        self.error: _WorkerGone | None = None
+        self.thread = threading.Thread(target=self._run, name="vseg-model-send", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (msg := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # the worker is gone: drop the rest
+            try:
+                if isinstance(msg, FrameMasks):  # packed here, off the model's thread
+                    self.conn.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
+                                         tuple(msg.masks.shape), msg.scores))
+                else:
+                    self.conn.send(msg)
+            except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
+                self.error = _WorkerGone(f"{type(e).__name__}: {e}")
+
+    def send(self, msg: FrameMasks | FromModel | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(msg, timeout=1.0)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise _WorkerGone("the sending thread ended") from None
+
+    def close(self, last: FromModel) -> None:
+        """Send what is queued and then `last` (how the job ended), then stop the thread."""
+        self.send(last)
+        self.send(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abandon(self) -> None:
+        """Stop without waiting: the worker is closing this process and reads nothing more."""
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+
+
+def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segmenter, msg: OpenSession,
+                   settings: Settings) -> str:
+    """One session to its end; returns how it ended: done, error, closed (the worker closed it) or exit
+    (the worker is closing this process)."""
+    frame_bytes = len({p.obj_id for p in msg.prompts}) * msg.width * msg.height  # one frame's masks, unpacked
+    sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session)
+    session: Session | None = None
+    try:
+        session = segmenter.open_session(open_frames(msg.frames, settings), msg.prompts, width=msg.width,
+                                         height=msg.height)
+        while True:
+            ending = _apply_commands(conn, session, sender, msg.session)
+            if ending is not None:
+                return ending
+            try:
+                out = next(session)
+            except StopIteration:
+                break
+            sender.send(dataclasses.replace(out, image_rgb=None))  # the renderer decodes its own copy
+        session.close()
+        sender.close(Done(msg.session, session.stats))
+        return "done"
+    except _WorkerGone:
+        raise  # the caller returns
+    except Exception as e:  # noqa: BLE001 - raised again in the worker
+        sender.close(Error(_portable(e), msg.session))
+        return "error"
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _apply_commands(conn: multiprocessing.connection.Connection, session: Session, sender: _Sender,
+                    session_id: int) -> str | None:
+    """Apply the worker's waiting commands to the session, answering each; "closed" or "exit" if the
+    session must end here."""
+    while (command := _command(conn)) is not None:
+        if isinstance(command, Exit):
+            sender.abandon()
+            return "exit"
+        if isinstance(command, CloseSession):
+            sender.close(Closed(session_id))
+            return "closed"
+        if isinstance(command, (AddPrompts, RemoveObject)):
+            error: BaseException | None = None
+            try:
+                if isinstance(command, AddPrompts):
+                    session.add_prompts(command.prompts)
+                else:
+                    session.remove_object(command.obj_id)
+            except Exception as e:  # noqa: BLE001 - refused: raised again in the worker
+                error = _portable(e)
+            sender.send(Answer(session_id, session.position, error))
+    return None

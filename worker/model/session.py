@@ -1,0 +1,199 @@
+"""One job's hold on a shared model: the Session seam.
+
+A Segmenter (worker/model/segment.py) is the model, loaded once per worker (weights, CUDA graphs).
+`segmenter.open_session(frames, prompts, width=, height=)` returns a Session that owns everything one
+job needs and nothing another job can see: the inference state, the frame loaders, the encoder's
+feature cache, the job's stats. Several sessions may be open on one model at once; each yields exactly
+the masks it would yield alone (tests/test_sessions.py).
+
+A session is an iterator of FrameMasks, one per frame, in frame order, each with every object it
+tracks on that frame. Between frames it takes:
+
+- `add_prompts(prompts)`: new objects, or corrections of tracked ones, at a frame. Before the first
+  frame is taken any frame may be prompted (the session runs a backward pass for objects prompted
+  after frame 0, as SAM 2 does). Once frames flow, a prompt must be on `position` or later, the next
+  frame the model has not computed yet: it takes effect when propagation reaches its frame. A prompt on
+  an earlier frame raises PromptError (its frame's results are already out).
+- `remove_object(obj_id)`: the object is gone from the next frame on.
+- `close()`: releases the state and the loaders (idempotent; a session is also a context manager).
+
+Objects can come and go, so the obj_ids of successive FrameMasks can differ; a session with no object
+left yields empty FrameMasks until a prompt brings one back or the frames end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Protocol
+
+from schemas.errors import PromptError
+from schemas.prompts import ObjectPrompt
+from worker.model.frame_masks import FrameMasks
+
+
+class Session(Protocol):
+    """One job's propagation over a shared model (see the module doc)."""
+
+    @property
+    def obj_ids(self) -> tuple[int, ...]:
+        """The objects tracked from `position` on, in id order (prompted ones not yet reached included)."""
+        ...
+
+    @property
+    def position(self) -> int:
+        """The first frame a new prompt may target: the next frame the model computes."""
+        ...
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """This session's figures so far (frames loaded, waits, frames held), for logs and results."""
+        ...
+
+    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None: ...
+
+    def remove_object(self, obj_id: int) -> None: ...
+
+    def __iter__(self) -> Iterator[FrameMasks]: ...
+
+    def __next__(self) -> FrameMasks: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+class PromptBook:
+    """A session's prompts that propagation has not reached yet, by frame, and the objects it knows:
+    the bookkeeping every Session implementation shares (the checks of add_prompts and remove_object)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, list[ObjectPrompt]] = {}
+        self._order: dict[int, int] = {}  # id(prompt) -> when it was added: prompts are applied in that order
+        self.tracked: set[int] = set()  # objects the model holds now
+        self.removals: list[int] = []  # tracked objects to drop before the next frame
+        self.started = False  # frames have been taken: prompts must be on `position` or later
+
+    def add(self, prompts: Sequence[ObjectPrompt], *, position: int, total: int | None) -> None:
+        """Queue prompts (all or none: every one is checked before any is queued)."""
+        for p in prompts:
+            if self.started and p.frame_idx < position:
+                raise PromptError(
+                    f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but frames up to {position - 1} are "
+                    f"already segmented: prompt frame {position} or later")
+            if total is not None and p.frame_idx >= total:
+                raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but the video has "
+                                  f"{total} frames (0..{total - 1})")
+        for p in prompts:
+            self.pending.setdefault(p.frame_idx, []).append(p)
+            self._order[id(p)] = len(self._order)
+            if p.obj_id in self.removals:  # removed, then prompted again before the next frame
+                self.removals.remove(p.obj_id)
+
+    def remove(self, obj_id: int) -> None:
+        if obj_id not in self.known():
+            raise PromptError(f"no object {obj_id} to remove: the session tracks {sorted(self.known()) or 'none'}")
+        for frame in list(self.pending):
+            self.pending[frame] = [p for p in self.pending[frame] if p.obj_id != obj_id]
+            if not self.pending[frame]:
+                del self.pending[frame]
+        if obj_id in self.tracked and obj_id not in self.removals:
+            self.removals.append(obj_id)
+
+    def known(self) -> set[int]:
+        """Objects tracked now or prompted on a frame not reached yet, less those being removed."""
+        return ({p.obj_id for ps in self.pending.values() for p in ps} | self.tracked) - set(self.removals)
+
+    def take(self, frame_idx: int) -> list[ObjectPrompt]:
+        """The prompts on this frame, removed from the book."""
+        return self.pending.pop(frame_idx, [])
+
+    def take_until(self, frame_idx: int) -> list[ObjectPrompt]:
+        """Every prompt on a frame up to and including `frame_idx`, in the order they were added, removed
+        from the book."""
+        taken = [p for f in [k for k in self.pending if k <= frame_idx] for p in self.pending.pop(f)]
+        return sorted(taken, key=lambda p: self._order[id(p)])
+
+    def next_frame(self) -> int | None:
+        return min(self.pending) if self.pending else None
+
+
+class SessionBase:
+    """What every session does alike: iteration over a generator `_run()`, the PromptBook, close on exit."""
+
+    def __init__(self) -> None:
+        self.book = PromptBook()
+        self._position = 0
+        self._frames: Iterator[FrameMasks] | None = None
+        self._closed = False
+        self._stats: dict[str, float] = {}
+
+    # ---- the Session protocol -------------------------------------------------------------------
+    @property
+    def obj_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self.book.known()))
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None:
+        self._check_open()
+        self.book.add(prompts, position=self._position, total=self._total())
+
+    def remove_object(self, obj_id: int) -> None:
+        self._check_open()
+        self.book.remove(obj_id)
+
+    def __iter__(self) -> Iterator[FrameMasks]:
+        return self
+
+    def __next__(self) -> FrameMasks:
+        self._check_open()
+        if self._frames is None:
+            self.book.started = True
+            self._frames = self._run()
+        return self._step(self._frames)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._frames is not None:
+                self._frames.close()  # type: ignore[attr-defined]  # a generator
+        finally:
+            self._release()
+
+    def __enter__(self) -> SessionBase:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ---- for implementations ----------------------------------------------------------------------
+    def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
+        """One frame from the generator (an implementation may wrap it in the model's context)."""
+        return next(frames)
+
+    def _run(self) -> Iterator[FrameMasks]:
+        raise NotImplementedError
+
+    def _total(self) -> int | None:
+        """The video's frame count, when known."""
+        return None
+
+    def _release(self) -> None:
+        """Free what the session holds."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed")
