@@ -21,7 +21,6 @@ from runtime.faults import redact_url, redis_fault
 from runtime.logs import configure_logging, run_cli
 from runtime.settings import Settings
 from schemas.errors import RedisUnavailable, VsegError
-from schemas.names import JobState
 
 log = logging.getLogger("producer")
 
@@ -166,14 +165,10 @@ def _status(job_id: str, settings: Settings) -> int:
 
 
 def _cancel(job_id: str, settings: Settings) -> int:
-    from producer.control import cancel
+    """Exit 0 whatever the job's state: cancelling is idempotent, and a job already ended is said so."""
+    from producer.control import request_cancel
 
-    outcome = cancel(job_id, settings=settings, client=quick_client(settings))
-    messages_by_outcome = {
-        JobState.CANCELLED.value: "cancelled (it was still queued)",
-        "requested": "cancel requested: its worker stops within a few frames",
-    }
-    print(f"job {job_id}: {messages_by_outcome.get(outcome, f'already ended: {outcome}')}")
+    print(request_cancel(job_id, settings=settings, client=quick_client(settings)).describe())
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -21,12 +23,14 @@ log = logging.getLogger(__name__)
 # KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, events MAXLEN
 # (EVENTS_MAXLEN), the queued state, the cancelled state, the terminal states (space-separated: JobState,
 # terminal_states_arg), then the cancelled entry's field/value pairs.
-# -1 unknown job, 0 already ended, 1 cancel requested (a worker holds it and stops within a frame or
-# two), 2 cancelled here (it was still queued: its entry is deleted before any worker could read it).
+# Returns {code, state}: -1 unknown job; 0 already ended (in that state, nothing written); 1 cancel requested
+# (a worker holds it and stops within a frame or two); 2 cancelled here (it was still queued: its entry is
+# deleted before any worker could read it). The state is read in the same step, so an already-ended job is
+# told apart from one this call cancelled.
 _CANCEL_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return -1 end
-if string.find(' ' .. ARGV[7] .. ' ', ' ' .. state .. ' ', 1, true) then return 0 end
+if not state then return {-1, ''} end
+if string.find(' ' .. ARGV[7] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state} end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 local eid = redis.call('HGET', KEYS[1], 'entry_id')
 if state == ARGV[5] and eid then
@@ -38,39 +42,77 @@ if state == ARGV[5] and eid then
     redis.call('HSET', KEYS[1], 'state', ARGV[6])
     redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-    return 2
+    return {2, ARGV[6]}
   end
 end
-return 1
+return {1, state}
 """
+
+
+class CancelAction(str, enum.Enum):
+    """What a cancel did."""
+
+    CANCELLED = "cancelled"  # it was still queued: cancelled here, before any worker read it
+    REQUESTED = "requested"  # a worker holds it: the worker stops within a few frames and ends it cancelled
+    ALREADY_ENDED = "already ended"  # it had already ended (in `state`): nothing was done
+
+
+_ACTIONS = {2: CancelAction.CANCELLED, 1: CancelAction.REQUESTED, 0: CancelAction.ALREADY_ENDED}
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """The outcome of `request_cancel`. Cancelling is idempotent: a job that has already ended (cancelled
+    included) is left as it is, and says so; that is not an error."""
+
+    job_id: str
+    action: CancelAction
+    state: str  # the job's state as the cancel left it (ALREADY_ENDED: the terminal state it ended in)
+
+    @property
+    def outcome(self) -> str:
+        """What `cancel` returns: 'cancelled', 'requested', or the state the job had already ended in."""
+        return self.state if self.action is CancelAction.ALREADY_ENDED else self.action.value
+
+    def describe(self) -> str:
+        """One line for a person (what `python -m producer cancel` prints)."""
+        if self.action is CancelAction.CANCELLED:
+            return f"job {self.job_id}: cancelled (it was still queued)"
+        if self.action is CancelAction.REQUESTED:
+            return f"job {self.job_id}: cancel requested: its worker stops within a few frames"
+        return f"job {self.job_id}: already {self.state}: nothing to cancel"
 
 
 def cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> str:
     """Cancel a job: returns 'cancelled' (was queued), 'requested' (running: it stops within a few
-    frames), or the state it already ended in. Raises UnknownJobError, or redis-py's errors (the cancel
-    flag is a write: a Redis at maxmemory refuses it with OutOfMemoryError)."""
+    frames), or the state it already ended in ('cancelled' too: `request_cancel` tells them apart).
+    Raises UnknownJobError, or redis-py's errors (the cancel flag is a write: a Redis at maxmemory
+    refuses it with OutOfMemoryError)."""
+    return request_cancel(job_id, settings=settings, client=client).outcome
+
+
+def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> CancelResult:
+    """Cancel a job, saying what was done (see CancelResult); raises as `cancel` does."""
     validate_job_id(job_id)
     client = client or connect(settings)
     keys = settings.keys
     fields = messages.encode(messages.Cancelled(job_id, 0))
-    result = client.eval(
+    code, state = cast(list[Any], client.eval(
         _CANCEL_LUA, 4, keys.job(job_id), keys.jobs, keys.results(job_id), keys.events,
         keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s, EVENTS_MAXLEN, JobState.QUEUED.value,
         JobState.CANCELLED.value, terminal_states_arg(),
         *[x for kv in fields.items() for x in kv],
-    )
-    if result == -1:
+    ))
+    if code == -1:
         raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)}")
-    if result == 0:
-        return str(status(job_id, settings=settings, client=client)["state"])
-    if result == 2:  # no worker ever had it; a producer still streaming removes the frames when it stops
-        try:
+    result = CancelResult(job_id, _ACTIONS[int(code)], state.decode() if isinstance(state, bytes) else str(state))
+    if result.action is CancelAction.CANCELLED:  # no worker ever had it: remove its frames, unless a
+        try:                                       # producer still streams them (it removes them when it stops)
             if producer_finished(client, settings, job_id):
                 remove_frames(settings, job_id)
         except (redis.RedisError, OSError) as e:  # disk space, not correctness: the job is cancelled
             log.warning("could not remove the frames of cancelled job %s (%s)", job_id, e)
-        return JobState.CANCELLED.value
-    return "requested"
+    return result
 
 
 def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:

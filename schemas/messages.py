@@ -1,29 +1,52 @@
-"""Wire messages: one typed dataclass per entry type, a msgpack codec with a schema version.
+"""Wire messages: one frozen msgspec Struct per entry type, a msgpack codec with a schema version.
 
 Every stream entry has two fields: `type` (one of EntryType) and `data` (a msgpack map whose `v`
 is the schema version). Readers accept any `v` up to SCHEMA_VERSION and ignore fields they do not
 know; new fields always get defaults, so old readers keep working. Anything else raises SchemaError
-(poison: dead-letter it, do not retry it).
+naming the field (poison: dead-letter it, do not retry it).
+
+Why msgspec: it decodes msgpack straight into typed Structs in C, and the field types (with the `Meta`
+bounds below) are the checks, where the hand-written codec built a dict and then checked it in Python;
+bench/bench_codec.py has the figures. The bytes written are the ones the msgpack package wrote for the
+dataclasses before (field order, bin for bytes, float64), so old and new readers and writers mix.
+
+Why no msgspec tagged union: its tag must be a field inside the encoded map, but ours is the entry's
+`type` field beside `data`; copying it into `data` would change the wire. So `decode` picks a Decoder
+by `type`: one dict lookup, which is what a tagged union does inside.
+
+Why `v` is read in a first pass: msgspec fills a missing field with its default, and `v` needs a default
+(writers never name it) yet must be on the wire (a map without a version is not ours). That pass
+decodes only `v` (msgspec walks over the rest without building it) and checks it before any other
+field, so a newer version's message is refused for its version, not for whichever field it changed.
+
+What types cannot say is checked after decoding (`_check`): the job id's spelling (schemas.names),
+prompt shapes (schemas.prompts), finite prompt coordinates and producer TTL. Constructors do not
+validate, as with the dataclasses before: validation is the reader's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
+import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar
 
-import msgpack
+import msgspec
+from msgspec import Meta
 
-from schemas.errors import PromptError, SchemaError
+from schemas.errors import JobIdError, PromptError, SchemaError
 from schemas.names import validate_job_id
-from schemas.prompts import ObjectPrompt
+from schemas.prompts import ObjectPrompt, check_prompt_shape
 from schemas.rle import Rle
 
 SCHEMA_VERSION = 1
+
+# Bounds msgspec checks while decoding (in C; `ge` also refuses NaN). Constructors do not check them.
+Count = Annotated[int, Meta(ge=0)]
+Positive = Annotated[int, Meta(gt=0)]
+Seconds = Annotated[float, Meta(ge=0)]
 
 
 class EntryType(str, enum.Enum):
@@ -37,151 +60,145 @@ class EntryType(str, enum.Enum):
     DEAD = "dead"
 
 
-@dataclass(frozen=True)
-class JobMessage:
+class JobMessage(msgspec.Struct, frozen=True):
     """A video job on `vseg:jobs`: a frame directory under STORAGE_ROOT plus the prompts."""
 
     TYPE: ClassVar[EntryType] = EntryType.JOB
     job_id: str
     frames_dir: str  # relative to STORAGE_ROOT
-    num_frames: int
-    width: int
-    height: int
+    num_frames: Positive
+    width: Positive
+    height: Positive
     fps: float
     prompts: tuple[ObjectPrompt, ...]
     source: str = ""  # the video's file name, for humans
-    submitted_at: float = field(default_factory=time.time)
+    submitted_at: float = msgspec.field(default_factory=time.time)
     # Streaming hand-off: when set, frames are still being decoded and are announced on this stream
     # (vseg:frames:{job_id}); num_frames is then the producer's estimate and the end marker has the total.
     frames_stream: str = ""
     # Streamed jobs: the producer keeps Keys.producer(job_id) alive, expiring after this many seconds,
     # while it decodes, so a worker can tell a dead producer from a slow one; 0: it does not (older producers).
-    producer_ttl_s: float = 0.0
+    producer_ttl_s: Seconds = 0.0
     render: bool = True  # False: masks only, no MP4 (Completed.render_path is then "")
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class ObjectResult:
+class ObjectResult(msgspec.Struct, frozen=True):
     """One object on one frame. An object absent from the frame has an empty mask and area 0."""
 
-    obj_id: int
+    obj_id: Count
     mask: Rle
     bbox_xyxy: list[float]
-    area: int
+    area: Count
     score: float  # SAM 2's object score as a probability (sigmoid of object_score_logits)
 
 
-@dataclass(frozen=True)
-class FrameResult:
+class FrameResult(msgspec.Struct, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.FRAME
     job_id: str
-    frame_idx: int
+    frame_idx: Count
     objects: tuple[ObjectResult, ...]
     random_weights: bool = False  # True when the model ran with random weights (smoke tests only)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Started:
+class Started(msgspec.Struct, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.STARTED
     job_id: str
     worker: str
-    num_frames: int
-    obj_ids: tuple[int, ...]
+    num_frames: Count
+    obj_ids: tuple[Count, ...]
     model: str = ""
-    attempt: int = 1
+    attempt: Count = 1
     random_weights: bool = False
-    at: float = field(default_factory=time.time)
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(msgspec.Struct, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.PROGRESS
     job_id: str
-    frames_done: int
-    num_frames: int
+    frames_done: Count
+    num_frames: Count
     fps: float = 0.0
-    at: float = field(default_factory=time.time)
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(msgspec.Struct, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.COMPLETED
     job_id: str
     render_path: str  # relative to STORAGE_ROOT; "" when the job asked for no render
-    num_frames: int
-    num_objects: int
-    timings_s: dict[str, float] = field(default_factory=dict)
+    num_frames: Count
+    num_objects: Count
+    timings_s: dict[str, float] = msgspec.field(default_factory=dict)
     random_weights: bool = False
-    at: float = field(default_factory=time.time)
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(msgspec.Struct, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.FAILED
     job_id: str
     error: str
     error_type: str = ""
     retryable: bool = False
-    at: float = field(default_factory=time.time)
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Cancelled:
+class Cancelled(msgspec.Struct, frozen=True):
     """Terminal: the job was cancelled (`python -m producer cancel`); it is not retried."""
 
     TYPE: ClassVar[EntryType] = EntryType.CANCELLED
     job_id: str
-    frames_done: int = 0
-    at: float = field(default_factory=time.time)
+    frames_done: Count = 0
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
-@dataclass(frozen=True)
-class Dead:
+class Dead(msgspec.Struct, frozen=True):
     """Terminal: the job ran out of attempts (or could not be decoded) and was moved to vseg:dead."""
 
     TYPE: ClassVar[EntryType] = EntryType.DEAD
     job_id: str
     error: str
-    attempts: int = 0
-    at: float = field(default_factory=time.time)
+    attempts: Count = 0
+    at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
 
 Message = JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead
 Terminal = Completed | Failed | Cancelled | Dead
 TERMINAL_TYPES = (Completed, Failed, Cancelled, Dead)
-M = TypeVar("M", JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead)
 
-_BY_TYPE: dict[str, type[Any]] = {
+_BY_TYPE: dict[str, type[Message]] = {
     cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead)
 }
+_DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
+    name: msgspec.msgpack.Decoder(cls) for name, cls in _BY_TYPE.items()
+}
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class _Version(msgspec.Struct):
+    """Only `v` of any message's map, as whatever the writer put there (checked in `_check_version`)."""
+
+    v: Any = None
+
+
+_VERSION = msgspec.msgpack.Decoder(_Version)
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    """Plain map of a message (nested prompts and objects as maps)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        if f.name == "prompts":
-            value = [p.to_dict() for p in value]
-        elif f.name == "objects":
-            value = [dataclasses.asdict(o) for o in value]
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
+    """Plain map of a message, exactly as it goes on the wire (nested prompts and objects as maps, lists)."""
+    data: dict[str, Any] = msgspec.msgpack.decode(_ENCODER.encode(msg))
+    return data
 
 
 def encode(msg: Message) -> dict[str, bytes]:
     """Stream entry fields for `msg`: {'type': ..., 'data': msgpack map}."""
-    return {"type": msg.TYPE.value.encode(), "data": msgpack.packb(to_dict(msg), use_bin_type=True)}
+    return {"type": msg.TYPE.value.encode(), "data": _ENCODER.encode(msg)}
 
 
 def _field(fields: Mapping[Any, Any], name: str) -> Any:
@@ -194,24 +211,34 @@ def _field(fields: Mapping[Any, Any], name: str) -> Any:
 def decode(fields: Mapping[Any, Any]) -> Message:
     """Decode stream entry fields into a message, raising SchemaError on anything malformed."""
     raw_type = _field(fields, "type")
-    type_name = raw_type.decode() if isinstance(raw_type, bytes) else str(raw_type)
-    cls = _BY_TYPE.get(type_name)
-    if cls is None:
+    type_name = raw_type.decode(errors="replace") if isinstance(raw_type, (bytes, bytearray)) else str(raw_type)
+    decoder = _DECODERS.get(type_name)
+    if decoder is None:
         raise SchemaError(f"unknown entry type {type_name!r}; expected one of {sorted(_BY_TYPE)}")
     raw = _field(fields, "data")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):  # a map decoded already: back to msgpack, one path
+        try:
+            raw = _ENCODER.encode(raw)
+        except TypeError as e:
+            raise SchemaError(
+                f"{type_name} entry's data must be msgpack bytes or a map, but got {_short(raw)}"
+            ) from e
     try:
-        data = msgpack.unpackb(raw, raw=False, strict_map_key=False) if isinstance(raw, (bytes, bytearray)) else raw
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise SchemaError(f"{type_name} entry's data is not valid msgpack: {e}") from e
-    return from_dict(cls, data)
+        header = _VERSION.decode(raw)
+    except msgspec.ValidationError as e:  # a non-map, or a map with a key that is not a string
+        raise SchemaError(f"{type_name} data must be a map with string keys: {e}") from None
+    except msgspec.DecodeError as e:
+        raise SchemaError(f"{type_name} entry's data is not valid msgpack: {e}") from None
+    _check_version(type_name, header.v)
+    try:
+        msg: Message = decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        raise _invalid(type_name, e, msgspec.msgpack.decode(raw)) from None
+    _check(msg)
+    return msg
 
 
-def from_dict(cls: type[M], data: Any) -> M:
-    """Build message class `cls` from a decoded map, checking version, required fields and types."""
-    name = cls.TYPE.value
-    if not isinstance(data, dict):
-        raise SchemaError(f"{name} data must be a map, but got {type(data).__name__}")
-    version = data.get("v")
+def _check_version(name: str, version: Any) -> None:
     if not isinstance(version, int) or isinstance(version, bool):
         raise SchemaError(f"{name} data has no integer schema version 'v' (got {version!r})")
     if version < 1 or version > SCHEMA_VERSION:
@@ -219,36 +246,60 @@ def from_dict(cls: type[M], data: Any) -> M:
             f"{name} message has schema version {version}, but this reader supports 1..{SCHEMA_VERSION}; "
             f"upgrade the worker or the client"
         )
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in known}
-    missing = [
-        f.name
-        for f in known.values()
-        if f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise SchemaError(f"{name} message is missing required fields {missing}")
+
+
+def _check(msg: Message) -> None:
+    """The checks that msgspec's types cannot express; raises SchemaError naming the field."""
+    name = msg.TYPE.value
     try:
-        if "job_id" in kwargs:
-            validate_job_id(kwargs["job_id"])
-        if cls is JobMessage:
-            kwargs["prompts"] = tuple(ObjectPrompt.from_dict(p) for p in kwargs["prompts"])
-            for key in ("num_frames", "width", "height"):
-                if not isinstance(kwargs[key], int) or kwargs[key] <= 0:
-                    raise SchemaError(f"job field {key} must be a positive integer, but got {kwargs[key]!r}")
-            if not isinstance(kwargs["frames_dir"], str):
-                raise SchemaError(f"job field frames_dir must be a string, got {kwargs['frames_dir']!r}")
-            ttl = kwargs.get("producer_ttl_s", 0.0)
-            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < math.inf:
-                raise SchemaError(f"job field producer_ttl_s must be a number of seconds >= 0, but got {ttl!r}")
-        elif cls is FrameResult:
-            kwargs["objects"] = tuple(ObjectResult(**o) for o in kwargs["objects"])
-        elif cls is Started:
-            kwargs["obj_ids"] = tuple(kwargs["obj_ids"])
-        return cls(**kwargs)
-    except SchemaError:
-        raise
-    except (PromptError, TypeError, ValueError, KeyError) as e:
-        raise SchemaError(f"{name} message is malformed: {e}") from e
+        validate_job_id(msg.job_id)
+    except JobIdError as e:
+        raise SchemaError(f"{name} message field job_id: {e}") from None
+    if not isinstance(msg, JobMessage):
+        return
+    if not math.isfinite(msg.producer_ttl_s):
+        raise SchemaError(f"job message field producer_ttl_s must be a number of seconds >= 0, "
+                          f"but got {msg.producer_ttl_s!r}")
+    for i, prompt in enumerate(msg.prompts):
+        try:
+            coords = [c for xy in prompt.points_xy for c in xy] + list(prompt.box_xyxy or ())
+            if not all(math.isfinite(c) for c in coords):
+                raise PromptError(f"coordinates must be finite numbers, but got points {prompt.points_xy}, "
+                                  f"box {prompt.box_xyxy}")
+            check_prompt_shape(prompt)
+        except PromptError as e:
+            raise SchemaError(f"job message field prompts[{i}]: {e}") from None
+
+
+_STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")
+_NOT_FOUND = object()
+
+
+def _invalid(name: str, error: msgspec.ValidationError, data: Any) -> SchemaError:
+    """SchemaError for what msgspec refused: the field's path, the value there, and msgspec's reason.
+
+    msgspec says `Expected `int` >= 1 - at `$.prompts[0].obj_id``; the value is looked up in the
+    untyped map (only on this, the error path)."""
+    reason, _, where = str(error).partition(" - at `$")
+    path = where.rstrip("`")
+    if not path:
+        return SchemaError(f"{name} message: {reason}")
+    value, pos = data, 0
+    for step in _STEP.finditer(path):
+        if step.start() != pos:  # a step we cannot follow, e.g. a map's key shown as [...]
+            value = _NOT_FOUND
+            break
+        key, index = step.groups()
+        pos = step.end()
+        try:
+            value = value[key] if key is not None else value[int(index)]
+        except (LookupError, TypeError):
+            value = _NOT_FOUND
+            break
+    shown = "" if value is _NOT_FOUND or pos != len(path) else f" = {_short(value)}"
+    return SchemaError(f"{name} message field {path.lstrip('.')}{shown}: {reason}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -285,7 +285,7 @@ def test_a_frames_stream_closed_by_the_worker_stops_the_producer(
 def test_giving_up_on_an_unreachable_redis_asks_it_nothing(tmp_path: Path) -> None:
     """Redis down: never enqueued, the frames go at once; maybe enqueued, they stay for the worker; and no
     call waits out a dead Redis's retries."""
-    from producer.submit import _abandon
+    from producer.streaming import abandon as _abandon
 
     dead = Settings.load(environ={}, redis_url=f"redis://127.0.0.1:{free_port()}/0", storage_root=tmp_path)
     client = redis.Redis.from_url(dead.redis_url)

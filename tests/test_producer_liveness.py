@@ -205,7 +205,7 @@ def test_giving_up_asks_redis_whether_the_job_was_enqueued(
     """An interrupt can land after the enqueue but before its result is stored: whether a worker must be
     told is read from Redis. Enqueued: the stream gets an error marker, and the frames stay for the
     worker unless the job has already ended; never enqueued: stream and frames go."""
-    from producer.submit import _abandon
+    from producer.streaming import abandon as _abandon
 
     keys = settings.keys
     frames_dir = settings.storage_root / "jobs/j/frames"
