@@ -92,6 +92,7 @@ class ModelProcess:
         self.restarts = 0
         self.sessions_opened = 0
         self.session: ProcessSession | None = None  # the open one, if any
+        self.last_gpu_memory_bytes: int | None = None  # as the child last reported it
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._start()
@@ -177,6 +178,9 @@ class ModelProcess:
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
         return run_session(self.open_session(frames, prompts, width=width, height=height))
+
+    def gpu_memory_bytes(self) -> int | None:
+        return self.last_gpu_memory_bytes
 
     def interrupt(self, reason: str) -> None:
         """Kill the child now (from any thread): its job is abandoned (stalled), and the thread reading
@@ -265,6 +269,8 @@ class ProcessSession:
             masks = np.unpackbits(msg.packed, axis=-1, count=msg.shape[-1]).astype(bool)
             self._received.append(FrameMasks(msg.frame_idx, tuple(msg.obj_ids), masks, msg.scores))
             self._position = max(self._position, msg.frame_idx + 1)
+            if msg.gpu_memory_bytes is not None:
+                self.model.last_gpu_memory_bytes = msg.gpu_memory_bytes
         elif isinstance(msg, Done):
             self._stats, self._ended = msg.stats, None
         elif isinstance(msg, Error):

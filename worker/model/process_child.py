@@ -16,6 +16,7 @@ import queue
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -105,9 +106,11 @@ class _Sender:
     holds, so a send returns only once the worker has read it. Messages keep their order; at most
     `depth` frames wait here. A broken pipe (the worker died) is raised by the next `send`."""
 
-    def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16, session: int = 0) -> None:
+    def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16, session: int = 0,
+                 gpu_memory: Callable[[], int | None] = lambda: None) -> None:
         self.conn = conn
         self.session = session
+        self.gpu_memory = gpu_memory
         self.queue: queue.Queue[FrameMasks | FromModel | None] = queue.Queue(depth)
         self.error: _WorkerGone | None = None
         self.thread = threading.Thread(target=self._run, name="vseg-model-send", daemon=True)
@@ -120,7 +123,7 @@ class _Sender:
             try:
                 if isinstance(msg, FrameMasks):  # packed here, off the model's thread
                     self.conn.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
-                                         tuple(msg.masks.shape), msg.scores))
+                                         tuple(msg.masks.shape), msg.scores, self.gpu_memory()))
                 else:
                     self.conn.send(msg)
             except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
@@ -156,7 +159,8 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
     """One session to its end; returns how it ended: done, error, closed (the worker closed it) or exit
     (the worker is closing this process)."""
     frame_bytes = len({p.obj_id for p in msg.prompts}) * msg.width * msg.height  # one frame's masks, unpacked
-    sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session)
+    sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session,
+                     gpu_memory=segmenter.gpu_memory_bytes)
     session: Session | None = None
     try:
         session = segmenter.open_session(open_frames(msg.frames, settings), msg.prompts, width=msg.width,

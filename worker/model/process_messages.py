@@ -122,6 +122,7 @@ class Frame:
     packed: np.ndarray
     shape: tuple[int, ...]
     scores: np.ndarray
+    gpu_memory_bytes: int | None = None  # the model process's, when it runs on CUDA (for the worker's metrics)
 
 
 @dataclass(frozen=True)

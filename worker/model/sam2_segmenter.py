@@ -68,6 +68,11 @@ class Sam2Segmenter(InProcessModel):
     def device(self) -> str:
         return str(self.torch_device)
 
+    def gpu_memory_bytes(self) -> int | None:
+        if self.torch_device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_reserved(self.torch_device))
+
     def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                      height: int) -> Sam2Session:
         return Sam2Session(self, frames, prompts, width=width, height=height)

@@ -27,7 +27,8 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,16 +41,26 @@ from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.session import SessionBase
 from worker.sources.frames import FrameSource
 
-if TYPE_CHECKING:
-    from worker.model.sam2_segmenter import Sam2Segmenter
-
 log = logging.getLogger(__name__)
+
+
+class SharedModel(Protocol):
+    """What a session uses of the model every session shares (worker.model.sam2_segmenter.Sam2Segmenter)."""
+
+    predictor: Any  # SAM2VideoPredictor
+    torch_device: torch.device
+    graphs: Any  # worker.model.cuda_graphs.GraphCache, or None (eager)
+    encoder_batch: int
+    prune: bool
+    window: int  # frames of per-frame state memory attention still reads
+
+    def stepping(self) -> AbstractContextManager[None]: ...
 
 
 class Sam2Session(SessionBase):
     """One job's propagation over a shared Sam2Segmenter (see the module doc)."""
 
-    def __init__(self, model: Sam2Segmenter, frames: FrameSource, prompts: Sequence[ObjectPrompt], *,
+    def __init__(self, model: SharedModel, frames: FrameSource, prompts: Sequence[ObjectPrompt], *,
                  width: int, height: int) -> None:
         super().__init__()
         self.model = model

@@ -43,6 +43,10 @@ class Segmenter(Protocol):
         prompted object; the session is closed when the generator is."""
         ...
 
+    def gpu_memory_bytes(self) -> int | None:
+        """GPU memory the model's process holds now (PyTorch's reserved bytes), None off CUDA (metrics)."""
+        ...
+
     def ensure_started(self) -> None:
         """Before a job is claimed: make sure the model can run (a model process that died is started
         again); WorkerBroken if it cannot."""
@@ -76,6 +80,9 @@ class InProcessModel:
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
         return run_session(self.open_session(frames, prompts, width=width, height=height))
+
+    def gpu_memory_bytes(self) -> int | None:
+        return None
 
     def ensure_started(self) -> None:
         return None
