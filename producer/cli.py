@@ -1,4 +1,4 @@
-"""`python -m producer {submit,extract,watch,status,cancel}`: the client side on the command line.
+"""`python -m producer {submit,extract,watch,status,cancel,stats}`: the client side on the command line.
 
 Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import redis
@@ -18,7 +20,7 @@ from redis.exceptions import LockError
 
 from runtime.connection import quick_client
 from runtime.faults import redact_url, redis_fault
-from runtime.logs import configure_logging, run_cli
+from runtime.logs import configure_logging, job_log_context, run_cli
 from runtime.settings import Settings
 from schemas.errors import RedisUnavailable, VsegError
 
@@ -69,7 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("job_id")
     w.add_argument("--out", type=Path, required=True, dest="out_dir")
     w.add_argument("--timeout", type=float, dest="timeout_s", help="give up after this many seconds without news")
+
+    q = sub.add_parser("stats", help="print the queue's figures: waiting, pending, lag, oldest pending age, dead letters")
+    q.add_argument("--serve", type=_port, metavar="PORT",
+                   help="instead, serve them as Prometheus metrics on PORT (/metrics, /healthz, /readyz) until stopped")
+    q.add_argument("--host", help="address to serve on (default metrics_host, VSEG_METRICS_HOST: 127.0.0.1)")
     return p
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port must be 0..65535 (0: any free one), but got {port}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             return _extract(args)
         settings = Settings.load()
+        configure_logging(args.verbose, settings.log_format)  # configs/service.yaml may set it too
         if args.command == "submit":
             return _submit(args, settings)
         if args.command == "status":
             return _status(args.job_id, settings)
         if args.command == "cancel":
             return _cancel(args.job_id, settings)
+        if args.command == "stats":
+            return _stats(args, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
 
     def translate(error: Exception) -> Exception:  # one the library did not classify (e.g. raised while cleaning up)
@@ -97,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return error
 
     # TimeoutError: watch --timeout, no news for that long (exit 1)
-    return run_cli(command, log, handled=(VsegError, redis.RedisError, TimeoutError), translate=translate)
+    with job_log_context(job_id=getattr(args, "job_id", None)):  # status, cancel, watch: their records name the job
+        return run_cli(command, log, handled=(VsegError, redis.RedisError, TimeoutError), translate=translate)
 
 
 def redis_error(error: redis.RedisError, url: str) -> VsegError:
@@ -181,6 +199,29 @@ def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | No
         log.warning("these masks come from RANDOM WEIGHTS (smoke test): they are meaningless")
     print(f"masks: {result.masks_json}")
     print(f"video: {result.render_path}" if result.render_path else "video: none (submitted with --no-render)")
+    return 0
+
+
+def _stats(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the queue's figures once, or (--serve) export them until SIGTERM (exit 0) or Ctrl-C (130)."""
+    from producer.stats import collect_stats, format_stats, serve_stats
+
+    if args.serve is None:
+        client = quick_client(settings)
+        try:
+            print(format_stats(collect_stats(client, settings.keys), settings.keys, settings.redis_url))
+        finally:
+            client.close()
+        return 0
+    server = serve_stats(settings, args.host or settings.metrics_host, args.serve)
+    print(f"serving queue metrics on {server.url}/metrics", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.close()
     return 0
 
 

@@ -57,7 +57,12 @@ ENV_VARS: dict[str, str] = {
     "max_pixels": "VSEG_MAX_PIXELS",
     "max_objects": "VSEG_MAX_OBJECTS",
     "max_prompts": "VSEG_MAX_PROMPTS",
+    "metrics_port": "VSEG_METRICS_PORT",
+    "metrics_host": "VSEG_METRICS_HOST",
+    "log_format": "VSEG_LOG_FORMAT",
 }
+
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class Settings:
     max_pixels: int = 3840 * 2160
     max_objects: int = 32
     max_prompts: int = 256
+    metrics_port: int = 0  # the worker's /metrics, /healthz, /readyz HTTP port; 0: not served
+    metrics_host: str = "127.0.0.1"  # the address it binds to (0.0.0.0: every interface, e.g. in a container)
+    log_format: str = "text"  # text: one readable line a record; json: one JSON object a line (runtime/logs.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -127,6 +135,13 @@ class Settings:
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
         if self.retry_backoff_s < 0:
             raise ConfigError(f"retry_backoff_s must be >= 0, but got {self.retry_backoff_s}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port (VSEG_METRICS_PORT) must be 0..65535 (0: no metrics endpoint), but got "
+                              f"{self.metrics_port}")
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host (VSEG_METRICS_HOST) must be an address to bind to (127.0.0.1, 0.0.0.0, ...)")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format (VSEG_LOG_FORMAT) must be text or json, but got {self.log_format!r}")
 
     @property
     def keys(self) -> Keys:
