@@ -44,9 +44,9 @@ from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, wait_for, worker_env
-from worker.model.segment import FrameMasks, InProcessModel
+from worker.model.segment import InProcessModel, Session
 from worker.output.render import MaskVideoWriter, partial_path
-from worker.service.consume import Worker
+from worker.service.loop import Worker
 from worker.sources.frames import FrameSource
 
 N = 24
@@ -223,12 +223,12 @@ class FreesSpaceOnAttempt(InProcessModel):
         self.disk, self.attempt, self.calls = disk, attempt, 0
         self.inner = ColourSegmenter()
 
-    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0,
-                height: int = 0) -> Iterator[FrameMasks]:
+    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0,
+                     height: int = 0) -> Session:
         self.calls += 1
         if self.calls == self.attempt:
             self.disk.free()
-        return self.inner.segment(frames, prompts, width=width, height=height)
+        return self.inner.open_session(frames, prompts, width=width, height=height)
 
 
 class RetryLog(logging.Handler):
@@ -398,7 +398,7 @@ def test_mask_video_writer_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.Mo
         assert not tmp.exists() and not (root / "jobs/j/render.mp4").exists()
         if disk.mounted:
             assert disk.free_bytes() == free_before  # the file's pages are back: its descriptor is closed
-        writer.abort()  # what run_job does next: harmless
+        writer.abort()  # what the job runner does next: harmless
         with pytest.raises(ValueError, match="aborted"):
             writer.close()  # never pretends the MP4 is there
 

@@ -25,6 +25,7 @@ import redis
 
 from producer.local_redis import RedisServer, free_port
 from producer.submit import submit
+from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import RetryableError, WorkerBroken
@@ -35,7 +36,7 @@ from tests.videos import disc_center, make_video
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 from worker.broker.lease import Lease
 from worker.broker.publish import ResultPublisher
-from worker.service.consume import EXIT_BROKEN, Worker
+from worker.service.loop import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,8 @@ from tests.fakes import ColourSegmenter
 from tests.render_checks import near_box, tinted_mask
 from tests.videos import disc_center, disc_mask, make_video
 from worker.output.render import colour_for
-from worker.service.consume import Worker
+from worker.output.render_policy import render_preset, render_threads
+from worker.service.loop import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -203,19 +204,14 @@ def test_follow_unknown_job(settings: Settings, redis_client: redis.Redis) -> No
         next(follow("nope", settings=settings, client=redis_client))
 
 
-def test_renderer_leaves_the_cores_to_a_cpu_model(settings: Settings, redis_client: redis.Redis) -> None:
+def test_renderer_leaves_the_cores_to_a_cpu_model(settings: Settings) -> None:
     """x264 would start a thread per core and more, preempting the model's OpenMP threads: on the CPU
     the worker gives it one and the fastest preset, unless the settings say otherwise; on CUDA it is
     x264's choice of threads and `superfast`."""
-    cpu = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="t")  # type: ignore[arg-type]
-    assert (cpu._render_threads(), cpu._render_preset()) == (1, "ultrafast")
-    cuda_segmenter = ColourSegmenter()
-    cuda_segmenter.device = "cuda:0"  # type: ignore[attr-defined]
-    cuda = Worker(settings=settings, segmenter=cuda_segmenter, client=redis_client, name="t")  # type: ignore[arg-type]
-    assert (cuda._render_threads(), cuda._render_preset()) == (0, "superfast")
+    assert (render_threads(settings, "cpu"), render_preset(settings, "cpu")) == (1, "ultrafast")
+    assert (render_threads(settings, "cuda:0"), render_preset(settings, "cuda:0")) == (0, "superfast")
     three = dataclasses.replace(settings, render_threads=3, render_preset="veryfast")
-    chosen = Worker(settings=three, segmenter=ColourSegmenter(), client=redis_client, name="t")  # type: ignore[arg-type]
-    assert (chosen._render_threads(), chosen._render_preset()) == (3, "veryfast")
+    assert (render_threads(three, "cpu"), render_preset(three, "cpu")) == (3, "veryfast")
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
@@ -241,7 +237,7 @@ def test_worker_peak_rss_is_its_own_not_its_forking_parents() -> None:
     import sys
 
     big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB resident in this process
-    out = subprocess.run([sys.executable, "-c", "from worker.service.consume import peak_rss_mib; print(peak_rss_mib())"],
+    out = subprocess.run([sys.executable, "-c", "from worker.service.health import peak_rss_mib; print(peak_rss_mib())"],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert float(out.stdout) < 300, out.stdout
     del big

@@ -29,7 +29,7 @@ from tests.workers import WorkerProcess, wait_for
 from worker.broker.lease import Lease, LeaseLost
 from worker.broker.publish import ResultPublisher, frame_result
 from worker.model.segment import FrameMasks
-from worker.service.consume import Worker
+from worker.service.loop import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -277,9 +277,9 @@ def test_job_states_are_the_wire_strings_and_no_lua_script_spells_one_itself() -
     assert "cancelled" in TERMINAL_STATES and "retrying" not in TERMINAL_STATES
     assert {s.value for s in TERMINAL_STATES} == {t.TYPE.value for t in messages.TERMINAL_TYPES}
     from producer import control, submit
-    from worker.broker import lease
+    from worker.broker import scripts as lua_scripts
 
-    scripts = {f"{m.__name__}.{name}": value for m in (control, submit, lease) for name, value in vars(m).items()
+    scripts = {f"{m.__name__}.{name}": value for m in (control, submit, lua_scripts) for name, value in vars(m).items()
                if name.endswith("_LUA")}
     assert len(scripts) >= 8, sorted(scripts)
     for name, lua in scripts.items():

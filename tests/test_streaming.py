@@ -23,7 +23,7 @@ from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from tests.workers import wait_for
-from worker.service.consume import Worker
+from worker.service.loop import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return check(settings)
         from worker.broker.redis_client import worker_client
         from worker.model.load import load_segmenter
-        from worker.service.consume import Worker
+        from worker.service.loop import Worker
 
         segmenter = load_segmenter(settings)
         try:

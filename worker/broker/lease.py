@@ -6,8 +6,8 @@ with a Lua script that checks ownership and resets the idle time in one atomic s
 no owner check). Another worker may take the entry (XAUTOCLAIM) only once it has been idle for
 lease_s, i.e. only after its owner stopped renewing: crashed, frozen (SIGSTOP), or cut off.
 
-Every write a worker makes for a job goes through a script that first checks that the worker still
-owns the entry, so a stale worker that wakes up after losing its lease writes nothing.
+Every write a worker makes for a job goes through a script (worker/broker/scripts.py) that first checks
+that the worker still owns the entry, so a stale worker that wakes up after losing its lease writes nothing.
 
 A lease is renewed only for a job that makes progress (BullMQ's stalled-job checker is the model):
 the job calls `progress()` for every frame the model yields and every batch the result path
@@ -41,85 +41,9 @@ import redis
 from runtime.faults import is_redis_full
 from schemas.errors import WorkerBroken
 from schemas.names import JobState, Keys
+from worker.broker.scripts import Scripts
 
 log = logging.getLogger(__name__)
-
-_OWNER_CHECK = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return -1 end
-"""
-
-# KEYS: jobs stream. ARGV: group, entry id, consumer. 1 renewed, -1 lost.
-RENEW_LUA = _OWNER_CHECK + """
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
-return 1
-"""
-
-# KEYS: jobs stream, target stream, job hash. ARGV: group, entry id, consumer, target entry id,
-# frames_done (or '' to leave it), then field/value pairs. Returns {status, cancel}: status 1 written,
-# 0 duplicate id (already there: rejected by Redis), -1 lease lost (nothing written).
-FENCED_XADD_LUA = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return {-1, 0} end
-local status = 1
-local r = redis.pcall('XADD', KEYS[2], ARGV[4], unpack(ARGV, 6))
-if type(r) == 'table' and r.err then
-  if string.find(r.err, 'equal or smaller', 1, true) then status = 0 else return redis.error_reply(r.err) end
-end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'frames_done', ARGV[5]) end
-local cancel = redis.call('HGET', KEYS[3], 'cancel')
-return {status, cancel == '1' and 1 or 0}
-"""
-
-# KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, then field/value pairs. 1 or -1 lost.
-FENCED_HSET_LUA = _OWNER_CHECK + """
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
-return 1
-"""
-
-# The one terminal step: KEYS: jobs stream, results stream, job hash, events stream. ARGV: group, entry id, consumer,
-# terminal entry id, ttl_s, state (a terminal JobState), error, events MAXLEN (EVENTS_MAXLEN), n_fields, field/value
-# pairs of the entry. Writes the terminal entry (and its copy on the events stream), the final state, the expiry,
-# acknowledges and deletes the job entry. Returns 1 written, 0 already there, -1 lease lost.
-FINISH_LUA = _OWNER_CHECK + """
-local n = tonumber(ARGV[9])
-local fields = {}
-for i = 10, 9 + 2 * n do fields[#fields + 1] = ARGV[i] end
-local r = redis.pcall('XADD', KEYS[2], ARGV[4], unpack(fields))
-local written = 1
-if type(r) == 'table' and r.err then
-  if string.find(r.err, 'equal or smaller', 1, true) then written = 0 else return redis.error_reply(r.err) end
-end
-if written == 1 then redis.call('XADD', KEYS[4], 'MAXLEN', '~', tonumber(ARGV[8]), '*', unpack(fields)) end
-redis.call('HSET', KEYS[3], 'state', ARGV[6], 'finished_at', redis.call('TIME')[1])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[3], 'error', ARGV[7]) end
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[5]))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return written
-"""
-
-# Hand a job back on shutdown: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, idle ms, state
-# (JobState.QUEUED). Gives the attempt back, sets the state, and makes the entry look idle for a whole lease,
-# so another worker's XAUTOCLAIM takes it at once. 1 handed back, -1 lease lost.
-HAND_BACK_LUA = _OWNER_CHECK + """
-redis.call('HINCRBY', KEYS[2], 'attempt', -1)
-redis.call('HSET', KEYS[2], 'state', ARGV[5])
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'IDLE', ARGV[4], 'JUSTID')
-return 1
-"""
-
-
-# Abandon a stalled job: KEYS: jobs stream, job hash. ARGV: group, entry id, consumer, placeholder consumer,
-# idle ms, error, state (JobState.RETRYING). Hands the entry to the placeholder consumer (so this worker's fenced
-# writes are refused from now on), idle long enough for any worker's XAUTOCLAIM to take it at once. The attempt
-# stays counted. 1 abandoned, -1 lease lost.
-ABANDON_LUA = _OWNER_CHECK + """
-redis.call('HSET', KEYS[2], 'state', ARGV[7], 'error', ARGV[6])
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[4], 0, ARGV[2], 'IDLE', ARGV[5], 'JUSTID')
-return 1
-"""
 
 ABANDONED_CONSUMER = "abandoned"  # holds stalled jobs' entries until a worker's XAUTOCLAIM takes them
 
@@ -152,8 +76,10 @@ class Lease:
     """Ownership of one job entry, renewed by a background thread while the job makes progress."""
 
     def __init__(self, client: redis.Redis, keys: Keys, entry_id: str, consumer: str, lease_s: float, *,
-                 stall_s: float | None = None, job: str = "", on_stall: Callable[[str], None] | None = None) -> None:
+                 stall_s: float | None = None, job: str = "", on_stall: Callable[[str], None] | None = None,
+                 scripts: Scripts | None = None) -> None:
         self.client = client
+        self.scripts = scripts if scripts is not None else Scripts(client)
         self.keys = keys
         self.entry_id = entry_id
         self.consumer = consumer
@@ -199,7 +125,7 @@ class Lease:
 
     def renew(self) -> bool:
         sent_at = time.monotonic()
-        ok = self.client.eval(RENEW_LUA, 1, self.keys.jobs, *self.args()) == 1
+        ok = self.scripts.renew(keys=[self.keys.jobs], args=self.args()) == 1
         if ok:
             self.renewals += 1
             if self._suspended_since is not None:
@@ -220,8 +146,9 @@ class Lease:
         self.mark_lost(reason, stalled=True)
         log.error("%s", reason)
         try:
-            self.client.eval(ABANDON_LUA, 2, self.keys.jobs, self.keys.job(self.job), *self.args(),
-                             ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason, JobState.RETRYING.value)
+            self.scripts.abandon(keys=[self.keys.jobs, self.keys.job(self.job)],
+                                 args=[*self.args(), ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason,
+                                       JobState.RETRYING.value])
         except redis.RedisError as e:
             log.warning("could not hand the stalled job %s back at once (%s); it is claimable after its lease",
                         self.job, e)
@@ -298,10 +225,16 @@ class Lease:
             raise WorkerBroken(f"the lease thread of job {self.job} is gone: nothing renews the lease")
 
 
-def wait_with_lease(seconds: float, lease: Lease) -> None:
-    """Sleep (e.g. a retry backoff) while the lease thread keeps the job ours (waiting as told is progress)."""
+def _no_check() -> None:
+    return None
+
+
+def wait_with_lease(seconds: float, lease: Lease, check: Callable[[], None] = _no_check) -> None:
+    """Sleep (e.g. a retry backoff) while the lease thread keeps the job ours (waiting as told is progress).
+    `check` (the worker's shutdown check) ends the wait by raising."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         lease.check()
+        check()
         lease.progress()
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

@@ -1,6 +1,6 @@
 """Writing a job's results: frame entries with ids derived from the frame index, lifecycle events,
 state. Every write is fenced by the worker's lease (worker/broker/lease.py): once the lease is lost,
-nothing this worker writes lands.
+nothing this worker writes lands (the fencing scripts, run by EVALSHA, are in worker/broker/scripts.py).
 
 Infrastructure faults while writing (`retry_redis`): a refused or hung Redis is retried with backoff
 for as long as the lease may still be ours; past that the lease is suspended (presumed lost) and
@@ -25,16 +25,8 @@ from schemas import messages
 from schemas.errors import RedisFull
 from schemas.names import EVENTS_MAXLEN, STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, JobState, Keys, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
-from worker.broker.lease import (
-    FENCED_HSET_LUA,
-    FENCED_XADD_LUA,
-    FINISH_LUA,
-    JobVanished,
-    Lease,
-    LeaseLost,
-    is_nogroup,
-    vanished_message,
-)
+from worker.broker.lease import JobVanished, Lease, LeaseLost, is_nogroup, vanished_message
+from worker.broker.scripts import run_pipeline
 from worker.model.segment import FrameMasks
 
 log = logging.getLogger(__name__)
@@ -165,13 +157,11 @@ class ResultPublisher:
         encoded = [(entry_id, "" if done is None else done, _flat(messages.encode(msg)), msg)
                    for entry_id, done, msg in entries]
 
+        keys = [self.keys.jobs, stream, self.keys.job(self.job_id)]
+        calls = [(keys, [*self.lease.args(), entry_id, done, *flat]) for entry_id, done, flat, _ in encoded]
+
         def call() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            lease_args = self.lease.args()
-            for entry_id, done, flat, _ in encoded:
-                pipe.eval(FENCED_XADD_LUA, 3, self.keys.jobs, stream, self.keys.job(self.job_id), *lease_args,
-                          entry_id, done, *flat)
-            return pipe.execute()
+            return run_pipeline(self.client, self.lease.scripts.fenced_xadd, calls)
 
         replies = self._retry(call, f"write to {stream}", interrupt)
         written = 0
@@ -193,8 +183,8 @@ class ResultPublisher:
         flat = [x for k, v in fields.items() for x in (k, str(v))]
 
         def call() -> Any:
-            return self.client.eval(FENCED_HSET_LUA, 2, self.keys.jobs, self.keys.job(self.job_id),
-                                    *self.lease.args(), *flat)
+            return self.lease.scripts.fenced_hset(keys=[self.keys.jobs, self.keys.job(self.job_id)],
+                                                  args=[*self.lease.args(), *flat])
 
         if best_effort:
             status = retry_redis(call, lease=self.lease, what="job state update", redis_url=self.redis_url,
@@ -233,11 +223,10 @@ class ResultPublisher:
             self.set_state(render_path=msg.render_path)
         fields = messages.encode(msg)
         written = self._retry(
-            lambda: self.client.eval(
-                FINISH_LUA, 4, self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events,
-                *self.lease.args(),
-                TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)].value, error, EVENTS_MAXLEN, len(fields),
-                *_flat(fields),
+            lambda: self.lease.scripts.finish(
+                keys=[self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events],
+                args=[*self.lease.args(), TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)].value, error,
+                      EVENTS_MAXLEN, len(fields), *_flat(fields)],
             ),
             "terminal write",
         )

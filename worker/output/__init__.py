@@ -1,1 +1,2 @@
-"""Where a job's masks go: the result sink's thread (publish in frame order) and the MP4 renderer."""
+"""Where a job's masks go: the result sink's thread (publish in frame order), the MP4 renderer and its
+share of the machine (render_policy)."""

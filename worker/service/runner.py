@@ -1,0 +1,178 @@
+"""One attempt at one validated job: frames in, the model, results out, the MP4, the terminal entry.
+
+The runner takes a ValidJob (worker/service/job.py): nothing here checks the job again. It opens the
+job's frame source, publishes `started`, runs the model on this thread while the sink's thread
+publishes and renders (worker/output/sink.py), then closes the MP4 and writes `completed`. Every frame
+the model yields and every batch the sink publishes is the job's progress (its lease's renewal).
+
+How it ends: completed; cancelled (the cancel flag came back with a write); failed (a permanent error:
+the job's `failed` entry); or it raises, for the caller to retry (a transient error) or to stop (a lost
+lease, a shutdown, a broken worker). Whatever stops it, a half-written MP4 is removed.
+
+`check` is the job's view of everything that may stop it: its lease, its cancel flag, the worker's
+shutdown. The model's thread, the frame source's waits and the sink's waits all run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from schemas import messages
+from schemas.errors import PermanentError, VsegError, WorkerBroken
+from schemas.names import JobState
+from worker.broker.attempts import is_transient
+from worker.broker.lease import LeaseLost
+from worker.broker.publish import JobCancelled, ResultPublisher
+from worker.model.session import Session
+from worker.output.render import MaskVideoWriter
+from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
+from worker.output.sink import ResultSink
+from worker.service.context import WorkerContext
+from worker.service.job import FrameSourceKind, ValidJob
+from worker.service.shutdown import HandBack
+from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
+
+log = logging.getLogger(__name__)
+
+STOPS = (LeaseLost, HandBack, JobCancelled, WorkerBroken)  # end the attempt; nothing more may be written
+
+
+def fail(ctx: WorkerContext, pub: ResultPublisher, job_id: str, error: Exception) -> None:
+    """End the job `failed` with `error` (a permanent error, or one we did not expect: logged in full)."""
+    level = logging.WARNING if isinstance(error, VsegError) else logging.ERROR
+    log.log(level, "job %s failed: %s: %s", job_id, type(error).__name__, error, exc_info=level == logging.ERROR)
+    ctx.finish(pub, messages.Failed(job_id, str(error), type(error).__name__), JobState.FAILED,
+               error=f"{type(error).__name__}: {error}")
+
+
+class JobRunner:
+    def __init__(self, ctx: WorkerContext, job: ValidJob, pub: ResultPublisher, attempt: int) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.pub = pub
+        self.attempt = attempt
+        self.writer: MaskVideoWriter | None = None
+
+    def check(self) -> None:
+        """Raise if the job must stop: LeaseLost, JobCancelled, HandBack/ForcedExit (worker/service/shutdown.py)."""
+        self.pub.lease.check()
+        if self.pub.cancel_requested:
+            raise JobCancelled()
+        self.ctx.shutdown.check()
+
+    def run(self) -> None:
+        job, pub, ctx = self.job, self.pub, self.ctx
+        t0 = time.monotonic()
+        log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, self.attempt, job.num_frames,
+                 job.width, job.height, len(job.prompts))
+        pub.lease.progress()
+        try:
+            frames = self._frames()
+            pub.started(messages.Started(
+                job_id=job.job_id, worker=ctx.name, num_frames=job.num_frames, obj_ids=job.obj_ids,
+                model=ctx.segmenter.name, attempt=self.attempt, random_weights=ctx.segmenter.random_weights,
+            ))
+            remove_stale_partials(job.render_target, ctx.name)
+            if job.render:
+                device = ctx.segmenter.device
+                self.writer = MaskVideoWriter(job.render_target, fps=job.fps, width=job.width, height=job.height,
+                                              preset=render_preset(ctx.settings, device),
+                                              threads=render_threads(ctx.settings, device),
+                                              partial_tag=ctx.name, storage_root=ctx.settings.storage_root)
+            timings, num_frames = self._propagate(frames, t0)
+            pub.lease.check()
+            pub.lease.progress()
+            t_render = time.monotonic()
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = None
+            timings["render_close_s"] = time.monotonic() - t_render
+            timings["total_s"] = time.monotonic() - t0
+            ctx.finish(pub, messages.Completed(
+                job_id=job.job_id, render_path=job.render_rel, num_frames=num_frames, num_objects=len(job.obj_ids),
+                timings_s={k: round(v, 4) for k, v in timings.items()}, random_weights=ctx.segmenter.random_weights,
+            ), JobState.COMPLETED)
+            log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
+                     num_frames / max(timings["total_s"], 1e-9))
+        except JobCancelled:
+            self._abort_render()
+            log.warning("job %s cancelled", job.job_id)
+            frames_done = int(ctx.client.hget(ctx.keys.job(job.job_id), "frames_done") or 0)
+            ctx.finish(pub, messages.Cancelled(job.job_id, frames_done), JobState.CANCELLED)
+        except STOPS:
+            self._abort_render()
+            raise
+        except Exception as e:
+            self._abort_render()
+            if is_transient(e) and not isinstance(e, PermanentError):
+                raise
+            fail(ctx, pub, job.job_id, e)
+
+    def _abort_render(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def _frames(self) -> FrameSource:
+        job, ctx = self.job, self.ctx
+        if job.source is FrameSourceKind.STREAM:
+            return StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
+                                  block_ms=ctx.settings.block_ms, stall_s=ctx.settings.stall_s,
+                                  producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
+                                  check=self.check)
+        return DirFrames(job.frames_dir, job.num_frames, check=self.check)
+
+    def _propagate(self, frames: FrameSource, t0: float) -> tuple[dict[str, float], int]:
+        """Run the model on this thread; publishing and rendering happen in the sink's thread."""
+        job, pub, ctx = self.job, self.pub, self.ctx
+
+        def published(n: int) -> None:
+            pub.lease.progress()
+            ctx.health.beat(state="busy", job_id=job.job_id, frames_done=n)
+
+        sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
+                          progress_every=ctx.settings.progress_every, on_frame=published, check=self.check)
+        expected = 0
+        segment_s = 0.0
+        session: Session | None = None
+        try:
+            t_seg = time.monotonic()
+            session = ctx.segmenter.open_session(frames, job.prompts, width=job.width, height=job.height)
+            for out in session:
+                segment_s += time.monotonic() - t_seg
+                pub.lease.progress()
+                self.check()
+                if out.frame_idx != expected:
+                    raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
+                sink.put(out)
+                expected += 1
+                t_seg = time.monotonic()
+            session.close()
+            sink.close()
+        except STOPS:
+            sink.abort()  # nothing more may be written
+            raise
+        except BaseException:
+            try:
+                sink.close()  # publish what the model produced before it failed
+            except Exception:
+                sink.abort()
+            raise
+        finally:
+            if session is not None:
+                session.close()  # the session's state and loaders go whatever ended it
+        self.check()
+        total = frames.total if frames.total is not None else expected
+        if expected != total:
+            raise VsegError(f"segmenter stopped after {expected} of {total} frames")
+        timings = {
+            "first_result_s": (sink.first_result_at or time.monotonic()) - t0,
+            "segment_s": segment_s,
+            "publish_s": sink.publish_s,
+            "render_s": sink.render_s,
+        }
+        for name in ("waited_s",):  # the model's wait for frames (the producer, or the loaders), when known
+            if name in session.stats:
+                timings[f"frames_{name}"] = session.stats[name]
+        return timings, total
