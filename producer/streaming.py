@@ -83,8 +83,9 @@ class StreamingEnqueue(Handoff):
 
     def _announce(self, available: int) -> None:
         pipe = self.client.pipeline(transaction=False)
+        at = time.time()  # when the frames were on disk: a live frame's latency runs from here
         for k in range(self.announced, available):
-            pipe.xadd(self.frames_stream, {"frame_idx": k}, id=frame_entry_id(k))
+            pipe.xadd(self.frames_stream, {"frame_idx": k, "at": f"{at:.6f}"}, id=frame_entry_id(k))
         try:
             pipe.execute()
         except redis.ResponseError as e:

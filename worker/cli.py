@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 
 from runtime.connection import quick_client
 from runtime.logs import EXIT_BROKEN, configure_logging, report
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM grace period in seconds (VSEG_GRACE_S)")
     p.add_argument("--stall", type=float, dest="stall_s",
                    help="abandon a job with no progress for this many seconds (VSEG_STALL_S, default 300)")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port",
+                   help="serve /metrics, /healthz and /readyz on this port (VSEG_METRICS_PORT; default off)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -90,23 +93,50 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.load(
             model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device,
             lease_s=args.lease_s, max_attempts=args.max_attempts, grace_s=args.grace_s, stall_s=args.stall_s,
+            metrics_port=args.metrics_port,
         )
+        configure_logging(args.verbose, settings.log_format)
         if args.command == "check":
             return check(settings)
-        from worker.broker.redis_client import worker_client
-        from worker.model.load import load_segmenter
-        from worker.service.loop import Worker
-
-        segmenter = load_segmenter(settings)
-        try:
-            worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=args.name)
-            worker.install_signal_handlers()
-            worker.run(burst=args.burst)
-        finally:
-            segmenter.close()  # the model's process, if it has one
-        return 0
+        return serve(settings, name=args.name, burst=args.burst)
     except (VsegError, KeyboardInterrupt) as e:
         return report(e, log, codes={WorkerBroken: EXIT_BROKEN})
+
+
+def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
+    """Load the model and run the worker, with its metrics endpoint (when metrics_port is set) up from the
+    start: alive while the model loads, ready once the worker serves."""
+    from prometheus_client import CollectorRegistry
+
+    from runtime.logs import job_log_context
+    from runtime.metrics import MetricsServer
+    from worker.broker.redis_client import worker_client
+    from worker.model.load import load_segmenter
+    from worker.service.loop import Worker, default_worker_name
+
+    name = name or default_worker_name()
+    registry = CollectorRegistry(auto_describe=True)
+    probes: dict[str, Callable[[], tuple[bool, str]]] = {
+        "health": lambda: (True, "loading the model"), "ready": lambda: (False, "loading the model")}
+    server = None
+    if settings.metrics_port:
+        server = MetricsServer(registry, host=settings.metrics_host, port=settings.metrics_port,
+                               health=lambda: probes["health"](), ready=lambda: probes["ready"]()).start()
+    try:
+        with job_log_context(worker=name):
+            segmenter = load_segmenter(settings)
+            try:
+                worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=name,
+                                registry=registry)
+                probes.update(health=worker.health.alive, ready=worker.ready)
+                worker.install_signal_handlers()
+                worker.run(burst=burst)
+            finally:
+                segmenter.close()  # the model's process, if it has one
+        return 0
+    finally:
+        if server is not None:
+            server.close()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from typing import Any
 import redis
 
 from runtime.faults import is_redis_full
+from runtime.logs import ContextThread
 from schemas.errors import WorkerBroken
 from schemas.names import JobState, Keys
 from worker.broker.scripts import Scripts
@@ -193,7 +194,7 @@ class Lease:
             log.exception("the lease thread of job %s died", self.job)
 
     def __enter__(self) -> Lease:
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{self.entry_id}")
+        self._thread = ContextThread(target=self._run, daemon=True, name=f"lease-{self.entry_id}")
         self._thread.start()
         return self
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import cv2
 
+from runtime.logs import ContextThread
 from schemas.errors import RetryableError, StorageError
 from worker.broker.publish import ResultPublisher, frame_result
 from worker.model.segment import FrameMasks
@@ -59,7 +60,7 @@ class ResultSink:
         self.render_s = 0.0
         self.batches = 0  # round trips made for frame entries
         self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"sink-{pub.job_id}")
+        self._thread = ContextThread(target=self._run, daemon=True, name=f"sink-{pub.job_id}")
         self._thread.start()
 
     def put(self, out: FrameMasks) -> None:

@@ -21,6 +21,7 @@ from worker.broker.publish import ResultPublisher
 from worker.broker.scripts import Scripts
 from worker.model.segment import Segmenter
 from worker.service.health import Health, WorkerStats
+from worker.service.metrics import WorkerMetrics
 from worker.service.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class WorkerContext:
     health: Health
     shutdown: Shutdown
     on_fatal: Callable[[str], None]  # the job's thread is wedged: leave now (called from a helper thread)
+    metrics: WorkerMetrics
 
     @property
     def keys(self) -> Keys:

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from runtime.faults import redis_fault
+from runtime.logs import ContextThread, job_log_context
 from schemas import messages
 from schemas.errors import InfrastructureError, SchemaError, WorkerBroken
 from schemas.names import JobState
@@ -59,7 +60,8 @@ def handle(ctx: WorkerContext, entry_id: str, fields: dict[Any, Any]) -> str:
         return _guarded(ctx, seen.job_id or entry_id, lambda: dead_letter(
             ctx, entry_id, fields, error, job_id=seen.job_id, num_frames=seen.num_frames))
     job = msg
-    return _guarded(ctx, job.job_id, lambda: JobEntry(ctx, entry_id, fields, job).run())
+    with job_log_context(job_id=job.job_id):  # every record about the job, from its threads too, names it
+        return _guarded(ctx, job.job_id, lambda: JobEntry(ctx, entry_id, fields, job).run())
 
 
 def _decode(ctx: WorkerContext, fields: dict[Any, Any]) -> messages.JobMessage | SchemaError:
@@ -165,7 +167,8 @@ class JobEntry:
                 fail(ctx, pub, job_id, self.invalid)
                 return
             try:
-                JobRunner(ctx, self.job, pub, attempt).run()
+                with job_log_context(attempt=attempt):
+                    JobRunner(ctx, self.job, pub, attempt).run()
                 return
             except (LeaseLost, HandBack, JobCancelled, WorkerBroken):
                 raise
@@ -200,7 +203,7 @@ class JobEntry:
             call_bounded(ctx.segmenter.close, 5.0, "closing the model process")
             ctx.on_fatal(why)
 
-        threading.Thread(target=watch, daemon=True, name="stall-watch").start()
+        ContextThread(target=watch, daemon=True, name="stall-watch").start()
 
 
 def hand_back(ctx: WorkerContext, entry_id: str, job_id: str, lease: Lease | None = None, *,

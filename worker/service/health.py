@@ -1,7 +1,10 @@
 """What a worker says about itself: its counters, its health key, the group's housekeeping, its memory.
 
-The health key (`Keys.worker_health(name)`, a JSON value with a TTL of HEALTH_TTL_S) is refreshed at
-most once a second while the worker serves; `python -m worker check` reads it. A worker whose own
+The health key (`Keys.worker_health(name)`, a JSON value with a TTL of HEALTH_TTL_S) is refreshed every
+second by the worker's heartbeat thread while it serves, with the status the loop and the job's runner
+set (idle, or busy with a job and its frames done); `python -m worker check` reads it, and the metrics
+endpoint's /healthz asks whether that thread still runs (`alive`), /readyz whether its last write
+reached Redis (`redis_ok`). A worker whose own
 machinery failed writes `"state": "broken"` and the reason before it exits, so that check reports it
 even beside live workers. Housekeeping (every lease) removes consumers of dead workers that hold
 nothing and trims the events stream, so neither grows without bound.
@@ -13,6 +16,7 @@ import json
 import logging
 import resource
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,44 +42,90 @@ class WorkerStats:
     jobs_abandoned: int = 0
     redis_faults: int = 0
     dead_lettered: int = 0
+    redis_errors: int = 0  # Redis down, hung or full while the loop waited for work (job-level ones: redis_faults)
     duplicates_rejected: int = 0
     consumers_removed: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
 class Health:
-    """This worker's health key. `broken` says why the worker cannot go on, once it cannot;
-    `redis_answering` is False once a call on the way out found Redis not answering (the key is then
-    left to expire rather than waited on)."""
+    """This worker's health key and the heartbeat thread that refreshes it. `broken` says why the worker
+    cannot go on, once it cannot; `redis_answering` is False once a call on the way out found Redis not
+    answering (the key is then left to expire rather than waited on)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, name: str, stats: WorkerStats) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, name: str, stats: WorkerStats, *, period_s: float = 1.0,
+                 stale_s: float = 10.0) -> None:
         self.client = client
         self.key = keys.worker_health(name)
         self.name = name
         self.stats = stats
+        self.period_s = period_s
+        self.stale_s = stale_s  # a heartbeat older than this (a write blocked past it) is not alive
         self.broken: str | None = None
         self.redis_answering = True
-        self._beat_at = 0.0
+        self._status: dict[str, Any] = {"state": "idle"}
+        self._tick_at: float | None = None  # when the heartbeat last went round (monotonic)
+        self._written_at: float | None = None  # when a write last reached Redis
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def value(self, **status: Any) -> str:
         return json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(),
                            "jobs_done": self.stats.jobs_done, **status})
 
     def beat(self, **status: Any) -> None:
-        """Refresh the key (at most once a second), best effort: Redis gone or full, the lease is what matters."""
-        now = time.monotonic()
-        if now - self._beat_at < 1.0:
+        """What the key says from now on (the heartbeat thread writes it within a second)."""
+        self._status = dict(status)
+
+    def start(self) -> None:
+        """Start the heartbeat thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
             return
-        self._beat_at = now
-        try:
-            self.client.set(self.key, self.value(**status), ex=HEALTH_TTL_S)
-        except redis.RedisError:
-            pass
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worker-heartbeat")
+        self._thread.start()
+
+    def stop(self, join_s: float = 1.0) -> None:
+        """Stop the heartbeat thread: nothing more is written by it (a write in flight may still land)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(join_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._tick_at = time.monotonic()
+            try:  # best effort: Redis gone or full is readiness, not health; the lease is what matters for jobs
+                self.client.set(self.key, self.value(**self._status), ex=HEALTH_TTL_S)
+                self._written_at = time.monotonic()
+            except redis.RedisError:
+                pass
+            self._stop.wait(self.period_s)
+
+    def alive(self) -> tuple[bool, str]:
+        """Whether the heartbeat thread runs and went round within `stale_s` (/healthz)."""
+        if self.broken is not None:
+            return False, f"broken: {self.broken}"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the heartbeat thread is not running"
+        age = time.monotonic() - (self._tick_at or 0.0)
+        if age > self.stale_s:
+            return False, f"the heartbeat is {age:.0f} s old"
+        return True, f"heartbeat {age:.1f} s ago, {self._status.get('state', 'idle')}"
+
+    def redis_ok(self) -> tuple[bool, str]:
+        """Whether the heartbeat's last write reached Redis within `stale_s` (part of /readyz)."""
+        if self._written_at is None:
+            return False, "Redis has not answered yet"
+        age = time.monotonic() - self._written_at
+        if age > self.stale_s:
+            return False, f"Redis has not answered for {age:.0f} s"
+        return True, "Redis answers"
 
     def mark_broken(self, reason: str, timeout_s: float) -> None:
         """Say in the key that this worker is broken (`python -m worker check` reports it), waiting at most
         `timeout_s` for a Redis that may not answer."""
         self.broken = reason
+        self.stop(join_s=0)  # it must not write over the broken state
         log.critical("worker %s is broken: %s; exiting so that its supervisor restarts it", self.name, reason)
         value = self.value(state="broken", reason=reason)
         call_bounded(lambda: self.client.set(self.key, value, ex=HEALTH_TTL_S), timeout_s,
@@ -84,6 +134,7 @@ class Health:
     def remove(self, timeout_s: float) -> None:
         """On a clean exit, remove the key; a broken worker's stays (to be reported), and with Redis not
         answering it is left to expire."""
+        self.stop(join_s=min(1.0, timeout_s))
         if self.broken is None and self.redis_answering:
             call_bounded(lambda: self.client.delete(self.key), timeout_s, "removing the health key")
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from prometheus_client import CollectorRegistry
 
 from runtime.faults import redact_url, redis_fault, redis_full_message
 from runtime.logs import EXIT_BROKEN
@@ -43,15 +44,18 @@ from schemas.errors import WorkerBroken
 from schemas.names import Keys
 from worker.broker.claim import Entry, claim_expired, ensure_group, read_new
 from worker.broker.lease import Lease, is_nogroup
+from worker.broker.redis_client import worker_socket_timeout_s
 from worker.broker.scripts import Scripts
 from worker.model.segment import Segmenter
 from worker.service import entry
 from worker.service.context import WorkerContext
 from worker.service.health import Health, Housekeeping, WorkerStats, peak_rss_mib
+from worker.service.metrics import WorkerMetrics
 from worker.service.shutdown import ForcedExit, Shutdown, Stopped
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_IMAGE_SIZE = 1024  # every SAM 2.1 preset's own input size (the image_size setting's None)
 
 
 def default_worker_name() -> str:
@@ -87,18 +91,23 @@ class Worker:
     each entry's state is the entry's own (worker/service/entry.py)."""
 
     def __init__(self, *, settings: Settings, segmenter: Segmenter, client: redis.Redis, name: str | None = None,
-                 on_fatal: Callable[[str], None] = exit_now) -> None:
+                 on_fatal: Callable[[str], None] = exit_now, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.segmenter = segmenter
         self.client = client
         self.name = name or default_worker_name()
         self.stats = WorkerStats()
         self.shutdown = Shutdown(settings.grace_s)
-        self.health = Health(client, settings.keys, self.name, self.stats)
+        self.health = Health(client, settings.keys, self.name, self.stats,
+                             stale_s=max(10.0, 2 * worker_socket_timeout_s(settings) + 1.0))
+        self.metrics = WorkerMetrics(
+            self.stats, model=segmenter.name, image_size=settings.image_size or DEFAULT_IMAGE_SIZE,
+            device=segmenter.device, random_weights=segmenter.random_weights,
+            gpu_memory=segmenter.gpu_memory_bytes if segmenter.device.startswith("cuda") else None, registry=registry)
         self._housekeeping = Housekeeping(client, settings.keys, self.name, settings.lease_s, self.stats)
         self.ctx = WorkerContext(settings=settings, client=client, scripts=Scripts(client), segmenter=segmenter,
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
-                                 on_fatal=on_fatal)
+                                 on_fatal=on_fatal, metrics=self.metrics)
         self._url = redact_url(settings.redis_url)
 
     @property
@@ -123,6 +132,17 @@ class Worker:
         """`stopping = True` (from any thread): take no more jobs, let the current one finish."""
         if value:
             self.shutdown.stop()
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: the model loaded (a model process alive), Redis answering, and not shutting down."""
+        if self.shutdown.requested:
+            return False, "shutting down: taking no more jobs"
+        if self.health.broken is not None:
+            return False, f"broken: {self.health.broken}"
+        ok, why = self.health.redis_ok()
+        if not ok:
+            return False, why
+        return True, f"model {self.segmenter.name} loaded, {why}"
 
     def install_signal_handlers(self) -> None:
         self.shutdown.install()
@@ -179,6 +199,7 @@ class Worker:
     def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
         backoff = Backoff(0.1, self.shutdown.sleep)
+        self.health.start()
         try:
             self.wait_for_redis()
             if not self.shutdown.requested:
@@ -195,6 +216,7 @@ class Worker:
                     break
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     self.health.redis_answering = False
+                    self.stats.redis_errors += 1
                     log.warning("Redis at %s unavailable (%s); retrying in %.1f s", self._url, e, backoff.next_s)
                     self._idle_sleep(backoff)
                     continue
@@ -205,6 +227,7 @@ class Worker:
                         continue
                     if redis_fault(e, self.settings.redis_url) is None:
                         raise
+                    self.stats.redis_errors += 1
                     log.warning("%s; retrying in %.1f s", redis_full_message(self.settings.redis_url), backoff.next_s)
                     self._idle_sleep(backoff)
                     continue

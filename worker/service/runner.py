@@ -127,9 +127,14 @@ class JobRunner:
         """Run the model on this thread; publishing and rendering happen in the sink's thread."""
         job, pub, ctx = self.job, self.pub, self.ctx
 
+        metrics = ctx.metrics.job()
+        announced_upto = [0]  # frames whose announcement time was taken (the sink's thread only)
+
         def published(n: int) -> None:
             pub.lease.progress()
             ctx.health.beat(state="busy", job_id=job.job_id, frames_done=n)
+            metrics.published(n, [frames.announced_at(k) for k in range(announced_upto[0], n)])
+            announced_upto[0] = n
 
         sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
                           progress_every=ctx.settings.progress_every, on_frame=published, check=self.check)
@@ -139,8 +144,11 @@ class JobRunner:
         try:
             t_seg = time.monotonic()
             session = ctx.segmenter.open_session(frames, job.prompts, width=job.width, height=job.height)
+            metrics.session_opened()
             for out in session:
-                segment_s += time.monotonic() - t_seg
+                frame_s = time.monotonic() - t_seg
+                segment_s += frame_s
+                metrics.frame_segmented(frame_s, len(out.obj_ids))
                 pub.lease.progress()
                 self.check()
                 if out.frame_idx != expected:
@@ -160,6 +168,7 @@ class JobRunner:
                 sink.abort()
             raise
         finally:
+            metrics.close()
             if session is not None:
                 session.close()  # the session's state and loaders go whatever ended it
         self.check()

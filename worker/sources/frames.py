@@ -38,6 +38,10 @@ class FrameSource(Protocol):
 
     def path(self, frame_idx: int) -> Path: ...
 
+    def announced_at(self, frame_idx: int) -> float | None:
+        """When the producer announced frame i (Unix time), once; None if it never was (a finished directory)."""
+        ...
+
     def __iter__(self) -> Iterator[int]: ...
 
 
@@ -50,6 +54,9 @@ class _Base:
 
     def wait(self, frame_idx: int) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def announced_at(self, frame_idx: int) -> float | None:
+        return None
 
     def __iter__(self) -> Iterator[int]:
         k = 0
@@ -107,6 +114,7 @@ class StreamedFrames(_Base):
         self._total: int | None = None
         self._error: str | None = None
         self._last_id = "0-0"
+        self._announced: dict[int, float] = {}  # frame -> when the producer announced it, until asked once
         self._lock = threading.Lock()  # guards the fields above
         self._poll_lock = threading.Lock()  # one thread at a time reads the stream
         if not frames_dir.is_dir():
@@ -136,7 +144,13 @@ class StreamedFrames(_Base):
                     elif b"end" in fields:
                         self._total = int(fields[b"end"])
                     elif b"frame_idx" in fields:
-                        self._available = max(self._available, int(fields[b"frame_idx"]) + 1)
+                        k = int(fields[b"frame_idx"])
+                        self._available = max(self._available, k + 1)
+                        self._announced[k] = float(fields.get(b"at") or time.time())  # older producers: read time
+
+    def announced_at(self, frame_idx: int) -> float | None:
+        with self._lock:
+            return self._announced.pop(frame_idx, None)
 
     def _known(self, frame_idx: int) -> bool | None:
         """Whether frame i exists, from what has been read so far; None: not known yet."""
