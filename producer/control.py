@@ -97,11 +97,11 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
     client = client or connect(settings)
     keys = settings.keys
     fields = messages.encode(messages.Cancelled(job_id, 0))
-    code, state = cast(list[Any], client.eval(
-        _CANCEL_LUA, 4, keys.job(job_id), keys.jobs, keys.results(job_id), keys.events,
-        keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s, EVENTS_MAXLEN, JobState.QUEUED.value,
-        JobState.CANCELLED.value, terminal_states_arg(),
-        *[x for kv in fields.items() for x in kv],
+    cancel_script = client.register_script(_CANCEL_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
+    code, state = cast(list[Any], cancel_script(
+        keys=[keys.job(job_id), keys.jobs, keys.results(job_id), keys.events],
+        args=[keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s, EVENTS_MAXLEN, JobState.QUEUED.value,
+              JobState.CANCELLED.value, terminal_states_arg(), *[x for kv in fields.items() for x in kv]],
     ))
     if code == -1:
         raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)}")

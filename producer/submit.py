@@ -155,10 +155,9 @@ def _holding(lock: Lock, job_id: str) -> Iterator[None]:
 
 def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
     fields = messages.encode(job)
-    return bool(client.eval(
-        _ENQUEUE_LUA, 2, keys.job(job.job_id), keys.jobs,
-        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source, JobState.QUEUED.value,
-    ))
+    enqueue = client.register_script(_ENQUEUE_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
+    return bool(enqueue(keys=[keys.job(job.job_id), keys.jobs], args=[
+        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source, JobState.QUEUED.value]))
 
 
 def _decode_and_enqueue(

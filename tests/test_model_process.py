@@ -224,3 +224,29 @@ def test_the_sender_reports_a_worker_that_went_away() -> None:
     with pytest.raises(_WorkerGone):
         sender.close(Done(0, {}))
     there.close()
+
+
+def test_the_model_process_logs_json_with_the_jobs_fields(frames: DirFrames, capfd: pytest.CaptureFixture[str]) -> None:
+    """With log_format json the child writes JSON lines too, and its records about a session carry the
+    job's log fields, sent with OpenSession from the worker's context."""
+    import logging
+
+    from runtime.logs import job_log_context
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)  # the child logs at the worker's level: its per-object record is DEBUG
+    try:
+        model = ModelProcess(Settings(model_process="on", segmenter=FROM_ENV, device="cpu", log_format="json"))
+    finally:
+        root.setLevel(level)
+    try:
+        with job_log_context(job_id="j-logs", attempt=2, worker="w1"):
+            assert len(list(model.segment(frames, prompts(), width=160, height=120))) == N
+    finally:
+        model.close()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    about = [r for r in records if "reference colour" in r["message"]]
+    assert about and all((r["job_id"], r["attempt"], r["worker"]) == ("j-logs", 2, "w1") for r in about)
+    assert any("FAKE colour segmenter" in r["message"] and "job_id" not in r for r in records)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.commands.core import Script
 
 from producer.control import cancel, status
 from producer.local_redis import RedisServer
@@ -303,7 +304,7 @@ def test_transient_error_retries_with_backoff_and_permanent_fails_at_once(
 
 # ---- 5. idempotent submission ----------------------------------------------------------------------
 class TimesOutAfterWriting:
-    """A client whose first eval runs on the server but whose reply is lost, as in a client timeout."""
+    """A client whose first script call runs on the server but whose reply is lost, as in a client timeout."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
@@ -312,8 +313,11 @@ class TimesOutAfterWriting:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
-    def eval(self, *args: Any) -> Any:
-        result = self._client.eval(*args)
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)  # type: ignore[arg-type]  # its calls come back through evalsha below
+
+    def evalsha(self, *args: Any) -> Any:
+        result = self._client.evalsha(*args)
         if not self.failed:
             self.failed = True
             raise redis.TimeoutError("reply lost")

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.logs import job_log_fields
 from runtime.settings import Settings
 from schemas.errors import RetryableError, VsegError, WorkerBroken
 from schemas.prompts import ObjectPrompt
@@ -227,7 +228,8 @@ class ProcessSession:
         self._received: collections.deque[FrameMasks] = collections.deque()
         self._ended: BaseException | None | bool = False  # False: frames still coming; None: done; else its error
         # (whatever the child sends for this session is read, in order, until it answers CloseSession)
-        model.send(OpenSession(session_id, describe_frames(frames), tuple(prompts), width, height), "the job started")
+        model.send(OpenSession(session_id, describe_frames(frames), tuple(prompts), width, height,
+                               dict(job_log_fields())), "the job started")
 
     @property
     def obj_ids(self) -> tuple[int, ...]:

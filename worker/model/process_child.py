@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from runtime.logs import configure_logging, job_log_context
 from runtime.settings import Settings
 from schemas.errors import PromptError
 from worker.model.frame_masks import FrameMasks
@@ -59,8 +60,11 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
     # Ctrl-C reaches the whole process group: the worker handles it (finish the job, then exit) and
     # tells this process when to go
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
+    if settings.log_format == "json":  # one JSON object a line, as the worker's (its job fields come with OpenSession)
+        configure_logging(log_level <= logging.DEBUG, "json")
+    else:
+        logging.basicConfig(level=log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s [model %(process)d] %(name)s: %(message)s")
     from worker.model.build import build_segmenter
 
     try:
@@ -78,8 +82,9 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
             if isinstance(msg, Exit):
                 return
             if isinstance(msg, OpenSession):
-                if _serve_session(conn, segmenter, msg, settings) == "exit":
-                    return
+                with job_log_context(**msg.log_fields):
+                    if _serve_session(conn, segmenter, msg, settings) == "exit":
+                        return
             elif isinstance(msg, (AddPrompts, RemoveObject)):  # the session ended before this reached it
                 conn.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
             elif isinstance(msg, CloseSession):

@@ -4,8 +4,9 @@ the same source itself (a streamed one with its own Redis client, from the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,7 @@ class OpenSession:
     prompts: tuple[ObjectPrompt, ...]
     width: int
     height: int
+    log_fields: dict[str, Any] = field(default_factory=dict)  # the job's log fields (job_id, attempt, worker)
 
 
 @dataclass(frozen=True)
