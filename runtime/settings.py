@@ -41,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "jpeg_quality": "VSEG_JPEG_QUALITY",
     "decode_threads": "VSEG_DECODE_THREADS",
     "keep_frames": "VSEG_KEEP_FRAMES",
+    "resume": "VSEG_RESUME",
     "render_preset": "VSEG_RENDER_PRESET",
     "render_threads": "VSEG_RENDER_THREADS",
     "block_ms": "VSEG_BLOCK_MS",
@@ -82,6 +83,7 @@ class Settings:
     jpeg_quality: int = 95
     decode_threads: int = 0  # producer's FFmpeg decoder threads; 0: one on 2 cores or fewer, else FFmpeg's choice
     keep_frames: str = "off"  # on: a job's JPEG frames stay after it ends; off: removed (runtime/cleanup.py)
+    resume: str = "on"  # on: a reclaimed job resumes after its last published frame; off: it runs again from 0
     render_preset: str = "auto"  # libx264 preset of the MP4; auto: ultrafast beside a CPU model, else superfast
     render_threads: int = 0  # x264 threads; 0: one when the model runs on the CPU (it needs the cores), else auto
     block_ms: int = 2000  # XREAD/XREADGROUP BLOCK; always well under socket_timeout_s
@@ -115,6 +117,8 @@ class Settings:
             raise ConfigError(f"cuda_graphs must be on or off, but got {self.cuda_graphs!r}")
         if self.keep_frames not in ("on", "off"):
             raise ConfigError(f"keep_frames must be on or off, but got {self.keep_frames!r}")
+        if self.resume not in ("on", "off"):
+            raise ConfigError(f"resume (VSEG_RESUME) must be on or off, but got {self.resume!r}")
         if self.render_preset != "auto" and self.render_preset not in X264_PRESETS:
             raise ConfigError(f"render_preset must be auto or one of {', '.join(X264_PRESETS)}, but got "
                               f"{self.render_preset!r}")

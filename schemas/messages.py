@@ -80,6 +80,8 @@ class JobMessage(msgspec.Struct, frozen=True):
     # while it decodes, so a worker can tell a dead producer from a slow one; 0: it does not (older producers).
     producer_ttl_s: Seconds = 0.0
     render: bool = True  # False: masks only, no MP4 (Completed.render_path is then "")
+    # True: a reclaimed attempt resumes after the last published frame; False: it runs again from frame 0
+    resume: bool = True
     v: int = SCHEMA_VERSION
 
 
@@ -112,6 +114,7 @@ class Started(msgspec.Struct, frozen=True):
     attempt: Count = 1
     random_weights: bool = False
     at: float = msgspec.field(default_factory=time.time)
+    resume_from: Count = 0  # the first frame this attempt computes (a resumed attempt: after the last published)
     v: int = SCHEMA_VERSION
 
 

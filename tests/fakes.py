@@ -37,7 +37,7 @@ from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
-from worker.model.segment import FrameMasks, InProcessModel, Segmenter, Session
+from worker.model.segment import FrameMasks, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
 from worker.sources.frames import FrameSource
 
@@ -113,19 +113,20 @@ class ColourSegmenter(InProcessModel):
         self.delay_s = delay_s
         self.fail_at_frame = fail_at_frame
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0,
-                     height: int = 0) -> ColourSession:
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int = 0,
+                     height: int = 0, start_frame: int = 0) -> ColourSession:
         if not prompts:
             raise PromptError("no prompts: give at least one point or box")
-        return ColourSession(self, frames, prompts)
+        return ColourSession(self, frames, prompts, start_frame)
 
 
 class ColourSession(SessionBase):
     """One job on the ColourSegmenter: an object's reference colour is sampled at its first prompt (and
     again at a later prompt for it, a correction); frames are segmented as they arrive."""
 
-    def __init__(self, model: ColourSegmenter, frames: FrameSource, prompts: Sequence[ObjectPrompt]) -> None:
-        super().__init__()
+    def __init__(self, model: ColourSegmenter, frames: FrameSource, prompts: Sequence[Prompt],
+                 start_frame: int = 0) -> None:
+        super().__init__(start_frame)
         self.model = model
         self.frames = frames
         self.colours: dict[int, np.ndarray] = {}
@@ -134,7 +135,14 @@ class ColourSession(SessionBase):
     def _total(self) -> int | None:
         return self.frames.total
 
-    def _sample(self, prompts: Sequence[ObjectPrompt]) -> None:
+    def _sample(self, prompts: Sequence[Prompt]) -> None:
+        for p in prompts:
+            if isinstance(p, MaskPrompt):  # a seed: the median colour under its mask (none: it matches nothing)
+                image = read_frame(self.frames.dir, p.frame_idx)
+                self.colours[p.obj_id] = (np.median(image[p.mask], axis=0).astype(np.int16) if p.mask.any()
+                                          else np.full(3, 10_000, np.int16))
+                self.book.tracked.add(p.obj_id)
+        prompts = [p for p in prompts if isinstance(p, ObjectPrompt)]
         for obj_id, prompt in sorted(first_prompts(prompts).items()):
             if not self.frames.wait(prompt.frame_idx):
                 raise PromptError(
@@ -148,8 +156,9 @@ class ColourSession(SessionBase):
                          prompt.frame_idx)
 
     def _run(self) -> Iterator[FrameMasks]:
-        self._sample(self.book.take_until(1 << 30))  # every object from its first prompt, whatever its frame
-        frame_idx = 0
+        # every object from its first prompt, whatever its frame (a resumed session: from its seeds)
+        self._sample(self.book.take_until(1 << 30 if self.start_frame == 0 else self.start_frame))
+        frame_idx = self.start_frame
         while self.frames.wait(frame_idx):
             for obj_id in self.book.removals:
                 self.colours.pop(obj_id, None)
@@ -204,11 +213,12 @@ class ChaosHooks(InProcessModel):
         while time.perf_counter() < end:
             x += sum(range(2000))  # pure Python: holds the GIL between switch intervals
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                     height: int) -> Session:
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> Session:
         job = frames.dir.parent.name  # STORAGE_ROOT/jobs/<job id>/frames
         faults = self.faults.get(job) or self.faults.get("*") or Faults()
-        return ChaosSession(self, self.inner.open_session(frames, prompts, width=width, height=height), job, faults)
+        inner = self.inner.open_session(frames, prompts, width=width, height=height, start_frame=start_frame)
+        return ChaosSession(self, inner, job, faults)
 
 
 class ChaosSession:

@@ -224,11 +224,11 @@ class FreesSpaceOnAttempt(InProcessModel):
         self.inner = ColourSegmenter()
 
     def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int = 0,
-                     height: int = 0) -> Session:
+                     height: int = 0, start_frame: int = 0) -> Session:
         self.calls += 1
         if self.calls == self.attempt:
             self.disk.free()
-        return self.inner.open_session(frames, prompts, width=width, height=height)
+        return self.inner.open_session(frames, prompts, width=width, height=height, start_frame=start_frame)
 
 
 class RetryLog(logging.Handler):
@@ -488,7 +488,8 @@ def _submit_then_fill(disk: Disk, video: Path, settings: Settings, client: redis
 def test_render_onto_a_full_disk_is_retried_and_completes_once_space_is_freed(
         video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     root = settings.storage_root
-    fast = replace(settings, retry_backoff_s=0.01, max_attempts=3)
+    # resume off: the retry runs the model again from frame 0 (the resumed path: tests/test_resume.py)
+    fast = replace(settings, retry_backoff_s=0.01, max_attempts=3, resume="off")
     with small_disk(root, 256) as disk:
         patch_renders_unless_mounted(disk, monkeypatch)
         _submit_then_fill(disk, video, fast, redis_client, "retry")
@@ -525,7 +526,7 @@ def test_render_onto_a_full_disk_is_retried_and_completes_once_space_is_freed(
 def test_render_onto_a_disk_that_stays_full_ends_dead_with_the_disk_full_error(
         video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     root = settings.storage_root
-    fast = replace(settings, retry_backoff_s=0.01, max_attempts=2)
+    fast = replace(settings, retry_backoff_s=0.01, max_attempts=2, resume="off")
     with small_disk(root, 256) as disk:
         patch_renders_unless_mounted(disk, monkeypatch)
         _submit_then_fill(disk, video, fast, redis_client, "stuck")

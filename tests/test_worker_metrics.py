@@ -15,6 +15,7 @@ from producer.control import cancel
 from producer.local_redis import RedisServer
 from producer.submit import submit
 from runtime.settings import Settings
+from schemas import messages
 from schemas.names import JobState
 from schemas.prompts import ObjectPrompt
 from tests import prom
@@ -77,17 +78,21 @@ def test_counters_match_what_happened_and_prometheus_scrapes_them(settings: Sett
         assert states == {"m-reclaimed": "completed", "m-ok": "completed", "m-too-many": "failed",
                           "m-cancelled": JobState.CANCELLED.value}
         cancelled_frames = int(redis_client.hget(settings.keys.job("m-cancelled"), "frames_done") or 0)
+        started = [messages.decode(f) for _, f in redis_client.xrange(settings.keys.events)]
+        resumed = [m for m in started if isinstance(m, messages.Started) and m.job_id == "m-reclaimed" and m.attempt == 2]
+        assert len(resumed) == 1 and 0 < resumed[0].resume_from < N  # it went on after the crasher's frames
+        redone = N - resumed[0].resume_from  # the frames the metered worker computed of the reclaimed job
         wait_for(lambda: scrape(port)['vseg_jobs_total{outcome="cancelled"}'] == 1, 10, "the metrics to settle")
         m = scrape(port)
         assert m['vseg_jobs_total{outcome="completed"}'] == 2
         assert m['vseg_jobs_total{outcome="failed"}'] == 1
         assert m['vseg_jobs_total{outcome="dead"}'] == 0 and m['vseg_jobs_total{outcome="handed_back"}'] == 0
         assert m["vseg_reclaims_total"] == 1 and m["vseg_leases_lost_total"] == 0
-        assert m['vseg_frames_total{skipped="false"}'] == 2 * N + cancelled_frames
+        assert m['vseg_frames_total{skipped="false"}'] == redone + N + cancelled_frames
         assert m['vseg_frames_total{skipped="true"}'] == 0  # file jobs skip nothing (live jobs may)
-        assert m["vseg_frame_seconds_count"] >= 2 * N + cancelled_frames
+        assert m["vseg_frame_seconds_count"] >= redone + N + cancelled_frames
         assert m["vseg_first_result_seconds_count"] == 3  # the failed job published nothing
-        assert m["vseg_latency_seconds_count"] == 2 * N  # the streamed jobs' frames; m-cancelled was not streamed
+        assert m["vseg_latency_seconds_count"] == redone + N  # streamed jobs' frames; m-cancelled was not streamed
         assert m["vseg_sessions_active"] == 0 and m["vseg_objects_active"] == 0
         info = [k for k in m if k.startswith("vseg_model_info{")]
         assert info == ['vseg_model_info{device="cpu",image_size="1024",model="fake-colour",random_weights="false"}']

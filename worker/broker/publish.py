@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -234,3 +234,15 @@ class ResultPublisher:
             self.lease.mark_lost(f"job {self.job_id}: lease lost; terminal {msg.TYPE.value} not written")
             raise LeaseLost(self.lease.reason)
         return written == 1
+
+
+def last_published_frame(client: redis.Redis, keys: Keys, job_id: str) -> messages.FrameResult | None:
+    """The job's last `frame` entry, or None. Frames are written in order by fenced pipelines (a lost
+    connection leaves a prefix), so frames 0..its frame_idx are all there."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(
+        keys.results(job_id), max=f"({TERMINAL_ENTRY_ID}", min=frame_entry_id(0), count=1))
+    for _entry_id, fields in entries:
+        msg = messages.decode(fields)
+        if isinstance(msg, messages.FrameResult):
+            return msg
+    return None

@@ -52,7 +52,6 @@ import numpy as np
 from runtime.logs import job_log_fields
 from runtime.settings import Settings
 from schemas.errors import RetryableError, VsegError, WorkerBroken
-from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
 from worker.model.process_child import serve
 from worker.model.process_messages import (
@@ -71,6 +70,7 @@ from worker.model.process_messages import (
     describe_frames,
 )
 from worker.model.segment import run_session
+from worker.model.session import Prompt
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
@@ -167,16 +167,17 @@ class ModelProcess:
             raise WorkerBroken(f"the model process could not be started again ({type(e).__name__}: {e}); "
                                f"this worker cannot run jobs") from e
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                     height: int) -> ProcessSession:
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> ProcessSession:
         if self.session is not None and not self.session.closed:
             raise RuntimeError("a model process holds one session at a time: close the open one first")
         self.ensure_started()  # died during or since the last job: start afresh
         self.sessions_opened += 1
-        self.session = ProcessSession(self, self.sessions_opened, frames, prompts, width=width, height=height)
+        self.session = ProcessSession(self, self.sessions_opened, frames, prompts, width=width, height=height,
+                                      start_frame=start_frame)
         return self.session
 
-    def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
+    def segment(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
         return run_session(self.open_session(frames, prompts, width=width, height=height))
 
@@ -216,20 +217,20 @@ class ProcessSession:
     """A session whose model runs in the model process (see the module doc). Frames that arrive while an
     answer to add_prompts or remove_object is awaited are kept, in order, for the iteration."""
 
-    def __init__(self, model: ModelProcess, session_id: int, frames: FrameSource, prompts: Sequence[ObjectPrompt],
-                 *, width: int, height: int) -> None:
+    def __init__(self, model: ModelProcess, session_id: int, frames: FrameSource, prompts: Sequence[Prompt],
+                 *, width: int, height: int, start_frame: int = 0) -> None:
         self.model = model
         self.id = session_id
         self.frames = frames
         self.closed = False
         self._objects = {p.obj_id for p in prompts}
-        self._position = 0
+        self._position = start_frame
         self._stats: dict[str, float] = {}
         self._received: collections.deque[FrameMasks] = collections.deque()
         self._ended: BaseException | None | bool = False  # False: frames still coming; None: done; else its error
         # (whatever the child sends for this session is read, in order, until it answers CloseSession)
         model.send(OpenSession(session_id, describe_frames(frames), tuple(prompts), width, height,
-                               dict(job_log_fields())), "the job started")
+                               dict(job_log_fields()), start_frame), "the job started")
 
     @property
     def obj_ids(self) -> tuple[int, ...]:
@@ -243,7 +244,7 @@ class ProcessSession:
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 
-    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None:
+    def add_prompts(self, prompts: Sequence[Prompt]) -> None:
         self._ask(AddPrompts(self.id, tuple(prompts)))
         self._objects |= {p.obj_id for p in prompts}
 

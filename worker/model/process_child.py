@@ -169,7 +169,7 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
     session: Session | None = None
     try:
         session = segmenter.open_session(open_frames(msg.frames, settings), msg.prompts, width=msg.width,
-                                         height=msg.height)
+                                         height=msg.height, start_frame=msg.start_frame)
         while True:
             ending = _apply_commands(conn, session, sender, msg.session)
             if ending is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from runtime.settings import Settings
-from schemas.prompts import ObjectPrompt
+from worker.model.session import Prompt
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 
 
@@ -67,10 +67,11 @@ class OpenSession:
 
     session: int
     frames: FramesSpec
-    prompts: tuple[ObjectPrompt, ...]
+    prompts: tuple[Prompt, ...]
     width: int
     height: int
     log_fields: dict[str, Any] = field(default_factory=dict)  # the job's log fields (job_id, attempt, worker)
+    start_frame: int = 0  # a resumed job's first frame (worker/model/session.py)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class AddPrompts:
     """Session.add_prompts: answered by an `Answer` (with the error, if the prompts were refused)."""
 
     session: int
-    prompts: tuple[ObjectPrompt, ...]
+    prompts: tuple[Prompt, ...]
 
 
 @dataclass(frozen=True)

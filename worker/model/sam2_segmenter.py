@@ -27,6 +27,7 @@ from schemas.storage import frame_name
 from worker.model.cuda_graphs import GraphCache, graphed_modules
 from worker.model.sam2_session import Sam2Session
 from worker.model.segment import InProcessModel
+from worker.model.session import Prompt
 from worker.sources.frames import DirFrames, FrameSource
 
 
@@ -73,9 +74,9 @@ class Sam2Segmenter(InProcessModel):
             return None
         return int(torch.cuda.memory_reserved(self.torch_device))
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                     height: int) -> Sam2Session:
-        return Sam2Session(self, frames, prompts, width=width, height=height)
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> Sam2Session:
+        return Sam2Session(self, frames, prompts, width=width, height=height, start_frame=start_frame)
 
     @contextlib.contextmanager
     def stepping(self) -> Iterator[None]:

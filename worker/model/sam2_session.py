@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 from schemas.errors import PromptError
-from schemas.prompts import ObjectPrompt
 from worker.model.encoder_batch import BatchedFeatures
 from worker.model.frame_masks import FrameMasks
 from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
-from worker.model.session import SessionBase
+from worker.model.session import MaskPrompt, Prompt, SessionBase
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
@@ -60,9 +59,9 @@ class SharedModel(Protocol):
 class Sam2Session(SessionBase):
     """One job's propagation over a shared Sam2Segmenter (see the module doc)."""
 
-    def __init__(self, model: SharedModel, frames: FrameSource, prompts: Sequence[ObjectPrompt], *,
-                 width: int, height: int) -> None:
-        super().__init__()
+    def __init__(self, model: SharedModel, frames: FrameSource, prompts: Sequence[Prompt], *,
+                 width: int, height: int, start_frame: int = 0) -> None:
+        super().__init__(start_frame)
         self.model = model
         self.predictor = model.predictor
         self.frames = frames
@@ -97,11 +96,12 @@ class Sam2Session(SessionBase):
 
     # ---- propagation ------------------------------------------------------------------------------
     def _run(self) -> Iterator[FrameMasks]:
-        first = self.book.take_until(UNKNOWN_LENGTH)  # the prompts given before the first frame
-        last_prompted = max((p.frame_idx for p in first), default=0)
+        # the prompts given before the first frame (a resumed session: those on its start frame, its seeds)
+        first = self.book.take_until(UNKNOWN_LENGTH if self.start_frame == 0 else self.start_frame)
+        last_prompted = max((p.frame_idx for p in first), default=self.start_frame)
         self._position = last_prompted
         self._apply(first)
-        if last_prompted > 0 and self.book.tracked:
+        if self.start_frame == 0 and last_prompted > 0 and self.book.tracked:  # a resumed one goes forwards only
             earlier: dict[int, FrameMasks] = {}
             for out in self._propagate(last_prompted, reverse=True):
                 if out.frame_idx < last_prompted:
@@ -146,11 +146,15 @@ class Sam2Session(SessionBase):
         self.book.removals.clear()
         self._apply(self.book.take(frame_idx))
 
-    def _apply(self, prompts: Sequence[ObjectPrompt]) -> None:
+    def _apply(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
             if not self.frames.wait(p.frame_idx):
                 raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but the video "
                                   f"has {self.frames.total} frames")
+            if isinstance(p, MaskPrompt):
+                self.predictor.add_new_mask(self.state, frame_idx=p.frame_idx, obj_id=p.obj_id, mask=p.mask)
+                self.book.tracked.add(p.obj_id)
+                continue
             self.predictor.add_new_points_or_box(
                 self.state,
                 frame_idx=p.frame_idx,

@@ -14,10 +14,10 @@ from typing import Protocol
 
 from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
-from worker.model.session import Session
+from worker.model.session import MaskPrompt, Prompt, Session
 from worker.sources.frames import FrameSource
 
-__all__ = ["FrameMasks", "InProcessModel", "Segmenter", "Session"]
+__all__ = ["FrameMasks", "InProcessModel", "MaskPrompt", "Prompt", "Segmenter", "Session"]
 
 
 class Segmenter(Protocol):
@@ -31,10 +31,13 @@ class Segmenter(Protocol):
         """Where the model runs: "cpu", "cuda", "cuda:N" (the renderer picks its x264 preset by it)."""
         ...
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                     height: int) -> Session:
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> Session:
         """A session over `frames` (which may still be arriving) with these first prompts; `width` x
-        `height` is the video's size. Bad prompts raise PromptError here or from the first frame."""
+        `height` is the video's size. Bad prompts raise PromptError here or from the first frame.
+        `start_frame` > 0 resumes a job there: its first frames are not segmented, the prompts on it (a
+        resumed job's masks) start the objects, later ones apply when their frame comes, and nothing
+        propagates backwards."""
         ...
 
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
@@ -73,8 +76,8 @@ class InProcessModel:
     lifecycle (nothing to start, nothing to stop from outside, nothing to release), and `segment` as
     one session run to its end."""
 
-    def open_session(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,
-                     height: int) -> Session:
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> Session:
         raise NotImplementedError
 
     def segment(self, frames: FrameSource, prompts: Sequence[ObjectPrompt], *, width: int,

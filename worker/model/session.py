@@ -24,12 +24,28 @@ left yields empty FrameMasks until a prompt brings one back or the frames end.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
+
+import numpy as np
 
 from schemas.errors import PromptError
 from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
+
+
+@dataclass(frozen=True)
+class MaskPrompt:
+    """An object given by its mask on a frame (SAM 2's `add_new_mask`): how a resumed job seeds each object
+    with its last published mask. Worker-internal: the wire's prompts are points and boxes."""
+
+    obj_id: int
+    frame_idx: int
+    mask: np.ndarray = field(repr=False)  # bool (H, W) at the video's resolution
+
+
+Prompt = ObjectPrompt | MaskPrompt
 
 
 class Session(Protocol):
@@ -50,7 +66,7 @@ class Session(Protocol):
         """This session's figures so far (frames loaded, waits, frames held), for logs and results."""
         ...
 
-    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None: ...
+    def add_prompts(self, prompts: Sequence[Prompt]) -> None: ...
 
     def remove_object(self, obj_id: int) -> None: ...
 
@@ -71,16 +87,16 @@ class PromptBook:
     the bookkeeping every Session implementation shares (the checks of add_prompts and remove_object)."""
 
     def __init__(self) -> None:
-        self.pending: dict[int, list[ObjectPrompt]] = {}
+        self.pending: dict[int, list[Prompt]] = {}
         self._order: dict[int, int] = {}  # id(prompt) -> when it was added: prompts are applied in that order
         self.tracked: set[int] = set()  # objects the model holds now
         self.removals: list[int] = []  # tracked objects to drop before the next frame
         self.started = False  # frames have been taken: prompts must be on `position` or later
 
-    def add(self, prompts: Sequence[ObjectPrompt], *, position: int, total: int | None) -> None:
+    def add(self, prompts: Sequence[Prompt], *, position: int, total: int | None) -> None:
         """Queue prompts (all or none: every one is checked before any is queued)."""
         for p in prompts:
-            if self.started and p.frame_idx < position:
+            if p.frame_idx < position and (self.started or position > 0):
                 raise PromptError(
                     f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but frames up to {position - 1} are "
                     f"already segmented: prompt frame {position} or later")
@@ -107,11 +123,11 @@ class PromptBook:
         """Objects tracked now or prompted on a frame not reached yet, less those being removed."""
         return ({p.obj_id for ps in self.pending.values() for p in ps} | self.tracked) - set(self.removals)
 
-    def take(self, frame_idx: int) -> list[ObjectPrompt]:
+    def take(self, frame_idx: int) -> list[Prompt]:
         """The prompts on this frame, removed from the book."""
         return self.pending.pop(frame_idx, [])
 
-    def take_until(self, frame_idx: int) -> list[ObjectPrompt]:
+    def take_until(self, frame_idx: int) -> list[Prompt]:
         """Every prompt on a frame up to and including `frame_idx`, in the order they were added, removed
         from the book."""
         taken = [p for f in [k for k in self.pending if k <= frame_idx] for p in self.pending.pop(f)]
@@ -124,9 +140,10 @@ class PromptBook:
 class SessionBase:
     """What every session does alike: iteration over a generator `_run()`, the PromptBook, close on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_frame: int = 0) -> None:
         self.book = PromptBook()
-        self._position = 0
+        self.start_frame = start_frame  # a resumed job's first frame: frames before it are not segmented
+        self._position = start_frame
         self._frames: Iterator[FrameMasks] | None = None
         self._closed = False
         self._stats: dict[str, float] = {}
@@ -144,7 +161,7 @@ class SessionBase:
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 
-    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None:
+    def add_prompts(self, prompts: Sequence[Prompt]) -> None:
         self._check_open()
         self.book.add(prompts, position=self._position, total=self._total())
 

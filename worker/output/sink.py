@@ -43,7 +43,7 @@ def _no_check() -> None:
 class ResultSink:
     def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | None, frames: FrameSource, *, random_weights: bool,
                  progress_every: int, on_frame: Callable[[int], None], depth: int = 4,
-                 check: Callable[[], None] = _no_check) -> None:
+                 check: Callable[[], None] = _no_check, first_frame: int = 0) -> None:
         self.pub = pub
         self.writer = writer
         self.frames = frames
@@ -54,7 +54,7 @@ class ResultSink:
         self._aborted = threading.Event()
         self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.frames_done = 0
+        self.frames_done = first_frame  # a resumed job's frames before it were published by an earlier attempt
         self.first_result_at: float | None = None
         self.publish_s = 0.0
         self.render_s = 0.0

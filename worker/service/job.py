@@ -41,6 +41,7 @@ class ValidJob:
     obj_ids: tuple[int, ...]
     render_target: Path  # where the MP4 goes (and where stale partial files are looked for)
     render: bool  # False: masks only, no MP4
+    resume: bool  # a reclaimed attempt resumes after the last published frame (worker/service/resume.py)
     producer_ttl_s: float  # the streaming producer's liveness key TTL; 0: it keeps none
 
     @property
@@ -70,5 +71,6 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
         obj_ids=tuple(object_ids(msg.prompts)),
         render_target=resolve_inside(settings.storage_root, job_render_rel(msg.job_id)),
         render=msg.render,
+        resume=msg.resume,
         producer_ttl_s=msg.producer_ttl_s,
     )

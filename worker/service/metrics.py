@@ -81,20 +81,20 @@ class WorkerMetrics:
              "random_weights": str(random_weights).lower()})
         self._lock = threading.Lock()
 
-    def job(self) -> JobMetrics:
-        return JobMetrics(self)
+    def job(self, first_frame: int = 0) -> JobMetrics:
+        return JobMetrics(self, first_frame)
 
 
 class JobMetrics:
     """One job's contributions to the worker's metrics: its session and objects while it runs, its
     frames as they are published. `close` takes its gauges back whatever ended it."""
 
-    def __init__(self, metrics: WorkerMetrics) -> None:
+    def __init__(self, metrics: WorkerMetrics, first_frame: int = 0) -> None:
         self.m = metrics
         self.started_at = time.monotonic()
         self._session = False
         self._objects = 0
-        self._published = 0
+        self._published = first_frame  # a resumed job's earlier frames were an earlier attempt's
         self._first = False
 
     def session_opened(self) -> None:

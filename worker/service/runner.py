@@ -30,6 +30,7 @@ from worker.output.render_policy import remove_stale_partials, render_preset, re
 from worker.output.sink import ResultSink
 from worker.service.context import WorkerContext
 from worker.service.job import FrameSourceKind, ValidJob
+from worker.service.resume import Resume, render_published, resume_point
 from worker.service.shutdown import HandBack
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 
@@ -69,9 +70,11 @@ class JobRunner:
         pub.lease.progress()
         try:
             frames = self._frames()
+            resume = resume_point(ctx, job, self.attempt)
             pub.started(messages.Started(
                 job_id=job.job_id, worker=ctx.name, num_frames=job.num_frames, obj_ids=job.obj_ids,
                 model=ctx.segmenter.name, attempt=self.attempt, random_weights=ctx.segmenter.random_weights,
+                resume_from=resume.first_frame,
             ))
             remove_stale_partials(job.render_target, ctx.name)
             if job.render:
@@ -80,7 +83,9 @@ class JobRunner:
                                               preset=render_preset(ctx.settings, device),
                                               threads=render_threads(ctx.settings, device),
                                               partial_tag=ctx.name, storage_root=ctx.settings.storage_root)
-            timings, num_frames = self._propagate(frames, t0)
+            if self.writer is not None and resume.first_frame:
+                render_published(ctx, job, frames, self.writer, resume.first_frame, progress=self._step)
+            timings, num_frames = self._propagate(frames, t0, resume)
             pub.lease.check()
             pub.lease.progress()
             t_render = time.monotonic()
@@ -109,6 +114,11 @@ class JobRunner:
                 raise
             fail(ctx, pub, job.job_id, e)
 
+    def _step(self) -> None:
+        """Progress outside the model's loop (the lease's renewal), and a point where the job may stop."""
+        self.pub.lease.progress()
+        self.check()
+
     def _abort_render(self) -> None:
         if self.writer is not None:
             self.writer.abort()
@@ -123,12 +133,12 @@ class JobRunner:
                                   check=self.check)
         return DirFrames(job.frames_dir, job.num_frames, check=self.check)
 
-    def _propagate(self, frames: FrameSource, t0: float) -> tuple[dict[str, float], int]:
+    def _propagate(self, frames: FrameSource, t0: float, resume: Resume) -> tuple[dict[str, float], int]:
         """Run the model on this thread; publishing and rendering happen in the sink's thread."""
         job, pub, ctx = self.job, self.pub, self.ctx
 
-        metrics = ctx.metrics.job()
-        announced_upto = [0]  # frames whose announcement time was taken (the sink's thread only)
+        metrics = ctx.metrics.job(resume.first_frame)
+        announced_upto = [resume.first_frame]  # frames whose announcement time was taken (the sink's thread only)
 
         def published(n: int) -> None:
             pub.lease.progress()
@@ -137,15 +147,21 @@ class JobRunner:
             announced_upto[0] = n
 
         sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
-                          progress_every=ctx.settings.progress_every, on_frame=published, check=self.check)
-        expected = 0
+                          progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
+                          first_frame=resume.first_frame)
+        expected = resume.first_frame
         segment_s = 0.0
         session: Session | None = None
         try:
             t_seg = time.monotonic()
-            session = ctx.segmenter.open_session(frames, job.prompts, width=job.width, height=job.height)
-            metrics.session_opened()
-            for out in session:
+            if frames.total is None or expected < frames.total:  # else every frame was published before
+                session = ctx.segmenter.open_session(frames, resume.prompts or job.prompts, width=job.width,
+                                                     height=job.height, start_frame=resume.seed_frame)
+                metrics.session_opened()
+            for out in session or ():
+                if out.frame_idx < expected:  # a resumed session's seed frame: published by an earlier attempt
+                    t_seg = time.monotonic()
+                    continue
                 frame_s = time.monotonic() - t_seg
                 segment_s += frame_s
                 metrics.frame_segmented(frame_s, len(out.obj_ids))
@@ -156,7 +172,8 @@ class JobRunner:
                 sink.put(out)
                 expected += 1
                 t_seg = time.monotonic()
-            session.close()
+            if session is not None:
+                session.close()
             sink.close()
         except STOPS:
             sink.abort()  # nothing more may be written
@@ -182,6 +199,6 @@ class JobRunner:
             "render_s": sink.render_s,
         }
         for name in ("waited_s",):  # the model's wait for frames (the producer, or the loaders), when known
-            if name in session.stats:
+            if session is not None and name in session.stats:
                 timings[f"frames_{name}"] = session.stats[name]
         return timings, total
