@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--watch", type=Path, metavar="DIR", help="then follow the job and write DIR/masks.json")
     s.add_argument("--no-render", dest="render", action="store_false",
                    help="masks only: the worker draws no MP4 (less work, faster on a CPU worker)")
+    s.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="after a worker crash, run the job again from frame 0 (the exact masks of an uninterrupted "
+                        "run) instead of going on after its last published frame")
     s.add_argument("--no-stream", dest="stream", action="store_false",
                    help="decode the whole video before enqueueing (default: enqueue once the prompted frames "
                         "are decoded and stream the rest to the worker)")
@@ -162,7 +165,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     check_redis(settings)  # Redis down: say so at once, before any decoding
     result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
-                    stream=args.stream, render=args.render)
+                    stream=args.stream, render=args.render, resume=args.resume)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)

@@ -3,9 +3,10 @@
 Decoding runs in the calling thread (one FFmpeg thread on machines with two cores or fewer, FFmpeg's
 frame threads otherwise); JPEG encoding runs in a thread pool (simplejpeg and OpenCV release the GIL),
 with a bounded number of frames in flight, and in the calling thread whenever the pool falls behind.
-4:2:0 frames are encoded straight from their Y/U/V planes (no RGB round trip). Frames go to a hidden
-sibling directory that is renamed into place only when complete, so a half-written directory never
-looks like a finished one.
+4:2:0 frames are encoded straight from their Y/U/V planes (no RGB round trip). Frames are turned as
+the video's display matrix says (producer/orientation.py), so they, their size and the prompts' pixels
+are the video as players show it. Frames go to a hidden sibling directory that is renamed into place
+only when complete, so a half-written directory never looks like a finished one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ try:  # JPEG straight from YUV planes; without it frames go through BGR and Open
 except ImportError:  # pragma: no cover
     simplejpeg = None
 
+from producer.orientation import UPRIGHT, Orientation, first_frame_orientation, frame_orientation
+from producer.planes import YuvPlanes, frame_payload
 from runtime.faults import SUBMIT_AGAIN, disk_fault
 from runtime.machine import usable_cores
 from schemas.errors import DiskFull, StorageError, VideoError
@@ -49,10 +52,24 @@ MAX_IN_FLIGHT = 2 * ENCODE_THREADS + 1
 @dataclass(frozen=True)
 class VideoInfo:
     num_frames: int
-    width: int
+    width: int  # as displayed (the frames written), like height
     height: int
     fps: float  # of the extracted frames: source fps / stride
     source: str
+    orientation: Orientation = UPRIGHT  # how the stored frames were turned (the display matrix)
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    """What a video says before it is decoded (and its first frame: the display matrix)."""
+
+    width: int  # as displayed
+    height: int
+    fps: float
+    estimate: int  # frames, from the header; 0 if it does not say
+    orientation: Orientation
+    stored_width: int
+    stored_height: int
 
 
 def _open(video: Path) -> av.container.InputContainer:
@@ -83,14 +100,24 @@ def probe(video: Path) -> tuple[int, int, float]:
 
 
 def probe_video(video: Path) -> tuple[int, int, float, int]:
-    """(width, height, fps, estimated frame count: 0 if the header does not say) of the first video stream."""
+    """(width, height as displayed, fps, estimated frame count: 0 if the header does not say) of the first
+    video stream."""
+    header = probe_header(video)
+    return header.width, header.height, header.fps, header.estimate
+
+
+def probe_header(video: Path) -> VideoHeader:
+    """The first video stream's header, and its display matrix (from its first frame)."""
     with _open(video) as container:
         stream = container.streams.video[0]
         fps = _fps(stream)
         estimate = int(stream.frames or 0)
         if not estimate and stream.duration and stream.time_base:
             estimate = int(float(stream.duration * stream.time_base) * fps)
-        return int(stream.codec_context.width), int(stream.codec_context.height), fps, estimate
+        stored = int(stream.codec_context.width), int(stream.codec_context.height)
+        orientation = first_frame_orientation(container, stream)
+        width, height = orientation.displayed_size(*stored)
+        return VideoHeader(width, height, fps, estimate, orientation, *stored)
 
 
 def _check_options(max_frames: int | None, stride: int, start_s: float | None, end_s: float | None,
@@ -116,52 +143,6 @@ def decoder_threads(requested: int = 0, cores: int | None = None) -> int:
     if requested:
         return requested
     return 1 if (cores if cores is not None else usable_cores()) <= 2 else 0
-
-
-# Video YUV is usually "limited range" (Y 16-235, chroma 16-240); JPEG's YCbCr is full range:
-# full = clip(round(video * scale + offset)). cv2.addWeighted does this in SIMD, 2.4x faster than a lookup
-# table, with the same bytes for all 256 inputs (tests/test_decode.py checks).
-_Y_SCALE, _Y_OFFSET = 255 / 219, -16 * 255 / 219
-_C_SCALE, _C_OFFSET = 255 / 224, 128 - 128 * 255 / 224
-
-
-def to_full_range(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Limited-range (video) Y, U, V planes as new contiguous full-range (JPEG) planes."""
-    return (cv2.addWeighted(y, _Y_SCALE, y, 0.0, _Y_OFFSET), cv2.addWeighted(u, _C_SCALE, u, 0.0, _C_OFFSET),
-            cv2.addWeighted(v, _C_SCALE, v, 0.0, _C_OFFSET))
-
-
-@dataclass(frozen=True)
-class YuvPlanes:
-    """A decoded 4:2:0 frame's full-range (JPEG) planes: fresh planes converted from video range, or, for
-    a full-range source, views of the decoder's buffers, which stay valid (FFmpeg reference-counts them)
-    while `frame` is held; either way nothing is copied before the encoder reads them."""
-
-    y: np.ndarray
-    u: np.ndarray
-    v: np.ndarray
-    frame: av.VideoFrame | None
-
-
-def _frame_payload(frame: av.VideoFrame) -> tuple[YuvPlanes | np.ndarray, int, int]:
-    """What the JPEG writer needs from a decoded frame, and its (height, width).
-
-    4:2:0 frames go to the encoder as their Y, U, V planes (no conversion to RGB and back: faster, and
-    no extra rounding); anything else is converted to BGR. The range conversion runs here, in the
-    decoding thread, while the frame is still in this core's cache (bench/RESULTS.md: 12% more frames/s
-    at 1080p than converting in the encoder's thread)."""
-    fmt = frame.format.name
-    if simplejpeg is not None and fmt in ("yuv420p", "yuvj420p"):
-        # the ignore: before Python 3.12 numpy's stubs accept only bytes-like types as buffers, not a VideoPlane
-        y, u, v = (
-            np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width]  # type: ignore[call-overload]
-            for p in frame.planes
-        )
-        if fmt == "yuvj420p" or str(getattr(frame, "color_range", "")).endswith(("2", "JPEG")):
-            return YuvPlanes(y, u, v, frame), frame.height, frame.width
-        return YuvPlanes(*to_full_range(y, u, v), None), frame.height, frame.width
-    image = frame.to_ndarray(format="bgr24")
-    return image, image.shape[0], image.shape[1]
 
 
 def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: bool = True) -> None:
@@ -326,10 +307,13 @@ def _decode_into(
     bar = tqdm(total=total, desc=f"decode {video.name}", unit="frame", disable=not progress, dynamic_ncols=True)
     kept = decoded = written = 0
     width = height = 0
+    orientation: Orientation | None = None  # the display matrix's, from the first frame
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="jpeg") as pool:
         try:
             for frame in container.decode(stream):
+                if orientation is None:
+                    orientation = frame_orientation(frame)
                 if start_s is not None or end_s is not None:
                     t = float(frame.pts * time_base) if frame.pts is not None else decoded / fps
                     if start_s is not None and t < start_s - 1e-6:
@@ -339,7 +323,7 @@ def _decode_into(
                 decoded += 1
                 if (decoded - 1) % stride:
                     continue
-                payload, height, width = _frame_payload(frame)
+                payload, height, width = frame_payload(frame, orientation)
                 args = (tmp / frame_name(kept), payload, jpeg_quality, not atomic)
                 if sum(not f.done() for f in pending) >= MAX_IN_FLIGHT:  # the pool is behind: encode it here
                     pending.append(_run_here(_write_jpeg, *args))
@@ -363,7 +347,8 @@ def _decode_into(
         raise VideoError(f"no frames decoded from {video}" + (f" with {chosen}" if chosen else "") +
                          "; check the file plays and the options select part of it")
     _check_truncation(container, stream, video, decoded, start_s, end_s, max_frames, kept)
-    return VideoInfo(num_frames=kept, width=width, height=height, fps=fps / stride, source=video.name)
+    return VideoInfo(num_frames=kept, width=width, height=height, fps=fps / stride, source=video.name,
+                     orientation=orientation or UPRIGHT)
 
 
 def _check_truncation(container: av.container.InputContainer, stream: av.video.stream.VideoStream, video: Path,

@@ -1,5 +1,6 @@
 """A job's frame directory on the producer's side: made fresh before decoding, and removed again when
-the job was never enqueued (no worker will ever read it, and nothing else would remove it)."""
+the job was never enqueued (no worker will ever read it, and nothing else would remove it), so a
+refused submit leaves nothing under STORAGE_ROOT/jobs."""
 
 from __future__ import annotations
 
@@ -11,13 +12,20 @@ from runtime.settings import Settings
 from schemas.storage import job_frames_rel, resolve_inside
 
 
-def fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
-    """(frames_dir relative to STORAGE_ROOT, its absolute path), which does not exist yet; its parent does.
-    A full disk is the one-line DiskFull that says what to do."""
+def frames_dir_of(settings: Settings, job_id: str) -> tuple[str, Path]:
+    """(frames_dir relative to STORAGE_ROOT, its absolute path) of a job the producer decodes; nothing
+    is made on disk."""
     frames_rel = job_frames_rel(job_id)
-    frames_dir = resolve_inside(settings.storage_root, frames_rel)
+    return frames_rel, resolve_inside(settings.storage_root, frames_rel)
+
+
+def make_fresh(settings: Settings, frames_dir: Path) -> None:
+    """Make `frames_dir`'s parent (the job's directory), and remove a `frames_dir` left by an earlier submit
+    that died before enqueueing (no worker reads it), so it does not exist. Call it where a failure
+    removes the job's directory again (`remove_job_dir`). A full disk is the one-line DiskFull that
+    says what to do."""
     try:
-        if frames_dir.exists():  # left by an earlier submit that died before enqueueing: no worker reads it
+        if frames_dir.exists():
             shutil.rmtree(frames_dir)
         frames_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -25,7 +33,6 @@ def fresh_frames_dir(settings: Settings, job_id: str) -> tuple[str, Path]:
         if full is None:
             raise
         raise full from e
-    return frames_rel, frames_dir
 
 
 def remove_job_dir(frames_dir: Path) -> None:

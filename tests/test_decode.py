@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from producer import decode
-from producer.decode import decoder_threads, extract_frames, probe_video, to_full_range
+from producer.decode import decoder_threads, extract_frames, probe_video
+from producer.planes import to_full_range
 from schemas.errors import StorageError, VideoError
 from tests.videos import make_video
 

@@ -161,3 +161,31 @@ def test_sam2_resumes_from_masks_with_the_same_object_ids(tmp_path: Path) -> Non
         resumed = list(s)
     assert [o.frame_idx for o in resumed] == list(range(5, n))
     assert all(o.obj_ids == (1, 4) and o.masks.shape == (2, size[1], size[0]) for o in resumed)
+
+
+@pytest.mark.integration
+def test_submit_no_resume_asks_for_a_rerun_from_frame_0(video: Path, settings: Settings, redis_client: redis.Redis,
+                                                          tmp_path: Path) -> None:
+    """`--no-resume` (the API's resume=False) rides on the job entry; a worker with resume on honours it."""
+    import subprocess
+    import sys
+
+    from tests.workers import ROOT, worker_env
+
+    cli = subprocess.run([sys.executable, "-m", "producer", "submit", str(video), "--point",
+                          "1:{:.0f},{:.0f}".format(*disc_center(0, N, SIZE)), "--job-id", "no-resume", "--no-stream",
+                          "--no-resume"], cwd=ROOT, env=worker_env(settings), capture_output=True, text=True,
+                         timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    entries = redis_client.xrange(settings.keys.jobs)
+    jobs = [m for m in (messages.decode(f) for _, f in entries) if isinstance(m, messages.JobMessage)]
+    assert [(j.job_id, j.resume) for j in jobs if j.job_id == "no-resume"] == [("no-resume", False)]
+    crasher = WorkerProcess(settings, "crasher", tmp_path, delay_s=0.02, faults={"no-resume": {"crash_at": 10}})
+    assert crasher.wait(60) == -signal.SIGKILL
+    taker = WorkerProcess(settings, "taker", tmp_path, delay_s=0.02)
+    try:
+        wait_for(lambda: finished(redis_client, settings, "no-resume"), 60, "the reclaimed job")
+    finally:
+        taker.signal(signal.SIGTERM)
+        taker.wait(30)
+    assert [s.resume_from for s in attempts_started(redis_client, settings, "no-resume")] == [0, 0]

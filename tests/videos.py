@@ -87,3 +87,98 @@ def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float) -> None:
         real(path, data, quality, whole)
 
     monkeypatch.setattr(decode, "_write_jpeg", slow)
+
+
+# ---- inputs as users send them: phone clips with a display matrix, audio only --------------------------
+
+MARKER_BGR = (255, 255, 255)
+
+
+def marker_size(size_wh: tuple[int, int]) -> int:
+    return max(4, min(size_wh) // 4) // 2 * 2
+
+
+def draw_displayed_frame(size_wh: tuple[int, int]) -> np.ndarray:
+    """What a player shows of a rotated clip: grey, a white square in the top-left corner and a red bar
+    along the right half of the top edge (so every turn and mirror moves something somewhere else)."""
+    w, h = size_wh
+    img = np.full((h, w, 3), BACKGROUND_BGR, dtype=np.uint8)
+    m = marker_size(size_wh)
+    img[:m, :m] = MARKER_BGR
+    img[: m // 2, w // 2:] = (0, 0, 255)
+    return img
+
+
+def make_rotated_video(
+    path: Path,
+    rotation: int,
+    *,
+    stored_wh: tuple[int, int] = (64, 48),
+    num_frames: int = 6,
+    fps: int = 10,
+    pix_fmt: str = "yuv420p",
+    codec: str = "libx264",
+    draw: Callable[[int, np.ndarray], None] | None = None,
+) -> Path:
+    """An MP4 stored at `stored_wh` with a display matrix that turns it `rotation` degrees counter-clockwise
+    (PyAV's `set_display_rotation`, what `VideoFrame.rotation` reads back; a phone held upright records
+    270, shown by ffprobe as -90): shown upright, every frame is `draw_displayed_frame` of the displayed
+    size (then `draw(frame_idx, displayed_bgr)` in place). Stored, the picture is turned the other way."""
+    if rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90, got {rotation}")
+    quarter_turns = (rotation // 90) % 4
+    w, h = stored_wh
+    displayed_wh = (h, w) if quarter_turns % 2 else (w, h)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = pix_fmt
+        if codec == "libx264":
+            stream.options = {"crf": "12"}
+        stream.set_display_rotation(rotation)
+        for k in range(num_frames):
+            shown = draw_displayed_frame(displayed_wh)
+            if draw is not None:
+                draw(k, shown)
+            stored = np.ascontiguousarray(np.rot90(shown, -quarter_turns))  # np.rot90 turns counter-clockwise
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def make_display_matrix_video(path: Path, matrix: list[int], *, stored_wh: tuple[int, int] = (64, 48),
+                              num_frames: int = 3) -> Path:
+    """An MP4 whose display matrix is `matrix` (9 ints, FFmpeg's layout); its stored frames are
+    `draw_displayed_frame(stored_wh)` (so the turn is what moves the markers)."""
+    w, h = stored_wh
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "12"}
+        stream.set_display_matrix(matrix)
+        for _ in range(num_frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(draw_displayed_frame(stored_wh), format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def make_audio_only(path: Path, seconds: float = 0.5) -> Path:
+    """An M4A/MP4 file with one AAC audio stream and no video stream."""
+    rate = 44100
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        t = np.arange(int(rate * seconds)) / rate
+        samples = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for start in range(0, len(samples), 1024):
+            frame = av.AudioFrame.from_ndarray(samples[None, start:start + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
