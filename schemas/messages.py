@@ -58,6 +58,9 @@ class EntryType(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     DEAD = "dead"
+    PROMPT = "prompt"  # on vseg:control:{job_id}: prompts for a running job
+    REMOVE = "remove"  # on vseg:control:{job_id}: an object to stop tracking
+    OBJECT = "object"  # on the result stream and vseg:events: an object added, corrected, removed, or refused
 
 
 class JobMessage(msgspec.Struct, frozen=True):
@@ -171,12 +174,56 @@ class Dead(msgspec.Struct, frozen=True):
     v: int = SCHEMA_VERSION
 
 
-Message = JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead
+class PromptCommand(msgspec.Struct, frozen=True):
+    """Prompts for a running job: a new object id is tracked from its prompt's frame on, an existing one
+    corrected from there. `now`: from the next frame the worker processes, whatever frame the prompt names
+    (its coordinates are then taken as they are)."""
+
+    TYPE: ClassVar[EntryType] = EntryType.PROMPT
+    job_id: str
+    request_id: str
+    prompts: tuple[ObjectPrompt, ...]
+    now: bool = False
+    at: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+class RemoveCommand(msgspec.Struct, frozen=True):
+    """Stop tracking an object of a running job, from the next frame the worker processes."""
+
+    TYPE: ClassVar[EntryType] = EntryType.REMOVE
+    job_id: str
+    request_id: str
+    obj_id: Count
+    at: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+class ObjectChange(msgspec.Struct, frozen=True):
+    """What a command did: `change` added, corrected or removed from `frame_idx` on, or refused (`note` says
+    why; the job goes on unharmed). `requested_frame`: the frame the prompt named (-1: now, or a removal)."""
+
+    TYPE: ClassVar[EntryType] = EntryType.OBJECT
+    job_id: str
+    obj_id: int
+    frame_idx: Count
+    change: str  # added | corrected | removed | refused
+    request_id: str = ""
+    source: str = "prompt"  # prompt (a command); auto, lost: to come
+    requested_frame: int = -1
+    note: str = ""
+    at: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+Message = (JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead | PromptCommand
+           | RemoveCommand | ObjectChange)
 Terminal = Completed | Failed | Cancelled | Dead
 TERMINAL_TYPES = (Completed, Failed, Cancelled, Dead)
 
 _BY_TYPE: dict[str, type[Message]] = {
-    cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead)
+    cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead,
+                                    PromptCommand, RemoveCommand, ObjectChange)
 }
 _DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
     name: msgspec.msgpack.Decoder(cls) for name, cls in _BY_TYPE.items()
@@ -258,12 +305,18 @@ def _check(msg: Message) -> None:
         validate_job_id(msg.job_id)
     except JobIdError as e:
         raise SchemaError(f"{name} message field job_id: {e}") from None
+    if isinstance(msg, PromptCommand):
+        _check_prompts(name, msg.prompts)
     if not isinstance(msg, JobMessage):
         return
     if not math.isfinite(msg.producer_ttl_s):
         raise SchemaError(f"job message field producer_ttl_s must be a number of seconds >= 0, "
                           f"but got {msg.producer_ttl_s!r}")
-    for i, prompt in enumerate(msg.prompts):
+    _check_prompts(name, msg.prompts)
+
+
+def _check_prompts(name: str, prompts: tuple[ObjectPrompt, ...]) -> None:
+    for i, prompt in enumerate(prompts):
         try:
             coords = [c for xy in prompt.points_xy for c in xy] + list(prompt.box_xyxy or ())
             if not all(math.isfinite(c) for c in coords):
@@ -271,7 +324,7 @@ def _check(msg: Message) -> None:
                                   f"box {prompt.box_xyxy}")
             check_prompt_shape(prompt)
         except PromptError as e:
-            raise SchemaError(f"job message field prompts[{i}]: {e}") from None
+            raise SchemaError(f"{name} message field prompts[{i}]: {e}") from None
 
 
 _STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")

@@ -60,6 +60,10 @@ class Keys:
         """Frames of a streamed job, announced as the producer decodes them; then an end marker."""
         return f"{self.prefix}:frames:{job_id}"
 
+    def control(self, job_id: str) -> str:
+        """Commands for a running job (prompts, removals), in order; every attempt replays them."""
+        return f"{self.prefix}:control:{job_id}"
+
     def producer(self, job_id: str) -> str:
         """Key the producer of a streamed job keeps alive while it decodes; it expires if the producer dies."""
         return f"{self.prefix}:producer:{job_id}"
@@ -124,6 +128,14 @@ def frame_entry_id(frame_idx: int) -> str:
     if frame_idx < 0:
         raise ValueError(f"frame_idx must be >= 0, but got {frame_idx}")
     return f"{frame_idx + 1}-0"
+
+
+def object_entry_id(frame_idx: int, k: int) -> str:
+    """The k-th object change taking effect at frame F: id `F-(k+2)`, after frame F-1's entry (at `F-0`) and
+    after `started` (`0-1`), before frame F's (at `(F+1)-0`); fixed, so a rerun's duplicate is refused."""
+    if frame_idx < 0 or k < 0:
+        raise ValueError(f"frame_idx and k must be >= 0, but got {frame_idx}, {k}")
+    return f"{frame_idx}-{k + 2}"
 
 
 def frames_end_entry_id(num_frames: int) -> str:
