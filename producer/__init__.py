@@ -3,13 +3,15 @@
 Python API for backends:
 
     from producer import submit, follow, watch, extract_frames, build_prompts
+    from producer import add_prompts, remove_object, PromptReply   # prompts on a running job
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["build_prompts", "extract_frames", "follow", "submit", "watch"]
+__all__ = ["PromptReply", "add_prompts", "build_prompts", "extract_frames", "follow", "remove_object", "submit",
+           "watch"]
 
 
 def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays fast
@@ -21,6 +23,10 @@ def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays
         from producer import results
 
         return getattr(results, name)
+    if name in ("add_prompts", "remove_object", "PromptReply"):
+        from producer import live_prompts
+
+        return getattr(live_prompts, name)
     if name == "extract_frames":
         from producer.decode import extract_frames
 

@@ -1,4 +1,4 @@
-"""`python -m producer {submit,extract,watch,status,cancel,stats}`: the client side on the command line.
+"""`python -m producer {submit,extract,watch,status,cancel,prompt,remove,stats}`: the client side on the command line.
 
 Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", help="cancel a job: it stops within a few frames and is not retried")
     c.add_argument("job_id")
 
+    pr = sub.add_parser("prompt", help="add objects to a running or queued job, or correct them, from a frame on")
+    pr.add_argument("job_id")
+    pr.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME|@now]",
+                    help="a point on object OBJ (label 1 foreground, 0 background; frame default 0; @now: as --now); "
+                         "repeatable")
+    pr.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME|@now]",
+                    help="a box around object OBJ; repeatable")
+    pr.add_argument("--prompts", type=Path, dest="prompts_file", metavar="FILE.json", help="JSON file of prompts (as for submit)")
+    pr.add_argument("--now", action="store_true",
+                    help="apply the prompts at the next frame the worker processes (no frame may be named)")
+    pr.add_argument("--wait", type=_seconds, default=10.0, dest="wait_s", metavar="S",
+                    help="wait this long for the worker's reply (default 10; 0: do not wait)")
+    rm = sub.add_parser("remove", help="stop tracking an object of a running or queued job, from the next frame")
+    rm.add_argument("job_id")
+    rm.add_argument("obj_id", type=_obj_id, metavar="OBJ")
+    rm.add_argument("--wait", type=_seconds, default=10.0, dest="wait_s", metavar="S",
+                    help="wait this long for the worker's reply (default 10; 0: do not wait)")
+
     w = sub.add_parser("watch", help="follow a job's results, write DIR/masks.json, print the MP4's path")
     w.add_argument("job_id")
     w.add_argument("--out", type=Path, required=True, dest="out_dir")
@@ -87,6 +105,22 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port must be 0..65535 (0: any free one), but got {port}")
     return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, but got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, but got {text}")
+    return value
+
+
+def _obj_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"an object id is an integer >= 0, but got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cancel(args.job_id, settings)
         if args.command == "stats":
             return _stats(args, settings)
+        if args.command == "prompt":
+            return _prompt(args, settings)
+        if args.command == "remove":
+            return _remove(args, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
 
     def translate(error: Exception) -> Exception:  # one the library did not classify (e.g. raised while cleaning up)
@@ -190,6 +228,34 @@ def _cancel(job_id: str, settings: Settings) -> int:
     from producer.control import request_cancel
 
     print(request_cancel(job_id, settings=settings, client=quick_client(settings)).describe())
+    return 0
+
+
+def _prompt(args: argparse.Namespace, settings: Settings) -> int:
+    """Print what the worker did (a line per object), or that the prompts were sent; exit 1 if it refused all."""
+    from producer.live_prompts import add_prompts, cli_prompts
+
+    prompts, now = cli_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file, now=args.now)
+    client = quick_client(settings)
+    try:
+        reply = add_prompts(args.job_id, prompts, settings=settings, now=now, wait_s=args.wait_s, client=client)
+    finally:
+        client.close()
+    reply.raise_if_refused()
+    print(reply.describe())
+    return 0
+
+
+def _remove(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.live_prompts import remove_object
+
+    client = quick_client(settings)
+    try:
+        reply = remove_object(args.job_id, args.obj_id, settings=settings, wait_s=args.wait_s, client=client)
+    finally:
+        client.close()
+    reply.raise_if_refused()
+    print(reply.describe())
     return 0
 
 

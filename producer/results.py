@@ -45,7 +45,8 @@ def follow(
     timeout_s: float | None = None,
 ) -> Iterator[messages.Message]:
     """Yield the job's result entries from the start (Started, FrameResult..., then the terminal entry:
-    Completed, Failed, Cancelled or Dead).
+    Completed, Failed, Cancelled or Dead), with an ObjectChange before the frame it takes effect on for
+    each object a prompt or removal on the running job added, corrected, removed or refused.
 
     Blocks while the job runs; reconnects with backoff if Redis drops; stops after the terminal entry.
     Raises UnknownJobError if the job does not exist, redis-py's ConnectionError/TimeoutError if Redis
@@ -119,6 +120,7 @@ def watch(
     require_job(job_id, settings=settings, client=client)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
     started: messages.Started | None = None
     bar: tqdm[Any] | None = None
     try:
@@ -133,6 +135,9 @@ def watch(
                 frames.append({"frame_idx": msg.frame_idx, "objects": [_object_json(o) for o in msg.objects]})
                 if bar is not None:
                     bar.update(1)
+            elif isinstance(msg, messages.ObjectChange):
+                changes.append({"obj_id": msg.obj_id, "frame_idx": msg.frame_idx, "change": msg.change,
+                                "note": msg.note})
             elif isinstance(msg, messages.Failed):
                 raise JobFailed(job_id, msg.error, msg.error_type)
             elif isinstance(msg, messages.Dead):
@@ -140,7 +145,7 @@ def watch(
             elif isinstance(msg, messages.Cancelled):
                 raise JobFailed(job_id, f"cancelled after {msg.frames_done} frames", "Cancelled")
             elif isinstance(msg, messages.Completed):
-                return _finish(job_id, out_dir, frames, started, msg, settings)
+                return _finish(job_id, out_dir, frames, changes, started, msg, settings)
     finally:
         if bar is not None:
             bar.close()
@@ -151,6 +156,7 @@ def _finish(
     job_id: str,
     out_dir: Path,
     frames: list[dict[str, Any]],
+    changes: list[dict[str, Any]],
     started: messages.Started | None,
     done: messages.Completed,
     settings: Settings,
@@ -164,6 +170,7 @@ def _finish(
         "render_path": done.render_path,
         "timings_s": done.timings_s,
         "frames": frames,
+        "changes": changes,  # objects added, corrected, removed or refused on the running job, in stream order
     }
     path = out_dir / "masks.json"
     tmp = out_dir / ".masks.json.partial"

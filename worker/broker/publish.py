@@ -214,6 +214,15 @@ class ResultPublisher:
         return self._fenced_xadds(self.stream, [(frame_entry_id(r.frame_idx), r.frame_idx + 1, r) for r in results],
                                   interrupt)
 
+    def object_change(self, entry_id: str, change: messages.ObjectChange,
+                      interrupt: Callable[[], None] | None = None) -> bool:
+        """An object change on the result stream at its fixed id (the sink keeps it in order with the frames)
+        and, when new, on the events stream; False: an earlier attempt wrote it."""
+        new = self._fenced_xadds(self.stream, [(entry_id, None, change)], interrupt) == 1
+        if new:
+            self.event(change, interrupt)
+        return new
+
     def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None) -> None:
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)), interrupt)
 

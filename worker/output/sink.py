@@ -19,6 +19,7 @@ from collections.abc import Callable
 import cv2
 
 from runtime.logs import ContextThread
+from schemas import messages
 from schemas.errors import RetryableError, StorageError
 from worker.broker.publish import ResultPublisher, frame_result
 from worker.model.segment import FrameMasks
@@ -66,6 +67,11 @@ class ResultSink:
     def put(self, out: FrameMasks) -> None:
         """Queue one frame's masks (blocks only when the sink is `depth` frames behind)."""
         self._put(out)
+
+    def put_change(self, entry_id: str, change: messages.ObjectChange) -> None:
+        """Queue an object change: written at `entry_id`, after the frames queued before it (stream ids
+        only grow, so its place among the frames is its place in the queue)."""
+        self._put((entry_id, change))
 
     def _put(self, item: object) -> None:
         while True:
@@ -126,9 +132,18 @@ class ResultSink:
                     except queue.Empty:
                         break
                 done = any(item is _DONE for item in batch)
-                outs = [item for item in batch if isinstance(item, FrameMasks)]
                 if self.error is not None:
                     return
+                outs: list[FrameMasks] = []
+                for item in batch:  # frames in one round trip, up to an object change, which goes in its place
+                    if isinstance(item, FrameMasks):
+                        outs.append(item)
+                    elif isinstance(item, tuple):
+                        if outs:
+                            self._handle(outs)
+                            outs = []
+                        entry_id, change = item
+                        self.pub.object_change(entry_id, change, interrupt=self._raise_if_aborted)
                 if outs:
                     self._handle(outs)
                 if done:

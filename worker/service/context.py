@@ -69,6 +69,7 @@ class WorkerContext:
         the producer has finished too; otherwise the producer removes them when it does (runtime/cleanup.py)."""
         try:
             self.client.expire(self.keys.frames(job_id), self.settings.results_ttl_s)
+            self.client.expire(self.keys.control(job_id), self.settings.results_ttl_s)
             if producer_finished(self.client, self.settings, job_id):
                 remove_frames(self.settings, job_id)
         except (redis.RedisError, VsegError, OSError) as e:  # disk space, not correctness: log and go on

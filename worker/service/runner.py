@@ -29,6 +29,7 @@ from worker.output.render import MaskVideoWriter
 from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
 from worker.output.sink import ResultSink
 from worker.service.context import WorkerContext
+from worker.service.control import ControlFeed
 from worker.service.job import FrameSourceKind, ValidJob
 from worker.service.resume import Resume, render_published, resume_point
 from worker.service.shutdown import HandBack
@@ -150,6 +151,8 @@ class JobRunner:
                           progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
                           first_frame=resume.first_frame)
         expected = resume.first_frame
+        feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable)
+        feed.load(resume.first_frame)
         segment_s = 0.0
         session: Session | None = None
         try:
@@ -158,8 +161,11 @@ class JobRunner:
                 session = ctx.segmenter.open_session(frames, resume.prompts or job.prompts, width=job.width,
                                                      height=job.height, start_frame=resume.seed_frame)
                 metrics.session_opened()
+                feed.apply(session, sink.put_change)  # prompts sent while the job was queued, replays
             for out in session or ():
+                assert session is not None
                 if out.frame_idx < expected:  # a resumed session's seed frame: published by an earlier attempt
+                    feed.apply(session, sink.put_change)
                     t_seg = time.monotonic()
                     continue
                 frame_s = time.monotonic() - t_seg
@@ -171,6 +177,7 @@ class JobRunner:
                     raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
                 sink.put(out)
                 expected += 1
+                feed.apply(session, sink.put_change)  # the job's control stream, between two frames
                 t_seg = time.monotonic()
             if session is not None:
                 session.close()

@@ -1,0 +1,232 @@
+"""Prompts on a running job: the job's control stream (`vseg:control:{job_id}`) applied to its session.
+
+`python -m producer prompt` and `remove` add commands there (checked at the client). Between two frames
+the job's runner asks the ControlFeed for new ones (a read at most every POLL_S) and applies them to the
+session: a prompt on a frame the model has not reached takes effect there; one on a frame already
+segmented (or with `now`) takes effect at the next frame the model processes, and says so. Each object a
+command touches gets an `object` entry (added, corrected, removed, or refused with the reason: the job
+goes on unharmed) at a fixed id just before the frame it takes effect on, queued through the result sink
+so it lands in order with the frames, and copied to vseg:events.
+
+Durable: the commands stay on the stream, and what each did is on the result stream. Another attempt
+(a reclaimed or retried job) replays them: a command's recorded changes are applied again at their
+recorded frames (a resumed attempt skips those at or before its seed frame: the seed masks already hold
+them), and a command with no recorded change is applied as new. Rewritten entries are refused by Redis
+as duplicates. Prompts on frames already published are not yet propagated backwards (the `update`
+entries of issue 15): they apply from the next processed frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import cast
+
+import msgspec
+import redis
+
+from runtime.settings import Settings
+from schemas import messages
+from schemas.errors import PromptError, SchemaError, WorkerBroken
+from schemas.names import TERMINAL_ENTRY_ID, Keys, object_entry_id
+from schemas.prompts import ObjectPrompt
+from worker.broker.lease import LeaseLost
+from worker.broker.publish import JobCancelled
+from worker.model.session import Session
+from worker.service.shutdown import HandBack
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often the runner looks for new commands (one XRANGE on the control stream)
+
+Put = Callable[[str, messages.ObjectChange], None]  # the sink's put_change
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A recorded change of an earlier attempt, to apply again when the session reaches its frame."""
+
+    command: messages.PromptCommand | messages.RemoveCommand
+    change: messages.ObjectChange
+
+
+class ControlFeed:
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, job_id: str,
+                 reachable: Callable[[], bool] = lambda: True) -> None:
+        self.client = client
+        self.reachable = reachable  # False while the job's lease is presumed lost (Redis away): no reads then
+        self.keys = keys
+        self.settings = settings
+        self.job_id = job_id
+        self.last_id = "0-0"
+        self._read_at = 0.0
+        self._new: list[messages.PromptCommand | messages.RemoveCommand] = []  # read, not applied yet
+        self._replays: dict[int, list[Replay]] = defaultdict(list)
+        self._per_frame: dict[int, int] = defaultdict(int)  # object entries written for each frame, this attempt
+        # changes on frames the session has not reached: their entries wait for it (stream ids only grow)
+        self._later: dict[int, list[tuple[messages.PromptCommand | messages.RemoveCommand, int, str, int, str]]] = \
+            defaultdict(list)
+
+    # ---- an attempt's start -----------------------------------------------------------------------
+    def load(self, start_frame: int) -> None:
+        """Read every command so far and what earlier attempts recorded of them; schedule the replays at
+        frames from `start_frame` on (those before it are in the frames already published)."""
+        recorded: dict[str, list[messages.ObjectChange]] = defaultdict(list)
+        for _entry_id, fields in self._xrange(self.keys.results(self.job_id), "0-0", f"({TERMINAL_ENTRY_ID}"):
+            msg = _decode(fields)
+            if isinstance(msg, messages.ObjectChange) and msg.request_id:
+                recorded[msg.request_id].append(msg)
+        for command in self._read_commands():
+            changes = recorded.get(command.request_id)
+            if not changes:
+                self._new.append(command)
+                continue
+            for change in changes:
+                if change.change != "refused" and change.frame_idx >= start_frame:
+                    self._replays[change.frame_idx].append(Replay(command, change))
+        if recorded or self._replays:
+            log.info("job %s: %d recorded object changes replayed from frame %d on", self.job_id,
+                     sum(len(r) for r in self._replays.values()), start_frame)
+
+    # ---- between frames ---------------------------------------------------------------------------
+    def apply(self, session: Session, put: Put) -> None:
+        """Apply what is due before the session's next frame: replays recorded for it, then new commands."""
+        for frame in sorted(f for f in self._replays if f <= session.position):  # passed ones: at the position
+            for replay in self._replays.pop(frame):
+                try:
+                    self._replay(session, replay, put)
+                except (LeaseLost, JobCancelled, HandBack, WorkerBroken):
+                    raise
+                except Exception:  # noqa: BLE001 - a replay must not fail its job either
+                    log.exception("job %s: replaying request %s failed; going on without it", self.job_id,
+                                  replay.command.request_id)
+        for frame in sorted(f for f in self._later if f <= session.position):
+            for command, obj_id, change, requested, note in self._later.pop(frame):
+                self._emit(put, command, obj_id, frame, change, requested, note)
+        now = time.monotonic()
+        if now - self._read_at >= POLL_S and self.reachable():
+            self._read_at = now
+            try:
+                self._new.extend(self._read_commands())
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+                # Redis away (or full): the job's lease decides what happens to the job; commands wait
+                log.debug("job %s: control stream not read (%s); trying again at a later frame", self.job_id, e)
+        while self._new:
+            command = self._new.pop(0)
+            try:
+                if isinstance(command, messages.RemoveCommand):
+                    self._remove(session, command, put)
+                else:
+                    self._prompt(session, command, put)
+            except (LeaseLost, JobCancelled, HandBack, WorkerBroken):
+                raise
+            except Exception as e:  # noqa: BLE001 - a command must never fail its job: it is refused, with why
+                log.exception("job %s: command %s could not be applied", self.job_id, command.request_id)
+                obj_ids = [command.obj_id] if isinstance(command, messages.RemoveCommand) else sorted(
+                    {p.obj_id for p in command.prompts})
+                for obj_id in obj_ids:
+                    self._emit(put, command, obj_id, session.position, "refused", -1,
+                               f"the worker could not apply it: {type(e).__name__}: {e}")
+
+    def _prompt(self, session: Session, command: messages.PromptCommand, put: Put) -> None:
+        known = set(session.obj_ids)
+        new_ids = {p.obj_id for p in command.prompts} - known
+        if len(known) + len(new_ids) > self.settings.max_objects:
+            for obj_id in sorted({p.obj_id for p in command.prompts}):
+                self._emit(put, command, obj_id, session.position, "refused", -1,
+                           f"the job would track {len(known) + len(new_ids)} objects, over the limit of "
+                           f"{self.settings.max_objects} (VSEG_MAX_OBJECTS)")
+            return
+        for p in command.prompts:
+            requested = -1 if command.now else p.frame_idx
+            target = p.frame_idx if not command.now and p.frame_idx >= session.position else session.position
+            note = "" if target == p.frame_idx or command.now else (
+                f"frame {p.frame_idx} was already segmented: applied from frame {target}, the next one processed")
+            change = "corrected" if p.obj_id in session.obj_ids else "added"
+            try:
+                target = self._add(session, replace(p, frame_idx=target))
+            except PromptError as e:
+                self._emit(put, command, p.obj_id, session.position, "refused", requested, str(e))
+                continue
+            self._emit(put, command, p.obj_id, target, change, requested, note, session)
+
+    def _add(self, session: Session, prompt: ObjectPrompt) -> int:
+        """Add one prompt; a session ahead of what the worker has read (a model process) takes it at its own
+        position instead. Returns the frame it takes effect on."""
+        try:
+            session.add_prompts([prompt])
+            return prompt.frame_idx
+        except PromptError:
+            if prompt.frame_idx >= session.position:
+                raise
+            later = replace(prompt, frame_idx=session.position)
+            session.add_prompts([later])
+            return later.frame_idx
+
+    def _remove(self, session: Session, command: messages.RemoveCommand, put: Put) -> None:
+        try:
+            session.remove_object(command.obj_id)
+        except PromptError as e:
+            self._emit(put, command, command.obj_id, session.position, "refused", -1, str(e))
+            return
+        self._emit(put, command, command.obj_id, session.position, "removed", -1, "")
+
+    def _replay(self, session: Session, replay: Replay, put: Put) -> None:
+        change, command = replay.change, replay.command
+        try:
+            if change.change == "removed":
+                session.remove_object(change.obj_id)
+            else:
+                assert isinstance(command, messages.PromptCommand)
+                for p in command.prompts:
+                    if p.obj_id == change.obj_id:
+                        frame = self._add(session, replace(p, frame_idx=max(change.frame_idx, session.position)))
+                        change = msgspec.structs.replace(change, frame_idx=frame)
+        except PromptError as e:  # the session differs from the earlier attempt's (it resumed from masks)
+            log.warning("job %s: replaying %s of object %d at frame %d failed: %s", self.job_id, change.change,
+                        change.obj_id, change.frame_idx, e)
+            return
+        self._emit(put, command, change.obj_id, change.frame_idx, change.change, change.requested_frame, change.note,
+                   session)
+
+    def _emit(self, put: Put, command: messages.PromptCommand | messages.RemoveCommand, obj_id: int, frame_idx: int,
+              change: str, requested: int, note: str, session: Session | None = None) -> None:
+        if session is not None and frame_idx > session.position:  # its entry goes in when the frame comes
+            self._later[frame_idx].append((command, obj_id, change, requested, note))
+            return
+        k = self._per_frame[frame_idx]
+        self._per_frame[frame_idx] += 1
+        log.info("job %s: object %d %s from frame %d%s", self.job_id, obj_id, change, frame_idx,
+                 f" ({note})" if note else "")
+        put(object_entry_id(frame_idx, k), messages.ObjectChange(
+            self.job_id, obj_id, frame_idx, change, request_id=command.request_id, requested_frame=requested,
+            note=note))
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def _read_commands(self) -> list[messages.PromptCommand | messages.RemoveCommand]:
+        commands: list[messages.PromptCommand | messages.RemoveCommand] = []
+        for entry_id, fields in self._xrange(self.keys.control(self.job_id), f"({self.last_id}", "+"):
+            self.last_id = entry_id.decode()
+            msg = _decode(fields)
+            if isinstance(msg, (messages.PromptCommand, messages.RemoveCommand)) and msg.job_id == self.job_id:
+                commands.append(msg)
+            elif msg is not None:
+                log.warning("job %s: ignoring a %s entry on %s", self.job_id, msg.TYPE.value,
+                            self.keys.control(self.job_id))
+        return commands
+
+    def _xrange(self, key: str, start: str, end: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        if start == "(0-0":
+            start = "-"
+        return cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(key, min=start, max=end))
+
+
+def _decode(fields: dict[bytes, bytes]) -> messages.Message | None:
+    try:
+        return messages.decode(fields)
+    except SchemaError as e:
+        log.warning("ignoring an entry that does not decode: %s", e)
+        return None
