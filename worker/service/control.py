@@ -1,8 +1,8 @@
 """Prompts on a running job: the job's control stream (`vseg:control:{job_id}`) applied to its session.
 
-`python -m producer prompt` and `remove` add commands there (checked at the client). Between two frames
-the job's runner asks the ControlFeed for new ones (a read at most every POLL_S) and applies them to the
-session: a prompt on a frame the model has not reached takes effect there; one on a frame already
+`python -m producer prompt` and `remove` add commands there (checked at the client). A reader thread
+reads new ones every POLL_S (off the model's thread: a hung Redis must not hold it up), and between two
+frames the job's runner applies them to the session: a prompt on a frame the model has not reached takes effect there; one on a frame already
 segmented (or with `now`) takes effect at the next frame the model processes, and says so. Each object a
 command touches gets an `object` entry (added, corrected, removed, or refused with the reason: the job
 goes on unharmed) at a fixed id just before the frame it takes effect on, queued through the result sink
@@ -19,7 +19,7 @@ entries of issue 15): they apply from the next processed frame.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,6 +28,7 @@ from typing import cast
 import msgspec
 import redis
 
+from runtime.logs import ContextThread
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError, SchemaError, WorkerBroken
@@ -62,8 +63,11 @@ class ControlFeed:
         self.settings = settings
         self.job_id = job_id
         self.last_id = "0-0"
-        self._read_at = 0.0
         self._new: list[messages.PromptCommand | messages.RemoveCommand] = []  # read, not applied yet
+        self._arrived: list[messages.PromptCommand | messages.RemoveCommand] = []  # from the reader thread
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reader: ContextThread | None = None
         self._replays: dict[int, list[Replay]] = defaultdict(list)
         self._per_frame: dict[int, int] = defaultdict(int)  # object entries written for each frame, this attempt
         # changes on frames the session has not reached: their entries wait for it (stream ids only grow)
@@ -91,6 +95,28 @@ class ControlFeed:
             log.info("job %s: %d recorded object changes replayed from frame %d on", self.job_id,
                      sum(len(r) for r in self._replays.values()), start_frame)
 
+    # ---- the reader thread: a hung Redis must not hold up the model's thread ------------------------
+    def start(self) -> ControlFeed:
+        self._reader = ContextThread(target=self._read_loop, daemon=True, name=f"control-{self.job_id}")
+        self._reader.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _read_loop(self) -> None:
+        while not self._stop.wait(POLL_S):
+            if not self.reachable():
+                continue
+            try:
+                commands = self._read_commands()
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
+                # Redis away (or full): the job's lease decides what happens to the job; commands wait
+                log.debug("job %s: control stream not read (%s); trying again", self.job_id, e)
+                continue
+            with self._lock:
+                self._arrived.extend(commands)
+
     # ---- between frames ---------------------------------------------------------------------------
     def apply(self, session: Session, put: Put) -> None:
         """Apply what is due before the session's next frame: replays recorded for it, then new commands."""
@@ -106,14 +132,9 @@ class ControlFeed:
         for frame in sorted(f for f in self._later if f <= session.position):
             for command, obj_id, change, requested, note in self._later.pop(frame):
                 self._emit(put, command, obj_id, frame, change, requested, note)
-        now = time.monotonic()
-        if now - self._read_at >= POLL_S and self.reachable():
-            self._read_at = now
-            try:
-                self._new.extend(self._read_commands())
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:
-                # Redis away (or full): the job's lease decides what happens to the job; commands wait
-                log.debug("job %s: control stream not read (%s); trying again at a later frame", self.job_id, e)
+        with self._lock:
+            self._new.extend(self._arrived)
+            self._arrived.clear()
         while self._new:
             command = self._new.pop(0)
             try:

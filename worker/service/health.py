@@ -134,7 +134,7 @@ class Health:
     def remove(self, timeout_s: float) -> None:
         """On a clean exit, remove the key; a broken worker's stays (to be reported), and with Redis not
         answering it is left to expire."""
-        self.stop(join_s=min(1.0, timeout_s))
+        self.stop(join_s=min(0.1, timeout_s))  # a write blocked on a hung Redis is not waited for
         if self.broken is None and self.redis_answering:
             call_bounded(lambda: self.client.delete(self.key), timeout_s, "removing the health key")
 

@@ -153,6 +153,7 @@ class JobRunner:
         expected = resume.first_frame
         feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable)
         feed.load(resume.first_frame)
+        feed.start()
         segment_s = 0.0
         session: Session | None = None
         try:
@@ -192,6 +193,7 @@ class JobRunner:
                 sink.abort()
             raise
         finally:
+            feed.stop()
             metrics.close()
             if session is not None:
                 session.close()  # the session's state and loaders go whatever ended it
