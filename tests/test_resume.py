@@ -22,7 +22,7 @@ from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.test_fake_segmenter import N_FRAMES, green_centre, write_frames
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center, disc_prompt, make_video
 from tests.workers import WorkerProcess, wait_for
 from worker.model.process import ModelProcess
 from worker.model.session import MaskPrompt
@@ -38,8 +38,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
+    return [disc_prompt(1, 0, N, SIZE)]
 
 
 def finished(client: redis.Redis, settings: Settings, job_id: str) -> bool:

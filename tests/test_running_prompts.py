@@ -21,7 +21,7 @@ from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask
 from tests.fakes import ChaosHooks, ColourSegmenter
-from tests.videos import disc_center, make_video
+from tests.videos import disc_prompt, make_video
 from tests.workers import WorkerProcess, wait_for
 from worker.service.loop import Worker
 
@@ -37,8 +37,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def point(obj_id: int, frame: int = 0) -> ObjectPrompt:
-    x, y = disc_center(frame, N, SIZE)
-    return ObjectPrompt(obj_id, frame, ((x, y),), (1,))
+    return disc_prompt(obj_id, frame, N, SIZE)
 
 
 def send(client: redis.Redis, settings: Settings, msg: messages.PromptCommand | messages.RemoveCommand) -> None:

@@ -22,7 +22,7 @@ from schemas.errors import PromptError
 from schemas.prompts import ObjectPrompt
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.test_fake_segmenter import N_FRAMES, green_centre, prompts, red_centre, write_frames
-from tests.videos import disc_center, make_video
+from tests.videos import disc_prompt, make_video
 from worker.model.frame_masks import FrameMasks
 from worker.model.process import ModelProcess
 from worker.model.segment import Segmenter, Session
@@ -188,11 +188,6 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         extract_frames(video, root / name)
         dirs.append(root / name)
     return dirs[0], dirs[1]
-
-
-def disc_prompt(obj_id: int, frame: int, n: int, size: tuple[int, int], dy: float = 0) -> ObjectPrompt:
-    x, y = disc_center(frame, n, size)
-    return ObjectPrompt(obj_id, frame, ((x, y + dy),), (1,))
 
 
 def bare(predictor: object, frames_dir: Path, steps: list[tuple[int, str, object]]) -> Iterator[tuple[int, tuple[int, ...], np.ndarray]]:

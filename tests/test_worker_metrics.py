@@ -20,7 +20,7 @@ from schemas.names import JobState
 from schemas.prompts import ObjectPrompt
 from tests import prom
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video
+from tests.videos import disc_prompt, make_video
 from tests.workers import WorkerProcess, wait_for
 from worker.service.loop import Worker
 
@@ -36,8 +36,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def point(obj_id: int, dy: float = 0) -> ObjectPrompt:
-    x, y = disc_center(0, N, SIZE)
-    return ObjectPrompt(obj_id, 0, ((x, y + dy),), (1,))
+    return disc_prompt(obj_id, 0, N, SIZE, dy)
 
 
 def job_state(client: redis.Redis, settings: Settings, job_id: str) -> str:

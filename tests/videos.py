@@ -14,6 +14,8 @@ import av
 import cv2
 import numpy as np
 
+from schemas.prompts import ObjectPrompt
+
 BACKGROUND_BGR = (128, 128, 128)
 DISC_BGR = (0, 255, 0)
 
@@ -31,6 +33,12 @@ def disc_center(frame_idx: int, num_frames: int, size_wh: tuple[int, int]) -> tu
     r = disc_radius(size_wh)
     t = frame_idx / max(num_frames - 1, 1)
     return float(round(r + 2 + t * (w - 2 * r - 5))), float(h // 2)
+
+
+def disc_prompt(obj_id: int, frame: int, num_frames: int, size_wh: tuple[int, int], dy: float = 0) -> ObjectPrompt:
+    """A foreground point on the moving disc (`dy` pixels below its centre) on `frame`."""
+    x, y = disc_center(frame, num_frames, size_wh)
+    return ObjectPrompt(obj_id, frame, ((x, y + dy),), (1,))
 
 
 def draw_disc_frame(frame_idx: int, num_frames: int, size_wh: tuple[int, int]) -> np.ndarray:

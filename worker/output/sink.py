@@ -15,8 +15,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
+import numpy as np
 
 from runtime.logs import ContextThread
 from schemas import messages
@@ -39,6 +41,14 @@ _STEP_S = 0.2  # how often a waiting thread looks at its peer and at the job
 
 def _no_check() -> None:
     return None
+
+
+def read_frame_bgr(path: Path) -> np.ndarray:
+    """A frame's JPEG as BGR for the renderer, or StorageError naming it."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise StorageError(f"cannot read frame {path} for rendering")
+    return image
 
 
 class ResultSink:
@@ -155,11 +165,7 @@ class ResultSink:
         if out.image_rgb is not None:  # decoded already by the segmenter
             writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
             return
-        path = self.frames.path(out.frame_idx)
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise StorageError(f"cannot read frame {path} for rendering")
-        writer.write(image, out.obj_ids, out.masks)
+        writer.write(read_frame_bgr(self.frames.path(out.frame_idx)), out.obj_ids, out.masks)
 
     def _handle(self, outs: list[FrameMasks]) -> None:
         t1 = time.monotonic()

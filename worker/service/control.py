@@ -80,6 +80,8 @@ class ControlFeed:
         frames from `start_frame` on (those before it are in the frames already published)."""
         recorded: dict[str, list[messages.ObjectChange]] = defaultdict(list)
         for _entry_id, fields in self._xrange(self.keys.results(self.job_id), "0-0", f"({TERMINAL_ENTRY_ID}"):
+            if fields.get(b"type") != messages.EntryType.OBJECT.value.encode():
+                continue  # frames (most of the stream): not decoded
             msg = _decode(fields)
             if isinstance(msg, messages.ObjectChange) and msg.request_id:
                 recorded[msg.request_id].append(msg)

@@ -108,20 +108,21 @@ class JobMetrics:
             self.m.objects_active.inc(num_objects - self._objects)
             self._objects = num_objects
 
-    def published(self, frames_done: int, announced_at: list[float | None]) -> None:
-        """`frames_done` frames are out now; `announced_at` has the wall-clock announcement time of each
-        newly published frame (None where the frame was never announced: a finished frame directory)."""
+    def published(self, frames_done: int, announced_at: Callable[[int], float | None]) -> None:
+        """`frames_done` frames are out now; `announced_at(k)` is frame k's wall-clock announcement time
+        (None where the frame was never announced: a finished frame directory)."""
         new = frames_done - self._published
         if new <= 0:
             return
+        newly = range(self._published, frames_done)
         self._published = frames_done
         self.m.frames.labels(skipped="false").inc(new)
         if not self._first:
             self._first = True
             self.m.first_result_seconds.observe(time.monotonic() - self.started_at)
         now = time.time()
-        for at in announced_at:
-            if at is not None:
+        for k in newly:
+            if (at := announced_at(k)) is not None:
                 self.m.latency_seconds.observe(max(0.0, now - at))
 
     def close(self) -> None:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-import cv2
 import numpy as np
 
 from schemas import messages
@@ -32,6 +31,7 @@ from schemas.rle import decode_mask
 from worker.broker.publish import last_published_frame
 from worker.model.session import MaskPrompt, Prompt
 from worker.output.render import MaskVideoWriter
+from worker.output.sink import read_frame_bgr
 from worker.service.context import WorkerContext
 from worker.service.job import ValidJob
 from worker.sources.frames import FrameSource
@@ -82,9 +82,7 @@ def render_published(ctx: WorkerContext, job: ValidJob, frames: FrameSource, wri
             msg = messages.decode(fields)
             if not isinstance(msg, messages.FrameResult) or msg.frame_idx >= upto:
                 continue
-            image = cv2.imread(str(frames.path(msg.frame_idx)), cv2.IMREAD_COLOR)
-            if image is None:
-                raise StorageError(f"cannot read frame {frames.path(msg.frame_idx)} for rendering")
+            image = read_frame_bgr(frames.path(msg.frame_idx))
             obj_ids = tuple(o.obj_id for o in msg.objects)
             masks = (np.stack([decode_mask(o.mask).astype(bool) for o in msg.objects]) if msg.objects
                      else np.zeros((0, *image.shape[:2]), dtype=bool))

@@ -139,13 +139,11 @@ class JobRunner:
         job, pub, ctx = self.job, self.pub, self.ctx
 
         metrics = ctx.metrics.job(resume.first_frame)
-        announced_upto = [resume.first_frame]  # frames whose announcement time was taken (the sink's thread only)
 
         def published(n: int) -> None:
             pub.lease.progress()
             ctx.health.beat(state="busy", job_id=job.job_id, frames_done=n)
-            metrics.published(n, [frames.announced_at(k) for k in range(announced_upto[0], n)])
-            announced_upto[0] = n
+            metrics.published(n, frames.announced_at)
 
         sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
                           progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
