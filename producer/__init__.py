@@ -4,14 +4,15 @@ Python API for backends:
 
     from producer import submit, follow, watch, extract_frames, build_prompts
     from producer import add_prompts, remove_object, PromptReply   # prompts on a running job
+    from producer import submit_live, request_stop                 # live jobs (cameras, broadcasts)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PromptReply", "add_prompts", "build_prompts", "extract_frames", "follow", "remove_object", "submit",
-           "watch"]
+__all__ = ["PromptReply", "add_prompts", "build_prompts", "extract_frames", "follow", "remove_object", "request_stop",
+           "submit", "submit_live", "watch"]
 
 
 def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays fast
@@ -27,6 +28,14 @@ def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays
         from producer import live_prompts
 
         return getattr(live_prompts, name)
+    if name == "submit_live":
+        from producer.live_submit import submit_live
+
+        return submit_live
+    if name == "request_stop":
+        from producer.control import request_stop
+
+        return request_stop
     if name == "extract_frames":
         from producer.decode import extract_frames
 

@@ -22,7 +22,8 @@ from runtime.connection import quick_client
 from runtime.faults import redact_url, redis_fault
 from runtime.logs import configure_logging, job_log_context, run_cli
 from runtime.settings import Settings
-from schemas.errors import RedisUnavailable, VsegError
+from schemas.errors import InputError, RedisUnavailable, VsegError
+from schemas.prompts import ObjectPrompt
 
 log = logging.getLogger("producer")
 
@@ -40,8 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("submit", help="decode a video, enqueue a segmentation job, print its id")
-    s.add_argument("video", type=Path)
+    s = sub.add_parser("submit", help="decode a video (or ingest a live source), enqueue a segmentation job, print "
+                                      "its id")
+    s.add_argument("video", metavar="SOURCE",
+                   help="a video file, or a live source: rtsp://, rtsps://, rtmp://, http(s):// (HLS .m3u8, MPEG-TS), "
+                        "tcp://, udp://, srt:// or a capture device /dev/videoN (a live job: python -m producer stop "
+                        "ends it)")
+    s.add_argument("--live", action="store_true",
+                   help="a live job from a file, played at its own rate (demos and tests); URLs and devices are live")
+    s.add_argument("--duration", type=_seconds, dest="duration_s", metavar="S",
+                   help="a live job: end it after S seconds of frames")
     s.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME]",
                    help="a point on object OBJ (label 1 foreground, 0 background; frame default 0); repeatable")
     s.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME]",
@@ -69,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("job_id")
     c = sub.add_parser("cancel", help="cancel a job: it stops within a few frames and is not retried")
     c.add_argument("job_id")
+    sp = sub.add_parser("stop", help="end a live job gracefully: its last frames are published, the render "
+                                     "finished, then it completes")
+    sp.add_argument("job_id")
 
     pr = sub.add_parser("prompt", help="add objects to a running or queued job, or correct them, from a frame on")
     pr.add_argument("job_id")
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args.job_id, settings)
         if args.command == "cancel":
             return _cancel(args.job_id, settings)
+        if args.command == "stop":
+            return _stop(args.job_id, settings)
         if args.command == "stats":
             return _stats(args, settings)
         if args.command == "prompt":
@@ -196,17 +210,45 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.live_source import is_live_source
     from producer.prompts import build_prompts
     from producer.submit import submit
 
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
     check_redis(settings)  # Redis down: say so at once, before any decoding
-    result = submit(args.video, prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
+    if args.live or is_live_source(args.video):
+        return _submit_live(args, prompts, settings)
+    if args.duration_s is not None:
+        raise InputError("--duration is for live jobs: add --live to play a file as a live source")
+    result = submit(Path(args.video), prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
                     stream=args.stream, render=args.render, resume=args.resume)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)
+    return 0
+
+
+def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings: Settings) -> int:
+    """A live job: the id is printed as soon as it is enqueued; this keeps ingesting until the job ends."""
+    from producer.live_submit import submit_live
+
+    unsupported = [flag for flag, given in (("--watch", args.watch is not None), ("--no-stream", not args.stream),
+                                            ("--max-frames", args.max_frames is not None), ("--stride", args.stride != 1),
+                                            ("--start", args.start_s is not None), ("--end", args.end_s is not None))
+                   if given]
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)} cannot be used with a live job: it is ingested as it comes (follow "
+                         "it with python -m producer watch JOB --out DIR from another shell)")
+    submit_live(args.video, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
+                realtime=args.live, render=args.render, on_enqueued=lambda job_id: print(job_id, flush=True))
+    return 0
+
+
+def _stop(job_id: str, settings: Settings) -> int:
+    from producer.control import request_stop
+
+    print(request_stop(job_id, settings=settings, client=quick_client(settings)))
     return 0
 
 
@@ -220,6 +262,11 @@ def _status(job_id: str, settings: Settings) -> int:
     for key in ("worker", "error", "render_path", "source"):
         if state.get(key):
             print(f"  {key}: {state[key]}")
+    if state.get("live") == "1":  # a live job: what keeping up with its source costs
+        print(f"  live: {state.get('dropped', '0')} frames skipped to keep up; latency p50 "
+              f"{state.get('latency_p50_s', '?')} s, p95 {state.get('latency_p95_s', '?')} s; source down "
+              f"{state.get('source_outages', '0')} times ({state.get('source_down_s', '0')} s)"
+              + ("; stop requested" if state.get("stop") == "1" else ""))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Job control from the client side: status and cancellation."""
+"""Job control from the client side: status, cancellation, and stopping a live job."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import UnknownJobError
+from schemas.errors import InputError, UnknownJobError
 from schemas.names import EVENTS_MAXLEN, TERMINAL_ENTRY_ID, JobState, terminal_states_arg, validate_job_id
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,39 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
         except (redis.RedisError, OSError) as e:  # disk space, not correctness: the job is cancelled
             log.warning("could not remove the frames of cancelled job %s (%s)", job_id, e)
     return result
+
+
+# KEYS: job hash. ARGV: the terminal states (space-separated). Returns {code, state}: -1 unknown job, 0 already
+# ended (nothing written), -2 not a live job, 1 stop requested.
+_STOP_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, ''} end
+if string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state} end
+if redis.call('HGET', KEYS[1], 'live') ~= '1' then return {-2, state} end
+redis.call('HSET', KEYS[1], 'stop', '1')
+return {1, state}
+"""
+
+
+def request_stop(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> str:
+    """End a live job gracefully: its producer stops ingesting within a second and writes the end marker,
+    the worker publishes the last frames, finishes the render and completes the job. Returns what was done,
+    in one line. Idempotent; a job already ended says so. Raises UnknownJobError, or InputError for a job
+    that is not live (`cancel` ends those)."""
+    validate_job_id(job_id)
+    client = client or connect(settings)
+    script = client.register_script(_STOP_LUA)
+    code, raw = cast(list[Any], script(keys=[settings.keys.job(job_id)], args=[terminal_states_arg()]))
+    state = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if code == -1:
+        raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)}")
+    if code == -2:
+        raise InputError(f"job {job_id} is not a live job ({state}): it ends with its video; to end it now use "
+                         f"python -m producer cancel {job_id}")
+    if code == 0:
+        return f"job {job_id}: already {state}: nothing to stop"
+    return (f"job {job_id}: stop requested: its producer ends the source within a second; the worker publishes the "
+            "last frames, finishes the render, then completes it")
 
 
 def status(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> dict[str, Any]:

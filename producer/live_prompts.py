@@ -263,12 +263,12 @@ def _check_prompts(job: _Job, prompts: list[ObjectPrompt], settings: Settings, n
     if not prompts:
         raise PromptError("no prompts: give at least one point or box")
     width, height = job.job.width, job.job.height
-    if now:
+    if now or job.job.live:  # a live job keeps no frames: every prompt applies at the next frame it processes
         seen: set[int] = set()
+        which = "prompts applied now" if now else "a live job's prompts (applied at the next frame it processes)"
         for p in prompts:
             if p.obj_id in seen:
-                raise PromptError(f"object {p.obj_id} has two prompts, but prompts applied now take one per object: "
-                                  f"merge them")
+                raise PromptError(f"object {p.obj_id} has two prompts, but {which} take one per object: merge them")
             seen.add(p.obj_id)
         validate_prompts([replace(p, frame_idx=0) for p in prompts], width=width, height=height, num_frames=1)
         return

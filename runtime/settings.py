@@ -61,6 +61,17 @@ ENV_VARS: dict[str, str] = {
     "metrics_port": "VSEG_METRICS_PORT",
     "metrics_host": "VSEG_METRICS_HOST",
     "log_format": "VSEG_LOG_FORMAT",
+    "max_latency_s": "VSEG_MAX_LATENCY_S",
+    "source_outage_s": "VSEG_SOURCE_OUTAGE_S",
+    "source_open_timeout_s": "VSEG_SOURCE_OPEN_TIMEOUT_S",
+    "source_read_timeout_s": "VSEG_SOURCE_READ_TIMEOUT_S",
+    "source_watchdog_s": "VSEG_SOURCE_WATCHDOG_S",
+    "rtsp_transport": "VSEG_RTSP_TRANSPORT",
+    "live_results_maxlen": "VSEG_LIVE_RESULTS_MAXLEN",
+    "live_frames_maxlen": "VSEG_LIVE_FRAMES_MAXLEN",
+    "live_segment_s": "VSEG_LIVE_SEGMENT_S",
+    "live_playlist_size": "VSEG_LIVE_PLAYLIST_SIZE",
+    "live_max_cond_frames": "VSEG_LIVE_MAX_COND_FRAMES",
 }
 
 LOG_FORMATS = ("text", "json")
@@ -103,6 +114,18 @@ class Settings:
     metrics_port: int = 0  # the worker's /metrics, /healthz, /readyz HTTP port; 0: not served
     metrics_host: str = "127.0.0.1"  # the address it binds to (0.0.0.0: every interface, e.g. in a container)
     log_format: str = "text"  # text: one readable line a record; json: one JSON object a line (runtime/logs.py)
+    # Live jobs (cameras, broadcasts, --live): worker/sources/live.py, producer/live_source.py
+    max_latency_s: float = 2.0  # the worker skips frames to stay within this of the source
+    source_outage_s: float = 60.0  # a source down (reconnecting) longer than this fails its job
+    source_open_timeout_s: float = 10.0  # connecting to a live source
+    source_read_timeout_s: float = 5.0  # one read that gets nothing for this long fails (and reconnects)
+    source_watchdog_s: float = 10.0  # no frame for this long from a connected source: it is stalled, reconnect
+    rtsp_transport: str = "tcp"  # RTSP over tcp (default: no lost packets) or udp
+    live_results_maxlen: int = 10_000  # a live job's result stream is trimmed to about this many entries
+    live_frames_maxlen: int = 10_000  # and its frames stream
+    live_segment_s: float = 2.0  # seconds of video per HLS segment of a live job's render
+    live_playlist_size: int = 6  # segments in the rolling HLS playlist (older ones are deleted)
+    live_max_cond_frames: int = 8  # prompted (conditioning) frames memory attention reads in a live session
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -144,6 +167,16 @@ class Settings:
                               f"{self.metrics_port}")
         if not self.metrics_host.strip():
             raise ConfigError("metrics_host (VSEG_METRICS_HOST) must be an address to bind to (127.0.0.1, 0.0.0.0, ...)")
+        for name in ("max_latency_s", "source_outage_s", "source_open_timeout_s", "source_read_timeout_s",
+                     "source_watchdog_s", "live_results_maxlen", "live_frames_maxlen", "live_segment_s",
+                     "live_playlist_size", "live_max_cond_frames"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        if self.live_segment_s < 1:
+            raise ConfigError(f"live_segment_s (VSEG_LIVE_SEGMENT_S) must be at least 1 s (HLS target durations are "
+                              f"whole seconds), but got {self.live_segment_s}")
+        if self.rtsp_transport not in ("tcp", "udp"):
+            raise ConfigError(f"rtsp_transport (VSEG_RTSP_TRANSPORT) must be tcp or udp, but got {self.rtsp_transport!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format (VSEG_LOG_FORMAT) must be text or json, but got {self.log_format!r}")
 

@@ -85,6 +85,9 @@ class JobMessage(msgspec.Struct, frozen=True):
     render: bool = True  # False: masks only, no MP4 (Completed.render_path is then "")
     # True: a reclaimed attempt resumes after the last published frame; False: it runs again from frame 0
     resume: bool = True
+    # A live job (a camera, a broadcast, `--live`): unbounded, frames announced as they are captured; the worker
+    # keeps within max_latency_s of the source by skipping frames, trims its streams and renders rolling HLS
+    live: bool = False
     v: int = SCHEMA_VERSION
 
 
@@ -99,11 +102,18 @@ class ObjectResult(msgspec.Struct, frozen=True):
 
 
 class FrameResult(msgspec.Struct, frozen=True):
+    """One frame's objects. Every frame the producer announces gets exactly one entry; a live job's frame
+    skipped to keep up with the source has `skipped` true and no objects."""
+
     TYPE: ClassVar[EntryType] = EntryType.FRAME
     job_id: str
     frame_idx: Count
     objects: tuple[ObjectResult, ...]
     random_weights: bool = False  # True when the model ran with random weights (smoke tests only)
+    skipped: bool = False  # live jobs: not segmented, to stay within max_latency_s of the source
+    captured_at: float | None = None  # live jobs: Unix time the frame was received (None: a file's frame)
+    pts_s: float | None = None  # live jobs: the frame's presentation timestamp in its source, seconds
+    latency_s: float | None = None  # live jobs, processed frames: from captured_at to this entry's publication
     v: int = SCHEMA_VERSION
 
 
@@ -128,6 +138,11 @@ class Progress(msgspec.Struct, frozen=True):
     num_frames: Count
     fps: float = 0.0
     at: float = msgspec.field(default_factory=time.time)
+    dropped: Count = 0  # live jobs: frames skipped so far to keep up with the source
+    latency_p50_s: float | None = None  # live jobs: capture-to-publish latency of the recent processed frames
+    latency_p95_s: float | None = None
+    source_outages: Count = 0  # live jobs: times the source dropped and came back
+    source_down_s: Seconds = 0.0  # live jobs: seconds the source was down, all outages together
     v: int = SCHEMA_VERSION
 
 

@@ -30,8 +30,10 @@ def job_frames_rel(job_id: str) -> str:
     return f"jobs/{validate_job_id(job_id)}/frames"
 
 
-def job_render_rel(job_id: str) -> str:
-    """Rendered MP4 of a job, relative to STORAGE_ROOT."""
+def job_render_rel(job_id: str, *, live: bool = False) -> str:
+    """Rendered MP4 of a job, relative to STORAGE_ROOT; a live job's rolling HLS playlist (its segments beside it)."""
+    if live:
+        return f"jobs/{validate_job_id(job_id)}/live/index.m3u8"
     return f"jobs/{validate_job_id(job_id)}/render.mp4"
 
 

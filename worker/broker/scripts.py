@@ -31,18 +31,25 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
 return 1
 """
 
-# KEYS: jobs stream, target stream, job hash. ARGV: group, entry id, consumer, target entry id,
-# frames_done (or '' to leave it), then field/value pairs. Returns {status, cancel}: status 1 written,
-# 0 duplicate id (already there: rejected by Redis), -1 lease lost (nothing written).
+# KEYS: jobs stream, target stream, job hash. ARGV: group, entry id, consumer, target entry id, a job hash
+# field to set with the entry and its value ('' and '': none; frames set frames_done, object changes
+# control_done), MAXLEN ('': untrimmed; a live job's results: about that many entries are kept), then the
+# entry's field/value pairs. Returns {status, cancel}: status 1 written, 0 duplicate id (already there:
+# rejected by Redis), -1 lease lost (nothing written).
 FENCED_XADD_LUA = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #p == 0 or p[1][2] ~= ARGV[3] then return {-1, 0} end
 local status = 1
-local r = redis.pcall('XADD', KEYS[2], ARGV[4], unpack(ARGV, 6))
+local r
+if ARGV[7] ~= '' then
+  r = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[7]), ARGV[4], unpack(ARGV, 8))
+else
+  r = redis.pcall('XADD', KEYS[2], ARGV[4], unpack(ARGV, 8))
+end
 if type(r) == 'table' and r.err then
   if string.find(r.err, 'equal or smaller', 1, true) then status = 0 else return redis.error_reply(r.err) end
 end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'frames_done', ARGV[5]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[6]) end
 local cancel = redis.call('HGET', KEYS[3], 'cancel')
 return {status, cancel == '1' and 1 or 0}
 """

@@ -18,6 +18,9 @@ class FrameMasks:
     # The frame itself (H, W, 3 uint8 RGB) when the segmenter has already decoded it: the renderer uses
     # it instead of reading the JPEG a second time.
     image_rgb: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # A live session's frames are numbered as the session saw them (worker/sources/live.py); the model
+    # process says which frame of the source each one was, since the picking happened there.
+    source_idx: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):

@@ -66,12 +66,13 @@ class LazyFrames:
     """Stands in for the predictor's preloaded `images` tensor: frame i is loaded on first access,
     with the next `prefetch` frames (in the direction of travel) decoded ahead by a thread pool."""
 
-    def __init__(self, source: FrameSource, image_size: int, device: torch.device, *, prefetch: int = 6,
+    def __init__(self, source: FrameSource, image_size: int, device: torch.device, *, prefetch: int | None = None,
                  threads: int | None = None) -> None:
         self.source = source
         self.image_size = image_size
         self.device = device
-        self.prefetch = prefetch
+        # a live source reads one frame ahead: which frame comes next is decided as late as it can be
+        self.prefetch = prefetch if prefetch is not None else int(getattr(source, "prefetch", 6))
         self._norm = normalisation_table()
         self._on_cuda = device.type == "cuda"
         # On CUDA the model leaves the CPU free and frames must keep up with it: more decoding threads,

@@ -270,7 +270,8 @@ class ProcessSession:
         msg = self.model.recv(check=self.frames.check)
         if isinstance(msg, Frame):
             masks = np.unpackbits(msg.packed, axis=-1, count=msg.shape[-1]).astype(bool)
-            self._received.append(FrameMasks(msg.frame_idx, tuple(msg.obj_ids), masks, msg.scores))
+            self._received.append(FrameMasks(msg.frame_idx, tuple(msg.obj_ids), masks, msg.scores,
+                                             source_idx=msg.source_idx))
             self._position = max(self._position, msg.frame_idx + 1)
             if msg.gpu_memory_bytes is not None:
                 self.model.last_gpu_memory_bytes = msg.gpu_memory_bytes

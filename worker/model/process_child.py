@@ -41,6 +41,7 @@ from worker.model.process_messages import (
     open_frames,
 )
 from worker.model.segment import Segmenter, Session
+from worker.sources.live import SessionFrames
 
 SEND_BUFFER_BYTES = 64 << 20  # unpacked masks waiting to be sent, at most (and 2 to 16 frames)
 
@@ -128,7 +129,7 @@ class _Sender:
             try:
                 if isinstance(msg, FrameMasks):  # packed here, off the model's thread
                     self.conn.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
-                                         tuple(msg.masks.shape), msg.scores, self.gpu_memory()))
+                                         tuple(msg.masks.shape), msg.scores, self.gpu_memory(), msg.source_idx))
                 else:
                     self.conn.send(msg)
             except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
@@ -168,8 +169,9 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
                      gpu_memory=segmenter.gpu_memory_bytes)
     session: Session | None = None
     try:
-        session = segmenter.open_session(open_frames(msg.frames, settings), msg.prompts, width=msg.width,
-                                         height=msg.height, start_frame=msg.start_frame)
+        frames = open_frames(msg.frames, settings)
+        session = segmenter.open_session(frames, msg.prompts, width=msg.width, height=msg.height,
+                                         start_frame=msg.start_frame)
         while True:
             ending = _apply_commands(conn, session, sender, msg.session)
             if ending is not None:
@@ -178,7 +180,8 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
                 out = next(session)
             except StopIteration:
                 break
-            sender.send(dataclasses.replace(out, image_rgb=None))  # the renderer decodes its own copy
+            source_idx = frames.live.source_index(out.frame_idx) if isinstance(frames, SessionFrames) else None
+            sender.send(dataclasses.replace(out, image_rgb=None, source_idx=source_idx))  # the renderer decodes its own
         session.close()
         sender.close(Done(msg.session, session.stats))
         return "done"

@@ -13,6 +13,7 @@ import numpy as np
 from runtime.settings import Settings
 from worker.model.session import Prompt
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
+from worker.sources.live import LiveFrames, SessionFrames
 
 
 # ---- frame sources ---------------------------------------------------------------------------------
@@ -36,23 +37,51 @@ class StreamSpec:
     producer_ttl_s: float
 
 
-FramesSpec = DirSpec | StreamSpec
+@dataclass(frozen=True)
+class LiveSpec:
+    """A live job's frames as its session reads them (worker/sources/live.py): the picking happens where
+    the model runs, so it is as fresh as the frame the model is about to take."""
+
+    stream: StreamSpec
+    max_latency_s: float
+    start_after: int
+    at_edge: bool
+    max_cond_frames: int
+
+
+FramesSpec = DirSpec | StreamSpec | LiveSpec
 
 
 def describe_frames(frames: FrameSource) -> FramesSpec:
     """What the child needs to open the same frame source (a Redis client cannot be pickled: the child
     makes its own from the same settings)."""
+    if isinstance(frames, SessionFrames):
+        live = frames.live
+        return LiveSpec(_stream_spec(live.streamed), live.max_latency_s, live.start_after, live.at_edge,
+                        live.max_cond_frames)
     if isinstance(frames, StreamedFrames):
-        return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
-                          frames.producer_ttl_s)
+        return _stream_spec(frames)
     if isinstance(frames, DirFrames):
         return DirSpec(str(frames.dir), int(frames.total or 0))
     raise TypeError(f"cannot hand a {type(frames).__name__} to the model process")
 
 
+def _stream_spec(frames: StreamedFrames) -> StreamSpec:
+    return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
+                      frames.producer_ttl_s)
+
+
 def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
     if isinstance(spec, DirSpec):
         return DirFrames(Path(spec.dir), spec.total, verify=False)  # the worker checked it
+    if isinstance(spec, LiveSpec):
+        live = LiveFrames(_open_stream(spec.stream, settings), max_latency_s=spec.max_latency_s,
+                          start_after=spec.start_after, at_edge=spec.at_edge, max_cond_frames=spec.max_cond_frames)
+        return live.view
+    return _open_stream(spec, settings)
+
+
+def _open_stream(spec: StreamSpec, settings: Settings) -> StreamedFrames:
     from worker.broker.redis_client import worker_client
 
     return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
@@ -126,6 +155,7 @@ class Frame:
     shape: tuple[int, ...]
     scores: np.ndarray
     gpu_memory_bytes: int | None = None  # the model process's, when it runs on CUDA (for the worker's metrics)
+    source_idx: int | None = None  # a live session's frame: which frame of the source it is
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,10 @@ class Sam2Session(SessionBase):
         self.features = BatchedFeatures(self.images, encode, model.torch_device, batch=model.encoder_batch)
         self.state = self._new_state()
         self.peak_frames_held = 0
+        # A live session runs for days and is prompted again and again (prompts, automatic prompts): SAM 2 reads
+        # every prompted frame in memory attention (max_cond_frames_in_attn is unlimited), so only the newest
+        # max_cond_frames are kept once out of the window (worker/sources/live.py); 0: all (a file job)
+        self.max_cond_frames = int(getattr(frames, "max_cond_frames", 0))
         self.add_prompts(prompts)
 
     def _new_state(self) -> dict[str, Any]:
@@ -203,7 +207,21 @@ class Sam2Session(SessionBase):
                     del non_cond[t]
                     tracked.pop(t, None)
             held = max(held, len(non_cond))
+            if self.max_cond_frames and not reverse:
+                self._release_old_prompts(obj_idx, outputs["cond_frame_outputs"], tracked, frame_idx - window)
         self.peak_frames_held = max(self.peak_frames_held, held)
+
+    def _release_old_prompts(self, obj_idx: int, cond: dict[int, Any], tracked: dict[int, Any], before: int) -> None:
+        """Drop an object's oldest prompted frames beyond the newest max_cond_frames, once they are out of
+        memory attention's window (`before`): a live session's memory stays bounded however often it is prompted."""
+        extra = len(cond) - self.max_cond_frames
+        for t in sorted(cond)[:max(0, extra)]:
+            if t >= before:
+                break
+            del cond[t]
+            tracked.pop(t, None)
+            self.state["point_inputs_per_obj"].get(obj_idx, {}).pop(t, None)
+            self.state["mask_inputs_per_obj"].get(obj_idx, {}).pop(t, None)
 
     def _object_scores(self, frame_idx: int, num_objects: int) -> np.ndarray:
         """SAM 2's object presence score per object on this frame, as a probability."""

@@ -214,6 +214,17 @@ def pad_to_even(image: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
 
 
+def encoder_frame(frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, size_wh: tuple[int, int], *,
+                  rgb: bool = False) -> av.VideoFrame:
+    """`frame` (BGR, or RGB when `rgb`; the writer's `size_wh`, else ValueError) with `masks` drawn, as a yuv420p
+    frame without pts (OpenCV's SIMD 4:2:0, BT.601 video range as FFmpeg's, costs a tenth of swscale's)."""
+    if (size_hw := check_frame(frame)) != (size_wh[1], size_wh[0]):
+        raise ValueError(f"frame must be {size_wh[0]}x{size_wh[1]} (W x H) like the writer, but got {size_hw[1]}x{size_hw[0]}")
+    drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb))
+    yuv: np.ndarray = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+
+
 def partial_path(path: Path, tag: str = "") -> Path:
     """Temporary file a writer fills before renaming it to `path` (same directory, so the rename is atomic).
 
@@ -308,16 +319,7 @@ class MaskVideoWriter:
         """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame."""
         if self._closed:
             raise ValueError(f"cannot write to {self.path}: the writer is closed")
-        size_hw = check_frame(frame)
-        if size_hw != (self.height, self.width):
-            raise ValueError(
-                f"frame must be {self.width}x{self.height} (W x H) like the writer, "
-                f"but got {size_hw[1]}x{size_hw[0]}"
-            )
-        drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb))
-        # OpenCV's SIMD conversion to 4:2:0 (BT.601, video range, as FFmpeg's) costs a tenth of swscale's
-        yuv: np.ndarray = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
-        video_frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        video_frame = encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb)
         video_frame.pts = self.frames_written
         video_frame.time_base = 1 / self.rate
         with self._lock:

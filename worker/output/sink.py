@@ -14,10 +14,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import msgspec
 import numpy as np
 
 from runtime.logs import ContextThread
@@ -25,8 +28,10 @@ from schemas import messages
 from schemas.errors import RetryableError, StorageError
 from worker.broker.publish import ResultPublisher, frame_result
 from worker.model.segment import FrameMasks
+from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.sources.frames import FrameSource
+from worker.sources.live import LiveResults
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,16 @@ class SinkAborted(Exception):
     """The sink was aborted (the job stopped) while one of its writes waited out Redis."""
 
 _STEP_S = 0.2  # how often a waiting thread looks at its peer and at the job
+LATENCY_WINDOW = 300  # a live job's latency percentiles are over its last this many processed frames
+
+OnFrame = Callable[[int, int, list[float]], None]  # frames done, of which newly skipped, new latencies (live)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Frames of a live job passed over to keep up with the source: each gets a `skipped` entry."""
+
+    frames: range
 
 
 def _no_check() -> None:
@@ -52,10 +67,18 @@ def read_frame_bgr(path: Path) -> np.ndarray:
 
 
 class ResultSink:
-    def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | None, frames: FrameSource, *, random_weights: bool,
-                 progress_every: int, on_frame: Callable[[int], None], depth: int = 4,
-                 check: Callable[[], None] = _no_check, first_frame: int = 0) -> None:
+    """`live`: a live job's result side (worker/sources/live.py): its entries carry captured_at, pts and
+    latency, frames passed over are `Skipped`, JPEGs go once published, and the render is rolling HLS."""
+
+    def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | HlsWriter | None, frames: FrameSource, *,
+                 random_weights: bool, progress_every: int, on_frame: OnFrame, depth: int = 4,
+                 check: Callable[[], None] = _no_check, first_frame: int = 0, live: LiveResults | None = None,
+                 dropped: int = 0) -> None:
         self.pub = pub
+        self.live = live
+        self.dropped = dropped  # live: frames skipped (by earlier attempts too)
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._render_t0: float | None = None  # live: the capture time the HLS render's clock starts at
         self.writer = writer
         self.frames = frames
         self.random_weights = random_weights
@@ -78,10 +101,15 @@ class ResultSink:
         """Queue one frame's masks (blocks only when the sink is `depth` frames behind)."""
         self._put(out)
 
-    def put_change(self, entry_id: str, change: messages.ObjectChange) -> None:
+    def put_skipped(self, frames: range) -> None:
+        """Queue a live job's frames passed over (nothing if `frames` is empty)."""
+        if frames:
+            self._put(Skipped(frames))
+
+    def put_change(self, entry_id: str, change: messages.ObjectChange, command_id: str = "") -> None:
         """Queue an object change: written at `entry_id`, after the frames queued before it (stream ids
         only grow, so its place among the frames is its place in the queue)."""
-        self._put((entry_id, change))
+        self._put((entry_id, change, command_id))
 
     def _put(self, item: object) -> None:
         while True:
@@ -144,16 +172,16 @@ class ResultSink:
                 done = any(item is _DONE for item in batch)
                 if self.error is not None:
                     return
-                outs: list[FrameMasks] = []
+                outs: list[FrameMasks | Skipped] = []
                 for item in batch:  # frames in one round trip, up to an object change, which goes in its place
-                    if isinstance(item, FrameMasks):
+                    if isinstance(item, (FrameMasks, Skipped)):
                         outs.append(item)
                     elif isinstance(item, tuple):
                         if outs:
                             self._handle(outs)
                             outs = []
-                        entry_id, change = item
-                        self.pub.object_change(entry_id, change, interrupt=self._raise_if_aborted)
+                        entry_id, change, command_id = item
+                        self.pub.object_change(entry_id, change, command_id, interrupt=self._raise_if_aborted)
                 if outs:
                     self._handle(outs)
                 if done:
@@ -161,30 +189,80 @@ class ResultSink:
         except BaseException as e:  # handed to the model's thread at its next put/close
             self.error = e
 
-    def _render(self, writer: MaskVideoWriter, out: FrameMasks) -> None:
-        if out.image_rgb is not None:  # decoded already by the segmenter
-            writer.write(out.image_rgb, out.obj_ids, out.masks, rgb=True)
+    def _render(self, writer: MaskVideoWriter | HlsWriter, out: FrameMasks) -> None:
+        image = out.image_rgb if out.image_rgb is not None else read_frame_bgr(self.frames.path(out.frame_idx))
+        rgb = out.image_rgb is not None  # decoded already by the segmenter
+        if isinstance(writer, HlsWriter):
+            info = self.live.info(out.frame_idx) if self.live is not None else None
+            at_s = None
+            if info is not None:
+                self._render_t0 = info.time if self._render_t0 is None else self._render_t0
+                at_s = info.time - self._render_t0
+            writer.write(image, out.obj_ids, out.masks, rgb=rgb, at_s=at_s)
             return
-        writer.write(read_frame_bgr(self.frames.path(out.frame_idx)), out.obj_ids, out.masks)
+        writer.write(image, out.obj_ids, out.masks, rgb=rgb)
 
-    def _handle(self, outs: list[FrameMasks]) -> None:
+    def _results(self, outs: list[FrameMasks | Skipped]) -> list[messages.FrameResult]:
+        """The entries of these frames; a live job's with when each was captured and (processed ones) its
+        latency, measured now, just before the write."""
+        job_id, live = self.pub.job_id, self.live
+        results: list[messages.FrameResult] = []
+        now = time.time()
+        for out in outs:
+            if isinstance(out, Skipped):
+                for k in out.frames:
+                    info = live.info(k) if live is not None else None
+                    results.append(messages.FrameResult(
+                        job_id, k, (), random_weights=self.random_weights, skipped=True,
+                        captured_at=info.time if info is not None else None,
+                        pts_s=info.pts_s if info is not None else None))
+                continue
+            result = frame_result(job_id, out, random_weights=self.random_weights)
+            if live is not None and (info := live.info(out.frame_idx)) is not None:
+                result = msgspec.structs.replace(result, captured_at=info.time, pts_s=info.pts_s,
+                                                 latency_s=round(max(0.0, now - info.time), 6))
+            results.append(result)
+        return results
+
+    def _handle(self, outs: list[FrameMasks | Skipped]) -> None:
         t1 = time.monotonic()
-        self.pub.frames([frame_result(self.pub.job_id, out, random_weights=self.random_weights) for out in outs],
-                        interrupt=self._raise_if_aborted)
+        results = self._results(outs)
+        self.pub.frames(results, interrupt=self._raise_if_aborted)
         self.batches += 1
         if self.first_result_at is None:
             self.first_result_at = time.monotonic()
         t2 = time.monotonic()
         self.publish_s += t2 - t1
         total = self.frames.total or self.pub.num_frames
+        latencies = {r.frame_idx: r.latency_s for r in results if r.latency_s is not None}
         for out in outs:
             t3 = time.monotonic()
-            if self.writer is not None:  # None: a masks-only job
+            skipped = len(out.frames) if isinstance(out, Skipped) else 0
+            last = out.frames[-1] if isinstance(out, Skipped) else out.frame_idx
+            if self.writer is not None and isinstance(out, FrameMasks):  # None: a masks-only job
                 self._render(self.writer, out)
             t4 = time.monotonic()
             self.render_s += t4 - t3
-            self.frames_done += 1
-            if self.frames_done % self.progress_every == 0 or self.frames_done == total:
-                self.pub.progress(self.frames_done, self.frames_done / max(t4 - self._t0, 1e-9),
-                                  interrupt=self._raise_if_aborted)
-            self.on_frame(self.frames_done)
+            before = self.frames_done
+            self.frames_done += skipped or 1
+            self.dropped += skipped
+            new = [latencies[last]] if not skipped and last in latencies else []
+            self.latencies.extend(new)
+            if self.live is not None:
+                self.live.release_through(last)
+            if self.frames_done // self.progress_every > before // self.progress_every or self.frames_done == total:
+                self._progress(t4)
+            self.on_frame(self.frames_done, skipped, new)
+
+    def _progress(self, now: float) -> None:
+        fps = self.frames_done / max(now - self._t0, 1e-9)
+        if self.live is None:
+            self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted)
+            return
+        p50 = p95 = None
+        if self.latencies:
+            p50, p95 = (round(float(x), 4) for x in np.percentile(np.fromiter(self.latencies, float), [50, 95]))
+        outages, down_s = self.live.outages
+        self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted, dropped=self.dropped,
+                          latency_p50_s=p50, latency_p95_s=p95, source_outages=outages,
+                          source_down_s=round(down_s, 3))

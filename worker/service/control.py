@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
-import msgspec
 import redis
 
 from runtime.logs import ContextThread
@@ -43,7 +42,19 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often the runner looks for new commands (one XRANGE on the control stream)
 
-Put = Callable[[str, messages.ObjectChange], None]  # the sink's put_change
+Put = Callable[[str, messages.ObjectChange, str], None]  # the sink's put_change: entry id, change, command id
+
+
+@dataclass(frozen=True)
+class _Held:
+    """An object change waiting for the runner to reach its session frame."""
+
+    frame: int  # in the session's numbering
+    command: messages.PromptCommand | messages.RemoveCommand
+    obj_id: int
+    change: str
+    requested: int
+    note: str
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,9 @@ class Replay:
 
 class ControlFeed:
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, job_id: str,
-                 reachable: Callable[[], bool] = lambda: True) -> None:
+                 reachable: Callable[[], bool] = lambda: True, *, live: bool = False) -> None:
         self.client = client
+        self.live = live  # every prompt and replay applies at the next frame processed (frames are not kept)
         self.reachable = reachable  # False while the job's lease is presumed lost (Redis away): no reads then
         self.keys = keys
         self.settings = settings
@@ -70,9 +82,10 @@ class ControlFeed:
         self._reader: ContextThread | None = None
         self._replays: dict[int, list[Replay]] = defaultdict(list)
         self._per_frame: dict[int, int] = defaultdict(int)  # object entries written for each frame, this attempt
-        # changes on frames the session has not reached: their entries wait for it (stream ids only grow)
-        self._later: dict[int, list[tuple[messages.PromptCommand | messages.RemoveCommand, int, str, int, str]]] = \
-            defaultdict(list)
+        self._ids: dict[str, str] = {}  # request id -> its entry id on the control stream
+        # changes not yet written: each waits until the runner puts the frame it takes effect on (stream ids only
+        # grow, and the session, a model process, may be frames ahead of what the runner has put)
+        self._held: list[_Held] = []
 
     # ---- an attempt's start -----------------------------------------------------------------------
     def load(self, start_frame: int) -> None:
@@ -85,9 +98,13 @@ class ControlFeed:
             msg = _decode(fields)
             if isinstance(msg, messages.ObjectChange) and msg.request_id:
                 recorded[msg.request_id].append(msg)
+        done = self.client.hget(self.keys.job(self.job_id), "control_done")
+        done_id = _stream_id(done.decode() if isinstance(done, bytes) else "0-0")
         for command in self._read_commands():
             changes = recorded.get(command.request_id)
             if not changes:
+                if _stream_id(self._ids[command.request_id]) <= done_id:
+                    continue  # applied by an earlier attempt, its record trimmed away (a live job's stream)
                 self._new.append(command)
                 continue
             for change in changes:
@@ -120,20 +137,18 @@ class ControlFeed:
                 self._arrived.extend(commands)
 
     # ---- between frames ---------------------------------------------------------------------------
-    def apply(self, session: Session, put: Put) -> None:
-        """Apply what is due before the session's next frame: replays recorded for it, then new commands."""
-        for frame in sorted(f for f in self._replays if f <= session.position):  # passed ones: at the position
+    def apply(self, session: Session) -> None:
+        """Apply what is due to the session before its next frame: replays recorded for it, then new
+        commands. What each did is written when the runner reaches its frame (`flush`)."""
+        for frame in sorted(f for f in self._replays if self.live or f <= session.position):  # passed: now
             for replay in self._replays.pop(frame):
                 try:
-                    self._replay(session, replay, put)
+                    self._replay(session, replay)
                 except (LeaseLost, JobCancelled, HandBack, WorkerBroken):
                     raise
                 except Exception:  # noqa: BLE001 - a replay must not fail its job either
                     log.exception("job %s: replaying request %s failed; going on without it", self.job_id,
                                   replay.command.request_id)
-        for frame in sorted(f for f in self._later if f <= session.position):
-            for command, obj_id, change, requested, note in self._later.pop(frame):
-                self._emit(put, command, obj_id, frame, change, requested, note)
         with self._lock:
             self._new.extend(self._arrived)
             self._arrived.clear()
@@ -141,9 +156,9 @@ class ControlFeed:
             command = self._new.pop(0)
             try:
                 if isinstance(command, messages.RemoveCommand):
-                    self._remove(session, command, put)
+                    self._remove(session, command)
                 else:
-                    self._prompt(session, command, put)
+                    self._prompt(session, command)
             except (LeaseLost, JobCancelled, HandBack, WorkerBroken):
                 raise
             except Exception as e:  # noqa: BLE001 - a command must never fail its job: it is refused, with why
@@ -151,30 +166,51 @@ class ControlFeed:
                 obj_ids = [command.obj_id] if isinstance(command, messages.RemoveCommand) else sorted(
                     {p.obj_id for p in command.prompts})
                 for obj_id in obj_ids:
-                    self._emit(put, command, obj_id, session.position, "refused", -1,
+                    self._hold(session.position, command, obj_id, "refused", -1,
                                f"the worker could not apply it: {type(e).__name__}: {e}")
 
-    def _prompt(self, session: Session, command: messages.PromptCommand, put: Put) -> None:
+    def flush(self, session_frame: int, frame_idx: int, put: Put) -> None:
+        """The runner is about to put session frame `session_frame`, frame `frame_idx` of the job: write the
+        changes that take effect there or before, at ids just before that frame's entry."""
+        due = [h for h in self._held if h.frame <= session_frame]
+        if not due:
+            return
+        self._held = [h for h in self._held if h.frame > session_frame]
+        for h in due:
+            k = self._per_frame[frame_idx]
+            self._per_frame[frame_idx] += 1
+            log.info("job %s: object %d %s from frame %d%s", self.job_id, h.obj_id, h.change, frame_idx,
+                     f" ({h.note})" if h.note else "")
+            put(object_entry_id(frame_idx, k), messages.ObjectChange(
+                self.job_id, h.obj_id, frame_idx, h.change, request_id=h.command.request_id,
+                requested_frame=h.requested, note=h.note), self._ids.get(h.command.request_id, ""))
+
+    def _prompt(self, session: Session, command: messages.PromptCommand) -> None:
         known = set(session.obj_ids)
         new_ids = {p.obj_id for p in command.prompts} - known
         if len(known) + len(new_ids) > self.settings.max_objects:
             for obj_id in sorted({p.obj_id for p in command.prompts}):
-                self._emit(put, command, obj_id, session.position, "refused", -1,
+                self._hold(session.position, command, obj_id, "refused", -1,
                            f"the job would track {len(known) + len(new_ids)} objects, over the limit of "
                            f"{self.settings.max_objects} (VSEG_MAX_OBJECTS)")
             return
         for p in command.prompts:
             requested = -1 if command.now else p.frame_idx
-            target = p.frame_idx if not command.now and p.frame_idx >= session.position else session.position
-            note = "" if target == p.frame_idx or command.now else (
-                f"frame {p.frame_idx} was already segmented: applied from frame {target}, the next one processed")
+            if self.live:  # frames are not kept: a prompt applies at the next frame the worker processes
+                target = session.position
+                note = "" if command.now else (f"a live job applies prompts from the next frame it processes, not "
+                                               f"frame {p.frame_idx}")
+            else:
+                target = p.frame_idx if not command.now and p.frame_idx >= session.position else session.position
+                note = "" if target == p.frame_idx or command.now else (
+                    f"frame {p.frame_idx} was already segmented: applied from the next frame processed")
             change = "corrected" if p.obj_id in session.obj_ids else "added"
             try:
                 target = self._add(session, replace(p, frame_idx=target))
             except PromptError as e:
-                self._emit(put, command, p.obj_id, session.position, "refused", requested, str(e))
+                self._hold(session.position, command, p.obj_id, "refused", requested, str(e))
                 continue
-            self._emit(put, command, p.obj_id, target, change, requested, note, session)
+            self._hold(target, command, p.obj_id, change, requested, note)
 
     def _add(self, session: Session, prompt: ObjectPrompt) -> int:
         """Add one prompt; a session ahead of what the worker has read (a model process) takes it at its own
@@ -189,44 +225,35 @@ class ControlFeed:
             session.add_prompts([later])
             return later.frame_idx
 
-    def _remove(self, session: Session, command: messages.RemoveCommand, put: Put) -> None:
+    def _remove(self, session: Session, command: messages.RemoveCommand) -> None:
         try:
             session.remove_object(command.obj_id)
         except PromptError as e:
-            self._emit(put, command, command.obj_id, session.position, "refused", -1, str(e))
+            self._hold(session.position, command, command.obj_id, "refused", -1, str(e))
             return
-        self._emit(put, command, command.obj_id, session.position, "removed", -1, "")
+        self._hold(session.position, command, command.obj_id, "removed", -1, "")
 
-    def _replay(self, session: Session, replay: Replay, put: Put) -> None:
+    def _replay(self, session: Session, replay: Replay) -> None:
         change, command = replay.change, replay.command
+        frame = session.position if self.live else max(change.frame_idx, session.position)
         try:
             if change.change == "removed":
                 session.remove_object(change.obj_id)
+                frame = session.position
             else:
                 assert isinstance(command, messages.PromptCommand)
                 for p in command.prompts:
                     if p.obj_id == change.obj_id:
-                        frame = self._add(session, replace(p, frame_idx=max(change.frame_idx, session.position)))
-                        change = msgspec.structs.replace(change, frame_idx=frame)
+                        frame = self._add(session, replace(p, frame_idx=frame))
         except PromptError as e:  # the session differs from the earlier attempt's (it resumed from masks)
             log.warning("job %s: replaying %s of object %d at frame %d failed: %s", self.job_id, change.change,
                         change.obj_id, change.frame_idx, e)
             return
-        self._emit(put, command, change.obj_id, change.frame_idx, change.change, change.requested_frame, change.note,
-                   session)
+        self._hold(frame, command, change.obj_id, change.change, change.requested_frame, change.note)
 
-    def _emit(self, put: Put, command: messages.PromptCommand | messages.RemoveCommand, obj_id: int, frame_idx: int,
-              change: str, requested: int, note: str, session: Session | None = None) -> None:
-        if session is not None and frame_idx > session.position:  # its entry goes in when the frame comes
-            self._later[frame_idx].append((command, obj_id, change, requested, note))
-            return
-        k = self._per_frame[frame_idx]
-        self._per_frame[frame_idx] += 1
-        log.info("job %s: object %d %s from frame %d%s", self.job_id, obj_id, change, frame_idx,
-                 f" ({note})" if note else "")
-        put(object_entry_id(frame_idx, k), messages.ObjectChange(
-            self.job_id, obj_id, frame_idx, change, request_id=command.request_id, requested_frame=requested,
-            note=note))
+    def _hold(self, frame: int, command: messages.PromptCommand | messages.RemoveCommand, obj_id: int, change: str,
+              requested: int, note: str) -> None:
+        self._held.append(_Held(frame, command, obj_id, change, requested, note))
 
     # ---- reading ----------------------------------------------------------------------------------
     def _read_commands(self) -> list[messages.PromptCommand | messages.RemoveCommand]:
@@ -235,6 +262,7 @@ class ControlFeed:
             self.last_id = entry_id.decode()
             msg = _decode(fields)
             if isinstance(msg, (messages.PromptCommand, messages.RemoveCommand)) and msg.job_id == self.job_id:
+                self._ids[msg.request_id] = self.last_id
                 commands.append(msg)
             elif msg is not None:
                 log.warning("job %s: ignoring a %s entry on %s", self.job_id, msg.TYPE.value,
@@ -245,6 +273,11 @@ class ControlFeed:
         if start == "(0-0":
             start = "-"
         return cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(key, min=start, max=end))
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _decode(fields: dict[bytes, bytes]) -> messages.Message | None:

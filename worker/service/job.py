@@ -17,6 +17,7 @@ from pathlib import Path
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
+from schemas.errors import PermanentError
 from schemas.prompts import ObjectPrompt, object_ids, validate_prompts
 from schemas.storage import job_render_rel, resolve_inside
 
@@ -43,11 +44,13 @@ class ValidJob:
     render: bool  # False: masks only, no MP4
     resume: bool  # a reclaimed attempt resumes after the last published frame (worker/service/resume.py)
     producer_ttl_s: float  # the streaming producer's liveness key TTL; 0: it keeps none
+    live: bool = False  # unbounded, real time: frames may be skipped, rolling HLS (worker/sources/live.py)
 
     @property
     def render_rel(self) -> str:
-        """The MP4's path relative to STORAGE_ROOT as results name it; "" for a masks-only job."""
-        return job_render_rel(self.job_id) if self.render else ""
+        """The render's path relative to STORAGE_ROOT as results name it (a live job's HLS playlist); "" for a
+        masks-only job."""
+        return job_render_rel(self.job_id, live=self.live) if self.render else ""
 
 
 def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
@@ -57,6 +60,9 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
     check_job_limits(msg.num_frames, msg.width, msg.height, msg.prompts, settings)
     frames_dir = resolve_inside(settings.storage_root, msg.frames_dir)
     source = FrameSourceKind.STREAM if msg.frames_stream else FrameSourceKind.DIR
+    if msg.live and source is not FrameSourceKind.STREAM:
+        raise PermanentError(f"job {msg.job_id} is live but has no frames stream: a live job's frames are announced "
+                             "as they are captured; submit it with python -m producer submit (streaming)")
     validate_prompts(msg.prompts, width=msg.width, height=msg.height,
                      num_frames=settings.max_frames if source is FrameSourceKind.STREAM else msg.num_frames)
     return ValidJob(
@@ -69,8 +75,9 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
         fps=msg.fps,
         prompts=msg.prompts,
         obj_ids=tuple(object_ids(msg.prompts)),
-        render_target=resolve_inside(settings.storage_root, job_render_rel(msg.job_id)),
+        render_target=resolve_inside(settings.storage_root, job_render_rel(msg.job_id, live=msg.live)),
         render=msg.render,
         resume=msg.resume,
         producer_ttl_s=msg.producer_ttl_s,
+        live=msg.live,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -108,18 +108,27 @@ class JobMetrics:
             self.m.objects_active.inc(num_objects - self._objects)
             self._objects = num_objects
 
-    def published(self, frames_done: int, announced_at: Callable[[int], float | None]) -> None:
-        """`frames_done` frames are out now; `announced_at(k)` is frame k's wall-clock announcement time
-        (None where the frame was never announced: a finished frame directory)."""
+    def published(self, frames_done: int, announced_at: Callable[[int], float | None], *, skipped: int = 0,
+                  latencies: Sequence[float] = ()) -> None:
+        """`frames_done` frames are out now, `skipped` of the new ones passed over (a live job keeping up);
+        `latencies`: a live job's, capture to publication, of the new processed ones; otherwise they are
+        measured from `announced_at(k)`, frame k's wall-clock announcement time (None where the frame was
+        never announced: a finished frame directory)."""
         new = frames_done - self._published
         if new <= 0:
             return
         newly = range(self._published, frames_done)
         self._published = frames_done
-        self.m.frames.labels(skipped="false").inc(new)
+        self.m.frames.labels(skipped="false").inc(new - skipped)
+        if skipped:
+            self.m.frames.labels(skipped="true").inc(skipped)
         if not self._first:
             self._first = True
             self.m.first_result_seconds.observe(time.monotonic() - self.started_at)
+        if latencies:
+            for seconds in latencies:
+                self.m.latency_seconds.observe(seconds)
+            return
         now = time.time()
         for k in newly:
             if (at := announced_at(k)) is not None:

@@ -48,6 +48,7 @@ class Resume:
     first_frame: int = 0
     seed_frame: int = 0
     prompts: tuple[Prompt, ...] = ()
+    no_objects: bool = False  # a resumed job with every object removed: none, not the job's own prompts again
 
 
 FRESH = Resume()
@@ -60,11 +61,46 @@ def resume_point(ctx: WorkerContext, job: ValidJob, attempt: int) -> Resume:
     last = last_published_frame(ctx.client, ctx.keys, job.job_id)
     if last is None:
         return FRESH
+    if job.live:
+        return _live_resume(ctx, job, attempt, last)
     seeds = tuple(MaskPrompt(o.obj_id, last.frame_idx, decode_mask(o.mask).astype(bool)) for o in last.objects)
     later = tuple(p for p in job.prompts if p.frame_idx > last.frame_idx)
     log.info("job %s attempt %d resumes after frame %d (published by an earlier attempt), %d objects seeded with "
              "their masks there", job.job_id, attempt, last.frame_idx, len(seeds))
     return Resume(first_frame=last.frame_idx + 1, seed_frame=last.frame_idx, prompts=seeds + later)
+
+
+def _live_resume(ctx: WorkerContext, job: ValidJob, attempt: int, last: messages.FrameResult) -> Resume:
+    """A live job goes on at the live edge (worker/sources/live.py), each object seeded on the first frame it
+    processes with its mask on the last frame processed before (the frames between are published skipped)."""
+    processed = last if not last.skipped else last_processed_frame(ctx, job.job_id, before=last.frame_idx)
+    if processed is None:  # none left on the trimmed stream: the job's own prompts again
+        seeds: tuple[Prompt, ...] = ()
+    else:
+        seeds = tuple(MaskPrompt(o.obj_id, 0, decode_mask(o.mask).astype(bool)) for o in processed.objects)
+    log.info("live job %s attempt %d resumes at the live edge after frame %d; %d objects seeded with their masks on "
+             "frame %s", job.job_id, attempt, last.frame_idx, len(seeds),
+             processed.frame_idx if processed is not None else "(none kept)")
+    if processed is not None and not seeds:  # every object had been removed: none to track
+        return Resume(first_frame=last.frame_idx + 1, seed_frame=0, prompts=(), no_objects=True)
+    return Resume(first_frame=last.frame_idx + 1, seed_frame=0, prompts=seeds)
+
+
+def last_processed_frame(ctx: WorkerContext, job_id: str, *, before: int, batch: int = 256) -> messages.FrameResult | None:
+    """A live job's last frame entry before `before` that was segmented, not skipped (None if none is left)."""
+    end = f"({frame_entry_id(before)}"
+    while True:
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], ctx.client.xrevrange(
+            ctx.keys.results(job_id), max=end, min=frame_entry_id(0), count=batch))
+        for _entry_id, fields in entries:
+            if fields.get(b"type") != messages.EntryType.FRAME.value.encode():
+                continue
+            msg = messages.decode(fields)
+            if isinstance(msg, messages.FrameResult) and not msg.skipped:
+                return msg
+        if len(entries) < batch:
+            return None
+        end = f"({entries[-1][0].decode()}"
 
 
 def render_published(ctx: WorkerContext, job: ValidJob, frames: FrameSource, writer: MaskVideoWriter,

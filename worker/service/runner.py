@@ -15,8 +15,10 @@ shutdown. The model's thread, the frame source's waits and the sink's waits all 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 from schemas import messages
 from schemas.errors import PermanentError, VsegError, WorkerBroken
@@ -24,7 +26,8 @@ from schemas.names import JobState
 from worker.broker.attempts import is_transient
 from worker.broker.lease import LeaseLost
 from worker.broker.publish import JobCancelled, ResultPublisher
-from worker.model.session import Session
+from worker.model.session import Prompt, Session
+from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
 from worker.output.sink import ResultSink
@@ -34,6 +37,7 @@ from worker.service.job import FrameSourceKind, ValidJob
 from worker.service.resume import Resume, render_published, resume_point
 from worker.service.shutdown import HandBack
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
+from worker.sources.live import LiveFrames, LiveResults
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class JobRunner:
         self.job = job
         self.pub = pub
         self.attempt = attempt
-        self.writer: MaskVideoWriter | None = None
+        self.writer: MaskVideoWriter | HlsWriter | None = None
 
     def check(self) -> None:
         """Raise if the job must stop: LeaseLost, JobCancelled, HandBack/ForcedExit (worker/service/shutdown.py)."""
@@ -69,6 +73,8 @@ class JobRunner:
         log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, self.attempt, job.num_frames,
                  job.width, job.height, len(job.prompts))
         pub.lease.progress()
+        if job.live:  # unbounded: its result stream is trimmed (a consumer keeps up by XREAD from its last id)
+            pub.maxlen = ctx.settings.live_results_maxlen
         try:
             frames = self._frames()
             resume = resume_point(ctx, job, self.attempt)
@@ -79,12 +85,8 @@ class JobRunner:
             ))
             remove_stale_partials(job.render_target, ctx.name)
             if job.render:
-                device = ctx.segmenter.device
-                self.writer = MaskVideoWriter(job.render_target, fps=job.fps, width=job.width, height=job.height,
-                                              preset=render_preset(ctx.settings, device),
-                                              threads=render_threads(ctx.settings, device),
-                                              partial_tag=ctx.name, storage_root=ctx.settings.storage_root)
-            if self.writer is not None and resume.first_frame:
+                self.writer = self._writer()
+            if isinstance(self.writer, MaskVideoWriter) and resume.first_frame:
                 render_published(ctx, job, frames, self.writer, resume.first_frame, progress=self._step)
             timings, num_frames = self._propagate(frames, t0, resume)
             pub.lease.check()
@@ -115,6 +117,18 @@ class JobRunner:
                 raise
             fail(ctx, pub, job.job_id, e)
 
+    def _writer(self) -> MaskVideoWriter | HlsWriter:
+        """The job's render: one MP4, or a live job's rolling HLS (a later attempt goes on with its playlist)."""
+        job, settings = self.job, self.ctx.settings
+        device = self.ctx.segmenter.device
+        preset, threads = render_preset(settings, device), render_threads(settings, device)
+        if job.live:
+            return HlsWriter(job.render_target, fps=job.fps, width=job.width, height=job.height,
+                             segment_s=settings.live_segment_s, window=settings.live_playlist_size, preset=preset,
+                             threads=threads, storage_root=settings.storage_root)
+        return MaskVideoWriter(job.render_target, fps=job.fps, width=job.width, height=job.height, preset=preset,
+                               threads=threads, partial_tag=self.ctx.name, storage_root=settings.storage_root)
+
     def _step(self) -> None:
         """Progress outside the model's loop (the lease's renewal), and a point where the job may stop."""
         self.pub.lease.progress()
@@ -125,46 +139,66 @@ class JobRunner:
             self.writer.abort()
             self.writer = None
 
-    def _frames(self) -> FrameSource:
+    def _streamed(self) -> StreamedFrames:
         job, ctx = self.job, self.ctx
+        stall_s = ctx.settings.stall_s
+        if job.live:  # a live source may be reconnecting: the producer fails the job past source_outage_s
+            stall_s = max(stall_s, ctx.settings.source_outage_s + 4 * job.producer_ttl_s)
+        return StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
+                              block_ms=ctx.settings.block_ms, stall_s=stall_s,
+                              producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
+                              check=self.check)
+
+    def _frames(self) -> FrameSource:
+        job = self.job
         if job.source is FrameSourceKind.STREAM:
-            return StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
-                                  block_ms=ctx.settings.block_ms, stall_s=ctx.settings.stall_s,
-                                  producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
-                                  check=self.check)
+            return self._streamed()
         return DirFrames(job.frames_dir, job.num_frames, check=self.check)
 
+    def _live(self, resume: Resume) -> tuple[LiveFrames, LiveResults]:
+        """A live job's two sides (worker/sources/live.py): the session's picks, and the results'."""
+        settings = self.ctx.settings
+        start_after = resume.first_frame - 1
+        picks = LiveFrames(self._streamed(), max_latency_s=settings.max_latency_s, start_after=start_after,
+                           at_edge=start_after >= 0, max_cond_frames=settings.live_max_cond_frames)
+        return picks, LiveResults(self._streamed(), start_after=start_after, remove=settings.keep_frames != "on")
+
     def _propagate(self, frames: FrameSource, t0: float, resume: Resume) -> tuple[dict[str, float], int]:
-        """Run the model on this thread; publishing and rendering happen in the sink's thread."""
+        """Run the model on this thread; publishing and rendering happen in the sink's thread. A live job's
+        session sees only the frames it picks, numbered 0, 1, ... (worker/sources/live.py): each result is
+        mapped back to its frame of the source, and the frames passed over are published as skipped."""
         job, pub, ctx = self.job, self.pub, self.ctx
-
         metrics = ctx.metrics.job(resume.first_frame)
+        picks, live = self._live(resume) if job.live else (None, None)
 
-        def published(n: int) -> None:
+        def published(n: int, skipped: int, latencies: list[float]) -> None:
             pub.lease.progress()
             ctx.health.beat(state="busy", job_id=job.job_id, frames_done=n)
-            metrics.published(n, frames.announced_at)
+            metrics.published(n, frames.announced_at, skipped=skipped, latencies=latencies)
 
         sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
                           progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
-                          first_frame=resume.first_frame)
-        expected = resume.first_frame
-        feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable)
+                          first_frame=resume.first_frame, live=live, dropped=self._dropped_before(resume))
+        expected = 0 if picks is not None else resume.first_frame  # the session's next frame
+        last = resume.first_frame - 1  # the job's last frame put to the sink
+        feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable,
+                           live=job.live)
         feed.load(resume.first_frame)
         feed.start()
         segment_s = 0.0
         session: Session | None = None
         try:
             t_seg = time.monotonic()
-            if frames.total is None or expected < frames.total:  # else every frame was published before
-                session = ctx.segmenter.open_session(frames, resume.prompts or job.prompts, width=job.width,
-                                                     height=job.height, start_frame=resume.seed_frame)
+            if picks is not None or frames.total is None or expected < frames.total:  # else all published before
+                session = ctx.segmenter.open_session(picks.view if picks is not None else frames,
+                                                     self._first_prompts(resume), width=job.width, height=job.height,
+                                                     start_frame=resume.seed_frame)
                 metrics.session_opened()
-                feed.apply(session, sink.put_change)  # prompts sent while the job was queued, replays
+                feed.apply(session)  # prompts sent while the job was queued, replays
             for out in session or ():
                 assert session is not None
                 if out.frame_idx < expected:  # a resumed session's seed frame: published by an earlier attempt
-                    feed.apply(session, sink.put_change)
+                    feed.apply(session)
                     t_seg = time.monotonic()
                     continue
                 frame_s = time.monotonic() - t_seg
@@ -174,10 +208,18 @@ class JobRunner:
                 self.check()
                 if out.frame_idx != expected:
                     raise VsegError(f"segmenter yielded frame {out.frame_idx}, expected {expected}")
+                k = out.frame_idx
+                if picks is not None:  # the frame of the source, and those passed over before it
+                    k = out.source_idx if out.source_idx is not None else picks.source_index(out.frame_idx)
+                    sink.put_skipped(range(last + 1, k))
+                    out = dataclasses.replace(out, frame_idx=k)
+                feed.flush(expected, k, sink.put_change)  # changes taking effect here go just before it
                 sink.put(out)
+                last = k
                 expected += 1
-                feed.apply(session, sink.put_change)  # the job's control stream, between two frames
+                feed.apply(session)  # the job's control stream, between two frames
                 t_seg = time.monotonic()
+            feed.flush(expected, last + 1, sink.put_change)  # changes after the last frame
             if session is not None:
                 session.close()
             sink.close()
@@ -196,16 +238,35 @@ class JobRunner:
             if session is not None:
                 session.close()  # the session's state and loaders go whatever ended it
         self.check()
-        total = frames.total if frames.total is not None else expected
-        if expected != total:
-            raise VsegError(f"segmenter stopped after {expected} of {total} frames")
+        if picks is not None:
+            total = last + 1  # every frame of the source has its entry, processed or skipped
+        else:
+            total = frames.total if frames.total is not None else expected
+            if expected != total:
+                raise VsegError(f"segmenter stopped after {expected} of {total} frames")
         timings = {
             "first_result_s": (sink.first_result_at or time.monotonic()) - t0,
             "segment_s": segment_s,
             "publish_s": sink.publish_s,
             "render_s": sink.render_s,
         }
+        if picks is not None:
+            timings["frames_skipped"] = float(sink.dropped)
         for name in ("waited_s",):  # the model's wait for frames (the producer, or the loaders), when known
             if session is not None and name in session.stats:
                 timings[f"frames_{name}"] = session.stats[name]
         return timings, total
+
+    def _first_prompts(self, resume: Resume) -> Sequence[Prompt]:
+        """What the session starts with: a resumed job's seeds, else the job's prompts; a live job's all on its
+        first frame processed (the producer takes a live job's prompts on frame 0 only)."""
+        prompts: Sequence[Prompt] = resume.prompts if resume.prompts or resume.no_objects else self.job.prompts
+        if self.job.live:
+            prompts = [dataclasses.replace(p, frame_idx=0) for p in prompts]
+        return prompts
+
+    def _dropped_before(self, resume: Resume) -> int:
+        """A resumed live job's frames skipped by earlier attempts (its progress counts all of them)."""
+        if not self.job.live or not resume.first_frame:
+            return 0
+        return int(self.ctx.client.hget(self.ctx.keys.job(self.job.job_id), "dropped") or 0)

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -22,9 +23,34 @@ from schemas.storage import check_frame_dir, frame_name
 
 log = logging.getLogger(__name__)
 
+POLL_COUNT = 1024  # announcements read per XREAD
+
 
 def no_check() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """A frame's announcement on the frames stream."""
+
+    at: float  # Unix time the producer had it on disk
+    captured_at: float | None = None  # live sources: when it was received (None: a file's frame)
+    pts_s: float | None = None  # live sources: its presentation timestamp in the source
+
+    @property
+    def time(self) -> float:
+        """When the frame came to be: captured (live), else on disk; a live frame's age runs from here."""
+        return self.captured_at if self.captured_at is not None else self.at
+
+    @staticmethod
+    def of(fields: dict[bytes, bytes]) -> FrameInfo:
+        def number(name: bytes) -> float | None:
+            raw = fields.get(name)
+            return float(raw) if raw not in (None, b"") else None
+
+        return FrameInfo(at=number(b"at") or time.time(), captured_at=number(b"captured_at"),  # older: read time
+                         pts_s=number(b"pts"))
 
 
 class FrameSource(Protocol):
@@ -114,7 +140,9 @@ class StreamedFrames(_Base):
         self._total: int | None = None
         self._error: str | None = None
         self._last_id = "0-0"
-        self._announced: dict[int, float] = {}  # frame -> when the producer announced it, until asked once
+        self._announced: dict[int, FrameInfo] = {}  # frame -> its announcement, until asked once (or released)
+        self.outages = 0  # live sources: times the source dropped and came back (the producer's notes)
+        self.outage_s = 0.0  # and for how long, all together
         self._lock = threading.Lock()  # guards the fields above
         self._poll_lock = threading.Lock()  # one thread at a time reads the stream
         if not frames_dir.is_dir():
@@ -131,13 +159,17 @@ class StreamedFrames(_Base):
     def available(self) -> int:
         return self._available
 
-    def _poll(self) -> None:
-        """One blocking read of new announcements (the caller holds `_poll_lock`, not `_lock`)."""
+    def _poll(self, block: bool = True) -> int:
+        """One read of new announcements, blocking up to block_ms unless not `block` (the caller holds
+        `_poll_lock`, not `_lock`)."""
         reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
-                     self.client.xread({self.stream: self._last_id}, count=1024, block=self.block_ms))
+                     self.client.xread({self.stream: self._last_id}, count=POLL_COUNT,
+                                       block=self.block_ms if block else None))
+        read = 0
         with self._lock:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
+                    read += 1
                     self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     if b"error" in fields:
                         self._error = fields[b"error"].decode()
@@ -146,11 +178,37 @@ class StreamedFrames(_Base):
                     elif b"frame_idx" in fields:
                         k = int(fields[b"frame_idx"])
                         self._available = max(self._available, k + 1)
-                        self._announced[k] = float(fields.get(b"at") or time.time())  # older producers: read time
+                        self._announced[k] = FrameInfo.of(fields)
+                    elif b"outage_s" in fields:  # a live source was down, and is back
+                        self.outages += 1
+                        self.outage_s += float(fields[b"outage_s"])
+        return read
+
+    def poll_now(self) -> None:
+        """Read what has been announced so far without blocking (skipped while another thread is reading)."""
+        if not self._poll_lock.acquire(blocking=False):
+            return
+        try:
+            while self._poll(block=False) >= POLL_COUNT:  # far behind: read up to the newest
+                pass
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.debug("announcements not read now (%s)", e)
+        finally:
+            self._poll_lock.release()
 
     def announced_at(self, frame_idx: int) -> float | None:
         with self._lock:
-            return self._announced.pop(frame_idx, None)
+            info = self._announced.pop(frame_idx, None)
+        return info.at if info is not None else None
+
+    def info(self, frame_idx: int) -> FrameInfo | None:
+        """Frame i's announcement (kept until `forget`), None if it was not read."""
+        with self._lock:
+            return self._announced.get(frame_idx)
+
+    def forget(self, frame_idx: int) -> None:
+        with self._lock:
+            self._announced.pop(frame_idx, None)
 
     def _known(self, frame_idx: int) -> bool | None:
         """Whether frame i exists, from what has been read so far; None: not known yet."""

@@ -1,0 +1,257 @@
+"""Submitting a live job: a camera, a broadcast, a capture device, or a file played at its own rate
+(`--live`), ingested for as long as the job runs.
+
+`submit_live` opens the source first (producer/live_source.py: timeouts, RTSP over TCP, a watchdog,
+reconnects), so a source that cannot be opened is refused with nothing written. Then, as for a
+streamed file, it writes each frame's JPEG into the job's frames directory and announces it on
+`vseg:frames:{job_id}` (with `captured_at` and the source `pts`), keeping its liveness key alive. The
+job is enqueued once frame 0 is on disk, and its id is handed to `on_enqueued` (the command line
+prints it, flushed, on its own line). An outage the source came back from is noted on the frames
+stream (id `N-1` after frame N-1's announcement; the worker reports it in progress events).
+
+How it ends:
+- `python -m producer stop JOB_ID` (the job's `stop` flag, looked at every second), `--duration S`,
+  Ctrl-C, or the source ending for good: the end marker with the frame count; the worker publishes the
+  last frames, finishes the render and completes the job;
+- the source down longer than `source_outage_s` (SourceLost), or any other error: the error marker,
+  and the worker fails the job with that error;
+- the job cancelled or failed meanwhile: ingest stops;
+- this process killed: its liveness key expires and the worker fails the job, as for a file.
+
+The frames stream is trimmed to about `live_frames_maxlen` entries: the worker reads it by id as it
+goes, and a worker falling behind skips to the newest frame anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from producer.decode import _write_jpeg
+from producer.job_dir import frames_dir_of, make_fresh
+from producer.live_source import LiveFrame, LiveHeader, LiveOptions, LiveReader, SourceOutage, redacted
+from producer.liveness import ProducerHeartbeat
+from producer.planes import frame_payload
+from producer.streaming import abandon
+from producer.submit import Submitted, _enqueue, _holding, job_exists, new_job_id
+from runtime.cleanup import job_ended, remove_frames
+from runtime.connection import connect
+from runtime.limits import check_job_limits
+from runtime.settings import Settings
+from schemas import messages
+from schemas.errors import JobFailed, PromptError
+from schemas.names import frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.prompts import ObjectPrompt, validate_prompts
+from schemas.storage import frame_name
+
+log = logging.getLogger(__name__)
+
+FLAGS_CHECK_S = 1.0  # how often the ingest looks at the job's hash: stopped, cancelled, failed
+
+
+def live_options(settings: Settings, *, realtime: bool = False) -> LiveOptions:
+    return LiveOptions(open_timeout_s=settings.source_open_timeout_s, read_timeout_s=settings.source_read_timeout_s,
+                       watchdog_s=settings.source_watchdog_s, source_outage_s=settings.source_outage_s,
+                       rtsp_transport=settings.rtsp_transport, realtime=realtime)
+
+
+def check_live_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int) -> None:
+    """A live job's prompts are on its first frame: the frames of a camera are not known in advance."""
+    later = sorted({p.frame_idx for p in prompts if p.frame_idx != 0})
+    if later:
+        raise PromptError(f"a live job's prompts apply to its first frame, but some name frames {later}: drop the "
+                          "@FRAME part, or prompt the running job later with python -m producer prompt JOB --now")
+    validate_prompts(prompts, width=width, height=height, num_frames=1)
+
+
+def submit_live(
+    source: str | Path,
+    prompts: Sequence[ObjectPrompt],
+    *,
+    settings: Settings,
+    client: redis.Redis | None = None,
+    job_id: str | None = None,
+    duration_s: float | None = None,
+    realtime: bool = False,
+    render: bool = True,
+    on_enqueued: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> Submitted:
+    """Ingest `source` as a live job until it ends (see the module doc); returns when ingest has ended.
+    `realtime`: a file played at its own rate (`--live`). Raises VideoError (cannot open, no video),
+    PromptError, LimitError before anything is enqueued; SourceLost once the source is gone for good
+    after the job started (the job fails with it)."""
+    if duration_s is not None and duration_s <= 0:
+        raise ValueError(f"--duration must be > 0 seconds, but got {duration_s}")
+    client = client or connect(settings)
+    keys = settings.keys
+    job_id = validate_job_id(job_id) if job_id else new_job_id()
+    if job_exists(client, keys, job_id):
+        log.info("job %s already exists: not submitting it again", job_id)
+        return Submitted(job_id, created=False)
+    stop = stop or threading.Event()
+    reader = LiveReader(str(source), live_options(settings, realtime=realtime), stop=stop)
+    try:
+        header = reader.open()  # a source that cannot be opened is refused here, nothing written
+        check_job_limits(1, header.width, header.height, prompts, settings)
+        check_live_prompts(prompts, header.width, header.height)
+        lock = client.lock(keys.submit_lock(job_id), timeout=60, blocking_timeout=60)
+        with _holding(lock, job_id):  # held until the job exists; the ingest then runs without it
+            if job_exists(client, keys, job_id):
+                return Submitted(job_id, created=False)
+            ingest = LiveIngest(client, settings, job_id, str(source), header, prompts, render=render,
+                                duration_s=duration_s, stop=stop)
+        return ingest.run(reader, on_enqueued)
+    finally:
+        reader.close()
+
+
+class LiveIngest:
+    """One live job's ingest: frames to disk and announced, enqueue after the first, the end or error marker."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, job_id: str, source: str, header: LiveHeader,
+                 prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
+                 stop: threading.Event) -> None:
+        self.client = client
+        self.settings = settings
+        self.job_id = job_id
+        self.header = header
+        self.duration_s = duration_s
+        self.stop = stop
+        self.frames_rel, self.frames_dir = frames_dir_of(settings, job_id)
+        self.stream = settings.keys.frames(job_id)
+        self.job = messages.JobMessage(
+            job_id=job_id, frames_dir=self.frames_rel, num_frames=1, width=header.width, height=header.height,
+            fps=header.fps, prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
+            producer_ttl_s=settings.producer_ttl_s, render=render, live=True)
+        self.announced = 0
+        self.enqueued = False
+        self.tried_enqueue = False
+        self.started_at: float | None = None
+        self.checked_at = 0.0
+        self.ended_why = ""
+
+    def run(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> Submitted:
+        make_fresh(self.settings, self.frames_dir)
+        self.frames_dir.mkdir()
+        self.client.delete(self.stream)
+        try:
+            with ProducerHeartbeat(self.client, self.settings.keys.producer(self.job_id), self.settings.producer_ttl_s):
+                try:
+                    self._ingest(reader, on_enqueued)
+                except KeyboardInterrupt:  # Ctrl-C on a live job: stop it, as `producer stop` does
+                    if not self.enqueued:
+                        raise
+                    self.ended_why = "interrupted (Ctrl-C): stopping the job"
+                    log.warning("job %s: %s", self.job_id, self.ended_why)
+                self._finish()
+        except BaseException as e:
+            abandon(self.client, self.settings, self.job_id, self.frames_dir, e, maybe_enqueued=self.tried_enqueue)
+            raise
+        return Submitted(self.job_id, created=self.enqueued)
+
+    def _ingest(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> None:
+        for item in reader:
+            if isinstance(item, SourceOutage):
+                self._note_outage(item)
+                continue
+            self._write(item)
+            if not self.enqueued:
+                self.tried_enqueue = True
+                self.enqueued = _enqueue(self.client, self.settings.keys, self.job)
+                self.client.hset(self.settings.keys.job(self.job_id), "live", 1)
+                log.info("live job %s enqueued (%dx%d at %.2f fps from %s)", self.job_id, self.job.width,
+                         self.job.height, self.job.fps, self.job.source)
+                if on_enqueued is not None:
+                    on_enqueued(self.job_id)
+            if self._should_end():
+                return
+        self.ended_why = self.ended_why or "the source ended"
+
+    def _write(self, item: LiveFrame) -> None:
+        k = self.announced
+        payload, _height, _width = frame_payload(item.frame, self.header.orientation)
+        _write_jpeg(self.frames_dir / frame_name(k), payload, self.settings.jpeg_quality, True)
+        fields: dict[str, str | int] = {"frame_idx": k, "at": f"{time.time():.6f}",
+                                        "captured_at": f"{item.captured_at:.6f}"}
+        if item.pts_s is not None:
+            fields["pts"] = f"{item.pts_s:.6f}"
+        self._patiently(lambda: self.client.xadd(self.stream, cast(Any, fields),
+                                                 id=frame_entry_id(k), maxlen=self.settings.live_frames_maxlen,
+                                                 approximate=True), f"frame {k}'s announcement")
+        self.announced = k + 1
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def _patiently(self, call: Callable[[], object], what: str) -> None:
+        """A Redis write that waits out a Redis outage (up to source_outage_s: a live job runs for days and a
+        Redis restart must not end it; the worker holding the job waits for Redis too). A frame announced
+        twice (the first write landed, its reply was lost) is refused by Redis: already done."""
+        deadline = time.monotonic() + self.settings.source_outage_s
+        while True:
+            try:
+                call()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() > deadline or self.stop.is_set():
+                    raise
+                log.warning("job %s: Redis unavailable for %s (%s); retrying", self.job_id, what, e)
+                time.sleep(0.5)
+            except redis.ResponseError as e:
+                if "equal or smaller" not in str(e):
+                    raise
+                last = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrevrange(self.stream, count=1))
+                if last and b"error" in last[0][1]:  # the worker closed the stream: this producer was given up
+                    raise JobFailed(self.job_id, "its frames stream was closed while its source was being ingested "
+                                    f"({last[0][1][b'error'].decode(errors='replace')}), so ingest stopped") from e
+                return
+
+    def _note_outage(self, outage: SourceOutage) -> None:
+        log.warning("job %s: the source was down for %.1f s (%s) and is back after %d attempts", self.job_id,
+                    outage.duration_s, outage.reason, outage.attempts)
+        if self.announced:  # between frame N-1's announcement (N-0) and frame N's ((N+1)-0)
+            self.client.xadd(self.stream, {"outage_s": f"{outage.duration_s:.3f}", "reason": outage.reason[:200]},
+                             id=f"{self.announced}-1")
+
+    def _should_end(self) -> bool:
+        """Whether ingest stops now: --duration reached, the job's stop flag, or the job ended (raises)."""
+        now = time.monotonic()
+        if self.duration_s is not None and self.started_at is not None and now - self.started_at >= self.duration_s:
+            self.ended_why = f"--duration {self.duration_s:g} s reached"
+            return True
+        if self.stop.is_set():
+            self.ended_why = "stopped"
+            return True
+        if now - self.checked_at < FLAGS_CHECK_S:
+            return False
+        self.checked_at = now
+        job_key = self.settings.keys.job(self.job_id)
+        state, stop, error = cast(list[bytes | None], self.client.hmget(job_key, ["state", "stop", "error"]))
+        if job_ended(self.client, self.settings, self.job_id):
+            raise JobFailed(self.job_id, f"it ended {(state or b'expired').decode()} while its source was being "
+                                         f"ingested, so ingest stopped ({(error or b'no error recorded').decode()})")
+        if stop == b"1":
+            self.ended_why = "python -m producer stop"
+            return True
+        return False
+
+    def _finish(self) -> None:
+        """The end marker (the frame count), then the frames go if the worker finished first."""
+        keys = self.settings.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.stream, {"end": self.announced}, id=frames_end_entry_id(self.announced))
+        pipe.hset(keys.job(self.job_id), "num_frames", self.announced)
+        pipe.expire(self.stream, self.settings.results_ttl_s)
+        pipe.execute()
+        log.info("live job %s: ingest ended after %d frames (%s)", self.job_id, self.announced, self.ended_why)
+        try:
+            if job_ended(self.client, self.settings, self.job_id):
+                remove_frames(self.settings, self.job_id)
+        except (redis.RedisError, OSError) as e:
+            log.warning("could not check whether job %s's frames can be removed (%s)", self.job_id, e)

@@ -1,0 +1,320 @@
+"""Live jobs end to end (producer/live_submit.py, worker/sources/live.py): a file played at its own rate
+(`--live`) stands in for a camera. A worker slower than the source stays within max_latency_s by
+skipping frames, and every announced frame gets exactly one entry; JPEGs go as they are processed and
+the result stream is trimmed; the render is a rolling HLS playlist ended by #EXT-X-ENDLIST; stop and
+--duration end a job gracefully; a prompt on a live job applies at the next frame processed; a worker
+killed mid-job is followed by one that resumes at the live edge with the same object ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.control import request_stop
+from producer.live_submit import submit_live
+from runtime.settings import Settings
+from schemas import messages
+from schemas.errors import InputError, PromptError, VideoError
+from schemas.names import TERMINAL_ENTRY_ID
+from schemas.prompts import ObjectPrompt
+from tests.fakes import ChaosHooks, ColourSegmenter
+from tests.videos import disc_prompt, make_video
+from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
+from worker.service.loop import Worker
+
+pytestmark = pytest.mark.integration
+
+FPS = 30
+N = 90  # 3 s at 30 fps
+SIZE = (96, 64)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("live") / "v.mp4", num_frames=N, size_wh=SIZE, fps=FPS)
+
+
+@pytest.fixture
+def live_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, max_latency_s=0.5, live_segment_s=1.0, live_playlist_size=3,
+                               producer_ttl_s=3.0)
+
+
+def point(obj_id: int = 1) -> ObjectPrompt:
+    return disc_prompt(obj_id, 0, N, SIZE)
+
+
+def entries(client: redis.Redis, settings: Settings, job: str) -> list[messages.Message]:
+    return [messages.decode(f) for _, f in client.xrange(settings.keys.results(job))]
+
+
+def frames_of(results: list[messages.Message]) -> list[messages.FrameResult]:
+    return [m for m in results if isinstance(m, messages.FrameResult)]
+
+
+def terminal(client: redis.Redis, settings: Settings, job: str) -> messages.Message | None:
+    got = client.xrange(settings.keys.results(job), min=TERMINAL_ENTRY_ID, max=TERMINAL_ENTRY_ID)
+    return messages.decode(got[0][1]) if got else None
+
+
+def start_worker(settings: Settings, client: redis.Redis, delay_s: float) -> threading.Thread:
+    worker = Worker(settings=settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=delay_s), client=client,
+                    name="live-worker")
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
+    thread.start()
+    return thread
+
+
+def ingest(settings: Settings, video: Path, job: str, **kwargs: object) -> threading.Thread:
+    def run() -> None:
+        submit_live(video, [point()], settings=settings, job_id=job, realtime=True, **kwargs)  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_settings: Settings,
+                                                               redis_client: redis.Redis) -> None:
+    settings = dataclasses.replace(live_settings, live_results_maxlen=40)
+    producer = ingest(settings, video, "cam")
+    wait_for(lambda: redis_client.exists(settings.keys.job("cam")), 20, "the live job enqueued")
+    worker = start_worker(settings, redis_client, delay_s=0.08)  # about 12 frames/s against 30
+    frames_dir = settings.storage_root / "jobs" / "cam" / "frames"
+    held = []
+    while producer.is_alive():
+        held.append(len(list(frames_dir.glob("*.jpg"))) if frames_dir.exists() else 0)
+        time.sleep(0.1)
+    worker.join(60)
+    done = terminal(redis_client, settings, "cam")
+    assert isinstance(done, messages.Completed), done
+    assert done.num_frames == N and done.render_path == "jobs/cam/live/index.m3u8"
+    results = frames_of(entries(redis_client, settings, "cam"))
+    # the stream is trimmed to about live_results_maxlen (Redis trims whole nodes of 100 entries)
+    assert len(results) < N and redis_client.xlen(settings.keys.results("cam")) <= 40 + 100
+    assert [r.frame_idx for r in results] == list(range(N - len(results), N))  # the newest, in order, once each
+    skipped = [r for r in results if r.skipped]
+    processed = [r for r in results if not r.skipped]
+    assert skipped and processed, "a worker at 12 frames/s against a 30 fps source skips some frames"
+    assert all(not r.objects and r.captured_at is not None and r.latency_s is None for r in skipped)
+    for r in processed:
+        assert [o.obj_id for o in r.objects] == [1]
+        assert r.captured_at is not None and r.pts_s is not None and r.latency_s is not None
+        assert r.latency_s <= settings.max_latency_s + 0.5, f"frame {r.frame_idx}: {r.latency_s:.2f} s behind"
+    progress = [m for m in (messages.decode(f) for _, f in redis_client.xrange(settings.keys.events))
+                if isinstance(m, messages.Progress) and m.job_id == "cam"]
+    assert progress and progress[-1].dropped > 0 and progress[-1].latency_p95_s is not None
+    assert progress[-1].latency_p50_s <= progress[-1].latency_p95_s <= settings.max_latency_s + 0.5
+    state = redis_client.hgetall(settings.keys.job("cam"))
+    assert int(state[b"dropped"]) == progress[-1].dropped and state[b"live"] == b"1"
+    # JPEGs go as frames are processed; all of them once the job is over
+    assert max(held) < N // 2 and not frames_dir.exists()
+    playlist = settings.storage_root / done.render_path
+    text = playlist.read_text()
+    assert "#EXT-X-ENDLIST" in text and len(list(playlist.parent.glob("*.ts"))) <= settings.live_playlist_size + 1
+
+
+def test_a_file_job_never_skips(video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
+    from producer.submit import submit
+
+    submit(video, [point()], settings=live_settings, job_id="file")
+    start_worker(live_settings, redis_client, delay_s=0.02).join(60)
+    results = frames_of(entries(redis_client, live_settings, "file"))
+    assert len(results) == N and not any(r.skipped for r in results)
+    assert all(r.captured_at is None and r.latency_s is None for r in results)
+
+
+def test_stop_ends_a_live_job_gracefully(video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
+    producer = ingest(live_settings, video, "stopped")
+    wait_for(lambda: redis_client.exists(live_settings.keys.job("stopped")), 20, "the live job enqueued")
+    worker = start_worker(live_settings, redis_client, delay_s=0.0)
+    wait_for(lambda: int(redis_client.hget(live_settings.keys.job("stopped"), "frames_done") or 0) >= 10, 20,
+             "frames published")
+    assert "stop requested" in request_stop("stopped", settings=live_settings, client=redis_client)
+    producer.join(10)
+    assert not producer.is_alive(), "the producer stops ingesting within a second or so"
+    worker.join(30)
+    done = terminal(redis_client, live_settings, "stopped")
+    assert isinstance(done, messages.Completed) and 10 <= done.num_frames < N
+    results = frames_of(entries(redis_client, live_settings, "stopped"))
+    assert [r.frame_idx for r in results] == list(range(done.num_frames))  # the last frames published too
+    assert "#EXT-X-ENDLIST" in (live_settings.storage_root / done.render_path).read_text()
+    assert "already completed" in request_stop("stopped", settings=live_settings, client=redis_client)
+
+
+def test_stop_refuses_a_file_job_and_an_unknown_one(video: Path, live_settings: Settings,
+                                                    redis_client: redis.Redis) -> None:
+    from producer.submit import submit
+    from schemas.errors import UnknownJobError
+
+    submit(video, [point()], settings=live_settings, job_id="a-file")
+    with pytest.raises(InputError, match="not a live job.*producer cancel a-file"):
+        request_stop("a-file", settings=live_settings, client=redis_client)
+    with pytest.raises(UnknownJobError):
+        request_stop("nothing-here", settings=live_settings, client=redis_client)
+
+
+def test_duration_ends_a_live_job_after_that_many_seconds(video: Path, live_settings: Settings,
+                                                          redis_client: redis.Redis) -> None:
+    producer = ingest(live_settings, video, "short", duration_s=1.0)
+    wait_for(lambda: redis_client.exists(live_settings.keys.job("short")), 20, "the live job enqueued")
+    worker = start_worker(live_settings, redis_client, delay_s=0.0)
+    producer.join(20)
+    worker.join(30)
+    done = terminal(redis_client, live_settings, "short")
+    assert isinstance(done, messages.Completed)
+    assert FPS * 0.7 <= done.num_frames <= FPS * 1.3 + 1  # about one second of a 30 fps source
+
+
+def test_a_prompt_on_a_live_job_applies_at_the_next_frame_processed(video: Path, live_settings: Settings,
+                                                                    redis_client: redis.Redis) -> None:
+    from producer.live_prompts import add_prompts
+
+    producer = ingest(live_settings, video, "prompted")
+    wait_for(lambda: redis_client.exists(live_settings.keys.job("prompted")), 20, "the live job enqueued")
+    worker = start_worker(live_settings, redis_client, delay_s=0.02)
+    wait_for(lambda: int(redis_client.hget(live_settings.keys.job("prompted"), "frames_done") or 0) >= 10, 20,
+             "frames published")
+    reply = add_prompts("prompted", [disc_prompt(2, 3, N, SIZE, dy=4)], settings=live_settings,
+                        client=redis_client, wait_s=10)
+    producer.join(20)
+    worker.join(30)
+    changes = [m for m in entries(redis_client, live_settings, "prompted") if isinstance(m, messages.ObjectChange)]
+    assert [c.change for c in changes] == ["added"] and changes[0].obj_id == 2
+    assert changes[0].frame_idx > 10 and "next frame it processes" in changes[0].note
+    assert "next frame it processes" in reply.describe()  # the client is told where it applied
+    after = [r for r in frames_of(entries(redis_client, live_settings, "prompted"))
+             if r.frame_idx >= changes[0].frame_idx and not r.skipped]
+    assert after and all([o.obj_id for o in r.objects] == [1, 2] for r in after)
+
+
+def test_a_live_job_takes_prompts_on_its_first_frame_only(video: Path, live_settings: Settings,
+                                                          redis_client: redis.Redis) -> None:
+    with pytest.raises(PromptError, match="first frame.*producer prompt JOB --now"):
+        submit_live(video, [disc_prompt(1, 5, N, SIZE)], settings=live_settings, job_id="late", realtime=True)
+    assert not redis_client.exists(live_settings.keys.job("late"))
+    assert not (live_settings.storage_root / "jobs" / "late").exists()
+
+
+def test_a_source_that_cannot_be_opened_leaves_nothing(live_settings: Settings, redis_client: redis.Redis) -> None:
+    settings = dataclasses.replace(live_settings, source_open_timeout_s=1.0)
+    with pytest.raises(VideoError, match="127.0.0.1:9"):
+        submit_live("tcp://user:secret@127.0.0.1:9", [point()], settings=settings, job_id="nothing")
+    assert not redis_client.exists(settings.keys.job("nothing"))
+    assert not (settings.storage_root / "jobs" / "nothing").exists()
+
+
+def test_the_command_line_prints_the_live_job_id_at_once_and_keeps_ingesting(video: Path, live_settings: Settings,
+                                                                             redis_client: redis.Redis) -> None:
+    env = {**worker_env(live_settings), "VSEG_PRODUCER_TTL_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(video), "--live", "--duration", "30",
+                             "--point", "1:20,20", "--job-id", "cli-live"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "cli-live"  # before the ingest ends
+        assert proc.poll() is None
+        assert redis_client.hget(live_settings.keys.job("cli-live"), "live") == b"1"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C on a live job stops it: the end marker, exit 0
+        assert proc.wait(15) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+    last = redis_client.xrevrange(live_settings.keys.frames("cli-live"), count=1)
+    assert b"end" in last[0][1]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_live_resumes_at_the_live_edge_with_the_same_objects(video: Path, live_settings: Settings,
+                                                                       redis_client: redis.Redis,
+                                                                       tmp_path: Path) -> None:
+    long_video = make_video(tmp_path / "long.mp4", num_frames=240, size_wh=SIZE, fps=FPS)
+    env = {"VSEG_MAX_LATENCY_S": "0.5", "VSEG_LIVE_SEGMENT_S": "1"}
+    first = WorkerProcess(live_settings, "w1", tmp_path, lease_s=1.0, delay_s=0.02, env=env)
+    wait_for(lambda: redis_client.exists(live_settings.keys.worker_health("w1")), 60, "the first worker started")
+    producer = threading.Thread(target=lambda: submit_live(
+        long_video, [disc_prompt(1, 0, 240, SIZE)], settings=live_settings, job_id="resumed", realtime=True),
+        daemon=True)
+    producer.start()
+    try:
+        wait_for(lambda: int(redis_client.hget(live_settings.keys.job("resumed"), "frames_done") or 0) >= 30, 30,
+                 "the first worker under way")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{first.log()[-3000:]}") from None
+    first.kill()
+    killed_at = int(redis_client.hget(live_settings.keys.job("resumed"), "frames_done") or 0)
+    time.sleep(1.5)  # the source goes on meanwhile
+    second = WorkerProcess(live_settings, "w2", tmp_path, lease_s=1.0, delay_s=0.02, env=env)
+    producer.join(30)
+    wait_for(lambda: terminal(redis_client, live_settings, "resumed") is not None, 30, "the job ended")
+    second.signal(signal.SIGTERM)
+    second.wait(20)
+    done = terminal(redis_client, live_settings, "resumed")
+    assert isinstance(done, messages.Completed), (done, second.log())
+    results = entries(redis_client, live_settings, "resumed")
+    frames = frames_of(results)
+    assert [r.frame_idx for r in frames] == list(range(240))  # every frame exactly once
+    started = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.events))
+               if isinstance(m, messages.Started) and m.job_id == "resumed"]
+    assert started[-1].attempt == 2 and started[-1].resume_from >= killed_at
+    gap = [r for r in frames if r.frame_idx >= started[-1].resume_from]
+    first_processed = next(r for r in gap if not r.skipped)
+    assert first_processed.frame_idx > started[-1].resume_from + 10, "resumed at the live edge, not where it stopped"
+    assert all(r.skipped for r in gap if r.frame_idx < first_processed.frame_idx)
+    assert all([o.obj_id for o in r.objects] == [1] for r in gap if not r.skipped)  # the same object id goes on
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _disk(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+@pytest.mark.slow
+def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_settings: Settings,
+                                                                      redis_client: redis.Redis,
+                                                                      tmp_path: Path) -> None:
+    """A short version of bench/bench_live.py: 10,000 frames of a small source at 250 fps."""
+    total, fps, size = 10_000, 250, (64, 48)
+    video = make_video(tmp_path / "long.mp4", num_frames=total, size_wh=size, fps=fps)
+    settings = dataclasses.replace(live_settings, live_results_maxlen=500, live_frames_maxlen=500,
+                                   progress_every=250)
+    producer = threading.Thread(target=lambda: submit_live(
+        video, [disc_prompt(1, 0, total, size)], settings=settings, job_id="soak", realtime=True), daemon=True)
+    producer.start()
+    wait_for(lambda: redis_client.exists(settings.keys.job("soak")), 20, "the live job enqueued")
+    env = {"VSEG_LIVE_RESULTS_MAXLEN": "500", "VSEG_LIVE_FRAMES_MAXLEN": "500", "VSEG_PROGRESS_EVERY": "250",
+           "VSEG_MAX_LATENCY_S": "0.5"}
+    worker = WorkerProcess(settings, "soak", tmp_path, lease_s=2.0, delay_s=0.0, env=env)
+    job_dir = settings.storage_root / "jobs" / "soak"
+    samples: list[tuple[int, int, int, int]] = []  # frames announced, worker RSS, disk, Redis memory
+    while producer.is_alive():
+        announced = int((redis_client.xrevrange(settings.keys.frames("soak"), count=1) or [(b"0-0", {})])[0][0]
+                        .split(b"-")[0])
+        samples.append((announced, _rss(worker.proc.pid), _disk(job_dir),
+                        int(redis_client.info("memory")["used_memory"])))
+        time.sleep(1.0)
+    wait_for(lambda: terminal(redis_client, settings, "soak") is not None, 60, "the job ended")
+    worker.signal(signal.SIGTERM)
+    worker.wait(20)
+    done = terminal(redis_client, settings, "soak")
+    assert isinstance(done, messages.Completed) and done.num_frames == total, (done, worker.log()[-2000:])
+    early = next(s for s in samples if s[0] >= 2_000)
+    late = samples[-1]
+    assert late[0] >= 9_000
+    assert late[1] <= early[1] * 1.10 + 8 * 2**20, f"worker RSS grew from {early[1]} to {late[1]} bytes"
+    assert max(s[2] for s in samples) <= 20 * 2**20, "the job's files (JPEGs, HLS window) stay bounded"
+    assert late[3] <= early[3] * 1.10 + 2**20, f"Redis memory grew from {early[3]} to {late[3]} bytes"
+    assert redis_client.xlen(settings.keys.results("soak")) <= 500 + 200
