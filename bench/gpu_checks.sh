@@ -5,6 +5,8 @@
 #   3. bench_service.py --device cuda --image-size 1024: the service against the plain way (ffmpeg, then
 #      init_state and propagation) at full size in bf16. Needs an ffmpeg: on PATH, $FFMPEG, or the
 #      imageio-ffmpeg package (a static build; bench/common.py says which one ran).
+#   4. bench_live.py --device cuda --image-size 1024 --size 1920x1080: one 1080p30 live source (ffmpeg on PATH
+#      serves it over TCP) for LIVE_MINUTES (3): target no skips and a capture-to-result p95 under 100 ms.
 # Usage: bash bench/gpu_checks.sh OUTDIR [VIDEO]   (python3 must have torch with CUDA and this
 # project's dependencies; VIDEO defaults to ../shared/videos/bedroom.mp4)
 set -uo pipefail
@@ -24,4 +26,8 @@ echo "bench_gpu rc=$?" | tee -a "$out/bench_gpu.log"
 timeout "${SERVICE_BENCH_S:-400}" "$PY" bench/bench_service.py --device cuda --image-size 1024 --frames 300 \
   --repeats "${REPEATS:-3}" --video "$video" > "$out/bench_service_cuda.log" 2>&1
 echo "bench_service rc=$?" | tee -a "$out/bench_service_cuda.log"
-grep -h -E "passed|failed|round|median|frames/s|first result|bare|plain|rc=" "$out"/*.log | grep -v "propagate in video"
+timeout "${LIVE_BENCH_S:-360}" "$PY" bench/bench_live.py --device cuda --image-size 1024 --size 1920x1080 \
+  --minutes "${LIVE_MINUTES:-3}" --max-latency 2 > "$out/bench_live_cuda.log" 2>&1
+echo "bench_live rc=$?" | tee -a "$out/bench_live_cuda.log"
+grep -h -E "passed|failed|round|median|frames/s|first result|bare|plain|rc=|latency|frames:|growth" "$out"/*.log \
+  | grep -v "propagate in video"

@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import LockError
 
+from producer.auto_args import add_auto_arguments, auto_options
 from runtime.connection import quick_client
 from runtime.faults import redact_url, redis_fault
 from runtime.logs import configure_logging, job_log_context, run_cli
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a live job from a file, played at its own rate (demos and tests); URLs and devices are live")
     s.add_argument("--duration", type=_seconds, dest="duration_s", metavar="S",
                    help="a live job: end it after S seconds of frames")
+    add_auto_arguments(s)
     s.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME]",
                    help="a point on object OBJ (label 1 foreground, 0 background; frame default 0); repeatable")
     s.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME]",
@@ -222,7 +224,8 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError("--duration is for live jobs: add --live to play a file as a live source")
     result = submit(Path(args.video), prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
-                    stream=args.stream, render=args.render, resume=args.resume)
+                    stream=args.stream, render=args.render, resume=args.resume, auto=auto_options(args),
+                    labels=args.labels)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)
@@ -241,7 +244,8 @@ def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings
         raise InputError(f"{', '.join(unsupported)} cannot be used with a live job: it is ingested as it comes (follow "
                          "it with python -m producer watch JOB --out DIR from another shell)")
     submit_live(args.video, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
-                realtime=args.live, render=args.render, on_enqueued=lambda job_id: print(job_id, flush=True))
+                realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
+                on_enqueued=lambda job_id: print(job_id, flush=True))
     return 0
 
 

@@ -39,7 +39,7 @@ from producer.live_source import LiveFrame, LiveHeader, LiveOptions, LiveReader,
 from producer.liveness import ProducerHeartbeat
 from producer.planes import frame_payload
 from producer.streaming import abandon
-from producer.submit import Submitted, _enqueue, _holding, job_exists, new_job_id
+from producer.submit import Submitted, _enqueue, _holding, check_auto, job_exists, new_job_id
 from runtime.cleanup import job_ended, remove_frames
 from runtime.connection import connect
 from runtime.limits import check_job_limits
@@ -61,13 +61,13 @@ def live_options(settings: Settings, *, realtime: bool = False) -> LiveOptions:
                        rtsp_transport=settings.rtsp_transport, realtime=realtime)
 
 
-def check_live_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int) -> None:
+def check_live_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, *, auto: bool = False) -> None:
     """A live job's prompts are on its first frame: the frames of a camera are not known in advance."""
     later = sorted({p.frame_idx for p in prompts if p.frame_idx != 0})
     if later:
         raise PromptError(f"a live job's prompts apply to its first frame, but some name frames {later}: drop the "
                           "@FRAME part, or prompt the running job later with python -m producer prompt JOB --now")
-    validate_prompts(prompts, width=width, height=height, num_frames=1)
+    validate_prompts(prompts, width=width, height=height, num_frames=1, allow_none=auto)
 
 
 def submit_live(
@@ -80,6 +80,8 @@ def submit_live(
     duration_s: float | None = None,
     realtime: bool = False,
     render: bool = True,
+    auto: messages.AutoOptions | None = None,
+    labels: Sequence[str] = (),
     on_enqueued: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Submitted:
@@ -100,13 +102,14 @@ def submit_live(
     try:
         header = reader.open()  # a source that cannot be opened is refused here, nothing written
         check_job_limits(1, header.width, header.height, prompts, settings)
-        check_live_prompts(prompts, header.width, header.height)
+        check_live_prompts(prompts, header.width, header.height, auto=auto is not None)
+        check_auto(auto, labels, header.width, header.height)
         lock = client.lock(keys.submit_lock(job_id), timeout=60, blocking_timeout=60)
         with _holding(lock, job_id):  # held until the job exists; the ingest then runs without it
             if job_exists(client, keys, job_id):
                 return Submitted(job_id, created=False)
             ingest = LiveIngest(client, settings, job_id, str(source), header, prompts, render=render,
-                                duration_s=duration_s, stop=stop)
+                                duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels))
         return ingest.run(reader, on_enqueued)
     finally:
         reader.close()
@@ -117,7 +120,7 @@ class LiveIngest:
 
     def __init__(self, client: redis.Redis, settings: Settings, job_id: str, source: str, header: LiveHeader,
                  prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = ()) -> None:
         self.client = client
         self.settings = settings
         self.job_id = job_id
@@ -129,7 +132,7 @@ class LiveIngest:
         self.job = messages.JobMessage(
             job_id=job_id, frames_dir=self.frames_rel, num_frames=1, width=header.width, height=header.height,
             fps=header.fps, prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
-            producer_ttl_s=settings.producer_ttl_s, render=render, live=True)
+            producer_ttl_s=settings.producer_ttl_s, render=render, live=True, auto=auto, labels=labels)
         self.announced = 0
         self.enqueued = False
         self.tried_enqueue = False

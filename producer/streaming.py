@@ -48,7 +48,7 @@ class StreamingEnqueue(Handoff):
                          frames_dir, enqueue)
         self.client: redis.Redis = client
         self.settings: Settings = settings
-        self.need: int = max(p.frame_idx for p in job.prompts) + 1  # frames on disk before the job can start
+        self.need: int = max((p.frame_idx for p in job.prompts), default=0) + 1  # frames on disk before it starts
         self.announced: int = 0
         self.checked_at: float = time.monotonic()
         self.interrupted: threading.Event = threading.Event()

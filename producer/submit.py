@@ -104,6 +104,8 @@ def submit(
     stream: bool = True,
     render: bool = True,
     resume: bool = True,
+    auto: messages.AutoOptions | None = None,
+    labels: Sequence[str] = (),
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -111,7 +113,8 @@ def submit(
     are on disk, and the remaining frames are announced on vseg:frames:{job_id} as they are decoded, so
     the worker starts at once; otherwise the whole video is decoded first. Either way this returns when
     decoding is done. The same `job_id` twice gives one job: the second call returns `created=False`.
-    `render=False` asks for masks only: no MP4 is drawn (less work for the worker). `resume=False` asks that
+    `render=False` asks for masks only: no MP4 is drawn (less work for the worker). `auto`: the worker finds
+    objects itself on keyframes (prompts may then be empty); `labels`: every object gets one of these. `resume=False` asks that
     an attempt after a crash run again from frame 0 (the exact masks of an uninterrupted run) instead of
     going on after the last published frame.
     Raises VideoError / PromptError / JobIdError / LimitError before anything is enqueued (a video that
@@ -137,14 +140,33 @@ def submit(
             return Submitted(job_id, created=False)
         clip = ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress)
         return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render,
-                                   resume=resume)
+                                   resume=resume, auto=auto, labels=tuple(labels))
 
 
-def _validate_displayed(prompts: Sequence[ObjectPrompt], header: VideoHeader, max_frames: int) -> None:
+def check_auto(auto: messages.AutoOptions | None, labels: Sequence[str], width: int, height: int) -> None:
+    """Refuse automatic-prompt options that cannot work, before anything is written."""
+    if auto is None:
+        if labels and any(not label.strip() for label in labels):
+            raise PromptError(f"--labels has an empty label: {','.join(labels)!r}")
+        return
+    if auto.keep and not labels:
+        raise PromptError("--auto-keep keeps automatic objects by label: give the labels with --labels too")
+    if unknown := [k for k in auto.keep if k not in labels]:
+        raise PromptError(f"--auto-keep names {', '.join(unknown)}, not among --labels {','.join(labels)}")
+    if auto.roi is not None:
+        x0, y0, x1, y1 = auto.roi
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise PromptError(f"--roi {x0:g},{y0:g},{x1:g},{y1:g} must be X0,Y0,X1,Y1 inside the {width}x{height} frame "
+                              "with X1 > X0 and Y1 > Y0")
+
+
+def _validate_displayed(prompts: Sequence[ObjectPrompt], header: VideoHeader, max_frames: int,
+                        allow_none: bool = False) -> None:
     """validate_prompts against the video's header (frame indexes up to the job limit: the count is
     checked once decoded); for a turned video, a point outside says in which picture it was looked for."""
     try:
-        validate_prompts(prompts, width=header.width, height=header.height, num_frames=max_frames)
+        validate_prompts(prompts, width=header.width, height=header.height, num_frames=max_frames,
+                         allow_none=allow_none)
     except PromptError as e:
         if header.orientation.upright or not _outside(prompts, header.width, header.height):
             raise
@@ -196,6 +218,8 @@ def _decode_and_enqueue(
     stream: bool,
     render: bool,
     resume: bool,
+    auto: messages.AutoOptions | None = None,
+    labels: tuple[str, ...] = (),
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
     frames directory, check again against what was decoded, enqueue once (`_enqueue`), and on any error
@@ -205,7 +229,8 @@ def _decode_and_enqueue(
     header = probe_header(video)  # width and height as displayed: prompts are in the upright picture
     width, height, fps, estimate = header.width, header.height, header.fps, header.estimate
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
-    _validate_displayed(prompts, header, settings.max_frames)
+    _validate_displayed(prompts, header, settings.max_frames, allow_none=auto is not None)
+    check_auto(auto, labels, width, height)
     expected = clip.expected_frames(estimate, fps)
     if stream:  # enqueued before the count is known: refuse from the header what the decode would refuse
         check_job_limits(expected, width, height, prompts, settings)
@@ -215,6 +240,8 @@ def _decode_and_enqueue(
         width=width, height=height, fps=fps / clip.stride, prompts=tuple(prompts), source=Path(video).name,
         render=render,
         resume=resume,
+        auto=auto,
+        labels=labels,
     )
 
     def enqueue(job: messages.JobMessage) -> bool:
@@ -234,7 +261,8 @@ def _decode_and_enqueue(
             running.enter_context(handoff.running())
             info = handoff.decode(extract)
             check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
-            validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames)
+            validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames,
+                             allow_none=auto is not None)
             created = handoff.decoded(info)
         except BaseException as e:
             handoff.abandon(e)

@@ -72,6 +72,20 @@ ENV_VARS: dict[str, str] = {
     "live_segment_s": "VSEG_LIVE_SEGMENT_S",
     "live_playlist_size": "VSEG_LIVE_PLAYLIST_SIZE",
     "live_max_cond_frames": "VSEG_LIVE_MAX_COND_FRAMES",
+    "proposer": "VSEG_PROPOSER",
+    "auto_points_per_side": "VSEG_AUTO_POINTS_PER_SIDE",
+    "auto_points_per_batch": "VSEG_AUTO_POINTS_PER_BATCH",
+    "auto_pred_iou_thresh": "VSEG_AUTO_PRED_IOU_THRESH",
+    "auto_stability_score_thresh": "VSEG_AUTO_STABILITY_SCORE_THRESH",
+    "auto_min_mask_region_area": "VSEG_AUTO_MIN_MASK_REGION_AREA",
+    "auto_new_iou": "VSEG_AUTO_NEW_IOU",
+    "auto_score_threshold": "VSEG_AUTO_SCORE_THRESHOLD",
+    "auto_confirm_frames": "VSEG_AUTO_CONFIRM_FRAMES",
+    "auto_lost_frames": "VSEG_AUTO_LOST_FRAMES",
+    "labeller": "VSEG_LABELLER",
+    "label_model": "VSEG_LABEL_MODEL",
+    "label_pretrained": "VSEG_LABEL_PRETRAINED",
+    "label_every": "VSEG_LABEL_EVERY",
 }
 
 LOG_FORMATS = ("text", "json")
@@ -126,6 +140,22 @@ class Settings:
     live_segment_s: float = 2.0  # seconds of video per HLS segment of a live job's render
     live_playlist_size: int = 6  # segments in the rolling HLS playlist (older ones are deleted)
     live_max_cond_frames: int = 8  # prompted (conditioning) frames memory attention reads in a live session
+    # Automatic prompts (--auto): SAM 2's mask generator (worker/model/proposals.py), the guide's values
+    proposer: str = ""  # "module:callable" building another MaskProposer from the Settings; "": SAM 2's generator
+    auto_points_per_side: int = 32  # grid of points_per_side^2 point prompts
+    auto_points_per_batch: int = 32  # points through the model at once (its memory; the guide: 32 against OOM)
+    auto_pred_iou_thresh: float = 0.7  # drop masks the model rates below this
+    auto_stability_score_thresh: float = 0.92  # drop unstable masks
+    auto_min_mask_region_area: int = 100  # remove fragments smaller than this (pixels); also the least new object
+    auto_new_iou: float = 0.3  # a proposed mask overlapping every tracked object less than this is a new object
+    auto_score_threshold: float = 0.5  # object score at which an automatic object counts as present
+    auto_confirm_frames: int = 3  # present on this many processed frames before it shows
+    auto_lost_frames: int = 15  # absent on this many processed frames in a row: ended (lost)
+    # Labels (--labels): worker/model/labels.py
+    labeller: str = ""  # "module:callable" building another Labeller from (Settings, labels); "": CLIP
+    label_model: str = "ViT-B-32"  # open_clip model name
+    label_pretrained: str = "laion2b_s34b_b79k"  # open_clip weights (from the Hugging Face Hub); random: tests only
+    label_every: int = 30  # processed frames between two labellings of an object
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -172,6 +202,17 @@ class Settings:
                      "live_playlist_size", "live_max_cond_frames"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        for name in ("auto_points_per_side", "auto_points_per_batch", "auto_confirm_frames", "auto_lost_frames",
+                     "label_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        for name in ("auto_pred_iou_thresh", "auto_stability_score_thresh", "auto_new_iou", "auto_score_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be in 0..1, but got {getattr(self, name)}")
+        for name in ("proposer", "labeller"):
+            if getattr(self, name) and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", getattr(self, name)):
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be module.path:callable, but got "
+                                  f"{getattr(self, name)!r}")
         if self.live_segment_s < 1:
             raise ConfigError(f"live_segment_s (VSEG_LIVE_SEGMENT_S) must be at least 1 s (HLS target durations are "
                               f"whole seconds), but got {self.live_segment_s}")

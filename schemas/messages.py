@@ -63,6 +63,17 @@ class EntryType(str, enum.Enum):
     OBJECT = "object"  # on the result stream and vseg:events: an object added, corrected, removed, or refused
 
 
+class AutoOptions(msgspec.Struct, frozen=True):
+    """Automatic prompts (`--auto`): SAM 2's mask generator on keyframes finds the objects nobody named."""
+
+    every_frames: Count = 30  # processed frames between keyframes (the first frame is one)
+    every_s: Seconds = 0.0  # > 0: seconds of video between keyframes instead
+    max_objects: Count = 8  # automatic objects alive at once, at most
+    min_area: Count = 0  # pixels a proposed mask needs; 0: the worker's auto_min_mask_region_area
+    roi: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1: only objects centred in this zone
+    keep: tuple[str, ...] = ()  # only automatic objects with one of these labels (needs `labels`)
+
+
 class JobMessage(msgspec.Struct, frozen=True):
     """A video job on `vseg:jobs`: a frame directory under STORAGE_ROOT plus the prompts."""
 
@@ -88,17 +99,22 @@ class JobMessage(msgspec.Struct, frozen=True):
     # A live job (a camera, a broadcast, `--live`): unbounded, frames announced as they are captured; the worker
     # keeps within max_latency_s of the source by skipping frames, trims its streams and renders rolling HLS
     live: bool = False
+    auto: AutoOptions | None = None  # automatic prompts (worker/service/auto.py); None: only the prompts given
+    labels: tuple[str, ...] = ()  # zero-shot labels for every object (CLIP, worker/model/labels.py)
     v: int = SCHEMA_VERSION
 
 
-class ObjectResult(msgspec.Struct, frozen=True):
-    """One object on one frame. An object absent from the frame has an empty mask and area 0."""
+class ObjectResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One object on one frame. An object absent from the frame has an empty mask and area 0. Fields at
+    their defaults (no label) are not written, so readers of the first version's objects read these too."""
 
     obj_id: Count
     mask: Rle
     bbox_xyxy: list[float]
     area: Count
     score: float  # SAM 2's object score as a probability (sigmoid of object_score_logits)
+    label: str = ""  # jobs with labels: the object's best label (refreshed every label_every frames)
+    label_score: float | None = None  # and its probability
 
 
 class FrameResult(msgspec.Struct, frozen=True):
@@ -222,11 +238,12 @@ class ObjectChange(msgspec.Struct, frozen=True):
     job_id: str
     obj_id: int
     frame_idx: Count
-    change: str  # added | corrected | removed | refused
+    change: str  # added | corrected | removed | refused | lost (an automatic object gone for auto_lost_frames)
     request_id: str = ""
-    source: str = "prompt"  # prompt (a command); auto, lost: to come
+    source: str = "prompt"  # prompt (a command) | auto (the mask generator, and its objects' lifecycle)
     requested_frame: int = -1
     note: str = ""
+    label: str = ""  # jobs with labels: the object's label when the change was made
     at: float = msgspec.field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 

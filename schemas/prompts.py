@@ -96,11 +96,13 @@ def check_prompt_shape(prompt: ObjectPrompt) -> None:
 
 
 def validate_prompts(
-    prompts: Sequence[ObjectPrompt], *, width: int, height: int, num_frames: int
+    prompts: Sequence[ObjectPrompt], *, width: int, height: int, num_frames: int, allow_none: bool = False
 ) -> None:
-    """Raise PromptError unless every prompt lies inside a `width`x`height` video of `num_frames` frames."""
-    if not prompts:
-        raise PromptError("no prompts: give at least one --point OBJ:X,Y or --box OBJ:X0,Y0,X1,Y1")
+    """Raise PromptError unless every prompt lies inside a `width`x`height` video of `num_frames` frames.
+    `allow_none`: a job with automatic prompts (`--auto`) may name no object itself."""
+    if not prompts and not allow_none:
+        raise PromptError("no prompts: give at least one --point OBJ:X,Y or --box OBJ:X0,Y0,X1,Y1, or --auto to find "
+                          "the objects automatically")
     seen: set[tuple[int, int]] = set()
     for prompt in prompts:
         check_prompt_shape(prompt)

@@ -35,6 +35,7 @@ import numpy as np
 from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
+from worker.model.proposals import Proposal
 from worker.model.segment import FrameMasks, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
 from worker.sources.frames import FrameSource
@@ -113,8 +114,6 @@ class ColourSegmenter(InProcessModel):
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int = 0,
                      height: int = 0, start_frame: int = 0) -> ColourSession:
-        if not prompts:
-            raise PromptError("no prompts: give at least one point or box")
         return ColourSession(self, frames, prompts, start_frame)
 
 
@@ -273,3 +272,50 @@ def from_env(settings: Settings) -> Segmenter:
 
 
 FROM_ENV = "tests.fakes:from_env"
+
+
+class ColourProposer:
+    """A MaskProposer for plumbing tests (worker/model/proposals.py): every blob of saturated colour of at
+    least `min_area` pixels is an object, the largest first."""
+
+    peak_memory_bytes = 0
+
+    def __init__(self, min_area: int = 20) -> None:
+        self.min_area = min_area
+        self.calls = 0
+
+    def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
+        self.calls += 1
+        saturated = (cv2.cvtColor(image_rgb, cv2.COLOR_RGB2HSV)[:, :, 1] > 100).astype(np.uint8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(saturated, connectivity=8)
+        found = [(int(stats[k, cv2.CC_STAT_AREA]), k) for k in range(1, count)
+                 if stats[k, cv2.CC_STAT_AREA] >= self.min_area]
+        return [Proposal(labels == k, 1.0) for _, k in sorted(found, reverse=True)]
+
+
+def colour_proposer(settings: Settings) -> ColourProposer:
+    """VSEG_PROPOSER=tests.fakes:colour_proposer."""
+    return ColourProposer()
+
+
+NAMED_RGB = {"green": (0, 255, 0), "magenta": (255, 0, 255), "red": (255, 0, 0), "blue": (0, 0, 255)}
+
+
+class ColourLabeller:
+    """A Labeller for plumbing tests (worker/model/labels.py): the job's label whose colour name is nearest
+    the object's median colour."""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = tuple(labels)
+
+    def label(self, image_rgb: np.ndarray, mask: np.ndarray) -> tuple[str, float]:
+        if not mask.any():
+            return "", 0.0
+        colour = np.median(image_rgb[mask], axis=0)
+        named = [(float(np.abs(colour - NAMED_RGB.get(label, (128, 128, 128))).sum()), label) for label in self.labels]
+        return min(named)[1], 0.9
+
+
+def colour_labeller(settings: Settings, labels: Sequence[str]) -> ColourLabeller:
+    """VSEG_LABELLER=tests.fakes:colour_labeller."""
+    return ColourLabeller(labels)

@@ -83,6 +83,26 @@ def make_video(
     return path
 
 
+ENTERING_BGR = (255, 0, 255)  # magenta
+
+
+def entering_square(num_frames: int, size_wh: tuple[int, int]) -> tuple[int, int]:
+    """The frames (first, last + 1) on which a magenta square is in the picture: it enters halfway through."""
+    return num_frames // 2, (3 * num_frames) // 4
+
+
+def draw_entering_square(num_frames: int, size_wh: tuple[int, int]) -> Callable[[int, np.ndarray], None]:
+    """A `make_video` drawer: a magenta square in the top left corner from frame N/2 to 3N/4."""
+    first, end = entering_square(num_frames, size_wh)
+    side = max(6, min(size_wh) // 5)
+
+    def draw(k: int, img: np.ndarray) -> None:
+        if first <= k < end:
+            cv2.rectangle(img, (2, 2), (2 + side, 2 + side), ENTERING_BGR, -1)
+
+    return draw
+
+
 def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float) -> None:
     """Make the producer spend `delay_s` more on each frame's JPEG, so decoding outlasts what a test
     does meanwhile (results arriving, a kill, a cancel)."""

@@ -44,11 +44,14 @@ TERMINAL_STATE = {
 def frame_result(job_id: str, out: FrameMasks, *, random_weights: bool) -> messages.FrameResult:
     """RLE-encode every object's mask on one frame (pure)."""
     objects = []
+    labels = out.labels or {}
     for obj_id, mask, score in zip(out.obj_ids, out.masks, out.scores):
         dense = np.asarray(mask, dtype=bool)
+        label, label_score = labels.get(int(obj_id), ("", None))
         objects.append(
             messages.ObjectResult(obj_id=int(obj_id), mask=encode_mask(dense), bbox_xyxy=mask_bbox_xyxy(dense),
-                                  area=int(np.count_nonzero(dense)), score=float(score))
+                                  area=int(np.count_nonzero(dense)), score=float(score), label=label,
+                                  label_score=None if label_score is None else round(float(label_score), 4))
         )
     return messages.FrameResult(job_id=job_id, frame_idx=out.frame_idx, objects=tuple(objects), random_weights=random_weights)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,8 @@ class FrameMasks:
     # A live session's frames are numbered as the session saw them (worker/sources/live.py); the model
     # process says which frame of the source each one was, since the picking happened there.
     source_idx: int | None = field(default=None, compare=False)
+    # Jobs with labels: each object's (label, probability), given by the runner (worker/service/auto.py)
+    labels: Mapping[int, tuple[str, float]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from runtime.settings import Settings
 from schemas.errors import ConfigError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
 from worker.model.cuda_graphs import GraphCache, graphed_modules
+from worker.model.proposals import Sam2Proposer
 from worker.model.sam2_session import Sam2Session
 from worker.model.segment import InProcessModel
 from worker.model.session import Prompt
@@ -73,6 +75,10 @@ class Sam2Segmenter(InProcessModel):
         if self.torch_device.type != "cuda":
             return None
         return int(torch.cuda.memory_reserved(self.torch_device))
+
+    def mask_proposer(self, settings: Settings) -> Sam2Proposer:
+        """SAM 2's automatic mask generator on this model (worker/model/proposals.py), between frames."""
+        return Sam2Proposer(self.predictor, settings, lock=lambda: self._step_lock)
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
                      start_frame: int = 0) -> Sam2Session:

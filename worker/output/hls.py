@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -234,14 +234,14 @@ class HlsWriter:
             raise
 
     def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False,
-              at_s: float | None = None) -> None:
+              at_s: float | None = None, names: Mapping[int, str] | None = None) -> None:
         """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame, shown
         at `at_s` seconds into the stream (None: 1/fps after the previous frame)."""
         if self._closed:
             raise ValueError(f"cannot write to {self.playlist}: the writer is closed")
         if at_s is not None and not (math.isfinite(at_s) and at_s >= 0):
             raise ValueError(f"at_s must be a finite number of seconds >= 0, but got {at_s}")
-        video_frame = render.encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb)
+        video_frame = render.encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb, names=names)
         with self._lock:
             if self._discarded:
                 raise render.RenderAborted(

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -141,11 +141,10 @@ def _draw_label(image: np.ndarray, text: str, x0: int, y0: int, y1: int, colour:
     cv2.putText(image, text, origin, _FONT, scale, LABEL_FG_BGR, thickness, cv2.LINE_AA)
 
 
-def draw_masks(
-    frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, alpha: float = 0.5, *, rgb: bool = False
-) -> np.ndarray:
+def draw_masks(frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, alpha: float = 0.5, *, rgb: bool = False,
+               names: Mapping[int, str] | None = None) -> np.ndarray:
     """Return a copy of `frame` (BGR, or RGB when `rgb`) with each object's mask tinted, outlined and
-    labelled with its id."""
+    labelled with its id (and its name from `names`, a job's labels: "3 person")."""
     size_hw = check_frame(frame)
     check_masks(masks, obj_ids, size_hw)
     if not 0.0 <= alpha <= 1.0:
@@ -168,7 +167,8 @@ def draw_masks(
         labels.append((obj_id, cols.start, rows.start, rows.stop))
     # Labels go last so no later mask covers them.
     for obj_id, x0, y0, y1 in labels:
-        _draw_label(out, str(obj_id), x0, y0, y1, _in_order(colour_for(obj_id), rgb))
+        text = f"{obj_id} {names[obj_id]}" if names and names.get(obj_id) else str(obj_id)
+        _draw_label(out, text, x0, y0, y1, _in_order(colour_for(obj_id), rgb))
     return out
 
 
@@ -215,12 +215,12 @@ def pad_to_even(image: np.ndarray) -> np.ndarray:
 
 
 def encoder_frame(frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, size_wh: tuple[int, int], *,
-                  rgb: bool = False) -> av.VideoFrame:
+                  rgb: bool = False, names: Mapping[int, str] | None = None) -> av.VideoFrame:
     """`frame` (BGR, or RGB when `rgb`; the writer's `size_wh`, else ValueError) with `masks` drawn, as a yuv420p
     frame without pts (OpenCV's SIMD 4:2:0, BT.601 video range as FFmpeg's, costs a tenth of swscale's)."""
     if (size_hw := check_frame(frame)) != (size_wh[1], size_wh[0]):
         raise ValueError(f"frame must be {size_wh[0]}x{size_wh[1]} (W x H) like the writer, but got {size_hw[1]}x{size_hw[0]}")
-    drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb))
+    drawn = pad_to_even(draw_masks(frame, obj_ids, masks, rgb=rgb, names=names))
     yuv: np.ndarray = cv2.cvtColor(drawn, cv2.COLOR_RGB2YUV_I420 if rgb else cv2.COLOR_BGR2YUV_I420)
     return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
@@ -315,11 +315,12 @@ class MaskVideoWriter:
             self.path, width, height, enc_width, enc_height, self.rate, codec, crf,
         )
 
-    def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False) -> None:
+    def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False,
+              names: Mapping[int, str] | None = None) -> None:
         """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame."""
         if self._closed:
             raise ValueError(f"cannot write to {self.path}: the writer is closed")
-        video_frame = encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb)
+        video_frame = encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb, names=names)
         video_frame.pts = self.frames_written
         video_frame.time_base = 1 / self.rate
         with self._lock:

@@ -50,11 +50,12 @@ class _Held:
     """An object change waiting for the runner to reach its session frame."""
 
     frame: int  # in the session's numbering
-    command: messages.PromptCommand | messages.RemoveCommand
+    command: messages.PromptCommand | messages.RemoveCommand | None  # None: an automatic object's change
     obj_id: int
     change: str
     requested: int
     note: str
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,11 @@ class ControlFeed:
             self._per_frame[frame_idx] += 1
             log.info("job %s: object %d %s from frame %d%s", self.job_id, h.obj_id, h.change, frame_idx,
                      f" ({h.note})" if h.note else "")
+            request_id = h.command.request_id if h.command is not None else ""
             put(object_entry_id(frame_idx, k), messages.ObjectChange(
-                self.job_id, h.obj_id, frame_idx, h.change, request_id=h.command.request_id,
-                requested_frame=h.requested, note=h.note), self._ids.get(h.command.request_id, ""))
+                self.job_id, h.obj_id, frame_idx, h.change, request_id=request_id,
+                source="prompt" if h.command is not None else "auto", requested_frame=h.requested, note=h.note,
+                label=h.label), self._ids.get(request_id, ""))
 
     def _prompt(self, session: Session, command: messages.PromptCommand) -> None:
         known = set(session.obj_ids)
@@ -250,6 +253,10 @@ class ControlFeed:
                         change.obj_id, change.frame_idx, e)
             return
         self._hold(frame, command, change.obj_id, change.change, change.requested_frame, change.note)
+
+    def note(self, session_frame: int, obj_id: int, change: str, *, label: str = "", note: str = "") -> None:
+        """An automatic object's change (worker/service/auto.py), written when the runner reaches its frame."""
+        self._held.append(_Held(session_frame, None, obj_id, change, -1, note, label))
 
     def _hold(self, frame: int, command: messages.PromptCommand | messages.RemoveCommand, obj_id: int, change: str,
               requested: int, note: str) -> None:

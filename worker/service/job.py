@@ -45,6 +45,8 @@ class ValidJob:
     resume: bool  # a reclaimed attempt resumes after the last published frame (worker/service/resume.py)
     producer_ttl_s: float  # the streaming producer's liveness key TTL; 0: it keeps none
     live: bool = False  # unbounded, real time: frames may be skipped, rolling HLS (worker/sources/live.py)
+    auto: messages.AutoOptions | None = None  # automatic prompts (worker/service/auto.py)
+    labels: tuple[str, ...] = ()  # zero-shot labels for every object (worker/model/labels.py)
 
     @property
     def render_rel(self) -> str:
@@ -60,10 +62,13 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
     check_job_limits(msg.num_frames, msg.width, msg.height, msg.prompts, settings)
     frames_dir = resolve_inside(settings.storage_root, msg.frames_dir)
     source = FrameSourceKind.STREAM if msg.frames_stream else FrameSourceKind.DIR
+    if msg.auto is not None and msg.auto.keep and not msg.labels:
+        raise PermanentError(f"job {msg.job_id} keeps automatic objects by label ({', '.join(msg.auto.keep)}) but has no "
+                             "labels: submit it with --labels too")
     if msg.live and source is not FrameSourceKind.STREAM:
         raise PermanentError(f"job {msg.job_id} is live but has no frames stream: a live job's frames are announced "
                              "as they are captured; submit it with python -m producer submit (streaming)")
-    validate_prompts(msg.prompts, width=msg.width, height=msg.height,
+    validate_prompts(msg.prompts, width=msg.width, height=msg.height, allow_none=msg.auto is not None,
                      num_frames=settings.max_frames if source is FrameSourceKind.STREAM else msg.num_frames)
     return ValidJob(
         job_id=msg.job_id,
@@ -80,4 +85,6 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
         resume=msg.resume,
         producer_ttl_s=msg.producer_ttl_s,
         live=msg.live,
+        auto=msg.auto,
+        labels=msg.labels,
     )

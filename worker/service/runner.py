@@ -31,6 +31,7 @@ from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
 from worker.output.sink import ResultSink
+from worker.service.auto_objects import JobObjects
 from worker.service.context import WorkerContext
 from worker.service.control import ControlFeed
 from worker.service.job import FrameSourceKind, ValidJob
@@ -185,6 +186,7 @@ class JobRunner:
                            live=job.live)
         feed.load(resume.first_frame)
         feed.start()
+        objects = JobObjects.of(ctx, job, frames, feed)
         segment_s = 0.0
         session: Session | None = None
         try:
@@ -213,10 +215,12 @@ class JobRunner:
                     k = out.source_idx if out.source_idx is not None else picks.source_index(out.frame_idx)
                     sink.put_skipped(range(last + 1, k))
                     out = dataclasses.replace(out, frame_idx=k)
+                full, out, key = objects.see(out, expected, live)  # labels, automatic objects' lifecycle
                 feed.flush(expected, k, sink.put_change)  # changes taking effect here go just before it
                 sink.put(out)
                 last = k
                 expected += 1
+                objects.after(session, full, key)  # automatic objects ended, or new ones on a keyframe
                 feed.apply(session)  # the job's control stream, between two frames
                 t_seg = time.monotonic()
             feed.flush(expected, last + 1, sink.put_change)  # changes after the last frame

@@ -1,0 +1,202 @@
+"""Objects that come and go by themselves: automatic prompts (`--auto`), track lifecycle and labels.
+
+`AutoTracker` (one per job with `auto`) runs the job's MaskProposer (worker/model/proposals.py, SAM 2's
+automatic mask generator) on keyframes: the first frame processed, then every `every_frames`
+processed frames or `every_s` seconds of video. A proposed mask that overlaps no tracked object
+(IoU below `auto_new_iou`), is at least `min_area` pixels, has its centre inside the `roi` zone and,
+with `keep`, is labelled one of those labels, becomes a new object with the next free id, prompted
+with its mask from the next frame on; at most `max_objects` automatic objects live at once.
+
+Lifecycle of an automatic object. It shows in the results only once it has been present (object
+score at least `auto_score_threshold`) on `auto_confirm_frames` processed frames: then an `object`
+entry `added` (source `auto`) is written just before the frame it first shows on. One absent for
+`auto_lost_frames` processed frames in a row is ended: an `object` entry `lost`, and the session
+stops tracking it. One never confirmed and absent that long is dropped without a word. Objects named
+by prompts are the user's: they are never ended here.
+
+`LabelBook` gives every object of a job with `labels` its label (worker/model/labels.py, CLIP), taken
+on its first frame with a mask and refreshed every `label_every` processed frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from runtime.settings import Settings
+from schemas import messages
+from worker.model.frame_masks import FrameMasks
+from worker.model.labels import Labeller
+from worker.model.proposals import MaskProposer, Proposal
+from worker.model.session import MaskPrompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Track:
+    obj_id: int
+    label: str = ""
+    seen: int = 0  # processed frames it was present on, until confirmed
+    confirmed: bool = False
+    absent: int = 0  # processed frames in a row it was absent
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """What tracking one frame decided: `changes` (obj_id, change, label) take effect on this frame
+    (`added`) or the next (`lost`); `removals` are objects the session must stop tracking."""
+
+    added: tuple[tuple[int, str], ...] = ()  # (obj_id, label) shown from this frame on
+    lost: tuple[tuple[int, str], ...] = ()  # (obj_id, label) ended after this frame
+    removals: tuple[int, ...] = ()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b)) / union if union else 0.0
+
+
+class AutoTracker:
+    def __init__(self, options: messages.AutoOptions, settings: Settings, proposer: MaskProposer, *,
+                 labeller: Labeller | None, fps: float, known_ids: Sequence[int]) -> None:
+        self.options = options
+        self.settings = settings
+        self.proposer = proposer
+        self.labeller = labeller
+        self.fps = fps if fps > 0 else 30.0
+        self.tracks: dict[int, _Track] = {}
+        self.next_id = max(known_ids, default=0) + 1
+        self.min_area = options.min_area or settings.auto_min_mask_region_area
+        self._last_key: float | None = None
+        self.keyframes = 0
+        self.proposed = 0
+
+    # ---- keyframes ----------------------------------------------------------------------------------
+    def keyframe(self, session_frame: int, at_s: float | None = None) -> bool:
+        """Whether the generator runs after this processed frame (`at_s`: its time in the video)."""
+        t = at_s if at_s is not None else session_frame / self.fps
+        if self._last_key is None:
+            due = True
+        elif self.options.every_s > 0:
+            due = t - self._last_key >= self.options.every_s
+        else:
+            due = session_frame % max(1, self.options.every_frames) == 0
+        if due:
+            self._last_key = t
+        return due
+
+    def propose(self, image_rgb: np.ndarray, out: FrameMasks, position: int) -> list[MaskPrompt]:
+        """New objects seen on `out`'s frame, as mask prompts from `position` (the session's next frame) on."""
+        self.keyframes += 1
+        proposals = self.proposer.propose(image_rgb)
+        self.proposed += len(proposals)
+        taken = [m for obj_id, m in zip(out.obj_ids, out.masks) if np.any(m)]
+        room = min(self.options.max_objects - len(self.tracks), self.settings.max_objects - len(out.obj_ids))
+        prompts: list[MaskPrompt] = []
+        for p in proposals:
+            if len(prompts) >= room:
+                break
+            if not self._admissible(p, taken):
+                continue
+            label = ""
+            if self.options.keep:
+                if self.labeller is None:
+                    break
+                label, _score = self.labeller.label(image_rgb, p.mask)
+                if label not in self.options.keep:
+                    continue
+            obj_id = self._new_id(out.obj_ids)
+            self.tracks[obj_id] = _Track(obj_id, label)
+            taken.append(p.mask)
+            prompts.append(MaskPrompt(obj_id, position, p.mask))
+        if prompts:
+            log.info("auto: %d new objects %s on keyframe %d (%d masks proposed)", len(prompts),
+                     [p.obj_id for p in prompts], out.frame_idx, len(proposals))
+        return prompts
+
+    def _admissible(self, p: Proposal, taken: list[np.ndarray]) -> bool:
+        area = int(np.count_nonzero(p.mask))
+        if area < self.min_area:
+            return False
+        if self.options.roi is not None:
+            ys, xs = np.nonzero(p.mask)
+            cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+            x0, y0, x1, y1 = self.options.roi
+            if not (x0 <= cx <= x1 and y0 <= cy <= y1):
+                return False
+        return all(iou(p.mask, m) < self.settings.auto_new_iou for m in taken)
+
+    def _new_id(self, in_use: Sequence[int]) -> int:
+        self.next_id = max(self.next_id, max(in_use, default=0) + 1)
+        obj_id = self.next_id
+        self.next_id += 1
+        return obj_id
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def track(self, out: FrameMasks) -> tuple[FrameMasks, Lifecycle]:
+        """`out` less the automatic objects not yet confirmed, and what changed (see the module doc)."""
+        settings = self.settings
+        hide: list[int] = []
+        added: list[tuple[int, str]] = []
+        lost: list[tuple[int, str]] = []
+        removals: list[int] = []
+        for k, obj_id in enumerate(out.obj_ids):
+            t = self.tracks.get(obj_id)
+            if t is None:
+                continue
+            present = bool(out.scores[k] >= settings.auto_score_threshold and out.masks[k].any())
+            t.absent = 0 if present else t.absent + 1
+            if not t.confirmed:
+                t.seen += present
+                if t.seen >= settings.auto_confirm_frames:
+                    t.confirmed = True
+                    added.append((obj_id, t.label))
+                else:
+                    hide.append(obj_id)
+            if t.absent >= settings.auto_lost_frames:
+                if t.confirmed:
+                    lost.append((obj_id, t.label))
+                removals.append(obj_id)
+                del self.tracks[obj_id]
+        for obj_id in self.tracks.keys() - set(out.obj_ids):  # gone from the session (removed by a command)
+            del self.tracks[obj_id]
+        return without(out, hide), Lifecycle(tuple(added), tuple(lost), tuple(removals))
+
+
+def without(out: FrameMasks, hidden: Sequence[int]) -> FrameMasks:
+    keep = [k for k, obj_id in enumerate(out.obj_ids) if obj_id not in hidden]
+    if len(keep) == len(out.obj_ids):
+        return out
+    return replace(out, obj_ids=tuple(out.obj_ids[k] for k in keep), masks=out.masks[keep], scores=out.scores[keep],
+                   labels={k: v for k, v in (out.labels or {}).items() if k not in hidden})
+
+
+class LabelBook:
+    """Each object's label, taken on its first frame with a mask and refreshed every `every` frames."""
+
+    def __init__(self, labeller: Labeller, every: int) -> None:
+        self.labeller = labeller
+        self.every = max(1, every)
+        self.labels: dict[int, tuple[str, float]] = {}
+        self._at: dict[int, int] = {}
+        self._frames = 0
+
+    def due(self, out: FrameMasks) -> bool:
+        """Whether labelling this frame needs its image (an object without a fresh label)."""
+        n = self._frames
+        return any(m.any() and (o not in self.labels or n - self._at[o] >= self.every)
+                   for o, m in zip(out.obj_ids, out.masks))
+
+    def update(self, out: FrameMasks, image_rgb: np.ndarray | None) -> FrameMasks:
+        n = self._frames
+        self._frames += 1
+        for obj_id, mask in zip(out.obj_ids, out.masks):
+            fresh = obj_id in self.labels and n - self._at[obj_id] < self.every
+            if image_rgb is not None and mask.any() and not fresh:
+                self.labels[obj_id] = self.labeller.label(image_rgb, mask)
+                self._at[obj_id] = n
+        return replace(out, labels={o: self.labels[o] for o in out.obj_ids if o in self.labels})
