@@ -203,7 +203,10 @@ class Lease:
 
     def stop(self, join_s: float = 1.0) -> None:
         """Stop renewing; wait up to `join_s` for a renewal in flight (one stuck on a hung Redis ends by its
-        socket timeout, and then renews nothing more)."""
+        socket timeout, and then renews nothing more). Stopped already (before a hand-back): not waited for
+        again, since a renewal still stuck on a hung Redis is one the first wait gave up on."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=join_s)
