@@ -46,7 +46,8 @@ def follow(
 ) -> Iterator[messages.Message]:
     """Yield the job's result entries from the start (Started, FrameResult..., then the terminal entry:
     Completed, Failed, Cancelled or Dead), with an ObjectChange before the frame it takes effect on for
-    each object a prompt or removal on the running job added, corrected, removed or refused.
+    each object a prompt or removal on the running job added, corrected, removed or refused, and a
+    FrameUpdate for each frame already published that such a prompt changed.
 
     Blocks while the job runs; reconnects with backoff if Redis drops; stops after the terminal entry.
     Raises UnknownJobError if the job does not exist, redis-py's ConnectionError/TimeoutError if Redis
@@ -96,10 +97,18 @@ class WatchResult:
 
 
 def _object_json(obj: messages.ObjectResult) -> dict[str, Any]:
-    return {
-        "obj_id": obj.obj_id, "mask": rle_to_json(obj.mask), "bbox_xyxy": obj.bbox_xyxy,
-        "area": obj.area, "score": obj.score,
-    }
+    out = {"obj_id": obj.obj_id, "mask": rle_to_json(obj.mask), "bbox_xyxy": obj.bbox_xyxy, "area": obj.area,
+           "score": obj.score}
+    if obj.label:
+        out.update(label=obj.label, label_score=obj.label_score)
+    return out
+
+
+def _merge(frame: dict[str, Any], update: messages.FrameUpdate) -> None:
+    """An `update` entry's objects replace (or join) those of the frame it names."""
+    objects = {o["obj_id"]: o for o in frame["objects"]}
+    objects.update({o.obj_id: _object_json(o) for o in update.objects})
+    frame["objects"] = [objects[k] for k in sorted(objects)]
 
 
 def watch(
@@ -111,7 +120,8 @@ def watch(
     progress: bool = True,
     timeout_s: float | None = None,
 ) -> WatchResult:
-    """Follow the job to its end, write out_dir/masks.json, return where the render is.
+    """Follow the job to its end, write out_dir/masks.json, return where the render is. `update` entries
+    (a prompt on frames already published, propagated backwards) are merged into the frames they name.
 
     Raises JobFailed with the worker's error if the job failed, UnknownJobError (before `out_dir` is
     created) if there is no such job.
@@ -120,6 +130,7 @@ def watch(
     require_job(job_id, settings=settings, client=client)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames: list[dict[str, Any]] = []
+    by_index: dict[int, dict[str, Any]] = {}
     changes: list[dict[str, Any]] = []
     started: messages.Started | None = None
     bar: tqdm[Any] | None = None
@@ -132,9 +143,15 @@ def watch(
                 if progress and bar is None:
                     bar = tqdm(total=msg.num_frames, desc=f"job {job_id}", unit="frame", dynamic_ncols=True)
             elif isinstance(msg, messages.FrameResult):
-                frames.append({"frame_idx": msg.frame_idx, "objects": [_object_json(o) for o in msg.objects]})
+                frame = {"frame_idx": msg.frame_idx, "objects": [_object_json(o) for o in msg.objects]}
+                if msg.skipped:
+                    frame["skipped"] = True
+                frames.append(frame)
+                by_index[msg.frame_idx] = frame
                 if bar is not None:
                     bar.update(1)
+            elif isinstance(msg, messages.FrameUpdate) and msg.frame_idx in by_index:
+                _merge(by_index[msg.frame_idx], msg)
             elif isinstance(msg, messages.ObjectChange):
                 changes.append({"obj_id": msg.obj_id, "frame_idx": msg.frame_idx, "change": msg.change,
                                 "note": msg.note})

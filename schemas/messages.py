@@ -61,6 +61,7 @@ class EntryType(str, enum.Enum):
     PROMPT = "prompt"  # on vseg:control:{job_id}: prompts for a running job
     REMOVE = "remove"  # on vseg:control:{job_id}: an object to stop tracking
     OBJECT = "object"  # on the result stream and vseg:events: an object added, corrected, removed, or refused
+    UPDATE = "update"  # on the result stream: an object's mask on a frame already published, computed later
 
 
 class AutoOptions(msgspec.Struct, frozen=True):
@@ -248,14 +249,27 @@ class ObjectChange(msgspec.Struct, frozen=True):
     v: int = SCHEMA_VERSION
 
 
+class FrameUpdate(msgspec.Struct, frozen=True):
+    """Objects' masks on a frame whose `frame` entry is already out: a prompt on a frame a file job had
+    already segmented is propagated backwards from it, and each earlier frame gets one of these (frames
+    keep their once-only entries). A reader replaces those objects on that frame, or adds them."""
+
+    TYPE: ClassVar[EntryType] = EntryType.UPDATE
+    job_id: str
+    frame_idx: Count
+    objects: tuple[ObjectResult, ...]
+    request_id: str = ""  # the prompt command that led to it
+    v: int = SCHEMA_VERSION
+
+
 Message = (JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead | PromptCommand
-           | RemoveCommand | ObjectChange)
+           | RemoveCommand | ObjectChange | FrameUpdate)
 Terminal = Completed | Failed | Cancelled | Dead
 TERMINAL_TYPES = (Completed, Failed, Cancelled, Dead)
 
 _BY_TYPE: dict[str, type[Message]] = {
     cls.TYPE.value: cls for cls in (JobMessage, FrameResult, Started, Progress, Completed, Failed, Cancelled, Dead,
-                                    PromptCommand, RemoveCommand, ObjectChange)
+                                    PromptCommand, RemoveCommand, ObjectChange, FrameUpdate)
 }
 _DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
     name: msgspec.msgpack.Decoder(cls) for name, cls in _BY_TYPE.items()

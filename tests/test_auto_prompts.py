@@ -210,3 +210,30 @@ def test_the_render_writes_each_label_beside_its_id() -> None:
     named = draw_masks(frame, (1,), masks, names={1: "person"})
     assert np.array_equal(plain[60:], named[60:])  # the mask is drawn the same
     assert np.count_nonzero(plain[:60] != named[:60]) > 100  # a longer label above it: "1 person"
+
+
+def test_with_the_model_in_its_own_process_the_generator_runs_there(auto_settings: Settings, redis_client: redis.Redis,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default on CUDA: the proposer is asked through the model process's open session, between frames.
+    The model process runs up to 16 frames ahead of what is published, so the square stays longer here."""
+    from tests.fakes import FROM_ENV
+    from worker.model.process import ModelProcess
+
+    n = 120
+    video = make_video(tmp_path / "long.mp4", num_frames=n, size_wh=SIZE, fps=10, draw=draw_entering_square(n, SIZE))
+    monkeypatch.setenv("VSEG_FAKE_DELAY_S", "0.01")  # read by tests.fakes.from_env in the model process
+    settings = dataclasses.replace(auto_settings, model_process="on", segmenter=FROM_ENV, device="cpu")
+    model = ModelProcess(settings)
+    try:
+        submit(video, [disc_prompt(1, 0, n, SIZE)], settings=settings, job_id="in-child", auto=auto())
+        Worker(settings=settings, segmenter=model, client=redis_client, name="child").run(burst=True)
+    finally:
+        model.close()
+    msgs = results(redis_client, settings, "in-child")
+    assert isinstance(msgs[-1], messages.Completed), msgs[-1]
+    assert [(c.obj_id, c.change) for c in changes(msgs)] == [(2, "added"), (2, "lost")]
+    first, end = entering_square(n, SIZE)
+    added, lost = changes(msgs)
+    assert first <= added.frame_idx <= first + EVERY + 16 + auto_settings.auto_confirm_frames
+    assert end <= lost.frame_idx <= end + auto_settings.auto_lost_frames + 1

@@ -41,18 +41,20 @@ TERMINAL_STATE = {
 }
 
 
+def object_result(obj_id: int, mask: np.ndarray, score: float, label: str = "",
+                  label_score: float | None = None) -> messages.ObjectResult:
+    """One object's RLE mask, box, area and score (pure)."""
+    dense = np.asarray(mask, dtype=bool)
+    return messages.ObjectResult(obj_id=int(obj_id), mask=encode_mask(dense), bbox_xyxy=mask_bbox_xyxy(dense),
+                                 area=int(np.count_nonzero(dense)), score=float(score), label=label,
+                                 label_score=None if label_score is None else round(float(label_score), 4))
+
+
 def frame_result(job_id: str, out: FrameMasks, *, random_weights: bool) -> messages.FrameResult:
     """RLE-encode every object's mask on one frame (pure)."""
-    objects = []
     labels = out.labels or {}
-    for obj_id, mask, score in zip(out.obj_ids, out.masks, out.scores):
-        dense = np.asarray(mask, dtype=bool)
-        label, label_score = labels.get(int(obj_id), ("", None))
-        objects.append(
-            messages.ObjectResult(obj_id=int(obj_id), mask=encode_mask(dense), bbox_xyxy=mask_bbox_xyxy(dense),
-                                  area=int(np.count_nonzero(dense)), score=float(score), label=label,
-                                  label_score=None if label_score is None else round(float(label_score), 4))
-        )
+    objects = [object_result(obj_id, mask, score, *labels.get(int(obj_id), ("", None)))
+               for obj_id, mask, score in zip(out.obj_ids, out.masks, out.scores)]
     return messages.FrameResult(job_id=job_id, frame_idx=out.frame_idx, objects=tuple(objects), random_weights=random_weights)
 
 
@@ -231,6 +233,10 @@ class ResultPublisher:
         if new:
             self.event(change, interrupt)
         return new
+
+    def update(self, entry_id: str, update: messages.FrameUpdate, interrupt: Callable[[], None] | None = None) -> bool:
+        """An `update` entry at its fixed id (the sink keeps it in order); False: an earlier attempt wrote it."""
+        return self._fenced_xadds(self.stream, [(entry_id, None, update)], interrupt) == 1
 
     def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None,
                  **live: Any) -> None:

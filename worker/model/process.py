@@ -65,10 +65,13 @@ from worker.model.process_messages import (
     Frame,
     FromModel,
     OpenSession,
+    Propose,
+    Proposed,
     Ready,
     RemoveObject,
     describe_frames,
 )
+from worker.model.proposals import Proposal
 from worker.model.segment import run_session
 from worker.model.session import Prompt
 from worker.sources.frames import FrameSource
@@ -142,7 +145,7 @@ class ModelProcess:
             raise ModelProcessDied(f"the model process died during {what} (exit code {code}); "
                                    "the job is retried with a new one") from None
 
-    def send(self, msg: OpenSession | AddPrompts | RemoveObject | CloseSession, what: str) -> None:
+    def send(self, msg: OpenSession | AddPrompts | RemoveObject | Propose | CloseSession, what: str) -> None:
         if self._conn is None:
             raise ModelProcessDied(f"the model process was stopped before {what}; the job is retried with a new one")
         try:
@@ -180,6 +183,10 @@ class ModelProcess:
     def segment(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
         return run_session(self.open_session(frames, prompts, width=width, height=height))
+
+    def mask_proposer(self, settings: Settings) -> ProcessProposer:
+        """The child's mask proposer (SAM 2's generator on its model), reached through the open session."""
+        return ProcessProposer(self)
 
     def gpu_memory_bytes(self) -> int | None:
         return self.last_gpu_memory_bytes
@@ -245,7 +252,10 @@ class ProcessSession:
         return dict(self._stats)
 
     def add_prompts(self, prompts: Sequence[Prompt]) -> None:
-        self._ask(AddPrompts(self.id, tuple(prompts)))
+        """Prompts on `position` (the next frame, as far as this side knows) go on the child's own next frame,
+        which may be later by now: the child computes frames while the command is on its way."""
+        catch_up = bool(prompts) and all(p.frame_idx == self._position for p in prompts)
+        self._ask(AddPrompts(self.id, tuple(prompts), catch_up))
         self._objects |= {p.obj_id for p in prompts}
 
     def remove_object(self, obj_id: int) -> None:
@@ -264,9 +274,22 @@ class ProcessSession:
                     raise reply.error
                 return
 
-    def _next_message(self) -> Answer | None:
+    def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
+        """The model process's mask proposer on this frame (`--auto`), between two of the session's frames."""
+        if self.closed:
+            raise RuntimeError("this session is closed")
+        self.model.send(Propose(self.id, image_rgb), "the frame to propose masks on was sent")
+        while True:
+            reply = self._next_message()
+            if isinstance(reply, Proposed):
+                if reply.error is not None:
+                    raise reply.error
+                masks = np.unpackbits(reply.packed, axis=-1, count=reply.shape[-1]).astype(bool).reshape(reply.shape)
+                return [Proposal(m, s) for m, s in zip(masks, reply.scores)]
+
+    def _next_message(self) -> Answer | Proposed | None:
         """Read one message for this session: a frame is kept for the iteration, the end is noted; an
-        Answer is returned."""
+        Answer or Proposed is returned."""
         msg = self.model.recv(check=self.frames.check)
         if isinstance(msg, Frame):
             masks = np.unpackbits(msg.packed, axis=-1, count=msg.shape[-1]).astype(bool)
@@ -279,7 +302,7 @@ class ProcessSession:
             self._stats, self._ended = msg.stats, None
         elif isinstance(msg, Error):
             self._ended = msg.error
-        elif isinstance(msg, Answer):
+        elif isinstance(msg, (Answer, Proposed)):
             return msg
         return None
 
@@ -323,6 +346,21 @@ class ProcessSession:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class ProcessProposer:
+    """A MaskProposer whose generator runs in the model process, between frames of its open session."""
+
+    peak_memory_bytes = 0  # measured in the child (bench/bench_auto.py runs the model in this process)
+
+    def __init__(self, model: ModelProcess) -> None:
+        self.model = model
+
+    def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
+        session = self.model.session
+        if session is None or session.closed:
+            raise RuntimeError("masks are proposed between a session's frames: no session is open")
+        return session.propose(image_rgb)
 
 
 def use_model_process(settings: Settings, device: str) -> bool:

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,8 @@ from worker.model.process_messages import (
     Frame,
     FromModel,
     OpenSession,
+    Propose,
+    Proposed,
     Ready,
     RemoveObject,
     ToModel,
@@ -88,6 +91,8 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
                         return
             elif isinstance(msg, (AddPrompts, RemoveObject)):  # the session ended before this reached it
                 conn.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
+            elif isinstance(msg, Propose):  # between sessions too: the proposer needs the model, not a session
+                conn.send(_propose(segmenter, msg, settings))
             elif isinstance(msg, CloseSession):
                 conn.send(Closed(msg.session))
         except (_WorkerGone, EOFError, OSError):  # the worker is gone
@@ -173,7 +178,7 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
         session = segmenter.open_session(frames, msg.prompts, width=msg.width, height=msg.height,
                                          start_frame=msg.start_frame)
         while True:
-            ending = _apply_commands(conn, session, sender, msg.session)
+            ending = _apply_commands(conn, session, sender, msg.session, segmenter, settings)
             if ending is not None:
                 return ending
             try:
@@ -196,7 +201,7 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
 
 
 def _apply_commands(conn: multiprocessing.connection.Connection, session: Session, sender: _Sender,
-                    session_id: int) -> str | None:
+                    session_id: int, segmenter: Segmenter, settings: Settings) -> str | None:
     """Apply the worker's waiting commands to the session, answering each; "closed" or "exit" if the
     session must end here."""
     while (command := _command(conn)) is not None:
@@ -210,10 +215,34 @@ def _apply_commands(conn: multiprocessing.connection.Connection, session: Sessio
             error: BaseException | None = None
             try:
                 if isinstance(command, AddPrompts):
-                    session.add_prompts(command.prompts)
+                    prompts = command.prompts
+                    if command.catch_up:  # meant for the next frame, which the child may have passed meanwhile
+                        prompts = tuple(dataclasses.replace(p, frame_idx=max(p.frame_idx, session.position))
+                                        for p in prompts)
+                    session.add_prompts(prompts)
                 else:
                     session.remove_object(command.obj_id)
             except Exception as e:  # noqa: BLE001 - refused: raised again in the worker
                 error = _portable(e)
             sender.send(Answer(session_id, session.position, error))
+        elif isinstance(command, Propose):
+            sender.send(_propose(segmenter, command, settings))
     return None
+
+
+_PROPOSERS: dict[int, Any] = {}  # the model's proposer, made once (it holds SAM 2's mask generator)
+
+
+def _propose(segmenter: Segmenter, msg: Propose, settings: Settings) -> Proposed:
+    from worker.model.proposals import build_proposer
+
+    try:
+        proposer = _PROPOSERS.get(id(segmenter))
+        if proposer is None:
+            proposer = _PROPOSERS.setdefault(id(segmenter), build_proposer(settings, segmenter))
+        found = proposer.propose(msg.image_rgb)
+    except Exception as e:  # noqa: BLE001 - raised again in the worker
+        return Proposed(msg.session, np.zeros(0, np.uint8), (0,), (), _portable(e))
+    h, w = msg.image_rgb.shape[:2]
+    masks = np.stack([p.mask for p in found]) if found else np.zeros((0, h, w), dtype=bool)
+    return Proposed(msg.session, np.packbits(masks, axis=-1), tuple(masks.shape), tuple(p.score for p in found))

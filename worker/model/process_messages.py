@@ -109,6 +109,8 @@ class AddPrompts:
 
     session: int
     prompts: tuple[Prompt, ...]
+    # the worker meant "from the next frame": one the child has passed meanwhile moves to its position
+    catch_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,15 @@ class Exit:
     """Close the session, if any, and exit."""
 
 
-ToModel = OpenSession | AddPrompts | RemoveObject | CloseSession | Exit
+@dataclass(frozen=True)
+class Propose:
+    """Run the mask proposer (`--auto`, worker/model/proposals.py) on this frame: answered by `Proposed`."""
+
+    session: int
+    image_rgb: np.ndarray
+
+
+ToModel = OpenSession | AddPrompts | RemoveObject | Propose | CloseSession | Exit
 
 
 # ---- model process -> worker ------------------------------------------------------------------------
@@ -192,4 +202,15 @@ class Error:
     session: int | None = None
 
 
-FromModel = Ready | Frame | Answer | Done | Closed | Error
+@dataclass(frozen=True)
+class Proposed:
+    """The masks a `Propose` found, bit-packed along the last axis as a Frame's, best first; or its error."""
+
+    session: int
+    packed: np.ndarray
+    shape: tuple[int, ...]
+    scores: tuple[float, ...]
+    error: BaseException | None = None
+
+
+FromModel = Ready | Frame | Answer | Proposed | Done | Closed | Error

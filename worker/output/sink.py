@@ -48,6 +48,14 @@ OnFrame = Callable[[int, int, list[float]], None]  # frames done, of which newly
 
 
 @dataclass(frozen=True)
+class Update:
+    """An object's mask on a frame already published (worker/service/backfill.py), at a fixed entry id."""
+
+    entry_id: str
+    msg: messages.FrameUpdate
+
+
+@dataclass(frozen=True)
 class Skipped:
     """Frames of a live job passed over to keep up with the source: each gets a `skipped` entry."""
 
@@ -105,6 +113,10 @@ class ResultSink:
         """Queue a live job's frames passed over (nothing if `frames` is empty)."""
         if frames:
             self._put(Skipped(frames))
+
+    def put_update(self, entry_id: str, update: messages.FrameUpdate) -> None:
+        """Queue an `update` entry: written at `entry_id`, in its place among the frames (as a change)."""
+        self._put(Update(entry_id, update))
 
     def put_change(self, entry_id: str, change: messages.ObjectChange, command_id: str = "") -> None:
         """Queue an object change: written at `entry_id`, after the frames queued before it (stream ids
@@ -176,10 +188,13 @@ class ResultSink:
                 for item in batch:  # frames in one round trip, up to an object change, which goes in its place
                     if isinstance(item, (FrameMasks, Skipped)):
                         outs.append(item)
-                    elif isinstance(item, tuple):
+                    elif isinstance(item, (tuple, Update)):
                         if outs:
                             self._handle(outs)
                             outs = []
+                        if isinstance(item, Update):
+                            self.pub.update(item.entry_id, item.msg, interrupt=self._raise_if_aborted)
+                            continue
                         entry_id, change, command_id = item
                         self.pub.object_change(entry_id, change, command_id, interrupt=self._raise_if_aborted)
                 if outs:

@@ -43,6 +43,7 @@ class _Track:
     seen: int = 0  # processed frames it was present on, until confirmed
     confirmed: bool = False
     absent: int = 0  # processed frames in a row it was absent
+    in_session: bool = False  # it has come out of the session (a model process may hand on earlier frames first)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ class AutoTracker:
         self.next_id += 1
         return obj_id
 
+    def forget(self, obj_ids: Sequence[int]) -> None:
+        """Objects proposed that the session did not take."""
+        for obj_id in obj_ids:
+            self.tracks.pop(obj_id, None)
+
     # ---- lifecycle --------------------------------------------------------------------------------
     def track(self, out: FrameMasks) -> tuple[FrameMasks, Lifecycle]:
         """`out` less the automatic objects not yet confirmed, and what changed (see the module doc)."""
@@ -148,6 +154,7 @@ class AutoTracker:
             t = self.tracks.get(obj_id)
             if t is None:
                 continue
+            t.in_session = True
             present = bool(out.scores[k] >= settings.auto_score_threshold and out.masks[k].any())
             t.absent = 0 if present else t.absent + 1
             if not t.confirmed:
@@ -163,7 +170,8 @@ class AutoTracker:
                 removals.append(obj_id)
                 del self.tracks[obj_id]
         for obj_id in self.tracks.keys() - set(out.obj_ids):  # gone from the session (removed by a command)
-            del self.tracks[obj_id]
+            if self.tracks[obj_id].in_session:
+                del self.tracks[obj_id]
         return without(out, hide), Lifecycle(tuple(added), tuple(lost), tuple(removals))
 
 

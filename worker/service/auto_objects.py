@@ -15,7 +15,7 @@ from schemas.errors import PromptError
 from worker.model.frame_masks import FrameMasks
 from worker.model.labels import build_labeller
 from worker.model.proposals import build_proposer
-from worker.model.session import Session
+from worker.model.session import MaskPrompt, Session
 from worker.output.sink import read_frame_bgr
 from worker.service.auto import AutoTracker, LabelBook
 from worker.service.context import WorkerContext
@@ -86,7 +86,21 @@ class JobObjects:
         if key and full.image_rgb is not None:
             prompts = self.auto.propose(full.image_rgb, full, session.position)
             if prompts:
-                session.add_prompts(prompts)
+                self._add(session, prompts)
+
+    def _add(self, session: Session, prompts: list[MaskPrompt]) -> None:
+        """Add the new objects at the session's position; a model process may have moved on meanwhile (its
+        position comes back with its answer): once more there. Never fails the job."""
+        for _ in range(2):
+            at = [dataclasses.replace(p, frame_idx=session.position) for p in prompts]
+            try:
+                session.add_prompts(at)
+                return
+            except PromptError as e:  # moved on, or at the end of the video
+                error = e
+        log.info("automatic objects %s not added: %s", [p.obj_id for p in prompts], error)
+        assert self.auto is not None
+        self.auto.forget([p.obj_id for p in prompts])
 
     def _image(self, out: FrameMasks, live: LiveResults | None) -> np.ndarray:
         if out.image_rgb is not None:

@@ -35,7 +35,7 @@ from schemas.names import TERMINAL_ENTRY_ID, Keys, object_entry_id
 from schemas.prompts import ObjectPrompt
 from worker.broker.lease import LeaseLost
 from worker.broker.publish import JobCancelled
-from worker.model.session import Session
+from worker.model.session import MaskPrompt, Session
 from worker.service.shutdown import HandBack
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often the runner looks for new commands (one XRANGE on the control stream)
 
 Put = Callable[[str, messages.ObjectChange, str], None]  # the sink's put_change: entry id, change, command id
+# prompts on frames already published (worker/service/backfill.py): (prompt, the session's position, request id) ->
+# the object's mask prompt at the position, its earlier frames queued as `update` entries; None: not possible here
+Backfill = Callable[[ObjectPrompt, int, str], MaskPrompt | None]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class ControlFeed:
                  reachable: Callable[[], bool] = lambda: True, *, live: bool = False) -> None:
         self.client = client
         self.live = live  # every prompt and replay applies at the next frame processed (frames are not kept)
+        self.backfill: Backfill | None = None  # set by the runner of a file job
         self.reachable = reachable  # False while the job's lease is presumed lost (Redis away): no reads then
         self.keys = keys
         self.settings = settings
@@ -208,12 +212,36 @@ class ControlFeed:
                 note = "" if target == p.frame_idx or command.now else (
                     f"frame {p.frame_idx} was already segmented: applied from the next frame processed")
             change = "corrected" if p.obj_id in session.obj_ids else "added"
+            if target != p.frame_idx and not command.now and not self.live and self._backfilled(session, command, p,
+                                                                                                 change):
+                continue
             try:
                 target = self._add(session, replace(p, frame_idx=target))
             except PromptError as e:
                 self._hold(session.position, command, p.obj_id, "refused", requested, str(e))
                 continue
             self._hold(target, command, p.obj_id, change, requested, note)
+
+    def _backfilled(self, session: Session, command: messages.PromptCommand, p: ObjectPrompt, change: str) -> bool:
+        """A prompt on a frame already published, propagated backwards (worker/service/backfill.py): its earlier
+        frames as `update` entries, the object from the session's position on. False: not possible here."""
+        if self.backfill is None:
+            return False
+        position = session.position
+        seed = self.backfill(p, position, command.request_id)
+        if seed is None:
+            return False
+        session.add_prompts([seed])
+        self._hold(position, command, p.obj_id, change, p.frame_idx,
+                   f"prompted on frame {p.frame_idx}, already segmented: propagated from there, frames 0..{position - 1} "
+                   f"updated (update entries)")
+        return True
+
+    def reserve(self, frame_idx: int, count: int) -> list[str]:
+        """`count` entry ids just before frame `frame_idx`'s entry, after those given out so far there."""
+        first = self._per_frame[frame_idx]
+        self._per_frame[frame_idx] += count
+        return [object_entry_id(frame_idx, first + i) for i in range(count)]
 
     def _add(self, session: Session, prompt: ObjectPrompt) -> int:
         """Add one prompt; a session ahead of what the worker has read (a model process) takes it at its own

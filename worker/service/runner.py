@@ -23,15 +23,17 @@ from collections.abc import Sequence
 from schemas import messages
 from schemas.errors import PermanentError, VsegError, WorkerBroken
 from schemas.names import JobState
+from schemas.prompts import ObjectPrompt
 from worker.broker.attempts import is_transient
 from worker.broker.lease import LeaseLost
-from worker.broker.publish import JobCancelled, ResultPublisher
-from worker.model.session import Prompt, Session
+from worker.broker.publish import JobCancelled, ResultPublisher, object_result
+from worker.model.session import MaskPrompt, Prompt, Session
 from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
 from worker.output.sink import ResultSink
 from worker.service.auto_objects import JobObjects
+from worker.service.backfill import backfill
 from worker.service.context import WorkerContext
 from worker.service.control import ControlFeed
 from worker.service.job import FrameSourceKind, ValidJob
@@ -187,6 +189,20 @@ class JobRunner:
         feed.load(resume.first_frame)
         feed.start()
         objects = JobObjects.of(ctx, job, frames, feed)
+
+        def backfilled(prompt: ObjectPrompt, position: int, request_id: str) -> MaskPrompt | None:
+            """A prompt on a frame already published (worker/service/backfill.py); None where the model runs
+            ahead of what is published (a model process)."""
+            if session is None or position != expected:
+                return None
+            done = backfill(ctx.segmenter, frames, prompt, upto=position, width=job.width, height=job.height)
+            for entry_id, k in zip(feed.reserve(position, position), range(position)):
+                result = object_result(prompt.obj_id, done.masks[k], done.scores[k])
+                sink.put_update(entry_id, messages.FrameUpdate(job.job_id, k, (result,), request_id=request_id))
+            return MaskPrompt(prompt.obj_id, position, done.seed)
+
+        if not job.live:
+            feed.backfill = backfilled
         segment_s = 0.0
         session: Session | None = None
         try:
