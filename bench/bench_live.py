@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--max-latency", type=float, default=2.0)
     ap.add_argument("--checkpoint", default="random")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--maxlen", type=int, default=1500,
+                    help="live_results_maxlen and live_frames_maxlen: 50 s at 30 fps, so minute 1 is steady already")
     ap.add_argument("--size", default="1280x720", help="WxH of the source (the GPU check: 1920x1080)")
     args = ap.parse_args()
     width, height = (int(x) for x in args.size.split("x"))
@@ -79,10 +81,12 @@ def main() -> int:
     work = CACHE / f"live-{os.getpid()}"
     storage = work / "storage"
     storage.mkdir(parents=True)
+    (work / "redis").mkdir()
     server = RedisServer(data_dir=work / "redis").start()
     port = free_port()
     env = {**os.environ, "REDIS_URL": server.url, "STORAGE_ROOT": str(storage), "TQDM_DISABLE": "1",
-           "VSEG_MAX_LATENCY_S": str(args.max_latency), "VSEG_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
+           "VSEG_MAX_LATENCY_S": str(args.max_latency), "VSEG_DEVICE": args.device,
+           "VSEG_LIVE_RESULTS_MAXLEN": str(args.maxlen), "VSEG_LIVE_FRAMES_MAXLEN": str(args.maxlen), "PYTHONUNBUFFERED": "1"}
     source = subprocess.Popen(["ffmpeg", "-v", "error", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
                                "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"], stdout=subprocess.DEVNULL)
     time.sleep(1.0)
@@ -98,7 +102,7 @@ def main() -> int:
     assert producer.stdout is not None
     job_id = producer.stdout.readline().decode().strip()
     print(f"live job {job_id}: {seconds / 60:g} min of {width}x{height} at 30 fps on {args.device}, image size "
-          f"{args.image_size}, max_latency_s {args.max_latency}", flush=True)
+          f"{args.image_size}, max_latency_s {args.max_latency}, streams trimmed to {args.maxlen}", flush=True)
     results = f"vseg:results:{job_id}"
     last_id = "0-0"
     latencies: list[float] = []

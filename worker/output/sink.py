@@ -42,6 +42,7 @@ class SinkAborted(Exception):
     """The sink was aborted (the job stopped) while one of its writes waited out Redis."""
 
 _STEP_S = 0.2  # how often a waiting thread looks at its peer and at the job
+LIVE_PROGRESS_MIN_S = 1.0  # a live job's progress events come at most this often
 LATENCY_WINDOW = 300  # a live job's latency percentiles are over its last this many processed frames
 
 OnFrame = Callable[[int, int, list[float]], None]  # frames done, of which newly skipped, new latencies (live)
@@ -87,6 +88,8 @@ class ResultSink:
         self.dropped = dropped  # live: frames skipped (by earlier attempts too)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._render_t0: float | None = None  # live: the capture time the HLS render's clock starts at
+        self._processed = 0  # live: frames processed (not skipped) by this attempt
+        self._progress_at = 0.0
         self.writer = writer
         self.frames = frames
         self.random_weights = random_weights
@@ -266,9 +269,23 @@ class ResultSink:
             self.latencies.extend(new)
             if self.live is not None:
                 self.live.release_through(last)
-            if self.frames_done // self.progress_every > before // self.progress_every or self.frames_done == total:
+            if self._progress_due(before, skipped, total):
                 self._progress(t4)
             self.on_frame(self.frames_done, skipped, new)
+
+    def _progress_due(self, before: int, skipped: int, total: int) -> bool:
+        """Every progress_every frames (and at the last); a live job's every progress_every processed frames,
+        skips not counted, and at most once a second: a camera runs for days and vseg:events is shared."""
+        if self.live is None:
+            return self.frames_done // self.progress_every > before // self.progress_every or self.frames_done == total
+        if skipped:
+            return False
+        self._processed += 1
+        now = time.monotonic()
+        if self._processed % self.progress_every or now - self._progress_at < LIVE_PROGRESS_MIN_S:
+            return False
+        self._progress_at = now
+        return True
 
     def _progress(self, now: float) -> None:
         fps = self.frames_done / max(now - self._t0, 1e-9)
