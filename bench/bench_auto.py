@@ -7,7 +7,7 @@ every 30th frame, new objects added as mask prompts). Prints frames/s of each, t
 costs at most 1.5x tracking alone, amortised over the keyframes), the generator's time per keyframe, and
 its peak memory (GPU bytes on CUDA; on the CPU the process's peak RSS before and after).
 
-    .venv/bin/python bench/bench_auto.py [--frames 90] [--every 30] [--image-size 256] [--points-per-side 32]
+    .venv/bin/python bench/bench_auto.py [--frames 90] [--every 30] [--image-size 256] [--points-per-side 16]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=90)
     ap.add_argument("--every", type=int, default=30)
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--points-per-side", type=int, default=32)
+    ap.add_argument("--points-per-side", type=int, default=None, help="default: the setting's (16)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -74,7 +74,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-auto-"))
     extract_frames(clip, work / "frames")
     w, h, _ = probe(clip)
-    settings = dataclasses.replace(Settings.load(environ={}), auto_points_per_side=args.points_per_side)
+    settings = Settings.load(environ={})
+    if args.points_per_side is not None:
+        settings = dataclasses.replace(settings, auto_points_per_side=args.points_per_side)
     torch.manual_seed(0)
     predictor = build_predictor(get_preset("tiny"), None, device=args.device, image_size=args.image_size)
     seg = Sam2Segmenter(predictor, name="tiny", random_weights=True)
@@ -94,7 +96,7 @@ def main() -> int:
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t_plain, t_auto = statistics.median(plain), statistics.median(auto)
     print(f"\nmachine: {machine()}; device {args.device}; tiny at {args.image_size}, {w}x{h}, {args.frames} frames, "
-          f"keyframes every {args.every}, points_per_side {args.points_per_side} "
+          f"keyframes every {args.every}, points_per_side {settings.auto_points_per_side} "
           f"(points_per_batch {settings.auto_points_per_batch})")
     print(f"tracking only: {args.frames / t_plain:.2f} frames/s; with --auto: {args.frames / t_auto:.2f} frames/s; "
           f"auto costs {t_auto / t_plain:.2f}x tracking alone (target <= 1.5x)")

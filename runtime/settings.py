@@ -142,7 +142,7 @@ class Settings:
     live_max_cond_frames: int = 8  # prompted (conditioning) frames memory attention reads in a live session
     # Automatic prompts (--auto): SAM 2's mask generator (worker/model/proposals.py), the guide's values
     proposer: str = ""  # "module:callable" building another MaskProposer from the Settings; "": SAM 2's generator
-    auto_points_per_side: int = 32  # grid of points_per_side^2 point prompts
+    auto_points_per_side: int = 16  # grid of points_per_side^2 points (the guide's 16 "for speed": bench_auto.py)
     auto_points_per_batch: int = 32  # points through the model at once (its memory; the guide: 32 against OOM)
     auto_pred_iou_thresh: float = 0.7  # drop masks the model rates below this
     auto_stability_score_thresh: float = 0.92  # drop unstable masks

@@ -83,7 +83,9 @@ def ingest(settings: Settings, video: Path, job: str, **kwargs: object) -> threa
 
 
 def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_settings: Settings,
-                                                               redis_client: redis.Redis) -> None:
+                                                               redis_client: redis.Redis,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     settings = dataclasses.replace(live_settings, live_results_maxlen=40)
     producer = ingest(settings, video, "cam")
     wait_for(lambda: redis_client.exists(settings.keys.job("cam")), 20, "the live job enqueued")
@@ -115,6 +117,12 @@ def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_
     assert progress[-1].latency_p50_s <= progress[-1].latency_p95_s <= settings.max_latency_s + 0.5
     state = redis_client.hgetall(settings.keys.job("cam"))
     assert int(state[b"dropped"]) == progress[-1].dropped and state[b"live"] == b"1"
+    from producer.cli import main as producer_main
+
+    monkeypatch.setenv("REDIS_URL", settings.redis_url)
+    assert producer_main(["status", "cam"]) == 0  # `producer status` shows what keeping up cost
+    shown = capsys.readouterr().out
+    assert f"live: {progress[-1].dropped} frames skipped to keep up; latency p50" in shown
     # JPEGs go as frames are processed; all of them once the job is over
     assert max(held) < N // 2 and not frames_dir.exists()
     playlist = settings.storage_root / done.render_path
@@ -318,3 +326,32 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
     assert max(s[2] for s in samples) <= 20 * 2**20, "the job's files (JPEGs, HLS window) stay bounded"
     assert late[3] <= early[3] * 1.10 + 2**20, f"Redis memory grew from {early[3]} to {late[3]} bytes"
     assert redis_client.xlen(settings.keys.results("soak")) <= 500 + 200
+
+
+def test_on_a_live_job_adding_and_removing_objects_leaves_the_others_exact(video: Path, live_settings: Settings,
+                                                                          redis_client: redis.Redis) -> None:
+    """Exactness on a live job: with a budget the worker never exceeds (no skips), the disc's masks are the
+    same whether or not another object was added and then removed meanwhile."""
+    from producer.live_prompts import add_prompts, remove_object
+    from schemas.rle import decode_mask
+
+    settings = dataclasses.replace(live_settings, max_latency_s=30.0)
+    masks: dict[str, dict[int, object]] = {}
+    for job in ("alone", "changed"):
+        producer = ingest(settings, video, job)
+        wait_for(lambda job=job: redis_client.exists(settings.keys.job(job)), 20, "the live job enqueued")
+        worker = start_worker(settings, redis_client, delay_s=0.0)
+        if job == "changed":
+            wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 20, 20, "frames")
+            add_prompts(job, [disc_prompt(2, 0, N, SIZE, dy=3)], settings=settings, client=redis_client, wait_s=10)
+            wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 40, 20, "frames")
+            remove_object(job, 2, settings=settings, client=redis_client, wait_s=10)
+        producer.join(20)
+        worker.join(30)
+        results = frames_of(entries(redis_client, settings, job))
+        assert len(results) == N and not any(r.skipped for r in results)
+        masks[job] = {r.frame_idx: decode_mask(o.mask) for r in results for o in r.objects if o.obj_id == 1}
+    changed = [c for c in entries(redis_client, settings, "changed") if isinstance(c, messages.ObjectChange)]
+    assert [c.change for c in changed] == ["added", "removed"]
+    assert masks["alone"].keys() == masks["changed"].keys() == set(range(N))
+    assert all((masks["alone"][k] == masks["changed"][k]).all() for k in range(N))  # type: ignore[attr-defined]
