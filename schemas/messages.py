@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
@@ -36,6 +35,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 from msgspec import Meta
 
+from schemas.decode_errors import invalid, short
 from schemas.errors import JobIdError, PromptError, SchemaError
 from schemas.names import validate_job_id
 from schemas.prompts import ObjectPrompt, check_prompt_shape
@@ -317,7 +317,7 @@ def decode(fields: Mapping[Any, Any]) -> Message:
             raw = _ENCODER.encode(raw)
         except TypeError as e:
             raise SchemaError(
-                f"{type_name} entry's data must be msgpack bytes or a map, but got {_short(raw)}"
+                f"{type_name} entry's data must be msgpack bytes or a map, but got {short(raw)}"
             ) from e
     try:
         header = _VERSION.decode(raw)
@@ -329,7 +329,7 @@ def decode(fields: Mapping[Any, Any]) -> Message:
     try:
         msg: Message = decoder.decode(raw)
     except msgspec.ValidationError as e:
-        raise _invalid(type_name, e, msgspec.msgpack.decode(raw)) from None
+        raise invalid(type_name, e, msgspec.msgpack.decode(raw)) from None
     _check(msg)
     return msg
 
@@ -371,37 +371,3 @@ def _check_prompts(name: str, prompts: tuple[ObjectPrompt, ...]) -> None:
             check_prompt_shape(prompt)
         except PromptError as e:
             raise SchemaError(f"{name} message field prompts[{i}]: {e}") from None
-
-
-_STEP = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]")
-_NOT_FOUND = object()
-
-
-def _invalid(name: str, error: msgspec.ValidationError, data: Any) -> SchemaError:
-    """SchemaError for what msgspec refused: the field's path, the value there, and msgspec's reason.
-
-    msgspec says `Expected `int` >= 1 - at `$.prompts[0].obj_id``; the value is looked up in the
-    untyped map (only on this, the error path)."""
-    reason, _, where = str(error).partition(" - at `$")
-    path = where.rstrip("`")
-    if not path:
-        return SchemaError(f"{name} message: {reason}")
-    value, pos = data, 0
-    for step in _STEP.finditer(path):
-        if step.start() != pos:  # a step we cannot follow, e.g. a map's key shown as [...]
-            value = _NOT_FOUND
-            break
-        key, index = step.groups()
-        pos = step.end()
-        try:
-            value = value[key] if key is not None else value[int(index)]
-        except (LookupError, TypeError):
-            value = _NOT_FOUND
-            break
-    shown = "" if value is _NOT_FOUND or pos != len(path) else f" = {_short(value)}"
-    return SchemaError(f"{name} message field {path.lstrip('.')}{shown}: {reason}")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -328,10 +328,10 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
     assert redis_client.xlen(settings.keys.results("soak")) <= 500 + 200
 
 
-def test_on_a_live_job_adding_and_removing_objects_leaves_the_others_exact(video: Path, live_settings: Settings,
+def test_on_a_live_job_adding_correcting_and_removing_an_object_leaves_the_others_exact(video: Path, live_settings: Settings,
                                                                           redis_client: redis.Redis) -> None:
     """Exactness on a live job: with a budget the worker never exceeds (no skips), the disc's masks are the
-    same whether or not another object was added and then removed meanwhile."""
+    same whether or not another object was added, corrected and removed meanwhile."""
     from producer.live_prompts import add_prompts, remove_object
     from schemas.rle import decode_mask
 
@@ -344,7 +344,9 @@ def test_on_a_live_job_adding_and_removing_objects_leaves_the_others_exact(video
         if job == "changed":
             wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 20, 20, "frames")
             add_prompts(job, [disc_prompt(2, 0, N, SIZE, dy=3)], settings=settings, client=redis_client, wait_s=10)
-            wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 40, 20, "frames")
+            wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 35, 20, "frames")
+            add_prompts(job, [disc_prompt(2, 0, N, SIZE, dy=-3)], settings=settings, client=redis_client, wait_s=10)
+            wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 50, 20, "frames")
             remove_object(job, 2, settings=settings, client=redis_client, wait_s=10)
         producer.join(20)
         worker.join(30)
@@ -352,6 +354,6 @@ def test_on_a_live_job_adding_and_removing_objects_leaves_the_others_exact(video
         assert len(results) == N and not any(r.skipped for r in results)
         masks[job] = {r.frame_idx: decode_mask(o.mask) for r in results for o in r.objects if o.obj_id == 1}
     changed = [c for c in entries(redis_client, settings, "changed") if isinstance(c, messages.ObjectChange)]
-    assert [c.change for c in changed] == ["added", "removed"]
+    assert [c.change for c in changed] == ["added", "corrected", "removed"]
     assert masks["alone"].keys() == masks["changed"].keys() == set(range(N))
     assert all((masks["alone"][k] == masks["changed"][k]).all() for k in range(N))  # type: ignore[attr-defined]

@@ -11,9 +11,14 @@ so it lands in order with the frames, and copied to vseg:events.
 Durable: the commands stay on the stream, and what each did is on the result stream. Another attempt
 (a reclaimed or retried job) replays them: a command's recorded changes are applied again at their
 recorded frames (a resumed attempt skips those at or before its seed frame: the seed masks already hold
-them), and a command with no recorded change is applied as new. Rewritten entries are refused by Redis
-as duplicates. Prompts on frames already published are not yet propagated backwards (the `update`
-entries of issue 15): they apply from the next processed frame.
+them), and a command with no recorded change is applied as new, unless the job's `control_done` says an
+earlier attempt applied it (a live job's trimmed stream may have lost the record). Rewritten entries
+are refused by Redis as duplicates.
+
+A prompt on a frame a file job has already published is propagated backwards from it by the runner's
+backfill (worker/service/backfill.py: `update` entries for the earlier frames); a live job's prompts,
+whatever frame they name, apply at the next frame processed. Every change is held until the runner
+puts the frame it takes effect on (`flush`): the session, a model process, may be frames ahead.
 """
 
 from __future__ import annotations
