@@ -62,7 +62,14 @@ def children(pid: int) -> list[int]:
 
 
 def disk_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+    """Bytes under `folder`; files removed while it is walked (processed JPEGs, old segments) count 0."""
+    total = 0
+    for f in folder.rglob("*") if folder.exists() else ():
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def main() -> int:

@@ -246,6 +246,14 @@ def test_kill_9_mid_live_resumes_at_the_live_edge_with_the_same_objects(video: P
     long_video = make_video(tmp_path / "long.mp4", num_frames=240, size_wh=SIZE, fps=FPS)
     env = {"VSEG_MAX_LATENCY_S": "0.5", "VSEG_LIVE_SEGMENT_S": "1"}
     first = WorkerProcess(live_settings, "w1", tmp_path, lease_s=1.0, delay_s=0.02, env=env)
+    try:
+        _resumed_at_the_live_edge(live_settings, redis_client, tmp_path, long_video, first, env)
+    finally:
+        first.kill()
+
+
+def _resumed_at_the_live_edge(live_settings: Settings, redis_client: redis.Redis, tmp_path: Path, long_video: Path,
+                              first: WorkerProcess, env: dict[str, str]) -> None:
     wait_for(lambda: redis_client.exists(live_settings.keys.worker_health("w1")), 60, "the first worker started")
     producer = threading.Thread(target=lambda: submit_live(
         long_video, [disc_prompt(1, 0, 240, SIZE)], settings=live_settings, job_id="resumed", realtime=True),
@@ -260,10 +268,13 @@ def test_kill_9_mid_live_resumes_at_the_live_edge_with_the_same_objects(video: P
     killed_at = int(redis_client.hget(live_settings.keys.job("resumed"), "frames_done") or 0)
     time.sleep(1.5)  # the source goes on meanwhile
     second = WorkerProcess(live_settings, "w2", tmp_path, lease_s=1.0, delay_s=0.02, env=env)
-    producer.join(30)
-    wait_for(lambda: terminal(redis_client, live_settings, "resumed") is not None, 30, "the job ended")
-    second.signal(signal.SIGTERM)
-    second.wait(20)
+    try:
+        producer.join(30)
+        wait_for(lambda: terminal(redis_client, live_settings, "resumed") is not None, 30, "the job ended")
+        second.signal(signal.SIGTERM)
+        second.wait(20)
+    finally:
+        second.kill()
     done = terminal(redis_client, live_settings, "resumed")
     assert isinstance(done, messages.Completed), (done, second.log())
     results = entries(redis_client, live_settings, "resumed")
@@ -287,7 +298,14 @@ def _rss(pid: int) -> int:
 
 
 def _disk(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+    """Bytes under `folder`; files removed while it is walked (processed JPEGs, old segments) count 0."""
+    total = 0
+    for f in folder.rglob("*") if folder.exists() else ():
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
 
 
 @pytest.mark.slow
@@ -308,15 +326,18 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
     worker = WorkerProcess(settings, "soak", tmp_path, lease_s=2.0, delay_s=0.0, env=env)
     job_dir = settings.storage_root / "jobs" / "soak"
     samples: list[tuple[int, int, int, int]] = []  # frames announced, worker RSS, disk, Redis memory
-    while producer.is_alive():
-        announced = int((redis_client.xrevrange(settings.keys.frames("soak"), count=1) or [(b"0-0", {})])[0][0]
-                        .split(b"-")[0])
-        samples.append((announced, _rss(worker.proc.pid), _disk(job_dir),
-                        int(redis_client.info("memory")["used_memory"])))
-        time.sleep(1.0)
-    wait_for(lambda: terminal(redis_client, settings, "soak") is not None, 60, "the job ended")
-    worker.signal(signal.SIGTERM)
-    worker.wait(20)
+    try:
+        while producer.is_alive():
+            announced = int((redis_client.xrevrange(settings.keys.frames("soak"), count=1) or [(b"0-0", {})])[0][0]
+                            .split(b"-")[0])
+            samples.append((announced, _rss(worker.proc.pid), _disk(job_dir),
+                            int(redis_client.info("memory")["used_memory"])))
+            time.sleep(1.0)
+        wait_for(lambda: terminal(redis_client, settings, "soak") is not None, 60, "the job ended")
+        worker.signal(signal.SIGTERM)
+        worker.wait(20)
+    finally:
+        worker.kill()  # never left running to take the next test's jobs
     done = terminal(redis_client, settings, "soak")
     assert isinstance(done, messages.Completed) and done.num_frames == total, (done, worker.log()[-2000:])
     early = next(s for s in samples if s[0] >= 2_000)
