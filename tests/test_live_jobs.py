@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.bench_live import disk_bytes, rss_bytes
 from producer.control import request_stop
 from producer.live_submit import submit_live
 from runtime.settings import Settings
@@ -290,24 +291,6 @@ def _resumed_at_the_live_edge(live_settings: Settings, redis_client: redis.Redis
     assert all([o.obj_id for o in r.objects] == [1] for r in gap if not r.skipped)  # the same object id goes on
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _disk(folder: Path) -> int:
-    """Bytes under `folder`; files removed while it is walked (processed JPEGs, old segments) count 0."""
-    total = 0
-    for f in folder.rglob("*") if folder.exists() else ():
-        try:
-            total += f.stat().st_size if f.is_file() else 0
-        except FileNotFoundError:
-            continue
-    return total
-
-
 @pytest.mark.slow
 def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_settings: Settings,
                                                                       redis_client: redis.Redis,
@@ -330,7 +313,7 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
         while producer.is_alive():
             announced = int((redis_client.xrevrange(settings.keys.frames("soak"), count=1) or [(b"0-0", {})])[0][0]
                             .split(b"-")[0])
-            samples.append((announced, _rss(worker.proc.pid), _disk(job_dir),
+            samples.append((announced, rss_bytes(worker.proc.pid), disk_bytes(job_dir),
                             int(redis_client.info("memory")["used_memory"])))
             time.sleep(1.0)
         wait_for(lambda: terminal(redis_client, settings, "soak") is not None, 60, "the job ended")
