@@ -10,11 +10,13 @@ the test's own configuration (never from files in a job's folder):
   crash_at N      the process SIGKILLs itself on frame N (a job that kills its worker, or its model process)
   transient_at N  RetryableError on frame N, once per process (like a CUDA out of memory)
   block_at N      the model never returns from frame N (a wedged model or driver)
-Per-frame `delay_s` slows jobs down; with `busy` the delay is spent in a Python loop that holds the GIL.
+Per-frame `delay_s` slows jobs down, spent in a turn on the pretend shared model (worker/model/turns.py: jobs
+held at once take turns, as on SAM 2); with `busy` the delay is spent in a Python loop that holds the GIL.
+`gpu_mib` (VSEG_FAKE_GPU_MIB=FREE,EACH) pretends to be a GPU with FREE MiB free less EACH per open session.
 
 `from_env`: the factory a worker started by a test names in its settings
 (`VSEG_SEGMENTER=tests.fakes:from_env`); it reads VSEG_FAKE_DELAY_S, VSEG_FAKE_BUSY (1) and
-VSEG_FAKE_FAULTS (JSON: job id, or "*" for every job, to {"crash_at": N, ...}).
+VSEG_FAKE_GPU_MIB, VSEG_FAKE_FAULTS (JSON: job id, or "*" for every job, to {"crash_at": N, ...}).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from runtime.settings import Settings
 from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
 from worker.model.proposals import Proposal
-from worker.model.segment import FrameMasks, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
+from worker.model.segment import FrameMasks, GpuBudget, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
+from worker.model.turns import FairTurns
 from worker.sources.frames import FrameSource
 
 logger = logging.getLogger(__name__)
@@ -189,8 +192,11 @@ class ChaosHooks(InProcessModel):
     """Fault injection around a Segmenter, per job id (see the module doc)."""
 
     def __init__(self, inner: Segmenter, *, delay_s: float = 0.0, busy: bool = False,
-                 faults: Mapping[str, Faults] | None = None) -> None:
+                 faults: Mapping[str, Faults] | None = None, gpu_mib: tuple[int, int] | None = None) -> None:
         self.inner = inner
+        self.turns = FairTurns()  # the delay is one step on a shared model: sessions take turns, as on SAM 2's
+        self.gpu_mib = gpu_mib  # a pretend GPU: (free MiB with no session open, MiB each open session takes)
+        self.open_sessions = 0
         self.name = inner.name
         self.random_weights = inner.random_weights
         self.device = "cpu"
@@ -199,9 +205,19 @@ class ChaosHooks(InProcessModel):
         self.faults = dict(faults or {})
         self._transient_done: set[str] = set()
 
-    def _wait(self) -> None:
+    def gpu_budget(self) -> GpuBudget | None:
+        if self.gpu_mib is None:
+            return None
+        free, each = self.gpu_mib
+        return GpuBudget((free - each * self.open_sessions) * MIB, each * MIB, 0)
+
+    def _wait(self, live: bool = False) -> None:
         if self.delay_s <= 0:
             return
+        with self.turns.turn(live=live):
+            self._spend()
+
+    def _spend(self) -> None:
         if not self.busy:
             time.sleep(self.delay_s)
             return
@@ -215,14 +231,16 @@ class ChaosHooks(InProcessModel):
         job = frames.dir.parent.name  # STORAGE_ROOT/jobs/<job id>/frames
         faults = self.faults.get(job) or self.faults.get("*") or Faults()
         inner = self.inner.open_session(frames, prompts, width=width, height=height, start_frame=start_frame)
-        return ChaosSession(self, inner, job, faults)
+        self.open_sessions += 1
+        return ChaosSession(self, inner, job, faults, live=bool(getattr(frames, "realtime", False)))
 
 
 class ChaosSession:
     """An inner session's frames, with its job's faults injected."""
 
-    def __init__(self, hooks: ChaosHooks, inner: Session, job: str, faults: Faults) -> None:
-        self.hooks, self.inner, self.job, self.faults = hooks, inner, job, faults
+    def __init__(self, hooks: ChaosHooks, inner: Session, job: str, faults: Faults, live: bool = False) -> None:
+        self.hooks, self.inner, self.job, self.faults, self.live = hooks, inner, job, faults, live
+        self._closed = False
 
     obj_ids = property(lambda self: self.inner.obj_ids)
     position = property(lambda self: self.inner.position)
@@ -239,7 +257,7 @@ class ChaosSession:
 
     def __next__(self) -> FrameMasks:
         out = next(self.inner)
-        self.hooks._wait()
+        self.hooks._wait(self.live)
         if out.frame_idx == self.faults.crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if out.frame_idx == self.faults.transient_at and self.job not in self.hooks._transient_done:
@@ -250,6 +268,9 @@ class ChaosSession:
         return out
 
     def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.hooks.open_sessions -= 1
         self.inner.close()
 
     def __enter__(self) -> ChaosSession:
@@ -266,12 +287,15 @@ def faults_from_json(text: str) -> dict[str, Faults]:
 def from_env(settings: Settings) -> Segmenter:
     """The segmenter of a worker started by a test (`VSEG_SEGMENTER=tests.fakes:from_env`)."""
     logger.warning("using the FAKE colour segmenter (tests.fakes): for plumbing tests only")
+    gpu = os.environ.get("VSEG_FAKE_GPU_MIB", "")
     return ChaosHooks(ColourSegmenter(), delay_s=float(os.environ.get("VSEG_FAKE_DELAY_S", "0") or 0),
                       busy=os.environ.get("VSEG_FAKE_BUSY", "") == "1",
-                      faults=faults_from_json(os.environ.get("VSEG_FAKE_FAULTS", "")))
+                      faults=faults_from_json(os.environ.get("VSEG_FAKE_FAULTS", "")),
+                      gpu_mib=(int(gpu.split(",")[0]), int(gpu.split(",")[1])) if gpu else None)
 
 
 FROM_ENV = "tests.fakes:from_env"
+MIB = 1024 * 1024
 
 
 class ColourProposer:

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, dest="grace_s", help="SIGTERM grace period in seconds (VSEG_GRACE_S)")
     p.add_argument("--stall", type=float, dest="stall_s",
                    help="abandon a job with no progress for this many seconds (VSEG_STALL_S, default 300)")
+    p.add_argument("--concurrency", type=int,
+                   help="jobs held at once (VSEG_CONCURRENCY; default: 1 on the CPU, from free memory on CUDA)")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
                    help="serve /metrics, /healthz and /readyz on this port (VSEG_METRICS_PORT; default off)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.load(
             model_preset=args.model_preset, checkpoint=args.checkpoint, image_size=args.image_size, device=args.device,
             lease_s=args.lease_s, max_attempts=args.max_attempts, grace_s=args.grace_s, stall_s=args.stall_s,
-            metrics_port=args.metrics_port,
+            metrics_port=args.metrics_port, concurrency=args.concurrency,
         )
         configure_logging(args.verbose, settings.log_format)
         if args.command == "check":

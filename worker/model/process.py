@@ -39,6 +39,7 @@ worker/model/process_child.py):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -72,7 +73,7 @@ from worker.model.process_messages import (
     describe_frames,
 )
 from worker.model.proposals import Proposal
-from worker.model.segment import run_session
+from worker.model.segment import GpuBudget, run_session
 from worker.model.session import Prompt
 from worker.sources.frames import FrameSource
 
@@ -97,6 +98,7 @@ class ModelProcess:
         self.sessions_opened = 0
         self.session: ProcessSession | None = None  # the open one, if any
         self.last_gpu_memory_bytes: int | None = None  # as the child last reported it
+        self.budget: GpuBudget | None = None  # the child's, when ready; its free memory as last reported
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._start()
@@ -118,6 +120,7 @@ class ModelProcess:
             self.close()
             raise ModelProcessDied(f"the model process said {type(msg).__name__} instead of Ready")
         self.name, self.random_weights, self.device = msg.name, msg.random_weights, msg.device
+        self.budget = msg.budget
         log.info("model process %d ready (%s on %s)", self._proc.pid, self.name, self.device)
 
     def recv(self, *, timeout_s: float | None = None, what: str = "job",
@@ -190,6 +193,9 @@ class ModelProcess:
 
     def gpu_memory_bytes(self) -> int | None:
         return self.last_gpu_memory_bytes
+
+    def gpu_budget(self) -> GpuBudget | None:
+        return self.budget
 
     def interrupt(self, reason: str) -> None:
         """Kill the child now (from any thread): its job is abandoned (stalled), and the thread reading
@@ -298,6 +304,8 @@ class ProcessSession:
             self._position = max(self._position, msg.frame_idx + 1)
             if msg.gpu_memory_bytes is not None:
                 self.model.last_gpu_memory_bytes = msg.gpu_memory_bytes
+            if msg.gpu_free_bytes is not None and self.model.budget is not None:
+                self.model.budget = dataclasses.replace(self.model.budget, free_bytes=msg.gpu_free_bytes)
         elif isinstance(msg, Done):
             self._stats, self._ended = msg.stats, None
         elif isinstance(msg, Error):

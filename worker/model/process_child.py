@@ -76,7 +76,7 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
     except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
         conn.send(Error(_portable(e)))
         return
-    conn.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device))
+    conn.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device, segmenter.gpu_budget()))
     while True:
         try:
             msg: ToModel = conn.recv()
@@ -99,6 +99,11 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
             return
 
 
+def _free_bytes(segmenter: Segmenter) -> int | None:
+    budget = segmenter.gpu_budget()
+    return None if budget is None else budget.free_bytes
+
+
 class _WorkerGone(Exception):
     """The pipe to the worker broke: the worker died or closed it."""
 
@@ -118,10 +123,12 @@ class _Sender:
     `depth` frames wait here. A broken pipe (the worker died) is raised by the next `send`."""
 
     def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16, session: int = 0,
-                 gpu_memory: Callable[[], int | None] = lambda: None) -> None:
+                 gpu_memory: Callable[[], int | None] = lambda: None,
+                 gpu_free: Callable[[], int | None] = lambda: None) -> None:
         self.conn = conn
         self.session = session
         self.gpu_memory = gpu_memory
+        self.gpu_free = gpu_free
         self.queue: queue.Queue[FrameMasks | FromModel | None] = queue.Queue(depth)
         self.error: _WorkerGone | None = None
         self.thread = threading.Thread(target=self._run, name="vseg-model-send", daemon=True)
@@ -134,7 +141,8 @@ class _Sender:
             try:
                 if isinstance(msg, FrameMasks):  # packed here, off the model's thread
                     self.conn.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
-                                         tuple(msg.masks.shape), msg.scores, self.gpu_memory(), msg.source_idx))
+                                         tuple(msg.masks.shape), msg.scores, self.gpu_memory(), msg.source_idx,
+                                         self.gpu_free()))
                 else:
                     self.conn.send(msg)
             except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
@@ -171,7 +179,7 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
     (the worker is closing this process)."""
     frame_bytes = len({p.obj_id for p in msg.prompts}) * msg.width * msg.height  # one frame's masks, unpacked
     sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session,
-                     gpu_memory=segmenter.gpu_memory_bytes)
+                     gpu_memory=segmenter.gpu_memory_bytes, gpu_free=lambda: _free_bytes(segmenter))
     session: Session | None = None
     try:
         frames = open_frames(msg.frames, settings)

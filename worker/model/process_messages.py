@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from runtime.settings import Settings
+from worker.model.segment import GpuBudget
 from worker.model.session import Prompt
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
 from worker.sources.live import LiveFrames, SessionFrames
@@ -152,6 +153,7 @@ class Ready:
     name: str
     random_weights: bool
     device: str
+    budget: GpuBudget | None = None  # on CUDA: free memory and a session's measured cost (worker/service/capacity.py)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ class Frame:
     scores: np.ndarray
     gpu_memory_bytes: int | None = None  # the model process's, when it runs on CUDA (for the worker's metrics)
     source_idx: int | None = None  # a live session's frame: which frame of the source it is
+    gpu_free_bytes: int | None = None  # free on the device, on CUDA (admission: worker/service/capacity.py)
 
 
 @dataclass(frozen=True)

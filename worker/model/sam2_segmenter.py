@@ -2,8 +2,8 @@
 
 A Sam2Segmenter owns what every job shares: the predictor (weights), its CUDA graphs (on CUDA, SAM 2's
 image encoder, memory attention, memory encoder, mask decoder and prompt encoder replay from CUDA
-graphs, worker/model/cuda_graphs.py), the autocast policy (bf16 on CUDA only) and a step lock. Each job
-opens a Sam2Session (worker/model/sam2_session.py) that holds its own inference state, frame loaders
+graphs, worker/model/cuda_graphs.py), the autocast policy (bf16 on CUDA only) and the turns its sessions
+take (worker/model/turns.py). Each job opens a Sam2Session (worker/model/sam2_session.py) that holds its own inference state, frame loaders
 and feature cache; nothing of one job stays on the segmenter.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,9 +27,12 @@ from schemas.storage import frame_name
 from worker.model.cuda_graphs import GraphCache, graphed_modules
 from worker.model.proposals import Sam2Proposer
 from worker.model.sam2_session import Sam2Session
-from worker.model.segment import InProcessModel
+from worker.model.segment import GpuBudget, InProcessModel
 from worker.model.session import Prompt
+from worker.model.turns import FairTurns
 from worker.sources.frames import DirFrames, FrameSource
+
+SESSION_MARGIN = 2  # the warm-up's session (one object, 64x48) times this: a real video's session (gpu_budget)
 
 
 def _cast_memory_to_query_dtype(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -63,7 +65,9 @@ class Sam2Segmenter(InProcessModel):
         self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
         # SAM 2's per-frame modules replayed from CUDA graphs (worker/model/cuda_graphs.py), kept across jobs
         self.graphs = GraphCache(predictor) if cuda_graphs and self.torch_device.type == "cuda" else None
-        self._step_lock = threading.Lock()  # one session's frame at a time on the shared predictor
+        self.session_bytes: int | None = None  # one session's GPU memory, measured by warm_up (CUDA only)
+        self.model_bytes = 0
+        self.turns = FairTurns()  # one session's frame at a time on the shared predictor, fairly
         if self.torch_device.type != "cuda":
             predictor.memory_attention.register_forward_pre_hook(_cast_memory_to_query_dtype, with_kwargs=True)
 
@@ -76,20 +80,26 @@ class Sam2Segmenter(InProcessModel):
             return None
         return int(torch.cuda.memory_reserved(self.torch_device))
 
+    def gpu_budget(self) -> GpuBudget | None:
+        if self.torch_device.type != "cuda" or self.session_bytes is None:
+            return None
+        free, _total = torch.cuda.mem_get_info(self.torch_device)
+        return GpuBudget(int(free), self.session_bytes, self.model_bytes)
+
     def mask_proposer(self, settings: Settings) -> Sam2Proposer:
         """SAM 2's automatic mask generator on this model (worker/model/proposals.py), between frames."""
-        return Sam2Proposer(self.predictor, settings, lock=lambda: self._step_lock)
+        return Sam2Proposer(self.predictor, settings, lock=self.turns.turn)
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
                      start_frame: int = 0) -> Sam2Session:
         return Sam2Session(self, frames, prompts, width=width, height=height, start_frame=start_frame)
 
     @contextlib.contextmanager
-    def stepping(self) -> Iterator[None]:
-        """The context one session's step runs in: the predictor to itself, its CUDA graphs installed,
-        inference mode, and bf16 autocast on CUDA."""
+    def stepping(self, *, live: bool = False) -> Iterator[None]:
+        """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first),
+        its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
-        with self._step_lock, graphed, torch.inference_mode(), self._autocast():
+        with self.turns.turn(live=live), graphed, torch.inference_mode(), self._autocast():
             yield
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -103,7 +113,14 @@ class Sam2Segmenter(InProcessModel):
         calls (kernel selection, memory pools; on CUDA also the context and cuBLAS/cuDNN set-up), the
         batched encoder's shapes. With CUDA graphs the clip is long enough (window + 2 frames) for
         memory attention to reach its steady-state inputs, so one object's graphs are all captured
-        here. Returns the seconds it took; of the job itself nothing is kept."""
+        here. On CUDA it also measures what a session costs (`gpu_budget`): the clip's peak memory above
+        the model's, doubled for real videos' larger masks and more objects. Returns the seconds it took;
+        of the job itself nothing is kept."""
+        cuda = self.torch_device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.torch_device)
+            base = torch.cuda.memory_allocated(self.torch_device)
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
         if num_frames is None:
             num_frames = self.window + 2 if self.graphs is not None else 3
         t0 = time.monotonic()
@@ -115,4 +132,8 @@ class Sam2Segmenter(InProcessModel):
             prompt = ObjectPrompt(1, 0, ((width / 2, height / 2),), (1,))
             for _ in self.segment(DirFrames(Path(tmp), num_frames), [prompt], width=width, height=height):
                 pass
+        if cuda:
+            torch.cuda.synchronize(self.torch_device)
+            self.model_bytes = int(torch.cuda.memory_allocated(self.torch_device))
+            self.session_bytes = SESSION_MARGIN * max(0, int(torch.cuda.max_memory_allocated(self.torch_device)) - base)
         return time.monotonic() - t0

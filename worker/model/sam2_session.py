@@ -3,9 +3,9 @@
 The session owns the predictor's inference state for its job, built over lazily loaded frames
 (worker/model/lazy_frames.py) and a batched feature cache (worker/model/encoder_batch.py), and its stats.
 The predictor itself (weights, CUDA graphs) is the Sam2Segmenter's, shared by every session; each step
-(one frame) runs under the segmenter's step lock, with its CUDA graphs installed, in inference mode and
-(on CUDA) bf16 autocast, so sessions on several threads take turns frame by frame and never see each
-other's state.
+(one frame) runs in a turn of the segmenter's (worker/model/turns.py: fair, a live job's first), with its
+CUDA graphs installed, in inference mode and (on CUDA) bf16 autocast, so sessions on several threads take
+turns frame by frame and never see each other's state.
 
 Unlike the predictor's own `init_state`, which loads every frame before the first mask and keeps every
 frame's state forever, per-frame state that memory attention can no longer read is released as
@@ -53,7 +53,7 @@ class SharedModel(Protocol):
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
-    def stepping(self) -> AbstractContextManager[None]: ...
+    def stepping(self, *, live: bool = False) -> AbstractContextManager[None]: ...
 
 
 class Sam2Session(SessionBase):
@@ -75,6 +75,7 @@ class Sam2Session(SessionBase):
         # every prompted frame in memory attention (max_cond_frames_in_attn is unlimited), so only the newest
         # max_cond_frames are kept once out of the window (worker/sources/live.py); 0: all (a file job)
         self.max_cond_frames = int(getattr(frames, "max_cond_frames", 0))
+        self.live = bool(getattr(frames, "realtime", False))  # a live job's frames: its turns come first
         self.add_prompts(prompts)
 
     def _new_state(self) -> dict[str, Any]:
@@ -95,7 +96,7 @@ class Sam2Session(SessionBase):
         return self.frames.total
 
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
-        with self.model.stepping():
+        with self.model.stepping(live=self.live):
             return next(frames)
 
     # ---- propagation ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ with the `segmenter` setting).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from schemas.prompts import ObjectPrompt
@@ -17,7 +18,16 @@ from worker.model.frame_masks import FrameMasks
 from worker.model.session import MaskPrompt, Prompt, Session
 from worker.sources.frames import FrameSource
 
-__all__ = ["FrameMasks", "InProcessModel", "MaskPrompt", "Prompt", "Segmenter", "Session"]
+__all__ = ["FrameMasks", "GpuBudget", "InProcessModel", "MaskPrompt", "Prompt", "Segmenter", "Session"]
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """A CUDA model's memory, for how many jobs a worker takes at once (worker/service/capacity.py)."""
+
+    free_bytes: int  # free on the device, as last measured (the whole device's: other processes count)
+    session_bytes: int  # one session's cost, measured (the warm-up's peak above the model, with a margin)
+    model_bytes: int  # what the model itself holds (weights, CUDA graphs): the cost of one more model process
 
 
 class Segmenter(Protocol):
@@ -48,6 +58,10 @@ class Segmenter(Protocol):
 
     def gpu_memory_bytes(self) -> int | None:
         """GPU memory the model's process holds now (PyTorch's reserved bytes), None off CUDA (metrics)."""
+        ...
+
+    def gpu_budget(self) -> GpuBudget | None:
+        """Free memory and what a session costs, on CUDA; None elsewhere (no memory to run out of here)."""
         ...
 
     def ensure_started(self) -> None:
@@ -85,6 +99,9 @@ class InProcessModel:
         return run_session(self.open_session(frames, prompts, width=width, height=height))
 
     def gpu_memory_bytes(self) -> int | None:
+        return None
+
+    def gpu_budget(self) -> GpuBudget | None:
         return None
 
     def ensure_started(self) -> None:

@@ -64,6 +64,8 @@ class Health:
         self.broken: str | None = None
         self.redis_answering = True
         self._status: dict[str, Any] = {"state": "idle"}
+        self._jobs: dict[str, int] = {}  # the jobs held now (a worker with concurrency > 1 holds several): frames done
+        self._jobs_lock = threading.Lock()
         self._tick_at: float | None = None  # when the heartbeat last went round (monotonic)
         self._written_at: float | None = None  # when a write last reached Redis
         self._stop = threading.Event()
@@ -76,6 +78,22 @@ class Health:
     def beat(self, **status: Any) -> None:
         """What the key says from now on (the heartbeat thread writes it within a second)."""
         self._status = dict(status)
+
+    def job(self, job_id: str, frames_done: int) -> None:
+        """A held job's progress: the key says `busy`, with every held job's frames done under `jobs` (and
+        the latest one's as `job_id`/`frames_done`, as a single-job worker says it)."""
+        with self._jobs_lock:
+            self._jobs[job_id] = frames_done
+            self._status = {"state": "busy", "job_id": job_id, "frames_done": frames_done, "jobs": dict(self._jobs)}
+
+    def job_left(self, job_id: str) -> None:
+        """A job is no longer held: `idle` once none is."""
+        with self._jobs_lock:
+            self._jobs.pop(job_id, None)
+            if self._jobs:
+                self._status = {"state": "busy", "jobs": dict(self._jobs)}
+            else:
+                self._status = {"state": "idle"}
 
     def start(self) -> None:
         """Start the heartbeat thread (idempotent)."""

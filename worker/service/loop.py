@@ -27,6 +27,7 @@ restarted) hands its job back, marks its health key broken and exits non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -46,12 +47,15 @@ from worker.broker.claim import Entry, claim_expired, ensure_group, read_new
 from worker.broker.lease import Lease, is_nogroup
 from worker.broker.redis_client import worker_socket_timeout_s
 from worker.broker.scripts import Scripts
+from worker.model.process import ModelProcess
 from worker.model.segment import Segmenter
 from worker.service import entry
+from worker.service.capacity import pick_concurrency, refusal, slot_segmenters
 from worker.service.context import WorkerContext
 from worker.service.health import Health, Housekeeping, WorkerStats, peak_rss_mib
 from worker.service.metrics import WorkerMetrics
 from worker.service.shutdown import ForcedExit, Shutdown, Stopped
+from worker.service.slots import JobSlots
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +113,13 @@ class Worker:
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
                                  on_fatal=on_fatal, metrics=self.metrics)
         self._url = redact_url(settings.redis_url)
+        model_per_slot = isinstance(segmenter, ModelProcess)  # one session at a time in a model process
+        self.concurrency, why = pick_concurrency(settings, segmenter, model_per_slot=model_per_slot)
+        log.info("worker %s holds up to %d job(s) at once: %s", self.name, self.concurrency, why)
+        self.models = slot_segmenters(segmenter, self.concurrency, model_per_slot=model_per_slot,
+                                      start=lambda: ModelProcess(settings))
+        self.slots = JobSlots([dataclasses.replace(self.ctx, segmenter=m) for m in self.models])
+        self._refused: str | None = None  # why admission last refused a job (logged once per change)
 
     @property
     def keys(self) -> Keys:
@@ -187,14 +198,32 @@ class Worker:
                 backoff.sleep()
 
     def _claim(self, *, burst: bool) -> Entry | None:
-        """One idle step: refresh the health key, housekeeping, then an expired entry or a new one."""
-        self.health.beat(state="idle")
+        """One claiming step: housekeeping, then an expired entry or a new one. An expired entry one of this
+        worker's slots still holds (its lease ran out under a Redis outage) is not started twice."""
         self.housekeeping()
         claimed = claim_expired(self.client, self.keys, self.name, self.lease_ms)
-        if claimed is not None:
+        if claimed is not None and not self.slots.holds(claimed[0]):
             self.stats.reclaimed += 1
             return claimed
-        return read_new(self.client, self.keys, self.name, None if burst else self.settings.block_ms)
+        block_ms = None if burst or self.slots.busy else self.settings.block_ms  # a busy worker comes back soon
+        return read_new(self.client, self.keys, self.name, block_ms)
+
+    def _admitted(self) -> bool:
+        """A free slot and room on the device for one more session (worker/service/capacity.py); waits a
+        little when not."""
+        slots = self.slots
+        why = "" if slots.free_slot() is not None else "every slot busy"
+        if not why:
+            why = refusal([m.gpu_budget() for m in self.models], slots.busy) or ""
+            if why != (self._refused or ""):
+                if why:
+                    log.info("admission: %s", why)
+                elif self._refused and self._refused != "every slot busy":
+                    log.info("admission: room for another job again")
+        self._refused = why or None
+        if why:
+            slots.wait_for_change(0.5)
+        return not why
 
     def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
@@ -207,7 +236,11 @@ class Worker:
                          ", RANDOM WEIGHTS" if self.segmenter.random_weights else "", self.settings.lease_s,
                          self.settings.stall_s)
             while not self.shutdown.requested:
-                self.segmenter.ensure_started()  # a model process that died is restarted before a job is taken
+                if not self._admitted():
+                    continue
+                slot = self.slots.free_slot()
+                assert slot is not None
+                self.models[slot].ensure_started()  # a model process that died is restarted before a job is taken
                 try:
                     claimed = self._idle(lambda: self._claim(burst=burst), "claim")
                     backoff.reset()
@@ -232,23 +265,40 @@ class Worker:
                     self._idle_sleep(backoff)
                     continue
                 if claimed is None:
-                    if burst:
+                    if burst and not self.slots.busy:
                         log.info("nothing left to claim: burst mode exits after %d jobs", self.stats.jobs_done)
                         break
+                    if self.slots.busy:
+                        self.slots.wait_for_change(0.2 if burst else 0.05)
                     continue
                 if self.shutdown.requested:  # read as the shutdown came: left pending, reclaimed after its lease
                     break
-                if entry.handle(self.ctx, *claimed) == "redis":  # Redis failed under the job: back off first
+                self.slots.start(slot, *claimed)  # on this thread with one slot; else its own thread
+                if self.slots.take_redis_failed():  # Redis failed under a job: back off before claiming again
                     self._idle_sleep(backoff)
+            self._leave_slots()
         except ForcedExit:
+            self._leave_slots()
             log.warning("exiting at once")
         except WorkerBroken as e:
+            self.shutdown.force()  # every other job held is handed back
+            self._leave_slots(raise_trouble=False)
             self.health.mark_broken(str(e), min(2.0, self.settings.lease_s))
             raise
         finally:
             self.health.remove(min(0.5, self.settings.lease_s))
+            for model in self.models[1:]:  # the model processes this worker started for its other slots
+                model.close()
             log.info("worker %s exiting: %s; peak RSS %.0f MiB", self.name, self.stats, peak_rss_mib())
         return self.stats.jobs_done
+
+    def _leave_slots(self, *, raise_trouble: bool = True) -> None:
+        """Wait for every job held to finish or be handed back; then a slot's trouble is the worker's."""
+        if self.slots.busy:
+            log.info("waiting for %d job(s) held to finish or be handed back", self.slots.busy)
+        self.slots.join()
+        if self.slots.trouble is not None and raise_trouble:
+            raise self.slots.trouble
 
     def _idle_sleep(self, backoff: Backoff) -> None:
         with self.shutdown.idling():

@@ -176,7 +176,7 @@ class JobRunner:
 
         def published(n: int, skipped: int, latencies: list[float]) -> None:
             pub.lease.progress()
-            ctx.health.beat(state="busy", job_id=job.job_id, frames_done=n)
+            ctx.health.job(job.job_id, n)
             metrics.published(n, frames.announced_at, skipped=skipped, latencies=latencies)
 
         sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,

@@ -3,7 +3,7 @@
 The signal handler only writes the signal's number to a self-pipe (one `os.write`: no lock taken,
 nothing raised into whatever code the signal interrupted); the `signals` thread reads it and records
 what it means:
-  - while idle (no job held): stop at once; the loop abandons any wait on Redis, however hung;
+  - while idle (no job held; a worker holding several jobs is idle only once it holds none): stop at once; the loop abandons any wait on Redis, however hung;
   - the first while a job runs: stop taking jobs; the job gets grace_s, then it is handed back;
   - the second: hand the job back and exit now.
 The loop waits in `wait` and `call`, which a request ends at once. The job's threads learn of a shutdown
@@ -49,6 +49,7 @@ class Shutdown:
         self.forced = False
         self.deadline: float | None = None
         self.idle = False
+        self.held = 0  # jobs held now (a worker with concurrency > 1 holds several while its loop claims more)
         self._cond = threading.Condition()
 
     def install(self) -> None:
@@ -74,7 +75,7 @@ class Shutdown:
     def on_signal(self, name: str) -> None:
         """Record one SIGTERM or SIGINT (on the `signals` thread, never in the handler itself)."""
         with self._cond:
-            if self.idle:
+            if self.idle and not self.held:
                 self.requested = self.forced = True
                 log.warning("%s: idle, exiting now", name)
             elif self.requested:
@@ -94,6 +95,22 @@ class Shutdown:
             yield
         finally:
             self.idle = was_idle
+
+    def hold(self) -> None:
+        """A job is held from now on: a signal means finish it (grace), not leave at once."""
+        with self._cond:
+            self.held += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self.held -= 1
+            self._cond.notify_all()
+
+    def force(self) -> None:
+        """Hand back every job held and leave now (as a second signal does): a broken worker's way out."""
+        with self._cond:
+            self.requested = self.forced = True
+            self._cond.notify_all()
 
     def stop(self) -> None:
         """Take no more jobs; the current one, if any, runs to its end (no deadline)."""

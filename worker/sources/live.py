@@ -168,6 +168,7 @@ class SessionFrames:
     `max_cond_frames`: the prompted frames a session keeps in memory attention (worker/model/sam2_session.py)."""
 
     prefetch = LOOKAHEAD
+    realtime = True  # its frames age in real time: its session's turns on a shared model come first
 
     def __init__(self, live: LiveFrames) -> None:
         self.live = live

@@ -1,0 +1,67 @@
+"""Turns on a shared model: one session's step at a time, handed out fairly, live sessions first.
+
+Several jobs' sessions share one model in a worker with concurrency > 1 (worker/service/slots.py). A step
+(one frame through the model) needs the model to itself, so sessions take turns. A plain lock is not
+fair: the thread that just released it often takes it again before a waiting one wakes, so one job could
+run its whole video while another waits. Here every request gets a ticket, and the turn goes to the
+oldest ticket of the highest class: a live session (its frames age in real time: it has a latency budget,
+worker/sources/live.py) before a file job; file jobs take turns in the order they asked, so after each
+step a session queues behind every session already waiting (round robin). Live sessions can therefore
+hold the model as long as they have frames; file jobs fill what is left.
+
+`waited_s` says how long the turns took to come (for metrics and the fairness tests).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LIVE, FILE = 0, 1  # classes, in the order turns are given
+
+
+class FairTurns:
+    """One step at a time (not re-entrant), fairly (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queue: list[tuple[int, int]] = []  # (class, ticket): a heap
+        self._tickets = itertools.count()
+        self.turns = 0
+        self.waited_s = 0.0
+
+    @contextmanager
+    def turn(self, *, live: bool = False) -> Iterator[None]:
+        """Hold the model for one step; `live`: a live session's (served before any file job's)."""
+        t0 = time.monotonic()
+        ticket = (LIVE if live else FILE, next(self._tickets))
+        with self._cond:
+            heapq.heappush(self._queue, ticket)
+            try:
+                self._cond.wait_for(lambda: not self._busy and self._queue[0] == ticket)
+            except BaseException:  # interrupted while waiting: give up the ticket
+                self._queue.remove(ticket)
+                heapq.heapify(self._queue)
+                self._cond.notify_all()
+                raise
+            heapq.heappop(self._queue)
+            self._busy = True
+            self.turns += 1
+            self.waited_s += time.monotonic() - t0
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Sessions waiting for a turn now."""
+        with self._cond:
+            return len(self._queue)
