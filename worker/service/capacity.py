@@ -51,15 +51,17 @@ def pick_concurrency(settings: Settings, segmenter: Segmenter, *, model_per_slot
                + f": {k} jobs at once ({HEADROOM:.0%} of the free memory, at most {MAX_AUTO})")
 
 
-def refusal(budgets: Sequence[GpuBudget | None], busy: int) -> str | None:
-    """Why the worker must not take another job now (None: it may). `budgets`: its models' figures."""
+def refusal(budgets: Sequence[GpuBudget | None], busy: int, unopened: int = 0) -> str | None:
+    """Why the worker must not take another job now (None: it may). `budgets`: its models' figures;
+    `unopened`: jobs held whose sessions are not open yet, each charged one session's cost up front."""
     if busy == 0:
         return None
     known = [b for b in budgets if b is not None]
     if not known:
         return None
-    free = min(b.free_bytes for b in known)  # every figure is the whole device's: the latest is the lowest
-    need = int(max(b.session_bytes for b in known) * ADMIT_FACTOR)
+    session = max(b.session_bytes for b in known)
+    free = min(b.free_bytes for b in known) - unopened * session  # each figure is the whole device's
+    need = int(session * ADMIT_FACTOR)
     if free >= need:
         return None
     return (f"{free / MIB:.0f} MiB free on the GPU, a session needs about {need / MIB:.0f} MiB: holding {busy} "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class SlotState:
+    """One job slot's (worker/service/slots.py): whether its job has opened its session yet (until then its
+    memory is not in the device's free figure, so admission counts it apart: worker/service/capacity.py)."""
+
+    session_open: bool = False
+
+
+@dataclass
 class WorkerContext:
     settings: Settings
     client: redis.Redis
@@ -39,6 +47,7 @@ class WorkerContext:
     shutdown: Shutdown
     on_fatal: Callable[[str], None]  # the job's thread is wedged: leave now (called from a helper thread)
     metrics: WorkerMetrics
+    slot: SlotState = field(default_factory=SlotState)  # the slot this context runs jobs in
 
     @property
     def keys(self) -> Keys:

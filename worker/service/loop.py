@@ -214,7 +214,7 @@ class Worker:
         slots = self.slots
         why = "" if slots.free_slot() is not None else "every slot busy"
         if not why:
-            why = refusal([m.gpu_budget() for m in self.models], slots.busy) or ""
+            why = refusal([m.gpu_budget() for m in self.models], slots.busy, slots.unopened()) or ""
             if why != (self._refused or ""):
                 if why:
                     log.info("admission: %s", why)

@@ -212,6 +212,7 @@ class JobRunner:
                                                      self._first_prompts(resume), width=job.width, height=job.height,
                                                      start_frame=resume.seed_frame)
                 metrics.session_opened()
+                ctx.slot.session_open = True
                 feed.apply(session)  # prompts sent while the job was queued, replays
             for out in session or ():
                 assert session is not None

@@ -20,6 +20,7 @@ pass the fence.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from runtime.logs import ContextThread
 from schemas.errors import WorkerBroken
 from worker.broker.dead_letter import peek
 from worker.service import entry
-from worker.service.context import WorkerContext
+from worker.service.context import SlotState, WorkerContext
 from worker.service.shutdown import ForcedExit
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class JobSlots:
                  = entry.handle) -> None:
         if not contexts:
             raise ValueError("a worker needs at least one slot")
-        self.contexts = contexts
+        self.contexts = [dataclasses.replace(c, slot=SlotState()) for c in contexts]  # each slot its own state
         self.handle = handle
         self.shutdown = contexts[0].shutdown
         self.health = contexts[0].health
@@ -80,6 +81,11 @@ class JobSlots:
         with self._lock:
             return [h.job_id for h in self._held.values()]
 
+    def unopened(self) -> int:
+        """Jobs held whose session is not open yet (their memory is still to come)."""
+        with self._lock:
+            return sum(1 for k in self._held if not self.contexts[k].slot.session_open)
+
     def take_redis_failed(self) -> bool:
         failed, self.redis_failed = self.redis_failed, False
         return failed
@@ -93,6 +99,7 @@ class JobSlots:
                 raise RuntimeError(f"slot {slot} already holds entry {self._held[slot].entry_id}")
             held = Held(entry_id, job_id, None)
             self._held[slot] = held
+            self.contexts[slot].slot.session_open = False
         self.shutdown.hold()
         if self.size == 1:
             try:
