@@ -1,0 +1,231 @@
+"""Unit tier: fair turns on a shared model (worker/model/turns.py), how many jobs a worker takes and when
+(worker/service/capacity.py), and the job slots' bookkeeping (worker/service/slots.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from runtime.settings import Settings
+from schemas.errors import ConfigError, WorkerBroken
+from tests.fakes import ChaosHooks, ColourSegmenter
+from worker.model.segment import GpuBudget
+from worker.model.turns import FairTurns
+from worker.service.capacity import pick_concurrency, refusal, slot_segmenters
+from worker.service.context import SlotState
+from worker.service.shutdown import Shutdown
+from worker.service.slots import JobSlots
+
+MIB = 1024 * 1024
+
+
+def queue_behind(turns: FairTurns, order: list[str], name: str, *, live: bool) -> threading.Thread:
+    def run() -> None:
+        with turns.turn(live=live):
+            order.append(name)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def wait_waiting(turns: FairTurns, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while turns.waiting < n:
+        assert time.monotonic() < deadline, "threads did not queue"
+        time.sleep(0.001)
+
+
+def test_turns_go_in_the_order_asked_with_live_sessions_first() -> None:
+    turns = FairTurns()
+    order: list[str] = []
+    threads = []
+    with turns.turn():  # the model is busy while four sessions queue, in this order
+        for k, (name, live) in enumerate([("file-a", False), ("file-b", False), ("live-c", True), ("live-d", True)]):
+            threads.append(queue_behind(turns, order, name, live=live))
+            wait_waiting(turns, k + 1)
+    for t in threads:
+        t.join(5)
+    assert order == ["live-c", "live-d", "file-a", "file-b"]
+    assert turns.turns == 5
+
+
+def test_a_session_asking_again_goes_behind_those_waiting() -> None:
+    """Round robin: two sessions stepping in a loop alternate instead of one taking every turn."""
+    turns = FairTurns()
+    order: list[str] = []
+    start = threading.Barrier(2)
+
+    def session(name: str) -> None:
+        start.wait()
+        for _ in range(20):
+            with turns.turn():
+                order.append(name)
+                time.sleep(0.001)
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    runs = sum(1 for x, y in zip(order, order[1:]) if x == y)
+    assert sorted(order) == ["a"] * 20 + ["b"] * 20
+    assert runs <= 2, order  # after the first turns they strictly alternate
+
+
+def test_an_interrupted_wait_gives_its_ticket_up() -> None:
+    turns = FairTurns()
+    holder = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with turns.turn():
+            holder.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    holder.wait(5)
+    cond_wait = turns._cond.wait_for  # noqa: SLF001 - the wait is interrupted as a KeyboardInterrupt would
+
+    def interrupted(*_: Any, **__: Any) -> bool:
+        raise KeyboardInterrupt
+
+    turns._cond.wait_for = interrupted  # type: ignore[method-assign]  # noqa: SLF001
+    with pytest.raises(KeyboardInterrupt), turns.turn():
+        pass
+    turns._cond.wait_for = cond_wait  # type: ignore[method-assign]  # noqa: SLF001
+    assert turns.waiting == 0
+    release.set()
+    t.join(5)
+    with turns.turn():  # nothing left behind blocks the next
+        pass
+
+
+def test_concurrency_set_is_taken_as_it_is_and_checked() -> None:
+    k, why = pick_concurrency(Settings(concurrency=5), ChaosHooks(ColourSegmenter()), model_per_slot=False)
+    assert (k, why) == (5, "set by concurrency (VSEG_CONCURRENCY or --concurrency)")
+    with pytest.raises(ConfigError, match=r"concurrency \(VSEG_CONCURRENCY\) must be 0..64"):
+        Settings(concurrency=-1)
+    with pytest.raises(ConfigError, match="must be 0..64"):
+        Settings.load(environ={"VSEG_CONCURRENCY": "65"}, config_path=None)
+
+
+def test_default_concurrency_on_cpu_is_one_and_on_cuda_what_fits() -> None:
+    cpu = ChaosHooks(ColourSegmenter())
+    assert pick_concurrency(Settings(), cpu, model_per_slot=False)[0] == 1
+    gpu = ChaosHooks(ColourSegmenter(), gpu_mib=(10_000, 1_000))
+    k, why = pick_concurrency(Settings(), gpu, model_per_slot=False)
+    assert k == 8 and "10000 MiB free" in why and "1000 MiB" in why  # 80% of 10 GB in 1 GB sessions
+    big = ChaosHooks(ColourSegmenter(), gpu_mib=(1_000_000, 100))
+    assert pick_concurrency(Settings(), big, model_per_slot=False)[0] == 16  # capped
+    tiny = ChaosHooks(ColourSegmenter(), gpu_mib=(500, 1_000))
+    assert pick_concurrency(Settings(), tiny, model_per_slot=False)[0] == 1  # always at least one
+
+
+def test_default_concurrency_with_a_model_process_per_slot_counts_each_model() -> None:
+    class Budgeted(ChaosHooks):
+        def gpu_budget(self) -> GpuBudget | None:
+            return GpuBudget(10_000 * MIB, 1_000 * MIB, 1_500 * MIB)
+
+    k, why = pick_concurrency(Settings(), Budgeted(ColourSegmenter()), model_per_slot=True)
+    assert k == 4  # 8000 MiB / 2500 MiB = 3 more models and sessions, plus the first model's slot
+    assert "plus a model process of 1500 MiB per slot" in why
+
+
+def test_refusal_leaves_room_for_one_more_session_and_counts_sessions_still_to_open() -> None:
+    budget = GpuBudget(1_000 * MIB, 300 * MIB, 0)
+    assert refusal([budget], busy=0) is None  # a worker holding nothing always takes a job
+    assert refusal([None], busy=3) is None  # no GPU: nothing to run out of
+    assert refusal([budget], busy=1) is None  # 1000 >= 450
+    assert refusal([budget], busy=1, unopened=1) is None  # 700 >= 450
+    why = refusal([budget], busy=2, unopened=2)
+    assert why is not None and "400 MiB free on the GPU, a session needs about 450 MiB: holding 2 job(s)" in why
+    low = GpuBudget(200 * MIB, 300 * MIB, 0)
+    assert refusal([budget, low], busy=1) is not None  # the lowest free figure counts (the latest)
+
+
+def test_slot_segmenters_share_one_model_or_start_one_per_slot_and_clean_up_on_failure() -> None:
+    first = ChaosHooks(ColourSegmenter())
+    assert slot_segmenters(first, 3, model_per_slot=False, start=lambda: pytest.fail("nothing to start")) == [first] * 3
+    started: list[ChaosHooks] = []
+    closed: list[ChaosHooks] = []
+
+    class Closing(ChaosHooks):
+        def close(self) -> None:
+            closed.append(self)
+
+    def start() -> ChaosHooks:
+        if len(started) == 2:
+            raise RuntimeError("no more GPU")
+        started.append(Closing(ColourSegmenter()))
+        return started[-1]
+
+    assert len(slot_segmenters(first, 3, model_per_slot=True, start=start)) == 3
+    started.clear()
+    with pytest.raises(RuntimeError, match="no more GPU"):
+        slot_segmenters(first, 4, model_per_slot=True, start=start)
+    assert closed == started  # those started before the failure are closed again
+
+
+@dataclasses.dataclass
+class Ctx:
+    """The parts of a WorkerContext JobSlots touches."""
+
+    shutdown: Shutdown
+    health: Any
+    slot: SlotState = dataclasses.field(default_factory=SlotState)
+
+
+class NoHealth:
+    def job_left(self, job_id: str) -> None:
+        pass
+
+
+def slots_of(n: int, handle: Any) -> JobSlots:
+    shutdown = Shutdown(1.0)
+    return JobSlots([Ctx(shutdown, NoHealth()) for _ in range(n)], handle=handle)  # type: ignore[misc]
+
+
+def test_slots_run_entries_on_their_own_threads_and_never_hold_one_twice() -> None:
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def handle(ctx: Any, entry_id: str, fields: dict[Any, Any]) -> str:
+        ran.append(entry_id)
+        gate.wait(5)
+        return "ok"
+
+    slots = slots_of(2, handle)
+    slots.start(0, "1-0", {})
+    assert slots.holds("1-0") and not slots.holds("2-0") and slots.free_slot() == 1
+    slots.start(1, "2-0", {})
+    assert slots.free_slot() is None and slots.busy == 2 and slots.shutdown.held == 2
+    with pytest.raises(RuntimeError, match="already holds"):
+        slots.start(0, "3-0", {})
+    gate.set()
+    slots.join()
+    assert sorted(ran) == ["1-0", "2-0"] and slots.busy == 0 and slots.shutdown.held == 0
+
+
+def test_a_broken_slot_stops_the_others_and_redis_failures_are_noted() -> None:
+    def handle(ctx: Any, entry_id: str, fields: dict[Any, Any]) -> str:
+        if entry_id == "broken":
+            raise WorkerBroken("the model process cannot be started again")
+        if entry_id == "redis":
+            return "redis"
+        ctx.shutdown.wait(lambda: ctx.shutdown.forced, 5)  # a sibling: runs until told to leave
+        return "ok"
+
+    slots = slots_of(3, handle)
+    slots.start(0, "redis", {})
+    slots.start(1, "sibling", {})
+    slots.start(2, "broken", {})
+    slots.join()
+    assert isinstance(slots.trouble, WorkerBroken)
+    assert slots.shutdown.forced  # the sibling was told to hand back
+    assert slots.take_redis_failed() and not slots.take_redis_failed()
