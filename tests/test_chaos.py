@@ -4,7 +4,8 @@ and restart, one outage of three leases (stopped, then started on the same port)
 leases (SIGSTOP: the socket stays open and nothing answers) during which a worker gets SIGTERM and
 must exit within grace + one lease. Then the faults stop. Every job must be in exactly one terminal
 state within a bound after the last fault, and every completed job's frames complete and unique, in
-order."""
+order. Run with one job a worker and with two (`--concurrency 2`: a worker killed or frozen holds two jobs,
+and a SIGTERM hands both back)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ SIZE = (64, 48)
 TERMINAL = {"completed", "failed", "cancelled", "dead"}
 
 
-def test_chaos(tmp_path: Path, storage_root: Path) -> None:
+@pytest.mark.parametrize("concurrency", [1, 2], ids=["one-job-a-worker", "two-jobs-a-worker"])
+def test_chaos(tmp_path: Path, storage_root: Path, concurrency: int) -> None:
     rng = random.Random(7)
     server = RedisServer(data_dir=tmp_path / "redis", appendonly=True)
     server.data_dir.mkdir()
@@ -49,7 +51,7 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
     for i in range(JOBS):
         submit(video, [ObjectPrompt(1, 0, ((x, y),), (1,))], settings=settings, client=client, job_id=f"c{i:02d}")
 
-    extra = ["--max-attempts", "8", "--grace", str(GRACE_S)]
+    extra = ["--max-attempts", "8", "--grace", str(GRACE_S), "--concurrency", str(concurrency)]
 
     def model_env(i: int) -> dict[str, str]:  # worker 1's model runs in a child process, as on CUDA
         return {"VSEG_MODEL_PROCESS": "on" if i == 1 else "off"}
@@ -150,7 +152,7 @@ def test_chaos(tmp_path: Path, storage_root: Path) -> None:
     reclaims = logs.count("reclaimed job entry")
     duplicates = logs.count("Redis rejected the duplicate")
     lost = logs.count("lease lost")
-    print(f"\nchaos: {JOBS} jobs x {FRAMES} frames, 3 workers, {kills} kill -9, {stops} SIGSTOP/SIGCONT, "
+    print(f"\nchaos: {JOBS} jobs x {FRAMES} frames, 3 workers holding {concurrency} each, {kills} kill -9, {stops} SIGSTOP/SIGCONT, "
           f"redis faults {redis_faults} (SIGTERM to exit {sigterm_exit_s}); outcomes {outcomes}; reclaims {reclaims}, "
           f"duplicates rejected {duplicates}, leases lost {lost}; all terminal {settle_s:.1f} s after the last fault; "
           f"{elapsed:.1f} s")
