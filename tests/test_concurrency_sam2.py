@@ -58,7 +58,7 @@ def run_jobs(model: Sam2Segmenter, settings: Settings, client: redis.Redis, tmp_
     thread.start()
     thread.join(300)
     assert not thread.is_alive(), "the worker did not finish its jobs"
-    for clip, job_id in jobs.items():
+    for job_id in jobs.values():
         state = client.hget(settings.keys.job(job_id), "state")
         assert state == b"completed", (job_id, state)
     return {clip: results(client, settings, job_id) for clip, job_id in jobs.items()}
