@@ -41,7 +41,7 @@ from worker.model.proposals import Proposal
 from worker.model.segment import FrameMasks, GpuBudget, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
 from worker.model.turns import FairTurns
-from worker.sources.frames import FrameSource
+from worker.sources.frames import FrameSource, frame_ready
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +211,13 @@ class ChaosHooks(InProcessModel):
         free, each = self.gpu_mib
         return GpuBudget((free - each * self.open_sessions) * MIB, each * MIB, 0)
 
-    def _wait(self, live: bool = False) -> None:
+    def _wait(self, live: bool = False, ready: bool = False) -> None:
+        """One step's time, in a turn; `ready`: a live session's next frame is there (it holds the model)."""
         if self.delay_s <= 0:
             return
-        with self.turns.turn(live=live):
+        with self.turns.turn(live=live) as turn:
             self._spend()
+            turn.hold = ready
 
     def _spend(self) -> None:
         if not self.busy:
@@ -232,14 +234,15 @@ class ChaosHooks(InProcessModel):
         faults = self.faults.get(job) or self.faults.get("*") or Faults()
         inner = self.inner.open_session(frames, prompts, width=width, height=height, start_frame=start_frame)
         self.open_sessions += 1
-        return ChaosSession(self, inner, job, faults, live=bool(getattr(frames, "realtime", False)))
+        return ChaosSession(self, inner, job, faults, frames)
 
 
 class ChaosSession:
     """An inner session's frames, with its job's faults injected."""
 
-    def __init__(self, hooks: ChaosHooks, inner: Session, job: str, faults: Faults, live: bool = False) -> None:
-        self.hooks, self.inner, self.job, self.faults, self.live = hooks, inner, job, faults, live
+    def __init__(self, hooks: ChaosHooks, inner: Session, job: str, faults: Faults, frames: FrameSource) -> None:
+        self.hooks, self.inner, self.job, self.faults, self.frames = hooks, inner, job, faults, frames
+        self.live = bool(getattr(frames, "realtime", False))  # a live job's frames: its turns come first
         self._closed = False
 
     obj_ids = property(lambda self: self.inner.obj_ids)
@@ -257,7 +260,7 @@ class ChaosSession:
 
     def __next__(self) -> FrameMasks:
         out = next(self.inner)
-        self.hooks._wait(self.live)
+        self.hooks._wait(self.live, self.live and frame_ready(self.frames, self.inner.position))
         if out.frame_idx == self.faults.crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if out.frame_idx == self.faults.transient_at and self.job not in self.hooks._transient_done:

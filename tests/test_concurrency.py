@@ -239,3 +239,51 @@ def test_health_key_lists_every_job_held(
                  and json.loads(raw)["state"] == "idle", timeout_s=10 + time.monotonic() - t0, what="idle again")
     finally:
         stop(w)
+
+
+def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """One worker, two jobs: a file job of 400 frames and a 30 fps live source whose frames need 75% of the
+    shared model's turns. Fair turns alone would give the live job half and make it skip a third of its
+    frames; live turns come first, so it skips (almost) none and stays within its budget, while the file
+    job goes on with what is left and completes."""
+    import dataclasses
+    import threading
+
+    from producer.live_submit import submit_live
+    from tests.fakes import ChaosHooks, ColourSegmenter
+    from tests.videos import disc_prompt
+    from worker.service.loop import Worker
+
+    fps, live_n = 30, 90
+    live_settings = dataclasses.replace(settings, max_latency_s=0.5, live_segment_s=1.0, producer_ttl_s=3.0,
+                                        concurrency=2)
+    camera = make_video(tmp_path / "camera.mp4", num_frames=live_n, size_wh=SIZE, fps=fps)
+    long_video = make_video(tmp_path / "long.mp4", num_frames=400, size_wh=SIZE, fps=10)
+    submit(long_video, prompt(), settings=live_settings, client=redis_client, job_id="batch", render=False)
+    worker = Worker(settings=live_settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=0.025),
+                    client=redis_client, name="mixed")
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: frames_done(redis_client, live_settings, "batch") >= 5, what="the file job runs")
+        before = frames_done(redis_client, live_settings, "batch")
+        submit_live(camera, [disc_prompt(1, 0, live_n, SIZE)], settings=live_settings, job_id="cam", realtime=True,
+                    render=False)
+        wait_for(lambda: state(redis_client, live_settings, "cam").get("state") == "completed", timeout_s=30,
+                 what="the live job completes")
+        during = frames_done(redis_client, live_settings, "batch") - before
+        thread.join(60)
+    finally:
+        worker.stopping = True
+        thread.join(10)
+    frames = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.results("cam")))
+              if isinstance(m, messages.FrameResult)]
+    assert [f.frame_idx for f in frames] == list(range(live_n))
+    skipped = sum(1 for f in frames if f.skipped)
+    assert skipped <= live_n // 10, f"{skipped} of {live_n} live frames skipped"
+    latencies = [f.latency_s for f in frames if f.latency_s is not None]
+    assert latencies and max(latencies) <= live_settings.max_latency_s + 0.25, max(latencies)
+    assert during > 0, "the file job got no turn while the live job ran"
+    assert state(redis_client, live_settings, "batch")["state"] == "completed"

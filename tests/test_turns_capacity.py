@@ -90,20 +90,36 @@ def test_an_interrupted_wait_gives_its_ticket_up() -> None:
     t = threading.Thread(target=hold)
     t.start()
     holder.wait(5)
-    cond_wait = turns._cond.wait_for  # noqa: SLF001 - the wait is interrupted as a KeyboardInterrupt would
+    cond_wait = turns._cond.wait  # noqa: SLF001 - the wait is interrupted as a KeyboardInterrupt would
 
     def interrupted(*_: Any, **__: Any) -> bool:
         raise KeyboardInterrupt
 
-    turns._cond.wait_for = interrupted  # type: ignore[method-assign]  # noqa: SLF001
+    turns._cond.wait = interrupted  # type: ignore[method-assign]  # noqa: SLF001
     with pytest.raises(KeyboardInterrupt), turns.turn():
         pass
-    turns._cond.wait_for = cond_wait  # type: ignore[method-assign]  # noqa: SLF001
+    turns._cond.wait = cond_wait  # type: ignore[method-assign]  # noqa: SLF001
     assert turns.waiting == 0
     release.set()
     t.join(5)
     with turns.turn():  # nothing left behind blocks the next
         pass
+
+
+def test_a_live_session_with_its_next_frame_ready_keeps_the_model_between_two_steps() -> None:
+    """A file job waiting does not slip into the gap between a live session's steps when the live one said
+    it comes straight back; it does once the live session's turn ends without a hold."""
+    turns = FairTurns()
+    order: list[str] = []
+    with turns.turn(live=True) as turn:
+        file_job = queue_behind(turns, order, "file", live=False)
+        wait_waiting(turns, 1)
+        turn.hold = True
+    time.sleep(0.002)  # the live session's own work between two steps, shorter than the hold
+    with turns.turn(live=True) as turn:
+        order.append("live")  # no hold this time: its source has nothing new
+    file_job.join(5)
+    assert order == ["live", "file"]
 
 
 def test_concurrency_set_is_taken_as_it_is_and_checked() -> None:

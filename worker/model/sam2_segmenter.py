@@ -29,7 +29,7 @@ from worker.model.proposals import Sam2Proposer
 from worker.model.sam2_session import Sam2Session
 from worker.model.segment import GpuBudget, InProcessModel
 from worker.model.session import Prompt
-from worker.model.turns import FairTurns
+from worker.model.turns import FairTurns, Turn
 from worker.sources.frames import DirFrames, FrameSource
 
 SESSION_MARGIN = 2  # the warm-up's session (one object, 64x48) times this: a real video's session (gpu_budget)
@@ -95,12 +95,12 @@ class Sam2Segmenter(InProcessModel):
         return Sam2Session(self, frames, prompts, width=width, height=height, start_frame=start_frame)
 
     @contextlib.contextmanager
-    def stepping(self, *, live: bool = False) -> Iterator[None]:
+    def stepping(self, *, live: bool = False) -> Iterator[Turn]:
         """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first),
         its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
-        with self.turns.turn(live=live), graphed, torch.inference_mode(), self._autocast():
-            yield
+        with self.turns.turn(live=live) as turn, graphed, torch.inference_mode(), self._autocast():
+            yield turn
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.torch_device.type == "cuda":

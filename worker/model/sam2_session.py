@@ -38,7 +38,8 @@ from worker.model.encoder_batch import BatchedFeatures
 from worker.model.frame_masks import FrameMasks
 from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.session import MaskPrompt, Prompt, SessionBase
-from worker.sources.frames import FrameSource
+from worker.model.turns import Turn
+from worker.sources.frames import FrameSource, frame_ready
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class SharedModel(Protocol):
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
-    def stepping(self, *, live: bool = False) -> AbstractContextManager[None]: ...
+    def stepping(self, *, live: bool = False) -> AbstractContextManager[Turn]: ...
 
 
 class Sam2Session(SessionBase):
@@ -96,8 +97,11 @@ class Sam2Session(SessionBase):
         return self.frames.total
 
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
-        with self.model.stepping(live=self.live):
-            return next(frames)
+        self.frames.wait(self._position)  # the next frame, waited for before the turn: other jobs step meanwhile
+        with self.model.stepping(live=self.live) as turn:
+            out = next(frames)
+            turn.hold = self.live and frame_ready(self.frames, self._position)
+            return out
 
     # ---- propagation ------------------------------------------------------------------------------
     def _run(self) -> Iterator[FrameMasks]:

@@ -6,8 +6,14 @@ fair: the thread that just released it often takes it again before a waiting one
 run its whole video while another waits. Here every request gets a ticket, and the turn goes to the
 oldest ticket of the highest class: a live session (its frames age in real time: it has a latency budget,
 worker/sources/live.py) before a file job; file jobs take turns in the order they asked, so after each
-step a session queues behind every session already waiting (round robin). Live sessions can therefore
-hold the model as long as they have frames; file jobs fill what is left.
+step a session queues behind every session already waiting (round robin).
+
+Between two steps a session's thread publishes the frame it got; a file job waiting would take the model
+in that gap every time, and a live session would get only every other turn. So a live session that ends
+its turn with its next frame already there (`Turn.hold`) keeps the model for LIVE_HOLD_S: a file job
+waits that long for it to come back, a live session takes it at once. A live session waiting for its
+source holds nothing (sessions wait for frames before they ask for a turn). Live sessions therefore have
+the model as long as they have frames; file jobs fill what is left.
 
 `waited_s` says how long the turns took to come (for metrics and the fairness tests).
 """
@@ -22,6 +28,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 LIVE, FILE = 0, 1  # classes, in the order turns are given
+LIVE_HOLD_S = 0.01  # how long a live session with its next frame ready keeps the model between two steps
+
+
+class Turn:
+    """One turn; `hold = True` before it ends: a live session comes straight back (see the module doc)."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.hold = False
 
 
 class FairTurns:
@@ -32,18 +47,30 @@ class FairTurns:
         self._busy = False
         self._queue: list[tuple[int, int]] = []  # (class, ticket): a heap
         self._tickets = itertools.count()
+        self._held_until = 0.0  # a live session's hold (monotonic): file jobs wait until then
         self.turns = 0
         self.waited_s = 0.0
 
+    def _mine(self, ticket: tuple[int, int]) -> bool:
+        if self._busy or self._queue[0] != ticket:
+            return False
+        return ticket[0] == LIVE or time.monotonic() >= self._held_until
+
+    def _wait(self, ticket: tuple[int, int]) -> None:
+        while not self._mine(ticket):
+            held_s = self._held_until - time.monotonic()
+            self._cond.wait(timeout=held_s if held_s > 0 and not self._busy else None)
+
     @contextmanager
-    def turn(self, *, live: bool = False) -> Iterator[None]:
+    def turn(self, *, live: bool = False) -> Iterator[Turn]:
         """Hold the model for one step; `live`: a live session's (served before any file job's)."""
         t0 = time.monotonic()
         ticket = (LIVE if live else FILE, next(self._tickets))
+        current = Turn(live)
         with self._cond:
             heapq.heappush(self._queue, ticket)
             try:
-                self._cond.wait_for(lambda: not self._busy and self._queue[0] == ticket)
+                self._wait(ticket)
             except BaseException:  # interrupted while waiting: give up the ticket
                 self._queue.remove(ticket)
                 heapq.heapify(self._queue)
@@ -54,10 +81,11 @@ class FairTurns:
             self.turns += 1
             self.waited_s += time.monotonic() - t0
         try:
-            yield
+            yield current
         finally:
             with self._cond:
                 self._busy = False
+                self._held_until = time.monotonic() + LIVE_HOLD_S if current.live and current.hold else 0.0
                 self._cond.notify_all()
 
     @property

@@ -71,6 +71,13 @@ class FrameSource(Protocol):
     def __iter__(self) -> Iterator[int]: ...
 
 
+def frame_ready(frames: FrameSource, frame_idx: int) -> bool:
+    """Whether `frame_idx` can be read without waiting, as far as `frames` can tell without asking Redis
+    (a source that cannot tell says no)."""
+    ready = getattr(frames, "ready", None)
+    return bool(ready(frame_idx)) if ready is not None else False
+
+
 class _Base:
     dir: Path
     check: Callable[[], None]

@@ -86,6 +86,13 @@ class LiveFrames:
         with self._lock:
             return self._first_kept + len(self._picked)
 
+    def ready(self, session_frame: int) -> bool:
+        """Whether `pick_through(session_frame)` would return without waiting for the source (as last read)."""
+        with self._lock:
+            if session_frame < self._first_kept + len(self._picked):
+                return True
+            return session_frame == self._first_kept + len(self._picked) and self.streamed.available > self._next
+
     # ---- picking ----------------------------------------------------------------------------------
     def pick_through(self, session_frame: int) -> bool:
         """Make sure session frames up to `session_frame` are picked; False once the source has ended first."""
@@ -187,6 +194,10 @@ class SessionFrames:
 
     def wait(self, frame_idx: int) -> bool:
         return frame_idx >= 0 and self.live.pick_through(frame_idx)
+
+    def ready(self, frame_idx: int) -> bool:
+        """Session frame j is picked, or a frame of the source not yet picked is announced (no Redis call)."""
+        return self.live.ready(frame_idx)
 
     def path(self, frame_idx: int) -> Path:
         """Session frame j's JPEG (picked now if it was not: a resumed session reads its seed frame first)."""
