@@ -79,7 +79,8 @@ def build_segmenter(settings: Settings) -> Segmenter:
     log.info("loaded sam2.1-%s on %s (image size %d, checkpoint %s)", preset.name, device, predictor.image_size,
              ckpt or "random")
     segmenter = Sam2Segmenter(predictor, name=f"sam2.1-{preset.name}", random_weights=random_weights,
-                              encoder_batch=settings.encoder_batch, cuda_graphs=settings.cuda_graphs == "on")
+                              encoder_batch=settings.encoder_batch, cuda_graphs=settings.cuda_graphs == "on",
+                              session_batch=settings.session_batch)
     log.info("warming the model up on a short synthetic clip (one-time costs and, on CUDA, the graphs' capture, "
              "kept out of the first job)")
     log.info("warmed up in %.2f s", segmenter.warm_up())

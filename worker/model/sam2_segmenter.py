@@ -25,6 +25,7 @@ from schemas.errors import ConfigError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
 from worker.model.cuda_graphs import GraphCache, graphed_modules
+from worker.model.encoder_batch import EncoderPool
 from worker.model.proposals import Sam2Proposer
 from worker.model.sam2_session import Sam2Session
 from worker.model.segment import GpuBudget, InProcessModel
@@ -50,11 +51,12 @@ class Sam2Segmenter(InProcessModel):
     """Segmenter over a loaded SAM2VideoPredictor."""
 
     def __init__(self, predictor: Any, *, name: str, random_weights: bool, prune: bool = True,
-                 encoder_batch: int = 2, cuda_graphs: bool = True) -> None:
+                 encoder_batch: int = 2, cuda_graphs: bool = True, session_batch: int = 1) -> None:
         if encoder_batch < 1:
             raise ConfigError(f"encoder_batch must be >= 1, but got {encoder_batch}")
         self.predictor = predictor
         self.encoder_batch = encoder_batch
+        self.pool = EncoderPool(max(session_batch, encoder_batch) if session_batch > 1 else 1)  # across sessions
         self.name = name
         self.random_weights = random_weights
         self.prune = prune

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from schemas.errors import PromptError
-from worker.model.encoder_batch import BatchedFeatures
+from worker.model.encoder_batch import BatchedFeatures, EncoderPool
 from worker.model.frame_masks import FrameMasks
 from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.session import MaskPrompt, Prompt, SessionBase
@@ -51,6 +51,7 @@ class SharedModel(Protocol):
     torch_device: torch.device
     graphs: Any  # worker.model.cuda_graphs.GraphCache, or None (eager)
     encoder_batch: int
+    pool: EncoderPool  # frames of sessions waiting for their turn, encoded with the current one's
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
@@ -69,7 +70,8 @@ class Sam2Session(SessionBase):
         self.width, self.height = width, height
         self.images = LazyFrames(frames, self.predictor.image_size, model.torch_device)
         encode = model.graphs.image if model.graphs is not None else self.predictor.forward_image
-        self.features = BatchedFeatures(self.images, encode, model.torch_device, batch=model.encoder_batch)
+        self.features = BatchedFeatures(self.images, encode, model.torch_device, batch=model.encoder_batch,
+                                        pool=model.pool)
         self.state = self._new_state()
         self.peak_frames_held = 0
         # A live session runs for days and is prompted again and again (prompts, automatic prompts): SAM 2 reads
@@ -98,10 +100,15 @@ class Sam2Session(SessionBase):
 
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
         self.frames.wait(self._position)  # the next frame, waited for before the turn: other jobs step meanwhile
-        with self.model.stepping(live=self.live) as turn:
-            out = next(frames)
-            turn.hold = self.live and frame_ready(self.frames, self._position)
-            return out
+        self.features.offer(self._position)  # encoded in another session's pass if one runs first
+        try:
+            with self.model.stepping(live=self.live) as turn:
+                self.features.withdraw()
+                out = next(frames)
+                turn.hold = self.live and frame_ready(self.frames, self._position)
+                return out
+        finally:
+            self.features.withdraw()
 
     # ---- propagation ------------------------------------------------------------------------------
     def _run(self) -> Iterator[FrameMasks]:
