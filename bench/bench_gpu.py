@@ -84,7 +84,20 @@ def run_driver(seg: Sam2Segmenter, frames_dir: Path, num_frames: int, point: tup
             "load_ms": stats["load_ms"], "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20}
 
 
-RUNS = ("bare", "driver", "driver eager", "service", "service eager", "masks only", "staged", "one process")
+RUNS = ("bare", "driver", "driver eager", "driver compiled", "service", "service eager", "masks only", "staged",
+        "one process")
+COMPILED = ("image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder", "sam_prompt_encoder")
+
+
+def compiled_predictor(image_size: int) -> object:
+    """Another predictor (same seed, so the same random weights) whose per-frame modules run through
+    torch.compile(mode="max-autotune") instead of our CUDA graphs (issue 16 asks for the comparison)."""
+    torch.manual_seed(0)
+    predictor = build_predictor(get_preset("tiny"), None, device="cuda", image_size=image_size)
+    for name in COMPILED:
+        module = getattr(predictor, name)
+        module.forward = torch.compile(module.forward, mode="max-autotune", dynamic=False)
+    return predictor
 DEFAULT_RUNS = "bare,driver,driver eager,service,service eager,masks only,staged"
 
 
@@ -112,6 +125,7 @@ def main() -> None:
           f"{args.image_size}, one object (point {point_s} on frame 0); {args.repeats} interleaved rounds, medians")
     print("runs: bare = SAM 2's own loop, frames already on the GPU, eager (the target's base); driver = our "
           "driver in this process (CUDA graphs on, the default), driver eager = the same with cuda_graphs off; "
+          "driver compiled = cuda_graphs off and the per-frame modules through torch.compile(max-autotune); "
           "service = the whole service (model process and CUDA graphs: the defaults), service eager = with "
           "VSEG_CUDA_GRAPHS=off, masks only = without the MP4, staged = video decoded and queued before the "
           "worker starts (producer not running beside the model), one process = VSEG_MODEL_PROCESS=off", flush=True)
@@ -120,6 +134,9 @@ def main() -> None:
     segs = {"driver": Sam2Segmenter(predictor, name="tiny", random_weights=True, encoder_batch=args.encoder_batch),
             "driver eager": Sam2Segmenter(predictor, name="tiny", random_weights=True,
                                           encoder_batch=args.encoder_batch, cuda_graphs=False)}
+    if "driver compiled" in wanted:
+        segs["driver compiled"] = Sam2Segmenter(compiled_predictor(args.image_size), name="tiny", random_weights=True,
+                                                encoder_batch=args.encoder_batch, cuda_graphs=False)
     for name, seg in segs.items():
         if name in wanted:
             print(f"{name}: warmed up in {seg.warm_up():.1f} s", flush=True)

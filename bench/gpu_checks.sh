@@ -7,6 +7,10 @@
 #      imageio-ffmpeg package (a static build; bench/common.py says which one ran).
 #   4. bench_live.py --device cuda --image-size 1024 --size 1920x1080: one 1080p30 live source (ffmpeg on PATH
 #      serves it over TCP) for LIVE_MINUTES (3): target no skips and a capture-to-result p95 under 100 ms.
+#   5. bench_concurrency.py on CUDA (tiny at 1024, 1920x1080): aggregate frames/s for K = 1, 2, 4, 8 jobs on one
+#      worker, shared model (with and without batching across jobs) against a model process per slot
+#      (targets: K=8 at least 4x K=1); then how many 30 fps one-object live streams one GPU holds with no skips.
+#   6. bench_gpu.py --runs "driver,driver compiled": torch.compile(mode="max-autotune") against our CUDA graphs.
 # Usage: bash bench/gpu_checks.sh OUTDIR [VIDEO]   (python3 must have torch with CUDA and this
 # project's dependencies; VIDEO defaults to ../shared/videos/bedroom.mp4)
 set -uo pipefail
@@ -29,5 +33,14 @@ echo "bench_service rc=$?" | tee -a "$out/bench_service_cuda.log"
 timeout "${LIVE_BENCH_S:-360}" "$PY" bench/bench_live.py --device cuda --image-size 1024 --size 1920x1080 \
   --minutes "${LIVE_MINUTES:-3}" --max-latency 2 > "$out/bench_live_cuda.log" 2>&1
 echo "bench_live rc=$?" | tee -a "$out/bench_live_cuda.log"
-grep -h -E "passed|failed|round|median|frames/s|first result|bare|plain|rc=|latency|frames:|growth" "$out"/*.log \
+timeout "${CONCURRENCY_BENCH_S:-600}" "$PY" bench/bench_concurrency.py --device cuda --image-size 1024 \
+  --size 1920x1080 --frames 120 --ks 1,2,4,8 --repeats 1 > "$out/bench_concurrency_cuda.log" 2>&1
+echo "bench_concurrency rc=$?" | tee -a "$out/bench_concurrency_cuda.log"
+timeout "${STREAMS_BENCH_S:-600}" "$PY" bench/bench_concurrency.py --device cuda --image-size 1024 \
+  --size 1920x1080 --modes "${STREAMS_MODE:-processes}" --streams 1,4,8,16,24,32,50 > "$out/bench_streams_cuda.log" 2>&1
+echo "bench_concurrency --streams rc=$?" | tee -a "$out/bench_streams_cuda.log"
+timeout "${COMPILE_BENCH_S:-900}" "$PY" bench/bench_gpu.py --video "$video" --repeats 2 --frames 200 \
+  --runs "driver,driver compiled" > "$out/bench_compile.log" 2>&1
+echo "bench_gpu compile rc=$?" | tee -a "$out/bench_compile.log"
+grep -h -E "K=|streams:|passed|failed|round|median|frames/s|first result|bare|plain|rc=|latency|frames:|growth" "$out"/*.log \
   | grep -v "propagate in video"
