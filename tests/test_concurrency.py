@@ -287,3 +287,26 @@ def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
     assert latencies and max(latencies) <= live_settings.max_latency_s + 0.25, max(latencies)
     assert during > 0, "the file job got no turn while the live job ran"
     assert state(redis_client, live_settings, "batch")["state"] == "completed"
+
+
+def test_cancel_stops_one_job_held_and_leaves_the_other_running(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from producer.control import cancel
+
+    for job_id in ("keep", "drop"):
+        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+    w = WorkerProcess(settings, "w", tmp_path, delay_s=0.1, extra=["--concurrency", "2"])
+    try:
+        wait_for(lambda: all(frames_done(redis_client, settings, j) >= 2 for j in ("keep", "drop")), timeout_s=30,
+                 what="both jobs publish frames")
+        cancel("drop", settings=settings, client=redis_client)
+        wait_for(lambda: state(redis_client, settings, "drop").get("state") == "cancelled", timeout_s=20,
+                 what="the cancelled job stops")
+        assert state(redis_client, settings, "keep")["state"] == "running"
+        wait_for(lambda: state(redis_client, settings, "keep").get("state") == "completed", timeout_s=60,
+                 what="the other job completes")
+    finally:
+        stop(w)
+    assert frames_done(redis_client, settings, "drop") < N
+    assert_complete_exactly_once(redis_client, settings, "keep")
