@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine  # noqa: E402
 from schemas import messages  # noqa: E402
 from schemas.errors import PromptError, SchemaError  # noqa: E402
-from schemas.names import validate_job_id  # noqa: E402
+from schemas.names import Keys, validate_job_id  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
 from schemas.rle import Rle, encode_mask, mask_bbox_xyxy  # noqa: E402
 
@@ -294,7 +294,7 @@ def sample_job(mod: Any) -> Any:
     )
     return mod.JobMessage("clip-20261201-0001", "jobs/clip-20261201-0001/frames", 1800, WIDTH, HEIGHT, 29.97,
                           prompts, source="street_crossing.mp4", submitted_at=1796000000.25,
-                          frames_stream="vseg:frames:clip-20261201-0001", producer_ttl_s=30.0)
+                          frames_stream=Keys().frames("clip-20261201-0001"), producer_ttl_s=30.0)
 
 
 def _blob(cx: float, cy: float, r: float, wobble: float) -> np.ndarray:

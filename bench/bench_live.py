@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import CACHE, ROOT, SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from schemas import messages  # noqa: E402
+from schemas.names import Keys  # noqa: E402
 
 
 def free_port() -> int:
@@ -110,7 +111,7 @@ def main() -> int:
     job_id = producer.stdout.readline().decode().strip()
     print(f"live job {job_id}: {seconds / 60:g} min of {width}x{height} at 30 fps on {args.device}, image size "
           f"{args.image_size}, max_latency_s {args.max_latency}, streams trimmed to {args.maxlen}", flush=True)
-    results = f"vseg:results:{job_id}"
+    results = Keys().results(job_id)
     last_id = "0-0"
     latencies: list[float] = []
     processed = skipped = 0

@@ -1,4 +1,5 @@
-"""`python -m producer {submit,extract,watch,status,cancel,prompt,remove,stats}`: the client side on the command line.
+"""`python -m producer {submit,extract,watch,status,cancel,prompt,remove,stats,migrate}`: the client side on the
+command line.
 
 Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
@@ -21,6 +22,7 @@ from redis.exceptions import LockError
 from producer.auto_args import add_auto_arguments, auto_options
 from runtime.connection import quick_client
 from runtime.faults import redact_url, redis_fault
+from runtime.layout import cluster_node_error
 from runtime.logs import configure_logging, job_log_context, run_cli
 from runtime.settings import Settings
 from schemas.errors import InputError, RedisUnavailable, VsegError
@@ -107,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, required=True, dest="out_dir")
     w.add_argument("--timeout", type=float, dest="timeout_s", help="give up after this many seconds without news")
 
+    m = sub.add_parser("migrate", help="rename the jobs of a Redis in the old key layout to this version's (single "
+                                       "Redis only; stop the previous version's workers and producers first)")
+    m.add_argument("--force", action="store_true", help="even while workers' health keys exist")
+
     q = sub.add_parser("stats", help="print the queue's figures: waiting, pending, lag, oldest pending age, dead letters")
     q.add_argument("--serve", type=_port, metavar="PORT",
                    help="instead, serve them as Prometheus metrics on PORT (/metrics, /healthz, /readyz) until stopped")
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return _prompt(args, settings)
         if args.command == "remove":
             return _remove(args, settings)
+        if args.command == "migrate":
+            return _migrate(args.force, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
 
     def translate(error: Exception) -> Exception:  # one the library did not classify (e.g. raised while cleaning up)
@@ -181,6 +189,8 @@ def redis_error(error: redis.RedisError, url: str) -> VsegError:
     if isinstance(error, redis.AuthenticationError):  # a ConnectionError to redis-py, but REDIS_URL's to fix
         return RedisUnavailable(f"Redis at {redact_url(url)} refused the credentials ({error}): check the user and "
                                 f"password in REDIS_URL")
+    if isinstance(error, redis.exceptions.MovedError):  # a plain client on a cluster node
+        return cluster_node_error(redact_url(url))
     fault = redis_fault(error, url)
     if fault is not None:
         return fault
@@ -308,6 +318,20 @@ def _remove(args: argparse.Namespace, settings: Settings) -> int:
     reply.raise_if_refused()
     print(reply.describe())
     return 0
+
+
+def _migrate(force: bool, settings: Settings) -> int:
+    """Print every key moved (old -> new) and a summary; exit 1 if a key was left (its new name was taken)."""
+    from producer.migrate import migrate
+    from runtime.layout import describe
+
+    client = quick_client(settings)
+    try:
+        done = migrate(client, settings.keys, force=force)
+        print(done.describe(describe(client)))
+    finally:
+        client.close()
+    return 1 if done.conflicts else 0
 
 
 def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None) -> int:

@@ -12,6 +12,7 @@ import redis
 from runtime.cleanup import producer_finished, remove_frames
 from runtime.connection import connect
 from runtime.faults import redact_url
+from runtime.layout import ensure_layout
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import InputError, UnknownJobError
@@ -20,32 +21,28 @@ from schemas.names import EVENTS_MAXLEN, TERMINAL_ENTRY_ID, JobState, terminal_s
 log = logging.getLogger(__name__)
 
 
-# KEYS: job hash, jobs stream, results stream, events stream. ARGV: group, terminal id, ttl_s, events MAXLEN
-# (EVENTS_MAXLEN), the queued state, the cancelled state, the terminal states (space-separated: JobState,
-# terminal_states_arg), then the cancelled entry's field/value pairs.
-# Returns {code, state}: -1 unknown job; 0 already ended (in that state, nothing written); 1 cancel requested
-# (a worker holds it and stops within a frame or two); 2 cancelled here (it was still queued: its entry is
-# deleted before any worker could read it). The state is read in the same step, so an already-ended job is
-# told apart from one this call cancelled.
+# KEYS: job hash, results stream (one job's keys: one slot). ARGV: terminal id, ttl_s, the queued state, the
+# cancelled state, the terminal states (space-separated: JobState, terminal_states_arg), then the cancelled
+# entry's field/value pairs.
+# Returns {code, state, entry id}: -1 unknown job; 0 already ended (in that state, nothing written); 1 cancel
+# requested (a worker holds it: the job hash has an owner, and it stops within a frame or two); 2 cancelled here
+# (it was still queued and no worker had taken it: a worker that claims its entry later finds it ended and drops
+# it). The state is read in the same step, so an already-ended job is told apart from one this call cancelled.
+# With 2 the caller writes the copy on vseg:events and deletes the job's entry from vseg:jobs (shared keys).
 _CANCEL_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {-1, ''} end
-if string.find(' ' .. ARGV[7] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state} end
+if not state then return {-1, '', ''} end
+if string.find(' ' .. ARGV[5] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state, ''} end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-local eid = redis.call('HGET', KEYS[1], 'entry_id')
-if state == ARGV[5] and eid then
-  local ok, p = pcall(redis.call, 'XPENDING', KEYS[2], ARGV[1], eid, eid, 1)
-  if (not ok) or #p == 0 then
-    redis.call('XDEL', KEYS[2], eid)
-    redis.call('XADD', KEYS[3], ARGV[2], unpack(ARGV, 8))
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', tonumber(ARGV[4]), '*', unpack(ARGV, 8))
-    redis.call('HSET', KEYS[1], 'state', ARGV[6])
-    redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-    return {2, ARGV[6]}
-  end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if state == ARGV[3] and (not owner or owner == '') then
+  redis.call('XADD', KEYS[2], ARGV[1], unpack(ARGV, 6))
+  redis.call('HSET', KEYS[1], 'state', ARGV[4], 'event_copied', '0', 'finished_at', redis.call('TIME')[1])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return {2, ARGV[4], redis.call('HGET', KEYS[1], 'entry_id') or ''}
 end
-return {1, state}
+return {1, state, ''}
 """
 
 
@@ -96,16 +93,25 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
     validate_job_id(job_id)
     client = client or connect(settings)
     keys = settings.keys
+    ensure_layout(client, keys, mark=False)  # a job of the old layout is not "unknown": LayoutError says what to do
     fields = messages.encode(messages.Cancelled(job_id, 0))
     cancel_script = client.register_script(_CANCEL_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
-    code, state = cast(list[Any], cancel_script(
-        keys=[keys.job(job_id), keys.jobs, keys.results(job_id), keys.events],
-        args=[keys.group, TERMINAL_ENTRY_ID, settings.results_ttl_s, EVENTS_MAXLEN, JobState.QUEUED.value,
-              JobState.CANCELLED.value, terminal_states_arg(), *[x for kv in fields.items() for x in kv]],
+    code, state, entry_id = cast(list[Any], cancel_script(
+        keys=[keys.job(job_id), keys.results(job_id)],
+        args=[TERMINAL_ENTRY_ID, settings.results_ttl_s, JobState.QUEUED.value, JobState.CANCELLED.value,
+              terminal_states_arg(), *[x for kv in fields.items() for x in kv]],
     ))
     if code == -1:
         raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)}")
     result = CancelResult(job_id, _ACTIONS[int(code)], state.decode() if isinstance(state, bytes) else str(state))
+    if result.action is CancelAction.CANCELLED:
+        # The shared keys, after the job's own: the copy on vseg:events, then the entry off vseg:jobs. Dying
+        # between leaves the entry: the worker that claims it finds the job ended, writes the copy if it is
+        # still due, and drops it (worker/broker/claim.py).
+        client.xadd(keys.events, cast(Any, fields), maxlen=EVENTS_MAXLEN, approximate=True)
+        client.hset(keys.job(job_id), "event_copied", "1")
+        if entry_id:
+            client.xdel(keys.jobs, entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
     if result.action is CancelAction.CANCELLED:  # no worker ever had it: remove its frames, unless a
         try:                                       # producer still streams them (it removes them when it stops)
             if producer_finished(client, settings, job_id):
@@ -134,6 +140,7 @@ def request_stop(job_id: str, *, settings: Settings, client: redis.Redis | None 
     that is not live (`cancel` ends those)."""
     validate_job_id(job_id)
     client = client or connect(settings)
+    ensure_layout(client, settings.keys, mark=False)
     script = client.register_script(_STOP_LUA)
     code, raw = cast(list[Any], script(keys=[settings.keys.job(job_id)], args=[terminal_states_arg()]))
     state = raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -230,7 +230,8 @@ def _read_job(client: redis.Redis, settings: Settings, job_id: str, what: str) -
                           f"entry, not a job")
     total: int | None = job.num_frames
     if job.frames_stream:
-        last = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(job.frames_stream, count=1))
+        # this layout's name, not the entry's (a job migrated from the old key layout names the old one)
+        last = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(keys.frames(job_id), count=1))
         total = int(last[0][1][b"end"]) if last and b"end" in last[0][1] else None
     tracked = set(object_ids(job.prompts))
     ever = set(tracked)

@@ -42,6 +42,7 @@ from producer.streaming import abandon
 from producer.submit import Submitted, _enqueue, _holding, check_auto, job_exists, new_job_id
 from runtime.cleanup import job_ended, remove_frames
 from runtime.connection import connect
+from runtime.layout import ensure_layout
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
@@ -94,6 +95,7 @@ def submit_live(
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
+    ensure_layout(client, keys, mark=False)  # LayoutError on a Redis of the old key layout, before anything is written
     if job_exists(client, keys, job_id):
         log.info("job %s already exists: not submitting it again", job_id)
         return Submitted(job_id, created=False)

@@ -1,8 +1,9 @@
 """The queue seen from Redis, for the whole system: `python -m producer stats` prints it, `--serve PORT`
 exports it to Prometheus, read afresh at each scrape.
 
-Every figure comes from one MULTI/EXEC of XINFO GROUPS, XPENDING (summary form), XLEN and TIME (a
-consistent snapshot, O(1) in the queue's size; nothing is scanned):
+The jobs stream's figures come from one MULTI/EXEC of XINFO GROUPS, XPENDING (summary form), XLEN and TIME
+on the node that holds it (a consistent snapshot, O(1) in the queue's size; nothing is scanned), the
+dead letters' and events' lengths from one XLEN each (other slots of a Redis Cluster):
 
     length        XLEN vseg:jobs: the jobs in flight (a worker deletes a job's entry when it ends it)
     pending       delivered to a worker and not yet acknowledged (running, or held by a dead worker
@@ -32,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from runtime.connection import quick_client
+from runtime.connection import node_client, quick_client
 from runtime.faults import redact_url, redis_fault
 from runtime.metrics import MetricsServer
 from runtime.settings import Settings
@@ -80,18 +81,17 @@ def _missing(reply: object, *markers: str) -> bool:
 
 
 def collect_stats(client: redis.Redis, keys: Keys) -> QueueStats:
-    """The queue's figures, from one MULTI/EXEC; redis.RedisError if Redis does not answer."""
-    pipe = client.pipeline(transaction=True)
+    """The queue's figures (see the module doc); redis.RedisError if Redis does not answer."""
+    pipe = node_client(client, keys.jobs).pipeline(transaction=True)  # one key, its node's own clock
     pipe.time()
     pipe.xlen(keys.jobs)
-    pipe.xlen(keys.dead)
-    pipe.xlen(keys.events)
     pipe.xinfo_groups(keys.jobs)
     pipe.xpending(keys.jobs, keys.group)
-    now, length, dead, events, groups, summary = pipe.execute(raise_on_error=False)
-    for reply in (now, length, dead, events):
+    now, length, groups, summary = pipe.execute(raise_on_error=False)
+    for reply in (now, length):
         if isinstance(reply, Exception):
             raise reply
+    dead, events = int(client.xlen(keys.dead)), int(client.xlen(keys.events))
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     group: dict[Any, Any] | None = None
     if not _missing(groups, "no such key"):

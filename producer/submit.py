@@ -19,32 +19,21 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from producer.decode import VideoHeader, VideoInfo, extract_frames, probe_header
+from producer.enqueue import enqueue
+from producer.enqueue import job_exists as enqueue_job_exists
 from producer.handoff import EnqueueWhenDecoded, Handoff, OnFrames
 from producer.job_dir import frames_dir_of, make_fresh
 from producer.streaming import StreamingEnqueue
 from runtime.connection import connect
+from runtime.layout import ensure_layout
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError
-from schemas.names import JobState, Keys, validate_job_id
+from schemas.names import Keys, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 
 log = logging.getLogger(__name__)
-
-# Creates the job's state hash and appends the job to the jobs stream in one atomic step, so the same
-# job id submitted twice (a client retry after a timeout, two racing clients) gives exactly one job.
-# KEYS: job hash, jobs stream. ARGV: entry type, entry data, num_frames, submitted_at, source, state
-# (JobState.QUEUED). 1 enqueued, 0 the job already exists (nothing written).
-_ENQUEUE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[6], 'attempt', 0, 'frames_done', 0,
-           'num_frames', ARGV[3], 'submitted_at', ARGV[4], 'source', ARGV[5])
-local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
-redis.call('HSET', KEYS[1], 'entry_id', id)
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class ClipOptions:
@@ -86,7 +75,7 @@ def new_job_id() -> str:
 
 
 def job_exists(client: redis.Redis, keys: Keys, job_id: str) -> bool:
-    return bool(client.exists(keys.job(job_id)))
+    return enqueue_job_exists(client, keys, job_id)
 
 
 def submit(
@@ -127,7 +116,8 @@ def submit(
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
-    if job_exists(client, keys, job_id):  # the first Redis call, before any decoding
+    ensure_layout(client, keys, mark=False)  # the first Redis call, before any decoding: LayoutError on an old layout
+    if job_exists(client, keys, job_id):
         log.info("job %s already exists: not submitting it again", job_id)
         return Submitted(job_id, created=False)
 
@@ -201,10 +191,8 @@ def _holding(lock: Lock, job_id: str) -> Iterator[None]:
 
 
 def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
-    fields = messages.encode(job)
-    enqueue = client.register_script(_ENQUEUE_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
-    return bool(enqueue(keys=[keys.job(job.job_id), keys.jobs], args=[
-        fields["type"], fields["data"], job.num_frames, job.submitted_at, job.source, JobState.QUEUED.value]))
+    """The job's entry on the jobs stream, then its hash (producer/enqueue.py); False: it already existed."""
+    return enqueue(client, keys, job)
 
 
 def _decode_and_enqueue(

@@ -27,6 +27,7 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 # field name -> environment variable
 ENV_VARS: dict[str, str] = {
     "redis_url": "REDIS_URL",
+    "redis_cluster": "VSEG_REDIS_CLUSTER",
     "storage_root": "STORAGE_ROOT",
     "key_prefix": "VSEG_KEY_PREFIX",
     "model_preset": "VSEG_MODEL",
@@ -97,6 +98,7 @@ MAX_CONCURRENCY = 64
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://localhost:6379/0"
+    redis_cluster: str = "off"  # on: REDIS_URL names any node of a Redis Cluster (runtime/connection.py)
     storage_root: Path = Path("storage")
     key_prefix: str = DEFAULT_PREFIX
     model_preset: str = "tiny"
@@ -169,6 +171,8 @@ class Settings:
             raise ConfigError(f"encoder_batch must be 1..64 (frames per image-encoder pass), but got {self.encoder_batch}")
         if self.segmenter and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.segmenter):
             raise ConfigError(f"segmenter must be module.path:callable (or empty for SAM 2), but got {self.segmenter!r}")
+        if self.redis_cluster not in ("on", "off"):
+            raise ConfigError(f"redis_cluster (VSEG_REDIS_CLUSTER) must be on or off, but got {self.redis_cluster!r}")
         if self.model_process not in ("auto", "on", "off"):
             raise ConfigError(f"model_process must be auto, on or off, but got {self.model_process!r}")
         if not 1 <= self.session_batch <= 64:

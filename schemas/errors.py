@@ -9,7 +9,8 @@
     │   │   ├── PromptError         malformed prompt, prompt outside the frame or video
     │   │   ├── StorageError        path outside STORAGE_ROOT, frame directory missing or incomplete
     │   │   └── JobIdError          job id with characters that are unsafe in keys and paths
-    │   └── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
+    │   ├── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
+    │   └── LayoutError             Redis holds keys in another key layout (names what to run)
     ├── RetryableError              transient (Redis blip, CUDA out of memory): retry with backoff
     │   └── InfrastructureError     Redis or the disk is at fault, not the job: the operator's to fix
     │       ├── RedisUnavailable    Redis cannot be reached (names the URL and what to check)
@@ -62,6 +63,10 @@ class JobIdError(InputError):
 
 class SchemaError(PermanentError, ValueError):
     """A wire message is malformed or has an unsupported schema version."""
+
+
+class LayoutError(PermanentError):
+    """Redis holds jobs in a key layout this version does not use (runtime/layout.py): migrate or drain them."""
 
 
 class RetryableError(VsegError):

@@ -1,6 +1,13 @@
 """Every Redis stream, group and key name, in one place.
 
 Backends read these with their own Redis clients; the README documents them.
+
+Key layout 2 (README "Redis Cluster"): every key of one job carries the hash tag `{job_id}`
+(`vseg:job:{j1}`, `vseg:results:{j1}`, ...), so all of a job's keys share one hash slot and every Lua
+script, which touches one job's keys only, runs on a cluster. A job id never holds `{` or `}`
+(JOB_ID_PATTERN), so the tag is the whole id. The shared keys (`vseg:jobs`, `vseg:events`, `vseg:dead`,
+the workers' health keys) are single keys, each on one slot; no script touches them together with a
+job's keys. `vseg:layout` records which layout a Redis holds (runtime/layout.py).
 """
 
 from __future__ import annotations
@@ -23,6 +30,16 @@ def validate_job_id(job_id: str) -> str:
             f"or digit and without '..', but got {job_id!r}"
         )
     return job_id
+
+
+# Key layouts: 1 (before Redis Cluster support) named a job's keys `vseg:job:<id>`; 2 wraps the id in a hash tag.
+LAYOUT_VERSION = "2"
+JOB_KEY_KINDS = ("job", "results", "frames", "control", "producer")  # per-job keys: <prefix>:<kind>:{<job id>}
+
+
+def hash_tag(job_id: str) -> str:
+    """`{job_id}`: the part of a key Redis Cluster hashes, so that all of one job's keys share a slot."""
+    return "{" + job_id + "}"
 
 
 @dataclass(frozen=True)
@@ -51,26 +68,36 @@ class Keys:
         """Messages that could not be processed (poison, or out of attempts)."""
         return f"{self.prefix}:dead"
 
+    @property
+    def layout(self) -> str:
+        """String with the key layout this Redis holds (LAYOUT_VERSION); see runtime/layout.py."""
+        return f"{self.prefix}:layout"
+
     def results(self, job_id: str) -> str:
         """One job's results: started, a frame entry per frame in order, then one terminal entry (completed,
         failed, cancelled or dead) at TERMINAL_ENTRY_ID."""
-        return f"{self.prefix}:results:{job_id}"
+        return f"{self.prefix}:results:{hash_tag(job_id)}"
 
     def frames(self, job_id: str) -> str:
         """Frames of a streamed job, announced as the producer decodes them; then an end marker."""
-        return f"{self.prefix}:frames:{job_id}"
+        return f"{self.prefix}:frames:{hash_tag(job_id)}"
 
     def control(self, job_id: str) -> str:
         """Commands for a running job (prompts, removals), in order; every attempt replays them."""
-        return f"{self.prefix}:control:{job_id}"
+        return f"{self.prefix}:control:{hash_tag(job_id)}"
 
     def producer(self, job_id: str) -> str:
         """Key the producer of a streamed job keeps alive while it decodes; it expires if the producer dies."""
-        return f"{self.prefix}:producer:{job_id}"
+        return f"{self.prefix}:producer:{hash_tag(job_id)}"
 
     def job(self, job_id: str) -> str:
-        """Hash with one job's state, attempt, progress and last error."""
-        return f"{self.prefix}:job:{job_id}"
+        """Hash with one job's state, attempt, progress and last error; also the job's fence (`owner`,
+        `lease_until`: worker/broker/lease.py)."""
+        return f"{self.prefix}:job:{hash_tag(job_id)}"
+
+    def job_key_kinds(self) -> tuple[str, ...]:
+        """The prefixes of per-job keys (`vseg:job:`, `vseg:results:`, ...), for finding a job's keys."""
+        return tuple(f"{self.prefix}:{kind}:" for kind in JOB_KEY_KINDS)
 
     def submit_lock(self, job_id: str) -> str:
         """Lock held by the one submit that decodes and enqueues a job id (a duplicate waits on it)."""
@@ -83,7 +110,7 @@ class Keys:
 
 
 class JobState(str, enum.Enum):
-    """A job's `state` field in its hash (vseg:job:{id}). The Lua scripts that write or compare a state
+    """A job's `state` field in its hash (`vseg:job:{id}`, the braces its hash tag). The Lua scripts that write or compare a state
     take it as an ARGV from here, so Python and Lua share one spelling.
 
     queued (submitted, or handed back by a worker) -> running (a worker started an attempt) -> one of
@@ -120,7 +147,7 @@ def terminal_states_arg() -> str:
 STARTED_ENTRY_ID = "0-1"
 TERMINAL_ENTRY_ID = "9007199254740991-0"
 # vseg:events is a log for observers: trimming it loses no work. Approximate (`MAXLEN ~`): every XADD to it
-# in a Lua script takes this as an ARGV, and the worker's housekeeping XTRIMs to it.
+# trims to this, and the worker's housekeeping XTRIMs to it.
 EVENTS_MAXLEN = 100_000
 
 

@@ -24,6 +24,7 @@ from runtime.faults import redis_fault
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed, RedisFull
+from schemas.names import Keys
 from schemas.prompts import ObjectPrompt
 from tests.videos import disc_center, make_video, slow_down_jpeg_writes
 from tests.workers import ROOT, wait_for, worker_env
@@ -236,7 +237,7 @@ def test_redis_killed_mid_stream_ends_the_submit_with_one_line(private_redis: Re
                              "--job-id", "cut"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        wait_for(lambda: client.exists("vseg:job:cut") or proc.poll() is not None, timeout_s=30, what="the enqueue")
+        wait_for(lambda: client.exists(Keys().job("cut")) or proc.poll() is not None, timeout_s=30, what="the enqueue")
         assert proc.poll() is None, "the submit finished before Redis was killed"
         private_redis.kill()
         t0 = time.monotonic()

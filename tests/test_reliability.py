@@ -27,8 +27,10 @@ from schemas.prompts import ObjectPrompt
 from tests.fakes import ChaosHooks, ColourSegmenter, Faults
 from tests.videos import disc_center, make_video
 from tests.workers import WorkerProcess, wait_for
+from worker.broker.claim import take
 from worker.broker.lease import Lease, LeaseLost
 from worker.broker.publish import ResultPublisher, frame_result
+from worker.broker.scripts import Scripts
 from worker.model.segment import FrameMasks
 from worker.service.loop import Worker
 
@@ -184,8 +186,18 @@ def publisher_of_a_claimed_job(client: redis.Redis, settings: Settings, job_id: 
     client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
     entry = client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
     client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
-    lease = Lease(client, keys, entry, "a", lease_s=5)
+    assert take(client, Scripts(client), keys, entry, job_id, "a", 5000)  # the fence: the job hash's owner
+    lease = Lease(client, keys, entry, "a", lease_s=5, job=job_id)
     return entry, lease, ResultPublisher(client, keys, job_id, num_frames, lease, patience_s=1)
+
+
+def take_over(client: redis.Redis, settings: Settings, entry: str, job_id: str, consumer: str = "b") -> None:
+    """Another worker takes the job over, as after a's lease ran out: the entry (XCLAIM, as XAUTOCLAIM does),
+    then the fence in the job hash (`take`)."""
+    keys = settings.keys
+    client.xclaim(keys.jobs, keys.group, consumer, 0, [entry])
+    client.hset(keys.job(job_id), "lease_until", 0)  # a's lease has run out
+    assert take(client, Scripts(client), keys, entry, job_id, consumer, 5000)
 
 
 def test_fenced_writes_are_refused_once_another_worker_owns_the_entry(
@@ -195,7 +207,7 @@ def test_fenced_writes_are_refused_once_another_worker_owns_the_entry(
     entry, lease, pub = publisher_of_a_claimed_job(redis_client, settings, "j", 3)
     masks = FrameMasks(0, (1,), __import__("numpy").zeros((1, 4, 4), bool), __import__("numpy").ones(1, "float32"))
     assert pub.frame(frame_result("j", masks, random_weights=False))
-    redis_client.xclaim(keys.jobs, keys.group, "b", 0, [entry])  # b takes it over
+    take_over(redis_client, settings, entry, "j")  # b takes it over
     with pytest.raises(LeaseLost):
         pub.frame(frame_result("j", FrameMasks(1, (1,), masks.masks, masks.scores), random_weights=False))
     with pytest.raises(LeaseLost):
@@ -219,6 +231,7 @@ def test_the_lua_scripts_write_the_states_they_are_given(settings: Settings, red
         redis_client.hset(keys.job(job_id), mapping={"state": JobState.RUNNING.value, "attempt": 1})
         entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
         redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
+        assert take(redis_client, Scripts(redis_client), keys, entry, job_id, "a", 5000)
         if job_id == "stalled":
             Lease(redis_client, keys, entry, "a", lease_s=5, job=job_id)._abandon()  # as its heartbeat does
             assert redis_client.xpending_range(keys.jobs, keys.group, entry, entry, 1)[0]["consumer"] == b"abandoned"
@@ -255,7 +268,7 @@ def test_frame_entries_are_written_in_one_pipelined_round_trip_and_duplicates_re
     assert pub.duplicates_rejected == 1
     assert [i.decode() for i, _ in redis_client.xrange(keys.results("p"))] == ["1-0", "2-0", "3-0", "4-0"]
     assert frames_done(redis_client, settings, "p") == 4
-    redis_client.xclaim(keys.jobs, keys.group, "b", 0, [entry])  # b takes the job over
+    take_over(redis_client, settings, entry, "p")  # b takes the job over
     with pytest.raises(LeaseLost, match="frame entry 1-0"):
         pub.frames(results[:2])
 

@@ -10,6 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from redis.crc import key_slot
 
 from runtime.settings import Settings
 from schemas import messages
@@ -238,8 +239,14 @@ def test_bad_job_ids(job_id: str) -> None:
 def test_keys_and_entry_ids() -> None:
     keys = Keys()
     assert (keys.jobs, keys.group, keys.events, keys.dead) == ("vseg:jobs", "vseg:workers", "vseg:events", "vseg:dead")
-    assert keys.results("j") == "vseg:results:j" and Keys("other").jobs == "other:jobs"
-    assert frame_entry_id(0) == "1-0" and frames_end_entry_id(20) == "21-0" and keys.frames("j") == "vseg:frames:j"
+    assert keys.results("j") == "vseg:results:{j}" and Keys("other").jobs == "other:jobs"
+    assert frame_entry_id(0) == "1-0" and frames_end_entry_id(20) == "21-0" and keys.frames("j") == "vseg:frames:{j}"
+    # layout 2: every key of one job under its hash tag, so that they share one Redis Cluster slot
+    job_keys = [keys.job("j"), keys.results("j"), keys.frames("j"), keys.control("j"), keys.producer("j"),
+                keys.submit_lock("j")]
+    assert job_keys == ["vseg:job:{j}", "vseg:results:{j}", "vseg:frames:{j}", "vseg:control:{j}",
+                        "vseg:producer:{j}", "vseg:job:{j}:submit-lock"]
+    assert len({key_slot(k.encode()) for k in job_keys}) == 1 and keys.layout == "vseg:layout"
     assert int(frame_entry_id(10**9).split("-")[0]) < int(TERMINAL_ENTRY_ID.split("-")[0])
 
 

@@ -17,6 +17,7 @@ from schemas.names import TERMINAL_ENTRY_ID, JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
+from worker.broker.claim import take
 from worker.broker.lease import Lease
 from worker.broker.publish import ResultPublisher, frame_result
 from worker.broker.scripts import Scripts
@@ -54,6 +55,7 @@ def test_every_script_runs_again_after_script_flush(settings: Settings, redis_cl
     entry = redis_client.xadd(keys.jobs, {"type": "job", "data": b""}).decode()
     redis_client.xreadgroup(keys.group, "a", {keys.jobs: ">"})
     scripts = Scripts(redis_client)
+    assert take(redis_client, scripts, keys, entry, "j", "a", 5000)  # the fence: the job hash's owner
     lease = Lease(redis_client, keys, entry, "a", lease_s=5, job="j", scripts=scripts)
     pub = ResultPublisher(redis_client, keys, "j", 3, lease, patience_s=1)
     assert lease.renew() and pub.frames([frame_result("j", masks(0), random_weights=False)]) == 1
@@ -62,6 +64,10 @@ def test_every_script_runs_again_after_script_flush(settings: Settings, redis_cl
     assert lease.renew()  # a direct call: NOSCRIPT, SCRIPT LOAD, EVALSHA again
     redis_client.script_flush()
     assert pub.frames([frame_result("j", masks(k), random_weights=False) for k in (1, 2)]) == 2  # a pipeline
+    redis_client.script_flush()
+    assert take(redis_client, scripts, keys, entry, "j", "a", 5000)  # taking it again: the same owner
+    redis_client.script_flush()
+    pub.event(messages.Progress("j", 3, 3))  # the owner check before a shared stream's write
     redis_client.script_flush()
     pub.set_state(state=JobState.RUNNING.value)
     redis_client.script_flush()

@@ -11,6 +11,7 @@ from runtime.limits import LimitError
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PermanentError, PromptError, StorageError
+from schemas.names import Keys
 from schemas.prompts import ObjectPrompt
 from worker.service.job import FrameSourceKind, validate_job
 
@@ -33,7 +34,7 @@ def test_a_valid_job_has_its_paths_resolved_inside_storage_and_its_source_kind(c
     assert valid.frames_dir == (cfg.storage_root / "jobs/j1/frames").resolve()
     assert valid.render_target == (cfg.storage_root / "jobs/j1/render.mp4").resolve()
     assert valid.source is FrameSourceKind.DIR and valid.obj_ids == (1, 2) and valid.render_rel == "jobs/j1/render.mp4"
-    streamed = validate_job(job(frames_stream="vseg:frames:j1", render=False,
+    streamed = validate_job(job(frames_stream=Keys().frames("j1"), render=False,
                                 prompts=(ObjectPrompt(1, 50, ((5.0, 5.0),), (1,)),)), cfg)
     assert streamed.source is FrameSourceKind.STREAM and streamed.render_rel == ""  # frame 50: not decoded yet
 

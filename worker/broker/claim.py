@@ -1,10 +1,13 @@
 """Taking job entries from the consumer group, and giving them back.
 
 A worker first takes over an entry whose lease expired (its worker stopped renewing: XAUTOCLAIM with the
-lease as the minimum idle time), then reads a new one (XREADGROUP). An entry leaves the group in one of
-two ways: with its job's terminal entry (worker/broker/scripts.py FINISH_LUA), or dropped here, when
-there is nothing left to do for it. On shutdown it is handed back: claimable by another worker at once,
-the attempt not counted.
+lease as the minimum idle time), then reads a new one (XREADGROUP). Either way it then takes the job
+itself (`take`: the fence in the job's hash, worker/broker/lease.py), which is refused while another
+worker's lease on it still runs. An entry leaves the group in one of two ways: after its job's terminal
+entry (worker/broker/publish.py `terminal`), or dropped here, when there is nothing left to do for it
+(a job already ended: the copy of its terminal entry on vseg:events is written first if its worker did
+not get to it). On shutdown it is handed back: claimable by another worker at once, the attempt not
+counted.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any, cast
 
 import redis
 
-from schemas.names import JobState, Keys
-from worker.broker.lease import Lease
+from runtime.layout import ensure_layout
+from schemas.names import EVENTS_MAXLEN, TERMINAL_ENTRY_ID, JobState, Keys, terminal_states_arg
+from worker.broker.lease import Lease, reset_idle
 from worker.broker.redis_client import call_bounded
 from worker.broker.scripts import Scripts
 
@@ -29,7 +33,9 @@ def _str(entry_id: bytes | str) -> str:
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> None:
-    """Create the consumer group (from the stream's start, so jobs queued before any worker count)."""
+    """Check the key layout (runtime/layout.py: LayoutError if this Redis holds jobs of the old one), then
+    create the consumer group (from the stream's start, so jobs queued before any worker count)."""
+    ensure_layout(client, keys)
     try:
         client.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
         log.info("created consumer group %s on %s", keys.group, keys.jobs)
@@ -68,6 +74,48 @@ def drop_entry(client: redis.Redis, keys: Keys, entry_id: str) -> None:
     client.xdel(keys.jobs, entry_id)
 
 
+def copy_terminal_event(client: redis.Redis, keys: Keys, job_id: str) -> bool:
+    """Write the copy of the job's terminal entry on vseg:events if it is still due (`event_copied` 0: the
+    step that wrote the terminal entry stopped before its copy), then mark it written. True if one was
+    written. At least once: a crash between the copy and its mark writes it again."""
+    if client.hget(keys.job(job_id), "event_copied") != b"0":
+        return False
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                   client.xrange(keys.results(job_id), TERMINAL_ENTRY_ID, TERMINAL_ENTRY_ID))
+    if entries:
+        client.xadd(keys.events, cast(Any, entries[0][1]), maxlen=EVENTS_MAXLEN, approximate=True)
+    client.hset(keys.job(job_id), "event_copied", "1")
+    return bool(entries)
+
+
+def drop_ended(client: redis.Redis, keys: Keys, entry_id: str, job_id: str) -> None:
+    """Drop the entry of a job that has already ended, its terminal copy on vseg:events written first if due."""
+    if copy_terminal_event(client, keys, job_id):
+        log.warning("job %s: wrote the copy of its terminal entry on %s, which its worker had not", job_id, keys.events)
+    drop_entry(client, keys, entry_id)
+
+
+def take(client: redis.Redis, scripts: Scripts, keys: Keys, entry_id: str, job_id: str | None, consumer: str,
+         lease_ms: int) -> bool:
+    """Take the job of a claimed entry (its hash's owner becomes `consumer`, leased for `lease_ms`). False when
+    there is nothing to run: the job has already ended (its terminal copy on vseg:events written if due, the
+    entry dropped), or another worker's lease on it still runs (the entry is left: that worker's next renewal
+    claims it back). An entry that names no job (poison) is not taken: it is dead-lettered without a job."""
+    if job_id is None:
+        return True
+    status = scripts.take(keys=[keys.job(job_id)], args=[consumer, lease_ms, terminal_states_arg()])
+    if status == 1:
+        return True
+    if status == 0:
+        state = cast(bytes | None, client.hget(keys.job(job_id), "state"))
+        log.info("job %s is already %s; dropping its entry", job_id, (state or b"ended").decode())
+        drop_ended(client, keys, entry_id, job_id)
+        return False
+    log.warning("job %s: entry %s claimed while another worker's lease on the job still runs; left to it", job_id,
+                entry_id)
+    return False
+
+
 def hand_back(scripts: Scripts, keys: Keys, entry_id: str, job_id: str, consumer: str, *, lease_s: float,
               lease: Lease | None, timeout_s: float) -> bool:
     """Give the job back: its attempt uncounted, its state `queued`, its entry idle for ten leases so that
@@ -80,11 +128,13 @@ def hand_back(scripts: Scripts, keys: Keys, entry_id: str, job_id: str, consumer
         return False
     if lease is not None:
         timeout_s = min(timeout_s, max(0.1, lease.remaining_s()))
-    done = call_bounded(
-        lambda: scripts.hand_back(keys=[keys.jobs, keys.job(job_id)],
-                                  args=[keys.group, entry_id, consumer, 10 * int(lease_s * 1000),
-                                        JobState.QUEUED.value]),
-        timeout_s, f"handing job {job_id} back")
+    def give_back() -> Any:
+        done = scripts.hand_back(keys=[keys.job(job_id)], args=[consumer, JobState.QUEUED.value])
+        if done == 1:  # idle for ten leases: any worker's XAUTOCLAIM takes it at once
+            reset_idle(scripts.client, keys, entry_id, consumer, 10 * int(lease_s * 1000))
+        return done
+
+    done = call_bounded(give_back, timeout_s, f"handing job {job_id} back")
     if done == 1:
         log.warning("job %s handed back to the group", job_id)
         return True

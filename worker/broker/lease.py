@@ -1,29 +1,33 @@
-"""A worker's lease on a job entry, and the fenced writes that only land while the lease holds.
+"""A worker's lease on a job, and the fenced writes that only land while the lease holds.
 
-The lease is the entry's place in the consumer group's pending list (PEL): the owner is the consumer
-that holds it, and its age is the entry's idle time. A heartbeat thread renews it every lease_s / 3
-with a Lua script that checks ownership and resets the idle time in one atomic step (XCLAIM alone has
-no owner check). Another worker may take the entry (XAUTOCLAIM) only once it has been idle for
-lease_s, i.e. only after its owner stopped renewing: crashed, frozen (SIGSTOP), or cut off.
+The lease is the fence in the job's own hash: `owner` (the consumer name of the worker that holds the
+job) and `lease_until` (ms, by the TIME of the job hash's Redis node). A worker takes a job once its entry
+is claimed (`take`, worker/broker/claim.py): refused while another worker's lease still runs. A heartbeat
+thread renews it every lease_s / 3 with a Lua script that checks the owner and moves `lease_until` on in
+one atomic step, then resets the entry's idle time in the consumer group's pending list (XCLAIM ...
+JUSTID, a separate command: the jobs stream is a shared key, on another slot of a cluster). The pending
+list is how a job whose worker stopped renewing is found: another worker takes the entry (XAUTOCLAIM)
+once it has been idle for lease_s, i.e. only after its owner stopped renewing: crashed, frozen
+(SIGSTOP), or cut off; and its `take` then moves the fence.
 
 Every write a worker makes for a job goes through a script (worker/broker/scripts.py) that first checks
-that the worker still owns the entry, so a stale worker that wakes up after losing its lease writes nothing.
+that the worker still owns the job, so a stale worker that wakes up after losing its lease writes nothing.
 
 A lease is renewed only for a job that makes progress (BullMQ's stalled-job checker is the model):
 the job calls `progress()` for every frame the model yields and every batch the result path
-publishes. With no progress for `stall_s` the heartbeat stops renewing and abandons the job (it is
-handed to a placeholder consumer, idle for ten leases, so any worker's XAUTOCLAIM takes it at once and
-this worker's fenced writes are refused), and `on_stall` is told why. The job's threads learn how
-their lease stands from `check()`, which never waits on Redis:
-  - lost (another worker owns it), stalled (abandoned), vanished (Redis lost the stream or group:
-    restarted empty): LeaseLost, and the job stops writing;
+publishes. With no progress for `stall_s` the heartbeat stops renewing and abandons the job (its owner
+becomes a placeholder and its entry is handed to a placeholder consumer, idle for ten leases, so any
+worker's XAUTOCLAIM takes it at once and this worker's fenced writes are refused), and `on_stall` is told
+why. The job's threads learn how their lease stands from `check()`, which never waits on Redis:
+  - lost (another worker owns it), stalled (abandoned), vanished (Redis lost the job's hash, or the
+    stream or group: restarted empty): LeaseLost, and the job stops writing;
   - suspended (presumed lost): no renewal has been confirmed for a whole lease (Redis refused, hung
     or unreachable), so another worker may own the job by now. `check()` does not raise, but every
     write waits (`writable()` is False) and nothing but the heartbeat's owner-checked renewal is
-    sent. When Redis is back the renewal settles it: still ours (the entry still in this worker's
-    pending list) and the job resumes where it paused, every queued write resent with its fixed id;
-    taken by another worker (XAUTOCLAIM after the lease) and it is lost, so this worker stops and the
-    other reruns it, Redis rejecting the frames already published. A suspension longer than
+    sent. When Redis is back the renewal settles it: still ours (the job hash's owner is still this
+    worker) and the job resumes where it paused, every queued write resent with its fixed id;
+    taken by another worker (XAUTOCLAIM and `take` after the lease) and it is lost, so this worker stops
+    and the other reruns it, Redis rejecting the frames already published. A suspension longer than
     stall_s is a stall like any other;
   - the heartbeat thread itself died: WorkerBroken, and the worker exits for its supervisor.
 """
@@ -68,9 +72,16 @@ def is_nogroup(error: BaseException) -> bool:
 
 
 def vanished_message(job: str, keys: Keys) -> str:
-    return (f"job {job} vanished: Redis no longer has the stream {keys.jobs} or its group {keys.group} (restarted "
-            f"without persistence, or failed over to a replica without them); its entry cannot be recovered here: "
-            f"submit it again")
+    return (f"job {job} vanished: Redis no longer has its hash {keys.job(job)}, or the stream {keys.jobs} or its group "
+            f"{keys.group} (restarted without persistence, or failed over to a replica without them); its entry "
+            f"cannot be recovered here: submit it again")
+
+
+def reset_idle(client: redis.Redis, keys: Keys, entry_id: str, consumer: str, idle_ms: int | None = None) -> None:
+    """XCLAIM the entry for `consumer` (JUSTID): its idle time starts again (or is set to `idle_ms`, so that any
+    worker's XAUTOCLAIM takes it at once). Sent only after the job hash said the job is this worker's. A
+    missing group or stream raises NOGROUP (Redis restarted empty)."""
+    client.xclaim(keys.jobs, keys.group, consumer, 0, [entry_id], idle=idle_ms, justid=True)
 
 
 class Lease:
@@ -102,7 +113,21 @@ class Lease:
         self._suspended_since: float | None = None
 
     def args(self) -> list[Any]:
-        return [self.keys.group, self.entry_id, self.consumer]
+        """The fenced scripts' first ARGV: this worker's consumer name (worker/broker/scripts.py)."""
+        return [self.consumer]
+
+    @property
+    def job_key(self) -> str:
+        return self.keys.job(self.job)
+
+    def lost_reply(self, status: int, what: str) -> LeaseLost:
+        """A fenced script's -1 (another worker owns the job) or -2 (its hash is gone): the lease marked lost,
+        and the error to raise."""
+        if status == -2:
+            self.mark_lost(vanished_message(self.job, self.keys), vanished=True)
+            return JobVanished(self.reason)
+        self.mark_lost(f"job {self.job}: lease lost; {what}")
+        return LeaseLost(self.reason)
 
     def progress(self) -> None:
         """The job moved on (a frame processed or published): keep renewing."""
@@ -126,8 +151,14 @@ class Lease:
 
     def renew(self) -> bool:
         sent_at = time.monotonic()
-        ok = self.scripts.renew(keys=[self.keys.jobs], args=self.args()) == 1
+        status = self.scripts.renew(keys=[self.job_key], args=[*self.args(), int(self.lease_s * 1000)])
+        ok = status >= 1  # 2: confirmed, Redis full (worker/broker/scripts.py RENEW_LUA)
+        if status == -2:
+            reset_idle(self.client, self.keys, self.entry_id, self.consumer)  # NOGROUP if the stream is gone too
+            self.mark_lost(vanished_message(self.job, self.keys), vanished=True)
+            return False
         if ok:
+            reset_idle(self.client, self.keys, self.entry_id, self.consumer)
             self.renewals += 1
             if self._suspended_since is not None:
                 log.warning("lease on job %s confirmed again after %.1f s without Redis: still ours, writes resume",
@@ -147,9 +178,9 @@ class Lease:
         self.mark_lost(reason, stalled=True)
         log.error("%s", reason)
         try:
-            self.scripts.abandon(keys=[self.keys.jobs, self.keys.job(self.job)],
-                                 args=[*self.args(), ABANDONED_CONSUMER, int(10 * self.lease_s * 1000), reason,
-                                       JobState.RETRYING.value])
+            if self.scripts.abandon(keys=[self.job_key],
+                                    args=[*self.args(), ABANDONED_CONSUMER, reason, JobState.RETRYING.value]) == 1:
+                reset_idle(self.client, self.keys, self.entry_id, ABANDONED_CONSUMER, int(10 * self.lease_s * 1000))
         except redis.RedisError as e:
             log.warning("could not hand the stalled job %s back at once (%s); it is claimable after its lease",
                         self.job, e)

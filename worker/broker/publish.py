@@ -25,7 +25,7 @@ from schemas import messages
 from schemas.errors import RedisFull
 from schemas.names import EVENTS_MAXLEN, STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, JobState, Keys, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
-from worker.broker.lease import JobVanished, Lease, LeaseLost, is_nogroup, vanished_message
+from worker.broker.lease import JobVanished, Lease, is_nogroup, vanished_message
 from worker.broker.scripts import run_pipeline
 from worker.model.segment import FrameMasks
 
@@ -164,7 +164,7 @@ class ResultPublisher:
         maxlen = self.maxlen if stream == self.stream and self.maxlen else ""
         encoded = [(entry_id, hset or ("", ""), _flat(messages.encode(msg)), msg) for entry_id, hset, msg in entries]
 
-        keys = [self.keys.jobs, stream, self.keys.job(self.job_id)]
+        keys = [self.keys.job(self.job_id), stream]  # one job's keys: one slot
         calls = [(keys, [*self.lease.args(), entry_id, *hset, maxlen, *flat]) for entry_id, hset, flat, _ in encoded]
 
         def call() -> list[Any]:
@@ -173,11 +173,8 @@ class ResultPublisher:
         replies = self._retry(call, f"write to {stream}", interrupt)
         written = 0
         for (entry_id, _, _, msg), (status, cancel) in zip(encoded, replies):
-            if status == -1:
-                reason = (f"job {self.job_id}: lease lost; {msg.TYPE.value} entry {entry_id} (and any after it) not "
-                          f"written")
-                self.lease.mark_lost(reason)
-                raise LeaseLost(reason)
+            if status < 0:
+                raise self.lease.lost_reply(status, f"{msg.TYPE.value} entry {entry_id} (and any after it) not written")
             self.cancel_requested = self.cancel_requested or cancel == 1
             if status == 0:
                 self.duplicates_rejected += 1
@@ -190,20 +187,30 @@ class ResultPublisher:
         flat = [x for k, v in fields.items() for x in (k, str(v))]
 
         def call() -> Any:
-            return self.lease.scripts.fenced_hset(keys=[self.keys.jobs, self.keys.job(self.job_id)],
-                                                  args=[*self.lease.args(), *flat])
+            return self.lease.scripts.fenced_hset(keys=[self.keys.job(self.job_id)], args=[*self.lease.args(), *flat])
 
         if best_effort:
             status = retry_redis(call, lease=self.lease, what="job state update", redis_url=self.redis_url,
                                  full_patience_s=0, patience_s=0, interrupt=self.interrupt)
         else:
             status = self._retry(call, "job state update")
-        if status == -1:
-            self.lease.mark_lost(f"job {self.job_id}: lease lost; state not updated")
-            raise LeaseLost(self.lease.reason)
+        if status < 0:
+            raise self.lease.lost_reply(status, "state not updated")
 
     def event(self, msg: messages.Message, interrupt: Callable[[], None] | None = None) -> None:
-        self._xadd(self.keys.events, "*", msg, interrupt=interrupt)  # trimmed by housekeeping (EVENTS_MAXLEN)
+        """A lifecycle event on vseg:events (trimmed to about EVENTS_MAXLEN). The events stream is a shared key,
+        so no script writes it with the job's keys: the job hash's owner is checked (OWNS_LUA), then the entry
+        added, one round trip after the other."""
+        fields = messages.encode(msg)
+
+        def call() -> None:
+            status, cancel = self.lease.scripts.owns(keys=[self.keys.job(self.job_id)], args=self.lease.args())
+            if status < 0:
+                raise self.lease.lost_reply(status, f"{msg.TYPE.value} event not written")
+            self.cancel_requested = self.cancel_requested or cancel == 1
+            self.client.xadd(self.keys.events, cast(Any, fields), maxlen=EVENTS_MAXLEN, approximate=True)
+
+        self._retry(call, f"write to {self.keys.events}", interrupt)
 
     def started(self, msg: messages.Started) -> None:
         self.set_state(state=JobState.RUNNING.value, worker=msg.worker, started_at=msg.at)
@@ -247,21 +254,33 @@ class ResultPublisher:
             self.set_state(**{k: v for k, v in live.items() if v is not None})
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
-        """The job's one terminal step, atomic: entry, state, expiry, XACK + XDEL of the job entry."""
+        """The job's one terminal step: entry, state and expiry in one atomic script on the job's slot; then,
+        as plain commands, the entry's copy on vseg:events (if the script says it is due) and XACK + XDEL of
+        the job entry (shared keys). A crash between leaves the job entry pending: the worker that claims it
+        next finds the job ended, writes the copy if it is still due and drops the entry
+        (worker/broker/claim.py `take`), so the copy on vseg:events is written at least once."""
         if isinstance(msg, messages.Completed):
             self.set_state(render_path=msg.render_path)
         fields = messages.encode(msg)
-        written = self._retry(
+        written, copy = self._retry(
             lambda: self.lease.scripts.finish(
-                keys=[self.keys.jobs, self.stream, self.keys.job(self.job_id), self.keys.events],
+                keys=[self.keys.job(self.job_id), self.stream],
                 args=[*self.lease.args(), TERMINAL_ENTRY_ID, ttl_s, TERMINAL_STATE[type(msg)].value, error,
-                      EVENTS_MAXLEN, len(fields), *_flat(fields)],
+                      len(fields), *_flat(fields)],
             ),
             "terminal write",
         )
-        if written == -1:
-            self.lease.mark_lost(f"job {self.job_id}: lease lost; terminal {msg.TYPE.value} not written")
-            raise LeaseLost(self.lease.reason)
+        if written < 0:
+            raise self.lease.lost_reply(written, f"terminal {msg.TYPE.value} not written")
+
+        def after() -> None:
+            if copy == 1:
+                self.client.xadd(self.keys.events, cast(Any, fields), maxlen=EVENTS_MAXLEN, approximate=True)
+                self.client.hset(self.keys.job(self.job_id), "event_copied", "1")
+            self.client.xack(self.keys.jobs, self.keys.group, self.lease.entry_id)
+            self.client.xdel(self.keys.jobs, self.lease.entry_id)
+
+        self._retry(after, "terminal copy and acknowledgement")
         return written == 1
 
 

@@ -27,7 +27,7 @@ from schemas import messages
 from schemas.errors import InfrastructureError, SchemaError, WorkerBroken
 from schemas.names import JobState
 from worker.broker.attempts import count_attempt, is_transient, note_retry, read_record, retry_delay_s
-from worker.broker.claim import drop_entry
+from worker.broker.claim import drop_ended, drop_entry, take
 from worker.broker.claim import hand_back as hand_back_entry
 from worker.broker.dead_letter import add_dead_entry, peek
 from worker.broker.lease import (
@@ -54,9 +54,15 @@ STALL_NUDGE_S = 2.0  # a stalled job's thread not back by then: stop its model (
 def handle(ctx: WorkerContext, entry_id: str, fields: dict[Any, Any]) -> str:
     """Process one entry; leaves the worker running unless it is broken or told to exit. Returns "redis"
     when Redis failed under the job (it stays pending), else "ok"."""
+    seen = peek(fields)
+    taken: list[bool] = []  # the job hash's fence (worker/broker/claim.py take); False: nothing to run
+    status = _guarded(ctx, seen.job_id or entry_id, lambda: taken.append(take(
+        ctx.client, ctx.scripts, ctx.keys, entry_id, seen.job_id, ctx.name, int(ctx.settings.lease_s * 1000))))
+    if status != "ok" or not taken[0]:
+        return status
     msg = _decode(ctx, fields)
     if isinstance(msg, SchemaError):
-        seen, error = peek(fields), msg
+        error = msg
         return _guarded(ctx, seen.job_id or entry_id, lambda: dead_letter(
             ctx, entry_id, fields, error, job_id=seen.job_id, num_frames=seen.num_frames))
     job = msg
@@ -151,7 +157,7 @@ class JobEntry:
             record = read_record(ctx.client, ctx.keys, job_id)
             if record.finished:  # finished, but its entry was left behind
                 log.info("job %s is already %s; dropping its entry", job_id, record.state)
-                drop_entry(ctx.client, ctx.keys, self.entry_id)
+                drop_ended(ctx.client, ctx.keys, self.entry_id, job_id)
                 return
             if record.cancel:
                 ctx.finish(pub, messages.Cancelled(job_id, record.frames_done), JobState.CANCELLED)
