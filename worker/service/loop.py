@@ -2,14 +2,17 @@
 
 Each job runs under a lease (worker/broker/lease.py) renewed by a heartbeat thread; every write is fenced
 by it. The loop first takes over entries whose lease expired (their worker died: XAUTOCLAIM), then reads
-new ones (worker/broker/claim.py); each entry is handled on this thread (worker/service/entry.py: decode,
-validate, attempts, dead letters) and runs as one job (worker/service/runner.py). A job entry is
-acknowledged and deleted (vseg:jobs holds only jobs in flight) in the same atomic step that writes its one
-terminal entry: completed, failed, cancelled or dead.
+new ones (worker/broker/claim.py), while it has a free slot and the device has room for one more session
+(worker/service/capacity.py); each entry is handled in a slot (worker/service/slots.py: on this thread with
+one slot, on its own thread with `concurrency` > 1; worker/service/entry.py: decode, validate, attempts,
+dead letters) and runs as one job (worker/service/runner.py). A job entry is acknowledged and deleted
+(vseg:jobs holds only jobs in flight) right after the fenced step that writes its one terminal entry:
+completed, failed, cancelled or dead (a worker dying in between leaves the entry to the next claimer, which
+finds the job ended and drops it).
 
 Signals (worker/service/shutdown.py) are events: the handler only records them, nothing is raised into
-the code it interrupts. The first SIGTERM/SIGINT stops taking jobs and gives the current one grace_s to
-finish, then hands it back (claimable at once, the attempt not counted; the hand-back waits at most a
+the code it interrupts. The first SIGTERM/SIGINT stops taking jobs and gives the jobs held grace_s to
+finish, then hands them back (claimable at once, the attempt not counted; the hand-back waits at most a
 lease); a second one hands back and exits at once; the job learns of both at its next check. An idle
 worker exits at once, whatever Redis does: every call an idle worker makes to Redis runs on a thread the
 loop abandons on a signal.
