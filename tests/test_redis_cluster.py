@@ -119,7 +119,8 @@ def test_submit_worker_watch_on_a_cluster_with_jobs_on_every_node(
     for job_id in jobs[1:]:
         assert submit(video, prompt(), settings=csettings, client=client, job_id=job_id).created
     assert client.get(keys.layout) == LAYOUT_VERSION.encode()
-    w = WorkerProcess(csettings, "w", tmp_path, lease_s=1.0, delay_s=0.01, env=CLUSTER_ENV)
+    w = WorkerProcess(csettings, "w", tmp_path, lease_s=1.0, delay_s=0.01, env=CLUSTER_ENV,
+                      extra=["--concurrency", "3"])  # the three jobs, on three nodes, held at once
     try:
         for job_id in jobs:
             wait_for(lambda j=job_id: state(client, csettings, j).get("state") == "completed", timeout_s=60,  # type: ignore[misc]
