@@ -93,3 +93,20 @@ def test_with_frames_of_several_jobs_in_one_encoder_pass_the_masks_are_the_same(
     assert batched.pool.shared > 0, "no frame was encoded in another session's pass"
     for clip in CLIPS:
         assert three[clip] == alone[clip], f"clip {clip}: masks differ with frames of three jobs in one pass"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_warm_up_measures_a_session_and_k_comes_from_free_memory() -> None:
+    from worker.service.capacity import pick_concurrency, refusal
+
+    torch.manual_seed(0)
+    predictor = build_predictor(get_preset("tiny"), None, device="cuda", image_size=1024)
+    seg = Sam2Segmenter(predictor, name="sam2.1-tiny", random_weights=True)
+    assert seg.gpu_budget() is None  # not measured before the warm-up
+    seg.warm_up()
+    budget = seg.gpu_budget()
+    assert budget is not None and budget.session_bytes > 0 and budget.model_bytes > 0 and budget.free_bytes > 0
+    k, why = pick_concurrency(Settings(), seg, model_per_slot=False)
+    assert 1 <= k <= 16 and "MiB free on cuda" in why
+    assert refusal([budget], busy=1) is None or budget.free_bytes < 1.5 * budget.session_bytes
