@@ -101,9 +101,8 @@ class Sam2Session(SessionBase):
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
         self.frames.wait(self._position)  # the next frame, waited for before the turn: other jobs step meanwhile
         self.features.offer(self._position)  # encoded in another session's pass if one runs first
-        try:
+        try:  # while this session holds the turn no other encodes: its offer goes when the step ends
             with self.model.stepping(live=self.live) as turn:
-                self.features.withdraw()
                 out = next(frames)
                 turn.hold = self.live and frame_ready(self.frames, self._position)
                 return out

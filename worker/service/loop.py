@@ -122,7 +122,7 @@ class Worker:
         self.models = slot_segmenters(segmenter, self.concurrency, model_per_slot=model_per_slot,
                                       start=lambda: ModelProcess(settings))
         self.slots = JobSlots([dataclasses.replace(self.ctx, segmenter=m) for m in self.models])
-        self._refused: str | None = None  # why admission last refused a job (logged once per change)
+        self._refused: str | None = None  # why admission last refused a job for memory (logged when it changes)
 
     @property
     def keys(self) -> Keys:
@@ -215,18 +215,16 @@ class Worker:
         """A free slot and room on the device for one more session (worker/service/capacity.py); waits a
         little when not."""
         slots = self.slots
-        why = "" if slots.free_slot() is not None else "every slot busy"
-        if not why:
-            why = refusal([m.gpu_budget() for m in self.models], slots.busy, slots.unopened()) or ""
-            if why != (self._refused or ""):
-                if why:
-                    log.info("admission: %s", why)
-                elif self._refused and self._refused != "every slot busy":
-                    log.info("admission: room for another job again")
-        self._refused = why or None
+        if slots.free_slot() is None:
+            slots.wait_for_change(0.5)
+            return False
+        why = refusal([m.gpu_budget() for m in self.models], slots.busy, slots.unopened())
+        if why != self._refused:
+            log.info("admission: %s", why or "room for another job again")
+        self._refused = why
         if why:
             slots.wait_for_change(0.5)
-        return not why
+        return why is None
 
     def run(self, *, burst: bool = False) -> int:
         """Process jobs until stopped (or, with burst, until none is left to claim). Returns jobs handled."""
