@@ -1,5 +1,8 @@
 """Fixtures shared by the test tiers.
 
+`predictor`: SAM 2.1 tiny with random weights (seed 0) on the CPU at image size 256, one per test module
+(the e2e tier's model: tests compare our driver with it bit for bit).
+
 Integration tests get a real redis-server that the tests start on a free port (never the shared one
 on 6379), flushed before each test, plus a Settings object pointing at it and at a temporary
 STORAGE_ROOT.
@@ -45,3 +48,13 @@ def settings(redis_server: RedisServer, storage_root: Path, tmp_path: Path) -> S
         environ={}, redis_url=redis_server.url, storage_root=storage_root, checkpoint_dir=tmp_path / "ckpt",
         block_ms=200, progress_every=5,
     )
+
+
+@pytest.fixture(scope="module")
+def predictor() -> object:
+    import torch
+
+    from worker.model.checkpoints import build_predictor, get_preset
+
+    torch.manual_seed(0)
+    return build_predictor(get_preset("tiny"), None, device="cpu", image_size=256)

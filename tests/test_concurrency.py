@@ -21,7 +21,7 @@ from runtime.settings import Settings
 from schemas import messages
 from tests.test_reliability import assert_complete_exactly_once, frames_done, prompt, started_events, state
 from tests.videos import make_video
-from tests.workers import WorkerProcess, wait_for
+from tests.workers import WorkerProcess, stop_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +51,6 @@ def most_held_at_once(client: redis.Redis, settings: Settings) -> int:
     return most
 
 
-def stop(*workers: WorkerProcess) -> None:
-    for w in workers:
-        w.signal(signal.SIGTERM)
-    for w in workers:
-        try:
-            w.wait(30)
-        except Exception:  # noqa: BLE001 - a worker that does not stop is killed
-            w.kill()
-
-
 def test_jobs_run_at_once_each_exactly_once_and_the_log_says_how_many(
     video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -72,7 +62,7 @@ def test_jobs_run_at_once_each_exactly_once_and_the_log_says_how_many(
         wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in jobs),
                  timeout_s=60, what="three jobs complete")
     finally:
-        stop(w)
+        stop_all(w)
     for job_id in jobs:
         assert_complete_exactly_once(redis_client, settings, job_id)
         assert state(redis_client, settings, job_id)["attempt"] == "1"
@@ -100,7 +90,7 @@ def test_no_job_waits_behind_another_whole_video(
         wait_for(lambda: state(redis_client, settings, "long").get("state") == "completed", timeout_s=60,
                  what="the long job completes")
     finally:
-        stop(w)
+        stop_all(w)
     assert long_at_end < long_n - 20, "the short job waited behind the long one"
     # turns alternate: while the short job ran its frames, the long one ran about as many (progress is
     # published every few frames, so allow a batch either side)
@@ -123,7 +113,7 @@ def test_a_failing_job_does_not_touch_its_siblings(
                              for j in ("good", "bad", "flaky")), timeout_s=60, what="every job ends")
         assert w.alive()
     finally:
-        stop(w)
+        stop_all(w)
     assert state(redis_client, settings, "bad")["state"] == "failed"
     assert "cannot read frame" in state(redis_client, settings, "bad")["error"]
     assert_complete_exactly_once(redis_client, settings, "good")
@@ -144,7 +134,7 @@ def test_sigterm_hands_back_every_job_held(
         a.signal(signal.SIGTERM)
         assert a.wait(15) == 0
     finally:
-        stop(a)
+        stop_all(a)
     for job_id in ("h0", "h1"):
         st = state(redis_client, settings, job_id)
         assert st["state"] == "queued" and st["attempt"] == "0", st  # handed back, the attempt not counted
@@ -153,7 +143,7 @@ def test_sigterm_hands_back_every_job_held(
         wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in ("h0", "h1")),
                  timeout_s=20, what="b completes both")
     finally:
-        stop(b)
+        stop_all(b)
     for job_id in ("h0", "h1"):
         assert state(redis_client, settings, job_id)["attempt"] == "1"
         assert_complete_exactly_once(redis_client, settings, job_id)
@@ -175,7 +165,7 @@ def test_kill_9_has_each_job_reclaimed_and_resumed_once(
         wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in jobs),
                  timeout_s=30, what="b completes both")
     finally:
-        stop(a, *([b] if b else []))
+        stop_all(a, *([b] if b else []))
     for job_id in jobs:
         assert_complete_exactly_once(redis_client, settings, job_id)
         assert state(redis_client, settings, job_id)["attempt"] == "2"
@@ -198,7 +188,7 @@ def test_admission_stops_before_the_gpu_memory_runs_out(
         wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in jobs),
                  timeout_s=60, what="every job completes")
     finally:
-        stop(w)
+        stop_all(w)
     assert most_held_at_once(redis_client, settings) == 2
     assert "admission: 400 MiB free on the GPU, a session needs about 450 MiB" in w.log()
     for job_id in jobs:
@@ -213,7 +203,7 @@ def test_default_concurrency_comes_from_the_device_and_the_log_says_why(
     try:
         wait_for(lambda: "job(s) at once" in cpu.log() and "job(s) at once" in gpu.log(), what="both log K")
     finally:
-        stop(cpu, gpu)
+        stop_all(cpu, gpu)
     assert "holds up to 1 job(s) at once: the model runs on the cpu: jobs at once would share its cores" in cpu.log()
     assert ("holds up to 2 job(s) at once: 1000 MiB free on cpu; a session measured at 300 MiB: 2 jobs at once"
             in gpu.log())
@@ -238,7 +228,7 @@ def test_health_key_lists_every_job_held(
         wait_for(lambda: (raw := redis_client.get(settings.keys.worker_health("w"))) is not None
                  and json.loads(raw)["state"] == "idle", timeout_s=10 + time.monotonic() - t0, what="idle again")
     finally:
-        stop(w)
+        stop_all(w)
 
 
 def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
@@ -307,6 +297,6 @@ def test_cancel_stops_one_job_held_and_leaves_the_other_running(
         wait_for(lambda: state(redis_client, settings, "keep").get("state") == "completed", timeout_s=60,
                  what="the other job completes")
     finally:
-        stop(w)
+        stop_all(w)
     assert frames_done(redis_client, settings, "drop") < N
     assert_complete_exactly_once(redis_client, settings, "keep")

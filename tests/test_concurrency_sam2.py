@@ -26,12 +26,6 @@ CLIPS = {"a": 6, "b": 8, "c": 5}  # three videos of their own lengths
 
 
 @pytest.fixture(scope="module")
-def predictor() -> object:
-    torch.manual_seed(0)
-    return build_predictor(get_preset("tiny"), None, device="cpu", image_size=256)
-
-
-@pytest.fixture(scope="module")
 def model(predictor: object) -> Sam2Segmenter:
     return Sam2Segmenter(predictor, name="sam2.1-tiny", random_weights=True, encoder_batch=1)
 

@@ -33,7 +33,7 @@ from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.videos import disc_center, make_video
-from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
+from tests.workers import ROOT, WorkerProcess, stop_all, wait_for, worker_env
 from worker.broker.lease import Lease
 from worker.broker.publish import ResultPublisher
 from worker.service.loop import Worker
@@ -104,16 +104,6 @@ def assert_every_frame_once(c: redis.Redis, settings: Settings, job_id: str, n: 
     assert isinstance(last, messages.Completed), last
     assert (settings.storage_root / last.render_path).is_file()
     assert not list((settings.storage_root / f"jobs/{job_id}").glob(".*partial*"))
-
-
-def stop_all(*workers: WorkerProcess) -> None:
-    for w in workers:
-        w.signal(signal.SIGTERM)
-    for w in workers:
-        try:
-            w.wait(30)
-        except subprocess.TimeoutExpired:
-            w.kill()
 
 
 def freeze(server: RedisServer) -> None:

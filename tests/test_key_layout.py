@@ -24,7 +24,7 @@ from schemas.errors import LayoutError
 from schemas.names import LAYOUT_VERSION, TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center, disc_prompt, make_video
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 from worker.service.loop import Worker
 
@@ -40,8 +40,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
+    return [disc_prompt(1, 0, N, SIZE)]
 
 
 def downgrade(client: redis.Redis, settings: Settings) -> list[str]:

@@ -23,7 +23,7 @@ from schemas.errors import InputError
 from schemas.names import JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video
+from tests.videos import disc_prompt, make_video
 from worker.broker.claim import take
 from worker.broker.lease import Lease
 from worker.broker.scripts import Scripts
@@ -41,8 +41,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
+    return [disc_prompt(1, 0, N, SIZE)]
 
 
 @pytest.fixture

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from producer.decode import extract_frames
 from schemas.prompts import ObjectPrompt
 from tests.test_sam2_memory import bare_predictor_masks
 from tests.videos import disc_center, make_video
-from worker.model.checkpoints import build_predictor, get_preset
 from worker.model.sam2_segmenter import Sam2Segmenter
 from worker.sources.frames import FrameInfo
 from worker.sources.live import LiveFrames, LiveResults
@@ -114,12 +112,6 @@ def test_results_side_removes_each_jpeg_once_published(tmp_path: Path, frames_di
     kept = LiveResults(stream, start_after=9, remove=False)  # type: ignore[arg-type]
     kept.release_through(12)  # keep_frames=on: the JPEGs stay
     assert (copy / "00012.jpg").exists()
-
-
-@pytest.fixture(scope="module")
-def predictor() -> object:
-    torch.manual_seed(0)
-    return build_predictor(get_preset("tiny"), None, device="cpu", image_size=256)
 
 
 @pytest.mark.e2e

@@ -165,14 +165,6 @@ SIZE = (128, 96)
 
 
 @pytest.fixture(scope="module")
-def predictor() -> object:
-    from worker.model.checkpoints import build_predictor, get_preset
-
-    torch.manual_seed(0)
-    return build_predictor(get_preset("tiny"), None, device="cpu", image_size=256)
-
-
-@pytest.fixture(scope="module")
 def sam2(predictor: object) -> Segmenter:
     from worker.model.sam2_segmenter import Sam2Segmenter
 

@@ -71,6 +71,17 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def stop_all(*workers: WorkerProcess) -> None:
+    """SIGTERM every worker, then wait for each (killed if it does not exit within 30 s)."""
+    for w in workers:
+        w.signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+
+
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
