@@ -3,8 +3,10 @@
 
 Modes (worker/service/capacity.py):
   shared     one model in the worker's process; the K sessions take fair turns on it (worker/model/turns.py)
-  batched    shared, and the image encoder runs the next frames of sessions waiting for their turn with the
-             current one's (`session_batch` 8: worker/model/encoder_batch.py EncoderPool)
+  batched    shared, and the session whose turn it is runs the next frames of sessions waiting for their turn
+             with its own (`session_batch` 8): the image encoder over their frames (worker/model/encoder_batch.py),
+             memory attention, the mask decoder and the memory encoder over all their objects
+             (worker/model/step_batch.py)
   processes  a model process per slot: K copies of the model, each with its own kernel-launching thread
 
 For each K and mode, rounds alternate (one after another, then at once) and the medians are reported:
@@ -51,9 +53,12 @@ from worker.service.loop import Worker  # noqa: E402
 BATCHED_SESSION_BATCH = 8
 
 
+OBJECTS = 1  # objects a job (--objects)
+
+
 def prompt(width: int, height: int) -> list[ObjectPrompt]:
-    """One object: a point in the middle of the frame (the bench measures cost, not quality)."""
-    return [ObjectPrompt(1, 0, ((width / 2, height / 2),), (1,))]
+    """OBJECTS objects, each a point on the frame's middle row (the bench measures cost, not quality)."""
+    return [ObjectPrompt(k + 1, 0, ((width * (k + 1) / (OBJECTS + 1), height / 2),), (1,)) for k in range(OBJECTS)]
 
 
 def load_model(settings: Settings, mode: str) -> Segmenter:
@@ -177,8 +182,11 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="render each job's MP4 too")
     ap.add_argument("--streams", default="", help="count live 30 fps streams instead (comma-separated N to try)")
     ap.add_argument("--max-latency", type=float, default=2.0)
+    ap.add_argument("--objects", type=int, default=1, help="objects a job")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    global OBJECTS
+    OBJECTS = args.objects
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="vseg-bench-concurrency-") as tmp:
         root = Path(tmp)
@@ -192,7 +200,7 @@ def main() -> int:
             frames = max(args.frames, 90) if args.streams else args.frames
             clip = looped_clip(SHARED_VIDEOS / "bedroom.mp4", frames, size_wh=(width, height))
             print(f"machine: {machine()}; SAM 2.1 {settings.model_preset} at {args.image_size} on {args.device}, "
-                  f"{args.size}, {frames} frames a job, one object", flush=True)
+                  f"{args.size}, {frames} frames a job, {OBJECTS} object(s)", flush=True)
             rows = bench_streams(args, settings, client, clip) if args.streams else bench_jobs(args, settings, client, clip)
         finally:
             server.stop()

@@ -110,7 +110,7 @@ class Settings:
     encoder_batch: int = 2  # frames per image-encoder pass (already-loaded frames ahead; 1: one at a time)
     model_process: str = "auto"  # the model in a child process: auto (on CUDA only), on, off
     concurrency: int = 0  # jobs one worker holds at once (worker/service/capacity.py); 0: from the device
-    session_batch: int = 1  # frames of several jobs in one image-encoder pass on a shared model; 1: none
+    session_batch: int = 1  # jobs' steps in one pass on a shared model (frames and objects batched); 1: each its own
     cuda_graphs: str = "on"  # on CUDA, replay SAM 2's per-frame modules from CUDA graphs: on, off
     jpeg_quality: int = 95
     decode_threads: int = 0  # producer's FFmpeg decoder threads; 0: one on 2 cores or fewer, else FFmpeg's choice
@@ -176,8 +176,8 @@ class Settings:
         if self.model_process not in ("auto", "on", "off"):
             raise ConfigError(f"model_process must be auto, on or off, but got {self.model_process!r}")
         if not 1 <= self.session_batch <= 64:
-            raise ConfigError(f"session_batch (VSEG_SESSION_BATCH) must be 1..64 frames in one encoder pass (1: each "
-                              f"job's own), but got {self.session_batch}")
+            raise ConfigError(f"session_batch (VSEG_SESSION_BATCH) must be 1..64 jobs' steps in one pass (1: "
+                              f"each job's own), but got {self.session_batch}")
         if not 0 <= self.concurrency <= MAX_CONCURRENCY:
             raise ConfigError(f"concurrency (VSEG_CONCURRENCY) must be 0..{MAX_CONCURRENCY} jobs at once (0: picked from "
                               f"the device), but got {self.concurrency}")

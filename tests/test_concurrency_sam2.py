@@ -76,19 +76,6 @@ def test_two_and_three_jobs_at_once_get_the_masks_each_gets_alone(
     assert model.turns.turns > 0
 
 
-def test_with_frames_of_several_jobs_in_one_encoder_pass_the_masks_are_the_same(
-    predictor: object, model: Sam2Segmenter, settings: Settings, redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    """session_batch: sessions waiting for their turn have their next frame encoded in the current one's
-    pass (worker/model/encoder_batch.py EncoderPool); the encoder sees batches of up to three frames."""
-    batched = Sam2Segmenter(predictor, name="sam2.1-tiny", random_weights=True, encoder_batch=1, session_batch=3)
-    alone = run_jobs(model, settings, redis_client, tmp_path, "solo", 1)
-    three = run_jobs(batched, settings, redis_client, tmp_path, "pooled", 3)
-    assert batched.pool.shared > 0, "no frame was encoded in another session's pass"
-    for clip in CLIPS:
-        assert three[clip] == alone[clip], f"clip {clip}: masks differ with frames of three jobs in one pass"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_warm_up_measures_a_session_and_k_comes_from_free_memory() -> None:

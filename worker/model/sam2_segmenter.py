@@ -10,6 +10,7 @@ and feature cache; nothing of one job stays on the segmenter.
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from runtime.settings import Settings
 from schemas.errors import ConfigError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
+from worker.model import step_batch
 from worker.model.cuda_graphs import GraphCache, graphed_modules
 from worker.model.encoder_batch import EncoderPool
 from worker.model.proposals import Sam2Proposer
@@ -32,6 +34,8 @@ from worker.model.segment import GpuBudget, InProcessModel
 from worker.model.session import Prompt
 from worker.model.turns import FairTurns, Turn
 from worker.sources.frames import DirFrames, FrameSource
+
+log = logging.getLogger(__name__)
 
 SESSION_MARGIN = 2  # the warm-up's session (one object, 64x48) times this: a real video's session (gpu_budget)
 
@@ -57,6 +61,11 @@ class Sam2Segmenter(InProcessModel):
         self.predictor = predictor
         self.encoder_batch = encoder_batch
         self.pool = EncoderPool(max(session_batch, encoder_batch) if session_batch > 1 else 1)  # across sessions
+        # objects' tracking steps in one batch: a session's own and those of up to session_batch - 1 others
+        unbatchable = step_batch.supported(predictor) if session_batch > 1 else "session_batch is 1"
+        self.steps = step_batch.StepPool(session_batch if unbatchable is None else 1)
+        if session_batch > 1 and unbatchable is not None:
+            log.warning("tracking steps are not batched: %s", unbatchable)
         self.name = name
         self.random_weights = random_weights
         self.prune = prune
@@ -101,7 +110,8 @@ class Sam2Segmenter(InProcessModel):
         """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first),
         its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
-        with self.turns.turn(live=live) as turn, graphed, torch.inference_mode(), self._autocast():
+        batched = step_batch.installed(self.predictor) if self.steps.limit > 1 else contextlib.nullcontext()
+        with self.turns.turn(live=live) as turn, graphed, batched, torch.inference_mode(), self._autocast():
             yield turn
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -38,6 +38,7 @@ from worker.model.encoder_batch import BatchedFeatures, EncoderPool
 from worker.model.frame_masks import FrameMasks
 from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.session import MaskPrompt, Prompt, SessionBase
+from worker.model.step_batch import STATE_KEY, BatchedSteps, StepPool
 from worker.model.turns import Turn
 from worker.sources.frames import FrameSource, frame_ready
 
@@ -52,6 +53,7 @@ class SharedModel(Protocol):
     graphs: Any  # worker.model.cuda_graphs.GraphCache, or None (eager)
     encoder_batch: int
     pool: EncoderPool  # frames of sessions waiting for their turn, encoded with the current one's
+    steps: StepPool  # tracking steps of sessions waiting for their turn, batched with the current one's
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
@@ -73,6 +75,11 @@ class Sam2Session(SessionBase):
         self.features = BatchedFeatures(self.images, encode, model.torch_device, batch=model.encoder_batch,
                                         pool=model.pool)
         self.state = self._new_state()
+        # objects' tracking steps batched (worker/model/step_batch.py): this session's, and other sessions' next
+        self.steps = BatchedSteps(self.state, model.steps) if model.steps.limit > 1 else None
+        if self.steps is not None:
+            self.state[STATE_KEY] = self.steps
+        self._forward_to: int | None = None  # the frame a running forward pass steps next (its steps may be offered)
         self.peak_frames_held = 0
         # A live session runs for days and is prompted again and again (prompts, automatic prompts): SAM 2 reads
         # every prompted frame in memory attention (max_cond_frames_in_attn is unlimited), so only the newest
@@ -101,13 +108,23 @@ class Sam2Session(SessionBase):
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
         self.frames.wait(self._position)  # the next frame, waited for before the turn: other jobs step meanwhile
         self.features.offer(self._position)  # encoded in another session's pass if one runs first
-        try:  # while this session holds the turn no other encodes: its offer goes when the step ends
+        if self.steps is not None and self._plain_step_next():
+            self.steps.offer(self._position)  # and its objects tracked there too
+        try:  # while this session holds the turn no other encodes: its offers go when the step ends
             with self.model.stepping(live=self.live) as turn:
                 out = next(frames)
                 turn.hold = self.live and frame_ready(self.frames, self._position)
                 return out
         finally:
             self.features.withdraw()
+            if self.steps is not None:
+                self.steps.withdraw()
+
+    def _plain_step_next(self) -> bool:
+        """Whether the next step is the running forward pass's next frame, with no change of objects on it."""
+        total = self.frames.total
+        return (self._forward_to == self._position and not self.book.removals
+                and self._position not in self.book.pending and (total is None or self._position < total))
 
     # ---- propagation ------------------------------------------------------------------------------
     def _run(self) -> Iterator[FrameMasks]:
@@ -155,6 +172,8 @@ class Sam2Session(SessionBase):
                 forward.close()  # type: ignore[attr-defined]  # a generator
 
     def _apply_changes(self, frame_idx: int) -> None:
+        if self.steps is not None:
+            self.steps.clear()
         for obj_id in self.book.removals:
             self.predictor.remove_object(self.state, obj_id, need_output=False)
             self.book.tracked.discard(obj_id)
@@ -183,6 +202,8 @@ class Sam2Session(SessionBase):
     def _propagate(self, start: int, *, reverse: bool) -> Iterator[FrameMasks]:
         state = self.state
         state["num_frames"] = self.frames.total or UNKNOWN_LENGTH
+        if self.steps is not None:
+            self.steps.clear()
         steps = self.predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
         try:
             while True:
@@ -197,10 +218,13 @@ class Sam2Session(SessionBase):
                     self._release_old_frames(int(frame_idx), reverse=reverse, protect=start)
                 if self.frames.total is not None:
                     state["num_frames"] = self.frames.total
+                self._forward_to = None if reverse else int(frame_idx) + 1
                 yield _ordered(out)
+                self._forward_to = None
                 if not reverse and self.frames.total is not None and frame_idx + 1 >= self.frames.total:
                     return
         finally:
+            self._forward_to = None
             steps.close()
 
     def _release_old_frames(self, frame_idx: int, *, reverse: bool, protect: int) -> None:
@@ -256,7 +280,8 @@ class Sam2Session(SessionBase):
         if images.loaded:
             self._stats = {"loaded": images.loaded, "waited_s": images.waited_s,
                            "load_ms": 1000 * images.load_s / images.loaded, "peak_frames_held": self.peak_frames_held,
-                           "encoded": self.features.encoded, "batched": self.features.batched}
+                           "encoded": self.features.encoded, "batched": self.features.batched,
+                           "steps_batched": self.steps.batched if self.steps is not None else 0}
             log.info("frames: %d loaded (%.1f ms each on a loader thread); the model waited %.2f s for them",
                      images.loaded, 1000 * images.load_s / images.loaded, images.waited_s)
         if self.model.graphs is not None:
