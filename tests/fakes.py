@@ -9,7 +9,7 @@ pixels within `tolerance` (max absolute BGR difference) of that colour. No model
 the test's own configuration (never from files in a job's folder):
   crash_at N      the process SIGKILLs itself on frame N (a job that kills its worker, or its model process)
   transient_at N  RetryableError on frame N, once per process (like a CUDA out of memory)
-  block_at N      the model never returns from frame N (a wedged model or driver)
+  block_at N      the model never returns from frame N, holding its turn (a wedged model or driver)
 Per-frame `delay_s` slows jobs down, spent in a turn on the pretend shared model (worker/model/turns.py: jobs
 held at once take turns, as on SAM 2); with `busy` the delay is spent in a Python loop that holds the GIL.
 `gpu_mib` (VSEG_FAKE_GPU_MIB=FREE,EACH) pretends to be a GPU with FREE MiB free less EACH per open session.
@@ -41,7 +41,7 @@ from worker.model.proposals import Proposal
 from worker.model.segment import FrameMasks, GpuBudget, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
 from worker.model.session import SessionBase
 from worker.model.turns import FairTurns
-from worker.sources.frames import FrameSource, frame_ready
+from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +211,11 @@ class ChaosHooks(InProcessModel):
         free, each = self.gpu_mib
         return GpuBudget((free - each * self.open_sessions) * MIB, each * MIB, 0)
 
-    def _wait(self, live: bool = False, ready: bool = False) -> None:
+    def _wait(self, frames: FrameSource, live: bool = False, ready: bool = False) -> None:
         """One step's time, in a turn; `ready`: a live session's next frame is there (it holds the model)."""
         if self.delay_s <= 0:
             return
-        with self.turns.turn(live=live) as turn:
+        with self.turns.turn(live=live, check=turn_wait_check(frames)) as turn:
             self._spend()
             turn.hold = ready
 
@@ -260,14 +260,15 @@ class ChaosSession:
 
     def __next__(self) -> FrameMasks:
         out = next(self.inner)
-        self.hooks._wait(self.live, self.live and frame_ready(self.frames, self.inner.position))
+        self.hooks._wait(self.frames, self.live, self.live and frame_ready(self.frames, self.inner.position))
         if out.frame_idx == self.faults.crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if out.frame_idx == self.faults.transient_at and self.job not in self.hooks._transient_done:
             self.hooks._transient_done.add(self.job)
             raise RetryableError(f"injected transient failure at frame {out.frame_idx}")
         if out.frame_idx == self.faults.block_at:
-            threading.Event().wait()  # forever: nothing in this thread can stop it
+            with self.hooks.turns.turn():  # forever, holding the model: nothing in this thread can stop it
+                threading.Event().wait()
         return out
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from producer.submit import submit
+from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas import messages
 from tests.test_reliability import assert_complete_exactly_once, frames_done, prompt, started_events, state
@@ -300,3 +301,36 @@ def test_cancel_stops_one_job_held_and_leaves_the_other_running(
         stop_all(w)
     assert frames_done(redis_client, settings, "drop") < N
     assert_complete_exactly_once(redis_client, settings, "keep")
+
+
+def test_a_wedged_model_hands_back_the_jobs_beside_it_before_the_worker_exits(
+    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Job `wedge` never returns from frame 3, holding the shared model's turn. Its sibling waits for a turn
+    that never comes; waiting for the model is not a stall, so only `wedge` stalls (abandoned, its attempt
+    counted). Before the wedged worker exits for its supervisor it hands the sibling back, its attempt not
+    counted, and the next worker takes both at once and completes them."""
+    for job_id in ("wedge", "beside"):
+        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+    extra = ["--stall", "1.5", "--concurrency", "2"]
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.05, extra=extra, faults={"wedge": {"block_at": 3}})
+    try:
+        assert w.wait(60) == EXIT_BROKEN, w.log()[-3000:]
+    finally:
+        stop_all(w)
+    assert "wedged" in w.log() and "handing back the 1 other job(s) held before exiting" in w.log()
+    assert "job beside stalled" not in w.log()
+    beside = state(redis_client, settings, "beside")
+    assert beside["state"] == "queued" and beside["attempt"] == "0", beside  # handed back, not counted
+    assert 0 < frames_done(redis_client, settings, "beside") < N
+    assert state(redis_client, settings, "wedge")["attempt"] == "1"  # abandoned: counted
+    b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.0, extra=["--concurrency", "2"])
+    try:
+        wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in ("wedge", "beside")),
+                 timeout_s=30, what="the next worker completes both")
+    finally:
+        stop_all(b)
+    assert state(redis_client, settings, "beside")["attempt"] == "1"
+    assert state(redis_client, settings, "wedge")["attempt"] == "2"
+    for job_id in ("wedge", "beside"):
+        assert_complete_exactly_once(redis_client, settings, job_id)

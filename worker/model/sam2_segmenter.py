@@ -13,7 +13,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,12 @@ class Sam2Segmenter(InProcessModel):
         return Sam2Session(self, frames, prompts, width=width, height=height, start_frame=start_frame)
 
     @contextlib.contextmanager
-    def stepping(self, *, live: bool = False) -> Iterator[Turn]:
-        """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first),
-        its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
+    def stepping(self, *, live: bool = False, check: Callable[[], None] | None = None) -> Iterator[Turn]:
+        """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first;
+        `check` run while waiting for it), its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
         batched = step_batch.installed(self.predictor) if self.steps.limit > 1 else contextlib.nullcontext()
-        with self.turns.turn(live=live) as turn, graphed, batched, torch.inference_mode(), self._autocast():
+        with self.turns.turn(live=live, check=check) as turn, graphed, batched, torch.inference_mode(), self._autocast():
             yield turn
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

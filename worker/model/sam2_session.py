@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.session import MaskPrompt, Prompt, SessionBase
 from worker.model.step_batch import STATE_KEY, BatchedSteps, StepPool
 from worker.model.turns import Turn
-from worker.sources.frames import FrameSource, frame_ready
+from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class SharedModel(Protocol):
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
-    def stepping(self, *, live: bool = False) -> AbstractContextManager[Turn]: ...
+    def stepping(self, *, live: bool = False, check: Callable[[], None] | None = None) -> AbstractContextManager[Turn]: ...
 
 
 class Sam2Session(SessionBase):
@@ -111,7 +111,7 @@ class Sam2Session(SessionBase):
         if self.steps is not None and self._plain_step_next():
             self.steps.offer(self._position)  # and its objects tracked there too
         try:  # while this session holds the turn no other encodes: its offers go when the step ends
-            with self.model.stepping(live=self.live) as turn:
+            with self.model.stepping(live=self.live, check=turn_wait_check(self.frames)) as turn:
                 out = next(frames)
                 turn.hold = self.live and frame_ready(self.frames, self._position)
                 return out

@@ -26,7 +26,8 @@ frame, and those of other sessions waiting for their turn that offered their nex
 limit of sessions); the later calls, and the other sessions' next turns, find their result ready. A
 waiting session does not touch its state, so the result computed for it is the one it would compute
 itself; a step another session's frame fails to prepare (a corrupt frame) is left for that session to
-fail on in its own turn.
+fail on in its own turn. Once prepared, a step needs nothing more of its session's state, so a session
+that leaves while waiting (a hand-back) only leaves a result nobody reads.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class _Prepared:
     memory: torch.Tensor  # (tokens, 1, mem_dim)
     memory_pos: torch.Tensor
     num_obj_ptr_tokens: int
+    storage: torch.device  # the state's storage device and constants: read once, so that a session that
+    constants: dict[str, Any]  # leaves (a hand-back) while its step is computed elsewhere changes nothing here
 
     @property
     def shape(self) -> tuple[Any, ...]:
@@ -94,7 +97,8 @@ def run_steps(predictor: Any, steps: Sequence[Step]) -> list[Result]:
 def prepare(predictor: Any, step: Step) -> _Prepared:
     _, _, feats, pos, sizes = predictor._get_image_feature(step.state, step.frame_idx, 1)
     memory, memory_pos, n_ptr = _memory(predictor, step, feats[-1].device)
-    return _Prepared(step, feats, pos, sizes, memory, memory_pos, n_ptr)
+    return _Prepared(step, feats, pos, sizes, memory, memory_pos, n_ptr, step.state["storage_device"],
+                     step.state["constants"])
 
 
 def run_prepared(predictor: Any, prepared: Sequence[_Prepared]) -> list[Result]:
@@ -131,13 +135,12 @@ def _run_group(predictor: Any, group: Sequence[_Prepared]) -> list[Result]:
     predictor._encode_memory_in_output(feats, first.feat_sizes, None, True, high_res_masks, score_logits, out)
     results = []
     for k, p in enumerate(group):  # SAM 2's post-processing (_run_single_frame_inference), per step
-        state = p.step.state
-        storage = state["storage_device"]
+        storage = p.storage
         maskmem = _one(out["maskmem_features"], k, batch).to(torch.bfloat16).to(storage, non_blocking=True)
         masks = _one(low_res_masks, k, batch)
         if predictor.fill_hole_area > 0:
             masks = fill_holes_in_mask_scores(masks, predictor.fill_hole_area)
-        pos_enc = predictor._get_maskmem_pos_enc(state, {"maskmem_pos_enc": [x[k : k + 1] for x in out["maskmem_pos_enc"]]})
+        pos_enc = predictor._get_maskmem_pos_enc({"constants": p.constants}, {"maskmem_pos_enc": [x[k : k + 1] for x in out["maskmem_pos_enc"]]})
         compact = {"maskmem_features": maskmem, "maskmem_pos_enc": pos_enc,
                    "pred_masks": masks.to(storage, non_blocking=True),
                    "obj_ptr": _one(obj_ptr, k, batch), "object_score_logits": _one(score_logits, k, batch)}
@@ -242,13 +245,11 @@ class StepPool:
             self._offers.pop(id(steps), None)
 
     def take(self, exclude: BatchedSteps) -> list[tuple[BatchedSteps, int]]:
-        """Up to limit - 1 offers of other sessions, removed from the pool; each taken session's state stays
-        the taker's (`BatchedSteps.busy`) until its results are stored."""
+        """Up to limit - 1 offers of other sessions, removed from the pool."""
         with self._lock:
             taken = [(s, f) for s, f in self._offers.values() if s is not exclude][: self.limit - 1]
             for s, _ in taken:
                 del self._offers[id(s)]
-                s.busy.acquire()
         return taken
 
 
@@ -260,7 +261,6 @@ class BatchedSteps:
         self.pool = pool
         self._ready: dict[tuple[int, int, bool], Result] = {}
         self._lock = threading.Lock()  # the session's thread reads what another session's thread fills
-        self.busy = threading.Lock()  # held by another session's pass computing this one's steps
         self.batched = 0  # this session's steps run in a batch of more than one
 
     def clear(self) -> None:
@@ -272,10 +272,7 @@ class BatchedSteps:
         self.pool.offer(self, frame_idx)
 
     def withdraw(self) -> None:
-        """The offer, if nobody took it; if another session's pass did, wait until it is done with this state."""
         self.pool.withdraw(self)
-        with self.busy:
-            pass
 
     def steps_at(self, frame_idx: int, reverse: bool, first_obj: int = 0) -> list[Step]:
         """The plain steps SAM 2's loop runs on `frame_idx` from object `first_obj` on (prompted frames reuse
@@ -296,20 +293,15 @@ class BatchedSteps:
         own = self.steps_at(frame_idx, reverse, obj_idx)
         prepared = [prepare(predictor, s) for s in own]
         owners: list[BatchedSteps] = [self] * len(own)
-        taken = self.pool.take(exclude=self)
-        try:
-            for other, other_frame in taken:
-                for step in other.steps_at(other_frame, False):
-                    try:
-                        prepared.append(prepare(predictor, step))
-                    except Exception as exc:  # its own turn meets this again, and fails its own job only
-                        log.debug("a step offered by another session is left to it: %s", exc)
-                        break
+        for other, other_frame in self.pool.take(exclude=self):
+            try:
+                steps = other.steps_at(other_frame, False)
+                for step in steps:
+                    prepared.append(prepare(predictor, step))
                     owners.append(other)
-            return self._run(predictor, prepared, owners, obj_idx)
-        finally:
-            for other, _ in taken:
-                other.busy.release()
+            except Exception as exc:  # noqa: BLE001 - its own turn meets this again, and fails its own job only
+                log.debug("a step offered by another session is left to it: %s", exc)
+        return self._run(predictor, prepared, owners, obj_idx)
 
     def _run(self, predictor: Any, prepared: list[_Prepared], owners: list[BatchedSteps], obj_idx: int) -> Result:
         results = run_prepared(predictor, prepared)

@@ -15,6 +15,11 @@ waits that long for it to come back, a live session takes it at once. A live ses
 source holds nothing (sessions wait for frames before they ask for a turn). Live sessions therefore have
 the model as long as they have frames; file jobs fill what is left.
 
+A waiting session runs its `check` every POLL_S (the job's: a lost lease, a cancel, a shutdown), so a
+session whose turn never comes (another session's step wedged in the model) can still leave and be handed
+back; the check also tells the job's lease that the job is waiting for the model, not stalled
+(worker/service/runner.py), so only the wedged session's job stalls.
+
 `waited_s` says how long the turns took to come (for metrics and the fairness tests).
 """
 
@@ -24,11 +29,12 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 LIVE, FILE = 0, 1  # classes, in the order turns are given
 LIVE_HOLD_S = 0.01  # how long a live session with its next frame ready keeps the model between two steps
+POLL_S = 0.2  # how often a waiting session runs its check
 
 
 class Turn:
@@ -56,21 +62,26 @@ class FairTurns:
             return False
         return ticket[0] == LIVE or time.monotonic() >= self._held_until
 
-    def _wait(self, ticket: tuple[int, int]) -> None:
+    def _wait(self, ticket: tuple[int, int], check: Callable[[], None] | None) -> None:
         while not self._mine(ticket):
             held_s = self._held_until - time.monotonic()
-            self._cond.wait(timeout=held_s if held_s > 0 and not self._busy else None)
+            timeout = held_s if held_s > 0 and not self._busy else None
+            if check is not None:
+                check()
+                timeout = POLL_S if timeout is None else min(timeout, POLL_S)
+            self._cond.wait(timeout=timeout)
 
     @contextmanager
-    def turn(self, *, live: bool = False) -> Iterator[Turn]:
-        """Hold the model for one step; `live`: a live session's (served before any file job's)."""
+    def turn(self, *, live: bool = False, check: Callable[[], None] | None = None) -> Iterator[Turn]:
+        """Hold the model for one step; `live`: a live session's (served before any file job's); `check`: run
+        while waiting (what it raises gives up the ticket)."""
         t0 = time.monotonic()
         ticket = (LIVE if live else FILE, next(self._tickets))
         current = Turn(live)
         with self._cond:
             heapq.heappush(self._queue, ticket)
             try:
-                self._wait(ticket)
+                self._wait(ticket, check)
             except BaseException:  # interrupted while waiting: give up the ticket
                 self._queue.remove(ticket)
                 heapq.heapify(self._queue)

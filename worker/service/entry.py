@@ -193,7 +193,9 @@ class JobEntry:
         """Called by a stalled job's lease thread once it has abandoned the job. The job's thread learns it
         at its next check and normally leaves within a step; if it has not within STALL_NUDGE_S, the
         model is stopped (a model process is killed, so the thread comes back at once); if it still has
-        not come back a lease later, it is wedged: this worker cannot serve again and exits."""
+        not come back a lease later, it is wedged: this worker cannot serve again and exits, after handing
+        back the other jobs it holds (their sessions wait for turns on the wedged model, and leave at their
+        next check: worker/model/turns.py)."""
         ctx = self.ctx
         wait_s = max(ctx.settings.lease_s, 2.0)
 
@@ -206,6 +208,13 @@ class JobEntry:
             why = (f"the job's thread did not come back {wait_s:g} s after its job was abandoned ({reason}); the "
                    f"model is wedged")
             ctx.health.mark_broken(why, min(2.0, ctx.settings.lease_s))
+            others = ctx.shutdown.held - 1
+            if others > 0:  # jobs beside it (concurrency > 1) are handed back first, not left to their leases
+                log.error("%s; handing back the %d other job(s) held before exiting", why, others)
+                ctx.shutdown.force()
+                if not ctx.shutdown.wait_held(1, wait_s):
+                    log.error("%d job(s) were not handed back within %g s: they are taken again after their "
+                              "leases", ctx.shutdown.held - 1, wait_s)
             call_bounded(ctx.segmenter.close, 5.0, "closing the model process")
             ctx.on_fatal(why)
 

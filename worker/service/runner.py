@@ -147,16 +147,20 @@ class JobRunner:
         stall_s = ctx.settings.stall_s
         if job.live:  # a live source may be reconnecting: the producer fails the job past source_outage_s
             stall_s = max(stall_s, ctx.settings.source_outage_s + 4 * job.producer_ttl_s)
-        return StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
-                              block_ms=ctx.settings.block_ms, stall_s=stall_s,
-                              producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
-                              check=self.check)
+        frames = StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
+                                block_ms=ctx.settings.block_ms, stall_s=stall_s,
+                                producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
+                                check=self.check)
+        frames.turn_wait = self._step  # waiting for a turn on a shared model is not a stall (worker/model/turns.py)
+        return frames
 
     def _frames(self) -> FrameSource:
         job = self.job
         if job.source is FrameSourceKind.STREAM:
             return self._streamed()
-        return DirFrames(job.frames_dir, job.num_frames, check=self.check)
+        frames = DirFrames(job.frames_dir, job.num_frames, check=self.check)
+        frames.turn_wait = self._step
+        return frames
 
     def _live(self, resume: Resume) -> tuple[LiveFrames, LiveResults]:
         """A live job's two sides (worker/sources/live.py): the session's picks, and the results'."""

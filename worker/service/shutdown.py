@@ -132,6 +132,11 @@ class Shutdown:
             self._cond.wait_for(lambda: done() or self.requested, timeout_s)
             return done()
 
+    def wait_held(self, at_most: int, timeout_s: float) -> bool:
+        """Block until at most `at_most` jobs are held, or `timeout_s`; whether they are."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.held <= at_most, timeout_s)
+
     def notify(self) -> None:
         with self._cond:
             self._cond.notify_all()

@@ -78,9 +78,17 @@ def frame_ready(frames: FrameSource, frame_idx: int) -> bool:
     return bool(ready(frame_idx)) if ready is not None else False
 
 
+def turn_wait_check(frames: FrameSource) -> Callable[[], None]:
+    """What a session runs while it waits for its turn on a shared model (worker/model/turns.py): the job's
+    `turn_wait` where the runner set one (its check, and a note to the lease that the job waits for the
+    model, not stalls), else the source's `check`."""
+    return getattr(frames, "turn_wait", None) or frames.check
+
+
 class _Base:
     dir: Path
     check: Callable[[], None]
+    turn_wait: Callable[[], None] | None = None  # set by the runner (turn_wait_check)
 
     def path(self, frame_idx: int) -> Path:
         return self.dir / frame_name(frame_idx)

@@ -182,6 +182,7 @@ class SessionFrames:
         self.max_cond_frames = live.max_cond_frames
         self.dir: Path = live.dir
         self.check: Callable[[], None] = live.streamed.check
+        self.turn_wait: Callable[[], None] | None = getattr(live.streamed, "turn_wait", None)
 
     @property
     def total(self) -> int | None:
