@@ -106,6 +106,41 @@ def test_an_interrupted_wait_gives_its_ticket_up() -> None:
         pass
 
 
+def test_a_waiting_session_runs_its_check_and_leaves_when_it_raises() -> None:
+    """A turn that never comes (the holder wedged): the waiter's check runs every POLL_S; when it raises (a
+    forced shutdown) the waiter leaves with it and gives up its ticket."""
+    from worker.model.turns import POLL_S
+    from worker.service.shutdown import ForcedExit
+
+    turns = FairTurns()
+    holder, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with turns.turn():
+            holder.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    holder.wait(5)
+    calls: list[float] = []
+
+    def check() -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 4:
+            raise ForcedExit()
+
+    t0 = time.monotonic()
+    with pytest.raises(ForcedExit), turns.turn(check=check):
+        pass
+    assert len(calls) == 4 and time.monotonic() - t0 < 20 * POLL_S
+    assert turns.waiting == 0
+    release.set()
+    t.join(5)
+    with turns.turn():
+        pass
+
+
 def test_a_live_session_with_its_next_frame_ready_keeps_the_model_between_two_steps() -> None:
     """A file job waiting does not slip into the gap between a live session's steps when the live one said
     it comes straight back; it does once the live session's turn ends without a hold."""
