@@ -8,6 +8,8 @@ Modes (worker/service/capacity.py):
              memory attention, the mask decoder and the memory encoder over all their objects
              (worker/model/step_batch.py)
   processes  a model process per slot: K copies of the model, each with its own kernel-launching thread
+  batched-process  batched, in one model process of its own shared by every slot (its sessions on threads
+             of their own there)
 
 For each K and mode, rounds alternate (one after another, then at once) and the medians are reported:
 a shared machine's speed drifts by several percent within minutes. Each job is the same clip (the
@@ -67,6 +69,9 @@ def load_model(settings: Settings, mode: str) -> Segmenter:
 
     if mode == "processes":
         return ModelProcess(dataclasses.replace(settings, model_process="on"))
+    if mode == "batched-process":
+        return ModelProcess(dataclasses.replace(settings, model_process="on", session_batch=BATCHED_SESSION_BATCH),
+                            shared=True)
     batch = BATCHED_SESSION_BATCH if mode == "batched" else 1
     return build_segmenter(dataclasses.replace(settings, model_process="off", session_batch=batch))
 

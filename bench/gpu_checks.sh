@@ -9,7 +9,7 @@
 #      serves it over TCP) for LIVE_MINUTES (3): target no skips and a capture-to-result p95 under 100 ms.
 #   5. bench_concurrency.py on CUDA (tiny at 1024, 1920x1080): aggregate frames/s for K = 1, 2, 4, 8 jobs on one
 #      worker, shared model (with and without batching across jobs: frames and objects, worker/model/step_batch.py)
-#      against a model process per slot (targets: K=8 at least 4x K=1; CONCURRENCY_OBJECTS objects a job, 1);
+#      against a model process per slot and one batching model process for all slots (targets: K=8 at least 4x K=1; CONCURRENCY_OBJECTS objects a job, 1);
 #      then how many 30 fps one-object live streams one GPU holds with no skips (STREAMS_MODE: processes, or
 #      batched).
 #   6. bench_gpu.py --runs "driver,driver compiled": torch.compile(mode="max-autotune") against our CUDA graphs.
@@ -37,6 +37,7 @@ timeout "${LIVE_BENCH_S:-360}" "$PY" bench/bench_live.py --device cuda --image-s
 echo "bench_live rc=$?" | tee -a "$out/bench_live_cuda.log"
 timeout "${CONCURRENCY_BENCH_S:-600}" "$PY" bench/bench_concurrency.py --device cuda --image-size 1024 \
   --size 1920x1080 --frames 120 --ks 1,2,4,8 --repeats 1 --objects "${CONCURRENCY_OBJECTS:-1}" \
+  --modes "${CONCURRENCY_MODES:-shared,batched,processes,batched-process}" \
   > "$out/bench_concurrency_cuda.log" 2>&1
 echo "bench_concurrency rc=$?" | tee -a "$out/bench_concurrency_cuda.log"
 timeout "${STREAMS_BENCH_S:-600}" "$PY" bench/bench_concurrency.py --device cuda --image-size 1024 \

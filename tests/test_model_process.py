@@ -188,10 +188,10 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
     import threading
     import time
 
-    from worker.model.process_child import _Sender
+    from worker.model.process_child import _Pipe, _Sender
 
     here, there = multiprocessing.Pipe()
-    sender = _Sender(there, depth=8)
+    sender = _Sender(_Pipe(there), depth=8)
     masks = np.ones((2, 540, 960), dtype=bool)  # 2 x 65 KB packed: more than a pipe buffer holds
     t0 = time.monotonic()
     for k in range(6):
@@ -212,11 +212,11 @@ def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:
 def test_the_sender_reports_a_worker_that_went_away() -> None:
     import multiprocessing
 
-    from worker.model.process_child import _Sender, _WorkerGone
+    from worker.model.process_child import _Pipe, _Sender, _WorkerGone
 
     here, there = multiprocessing.Pipe()
     here.close()  # the worker is gone
-    sender = _Sender(there, depth=2)
+    sender = _Sender(_Pipe(there), depth=2)
     sender.send(FrameMasks(0, (1,), np.ones((1, 8, 8), bool), np.zeros(1, np.float32)))
     with pytest.raises(_WorkerGone):
         for k in range(1, 100):  # the broken pipe surfaces on a later send, never as a hang

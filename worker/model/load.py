@@ -20,7 +20,9 @@ def model_device(settings: Settings) -> str:
 
 
 def load_segmenter(settings: Settings) -> Segmenter:
-    """The worker's segmenter per settings, loaded once: in a child process when `model_process` says so."""
+    """The worker's segmenter per settings, loaded once: in a child process when `model_process` says so,
+    shared by every slot when their steps are batched (`session_batch` > 1: batching needs the sessions on
+    one model), else one such process per slot (worker/service/capacity.py)."""
     if use_model_process(settings, model_device(settings)):
-        return ModelProcess(settings)
+        return ModelProcess(settings, shared=settings.session_batch > 1)
     return build_segmenter(settings)

@@ -23,80 +23,80 @@ worker/model/process_child.py):
 - `open_session()` sends the job (frame source, prompts, size); the session yields FrameMasks as they
   arrive; `add_prompts` and `remove_object` are answered by the child between two frames (it may be a
   few frames ahead of what the worker has read: `position` is the child's); a session closed early
-  (cancel, lease lost, hand-back) asks the child to close it and waits for it; one session at a time;
+  (cancel, lease lost, hand-back) asks the child to close it and waits for it (a close also ends the
+  child's wait for a frame); one session at a time, or with `shared` (`session_batch` > 1, so that
+  several jobs' steps can be batched on one model: worker/model/step_batch.py) every slot's at once, each
+  on a thread of its own in the child, their messages sorted by session on this side
+  (worker/model/process_inbox.py);
 - an error in the child (a bad prompt, CUDA out of memory) is re-raised in the worker as itself, so it
   is classified as before (retried or failed); a child that dies (killed, segfault) raises
-  `ModelProcessDied`, a RetryableError: the job is retried and the next job starts a fresh child;
+  `ModelProcessDied`, a RetryableError, in every session open on it: their jobs are retried and the next
+  job starts a fresh child;
 - the child exits when the worker closes it, or when the pipe breaks because the worker died;
 - while it waits for the child, the worker runs the job's `check` (frames.check) every 0.2 s, so a
   lost lease or a shutdown deadline stops the job even while the child is blocked (waiting for a
   frame in a Redis outage); a child that does not leave the job within `stop_timeout_s` of being
-  asked is killed, and `interrupt()` (a stalled job) kills it at once;
+  asked is killed, and `interrupt()` (a stalled job) kills it at once (in a shared child, the other
+  sessions with it: a wedged model costs their jobs a retry);
 - a child that cannot be started again raises WorkerBroken: the worker hands its job back and exits
   non-zero, so that its supervisor restarts it, instead of failing job after job.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
-import numpy as np
-
-from runtime.logs import job_log_fields
 from runtime.settings import Settings
-from schemas.errors import RetryableError, VsegError, WorkerBroken
+from schemas.errors import WorkerBroken
 from worker.model.frame_masks import FrameMasks
 from worker.model.process_child import serve
+from worker.model.process_inbox import Inboxes
 from worker.model.process_messages import (
     AddPrompts,
-    Answer,
-    Closed,
     CloseSession,
-    Done,
     Error,
     Exit,
-    Frame,
     FromModel,
     OpenSession,
     Propose,
-    Proposed,
     Ready,
     RemoveObject,
-    describe_frames,
 )
-from worker.model.proposals import Proposal
+from worker.model.process_session import ModelProcessDied, ProcessProposer, ProcessSession
 from worker.model.segment import GpuBudget, run_session
 from worker.model.session import Prompt
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
 
-
-class ModelProcessDied(RetryableError):
-    """The model's process ended unexpectedly (killed, crashed): the job is retried with a new one."""
+INBOX_LIMIT = 32  # messages waiting for one session of a shared model process, at most (recv_for)
 
 
 class ModelProcess:
     """A Segmenter whose model runs in a child process (see the module doc)."""
 
-    def __init__(self, settings: Settings, *, start_timeout_s: float = 900.0, stop_timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings, *, start_timeout_s: float = 900.0, stop_timeout_s: float = 10.0,
+                 shared: bool = False) -> None:
         self.settings = settings
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.shared = shared  # holds every slot's session at once (see the module doc), else one at a time
         self.name = ""
         self.random_weights = False
         self.device = "cpu"
         self.restarts = 0
         self.sessions_opened = 0
-        self.session: ProcessSession | None = None  # the open one, if any
+        self.generation = 0  # one per child started: a session of an earlier child is told it died
+        self._local = threading.local()  # the session each job's thread opened (the proposer's)
+        self.inbox = Inboxes(INBOX_LIMIT)  # each open session's messages (worker/model/process_inbox.py)
+        self._start_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.last_gpu_memory_bytes: int | None = None  # as the child last reported it
         self.budget: GpuBudget | None = None  # the child's, when ready; its free memory as last reported
         self._proc: Any = None
@@ -110,6 +110,8 @@ class ModelProcess:
                                  name="vseg-model", daemon=True)
         self._proc.start()
         child.close()
+        self.generation += 1
+        self.inbox.clear()
         self._conn = parent
         log.info("model process %d starting", self._proc.pid)
         msg = self.recv(timeout_s=self.start_timeout_s, what="start")
@@ -123,24 +125,43 @@ class ModelProcess:
         self.budget = msg.budget
         log.info("model process %d ready (%s on %s)", self._proc.pid, self.name, self.device)
 
-    def recv(self, *, timeout_s: float | None = None, what: str = "job",
-             check: Callable[[], None] | None = None) -> FromModel:
-        """The child's next message, running `check` every 0.2 s while it waits; ModelProcessDied if the
-        child dies or (with `timeout_s`) does not answer in time."""
-        conn = self._conn
-        if conn is None:
-            raise ModelProcessDied(f"the model process was stopped during {what}; the job is retried with a new one")
+    def recv(self, *, timeout_s: float | None = None, what: str = "job") -> FromModel:
+        """The child's next message, whoever it is for (its start: no session is open yet)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not conn.poll(0.2 if check is not None else 1.0):
-            if check is not None:
-                check()
-            if not self._proc.is_alive():
-                break
+        while (msg := self._read(1.0, what)) is None:
             if deadline is not None and time.monotonic() > deadline:
                 self.close()
                 raise ModelProcessDied(f"the model process did not {what} within {timeout_s:.0f} s")
+        return msg
+
+    def recv_for(self, session: ProcessSession, *, timeout_s: float | None = None, what: str = "job",
+                 check: Callable[[], None] | None = None) -> FromModel:
+        """The child's next message for `session` (worker/model/process_inbox.py: the sessions of a shared
+        process take turns reading the pipe), running `check` every 0.2 s while it waits; ModelProcessDied if
+        the child dies or (with `timeout_s`) does not answer in time."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if session.generation != self.generation or self._conn is None:
+                raise ModelProcessDied(f"the model process was stopped during {what}; the job is retried with a "
+                                       "new one")
+            msg = self.inbox.next_for(session.id, lambda poll_s: self._read(poll_s, what))
+            if msg is not None:
+                return msg
+            if check is not None:
+                check()
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()
+                raise ModelProcessDied(f"the model process did not {what} within {timeout_s:.0f} s")
+
+    def _read(self, poll_s: float, what: str) -> FromModel | None:
+        """One message if one comes within `poll_s`; ModelProcessDied if the child is gone."""
+        conn = self._conn
+        if conn is None:
+            raise ModelProcessDied(f"the model process was stopped during {what}; the job is retried with a new one")
         try:
-            return conn.recv()
+            if not conn.poll(poll_s) and self._proc.is_alive():
+                return None
+            return conn.recv()  # a dead child's pipe: EOF once what it sent is read
         except (EOFError, OSError):
             self._proc.join(5)
             code = self._proc.exitcode
@@ -148,11 +169,15 @@ class ModelProcess:
             raise ModelProcessDied(f"the model process died during {what} (exit code {code}); "
                                    "the job is retried with a new one") from None
 
+    def connected(self) -> bool:
+        return self._conn is not None
+
     def send(self, msg: OpenSession | AddPrompts | RemoveObject | Propose | CloseSession, what: str) -> None:
         if self._conn is None:
             raise ModelProcessDied(f"the model process was stopped before {what}; the job is retried with a new one")
         try:
-            self._conn.send(msg)
+            with self._send_lock:  # the job threads of a shared process send from several threads
+                self._conn.send(msg)
         except OSError:  # it died just now
             self.close()
             raise ModelProcessDied(f"the model process died before {what}; the job is retried with a new one") from None
@@ -160,6 +185,10 @@ class ModelProcess:
     def ensure_started(self) -> None:
         """Start a new child if the last one died (the worker calls this before it claims a job, so a restart
         never eats into a job's lease); WorkerBroken if it cannot be started."""
+        with self._start_lock:
+            self._ensure_started()
+
+    def _ensure_started(self) -> None:
         if self._conn is not None and self._proc.is_alive():
             return
         if self._conn is not None:
@@ -175,13 +204,21 @@ class ModelProcess:
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
                      start_frame: int = 0) -> ProcessSession:
-        if self.session is not None and not self.session.closed:
-            raise RuntimeError("a model process holds one session at a time: close the open one first")
+        if not self.shared and self.inbox.count():
+            raise RuntimeError("this model process holds one session at a time: close the open one first")
         self.ensure_started()  # died during or since the last job: start afresh
-        self.sessions_opened += 1
-        self.session = ProcessSession(self, self.sessions_opened, frames, prompts, width=width, height=height,
-                                      start_frame=start_frame)
-        return self.session
+        with self._start_lock:
+            self.sessions_opened += 1
+            session_id = self.sessions_opened
+        session = ProcessSession(self, session_id, frames, prompts, width=width, height=height,
+                                 start_frame=start_frame)
+        self._local.session = session
+        return session
+
+    def current_session(self) -> ProcessSession | None:
+        """The session this thread (a job's) opened last, if it is still open."""
+        session: ProcessSession | None = getattr(self._local, "session", None)
+        return session if session is not None and not session.closed else None
 
     def segment(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int,
                 height: int) -> Iterator[FrameMasks]:
@@ -224,151 +261,6 @@ class ModelProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-
-class ProcessSession:
-    """A session whose model runs in the model process (see the module doc). Frames that arrive while an
-    answer to add_prompts or remove_object is awaited are kept, in order, for the iteration."""
-
-    def __init__(self, model: ModelProcess, session_id: int, frames: FrameSource, prompts: Sequence[Prompt],
-                 *, width: int, height: int, start_frame: int = 0) -> None:
-        self.model = model
-        self.id = session_id
-        self.frames = frames
-        self.closed = False
-        self._objects = {p.obj_id for p in prompts}
-        self._position = start_frame
-        self._stats: dict[str, float] = {}
-        self._received: collections.deque[FrameMasks] = collections.deque()
-        self._ended: BaseException | None | bool = False  # False: frames still coming; None: done; else its error
-        # (whatever the child sends for this session is read, in order, until it answers CloseSession)
-        model.send(OpenSession(session_id, describe_frames(frames), tuple(prompts), width, height,
-                               dict(job_log_fields()), start_frame), "the job started")
-
-    @property
-    def obj_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(self._objects))
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    @property
-    def stats(self) -> dict[str, float]:
-        return dict(self._stats)
-
-    def add_prompts(self, prompts: Sequence[Prompt]) -> None:
-        """Prompts on `position` (the next frame, as far as this side knows) go on the child's own next frame,
-        which may be later by now: the child computes frames while the command is on its way."""
-        catch_up = bool(prompts) and all(p.frame_idx == self._position for p in prompts)
-        self._ask(AddPrompts(self.id, tuple(prompts), catch_up))
-        self._objects |= {p.obj_id for p in prompts}
-
-    def remove_object(self, obj_id: int) -> None:
-        self._ask(RemoveObject(self.id, obj_id))
-        self._objects.discard(obj_id)
-
-    def _ask(self, msg: AddPrompts | RemoveObject) -> None:
-        if self.closed:
-            raise RuntimeError("this session is closed")
-        self.model.send(msg, "the prompts were sent")
-        while True:
-            reply = self._next_message()
-            if isinstance(reply, Answer):
-                self._position = max(self._position, reply.position)
-                if reply.error is not None:
-                    raise reply.error
-                return
-
-    def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
-        """The model process's mask proposer on this frame (`--auto`), between two of the session's frames."""
-        if self.closed:
-            raise RuntimeError("this session is closed")
-        self.model.send(Propose(self.id, image_rgb), "the frame to propose masks on was sent")
-        while True:
-            reply = self._next_message()
-            if isinstance(reply, Proposed):
-                if reply.error is not None:
-                    raise reply.error
-                masks = np.unpackbits(reply.packed, axis=-1, count=reply.shape[-1]).astype(bool).reshape(reply.shape)
-                return [Proposal(m, s) for m, s in zip(masks, reply.scores)]
-
-    def _next_message(self) -> Answer | Proposed | None:
-        """Read one message for this session: a frame is kept for the iteration, the end is noted; an
-        Answer or Proposed is returned."""
-        msg = self.model.recv(check=self.frames.check)
-        if isinstance(msg, Frame):
-            masks = np.unpackbits(msg.packed, axis=-1, count=msg.shape[-1]).astype(bool)
-            self._received.append(FrameMasks(msg.frame_idx, tuple(msg.obj_ids), masks, msg.scores,
-                                             source_idx=msg.source_idx))
-            self._position = max(self._position, msg.frame_idx + 1)
-            if msg.gpu_memory_bytes is not None:
-                self.model.last_gpu_memory_bytes = msg.gpu_memory_bytes
-            if msg.gpu_free_bytes is not None and self.model.budget is not None:
-                self.model.budget = dataclasses.replace(self.model.budget, free_bytes=msg.gpu_free_bytes)
-        elif isinstance(msg, Done):
-            self._stats, self._ended = msg.stats, None
-        elif isinstance(msg, Error):
-            self._ended = msg.error
-        elif isinstance(msg, (Answer, Proposed)):
-            return msg
-        return None
-
-    def __iter__(self) -> ProcessSession:
-        return self
-
-    def __next__(self) -> FrameMasks:
-        while not self._received:
-            if self._ended is None or self.closed:
-                raise StopIteration
-            if isinstance(self._ended, BaseException):
-                error, self._ended = self._ended, None
-                raise error
-            self._next_message()
-        return self._received.popleft()
-
-    def close(self) -> None:
-        """The worker stopped reading: tell the child and wait (up to stop_timeout_s) until it has closed
-        the session; a child that does not (blocked waiting for a frame, wedged) is killed, and the next
-        job starts a new one."""
-        if self.closed:
-            return
-        self.closed = True
-        self._received.clear()
-        if self.model._conn is None:
-            return  # the child is gone
-        try:  # the child answers Closed whether the session is still running or has ended: read up to it
-            self.model.send(CloseSession(self.id), "the session was closed")
-            deadline = time.monotonic() + self.model.stop_timeout_s
-            while True:
-                msg = self.model.recv(timeout_s=max(0.1, deadline - time.monotonic()), what="stop")
-                if isinstance(msg, Closed) and msg.session == self.id:
-                    return
-        except (VsegError, OSError) as e:
-            log.warning("model process did not stop cleanly (%s); starting a new one for the next job", e)
-            self.model.close(join_s=0)
-
-    def __enter__(self) -> ProcessSession:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class ProcessProposer:
-    """A MaskProposer whose generator runs in the model process, between frames of its open session."""
-
-    peak_memory_bytes = 0  # measured in the child (bench/bench_auto.py runs the model in this process)
-
-    def __init__(self, model: ModelProcess) -> None:
-        self.model = model
-
-    def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
-        session = self.model.session
-        if session is None or session.closed:
-            raise RuntimeError("masks are proposed between a session's frames: no session is open")
-        return session.propose(image_rgb)
 
 
 def use_model_process(settings: Settings, device: str) -> bool:

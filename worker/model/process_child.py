@@ -1,8 +1,12 @@
 """The model process's side (worker/model/process.py has the worker's side and the why): load the model
-once, then serve sessions (worker/model/session.py) as the worker opens them, one at a time, speaking
-the typed messages of worker/model/process_messages.py. Each frame's masks go back bit-packed from a
-sending thread (`_Sender`), so the model never waits on the pipe; between frames the worker's commands
-for the session (add prompts, remove an object, close) are applied."""
+once, then serve sessions (worker/model/session.py) as the worker opens them, speaking the typed messages
+of worker/model/process_messages.py. The main thread reads the worker's commands and hands each to its
+session; each session runs on a thread of its own (`_SessionThread`: one at a time for a model process per
+slot, several on one shared model, taking turns and batched, worker/model/turns.py and step_batch.py).
+Each frame's masks go back bit-packed from a sending thread (`_Sender`), so the model never waits on the
+pipe; between frames the session's commands (add prompts, remove an object, close) are applied. A close
+also ends a session's wait for a frame (its source's check raises), so one session waiting out a Redis
+outage never holds up the others' close."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from worker.model.process_messages import (
     open_frames,
 )
 from worker.model.segment import Segmenter, Session
+from worker.sources.frames import FrameSource
 from worker.sources.live import SessionFrames
 
 SEND_BUFFER_BYTES = 64 << 20  # unpacked masks waiting to be sent, at most (and 2 to 16 frames)
@@ -76,27 +81,99 @@ def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_l
     except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits with it
         conn.send(Error(_portable(e)))
         return
-    conn.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device, segmenter.gpu_budget()))
+    pipe = _Pipe(conn)
+    pipe.send(Ready(segmenter.name, segmenter.random_weights, segmenter.device, segmenter.gpu_budget()))
+    sessions: dict[int, _SessionThread] = {}
     while True:
         try:
             msg: ToModel = conn.recv()
         except (EOFError, OSError):  # the worker is gone
             return
         try:
-            if isinstance(msg, Exit):
+            if isinstance(msg, Exit):  # the session threads go with the process
                 return
+            for ended in [k for k, served in sessions.items() if served.finished]:
+                del sessions[ended]
             if isinstance(msg, OpenSession):
-                with job_log_context(**msg.log_fields):
-                    if _serve_session(conn, segmenter, msg, settings) == "exit":
-                        return
-            elif isinstance(msg, (AddPrompts, RemoveObject)):  # the session ended before this reached it
-                conn.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
-            elif isinstance(msg, Propose):  # between sessions too: the proposer needs the model, not a session
-                conn.send(_propose(segmenter, msg, settings))
-            elif isinstance(msg, CloseSession):
-                conn.send(Closed(msg.session))
-        except (_WorkerGone, EOFError, OSError):  # the worker is gone
+                sessions[msg.session] = _SessionThread(pipe, segmenter, msg, settings)
+                continue
+            served = sessions.get(msg.session)
+            if served is None or not served.deliver(msg):
+                _answer_ended(pipe, segmenter, msg, settings)
+        except _WorkerGone:
             return
+
+
+class _Pipe:
+    """The connection to the worker, shared by every session's sender: one message at a time."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: FromModel) -> None:
+        try:
+            with self._lock:
+                self.conn.send(msg)
+        except (EOFError, OSError) as e:
+            raise _WorkerGone(f"{type(e).__name__}: {e}") from e
+
+
+class _SessionClosing(Exception):
+    """The worker closed the session while it waited (for a frame, for a turn)."""
+
+
+class _SessionThread:
+    """One session served on a thread of its own, its commands handed over by the main thread."""
+
+    def __init__(self, pipe: _Pipe, segmenter: Segmenter, msg: OpenSession, settings: Settings) -> None:
+        self.pipe, self.segmenter, self.msg, self.settings = pipe, segmenter, msg, settings
+        self.commands: queue.Queue[ToModel] = queue.Queue()
+        self.closing = False
+        self.finished = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"vseg-session-{msg.session}", daemon=True)
+        self.thread.start()
+
+    def deliver(self, msg: ToModel) -> bool:
+        """Queue a command for the session; False once it has ended (the caller answers for it)."""
+        with self._lock:
+            if self.finished:
+                return False
+            self.commands.put(msg)
+            if isinstance(msg, CloseSession):
+                self.closing = True
+            return True
+
+    def check(self) -> None:
+        if self.closing:
+            raise _SessionClosing()
+
+    def _run(self) -> None:
+        with job_log_context(**self.msg.log_fields):
+            try:
+                _serve_session(self.pipe, self.segmenter, self.msg, self.settings, self)
+            except _WorkerGone:
+                return
+            finally:
+                with self._lock:
+                    self.finished = True
+            with contextlib.suppress(_WorkerGone):
+                while True:  # commands that came while it ended: answered as for a session that has ended
+                    try:
+                        _answer_ended(self.pipe, self.segmenter, self.commands.get_nowait(), self.settings)
+                    except queue.Empty:
+                        return
+
+
+def _answer_ended(pipe: _Pipe, segmenter: Segmenter, msg: ToModel, settings: Settings) -> None:
+    """A command for a session that has ended (or never was)."""
+    if isinstance(msg, (AddPrompts, RemoveObject)):
+        pipe.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
+    elif isinstance(msg, Propose):  # between sessions too: the proposer needs the model, not a session
+        pipe.send(_propose(segmenter, msg, settings))
+    elif isinstance(msg, CloseSession):
+        pipe.send(Closed(msg.session))
 
 
 def _free_bytes(segmenter: Segmenter) -> int | None:
@@ -108,24 +185,16 @@ class _WorkerGone(Exception):
     """The pipe to the worker broke: the worker died or closed it."""
 
 
-def _command(conn: multiprocessing.connection.Connection) -> ToModel | None:
-    """The worker's next command, if one is waiting."""
-    try:
-        return conn.recv() if conn.poll() else None
-    except (EOFError, OSError) as e:
-        raise _WorkerGone(str(e)) from e
-
-
 class _Sender:
     """The child's messages to the worker, sent from a thread of their own so that the model never waits
     on the pipe: one frame's masks (65 KB a 960x540 object, bit-packed) are more than a pipe buffer
     holds, so a send returns only once the worker has read it. Messages keep their order; at most
     `depth` frames wait here. A broken pipe (the worker died) is raised by the next `send`."""
 
-    def __init__(self, conn: multiprocessing.connection.Connection, depth: int = 16, session: int = 0,
+    def __init__(self, pipe: _Pipe, depth: int = 16, session: int = 0,
                  gpu_memory: Callable[[], int | None] = lambda: None,
                  gpu_free: Callable[[], int | None] = lambda: None) -> None:
-        self.conn = conn
+        self.pipe = pipe
         self.session = session
         self.gpu_memory = gpu_memory
         self.gpu_free = gpu_free
@@ -140,11 +209,11 @@ class _Sender:
                 continue  # the worker is gone: drop the rest
             try:
                 if isinstance(msg, FrameMasks):  # packed here, off the model's thread
-                    self.conn.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
+                    self.pipe.send(Frame(self.session, msg.frame_idx, msg.obj_ids, np.packbits(msg.masks, axis=-1),
                                          tuple(msg.masks.shape), msg.scores, self.gpu_memory(), msg.source_idx,
                                          self.gpu_free()))
                 else:
-                    self.conn.send(msg)
+                    self.pipe.send(msg)
             except BaseException as e:  # noqa: BLE001 - a broken pipe, or a message that cannot be sent
                 self.error = _WorkerGone(f"{type(e).__name__}: {e}")
 
@@ -167,26 +236,22 @@ class _Sender:
         if self.error is not None:
             raise self.error
 
-    def abandon(self) -> None:
-        """Stop without waiting: the worker is closing this process and reads nothing more."""
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)
 
 
-def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segmenter, msg: OpenSession,
-                   settings: Settings) -> str:
-    """One session to its end; returns how it ended: done, error, closed (the worker closed it) or exit
-    (the worker is closing this process)."""
+def _serve_session(pipe: _Pipe, segmenter: Segmenter, msg: OpenSession, settings: Settings,
+                   served: _SessionThread) -> str:
+    """One session to its end; returns how it ended: done, error or closed (the worker closed it)."""
     frame_bytes = len({p.obj_id for p in msg.prompts}) * msg.width * msg.height  # one frame's masks, unpacked
-    sender = _Sender(conn, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session,
+    sender = _Sender(pipe, depth=max(2, min(16, SEND_BUFFER_BYTES // max(1, frame_bytes))), session=msg.session,
                      gpu_memory=segmenter.gpu_memory_bytes, gpu_free=lambda: _free_bytes(segmenter))
     session: Session | None = None
     try:
         frames = open_frames(msg.frames, settings)
+        _watch(frames, served.check)
         session = segmenter.open_session(frames, msg.prompts, width=msg.width, height=msg.height,
                                          start_frame=msg.start_frame)
         while True:
-            ending = _apply_commands(conn, session, sender, msg.session, segmenter, settings)
+            ending = _apply_commands(served, session, sender, msg.session, segmenter, settings)
             if ending is not None:
                 return ending
             try:
@@ -200,6 +265,9 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
         return "done"
     except _WorkerGone:
         raise  # the caller returns
+    except _SessionClosing:  # closed while it waited: what it had sent goes first, then Closed
+        sender.close(Closed(msg.session))
+        return "closed"
     except Exception as e:  # noqa: BLE001 - raised again in the worker
         sender.close(Error(_portable(e), msg.session))
         return "error"
@@ -208,14 +276,23 @@ def _serve_session(conn: multiprocessing.connection.Connection, segmenter: Segme
             session.close()
 
 
-def _apply_commands(conn: multiprocessing.connection.Connection, session: Session, sender: _Sender,
+def _watch(frames: FrameSource, check: Callable[[], None]) -> None:
+    """Make the frames' waits (and the session's turn waits) run `check`: a close ends them."""
+    frames.check = check
+    live = getattr(frames, "live", None)  # a live session's view: its waits are its stream's
+    if live is not None:
+        live.streamed.check = check
+
+
+def _apply_commands(served: _SessionThread, session: Session, sender: _Sender,
                     session_id: int, segmenter: Segmenter, settings: Settings) -> str | None:
-    """Apply the worker's waiting commands to the session, answering each; "closed" or "exit" if the
-    session must end here."""
-    while (command := _command(conn)) is not None:
-        if isinstance(command, Exit):
-            sender.abandon()
-            return "exit"
+    """Apply the worker's waiting commands to the session, answering each; "closed" if the session must
+    end here."""
+    while True:
+        try:
+            command = served.commands.get_nowait()
+        except queue.Empty:
+            return None
         if isinstance(command, CloseSession):
             sender.close(Closed(session_id))
             return "closed"
@@ -235,19 +312,20 @@ def _apply_commands(conn: multiprocessing.connection.Connection, session: Sessio
             sender.send(Answer(session_id, session.position, error))
         elif isinstance(command, Propose):
             sender.send(_propose(segmenter, command, settings))
-    return None
 
 
 _PROPOSERS: dict[int, Any] = {}  # the model's proposer, made once (it holds SAM 2's mask generator)
+_PROPOSERS_LOCK = threading.Lock()  # sessions on several threads may ask for it first at once
 
 
 def _propose(segmenter: Segmenter, msg: Propose, settings: Settings) -> Proposed:
     from worker.model.proposals import build_proposer
 
     try:
-        proposer = _PROPOSERS.get(id(segmenter))
-        if proposer is None:
-            proposer = _PROPOSERS.setdefault(id(segmenter), build_proposer(settings, segmenter))
+        with _PROPOSERS_LOCK:
+            proposer = _PROPOSERS.get(id(segmenter))
+            if proposer is None:
+                proposer = _PROPOSERS.setdefault(id(segmenter), build_proposer(settings, segmenter))
         found = proposer.propose(msg.image_rgb)
     except Exception as e:  # noqa: BLE001 - raised again in the worker
         return Proposed(msg.session, np.zeros(0, np.uint8), (0,), (), _portable(e))

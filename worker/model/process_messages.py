@@ -93,7 +93,7 @@ def _open_stream(spec: StreamSpec, settings: Settings) -> StreamedFrames:
 @dataclass(frozen=True)
 class OpenSession:
     """Open session `session` on these frames with these first prompts; its frames come as `Frame`s, then
-    `Done` (or `Error`). The model process holds one session at a time."""
+    `Done` (or `Error`). The model process holds one session at a time, or (shared) several."""
 
     session: int
     frames: FramesSpec

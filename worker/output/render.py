@@ -316,8 +316,8 @@ class MaskVideoWriter:
         )
 
     def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False,
-              names: Mapping[int, str] | None = None) -> None:
-        """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame."""
+              at_s: float | None = None, names: Mapping[int, str] | None = None) -> None:
+        """Draw `masks` on `frame` (BGR, or RGB when `rgb`) as the next frame (at its fixed rate: `at_s` unused)."""
         if self._closed:
             raise ValueError(f"cannot write to {self.path}: the writer is closed")
         video_frame = encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb, names=names)

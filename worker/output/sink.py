@@ -211,15 +211,12 @@ class ResultSink:
         image = out.image_rgb if out.image_rgb is not None else read_frame_bgr(self.frames.path(out.frame_idx))
         rgb = out.image_rgb is not None  # decoded already by the segmenter
         names = {obj_id: label for obj_id, (label, _) in out.labels.items()} if out.labels else None
-        if isinstance(writer, HlsWriter):
-            info = self.live.info(out.frame_idx) if self.live is not None else None
-            at_s = None
-            if info is not None:
-                self._render_t0 = info.time if self._render_t0 is None else self._render_t0
-                at_s = info.time - self._render_t0
-            writer.write(image, out.obj_ids, out.masks, rgb=rgb, at_s=at_s, names=names)
-            return
-        writer.write(image, out.obj_ids, out.masks, rgb=rgb, names=names)
+        info = self.live.info(out.frame_idx) if self.live is not None else None  # a live frame: when captured
+        at_s = None
+        if info is not None:
+            self._render_t0 = info.time if self._render_t0 is None else self._render_t0
+            at_s = info.time - self._render_t0
+        writer.write(image, out.obj_ids, out.masks, rgb=rgb, at_s=at_s, names=names)
 
     def _results(self, outs: list[FrameMasks | Skipped]) -> list[messages.FrameResult]:
         """The entries of these frames; a live job's with when each was captured and (processed ones) its

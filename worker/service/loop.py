@@ -116,7 +116,7 @@ class Worker:
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
                                  on_fatal=on_fatal, metrics=self.metrics)
         self._url = redact_url(settings.redis_url)
-        model_per_slot = isinstance(segmenter, ModelProcess)  # one session at a time in a model process
+        model_per_slot = isinstance(segmenter, ModelProcess) and not segmenter.shared  # one session a process
         self.concurrency, why = pick_concurrency(settings, segmenter, model_per_slot=model_per_slot)
         log.info("worker %s holds up to %d job(s) at once: %s", self.name, self.concurrency, why)
         self.models = slot_segmenters(segmenter, self.concurrency, model_per_slot=model_per_slot,
