@@ -10,7 +10,9 @@ the log says why:
 Where the slots run (`slot_segmenters`): with the model in this process, every slot opens its sessions
 on the one shared model (fair turns, worker/model/turns.py); with the model in a process of its own (the
 CUDA default), each slot gets a model process: one Python thread per process launches the kernels, the
-bottleneck of a small model on a fast GPU (worker/model/process.py), so K processes keep K of them busy.
+bottleneck of a small model on a fast GPU (worker/model/process.py), so K processes keep K of them busy;
+with batching across jobs (`session_batch` > 1) every slot shares one model process instead, since
+batching needs the sessions on one model (its fewer, larger launches are what keeps the GPU busy there).
 
 Admission (`refusal`): a worker holding at least one job takes another only while the device has room
 for one more session (ADMIT_FACTOR times its measured cost free), so that a burst of jobs waits in the
