@@ -5,7 +5,7 @@
 
 Integration tests get a real redis-server that the tests start on a free port (never the shared one
 on 6379), flushed before each test, plus a Settings object pointing at it and at a temporary
-STORAGE_ROOT.
+STORAGE_ROOT. No worker subprocess (tests/workers.py) outlives the test that started it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ import redis
 
 from producer.local_redis import RedisServer
 from runtime.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """Workers a test started and left running (an assertion failed before its `finally`) are killed, so
+    that they do not claim the next test's jobs or load the machine for the rest of the run."""
+    yield
+    from tests.workers import kill_leftovers
+
+    left = kill_leftovers()
+    if left:
+        import logging
+
+        logging.getLogger("tests").warning("killed workers the test left running: %s", ", ".join(left))
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,8 @@ def test_a_worker_killed_mid_stream_is_replaced_and_the_job_completes_with_every
     result stream ends with every frame once."""
     from tests.workers import WorkerProcess, wait_for
 
-    slow_down_jpeg_writes(monkeypatch, 0.15)  # about 6 s for the video: long enough for a kill, a start-up and a lease
+    killed = threading.Event()  # frames after the 20th wait for the kill: decoding outlasts it on any machine
+    slow_down_jpeg_writes(monkeypatch, 0.05, gate=killed, gated_from=20)
     done: dict[str, float] = {}
 
     def run_submit() -> None:
@@ -231,11 +232,13 @@ def test_a_worker_killed_mid_stream_is_replaced_and_the_job_completes_with_every
                  what="a publishes frames")
         b = WorkerProcess(settings, "b", tmp_path, lease_s=1.0, delay_s=0.002)  # idle: a holds the job
         wait_for(lambda: redis_client.exists(settings.keys.worker_health("b")), what="b is up")
-        assert "at" not in done, "decoding ended before the kill: slow the producer down further"
+        assert "at" not in done, "decoding ended before the kill"
         a.kill()
+        killed.set()
         wait_for(lambda: redis_client.hget(settings.keys.job("midkill"), "state") == b"completed", what="b completes")
         submitter.join(30)
     finally:
+        killed.set()
         a.kill()
         if b is not None:
             b.kill()

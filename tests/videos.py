@@ -5,6 +5,8 @@ Ground truth (centre, mask) is known exactly, so tests can measure where masks l
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,15 +105,20 @@ def draw_entering_square(num_frames: int, size_wh: tuple[int, int]) -> Callable[
     return draw
 
 
-def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float) -> None:
+def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float, *, gate: threading.Event | None = None,
+                          gated_from: int = 0) -> None:
     """Make the producer spend `delay_s` more on each frame's JPEG, so decoding outlasts what a test
-    does meanwhile (results arriving, a kill, a cancel)."""
+    does meanwhile (results arriving, a kill, a cancel); with `gate`, the JPEGs after the first `gated_from`
+    wait for it too, so decoding outlasts the test's step however slow the machine is."""
     import producer.decode as decode
 
     real = decode._write_jpeg
+    written = itertools.count()
 
     def slow(path: Path, data: Any, quality: int, whole: bool = True) -> None:
         time.sleep(delay_s)
+        if gate is not None and next(written) >= gated_from:
+            gate.wait(120)
         real(path, data, quality, whole)
 
     monkeypatch.setattr(decode, "_write_jpeg", slow)

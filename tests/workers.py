@@ -34,7 +34,9 @@ def fake_env(*, delay_s: float = 0.0, busy: bool = False, faults: dict[str, dict
 
 class WorkerProcess:
     """`python -m worker` with the fake segmenter in a subprocess, its log in a file. `faults`: job id (or
-    "*") to {"crash_at" | "transient_at" | "block_at": frame} (tests/fakes.py)."""
+    "*") to {"crash_at" | "transient_at" | "block_at": frame} (tests/fakes.py). Every one started is in
+    `STARTED` until it has exited: tests/conftest.py kills those a test left running (a failed assertion
+    before its `finally`), so that no worker outlives its test."""
 
     def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
                  delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None,
@@ -46,6 +48,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **fake_env(delay_s=delay_s, busy=busy, faults=faults),
                                                      **(env or {})}, stdout=self._log,
                                      stderr=subprocess.STDOUT)
+        STARTED.append(self)
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -69,6 +72,18 @@ class WorkerProcess:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+
+STARTED: list[WorkerProcess] = []
+
+
+def kill_leftovers() -> list[str]:
+    """Kill every WorkerProcess still running (a test's leftovers); their names."""
+    left = [w for w in STARTED if w.alive()]
+    for w in left:
+        w.kill()
+    STARTED.clear()
+    return [w.name for w in left]
 
 
 def stop_all(*workers: WorkerProcess) -> None:
