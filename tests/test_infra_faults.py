@@ -9,7 +9,6 @@ job ends in one terminal state, and a completed job holds every frame exactly on
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
@@ -34,7 +33,7 @@ from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.videos import disc_center, make_video
-from tests.workers import ROOT, WorkerProcess, stop_all, wait_for, worker_env
+from tests.workers import ROOT, WorkerProcess, log_time, stop_all, wait_for, worker_env
 from worker.broker.lease import Lease
 from worker.broker.publish import ResultPublisher
 from worker.service.loop import Worker
@@ -223,13 +222,6 @@ def test_an_idle_worker_exits_at_once_on_sigterm_with_redis_hung(
     finally:
         thaw(server)
         stop_all(w)
-
-
-def log_time(log: str, text: str) -> float:
-    """When the worker logged the first line holding `text` (seconds, from the line's timestamp)."""
-    line = next(line for line in log.splitlines() if text in line)
-    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    return stamp.timestamp()
 
 
 # ---- Redis not up yet ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from worker.model.sam2_segmenter import Sam2Segmenter
 
 pytestmark = pytest.mark.e2e
 
-N = 24
+N = 16
 SIZE = (128, 96)
 TOLERANCE = 1e-3  # the largest logit difference allowed between a batched step and SAM 2's own (measured: below)
 

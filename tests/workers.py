@@ -3,6 +3,7 @@ tests/fakes.py, chosen by VSEG_SEGMENTER)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -95,6 +96,13 @@ def stop_all(*workers: WorkerProcess) -> None:
             w.wait(30)
         except subprocess.TimeoutExpired:
             w.kill()
+
+
+def log_time(log: str, text: str) -> float:
+    """When a worker logged the first line holding `text` (Unix seconds, from the line's timestamp): a
+    worker's own reaction, without the interpreter's teardown after it (the machine's speed)."""
+    line = next(line for line in log.splitlines() if text in line)
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30, what: str = "condition") -> None:

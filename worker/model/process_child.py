@@ -15,11 +15,13 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +67,25 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def serve(conn: multiprocessing.connection.Connection, settings: Settings, log_level: int) -> None:
+    """The child: load the model, serve sessions until told to exit (or the worker is gone), then leave at
+    once. Session threads may still be in a step or a log write then, and an interpreter shut down under
+    a daemon thread holding stderr's lock aborts (SIGABRT), so the process ends with os._exit after
+    flushing what was logged."""
+    code = 0
+    try:
+        _serve(conn, settings, log_level)
+    except BaseException:  # noqa: BLE001 - a bug: its trace, and a non-zero exit the worker reports
+        traceback.print_exc()
+        code = 1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _serve(conn: multiprocessing.connection.Connection, settings: Settings, log_level: int) -> None:
     """The child's main loop: load the model, then serve one session per `OpenSession`."""
     # Ctrl-C reaches the whole process group: the worker handles it (finish the job, then exit) and
     # tells this process when to go
