@@ -13,6 +13,7 @@ from runtime.cleanup import producer_finished, remove_frames
 from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.layout import ensure_layout
+from runtime.lua import lua, register
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import InputError, UnknownJobError
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 # (it was still queued and no worker had taken it: a worker that claims its entry later finds it ended and drops
 # it). The state is read in the same step, so an already-ended job is told apart from one this call cancelled.
 # With 2 the caller writes the copy on vseg:events and deletes the job's entry from vseg:jobs (shared keys).
-_CANCEL_LUA = """
+_CANCEL_LUA = lua("cancel_job", """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, '', ''} end
 if string.find(' ' .. ARGV[5] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state, ''} end
@@ -43,7 +44,7 @@ if state == ARGV[3] and (not owner or owner == '') then
   return {2, ARGV[4], redis.call('HGET', KEYS[1], 'entry_id') or ''}
 end
 return {1, state, ''}
-"""
+""")
 
 
 class CancelAction(str, enum.Enum):
@@ -95,7 +96,7 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
     keys = settings.keys
     ensure_layout(client, keys, mark=False)  # a job of the old layout is not "unknown": LayoutError says what to do
     fields = messages.encode(messages.Cancelled(job_id, 0))
-    cancel_script = client.register_script(_CANCEL_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
+    cancel_script = register(client, "cancel_job")  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
     code, state, entry_id = cast(list[Any], cancel_script(
         keys=[keys.job(job_id), keys.results(job_id)],
         args=[TERMINAL_ENTRY_ID, settings.results_ttl_s, JobState.QUEUED.value, JobState.CANCELLED.value,
@@ -123,14 +124,14 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
 
 # KEYS: job hash. ARGV: the terminal states (space-separated). Returns {code, state}: -1 unknown job, 0 already
 # ended (nothing written), -2 not a live job, 1 stop requested.
-_STOP_LUA = """
+_STOP_LUA = lua("stop_live_job", """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, ''} end
 if string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state} end
 if redis.call('HGET', KEYS[1], 'live') ~= '1' then return {-2, state} end
 redis.call('HSET', KEYS[1], 'stop', '1')
 return {1, state}
-"""
+""")
 
 
 def request_stop(job_id: str, *, settings: Settings, client: redis.Redis | None = None) -> str:
@@ -141,7 +142,7 @@ def request_stop(job_id: str, *, settings: Settings, client: redis.Redis | None 
     validate_job_id(job_id)
     client = client or connect(settings)
     ensure_layout(client, settings.keys, mark=False)
-    script = client.register_script(_STOP_LUA)
+    script = register(client, "stop_live_job")
     code, raw = cast(list[Any], script(keys=[settings.keys.job(job_id)], args=[terminal_states_arg()]))
     state = raw.decode() if isinstance(raw, bytes) else str(raw)
     if code == -1:

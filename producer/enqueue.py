@@ -20,6 +20,7 @@ import logging
 import redis
 
 from runtime.layout import ensure_layout
+from runtime.lua import lua, register
 from schemas import messages
 from schemas.names import JobState, Keys
 
@@ -27,13 +28,13 @@ log = logging.getLogger(__name__)
 
 # KEYS: job hash. ARGV: entry id, num_frames, submitted_at, source, state (JobState.QUEUED). 1 created (fields
 # a worker already set are kept), 0 the job already exists (nothing written).
-_CREATE_LUA = """
+_CREATE_LUA = lua("create_job", """
 if redis.call('HEXISTS', KEYS[1], 'submitted_at') == 1 then return 0 end
 local fields = {'state', ARGV[5], 'attempt', '0', 'frames_done', '0', 'num_frames', ARGV[2],
                 'submitted_at', ARGV[3], 'source', ARGV[4], 'entry_id', ARGV[1]}
 for i = 1, #fields, 2 do redis.call('HSETNX', KEYS[1], fields[i], fields[i + 1]) end
 return 1
-"""
+""")
 
 
 def job_exists(client: redis.Redis, keys: Keys, job_id: str) -> bool:
@@ -49,7 +50,7 @@ def enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
     fields = messages.encode(job)
     raw = client.xadd(keys.jobs, {"type": fields["type"], "data": fields["data"]})
     entry_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-    create = client.register_script(_CREATE_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
+    create = register(client, "create_job")  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
     if create(keys=[keys.job(job.job_id)], args=[entry_id, job.num_frames, job.submitted_at, job.source,
                                                   JobState.QUEUED.value]):
         return True

@@ -26,6 +26,7 @@ from producer.prompts import build_prompts
 from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.limits import LimitError
+from runtime.lua import lua, register
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError, SchemaError, UnknownJobError, VsegError
@@ -58,7 +59,7 @@ class PromptRefused(VsegError):
 # type and data. Returns {-1, ''} unknown job, {0, state} already ended (nothing written), or {1, the
 # command's id, the result stream's last id before it}. A job hash with an expiry passes it on to the
 # control stream, so that nothing outlives the job.
-_SEND_LUA = """
+_SEND_LUA = lua("send_command", """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1, ''} end
 if string.find(' ' .. ARGV[1] .. ' ', ' ' .. state .. ' ', 1, true) then return {0, state} end
@@ -69,7 +70,7 @@ local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[2], 'data', ARGV[3])
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return {1, id, last_id}
-"""
+""")
 
 
 def split_now(specs: Sequence[str]) -> tuple[list[str], bool]:
@@ -288,7 +289,7 @@ def _send_and_wait(client: redis.Redis, settings: Settings, command: messages.Pr
     keys = settings.keys
     job_id = command.job_id
     fields = messages.encode(command)
-    send = client.register_script(_SEND_LUA)  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
+    send = register(client, "send_command")  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
     reply = cast(list[Any], send(keys=[keys.job(job_id), keys.control(job_id), keys.results(job_id)],
                                  args=[terminal_states_arg(), fields["type"], fields["data"]]))
     code = int(reply[0])

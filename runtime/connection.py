@@ -97,3 +97,15 @@ def quick_client(settings: Settings) -> redis.Redis:
     retries would multiply these)."""
     return connect(settings, retries=QUICK_RETRIES, socket_timeout_s=min(settings.socket_timeout_s, QUICK_TIMEOUT_S),
                    connect_timeout_s=QUICK_TIMEOUT_S, health_check_interval_s=0)
+
+
+def worker_socket_timeout_s(settings: Settings) -> float:
+    """The worker's Redis calls give up after this: never longer than a third of a lease, never shorter
+    than a blocking read plus a second."""
+    return min(settings.socket_timeout_s, max(settings.block_ms / 1000 + 1.0, settings.lease_s / 3))
+
+
+def worker_client(settings: Settings) -> redis.Redis:
+    """A client for the worker (and its model process): those timeouts and one quick reconnect."""
+    timeout_s = worker_socket_timeout_s(settings)
+    return connect(settings, retries=1, socket_timeout_s=timeout_s, connect_timeout_s=min(5.0, timeout_s))

@@ -52,6 +52,7 @@ ENV_VARS: dict[str, str] = {
     "results_ttl_s": "VSEG_RESULTS_TTL_S",
     "progress_every": "VSEG_PROGRESS_EVERY",
     "lease_s": "VSEG_LEASE_S",
+    "housekeeping_s": "VSEG_HOUSEKEEPING_S",
     "stall_s": "VSEG_STALL_S",
     "producer_ttl_s": "VSEG_PRODUCER_TTL_S",
     "max_attempts": "VSEG_MAX_ATTEMPTS",
@@ -123,6 +124,7 @@ class Settings:
     results_ttl_s: int = 7 * 24 * 3600  # result streams expire this long after their job ends
     progress_every: int = 10  # frames between progress events on vseg:events
     lease_s: float = 30.0  # a worker's claim on a job; renewed every lease_s / 3 while the job makes progress
+    housekeeping_s: float = 30.0  # an idle worker's housekeeping: dead consumers removed, the events stream trimmed
     stall_s: float = 300.0  # no progress this long: abandoned by its worker (reclaimable); also the longest frame wait
     producer_ttl_s: float = 10.0  # a streaming producer's liveness key; refreshed every producer_ttl_s / 3
     max_attempts: int = 3  # runs of one job (crashes and transient errors) before it is dead-lettered
@@ -201,7 +203,7 @@ class Settings:
             )
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 16):
             raise ConfigError(f"image_size must be a positive multiple of 16, but got {self.image_size}")
-        for name in ("results_ttl_s", "progress_every", "lease_s", "stall_s", "producer_ttl_s", "max_attempts", "grace_s", "max_frames",
+        for name in ("results_ttl_s", "progress_every", "lease_s", "housekeeping_s", "stall_s", "producer_ttl_s", "max_attempts", "grace_s", "max_frames",
                      "max_pixels", "max_objects", "max_prompts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")

@@ -343,7 +343,26 @@ def test_worker_check_reports_a_broken_worker(settings: Settings, redis_client: 
 
     redis_client.delete(keys.worker_health("live"), keys.worker_health("wb"))
     out, _ = run_cli(["worker", "check"], env)
-    assert out.returncode == 1 and f"unhealthy: no live worker on {host}" in out.stdout
+    assert out.returncode == 1 and f"unhealthy: 0 live worker(s) on {host} (0 broken)" in out.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("left", ["nothing", "the stream without its group"])
+def test_stats_and_worker_check_on_an_empty_redis_answer_with_zeros(
+        left: str, settings: Settings, redis_client: redis.Redis) -> None:
+    """Redis restarted empty (or a stream no worker has made a group on yet): figures, not a traceback."""
+    if left != "nothing":
+        redis_client.xadd(settings.keys.jobs, {"type": "x", "data": "y"})
+    env = worker_env(settings)
+    out, _ = run_cli(["producer", "stats"], env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, (out.stdout, out.stderr)
+    rows = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:] if line.startswith("  ")}
+    expected = "1" if left != "nothing" else "0"
+    assert rows["waiting"] == expected and rows["pending"] == "0" and rows["consumers"] == "0", out.stdout
+    assert "(not created yet: no worker has started)" in out.stdout.splitlines()[0]
+    out, _ = run_cli(["worker", "check"], env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, (out.stdout, out.stderr)
+    assert out.stdout.startswith(f"unhealthy: 0 live worker(s) on {socket.gethostname()} (0 broken)"), out.stdout
 
 
 @pytest.mark.integration

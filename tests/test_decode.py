@@ -113,10 +113,30 @@ def test_existing_output_directory_is_refused(video: Path, tmp_path: Path) -> No
         extract_frames(video, tmp_path / "f")
 
 
+class ReportedFrames:
+    """An `on_frames` that checks, when it is called with n, that frames 0..n-1 are each a whole JPEG on disk
+    (named in order, decodable), and that n only grows."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.seen: list[int] = []
+        self.checked = 0
+
+    def __call__(self, n: int) -> None:
+        assert not self.seen or n > self.seen[-1], (self.seen, n)
+        for k in range(self.checked, n):
+            path = self.out_dir / f"{k:05d}.jpg"
+            assert path.is_file(), f"frame {k} reported (n={n}) before {path.name} was on disk"
+            assert cv2.imread(str(path)) is not None, f"frame {k} reported (n={n}) before {path.name} was whole"
+        self.checked = n
+        self.seen.append(n)
+
+
 def test_streaming_mode_reports_contiguous_frames(video: Path, tmp_path: Path) -> None:
-    seen: list[int] = []
-    extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
-    assert seen == sorted(seen) and seen[-1] == N and len(set(seen)) == len(seen)
+    report = ReportedFrames(tmp_path / "f")
+    extract_frames(video, tmp_path / "f", atomic=False, on_frames=report)
+    seen = report.seen
+    assert seen == sorted(seen) and seen[-1] == N and len(set(seen)) == len(seen) and report.checked == N
     assert not [p for p in (tmp_path / "f").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -163,8 +183,9 @@ def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
     monkeypatch.setattr(decode, "_write_jpeg", slow_pool)
-    seen: list[int] = []
-    extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
+    report = ReportedFrames(tmp_path / "f")
+    extract_frames(video, tmp_path / "f", atomic=False, on_frames=report)
+    seen = report.seen
     here = [name for name, thread in writers.items() if thread == threading.main_thread().name]
     assert here and len(here) < N, "the calling thread should share the encoding, not do all of it"
     assert names(tmp_path / "f") == [f"{k:05d}.jpg" for k in range(N)]
@@ -208,10 +229,10 @@ def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_pat
     monkeypatch.setattr(decode, "_write_jpeg", stalled_pool)
     monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
     monkeypatch.setattr(decode, "MAX_IN_FLIGHT", 3)
-    seen: list[int] = []
+    report = ReportedFrames(tmp_path / "f")
     with pytest.raises(StorageError, match="disk full"):
-        extract_frames(video, tmp_path / "f", atomic=False, on_frames=seen.append)
-    assert seen == [N - 1]
+        extract_frames(video, tmp_path / "f", atomic=False, on_frames=report)
+    assert report.seen == [N - 1] and report.checked == N - 1
 
 
 def test_full_range_source_with_padded_rows(tmp_path: Path) -> None:

@@ -150,32 +150,51 @@ def test_outage_of_three_leases_mid_job_then_the_job_completes_with_every_frame_
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_redis_restarted_empty_mid_job_is_logged_and_the_worker_serves_the_next_job(
-    video: Path, tmp_path: Path, storage_root: Path
+HOUSEKEPT_EMPTY = "housekeeping: the jobs stream"  # the line housekeeping logs once when it finds the stream gone
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-job"])
+def test_redis_restarted_empty_then_housekeeping_and_the_same_worker_completes_the_next_job(
+    when: str, video: Path, tmp_path: Path, storage_root: Path
 ) -> None:
-    """No persistence (or a failover to a replica without the group): the running job is gone. The
-    worker says so, recreates its consumer group and completes the next job."""
+    """No persistence (or a failover to a replica without the group): Redis is shut down and started empty on
+    the same port. An idle worker, or one mid-job (its job is logged as vanished), runs its housekeeping on
+    the empty Redis (every 0.05 s here: `housekeeping_s`), which recreates the stream and group instead of
+    dying on XINFO's "no such key"; then the same worker process completes the next job."""
     srv = RedisServer(data_dir=tmp_path / "redis-empty", appendonly=False)
     srv.data_dir.mkdir()
     srv.start()
     settings = Settings.load(environ={}, redis_url=srv.url, storage_root=storage_root, block_ms=200)
     c = redis.Redis.from_url(srv.url, socket_timeout=5)
-    submit(video, prompt(), settings=settings, client=c, job_id="lost")
-    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1)
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1, env={"VSEG_HOUSEKEEPING_S": "0.05"})
     try:
-        wait_for(lambda: frames_done(c, settings, "lost") >= 4, what="frames")
-        srv.kill()
+        if when == "mid-job":
+            submit(video, prompt(), settings=settings, client=c, job_id="lost")
+            wait_for(lambda: frames_done(c, settings, "lost") >= 4, what="frames")
+        else:
+            wait_for(lambda: "ready" in w.log() and c.exists(settings.keys.worker_health("w")), what="worker ready")
+        pid = w.proc.pid
+        c.shutdown(nosave=True)  # the shutdown a user types; the connection drops with it
+        srv.proc.wait(10)  # type: ignore[union-attr]
+        if when == "idle":  # the worker sees Redis gone before it comes back empty (else a read may reconnect first)
+            wait_for(lambda: "unavailable" in w.log(), timeout_s=20, what="the worker notices Redis is down")
         srv.start()  # empty: no AOF, no RDB
-        wait_for(lambda: "vanished" in w.log(), timeout_s=20, what="the worker notices the job vanished")
+        if when == "mid-job":
+            wait_for(lambda: "vanished" in w.log(), timeout_s=20, what="the worker notices the job vanished")
+        wait_for(lambda: HOUSEKEPT_EMPTY in w.log(), timeout_s=20, what="housekeeping on the empty Redis")
+        wait_for(lambda: c.exists(settings.keys.jobs), timeout_s=10, what="the jobs stream recreated")
+        wait_for(lambda: c.exists(settings.keys.worker_health("w")), timeout_s=10, what="the health key rewritten")
         submit(video, prompt(), settings=settings, client=c, job_id="next")
         wait_for(lambda: state(c, settings, "next").get("state") == "completed", timeout_s=30, what="next job")
-        assert w.alive()
+        assert w.alive() and w.proc.pid == pid
         assert_every_frame_once(c, settings, "next")
     finally:
         stop_all(w)
         srv.stop()
     log = w.log()
-    assert "lost" in log and "submit it again" in log
+    assert log.count(HOUSEKEPT_EMPTY) == 1, log[-3000:]  # logged once, not at every round
+    if when == "mid-job":
+        assert "lost" in log and "submit it again" in log
     assert "Traceback" not in log, log[-3000:]
 
 

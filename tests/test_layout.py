@@ -1,6 +1,7 @@
 """The code's shape, checked: the layers import only downwards, no module imports itself back through
-others, no module grows past about 400 lines, every package says what it holds, and the README's
-code map names every module there is (and none that is not)."""
+others, no package imports itself back through another package, no module grows past about 400 lines, a
+package's docstring names each of its sub-packages, and the README's code map names every module there is
+(and none that is not)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,20 @@ def test_no_import_cycle() -> None:
     g = graph()
     # a package's __init__ importing its own modules is not a cycle of concern: only modules count
     g = {m: {d for d in deps if not (m.startswith(d + ".") and g.get(d) is not None)} for m, deps in g.items()}
+    cycles = find_cycles(g)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_module_is_over_about_400_lines() -> None:
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+
+
+def package_of(module: str, path: Path) -> str:
+    return module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+
+def find_cycles(g: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
     cycles: list[list[str]] = []
 
@@ -89,20 +104,34 @@ def test_no_import_cycle() -> None:
     for node in sorted(g):
         if node not in state:
             visit(node, [node])
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    return cycles
 
 
-def test_no_module_is_over_about_400_lines() -> None:
-    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
-    assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+def test_no_import_cycle_between_packages() -> None:
+    """Sub-packages (worker/broker, worker/model, ...) depend one way: a package that imports another is
+    never imported back by it, through any module (a function-level import counts)."""
+    mods = modules()
+    pkg_graph: dict[str, set[str]] = {}
+    for module, deps in graph().items():
+        here = package_of(module, mods[module])
+        for dep in deps:
+            there = package_of(dep, mods[dep])
+            if here != there and not here.startswith(there + ".") and not there.startswith(here + "."):
+                pkg_graph.setdefault(here, set()).add(there)
+    cycles = find_cycles(pkg_graph)
+    assert not cycles, "import cycles between packages:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 @pytest.mark.parametrize("package", sorted(
-    ".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")))
-def test_every_package_says_what_it_holds(package: str) -> None:
+    ".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")
+    if any(q.is_dir() and (q / "__init__.py").exists() for q in p.parent.iterdir())))
+def test_a_package_with_sub_packages_names_each_in_its_docstring(package: str) -> None:
+    """A newcomer opening `worker/__init__.py` gets the map of its sub-packages, each named and said."""
     init = ROOT / package.replace(".", "/") / "__init__.py"
-    doc = ast.get_docstring(ast.parse(init.read_text()))
-    assert doc and len(doc) > 30, f"{init}: its docstring must say in a line or two what the package holds"
+    doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+    subs = sorted(q.name for q in init.parent.iterdir() if q.is_dir() and (q / "__init__.py").exists())
+    unnamed = [sub for sub in subs if f"`{sub}`" not in doc]
+    assert not unnamed, f"{init}: its docstring must name (in backticks) and say what each sub-package holds: {unnamed}"
 
 
 def test_the_readmes_code_map_names_every_module() -> None:

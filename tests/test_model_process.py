@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import redis
 
+from runtime.connection import worker_socket_timeout_s
 from runtime.settings import Settings
 from schemas.errors import ConfigError, RetryableError
 from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
-from worker.broker.redis_client import worker_socket_timeout_s
 from worker.model.load import load_segmenter
 from worker.model.process import ModelProcess, ModelProcessDied, use_model_process
 from worker.model.process_messages import (

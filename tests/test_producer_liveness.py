@@ -132,12 +132,16 @@ def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_video(tmp_path_factory.mktemp("live") / "long.mp4", num_frames=N, size_wh=SIZE, fps=30)
 
 
-def submit_process(settings: Settings, video: Path, job_id: str) -> subprocess.Popen[bytes]:
+GATED_FROM = 20  # the producer's JPEGs after this many wait for the test's gate (tests/gated_producer.py)
+
+
+def submit_process(settings: Settings, video: Path, job_id: str, gate: Path) -> subprocess.Popen[bytes]:
+    """`producer submit` whose decoding stops after GATED_FROM frames until `gate` exists."""
     x, y = disc_center(0, N, SIZE)
     env = {**worker_env(settings), "VSEG_PRODUCER_TTL_S": "1"}
-    return subprocess.Popen([sys.executable, "-m", "producer", "submit", str(video), "--point", f"1:{x:.0f},{y:.0f}",
-                             "--job-id", job_id, "--no-render"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "tests.gated_producer", str(gate), str(GATED_FROM), "submit",
+                             str(video), "--point", f"1:{x:.0f},{y:.0f}", "--job-id", job_id, "--no-render"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_for_terminal(client: redis.Redis, settings: Settings, job_id: str, timeout_s: float) -> messages.Message:
@@ -162,23 +166,25 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
     tmp_path: Path,
 ) -> None:
     job_id = f"stopped-{sig}-{model_process}"
+    gate = tmp_path / "gate"
     worker = WorkerProcess(settings, "w-live", tmp_path, lease_s=2.0, delay_s=0.002,  # stall timeout: 60 s
                            env={"VSEG_MODEL_PROCESS": model_process})
+    proc = submit_process(settings, long_video, job_id, gate)
     try:
-        proc = submit_process(settings, long_video, job_id)
-        deadline = time.monotonic() + 60  # polled every 5 ms (not wait_for's 50): the signal must land mid-stream
-        while not redis_client.exists(settings.keys.job(job_id)):  # enqueued: the worker may start
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the producer did not enqueue the job within 60 s"
-            time.sleep(0.005)
+        # enqueued and its first frames announced: the producer now waits at the gate, mid-stream on any machine
+        wait_for(lambda: proc.poll() is not None or (redis_client.exists(settings.keys.job(job_id))
+                                                      and redis_client.xlen(settings.keys.frames(job_id)) >= 1),
+                 timeout_s=60, what="the job enqueued with its first frames")
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
         proc.send_signal(sig)
+        gate.touch()  # the frames in flight may finish: the producer's pool threads are joined at its exit
         out = proc.communicate(timeout=30)[0].decode()
         announced = redis_client.xlen(settings.keys.frames(job_id))
         t0 = time.monotonic()
         last = wait_for_terminal(redis_client, settings, job_id, timeout_s=20)
         assert time.monotonic() - t0 < 15, "the worker waited for the stall timeout"
         assert isinstance(last, messages.Failed) and expected in last.error, (last, out, worker.log())
-        assert announced < N, "the producer finished before it was stopped"
+        assert announced < N, "the producer finished before it was stopped"  # cannot: the gate held it
         state = redis_client.hgetall(settings.keys.job(job_id))
         assert state[b"state"] == b"failed" and state[b"attempt"] == b"1", state  # not retried: nothing to wait for
         frames = [e for e in redis_client.xrange(settings.keys.results(job_id))
@@ -195,6 +201,9 @@ def test_a_producer_stopped_mid_stream_fails_its_job_at_once(
         wait_for(lambda: not (settings.storage_root / f"jobs/{job_id}/frames").exists(), timeout_s=10,
                  what="the frames' removal")
     finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
         worker.kill()
 
 

@@ -278,18 +278,70 @@ def test_bad_settings(env: dict[str, str], match: str) -> None:
         Settings.load(env, config_path=None)
 
 
-def test_job_states_are_the_wire_strings_and_no_lua_script_spells_one_itself() -> None:
+def test_job_states_are_the_wire_strings() -> None:
     assert [s.value for s in JobState] == ["queued", "running", "retrying", "completed", "failed", "cancelled", "dead"]
     assert str(JobState.QUEUED) == f"{JobState.QUEUED}" == "queued" and JobState.DEAD == "dead"
     assert "cancelled" in TERMINAL_STATES and "retrying" not in TERMINAL_STATES
     assert {s.value for s in TERMINAL_STATES} == {t.TYPE.value for t in messages.TERMINAL_TYPES}
-    from producer import control, submit
-    from worker.broker import scripts as lua_scripts
 
-    scripts = {f"{m.__name__}.{name}": value for m in (control, submit, lua_scripts) for name, value in vars(m).items()
-               if name.endswith("_LUA")}
-    assert len(scripts) >= 8, sorted(scripts)
-    for name, lua in scripts.items():
+
+def _lua_in_the_code() -> dict[str, list[str]]:
+    """Every string literal in the packages that holds Lua (a `redis.call`), by module, after importing each
+    module that holds one (so that its scripts are in the registry)."""
+    import ast
+    import importlib
+
+    from tests.test_layout import modules
+
+    found: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and "redis.call(" in n.value]
+        if texts:
+            importlib.import_module(name)
+            found[name] = texts
+    return found
+
+
+def test_every_lua_script_is_in_the_one_registry_and_none_spells_a_job_state() -> None:
+    """runtime/lua.py's registry holds every script (a Lua text anywhere in the code outside it fails here),
+    only it registers scripts with redis-py, and no script spells a job state or the events stream's length:
+    states are arguments (JobState), so the wire strings live in one place."""
+    import ast
+
+    from runtime.lua import SCRIPTS
+    from tests.test_layout import modules
+
+    in_code = _lua_in_the_code()
+    assert {"producer.enqueue", "producer.live_prompts", "producer.control", "worker.broker.scripts"} <= set(in_code), \
+        sorted(in_code)
+    outside = [(module, text.strip().splitlines()[0]) for module, texts in in_code.items() for text in texts
+               if not any(text in script for script in SCRIPTS.values())]
+    assert not outside, f"Lua outside runtime/lua.py's registry (define it with lua(name, text)): {outside}"
+    assert len(SCRIPTS) >= 12, sorted(SCRIPTS)
+    for name, script in SCRIPTS.items():
         for state in JobState:
-            assert f"'{state.value}'" not in lua and f'"{state.value}"' not in lua, (name, state)
-        assert str(EVENTS_MAXLEN) not in lua, name
+            assert f"'{state.value}'" not in script and f'"{state.value}"' not in script, (name, state)
+        assert str(EVENTS_MAXLEN) not in script, name
+    allowed = {("worker.broker.scripts", "script_load")}  # run_pipeline loads a registered Script after NOSCRIPT
+    callers = sorted({(name, n.attr) for name, path in modules().items() if name != "runtime.lua"
+                      for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute)
+                      and n.attr in {"register_script", "evalsha", "eval_ro", "evalsha_ro", "script_load"}} - allowed)
+    assert not callers, f"scripts registered or sent outside runtime/lua.py's register(): {callers}"
+
+
+def test_the_registry_refuses_an_unknown_script_and_a_second_text_under_one_name() -> None:
+    import fakeredis
+
+    from runtime.lua import SCRIPTS, lua, register
+
+    with pytest.raises(KeyError, match="no Lua script named 'nope'"):
+        register(fakeredis.FakeRedis(), "nope")
+    lua("test_only_script", "return redis.call('PING')")
+    lua("test_only_script", "return redis.call('PING')")  # the same text again (a module reloaded) is fine
+    try:
+        with pytest.raises(ValueError, match="two Lua scripts are named 'test_only_script'"):
+            lua("test_only_script", "return 1")
+    finally:
+        SCRIPTS.pop("test_only_script")

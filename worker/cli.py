@@ -50,6 +50,7 @@ def check(settings: Settings) -> int:
     import redis
 
     from runtime.faults import redact_url, redis_fault
+    from worker.service.health import HEALTH_TTL_S
 
     host = socket.gethostname()
     url = redact_url(settings.redis_url)
@@ -82,7 +83,8 @@ def check(settings: Settings) -> int:
     if live:
         print(f"healthy: {len(live)} worker(s) on {host}")
         return 0
-    print(f"unhealthy: no live worker on {host} in Redis at {url}")
+    print(f"unhealthy: 0 live worker(s) on {host} (0 broken) in Redis at {url}: none has written its health key "
+          f"within the last {HEALTH_TTL_S} s")
     return 1
 
 
@@ -110,9 +112,9 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
     start: alive while the model loads, ready once the worker serves."""
     from prometheus_client import CollectorRegistry
 
+    from runtime.connection import worker_client
     from runtime.logs import job_log_context
     from runtime.metrics import MetricsServer
-    from worker.broker.redis_client import worker_client
     from worker.model.load import load_segmenter
     from worker.service.loop import Worker, default_worker_name
 

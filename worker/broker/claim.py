@@ -32,6 +32,17 @@ def _str(entry_id: bytes | str) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
+def is_group_gone(error: BaseException) -> bool:
+    """The jobs stream or its consumer group does not exist (Redis restarted empty, a failover to a replica
+    without them, FLUSHALL): NOGROUP from XREADGROUP, XAUTOCLAIM, XPENDING and XACK's kin, "no such key" from
+    XINFO, "requires the key to exist" from XGROUP DELCONSUMER, UNBLOCKED to an XREADGROUP that was waiting
+    on a stream deleted under it (each seen from Redis 7.0)."""
+    text = str(error)
+    return isinstance(error, redis.ResponseError) and (
+        "NOGROUP" in text or "no such key" in text.lower() or "requires the key to exist" in text
+        or text.startswith("UNBLOCKED"))
+
+
 def ensure_group(client: redis.Redis, keys: Keys) -> None:
     """Check the key layout (runtime/layout.py: LayoutError if this Redis holds jobs of the old one), then
     create the consumer group (from the stream's start, so jobs queued before any worker count)."""

@@ -1,4 +1,4 @@
-"""Every Lua script the worker runs, registered once per client and run by EVALSHA.
+"""Every Lua script the worker runs (in runtime/lua.py's registry), registered once per client and run by EVALSHA.
 
 Each script checks, in the same atomic step as its write, that this worker still owns the job (the
 job hash's `owner`, worker/broker/lease.py), and touches the keys of that one job only: they share a
@@ -22,6 +22,8 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 from redis.commands.core import Script
+
+from runtime.lua import lua, register
 
 # The fence (worker/broker/lease.py): the job hash's `owner` (a consumer name) and `lease_until` (ms, by the
 # TIME of the job's own Redis node). KEYS[1] of every script here is the job hash; every other key is one of
@@ -47,7 +49,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # entry: its owner's next renewal claims it back). A job hash that does not exist yet is taken (created): its
 # producer adds the entry first and creates the hash next, field by field, keeping what a worker set
 # (producer/enqueue.py), or died between the two.
-TAKE_LUA = _NOW_MS + """
+TAKE_LUA = lua("take", _NOW_MS + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and string.find(' ' .. ARGV[3] .. ' ', ' ' .. state .. ' ', 1, true) then return 0 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
@@ -57,23 +59,23 @@ if owner and owner ~= '' and owner ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', now + tonumber(ARGV[2]))
 return 1
-"""
+""")
 
 # KEYS: job hash. ARGV: consumer, lease ms. 1 renewed (lease_until = now + lease), -1 lost, -2 hash gone; 2 the
 # owner is confirmed but Redis is full (maxmemory, noeviction: HSET is refused, XCLAIM is not), so lease_until
 # stays: the entry's idle time, reset by the caller, keeps every other worker's XAUTOCLAIM off it meanwhile, so
 # a renewal passes on a full Redis as it always has. The caller then resets the entry's idle time on the jobs
 # stream (XCLAIM ... JUSTID, worker/broker/lease.py).
-RENEW_LUA = _OWNER_CHECK + _NOW_MS + """
+RENEW_LUA = lua("renew", _OWNER_CHECK + _NOW_MS + """
 local r = redis.pcall('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
 if type(r) == 'table' and r.err then return 2 end
 return 1
-"""
+""")
 
 # KEYS: job hash. ARGV: consumer. Returns {status, cancel}: 1 this worker owns the job, -1 lost, -2 hash gone;
 # cancel 1 once a cancel was asked for. Run before a write to a shared stream (vseg:events), which no script
 # may touch together with a job's keys.
-OWNS_LUA = """
+OWNS_LUA = lua("owns", """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
@@ -81,14 +83,14 @@ if not owner then
 end
 if owner ~= ARGV[1] then return {-1, 0} end
 return {1, redis.call('HGET', KEYS[1], 'cancel') == '1' and 1 or 0}
-"""
+""")
 
 # KEYS: job hash, target stream (the job's result stream). ARGV: consumer, target entry id, a job hash field to
 # set with the entry and its value ('' and '': none; frames set frames_done, object changes control_done),
 # MAXLEN ('': untrimmed; a live job's results: about that many entries are kept), then the entry's field/value
 # pairs. Returns {status, cancel}: status 1 written, 0 duplicate id (already there: rejected by Redis), -1 lease
 # lost, -2 job hash gone (nothing written either way).
-FENCED_XADD_LUA = """
+FENCED_XADD_LUA = lua("fenced_xadd", """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
@@ -108,13 +110,13 @@ end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
 local cancel = redis.call('HGET', KEYS[1], 'cancel')
 return {status, cancel == '1' and 1 or 0}
-"""
+""")
 
 # KEYS: job hash. ARGV: consumer, then field/value pairs. 1, -1 lost or -2 hash gone.
-FENCED_HSET_LUA = _OWNER_CHECK + """
+FENCED_HSET_LUA = lua("fenced_hset", _OWNER_CHECK + """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
-"""
+""")
 
 # The terminal step's part on the job's slot: KEYS: job hash, results stream. ARGV: consumer, terminal entry id,
 # ttl_s, state (a terminal JobState), error, n_fields, field/value pairs of the entry. Writes the terminal entry,
@@ -123,7 +125,7 @@ return 1
 # new terminal entry, 1 once the caller wrote the copy). The owner stays set (the job has ended: nobody takes
 # it again), so that a retry of this step after a lost reply is answered 0, not "lost". The caller then writes
 # the copy on vseg:events and XACKs + XDELs the job entry (shared keys: worker/broker/publish.py).
-FINISH_LUA = _OWNER_CHECK + """
+FINISH_LUA = lua("finish", _OWNER_CHECK + """
 local n = tonumber(ARGV[6])
 local fields = {}
 for i = 7, 6 + 2 * n do fields[#fields + 1] = ARGV[i] end
@@ -138,26 +140,26 @@ if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return {written, redis.call('HGET', KEYS[1], 'event_copied') == '0' and 1 or 0}
-"""
+""")
 
 # Hand a job back on shutdown: KEYS: job hash. ARGV: consumer, state (JobState.QUEUED). Gives the attempt back,
 # sets the state and clears the owner; the caller then makes the entry look idle for ten leases (XCLAIM ...
 # IDLE), so that another worker's XAUTOCLAIM takes it at once. 1 handed back, -1 lease lost, -2 hash gone.
-HAND_BACK_LUA = _OWNER_CHECK + """
+HAND_BACK_LUA = lua("hand_back", _OWNER_CHECK + """
 redis.call('HINCRBY', KEYS[1], 'attempt', -1)
 redis.call('HSET', KEYS[1], 'state', ARGV[2])
 redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
 return 1
-"""
+""")
 
 # Abandon a stalled job: KEYS: job hash. ARGV: consumer, placeholder consumer, error, state (JobState.RETRYING).
 # The owner becomes the placeholder with no lease (so this worker's fenced writes are refused from now on, and
 # any worker may take it at once); the caller then hands the entry to the placeholder consumer, idle for ten
 # leases, for any worker's XAUTOCLAIM. The attempt stays counted. 1 abandoned, -1 lease lost, -2 hash gone.
-ABANDON_LUA = _OWNER_CHECK + """
+ABANDON_LUA = lua("abandon", _OWNER_CHECK + """
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'lease_until', 0, 'state', ARGV[4], 'error', ARGV[3])
 return 1
-"""
+""")
 
 
 class Scripts:
@@ -167,14 +169,14 @@ class Scripts:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.take: Script = client.register_script(TAKE_LUA)
-        self.renew: Script = client.register_script(RENEW_LUA)
-        self.owns: Script = client.register_script(OWNS_LUA)
-        self.fenced_xadd: Script = client.register_script(FENCED_XADD_LUA)
-        self.fenced_hset: Script = client.register_script(FENCED_HSET_LUA)
-        self.finish: Script = client.register_script(FINISH_LUA)
-        self.hand_back: Script = client.register_script(HAND_BACK_LUA)
-        self.abandon: Script = client.register_script(ABANDON_LUA)
+        self.take: Script = register(client, "take")
+        self.renew: Script = register(client, "renew")
+        self.owns: Script = register(client, "owns")
+        self.fenced_xadd: Script = register(client, "fenced_xadd")
+        self.fenced_hset: Script = register(client, "fenced_hset")
+        self.finish: Script = register(client, "finish")
+        self.hand_back: Script = register(client, "hand_back")
+        self.abandon: Script = register(client, "abandon")
 
 
 def run_pipeline(client: redis.Redis, script: Script, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

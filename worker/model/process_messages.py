@@ -83,7 +83,7 @@ def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
 
 
 def _open_stream(spec: StreamSpec, settings: Settings) -> StreamedFrames:
-    from worker.broker.redis_client import worker_client
+    from runtime.connection import worker_client
 
     return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
                           stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s)

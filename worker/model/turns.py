@@ -48,7 +48,8 @@ class Turn:
 class FairTurns:
     """One step at a time (not re-entrant), fairly (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, live_hold_s: float = LIVE_HOLD_S) -> None:
+        self.live_hold_s = live_hold_s
         self._cond = threading.Condition()
         self._busy = False
         self._queue: list[tuple[int, int]] = []  # (class, ticket): a heap
@@ -96,7 +97,7 @@ class FairTurns:
         finally:
             with self._cond:
                 self._busy = False
-                self._held_until = time.monotonic() + LIVE_HOLD_S if current.live and current.hold else 0.0
+                self._held_until = time.monotonic() + self.live_hold_s if current.live and current.hold else 0.0
                 self._cond.notify_all()
 
     @property

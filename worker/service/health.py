@@ -6,7 +6,7 @@ set (idle, or busy with a job and its frames done); `python -m worker check` rea
 endpoint's /healthz asks whether that thread still runs (`alive`), /readyz whether its last write
 reached Redis (`redis_ok`). A worker whose own
 machinery failed writes `"state": "broken"` and the reason before it exits, so that check reports it
-even beside live workers. Housekeeping (every lease) removes consumers of dead workers that hold
+even beside live workers. Housekeeping (every `housekeeping_s`) removes consumers of dead workers that hold
 nothing and trims the events stream, so neither grows without bound.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from schemas.names import EVENTS_MAXLEN, Keys
+from worker.broker.claim import ensure_group, is_group_gone
 from worker.broker.redis_client import call_bounded
 
 log = logging.getLogger(__name__)
@@ -158,31 +159,66 @@ class Health:
 
 
 class Housekeeping:
-    """Every `every_s`: remove the group's consumers that hold nothing and were idle for three leases
-    (workers that died; XGROUP DELCONSUMER drops a consumer's pending entries, so only ever when it holds
-    none), and trim the events stream to about EVENTS_MAXLEN entries."""
+    """Every `every_s` (the `housekeeping_s` setting): remove the group's consumers that hold nothing and were
+    idle for three leases (workers that died; XGROUP DELCONSUMER drops a consumer's pending entries, so only
+    ever when it holds none), and trim the events stream to about EVENTS_MAXLEN entries.
 
-    def __init__(self, client: redis.Redis, keys: Keys, name: str, lease_s: float, stats: WorkerStats) -> None:
+    A jobs stream or group that has vanished (Redis restarted empty, a failover to a replica without them)
+    is recreated here, logged once until it is seen again, and nothing else is done that round: there are
+    no consumers to remove in a group just made. Housekeeping never raises for it."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, name: str, *, every_s: float, lease_s: float,
+                 stats: WorkerStats) -> None:
         self.client = client
         self.keys = keys
         self.name = name
+        self.every_s = every_s
         self.lease_s = lease_s
         self.stats = stats
-        self._done_at = 0.0
+        self.groups_recreated = 0
+        self._done_at: float | None = None
+        self._missing_logged = False
+
+    def due(self) -> bool:
+        return self._done_at is None or time.monotonic() - self._done_at >= self.every_s
 
     def run(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._done_at < self.lease_s:
+        if not force and not self.due():
             return
-        self._done_at = now
+        self._done_at = time.monotonic()
+        self.client.xtrim(self.keys.events, maxlen=EVENTS_MAXLEN, approximate=True)  # a missing stream: 0
+        try:
+            consumers = self.client.xinfo_consumers(self.keys.jobs, self.keys.group)
+        except redis.ResponseError as e:
+            if not is_group_gone(e):
+                raise
+            self._recreate(e)
+            return
+        self._missing_logged = False
         idle_ms = 3 * int(self.lease_s * 1000)
-        for c in self.client.xinfo_consumers(self.keys.jobs, self.keys.group):
+        for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            if name != self.name and c["pending"] == 0 and c["idle"] > idle_ms:
-                if self.client.xgroup_delconsumer(self.keys.jobs, self.keys.group, name) == 0:
-                    self.stats.consumers_removed += 1
-                    log.info("removed idle consumer %s (held nothing)", name)
-        self.client.xtrim(self.keys.events, maxlen=EVENTS_MAXLEN, approximate=True)
+            if name == self.name or c["pending"] != 0 or c["idle"] <= idle_ms:
+                continue
+            try:
+                removed = self.client.xgroup_delconsumer(self.keys.jobs, self.keys.group, name)
+            except redis.ResponseError as e:  # the group went between the two calls
+                if not is_group_gone(e):
+                    raise
+                self._recreate(e)
+                return
+            if removed == 0:
+                self.stats.consumers_removed += 1
+                log.info("removed idle consumer %s (held nothing)", name)
+
+    def _recreate(self, error: redis.ResponseError) -> None:
+        """The jobs stream or its group is gone: make them again (an empty stream, the group from its start)."""
+        if not self._missing_logged:
+            log.warning("housekeeping: the jobs stream %s or its group %s is gone (%s: Redis restarted empty?); "
+                        "recreating them", self.keys.jobs, self.keys.group, error)
+            self._missing_logged = True
+        ensure_group(self.client, self.keys)
+        self.groups_recreated += 1
 
 
 def peak_rss_mib() -> float:

@@ -41,14 +41,14 @@ from typing import TypeVar
 import redis
 from prometheus_client import CollectorRegistry
 
+from runtime.connection import worker_socket_timeout_s
 from runtime.faults import redact_url, redis_fault, redis_full_message
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas.errors import WorkerBroken
 from schemas.names import Keys
-from worker.broker.claim import Entry, claim_expired, ensure_group, read_new
-from worker.broker.lease import Lease, is_nogroup
-from worker.broker.redis_client import worker_socket_timeout_s
+from worker.broker.claim import Entry, claim_expired, ensure_group, is_group_gone, read_new
+from worker.broker.lease import Lease
 from worker.broker.scripts import Scripts
 from worker.model.process import ModelProcess
 from worker.model.segment import Segmenter
@@ -111,7 +111,8 @@ class Worker:
             self.stats, model=segmenter.name, image_size=settings.image_size or DEFAULT_IMAGE_SIZE,
             device=segmenter.device, random_weights=segmenter.random_weights,
             gpu_memory=segmenter.gpu_memory_bytes if segmenter.device.startswith("cuda") else None, registry=registry)
-        self._housekeeping = Housekeeping(client, settings.keys, self.name, settings.lease_s, self.stats)
+        self._housekeeping = Housekeeping(client, settings.keys, self.name, every_s=settings.housekeeping_s,
+                                          lease_s=settings.lease_s, stats=self.stats)
         self.ctx = WorkerContext(settings=settings, client=client, scripts=Scripts(client), segmenter=segmenter,
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
                                  on_fatal=on_fatal, metrics=self.metrics)
@@ -255,7 +256,7 @@ class Worker:
                     self._idle_sleep(backoff)
                     continue
                 except redis.ResponseError as e:
-                    if is_nogroup(e):  # stream or group gone (Redis restarted empty): recreate and go on
+                    if is_group_gone(e):  # stream or group gone (Redis restarted empty): recreate and go on
                         log.warning("consumer group missing (%s); recreating it", e)
                         self.wait_for_redis()
                         continue
