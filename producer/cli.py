@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import redis
@@ -26,6 +27,7 @@ from runtime.layout import cluster_node_error
 from runtime.logs import configure_logging, job_log_context, run_cli
 from runtime.settings import Settings
 from schemas.errors import InputError, RedisUnavailable, VsegError
+from schemas.names import TERMINAL_STATES
 from schemas.prompts import ObjectPrompt
 
 log = logging.getLogger("producer")
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ends it)")
     s.add_argument("--live", action="store_true",
                    help="a live job from a file, played at its own rate (demos and tests); URLs and devices are live")
-    s.add_argument("--duration", type=_seconds, dest="duration_s", metavar="S",
-                   help="a live job: end it after S seconds of frames")
+    s.add_argument("--duration", type=_positive_seconds, dest="duration_s", metavar="S",
+                   help="a live job: end it after S seconds of frames (S > 0)")
     add_auto_arguments(s)
     s.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME]",
                    help="a point on object OBJ (label 1 foreground, 0 background; frame default 0); repeatable")
@@ -134,6 +136,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, but got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, but got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"seconds must be > 0, but got {text}")
     return value
 
 
@@ -222,10 +231,11 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.live_source import is_live_source
+    from producer.live_source import check_source, is_live_source
     from producer.prompts import build_prompts
     from producer.submit import submit
 
+    args.video = check_source(args.video)  # an unsupported scheme (ftp://): one line; RTSP:// is rtsp://
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
     check_redis(settings)  # Redis down: say so at once, before any decoding
     if args.live or is_live_source(args.video):
@@ -253,9 +263,32 @@ def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} cannot be used with a live job: it is ingested as it comes (follow "
                          "it with python -m producer watch JOB --out DIR from another shell)")
-    submit_live(args.video, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
-                realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
-                on_enqueued=lambda job_id: print(job_id, flush=True))
+    stop = threading.Event()
+    signalled: list[str] = []
+
+    def on_sigterm(signum: int, _frame: object) -> None:  # docker stop, systemd: end the job as `stop` does
+        signalled.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    enqueued: list[str] = []
+
+    def announce(job_id: str) -> None:
+        enqueued.append(job_id)
+        print(job_id, flush=True)
+
+    try:
+        submit_live(args.video, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
+                    realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
+                    on_enqueued=announce, stop=stop, stop_reason=lambda: f"{signalled[0]}: stopping the job"
+                    if signalled else "stopped")
+    except VsegError:
+        if signalled and not enqueued:  # stopped while the source was opening: nothing was submitted
+            log.warning("%s before the job was enqueued: nothing was submitted", signalled[0])
+            return 128 + signal.SIGTERM
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -272,16 +305,42 @@ def _status(job_id: str, settings: Settings) -> int:
     state = status(job_id, settings=settings, client=quick_client(settings))
     print(f"job {job_id}: {state.get('state', '?')}")
     print(f"  attempt: {state.get('attempt', '0')}")
-    print(f"  progress: {state.get('frames_done', '0')}/{state.get('num_frames', '?')} frames")
+    if state.get("live") != "1":
+        print(f"  progress: {state.get('frames_done', '0')}/{state.get('num_frames', '?')} frames")
     for key in ("worker", "error", "render_path", "source"):
         if state.get(key):
             print(f"  {key}: {state[key]}")
-    if state.get("live") == "1":  # a live job: what keeping up with its source costs
-        print(f"  live: {state.get('dropped', '0')} frames skipped to keep up; latency p50 "
-              f"{state.get('latency_p50_s', '?')} s, p95 {state.get('latency_p95_s', '?')} s; source down "
-              f"{state.get('source_outages', '0')} times ({state.get('source_down_s', '0')} s)"
-              + ("; stop requested" if state.get("stop") == "1" else ""))
+    if state.get("live") == "1":
+        for line in live_status_lines(state):
+            print(f"  {line}")
     return 0
+
+
+def live_status_lines(state: dict[str, str]) -> list[str]:
+    """A live job's figures for `status`: frames processed of those announced, what keeping up cost, latency,
+    and the source as it is now (down since when, as soon as an outage begins)."""
+    def count(name: str) -> int:
+        try:
+            return int(float(state.get(name) or 0))
+        except ValueError:
+            return 0
+
+    done, skipped, dropped = count("frames_done"), count("dropped"), count("dropped_at_ingest")
+    ended = state.get("state") in {s.value for s in TERMINAL_STATES}
+    announced = f"{count('num_frames'):,}" if ended else "so far"
+    lines = [f"live: processed {done - skipped:,} of {done:,} frames published ({announced} announced); "
+             f"{skipped:,} skipped to keep up, {dropped:,} dropped at ingest"]
+    p50, p95 = state.get("latency_p50_s"), state.get("latency_p95_s")
+    lines.append(f"latency: p50 {float(p50):.2f} s, p95 {float(p95):.2f} s" if p50 and p95 else
+                 "latency: none yet (no frame processed)")
+    outages, down_s = count("source_outages"), float(state.get("source_down_s") or 0)
+    since = state.get("source_down_since")
+    now = (f"down since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(since)))} "
+           f"({time.time() - float(since):.0f} s)" if state.get("source_state") == "down" and since else
+           state.get("source_state") or "?")
+    lines.append(f"source state: {now}; down {outages} time(s) in all, {down_s:.1f} s"
+                 + ("; stop requested" if state.get("stop") == "1" else ""))
+    return lines
 
 
 def _cancel(job_id: str, settings: Settings) -> int:

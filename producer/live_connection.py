@@ -54,7 +54,15 @@ class Ended:
 
     reason: str  # one line, no URL in it: "EOF", "connection refused", "no data for 5 s (read timeout)"
     final: bool = False  # the end for good: a file's end, an HLS playlist's end
-    permanent: bool = False  # retrying cannot help (no video stream; a file that is corrupt)
+    permanent: bool = False  # retrying cannot help (no video stream; a corrupt file; HTTP 4xx; no such protocol)
+
+
+def is_permanent(error: BaseException) -> bool:
+    """An open that retrying cannot help: the server said no for good (HTTP 4xx but 429, which RTSP's 401
+    and 404 map to as well) or FFmpeg has no such protocol."""
+    if isinstance(error, av.error.HTTPTooManyRequestsError):
+        return False
+    return isinstance(error, (av.error.HTTPClientError, av.error.ProtocolNotFoundError))
 
 
 def describe(error: BaseException, timed_out: str) -> str:
@@ -103,7 +111,8 @@ class Connection:
         try:
             container = av.open(self._url, format=self._format, options=self._options, timeout=self._timeouts)
         except Exception as e:  # FFmpeg's errors, and any other: the reader must hear of it, not wait
-            self._put(Ended(describe(e, f"not open within {self._timeouts[0]:g} s (open timeout)")))
+            self._put(Ended(describe(e, f"not open within {self._timeouts[0]:g} s (open timeout)"),
+                            permanent=is_permanent(e)))
             return
         try:
             self._read(container)

@@ -39,12 +39,12 @@ from types import TracebackType
 
 from producer.live_connection import Connection, Ended, LiveFrame, Opened
 from producer.orientation import Orientation, frame_orientation
-from schemas.errors import ConfigError, VideoError
+from schemas.errors import ConfigError, InputError, SourceUnavailable, VideoError, VsegError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LIVE_SCHEMES", "LiveFrame", "LiveHeader", "LiveOptions", "LiveReader", "LiveStats", "SourceLost",
-           "SourceOutage", "is_live_source", "redacted"]
+__all__ = ["LIVE_SCHEMES", "LiveFrame", "LiveHeader", "LiveOptions", "LiveReader", "LiveStats", "SourceDown", "SourceRefused",
+           "SourceLost", "SourceOutage", "check_source", "is_live_source", "redacted"]
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "tcp", "udp", "srt")
 # Protocols whose `timeout` option is the socket I/O timeout in microseconds (rtmp's is a listen timeout).
@@ -64,8 +64,22 @@ def _scheme(source: str) -> str:
 
 
 def is_live_source(source: str) -> bool:
-    """A URL with one of LIVE_SCHEMES, or a capture device /dev/videoN."""
+    """A URL with one of LIVE_SCHEMES (in any case: RTSP:// is rtsp://), or a capture device /dev/videoN."""
     return _scheme(source) in LIVE_SCHEMES or _DEVICE.fullmatch(source) is not None
+
+
+def check_source(source: str) -> str:
+    """`source` as FFmpeg is given it (the scheme in lower case: FFmpeg knows no RTSP://), or InputError
+    naming an unsupported scheme (ftp://, file://, ...) and the ones there are."""
+    match = _SCHEME.match(source)
+    if match is None:
+        return source
+    scheme = match.group(1).lower()
+    if scheme not in LIVE_SCHEMES:
+        raise InputError(f"unsupported source {redacted(source)}: {scheme}:// is not a source this service reads; "
+                         f"give a video file path, a capture device /dev/videoN, or a URL starting "
+                         f"{', '.join(s + '://' for s in LIVE_SCHEMES)}")
+    return scheme + source[len(match.group(1)):]
 
 
 def redacted(source: str) -> str:
@@ -74,7 +88,7 @@ def redacted(source: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", source))
 
 
-class SourceLost(VideoError):
+class SourceLost(SourceUnavailable):
     """A live source sent no frame for longer than LiveOptions.source_outage_s, reconnects and all."""
 
     def __init__(self, source: str, duration_s: float, reason: str, attempts: int, limit_s: float) -> None:
@@ -123,6 +137,19 @@ class LiveHeader:
     orientation: Orientation
 
 
+class SourceRefused(SourceUnavailable):
+    """The source answered that retrying cannot help: HTTP 4xx (404 not found, 401/403 credentials), a
+    protocol FFmpeg does not have. Failed at once (a fleet daemon still retries with its own backoff)."""
+
+
+@dataclass(frozen=True)
+class SourceDown:
+    """The source stopped sending: yielded once when an outage begins, before the reconnects."""
+
+    began_at: float  # Unix time of the last frame before it
+    reason: str
+
+
 @dataclass(frozen=True)
 class SourceOutage:
     """The source was down and is back: yielded just before the first frame after the outage."""
@@ -139,6 +166,7 @@ class LiveStats:
 
     frames: int = 0
     reconnects: int = 0  # connection attempts after an outage began
+    reconnects_failed: int = 0  # of those, the ones that got no frame
     outages: int = 0
     stalls: int = 0  # times the watchdog gave up on a connection
 
@@ -149,6 +177,7 @@ class _Outage:
     lost_by: float  # monotonic
     reason: str = ""
     attempts: int = 0
+    tried_at: float = 0.0  # monotonic: when the last reconnect attempt began
 
 
 class LiveReader:
@@ -158,7 +187,7 @@ class LiveReader:
 
     def __init__(self, source: str, options: LiveOptions = _DEFAULTS, *,
                  stop: threading.Event | None = None) -> None:
-        self.source = source
+        self.source = source = check_source(source)
         self.options = options
         self.shown = redacted(source)
         self.stats = LiveStats()
@@ -206,18 +235,18 @@ class LiveReader:
             retry = self._kind == "network" and not item.permanent and item is not _PAST_DEADLINE
             if not retry or time.monotonic() + delay >= deadline:
                 self._drop()
-                raise VideoError(self._cannot_open(reason))
+                raise self._cannot_open(reason, permanent=item is not _PAST_DEADLINE and item.permanent)
             log.info("live source %s: %s; trying again in %.1f s", self.shown, reason, delay)
             if not self._sleep(delay):
                 raise VideoError(f"stopped while opening {self.shown}")
             delay = min(delay * 2, self.options.reconnect_max_s)
 
-    def __iter__(self) -> Iterator[LiveFrame | SourceOutage]:
+    def __iter__(self) -> Iterator[LiveFrame | SourceDown | SourceOutage]:
         try:
             if self._header is None:
                 try:
                     self.open()
-                except VideoError:
+                except (VideoError, SourceUnavailable):
                     if self._halted():
                         return
                     raise
@@ -230,7 +259,10 @@ class LiveReader:
         self._closed.set()
         self._drop()
 
-    def _frames(self) -> Iterator[LiveFrame | SourceOutage]:
+    def _frames(self) -> Iterator[LiveFrame | SourceDown | SourceOutage]:
+        """Frames, with SourceDown when an outage begins and SourceOutage when it ends. Reconnect attempts go
+        on, with backoff, up to and including the outage's deadline (the last one is made at the deadline,
+        and may take its open timeout); a permanent refusal (HTTP 4xx, no such protocol) ends it at once."""
         options = self.options
         outage: _Outage | None = None
         delay = options.reconnect_min_s
@@ -240,7 +272,9 @@ class LiveReader:
                 self._pending = None
             else:
                 conn = self._conn if self._conn is not None else self._connect()
-                item = self._next(conn, None if outage is None else outage.lost_by)
+                # an attempt made by the deadline may take its open timeout, whatever the deadline says
+                item = self._next(conn, None if outage is None else
+                                  max(outage.lost_by, outage.tried_at + options.open_timeout_s))
             if item is None:
                 return
             if isinstance(item, LiveFrame):
@@ -255,29 +289,33 @@ class LiveReader:
                 self.stats.frames += 1
                 yield item
                 continue
-            if outage is not None and (item is _PAST_DEADLINE or time.monotonic() >= outage.lost_by):
-                raise self._lost(outage)
-            if item.final:
+            if item is not _PAST_DEADLINE and item.final:
                 log.info("live source %s ended (%s)", self.shown, item.reason)
                 return
             if self._kind == "file":
                 raise VideoError(f"{self.shown} is corrupt after frame {self.stats.frames} ({item.reason}); "
                                  "re-encode or re-download it")
             self._drop()
+            if item is not _PAST_DEADLINE and item.permanent:
+                raise self._cannot_open(item.reason, permanent=True)
             if outage is None:
                 outage = _Outage(self._last_frame[0], self._last_frame[1] + options.source_outage_s)
                 self.stats.outages += 1
                 log.warning("live source %s: %s; reconnecting", self.shown, item.reason)
+                outage.reason = item.reason
+                yield SourceDown(outage.began_at, item.reason)
             else:
+                self.stats.reconnects_failed += 1
                 log.info("live source %s: reconnect attempt %d failed: %s", self.shown, outage.attempts,
-                         item.reason)
-            outage.reason = item.reason
+                         "no frame by the deadline" if item is _PAST_DEADLINE else item.reason)
+                outage.reason = outage.reason if item is _PAST_DEADLINE else item.reason
+            if time.monotonic() >= outage.lost_by:  # the attempt made at the deadline failed too
+                raise self._lost(outage)
             if not self._sleep(min(delay, max(0.0, outage.lost_by - time.monotonic()))):
                 return
-            if time.monotonic() >= outage.lost_by:
-                raise self._lost(outage)
             delay = min(delay * 2, options.reconnect_max_s)
             outage.attempts += 1
+            outage.tried_at = time.monotonic()
             self.stats.reconnects += 1
             self._connect()
 
@@ -362,14 +400,20 @@ class LiveReader:
             if not path.is_file():
                 raise VideoError(f"video path is not a file: {self.source}")
 
-    def _cannot_open(self, reason: str) -> str:
+    def _cannot_open(self, reason: str, *, permanent: bool = False) -> VsegError:
+        """Why the source cannot be opened: VideoError for a file (the command line's to fix), else
+        SourceUnavailable (SourceRefused when retrying cannot help)."""
         if self._kind == "device":
-            return (f"cannot open capture device {self.source} ({reason}): is it a camera, and not in use "
-                    "by another program?")
+            return SourceUnavailable(f"cannot open capture device {self.source} ({reason}): is it a camera, and not "
+                                     "in use by another program?")
         if self._kind == "file":
-            return f"cannot read {self.shown} as a video ({reason}); is it a complete video file?"
-        return (f"cannot open live source {self.shown} within {self.options.open_timeout_s:g} s ({reason}): "
-                "check the URL and that the camera or server is up and reachable from this machine")
+            return VideoError(f"cannot read {self.shown} as a video ({reason}); is it a complete video file?")
+        if permanent:
+            return SourceRefused(f"live source {self.shown} refused ({reason}); retrying cannot help: check the "
+                                 "URL's host, path and protocol, and the camera's user and password")
+        return SourceUnavailable(f"cannot open live source {self.shown} within {self.options.open_timeout_s:g} s "
+                                 f"({reason}): check the URL and that the camera or server is up and reachable "
+                                 "from this machine")
 
 
 def _av_settings(source: str, kind: str, options: LiveOptions) -> tuple[str | None, dict[str, str]]:

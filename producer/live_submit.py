@@ -35,7 +35,15 @@ import redis
 
 from producer.decode import _write_jpeg
 from producer.job_dir import frames_dir_of, make_fresh
-from producer.live_source import LiveFrame, LiveHeader, LiveOptions, LiveReader, SourceOutage, redacted
+from producer.live_source import (
+    LiveFrame,
+    LiveHeader,
+    LiveOptions,
+    LiveReader,
+    SourceDown,
+    SourceOutage,
+    redacted,
+)
 from producer.liveness import ProducerHeartbeat
 from producer.planes import frame_payload
 from producer.streaming import abandon
@@ -46,8 +54,8 @@ from runtime.layout import ensure_layout
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import JobFailed, PromptError
-from schemas.names import frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.errors import InputError, JobFailed, PromptError
+from schemas.names import EVENTS_MAXLEN, frame_entry_id, frames_end_entry_id, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.storage import frame_name
 
@@ -85,13 +93,16 @@ def submit_live(
     labels: Sequence[str] = (),
     on_enqueued: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> Submitted:
     """Ingest `source` as a live job until it ends (see the module doc); returns when ingest has ended.
     `realtime`: a file played at its own rate (`--live`). Raises VideoError (cannot open, no video),
-    PromptError, LimitError before anything is enqueued; SourceLost once the source is gone for good
-    after the job started (the job fails with it)."""
-    if duration_s is not None and duration_s <= 0:
-        raise ValueError(f"--duration must be > 0 seconds, but got {duration_s}")
+    PromptError, LimitError before anything is enqueued; SourceUnavailable when the source cannot be
+    opened; SourceLost once the source is gone for good after the job started (the job fails with it).
+    `stop` set (from any thread, a signal handler): ingest ends as `producer stop` ends it, the end marker
+    written, and the worker completes the job; `stop_reason` says why in the log."""
+    if duration_s is not None and not 0 < duration_s < float("inf"):
+        raise InputError(f"--duration must be a number of seconds > 0, but got {duration_s:g}")
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
@@ -110,8 +121,9 @@ def submit_live(
         with _holding(lock, job_id):  # held until the job exists; the ingest then runs without it
             if job_exists(client, keys, job_id):
                 return Submitted(job_id, created=False)
-            ingest = LiveIngest(client, settings, job_id, str(source), header, prompts, render=render,
-                                duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels))
+            ingest = LiveIngest(client, settings, job_id, reader.source, header, prompts, render=render,
+                                duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels),
+                                stop_reason=stop_reason)
         return ingest.run(reader, on_enqueued)
     finally:
         reader.close()
@@ -122,7 +134,8 @@ class LiveIngest:
 
     def __init__(self, client: redis.Redis, settings: Settings, job_id: str, source: str, header: LiveHeader,
                  prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
-                 stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = ()) -> None:
+                 stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = (),
+                 stop_reason: Callable[[], str] | None = None) -> None:
         self.client = client
         self.settings = settings
         self.job_id = job_id
@@ -141,6 +154,8 @@ class LiveIngest:
         self.started_at: float | None = None
         self.checked_at = 0.0
         self.ended_why = ""
+        self.stop_reason = stop_reason or (lambda: "stopped")
+        self._down_note_id = ""
 
     def run(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> Submitted:
         make_fresh(self.settings, self.frames_dir)
@@ -163,6 +178,11 @@ class LiveIngest:
 
     def _ingest(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> None:
         for item in reader:
+            if isinstance(item, SourceDown):
+                self._note_down(item)
+                if self._should_end():
+                    return
+                continue
             if isinstance(item, SourceOutage):
                 self._note_outage(item)
                 continue
@@ -170,14 +190,14 @@ class LiveIngest:
             if not self.enqueued:
                 self.tried_enqueue = True
                 self.enqueued = _enqueue(self.client, self.settings.keys, self.job)
-                self.client.hset(self.settings.keys.job(self.job_id), "live", 1)
+                self.client.hset(self.settings.keys.job(self.job_id), mapping={"live": 1, "source_state": "up"})
                 log.info("live job %s enqueued (%dx%d at %.2f fps from %s)", self.job_id, self.job.width,
                          self.job.height, self.job.fps, self.job.source)
                 if on_enqueued is not None:
                     on_enqueued(self.job_id)
             if self._should_end():
                 return
-        self.ended_why = self.ended_why or "the source ended"
+        self.ended_why = self.ended_why or (self.stop_reason() if self.stop.is_set() else "the source ended")
 
     def _write(self, item: LiveFrame) -> None:
         k = self.announced
@@ -217,12 +237,55 @@ class LiveIngest:
                                     f"({last[0][1][b'error'].decode(errors='replace')}), so ingest stopped") from e
                 return
 
+    def _note_down(self, down: SourceDown) -> None:
+        """An outage began: said at once in the job hash (`source_state` down, `source_down_since`, the outage
+        counted), on the frames stream (the worker's progress events say it too) and as a progress event on
+        vseg:events, not only once the source is back."""
+        if not self.enqueued:
+            return
+        keys = self.settings.keys
+        job_key = keys.job(self.job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(job_key, mapping={"source_state": "down", "source_down_since": f"{down.began_at:.3f}"})
+        pipe.hincrby(job_key, "source_outages", 1)
+        pipe.hget(job_key, "frames_done")
+        pipe.hget(job_key, "source_down_s")
+        _, outages, frames_done, down_s = pipe.execute()
+        self._down_note_id = f"{self.announced}-1"  # between frame N-1's announcement and frame N's
+        self.client.xadd(self.stream, {"down_since": f"{down.began_at:.3f}", "reason": down.reason[:200]},
+                         id=self._down_note_id)
+        self._event(int(frames_done or 0), outages=int(outages), down_s=float(down_s or 0), down_since=down.began_at)
+        log.warning("job %s: the source went down (%s); reconnecting for up to %g s", self.job_id, down.reason,
+                    self.settings.source_outage_s)
+
     def _note_outage(self, outage: SourceOutage) -> None:
         log.warning("job %s: the source was down for %.1f s (%s) and is back after %d attempts", self.job_id,
                     outage.duration_s, outage.reason, outage.attempts)
-        if self.announced:  # between frame N-1's announcement (N-0) and frame N's ((N+1)-0)
+        if not self.enqueued:
+            return
+        job_key = self.settings.keys.job(self.job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(job_key, "source_state", "up")
+        pipe.hdel(job_key, "source_down_since")
+        pipe.hincrbyfloat(job_key, "source_down_s", round(outage.duration_s, 3))
+        pipe.hget(job_key, "source_outages")
+        pipe.hget(job_key, "frames_done")
+        _, _, down_s, outages, frames_done = pipe.execute()
+        # the note after the down note (N-1), or between frame N-1's announcement (N-0) and frame N's
+        note_id = f"{self.announced}-2" if self._down_note_id == f"{self.announced}-1" else f"{self.announced}-1"
+        if self.announced:
             self.client.xadd(self.stream, {"outage_s": f"{outage.duration_s:.3f}", "reason": outage.reason[:200]},
-                             id=f"{self.announced}-1")
+                             id=note_id)
+        self._event(int(frames_done or 0), outages=int(outages or 0), down_s=float(down_s), down_since=None)
+
+    def _event(self, frames_done: int, *, outages: int, down_s: float, down_since: float | None) -> None:
+        """A progress event on vseg:events as the source goes down or comes back (the worker's own progress
+        events come only with processed frames, and none come while the source is down)."""
+        msg = messages.Progress(self.job_id, frames_done, self.announced, source_outages=outages,
+                                source_down_s=round(down_s, 3), source_state="down" if down_since else "up",
+                                source_down_since=down_since)
+        self.client.xadd(self.settings.keys.events, cast(Any, messages.encode(msg)), maxlen=EVENTS_MAXLEN,
+                         approximate=True)
 
     def _should_end(self) -> bool:
         """Whether ingest stops now: --duration reached, the job's stop flag, or the job ended (raises)."""
@@ -231,7 +294,7 @@ class LiveIngest:
             self.ended_why = f"--duration {self.duration_s:g} s reached"
             return True
         if self.stop.is_set():
-            self.ended_why = "stopped"
+            self.ended_why = self.ended_why or self.stop_reason()
             return True
         if now - self.checked_at < FLAGS_CHECK_S:
             return False

@@ -10,7 +10,8 @@ calls) end an error as one line on stderr (the logger's format) and an exit stat
     2    the command line is wrong: a bad flag value or setting (ConfigError), a bad file, video,
          prompt or job id (InputError); argparse's own errors (unknown flag, missing argument, a value
          of the wrong type) also exit 2, with its usage line and one error line
-    3    worker only: its own machinery failed (WorkerBroken, EXIT_BROKEN)
+    3    the worker: its own machinery failed (WorkerBroken, EXIT_BROKEN); the producer: a live source cannot
+         be opened, refuses us for good, or was lost past source_outage_s (SourceUnavailable, EXIT_SOURCE)
     130  interrupted (Ctrl-C)
 
 Anything else is a bug, and keeps its traceback.
@@ -46,7 +47,7 @@ from types import MappingProxyType
 from typing import Any, ParamSpec, TypeVar
 
 from runtime.settings import LOG_FORMATS
-from schemas.errors import ConfigError, InputError, VsegError
+from schemas.errors import ConfigError, InputError, SourceUnavailable, VsegError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,6 +55,7 @@ R = TypeVar("R")
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # what argparse exits with for its own errors too
 EXIT_BROKEN = 3  # a worker whose own machinery failed, for its supervisor to restart it
+EXIT_SOURCE = 3  # a live submit whose source cannot be opened or was lost (for its supervisor to restart it)
 EXIT_INTERRUPTED = 130
 
 
@@ -185,7 +187,10 @@ def configure_logging(verbose: bool = False, log_format: str | None = None) -> N
 
 
 def exit_code(error: BaseException) -> int:
-    """The command-line exit status for an error: 2 for bad settings or input (the caller's to fix), else 1."""
+    """The command-line exit status for an error: 2 for bad settings or input (the caller's to fix), 3 for a
+    live source that cannot be opened or was lost, else 1."""
+    if isinstance(error, SourceUnavailable):
+        return EXIT_SOURCE
     return EXIT_USAGE if isinstance(error, (ConfigError, InputError)) else EXIT_ERROR
 
 

@@ -49,6 +49,12 @@ class VideoError(InputError):
     """The video is missing, corrupt, not a video, or has no frames."""
 
 
+class SourceUnavailable(VsegError):
+    """A live source (camera, stream, capture device) that cannot be opened, refuses us for good (404, 401,
+    an unknown protocol), or was lost for longer than allowed: the operator's to fix or wait out, not a
+    wrong command line. `python -m producer submit` exits 3 (EXIT_SOURCE) with it."""
+
+
 class PromptError(InputError):
     """A prompt is malformed or lies outside the video."""
 

@@ -160,6 +160,8 @@ class Progress(msgspec.Struct, frozen=True):
     latency_p95_s: float | None = None
     source_outages: Count = 0  # live jobs: times the source dropped and came back
     source_down_s: Seconds = 0.0  # live jobs: seconds the source was down, all outages together
+    source_state: str = ""  # live jobs: "up", or "down" from the moment an outage begins; "" for a file job
+    source_down_since: float | None = None  # live jobs, while down: Unix time of the last frame before the outage
     v: int = SCHEMA_VERSION
 
 

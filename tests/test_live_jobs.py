@@ -23,7 +23,7 @@ from producer.control import request_stop
 from producer.live_submit import submit_live
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import InputError, PromptError, VideoError
+from schemas.errors import InputError, PromptError, SourceUnavailable
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ChaosHooks, ColourSegmenter
@@ -118,12 +118,18 @@ def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_
     assert progress[-1].latency_p50_s <= progress[-1].latency_p95_s <= settings.max_latency_s + 0.5
     state = redis_client.hgetall(settings.keys.job("cam"))
     assert int(state[b"dropped"]) == progress[-1].dropped and state[b"live"] == b"1"
+    # the final figures: the last progress event and the hash agree with `completed`
+    assert progress[-1].frames_done == int(state[b"frames_done"]) == done.num_frames == N
+    assert progress[-1].source_state == "up" and state[b"source_state"] == b"up"
     from producer.cli import main as producer_main
 
     monkeypatch.setenv("REDIS_URL", settings.redis_url)
     assert producer_main(["status", "cam"]) == 0  # `producer status` shows what keeping up cost
     shown = capsys.readouterr().out
-    assert f"live: {progress[-1].dropped} frames skipped to keep up; latency p50" in shown
+    dropped = progress[-1].dropped
+    assert f"live: processed {N - dropped:,} of {N:,} frames published ({N:,} announced); {dropped:,} skipped to " \
+           "keep up, 0 dropped at ingest" in shown, shown
+    assert "latency: p50 " in shown and "source state: up; down 0 time(s) in all" in shown, shown
     # JPEGs go as frames are processed; all of them once the job is over
     assert max(held) < N // 2 and not frames_dir.exists()
     playlist = settings.storage_root / done.render_path
@@ -215,7 +221,7 @@ def test_a_live_job_takes_prompts_on_its_first_frame_only(video: Path, live_sett
 
 def test_a_source_that_cannot_be_opened_leaves_nothing(live_settings: Settings, redis_client: redis.Redis) -> None:
     settings = dataclasses.replace(live_settings, source_open_timeout_s=1.0)
-    with pytest.raises(VideoError, match="127.0.0.1:9"):
+    with pytest.raises(SourceUnavailable, match="127.0.0.1:9"):
         submit_live("tcp://user:secret@127.0.0.1:9", [point()], settings=settings, job_id="nothing")
     assert not redis_client.exists(settings.keys.job("nothing"))
     assert not (settings.storage_root / "jobs" / "nothing").exists()
@@ -238,6 +244,54 @@ def test_the_command_line_prints_the_live_job_id_at_once_and_keeps_ingesting(vid
         proc.kill()
     last = redis_client.xrevrange(live_settings.keys.frames("cli-live"), count=1)
     assert b"end" in last[0][1]
+
+
+def test_sigterm_to_a_live_submit_ends_its_job_gracefully(video: Path, live_settings: Settings,
+                                                          redis_client: redis.Redis) -> None:
+    """What `docker stop` and systemd send: the end marker, exit 0, and the worker completes the job (no
+    "producer lost" 20 s later)."""
+    env = {**worker_env(live_settings), "VSEG_PRODUCER_TTL_S": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(video), "--live", "--duration", "60",
+                             "--point", "1:20,20", "--job-id", "term-live"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker: threading.Thread | None = None
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "term-live"
+        worker = start_worker(live_settings, redis_client, delay_s=0.0)  # burst: it ends with the job
+        wait_for(lambda: int(redis_client.hget(live_settings.keys.job("term-live"), "frames_done") or 0) >= 3,
+                 timeout_s=30, what="frames published")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read() if proc.stderr else ""
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "SIGTERM: stopping the job" in err and "Traceback" not in err, err
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        proc.kill()
+    done = terminal(redis_client, live_settings, "term-live")
+    assert isinstance(done, messages.Completed), done
+    assert b"end" in redis_client.xrevrange(live_settings.keys.frames("term-live"), count=1)[0][1]
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["--duration", "0"], 2, "seconds must be > 0"),
+    (["ftp://user:secret@host/v.mp4"], 2, "ftp:// is not a source this service reads"),
+    (["tcp://127.0.0.1:{port}"], 3, "cannot open live source tcp://127.0.0.1:"),
+    (["RTSP://127.0.0.1:{port}/cam"], 3, "cannot open live source rtsp://127.0.0.1:"),  # not "protocol not found"
+])
+def test_bad_live_input_exits_2_and_an_unreachable_source_3(args: list[str], code: int, says: str,
+                                                           video: Path, live_settings: Settings) -> None:
+    from tests.live_servers import free_port
+
+    port = free_port()
+    argv = [a.format(port=port) for a in args]
+    if argv[0].startswith("--"):
+        argv = [str(video), "--live", *argv]
+    env = {**worker_env(live_settings), "VSEG_SOURCE_OPEN_TIMEOUT_S": "1"}
+    done = subprocess.run([sys.executable, "-m", "producer", "submit", *argv, "--point", "1:20,20"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and says in done.stderr, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "secret" not in done.stderr and done.stdout == ""
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +19,15 @@ from producer.live_source import (
     LiveFrame,
     LiveOptions,
     LiveReader,
+    SourceDown,
     SourceLost,
     SourceOutage,
+    SourceRefused,
+    check_source,
     is_live_source,
     redacted,
 )
-from schemas.errors import ConfigError, VideoError
+from schemas.errors import ConfigError, InputError, SourceUnavailable, VideoError
 from tests import live_servers
 from tests.live_servers import free_port, missing_tools, mpegts_bytes, silent_tcp_server, ts_over_tcp
 from tests.videos import make_audio_only, make_video
@@ -115,7 +118,7 @@ def test_missing_capture_device() -> None:
 def test_unreachable_url_is_redacted() -> None:
     url = f"rtsp://admin:s3cret@127.0.0.1:{free_port()}/cam"
     started = time.monotonic()
-    with pytest.raises(VideoError) as raised:
+    with pytest.raises(SourceUnavailable) as raised:  # the operator's to fix: `submit` exits 3, not 2
         LiveReader(url, LiveOptions(open_timeout_s=1.0, reconnect_min_s=0.1)).open()
     message = str(raised.value)
     assert "s3cret" not in message and "admin" not in message
@@ -160,10 +163,14 @@ def test_killed_and_restarted_source(server: str, clip: Path) -> None:
     options = replace(FAST, source_outage_s=20.0)
     outage: SourceOutage | None = None
     frames_before = frames_after = 0
+    down: list[SourceDown] = []
     with getattr(live_servers, server)(clip) as source, LiveReader(source, options) as reader:
         for item in reader:
-            if isinstance(item, SourceOutage):
-                assert outage is None, "one outage only"
+            if isinstance(item, SourceDown):  # said when the outage begins, before any reconnect
+                assert not down and outage is None and reader.stats.reconnects == 0
+                down.append(item)
+            elif isinstance(item, SourceOutage):
+                assert outage is None and down, "one outage only, and its start said first"
                 outage = item
             elif outage is None:
                 frames_before += 1
@@ -178,6 +185,81 @@ def test_killed_and_restarted_source(server: str, clip: Path) -> None:
     assert reader.stats.outages == 1 and reader.stats.reconnects >= 1 and reader.stats.frames >= 20
     assert outage.attempts >= 1 and outage.reason and outage.duration_s >= 0.5
     assert outage.began_at <= time.time() - outage.duration_s + 1
+    assert down[0].began_at == outage.began_at and down[0].reason
+
+
+@needs_ffmpeg
+def test_reconnect_attempts_go_on_up_to_and_including_the_deadline(clip: Path) -> None:
+    """Backoff 0.5 s doubling to 4 s with source_outage_s 10: attempts at about +0.5, 1.5, 3.5, 7.5; the next
+    would be at 11.5, past the deadline, so one more is made at the deadline (+10). The source comes back
+    after the fourth attempt failed (a condition, not a time): only that last attempt can find it."""
+    options = replace(FAST, reconnect_min_s=0.5, reconnect_max_s=4.0, source_outage_s=10.0)
+    items: list[object] = []
+    errors: list[BaseException] = []
+    with ts_over_tcp(clip) as source, LiveReader(source, options) as reader:
+        def read() -> None:
+            try:
+                for item in reader:
+                    items.append(item)
+                    if isinstance(item, SourceOutage) or len(items) > 2000:
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        wait_until(lambda: len(items) >= 10, "frames before the kill")
+        source.kill()
+        wait_until(lambda: reader.stats.reconnects_failed >= 4 or bool(errors), "four failed attempts", 20)
+        assert not errors and reader.stats.reconnects == 4, (errors, reader.stats)
+        source.start()  # back before the deadline attempt, after every regular one
+        thread.join(30)
+    assert not errors, errors
+    outage = next(item for item in items if isinstance(item, SourceOutage))
+    assert outage.attempts == 5 and reader.stats.reconnects == 5 and outage.duration_s < options.source_outage_s + 6
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_schemes_are_case_insensitive_and_an_unsupported_one_is_refused_in_one_line() -> None:
+    assert check_source("RTSP://user:pw@cam.local/stream") == "rtsp://user:pw@cam.local/stream"
+    assert is_live_source("Rtsp://cam.local/stream") and check_source("clip.mp4") == "clip.mp4"
+    assert LiveReader("HTTP://127.0.0.1:9/live.ts").source == "http://127.0.0.1:9/live.ts"
+    with pytest.raises(InputError) as raised:
+        check_source("ftp://user:secret@host/video.mp4")
+    message = str(raised.value)
+    assert "ftp:// is not a source this service reads" in message and "rtsp://" in message and "srt://" in message
+    assert "secret" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("status", [404, 401, 403])
+def test_a_permanent_http_error_is_refused_at_once(status: int) -> None:
+    """Retrying cannot help: one attempt, SourceRefused (a fleet daemon still retries with its own backoff)."""
+    import http.server
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_error(status)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reader = LiveReader(f"http://user:pw@127.0.0.1:{server.server_address[1]}/cam.ts",
+                            LiveOptions(open_timeout_s=30.0, reconnect_min_s=0.2))
+        with pytest.raises(SourceRefused) as raised:
+            reader.open()
+    finally:
+        server.shutdown()
+    assert reader._connections == 1  # noqa: SLF001 - not retried
+    assert "retrying cannot help" in str(raised.value) and "pw" not in str(raised.value)
 
 
 @needs_ffmpeg
@@ -221,9 +303,9 @@ def test_stop_during_backoff_returns_promptly(clip: Path) -> None:
             next(items)
         source.kill()
         stopped = set_later(stop, 1.0)
-        rest = list(items)  # returns: frames decoded before the kill, then nothing
+        rest = list(items)  # returns: frames decoded before the kill, the outage's start, then nothing
         returned = time.monotonic()
-    assert all(isinstance(item, LiveFrame) for item in rest)
+    assert [type(item) for item in rest if not isinstance(item, LiveFrame)] == [SourceDown]
     assert reader.stats.outages == 1 and reader.stats.reconnects == 0  # it was waiting out the backoff
     assert returned - stopped["at"] < 1.0
 
@@ -250,11 +332,16 @@ def test_watchdog_catches_a_silent_source(clip: Path, caplog: pytest.LogCaptureF
     caplog.set_level(logging.INFO, logger="producer.live_source")
     with silent_tcp_server(mpegts_bytes(clip)) as url, LiveReader(url, options) as reader:
         frames: list[LiveFrame] = []
+        downs: list[SourceDown] = []
         with pytest.raises(SourceLost) as lost:
             for item in reader:
-                assert isinstance(item, LiveFrame)
+                if isinstance(item, SourceDown):
+                    downs.append(item)
+                    continue
+                assert isinstance(item, LiveFrame) and not downs
                 frames.append(item)
         assert url.connections >= 2  # reconnect attempted
+        assert len(downs) == 1 and "(watchdog)" in downs[0].reason
     assert len(frames) > 30 and reader.stats.stalls >= 1
     stalled = [r for r in caplog.records if "(watchdog)" in r.getMessage()]
     assert stalled, caplog.text

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from producer.cli import live_status_lines
 from producer.control import request_stop
 from producer.live_submit import submit_live
 from runtime.settings import Settings
@@ -102,6 +104,15 @@ def test_the_source_killed_and_restarted_mid_job_reconnects_and_the_job_goes_on(
         def outage() -> None:
             server.kill()
             before = frames_done(redis_client, live_settings, "flaky")
+            # visible while it lasts, not only once the source is back
+            key = live_settings.keys.job("flaky")
+            wait_for(lambda: redis_client.hget(key, "source_state") == b"down", 20, "the job hash saying down")
+            state = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
+            assert state["source_outages"] == "1" and float(state["source_down_since"]) <= time.time()
+            assert any(line.startswith("source state: down since ") for line in live_status_lines(state)), state
+            down = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.events))
+                    if isinstance(m, messages.Progress) and m.job_id == "flaky" and m.source_state == "down"]
+            assert len(down) == 1 and down[0].source_outages == 1 and down[0].source_down_since is not None
             server.restart()
             wait_for(lambda: frames_done(redis_client, live_settings, "flaky") >= before + 20, 40,
                      "frames after the source came back")
@@ -110,6 +121,9 @@ def test_the_source_killed_and_restarted_mid_job_reconnects_and_the_job_goes_on(
     progress = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.events))
                 if isinstance(m, messages.Progress) and m.job_id == "flaky"]
     assert progress[-1].source_outages >= 1 and progress[-1].source_down_s > 0
+    assert progress[-1].source_state == "up" and progress[-1].source_down_since is None
+    state = redis_client.hgetall(live_settings.keys.job("flaky"))
+    assert state[b"source_state"] == b"up" and b"source_down_since" not in state and state[b"source_outages"] == b"1"
 
 
 def test_a_producer_killed_mid_stream_fails_its_live_job(live_settings: Settings, redis_client: redis.Redis,

@@ -250,8 +250,8 @@ class ResultPublisher:
         """A progress event; a live job's carries its skips, latency and source outages (messages.Progress),
         also kept on the job's hash for `producer status`."""
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3), **live), interrupt)
-        if live:
-            self.set_state(**{k: v for k, v in live.items() if v is not None})
+        if live:  # the source's own fields in the hash are its producer's, written as the outage happens
+            self.set_state(**{k: v for k, v in live.items() if v is not None and k not in SOURCE_FIELDS})
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
         """The job's one terminal step: entry, state and expiry in one atomic script on the job's slot; then,
@@ -282,6 +282,9 @@ class ResultPublisher:
 
         self._retry(after, "terminal copy and acknowledgement")
         return written == 1
+
+
+SOURCE_FIELDS = frozenset({"source_state", "source_down_since", "source_outages", "source_down_s"})
 
 
 def last_published_frame(client: redis.Redis, keys: Keys, job_id: str) -> messages.FrameResult | None:

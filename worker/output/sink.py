@@ -203,6 +203,8 @@ class ResultSink:
                 if outs:
                     self._handle(outs)
                 if done:
+                    if self.live is not None:  # a live job's final figures: the hash and a last progress event
+                        self._progress(time.monotonic())  # agree with its `completed`
                     return
         except BaseException as e:  # handed to the model's thread at its next put/close
             self.error = e
@@ -293,6 +295,8 @@ class ResultSink:
         if self.latencies:
             p50, p95 = (round(float(x), 4) for x in np.percentile(np.fromiter(self.latencies, float), [50, 95]))
         outages, down_s = self.live.outages
+        down_since = self.live.streamed.down_since
         self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted, dropped=self.dropped,
                           latency_p50_s=p50, latency_p95_s=p95, source_outages=outages,
-                          source_down_s=round(down_s, 3))
+                          source_down_s=round(down_s, 3), source_state="up" if down_since is None else "down",
+                          source_down_since=down_since)

@@ -158,6 +158,7 @@ class StreamedFrames(_Base):
         self._announced: dict[int, FrameInfo] = {}  # frame -> its announcement, until asked once (or released)
         self.outages = 0  # live sources: times the source dropped and came back (the producer's notes)
         self.outage_s = 0.0  # and for how long, all together
+        self.down_since: float | None = None  # live: the source is down now (the producer's note), since then
         self._lock = threading.Lock()  # guards the fields above
         self._poll_lock = threading.Lock()  # one thread at a time reads the stream
         if not frames_dir.is_dir():
@@ -194,9 +195,12 @@ class StreamedFrames(_Base):
                         k = int(fields[b"frame_idx"])
                         self._available = max(self._available, k + 1)
                         self._announced[k] = FrameInfo.of(fields)
+                    elif b"down_since" in fields:  # a live source went down (the producer reconnects)
+                        self.down_since = float(fields[b"down_since"])
                     elif b"outage_s" in fields:  # a live source was down, and is back
                         self.outages += 1
                         self.outage_s += float(fields[b"outage_s"])
+                        self.down_since = None
         return read
 
     def poll_now(self) -> None:
