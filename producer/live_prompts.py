@@ -198,8 +198,10 @@ def remove_object(job_id: str, obj_id: int, *, settings: Settings, wait_s: float
     client = client or connect(settings)
     job = _read_job(client, settings, job_id, _REMOVE_ONLY)
     if obj_id not in job.ever:
-        raise UnknownObjectError(f"job {job_id} has no object {obj_id} (its objects: "
-                                 f"{', '.join(map(str, sorted(job.ever))) or 'none'})")
+        removed = sorted(job.ever - job.tracked)
+        raise UnknownObjectError(f"job {job_id} has no object {obj_id} (its objects now: "
+                                 f"{', '.join(map(str, sorted(job.tracked))) or 'none'}"
+                                 + (f"; removed: {', '.join(map(str, removed))})" if removed else ")"))
     command = messages.RemoveCommand(job_id, uuid.uuid4().hex, obj_id)
     return _send_and_wait(client, settings, command, (obj_id,), wait_s, _REMOVE_ONLY)
 
@@ -272,7 +274,8 @@ def _check_prompts(job: _Job, prompts: list[ObjectPrompt], settings: Settings, n
             if p.obj_id in seen:
                 raise PromptError(f"object {p.obj_id} has two prompts, but {which} take one per object: merge them")
             seen.add(p.obj_id)
-        validate_prompts([replace(p, frame_idx=0) for p in prompts], width=width, height=height, num_frames=1)
+        validate_prompts([replace(p, frame_idx=0) for p in prompts], width=width, height=height, num_frames=1,
+                         frame_word=False)
         return
     if job.total_frames is None:  # still decoding: the total is not known yet
         for p in prompts:

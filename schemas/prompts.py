@@ -96,10 +96,12 @@ def check_prompt_shape(prompt: ObjectPrompt) -> None:
 
 
 def validate_prompts(
-    prompts: Sequence[ObjectPrompt], *, width: int, height: int, num_frames: int, allow_none: bool = False
+    prompts: Sequence[ObjectPrompt], *, width: int, height: int, num_frames: int, allow_none: bool = False,
+    frame_word: bool = True,
 ) -> None:
     """Raise PromptError unless every prompt lies inside a `width`x`height` video of `num_frames` frames.
-    `allow_none`: a job with automatic prompts (`--auto`) may name no object itself."""
+    `allow_none`: a job with automatic prompts (`--auto`) may name no object itself; `frame_word` False: the
+    prompts name no frame (@now, a live job's), so the message does not name one either."""
     if not prompts and not allow_none:
         raise PromptError("no prompts: give at least one --point OBJ:X,Y or --box OBJ:X0,Y0,X1,Y1, or --auto to find "
                           "the objects automatically")
@@ -117,15 +119,16 @@ def validate_prompts(
                 f"prompt for object {prompt.obj_id} is on frame {prompt.frame_idx}, but the decoded video has "
                 f"{num_frames} frames (0..{num_frames - 1})"
             )
-        coords = list(prompt.points_xy)
-        if prompt.box_xyxy is not None:
-            coords += [prompt.box_xyxy[:2], prompt.box_xyxy[2:]]
-        for x, y in coords:
+        where = f"object {prompt.obj_id} on frame {prompt.frame_idx}" if frame_word else f"object {prompt.obj_id}"
+        for x, y in prompt.points_xy:
             if not (0 <= x <= width and 0 <= y <= height):
-                raise PromptError(
-                    f"object {prompt.obj_id} on frame {prompt.frame_idx}: point ({x:g}, {y:g}) is outside the "
-                    f"{width}x{height} frame (x in 0..{width}, y in 0..{height})"
-                )
+                raise PromptError(f"{where}: point ({x:g}, {y:g}) is outside the {width}x{height} frame (x in "
+                                  f"0..{width}, y in 0..{height})")
+        if prompt.box_xyxy is not None:
+            x0, y0, x1, y1 = prompt.box_xyxy
+            if not all(0 <= x <= width for x in (x0, x1)) or not all(0 <= y <= height for y in (y0, y1)):
+                raise PromptError(f"{where}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the {width}x{height} "
+                                  f"frame (x in 0..{width}, y in 0..{height})")
 
 
 def object_ids(prompts: Iterable[ObjectPrompt]) -> list[int]:

@@ -212,13 +212,16 @@ def test_prompts_outside_the_job_are_refused(settings: Settings, redis_client: r
     job_id = queued_job(settings, redis_client, tmp_path, "bounds")
     for prompt, message in [
         (point(2, 65, 10), r"point \(65, 10\) is outside the 64x48 frame"),
-        (ObjectPrompt(2, 0, (), (), (0, 0, 30, 49)), "outside the 64x48 frame"),
+        (ObjectPrompt(2, 0, (), (), (0, 0, 30, 49)), r"object 2 on frame 0: box \(0, 0, 30, 49\) is outside the 64x48"),
         (point(2, frame_idx=FRAMES), f"on frame {FRAMES}, but the decoded video has {FRAMES} frames"),
     ]:
         with pytest.raises(PromptError, match=message):
             add_prompts(job_id, [prompt], settings=settings, client=redis_client, wait_s=0)
-    with pytest.raises(PromptError, match="outside the 64x48 frame"):  # now: the frame is the worker's, not the box
+    with pytest.raises(PromptError, match=r"^object 2: point \(70, 10\) is outside the 64x48 frame"):  # now: no frame
         add_prompts(job_id, [point(2, 70, 10, FRAMES + 5)], settings=settings, client=redis_client, now=True, wait_s=0)
+    with pytest.raises(PromptError, match=r"^object 3: box \(1, 1, 100, 20\) is outside the 64x48 frame"):
+        add_prompts(job_id, [ObjectPrompt(3, 0, (), (), (1, 1, 100, 20))], settings=settings, client=redis_client,
+                    now=True, wait_s=0)
     assert not redis_client.exists(settings.keys.control(job_id))
     add_prompts(job_id, [point(2, frame_idx=FRAMES + 5)], settings=settings, client=redis_client, now=True, wait_s=0)
     assert len(commands(redis_client, settings, job_id)) == 1  # now: whatever frame it names
@@ -264,12 +267,14 @@ def test_removing_an_object_the_job_never_had_is_refused(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     job_id = queued_job(settings, redis_client, tmp_path, "rm")
-    with pytest.raises(UnknownObjectError, match="job rm has no object 7 .its objects: 1."):
+    with pytest.raises(UnknownObjectError, match="job rm has no object 7 .its objects now: 1.$"):
         remove_object(job_id, 7, settings=settings, client=redis_client, wait_s=0)
     assert not redis_client.exists(settings.keys.control(job_id))
     add_prompts(job_id, [point(7)], settings=settings, client=redis_client, wait_s=0)
     remove_object(job_id, 7, settings=settings, client=redis_client, wait_s=0)  # had it since
     assert len(commands(redis_client, settings, job_id)) == 2
+    with pytest.raises(UnknownObjectError, match=r"job rm has no object 9 \(its objects now: 1; removed: 7\)$"):
+        remove_object(job_id, 9, settings=settings, client=redis_client, wait_s=0)  # 7 is not among "its objects"
 
 
 @pytest.mark.integration

@@ -73,8 +73,12 @@ class JobRunner:
     def run(self) -> None:
         job, pub, ctx = self.job, self.pub, self.ctx
         t0 = time.monotonic()
-        log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, self.attempt, job.num_frames,
-                 job.width, job.height, len(job.prompts))
+        if job.live:
+            log.info("live job %s attempt %d: %dx%d at %.2f fps, %d prompts", job.job_id, self.attempt, job.width,
+                     job.height, job.fps, len(job.prompts))
+        else:
+            log.info("job %s attempt %d: %d frames %dx%d, %d prompts", job.job_id, self.attempt, job.num_frames,
+                     job.width, job.height, len(job.prompts))
         pub.lease.progress()
         if job.live:  # unbounded: its result stream is trimmed (a consumer keeps up by XREAD from its last id)
             pub.maxlen = ctx.settings.live_results_maxlen
@@ -104,8 +108,14 @@ class JobRunner:
                 job_id=job.job_id, render_path=job.render_rel, num_frames=num_frames, num_objects=len(job.obj_ids),
                 timings_s={k: round(v, 4) for k, v in timings.items()}, random_weights=ctx.segmenter.random_weights,
             ), JobState.COMPLETED)
-            log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
-                     num_frames / max(timings["total_s"], 1e-9))
+            if job.live:  # frames/s counts what the model processed, not the frames skipped to keep up
+                processed = num_frames - int(timings.get("frames_skipped", 0))
+                log.info("live job %s completed after %.1f s: processed %d of %d frames announced (%.2f frames/s), "
+                         "%d skipped to keep up", job.job_id, timings["total_s"], processed, num_frames,
+                         processed / max(timings["total_s"], 1e-9), num_frames - processed)
+            else:
+                log.info("job %s completed in %.1f s (%.2f frames/s)", job.job_id, timings["total_s"],
+                         num_frames / max(timings["total_s"], 1e-9))
         except JobCancelled:
             self._abort_render()
             log.warning("job %s cancelled", job.job_id)
