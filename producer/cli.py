@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ends it)")
     s.add_argument("--live", action="store_true",
                    help="a live job from a file, played at its own rate (demos and tests); URLs and devices are live")
+    s.add_argument("--username", help="a live source's user name, put into its URL in this process only")
+    s.add_argument("--password-env", metavar="VAR", help="the environment variable holding that user's password "
+                   "(never on the command line, where `ps` shows it)")
+    s.add_argument("--password-file", type=Path, metavar="FILE", help="or a file holding it (its first line)")
     s.add_argument("--duration", type=_positive_seconds, dest="duration_s", metavar="S",
                    help="a live job: end it after S seconds of frames (S > 0)")
     add_auto_arguments(s)
@@ -242,6 +246,8 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         return _submit_live(args, prompts, settings)
     if args.duration_s is not None:
         raise InputError("--duration is for live jobs: add --live to play a file as a live source")
+    if args.username or args.password_env or args.password_file:
+        raise InputError("--username, --password-env and --password-file are for live sources (URLs)")
     result = submit(Path(args.video), prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
                     stream=args.stream, render=args.render, resume=args.resume, auto=auto_options(args),
@@ -263,6 +269,7 @@ def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings
     if unsupported:
         raise InputError(f"{', '.join(unsupported)} cannot be used with a live job: it is ingested as it comes (follow "
                          "it with python -m producer watch JOB --out DIR from another shell)")
+    source = _with_credentials(args)
     stop = threading.Event()
     signalled: list[str] = []
 
@@ -278,7 +285,7 @@ def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings
         print(job_id, flush=True)
 
     try:
-        submit_live(args.video, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
+        submit_live(source, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
                     realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
                     on_enqueued=announce, stop=stop, stop_reason=lambda: f"{signalled[0]}: stopping the job"
                     if signalled else "stopped")
@@ -290,6 +297,37 @@ def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _with_credentials(args: argparse.Namespace) -> str:
+    """The source URL with `--username` and the password from `--password-env`/`--password-file` put in (here
+    only: logs, Redis and `ps` never see it). A password typed into the URL itself works, with a warning."""
+    import os
+
+    from producer.live_source import has_password, redacted, with_credentials
+
+    if args.password_env and args.password_file:
+        raise InputError("give --password-env or --password-file, not both")
+    if (args.password_env or args.password_file) and not args.username:
+        raise InputError("a password needs --username")
+    if not args.username:
+        if has_password(args.video):
+            log.warning("the password in %s is visible to every user of this machine (ps); give it with "
+                        "--username and --password-env VAR or --password-file FILE instead", redacted(args.video))
+        return str(args.video)
+    password = ""
+    if args.password_env:
+        password = os.environ.get(args.password_env, "")
+        if not password:
+            raise InputError(f"--password-env {args.password_env}: that environment variable is not set or empty")
+    elif args.password_file:
+        try:
+            password = args.password_file.read_text().splitlines()[0] if args.password_file.stat().st_size else ""
+        except OSError as e:
+            raise InputError(f"--password-file {args.password_file}: cannot read it ({e.strerror})") from e
+        if not password:
+            raise InputError(f"--password-file {args.password_file} is empty")
+    return with_credentials(args.video, args.username, password)
 
 
 def _stop(job_id: str, settings: Settings) -> int:

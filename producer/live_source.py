@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from producer.live_connection import Connection, Ended, LiveFrame, Opened
 from producer.orientation import Orientation, frame_orientation
@@ -86,6 +87,26 @@ def redacted(source: str) -> str:
     """`source` as logs and job records may show it: a URL's user:password (and query values named like
     secrets: password, token, key, signature, ...) replaced by ***."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", source))
+
+
+def with_credentials(source: str, username: str, password: str = "") -> str:
+    """`source` (a URL without credentials) with `username` and `password` put in, percent-encoded, for this
+    process's reader only: never shown (`redacted`), never in argv. InputError if the URL already has some."""
+    match = _SCHEME.match(source)
+    if match is None or not source.startswith(match.group(0)):
+        raise InputError(f"credentials need a URL (rtsp://host/path and so on), but the source is {redacted(source)}")
+    rest = source[len(match.group(0)):]
+    if "@" in rest.split("/", 1)[0]:
+        raise InputError(f"{redacted(source)} already has credentials in it: give them once, by reference "
+                         "(--username with --password-env or --password-file)")
+    secret = quote(username, safe="") + (f":{quote(password, safe='')}" if password else "")
+    return f"{match.group(0)}{secret}@{rest}"
+
+
+def has_password(source: str) -> bool:
+    """A URL with user:password in it (visible in `ps` when given on a command line)."""
+    match = _USERINFO.match(source)
+    return match is not None and ":" in source[len(match.group(1)):].split("@", 1)[0]
 
 
 class SourceLost(SourceUnavailable):

@@ -273,6 +273,33 @@ def test_sigterm_to_a_live_submit_ends_its_job_gracefully(video: Path, live_sett
     assert b"end" in redis_client.xrevrange(live_settings.keys.frames("term-live"), count=1)[0][1]
 
 
+def test_credentials_by_reference_never_reach_argv_logs_or_redis(live_settings: Settings, tmp_path: Path) -> None:
+    """--username with --password-env: the password is put into the URL in the producer only. The source here
+    refuses the connection, so the submit exits 3 with the URL in its message: redacted."""
+    from tests.live_servers import free_port
+
+    url = f"tcp://127.0.0.1:{free_port()}"
+    env = {**worker_env(live_settings), "VSEG_SOURCE_OPEN_TIMEOUT_S": "1", "CAM_PW": "pa:ss/w@rd"}
+    done = subprocess.run([sys.executable, "-m", "producer", "-v", "submit", url, "--username", "viewer", "--password-env",
+                           "CAM_PW", "--point", "1:20,20"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "pa:ss" not in done.stderr and "pa%3Ass" not in done.stderr and "viewer" not in done.stderr, done.stderr
+    assert "tcp://***@127.0.0.1:" in done.stderr, done.stderr
+    for argv, says in [(["--username", "u", "--password-env", "NOPE"], "--password-env NOPE: that environment variable"),
+                       (["--password-env", "CAM_PW"], "a password needs --username"),
+                       (["--username", "u", "--password-file", str(tmp_path / "missing")], "cannot read it")]:
+        bad = subprocess.run([sys.executable, "-m", "producer", "submit", url, *argv, "--point", "1:20,20"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    from producer.live_source import has_password, with_credentials
+
+    assert with_credentials("rtsp://cam:554/s", "a b", "p@ss") == "rtsp://a%20b:p%40ss@cam:554/s"
+    assert has_password("rtsp://u:p@cam/s") and not has_password("rtsp://u@cam/s")
+    with pytest.raises(InputError, match="already has credentials"):
+        with_credentials("rtsp://u:p@cam/s", "v", "w")
+
+
 @pytest.mark.parametrize("args, code, says", [
     (["--duration", "0"], 2, "seconds must be > 0"),
     (["ftp://user:secret@host/v.mp4"], 2, "ftp:// is not a source this service reads"),
