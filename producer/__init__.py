@@ -20,14 +20,18 @@ def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays
         from producer.submit import submit
 
         return submit
-    if name in ("follow", "watch"):
-        from producer import results
+    if name == "follow":
+        from producer.results import follow
 
-        return getattr(results, name)
+        return follow
+    if name == "watch":
+        from producer.watching import watch
+
+        return watch
     if name in ("add_prompts", "remove_object", "PromptReply"):
-        from producer import live_prompts
+        from producer import running_prompts
 
-        return getattr(live_prompts, name)
+        return getattr(running_prompts, name)
     if name == "submit_live":
         from producer.live_submit import submit_live
 

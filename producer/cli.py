@@ -1,5 +1,5 @@
-"""`python -m producer {submit,extract,watch,status,cancel,prompt,remove,stats,migrate}`: the client side on the
-command line.
+"""`python -m producer {submit,extract,watch,status,cancel,stop,prompt,remove,stats,migrate,serve,cameras}`: the
+client side on the command line (`serve`: the camera fleet daemon, producer/fleet.py).
 
 Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import redis
@@ -27,8 +26,6 @@ from runtime.layout import cluster_node_error
 from runtime.logs import configure_logging, job_log_context, run_cli
 from runtime.settings import Settings
 from schemas.errors import InputError, RedisUnavailable, VsegError
-from schemas.names import TERMINAL_STATES
-from schemas.prompts import ObjectPrompt
 
 log = logging.getLogger("producer")
 
@@ -123,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--serve", type=_port, metavar="PORT",
                    help="instead, serve them as Prometheus metrics on PORT (/metrics, /healthz, /readyz) until stopped")
     q.add_argument("--host", help="address to serve on (default metrics_host, VSEG_METRICS_HOST: 127.0.0.1)")
+    from producer.fleet import add_serve_parser
+    from producer.fleet_status import add_cameras_parser
+
+    add_serve_parser(sub)  # serve --cameras FILE [--lease-s S] [--metrics-port P]: the camera fleet daemon
+    add_cameras_parser(sub)  # cameras: the fleet's table
     return p
 
 
@@ -182,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             return _prompt(args, settings)
         if args.command == "remove":
             return _remove(args, settings)
+        if args.command == "serve":
+            from producer.fleet import run_serve
+
+            return run_serve(args, settings)
+        if args.command == "cameras":
+            from producer.fleet_status import run_cameras
+
+            return run_cameras(args, settings)
         if args.command == "migrate":
             return _migrate(args.force, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)
@@ -243,7 +253,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
     check_redis(settings)  # Redis down: say so at once, before any decoding
     if args.live or is_live_source(args.video):
-        return _submit_live(args, prompts, settings)
+        from producer.cli_live import submit_live_job
+
+        return submit_live_job(args, prompts, settings)
     if args.duration_s is not None:
         raise InputError("--duration is for live jobs: add --live to play a file as a live source")
     if args.username or args.password_env or args.password_file:
@@ -256,78 +268,6 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None)
     return 0
-
-
-def _submit_live(args: argparse.Namespace, prompts: list[ObjectPrompt], settings: Settings) -> int:
-    """A live job: the id is printed as soon as it is enqueued; this keeps ingesting until the job ends."""
-    from producer.live_submit import submit_live
-
-    unsupported = [flag for flag, given in (("--watch", args.watch is not None), ("--no-stream", not args.stream),
-                                            ("--max-frames", args.max_frames is not None), ("--stride", args.stride != 1),
-                                            ("--start", args.start_s is not None), ("--end", args.end_s is not None))
-                   if given]
-    if unsupported:
-        raise InputError(f"{', '.join(unsupported)} cannot be used with a live job: it is ingested as it comes (follow "
-                         "it with python -m producer watch JOB --out DIR from another shell)")
-    source = _with_credentials(args)
-    stop = threading.Event()
-    signalled: list[str] = []
-
-    def on_sigterm(signum: int, _frame: object) -> None:  # docker stop, systemd: end the job as `stop` does
-        signalled.append(signal.Signals(signum).name)
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    enqueued: list[str] = []
-
-    def announce(job_id: str) -> None:
-        enqueued.append(job_id)
-        print(job_id, flush=True)
-
-    try:
-        submit_live(source, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
-                    realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
-                    on_enqueued=announce, stop=stop, stop_reason=lambda: f"{signalled[0]}: stopping the job"
-                    if signalled else "stopped")
-    except VsegError:
-        if signalled and not enqueued:  # stopped while the source was opening: nothing was submitted
-            log.warning("%s before the job was enqueued: nothing was submitted", signalled[0])
-            return 128 + signal.SIGTERM
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
-def _with_credentials(args: argparse.Namespace) -> str:
-    """The source URL with `--username` and the password from `--password-env`/`--password-file` put in (here
-    only: logs, Redis and `ps` never see it). A password typed into the URL itself works, with a warning."""
-    import os
-
-    from producer.live_source import has_password, redacted, with_credentials
-
-    if args.password_env and args.password_file:
-        raise InputError("give --password-env or --password-file, not both")
-    if (args.password_env or args.password_file) and not args.username:
-        raise InputError("a password needs --username")
-    if not args.username:
-        if has_password(args.video):
-            log.warning("the password in %s is visible to every user of this machine (ps); give it with "
-                        "--username and --password-env VAR or --password-file FILE instead", redacted(args.video))
-        return str(args.video)
-    password = ""
-    if args.password_env:
-        password = os.environ.get(args.password_env, "")
-        if not password:
-            raise InputError(f"--password-env {args.password_env}: that environment variable is not set or empty")
-    elif args.password_file:
-        try:
-            password = args.password_file.read_text().splitlines()[0] if args.password_file.stat().st_size else ""
-        except OSError as e:
-            raise InputError(f"--password-file {args.password_file}: cannot read it ({e.strerror})") from e
-        if not password:
-            raise InputError(f"--password-file {args.password_file} is empty")
-    return with_credentials(args.video, args.username, password)
 
 
 def _stop(job_id: str, settings: Settings) -> int:
@@ -349,36 +289,11 @@ def _status(job_id: str, settings: Settings) -> int:
         if state.get(key):
             print(f"  {key}: {state[key]}")
     if state.get("live") == "1":
+        from producer.cli_live import live_status_lines
+
         for line in live_status_lines(state):
             print(f"  {line}")
     return 0
-
-
-def live_status_lines(state: dict[str, str]) -> list[str]:
-    """A live job's figures for `status`: frames processed of those announced, what keeping up cost, latency,
-    and the source as it is now (down since when, as soon as an outage begins)."""
-    def count(name: str) -> int:
-        try:
-            return int(float(state.get(name) or 0))
-        except ValueError:
-            return 0
-
-    done, skipped, dropped = count("frames_done"), count("dropped"), count("dropped_at_ingest")
-    ended = state.get("state") in {s.value for s in TERMINAL_STATES}
-    announced = f"{count('num_frames'):,}" if ended else "so far"
-    lines = [f"live: processed {done - skipped:,} of {done:,} frames published ({announced} announced); "
-             f"{skipped:,} skipped to keep up, {dropped:,} dropped at ingest"]
-    p50, p95 = state.get("latency_p50_s"), state.get("latency_p95_s")
-    lines.append(f"latency: p50 {float(p50):.2f} s, p95 {float(p95):.2f} s" if p50 and p95 else
-                 "latency: none yet (no frame processed)")
-    outages, down_s = count("source_outages"), float(state.get("source_down_s") or 0)
-    since = state.get("source_down_since")
-    now = (f"down since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(since)))} "
-           f"({time.time() - float(since):.0f} s)" if state.get("source_state") == "down" and since else
-           state.get("source_state") or "?")
-    lines.append(f"source state: {now}; down {outages} time(s) in all, {down_s:.1f} s"
-                 + ("; stop requested" if state.get("stop") == "1" else ""))
-    return lines
 
 
 def _cancel(job_id: str, settings: Settings) -> int:
@@ -391,7 +306,7 @@ def _cancel(job_id: str, settings: Settings) -> int:
 
 def _prompt(args: argparse.Namespace, settings: Settings) -> int:
     """Print what the worker did (a line per object), or that the prompts were sent; exit 1 if it refused all."""
-    from producer.live_prompts import add_prompts, cli_prompts
+    from producer.running_prompts import add_prompts, cli_prompts
 
     prompts, now = cli_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file, now=args.now)
     client = quick_client(settings)
@@ -405,7 +320,7 @@ def _prompt(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _remove(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.live_prompts import remove_object
+    from producer.running_prompts import remove_object
 
     client = quick_client(settings)
     try:
@@ -432,7 +347,7 @@ def _migrate(force: bool, settings: Settings) -> int:
 
 
 def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None) -> int:
-    from producer.results import watch
+    from producer.watching import watch
 
     check_redis(settings)  # down from the start: one line (later outages are waited out)
     result = watch(job_id, out_dir, settings=settings, progress=True, timeout_s=timeout_s)

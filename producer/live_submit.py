@@ -35,6 +35,7 @@ import redis
 
 from producer.decode import _write_jpeg
 from producer.job_dir import frames_dir_of, make_fresh
+from producer.live_buffer import IngestBuffer
 from producer.live_source import (
     LiveFrame,
     LiveHeader,
@@ -94,15 +95,19 @@ def submit_live(
     on_enqueued: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
     stop_reason: Callable[[], str] | None = None,
+    max_fps: float | None = None,
 ) -> Submitted:
     """Ingest `source` as a live job until it ends (see the module doc); returns when ingest has ended.
     `realtime`: a file played at its own rate (`--live`). Raises VideoError (cannot open, no video),
     PromptError, LimitError before anything is enqueued; SourceUnavailable when the source cannot be
     opened; SourceLost once the source is gone for good after the job started (the job fails with it).
     `stop` set (from any thread, a signal handler): ingest ends as `producer stop` ends it, the end marker
-    written, and the worker completes the job; `stop_reason` says why in the log."""
+    written, and the worker completes the job; `stop_reason` says why in the log. `max_fps`: frames are
+    sampled at ingest to at most this rate (the others dropped at ingest: not encoded, not announced)."""
     if duration_s is not None and not 0 < duration_s < float("inf"):
         raise InputError(f"--duration must be a number of seconds > 0, but got {duration_s:g}")
+    if max_fps is not None and not 0 < max_fps < float("inf"):
+        raise InputError(f"fps must be a number of frames a second > 0, but got {max_fps:g}")
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
@@ -123,7 +128,7 @@ def submit_live(
                 return Submitted(job_id, created=False)
             ingest = LiveIngest(client, settings, job_id, reader.source, header, prompts, render=render,
                                 duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels),
-                                stop_reason=stop_reason)
+                                stop_reason=stop_reason, max_fps=max_fps)
         return ingest.run(reader, on_enqueued)
     finally:
         reader.close()
@@ -135,7 +140,7 @@ class LiveIngest:
     def __init__(self, client: redis.Redis, settings: Settings, job_id: str, source: str, header: LiveHeader,
                  prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
                  stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = (),
-                 stop_reason: Callable[[], str] | None = None) -> None:
+                 stop_reason: Callable[[], str] | None = None, max_fps: float | None = None) -> None:
         self.client = client
         self.settings = settings
         self.job_id = job_id
@@ -146,7 +151,7 @@ class LiveIngest:
         self.stream = settings.keys.frames(job_id)
         self.job = messages.JobMessage(
             job_id=job_id, frames_dir=self.frames_rel, num_frames=1, width=header.width, height=header.height,
-            fps=header.fps, prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
+            fps=min(header.fps, max_fps or header.fps), prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
             producer_ttl_s=settings.producer_ttl_s, render=render, live=True, auto=auto, labels=labels)
         self.announced = 0
         self.enqueued = False
@@ -155,6 +160,8 @@ class LiveIngest:
         self.checked_at = 0.0
         self.ended_why = ""
         self.stop_reason = stop_reason or (lambda: "stopped")
+        self.buffer = IngestBuffer(lambda k: self.frames_dir / frame_name(k), limit=settings.live_buffer_frames,
+                                   idle_refresh_s=settings.max_latency_s, min_spacing_s=1 / max_fps if max_fps else 0.0)
         self._down_note_id = ""
 
     def run(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> Submitted:
@@ -186,6 +193,10 @@ class LiveIngest:
             if isinstance(item, SourceOutage):
                 self._note_outage(item)
                 continue
+            if not self.buffer.admit(item.captured_at, time.time()).write:  # dropped at ingest: not encoded
+                if self._should_end():
+                    return
+                continue
             self._write(item)
             if not self.enqueued:
                 self.tried_enqueue = True
@@ -204,13 +215,15 @@ class LiveIngest:
         payload, _height, _width = frame_payload(item.frame, self.header.orientation)
         _write_jpeg(self.frames_dir / frame_name(k), payload, self.settings.jpeg_quality, True)
         fields: dict[str, str | int] = {"frame_idx": k, "at": f"{time.time():.6f}",
-                                        "captured_at": f"{item.captured_at:.6f}"}
+                                        "captured_at": f"{item.captured_at:.6f}",
+                                        "dropped_at_ingest": self.buffer.dropped}
         if item.pts_s is not None:
             fields["pts"] = f"{item.pts_s:.6f}"
         self._patiently(lambda: self.client.xadd(self.stream, cast(Any, fields),
                                                  id=frame_entry_id(k), maxlen=self.settings.live_frames_maxlen,
                                                  approximate=True), f"frame {k}'s announcement")
         self.announced = k + 1
+        self.buffer.added(k, item.captured_at)
         if self.started_at is None:
             self.started_at = time.monotonic()
 
@@ -300,6 +313,8 @@ class LiveIngest:
             return False
         self.checked_at = now
         job_key = self.settings.keys.job(self.job_id)
+        if self.buffer.dropped:
+            self.client.hset(job_key, "dropped_at_ingest", self.buffer.dropped)
         state, stop, error = cast(list[bytes | None], self.client.hmget(job_key, ["state", "stop", "error"]))
         if job_ended(self.client, self.settings, self.job_id):
             raise JobFailed(self.job_id, f"it ended {(state or b'expired').decode()} while its source was being "
@@ -313,11 +328,14 @@ class LiveIngest:
         """The end marker (the frame count), then the frames go if the worker finished first."""
         keys = self.settings.keys
         pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.stream, {"end": self.announced}, id=frames_end_entry_id(self.announced))
-        pipe.hset(keys.job(self.job_id), "num_frames", self.announced)
+        pipe.xadd(self.stream, {"end": self.announced, "dropped_at_ingest": self.buffer.dropped},
+                  id=frames_end_entry_id(self.announced))
+        pipe.hset(keys.job(self.job_id), mapping={"num_frames": self.announced,
+                                                  "dropped_at_ingest": self.buffer.dropped})
         pipe.expire(self.stream, self.settings.results_ttl_s)
         pipe.execute()
-        log.info("live job %s: ingest ended after %d frames (%s)", self.job_id, self.announced, self.ended_why)
+        log.info("live job %s: ingest ended after %d frames announced, %d dropped at ingest (%s)", self.job_id,
+                 self.announced, self.buffer.dropped, self.ended_why)
         try:
             if job_ended(self.client, self.settings, self.job_id):
                 remove_frames(self.settings, self.job_id)

@@ -1,4 +1,6 @@
-"""Following a job's result stream: a Python iterator for backends, and `watch` that writes masks.json."""
+"""Following a job's result stream: `follow`, a Python iterator of typed messages for backends, and what
+`watch` (producer/watching.py) builds on: a frame, an object change, an update as JSON, a file written
+atomically, a terminal entry as the error it means."""
 
 from __future__ import annotations
 
@@ -12,13 +14,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
-from tqdm import tqdm
 
 from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import JobFailed, SchemaError, UnknownJobError, VsegError
+from schemas.errors import JobFailed, SchemaError, UnknownJobError
 from schemas.names import validate_job_id
 from schemas.rle import rle_to_json
 
@@ -56,14 +57,29 @@ def follow(
     """
     client = client or connect(settings)
     require_job(job_id, settings=settings, client=client)
+    for _entry_id, msg in entries(job_id, settings=settings, client=client, timeout_s=timeout_s):
+        yield msg
+
+
+def entries(
+    job_id: str,
+    *,
+    settings: Settings,
+    client: redis.Redis,
+    timeout_s: float | None,
+    after: str = "0-0",
+    count: int = 256,
+) -> Iterator[tuple[str, messages.Message]]:
+    """`follow`'s loop: (entry id, message) for each entry after the id `after`, up to the terminal entry;
+    `count` entries read at a time, at most (the most it holds)."""
     stream = settings.keys.results(job_id)
-    last_id: bytes | str = "0-0"
+    last_id: bytes | str = after
     last_seen = time.monotonic()
     backoff_s = 0.1
     while True:
         try:
             reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
-                         client.xread({stream: last_id}, count=256, block=settings.block_ms))
+                         client.xread({stream: last_id}, count=count, block=settings.block_ms))
             backoff_s = 0.1
         except (redis.ConnectionError, redis.TimeoutError) as e:
             log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", job_id, e, backoff_s)
@@ -82,21 +98,49 @@ def follow(
             except SchemaError as e:
                 log.error("skipping undecodable entry %s on %s: %s", entry_id, stream, e)
                 continue
-            yield msg
+            yield _str(entry_id), msg
             if isinstance(msg, TERMINAL):
                 return
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def is_live(job_id: str, *, settings: Settings, client: redis.Redis) -> bool:
+    """Whether the job is a live one: its hash's `live` field (set by the producer as it enqueues), else the
+    `live` of its job message, still on the jobs stream while the job runs (its hash's `entry_id`)."""
+    keys = settings.keys
+    live, entry_id = cast(list[bytes | str | None], client.hmget(keys.job(job_id), ["live", "entry_id"]))
+    if live is not None:
+        return _str(live) == "1"
+    if not entry_id:
+        return False
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                   client.xrange(keys.jobs, min=_str(entry_id), max=_str(entry_id), count=1))
+    for _id, fields in entries:
+        try:
+            msg = messages.decode(fields)
+        except SchemaError:
+            return False
+        return isinstance(msg, messages.JobMessage) and msg.job_id == job_id and msg.live
+    return False
 
 
 @dataclass(frozen=True)
 class WatchResult:
     job_id: str
-    masks_json: Path
+    masks_json: Path  # a live job: its frames.ndjson
     render_path: Path | None  # None when the job was submitted without a render
     num_frames: int
     random_weights: bool
 
 
-def _object_json(obj: messages.ObjectResult) -> dict[str, Any]:
+FRAMES_NDJSON = "frames.ndjson"  # a live job's frames, a JSON line each (see the module doc)
+SUMMARY_JSON = "summary.json"  # and how it ended, once it has
+
+
+def object_json(obj: messages.ObjectResult) -> dict[str, Any]:
     out = {"obj_id": obj.obj_id, "mask": rle_to_json(obj.mask), "bbox_xyxy": obj.bbox_xyxy, "area": obj.area,
            "score": obj.score}
     if obj.label:
@@ -104,94 +148,42 @@ def _object_json(obj: messages.ObjectResult) -> dict[str, Any]:
     return out
 
 
-def _merge(frame: dict[str, Any], update: messages.FrameUpdate) -> None:
+def frame_json(msg: messages.FrameResult) -> dict[str, Any]:
+    """A frame as masks.json has it."""
+    frame: dict[str, Any] = {"frame_idx": msg.frame_idx, "objects": [object_json(o) for o in msg.objects]}
+    if msg.skipped:
+        frame["skipped"] = True
+    return frame
+
+
+def change_json(msg: messages.ObjectChange) -> dict[str, Any]:
+    """An object change as masks.json's `changes` has it."""
+    return {"obj_id": msg.obj_id, "frame_idx": msg.frame_idx, "change": msg.change, "note": msg.note}
+
+
+def merge_update(frame: dict[str, Any], update: messages.FrameUpdate) -> None:
     """An `update` entry's objects replace (or join) those of the frame it names."""
     objects = {o["obj_id"]: o for o in frame["objects"]}
-    objects.update({o.obj_id: _object_json(o) for o in update.objects})
+    objects.update({o.obj_id: object_json(o) for o in update.objects})
     frame["objects"] = [objects[k] for k in sorted(objects)]
 
 
-def watch(
-    job_id: str,
-    out_dir: Path,
-    *,
-    settings: Settings,
-    client: redis.Redis | None = None,
-    progress: bool = True,
-    timeout_s: float | None = None,
-) -> WatchResult:
-    """Follow the job to its end, write out_dir/masks.json, return where the render is. `update` entries
-    (a prompt on frames already published, propagated backwards) are merged into the frames they name.
-
-    Raises JobFailed with the worker's error if the job failed, UnknownJobError (before `out_dir` is
-    created) if there is no such job.
-    """
-    client = client or connect(settings)
-    require_job(job_id, settings=settings, client=client)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frames: list[dict[str, Any]] = []
-    by_index: dict[int, dict[str, Any]] = {}
-    changes: list[dict[str, Any]] = []
-    started: messages.Started | None = None
-    bar: tqdm[Any] | None = None
-    try:
-        for msg in follow(job_id, settings=settings, client=client, timeout_s=timeout_s):
-            if isinstance(msg, messages.Started):
-                started = msg
-                if msg.random_weights:
-                    log.warning("job %s runs with RANDOM WEIGHTS: its masks are meaningless", job_id)
-                if progress and bar is None:
-                    bar = tqdm(total=msg.num_frames, desc=f"job {job_id}", unit="frame", dynamic_ncols=True)
-            elif isinstance(msg, messages.FrameResult):
-                frame = {"frame_idx": msg.frame_idx, "objects": [_object_json(o) for o in msg.objects]}
-                if msg.skipped:
-                    frame["skipped"] = True
-                frames.append(frame)
-                by_index[msg.frame_idx] = frame
-                if bar is not None:
-                    bar.update(1)
-            elif isinstance(msg, messages.FrameUpdate) and msg.frame_idx in by_index:
-                _merge(by_index[msg.frame_idx], msg)
-            elif isinstance(msg, messages.ObjectChange):
-                changes.append({"obj_id": msg.obj_id, "frame_idx": msg.frame_idx, "change": msg.change,
-                                "note": msg.note})
-            elif isinstance(msg, messages.Failed):
-                raise JobFailed(job_id, msg.error, msg.error_type)
-            elif isinstance(msg, messages.Dead):
-                raise JobFailed(job_id, f"dead-lettered after {msg.attempts} attempts: {msg.error}", "Dead")
-            elif isinstance(msg, messages.Cancelled):
-                raise JobFailed(job_id, f"cancelled after {msg.frames_done} frames", "Cancelled")
-            elif isinstance(msg, messages.Completed):
-                return _finish(job_id, out_dir, frames, changes, started, msg, settings)
-    finally:
-        if bar is not None:
-            bar.close()
-    raise VsegError(f"result stream of job {job_id} ended without a terminal entry")
+def job_failed(job_id: str, msg: messages.Failed | messages.Cancelled | messages.Dead) -> JobFailed:
+    if isinstance(msg, messages.Failed):
+        return JobFailed(job_id, msg.error, msg.error_type)
+    if isinstance(msg, messages.Dead):
+        return JobFailed(job_id, f"dead-lettered after {msg.attempts} attempts: {msg.error}", "Dead")
+    return JobFailed(job_id, f"cancelled after {msg.frames_done} frames", "Cancelled")
 
 
-def _finish(
-    job_id: str,
-    out_dir: Path,
-    frames: list[dict[str, Any]],
-    changes: list[dict[str, Any]],
-    started: messages.Started | None,
-    done: messages.Completed,
-    settings: Settings,
-) -> WatchResult:
-    frames.sort(key=lambda f: f["frame_idx"])
-    doc = {
-        "job_id": job_id,
-        "num_frames": done.num_frames,
-        "obj_ids": list(started.obj_ids) if started else [],
-        "random_weights": done.random_weights,
-        "render_path": done.render_path,
-        "timings_s": done.timings_s,
-        "frames": frames,
-        "changes": changes,  # objects added, corrected, removed or refused on the running job, in stream order
-    }
-    path = out_dir / "masks.json"
-    tmp = out_dir / ".masks.json.partial"
+def render_of(settings: Settings, render_path: str) -> Path | None:
+    return (settings.storage_root / render_path).resolve() if render_path else None
+
+
+def write_atomically(path: Path, doc: dict[str, Any]) -> None:
+    """`doc` as JSON at `path`: written beside it, then renamed over it (a reader sees the old or the new)."""
+    tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
-    render = (settings.storage_root / done.render_path).resolve() if done.render_path else None
-    return WatchResult(job_id, path, render, done.num_frames, done.random_weights)
+
+

@@ -73,6 +73,7 @@ ENV_VARS: dict[str, str] = {
     "rtsp_transport": "VSEG_RTSP_TRANSPORT",
     "live_results_maxlen": "VSEG_LIVE_RESULTS_MAXLEN",
     "live_frames_maxlen": "VSEG_LIVE_FRAMES_MAXLEN",
+    "live_buffer_frames": "VSEG_LIVE_BUFFER_FRAMES",
     "live_segment_s": "VSEG_LIVE_SEGMENT_S",
     "live_playlist_size": "VSEG_LIVE_PLAYLIST_SIZE",
     "live_max_cond_frames": "VSEG_LIVE_MAX_COND_FRAMES",
@@ -146,6 +147,7 @@ class Settings:
     rtsp_transport: str = "tcp"  # RTSP over tcp (default: no lost packets) or udp
     live_results_maxlen: int = 10_000  # a live job's result stream is trimmed to about this many entries
     live_frames_maxlen: int = 10_000  # and its frames stream
+    live_buffer_frames: int = 8  # a live producer's JPEGs no worker has taken yet, at most (producer/live_buffer.py)
     live_segment_s: float = 2.0  # seconds of video per HLS segment of a live job's render
     live_playlist_size: int = 6  # segments in the rolling HLS playlist (older ones are deleted)
     live_max_cond_frames: int = 8  # prompted (conditioning) frames memory attention reads in a live session
@@ -230,6 +232,9 @@ class Settings:
             if getattr(self, name) and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", getattr(self, name)):
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be module.path:callable, but got "
                                   f"{getattr(self, name)!r}")
+        if not 2 <= self.live_buffer_frames <= 10_000:
+            raise ConfigError(f"live_buffer_frames (VSEG_LIVE_BUFFER_FRAMES) must be 2..10000 frames, but got "
+                              f"{self.live_buffer_frames}")
         if self.live_segment_s < 1:
             raise ConfigError(f"live_segment_s (VSEG_LIVE_SEGMENT_S) must be at least 1 s (HLS target durations are "
                               f"whole seconds), but got {self.live_segment_s}")

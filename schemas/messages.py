@@ -160,6 +160,8 @@ class Progress(msgspec.Struct, frozen=True):
     latency_p95_s: float | None = None
     source_outages: Count = 0  # live jobs: times the source dropped and came back
     source_down_s: Seconds = 0.0  # live jobs: seconds the source was down, all outages together
+    dropped_at_ingest: Count = 0  # live jobs: frames its producer dropped (not encoded, not announced) while its
+    # buffer of untaken frames was full (live_buffer_frames): a queued job, or a worker far behind the camera
     source_state: str = ""  # live jobs: "up", or "down" from the moment an outage begins; "" for a file job
     source_down_since: float | None = None  # live jobs, while down: Unix time of the last frame before the outage
     v: int = SCHEMA_VERSION

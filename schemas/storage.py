@@ -17,6 +17,12 @@ def frame_name(frame_idx: int) -> str:
     return f"{frame_idx:05d}{FRAME_SUFFIX}"
 
 
+def taken_frame_name(frame_idx: int) -> str:
+    """A live frame's JPEG once a worker took it (renamed, so that its producer can no longer give it up:
+    producer/live_buffer.py): 00042.taken.jpg."""
+    return f"{frame_idx:05d}.taken{FRAME_SUFFIX}"
+
+
 def frame_index(name: str) -> int:
     """Inverse of frame_name: '00042.jpg' -> 42."""
     stem, dot, suffix = name.rpartition(".")

@@ -18,8 +18,8 @@ import redis
 import torch
 
 from producer.decode import extract_frames
-from producer.results import watch
 from producer.submit import submit
+from producer.watching import watch
 from runtime.settings import Settings
 from schemas import messages
 from schemas.prompts import ObjectPrompt

@@ -16,7 +16,7 @@ from redis.client import Pipeline
 from redis.crc import key_slot
 
 from producer.control import cancel, request_stop
-from producer.live_prompts import add_prompts
+from producer.running_prompts import add_prompts
 from producer.submit import submit
 from runtime.settings import Settings
 from schemas.errors import InputError

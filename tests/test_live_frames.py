@@ -1,4 +1,4 @@
-"""A live session's frames (worker/sources/live.py): the skipping policy, the session's contiguous
+"""A live session's frames (worker/sources/live.py): the sampling policy, the session's contiguous
 numbering, and SAM 2 on the picked frames giving exactly the predictor's masks on those frames alone;
 a live session's memory stays bounded however often it is prompted."""
 
@@ -24,14 +24,14 @@ SIZE = (128, 96)
 
 
 class FakeStream:
-    """Stands in for StreamedFrames: frames of `frames_dir` announced `per_pick` at a time (the source
-    outruns the model), each captured `age_s` before the clock reads it."""
+    """Stands in for StreamedFrames: frames of `frames_dir` announced `per_pick` at a time (more than one:
+    the source outruns the model). tests/test_live_sampling.py has a stream whose announcements the test
+    makes one by one."""
 
-    def __init__(self, frames_dir: Path, total: int, *, per_pick: int = 1, age_s: float = 0.0) -> None:
+    def __init__(self, frames_dir: Path, total: int, *, per_pick: int = 1) -> None:
         self.dir = frames_dir
         self._total = total
         self.per_pick = per_pick
-        self.age_s = age_s
         self.available = 0
         self.forgotten: set[int] = set()
         self.outages, self.outage_s = 0, 0.0
@@ -56,13 +56,19 @@ class FakeStream:
     def info(self, frame_idx: int) -> FrameInfo | None:
         if frame_idx in self.forgotten or frame_idx >= self.available:
             return None
-        return FrameInfo(at=time.time(), captured_at=time.time() - self.age_s, pts_s=frame_idx / 10)
+        return FrameInfo(at=time.time(), captured_at=time.time(), pts_s=frame_idx / 10)
 
     def forget(self, frame_idx: int) -> None:
         self.forgotten.add(frame_idx)
 
     def path(self, frame_idx: int) -> Path:
         return self.dir / f"{frame_idx:05d}.jpg"
+
+    def taken_path(self, frame_idx: int) -> Path:  # frames here are shared by tests: taking does not rename
+        return self.path(frame_idx)
+
+    def take(self, frame_idx: int) -> bool:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +79,15 @@ def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "frames"
 
 
-def test_a_source_within_the_budget_is_never_skipped(frames_dir: Path) -> None:
-    live = LiveFrames(FakeStream(frames_dir, N, per_pick=3, age_s=0.1), max_latency_s=2.0)  # type: ignore[arg-type]
+def test_a_model_that_keeps_up_with_the_source_skips_nothing(frames_dir: Path) -> None:
+    live = LiveFrames(FakeStream(frames_dir, N, per_pick=1), max_latency_s=2.0)  # type: ignore[arg-type]
     assert list(live.view) == list(range(N))
     assert [live.source_index(j) for j in range(N - 20, N)] == list(range(N - 20, N))
 
 
-def test_behind_the_budget_the_session_jumps_to_the_newest_frame_and_counts_contiguously(frames_dir: Path) -> None:
-    stream = FakeStream(frames_dir, N, per_pick=3, age_s=5.0)  # every frame is already too old
+def test_a_source_outrunning_the_model_is_sampled_at_its_newest_frame_and_counted_contiguously(
+        frames_dir: Path) -> None:
+    stream = FakeStream(frames_dir, N, per_pick=3)  # three frames announced per pick
     live = LiveFrames(stream, max_latency_s=2.0)  # type: ignore[arg-type]
     view = live.view
     session_frames = list(view)
@@ -119,7 +126,7 @@ def test_sam2_with_skips_gives_the_predictors_masks_on_the_processed_frames_alon
         predictor: object, frames_dir: Path, tmp_path: Path) -> None:
     """SAM 2 weighs its memories by frame-index distance: the session numbers the frames it processes
     contiguously, so its masks are exactly those of the predictor run on those frames only."""
-    stream = FakeStream(frames_dir, N, per_pick=2, age_s=5.0)  # behind: every other frame is skipped
+    stream = FakeStream(frames_dir, N, per_pick=2)  # two frames announced per pick: every other one is skipped
     live = LiveFrames(stream, max_latency_s=2.0)  # type: ignore[arg-type]
     x0, y0 = disc_center(1, N, SIZE)
     prompts = [ObjectPrompt(1, 0, ((x0, y0),), (1,))]

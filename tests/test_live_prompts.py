@@ -1,4 +1,4 @@
-"""Prompts on a running job, the client side (producer/live_prompts.py, `python -m producer prompt` and
+"""Prompts on a running job, the client side (producer/running_prompts.py, `python -m producer prompt` and
 `remove`): every refusal is one line at the client with nothing written to the control stream; a command
 that goes through is one entry there; its reply is read from the `object` entries on the result stream
 (written here by the test, as a worker would, at schemas.names.object_entry_id); and `watch` keeps those
@@ -20,7 +20,7 @@ from typing import cast
 import pytest
 import redis
 
-from producer.live_prompts import (
+from producer.running_prompts import (
     JobEndedError,
     PromptRefused,
     PromptReply,
@@ -30,8 +30,8 @@ from producer.live_prompts import (
     remove_object,
     split_now,
 )
-from producer.results import watch
 from producer.submit import submit
+from producer.watching import watch
 from runtime.limits import LimitError
 from runtime.settings import Settings
 from schemas import messages

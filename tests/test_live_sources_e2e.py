@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.cli import live_status_lines
+from producer.cli_live import live_status_lines
 from producer.control import request_stop
 from producer.live_submit import submit_live
 from runtime.settings import Settings

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import redis
 
-from producer.results import UnknownJobError, follow, watch
+from producer.results import UnknownJobError, follow
 from producer.submit import submit
+from producer.watching import watch
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed, PromptError, VideoError

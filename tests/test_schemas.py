@@ -314,7 +314,7 @@ def test_every_lua_script_is_in_the_one_registry_and_none_spells_a_job_state() -
     from tests.test_layout import modules
 
     in_code = _lua_in_the_code()
-    assert {"producer.enqueue", "producer.live_prompts", "producer.control", "worker.broker.scripts"} <= set(in_code), \
+    assert {"producer.enqueue", "producer.running_prompts", "producer.control", "worker.broker.scripts"} <= set(in_code), \
         sorted(in_code)
     outside = [(module, text.strip().splitlines()[0]) for module, texts in in_code.items() for text in texts
                if not any(text in script for script in SCRIPTS.values())]

@@ -250,7 +250,7 @@ class ResultPublisher:
         """A progress event; a live job's carries its skips, latency and source outages (messages.Progress),
         also kept on the job's hash for `producer status`."""
         self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3), **live), interrupt)
-        if live:  # the source's own fields in the hash are its producer's, written as the outage happens
+        if live:  # the source's own fields in the hash are its producer's, written as they happen
             self.set_state(**{k: v for k, v in live.items() if v is not None and k not in SOURCE_FIELDS})
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
@@ -284,7 +284,9 @@ class ResultPublisher:
         return written == 1
 
 
-SOURCE_FIELDS = frozenset({"source_state", "source_down_since", "source_outages", "source_down_s"})
+# a live job's hash fields its producer writes as things happen (the worker's events carry its own view)
+SOURCE_FIELDS = frozenset({"source_state", "source_down_since", "source_outages", "source_down_s",
+                           "dropped_at_ingest"})
 
 
 def last_published_frame(client: redis.Redis, keys: Keys, job_id: str) -> messages.FrameResult | None:

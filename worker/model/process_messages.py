@@ -36,6 +36,7 @@ class StreamSpec:
     stall_s: float
     producer_key: str
     producer_ttl_s: float
+    live: bool = False  # a live job's: frames may be given up or taken (StreamedFrames.live)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def describe_frames(frames: FrameSource) -> FramesSpec:
 
 def _stream_spec(frames: StreamedFrames) -> StreamSpec:
     return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
-                      frames.producer_ttl_s)
+                      frames.producer_ttl_s, frames.live)
 
 
 def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
@@ -86,7 +87,8 @@ def _open_stream(spec: StreamSpec, settings: Settings) -> StreamedFrames:
     from runtime.connection import worker_client
 
     return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
-                          stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s)
+                          stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s,
+                          live=spec.live)
 
 
 # ---- worker -> model process: the session protocol (worker/model/session.py) -------------------------

@@ -86,6 +86,7 @@ class ResultSink:
         self.pub = pub
         self.live = live
         self.dropped = dropped  # live: frames skipped (by earlier attempts too)
+        self.dropped_at_ingest = 0  # live: frames the producer dropped before announcing, as of the last published
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._render_t0: float | None = None  # live: the capture time the HLS render's clock starts at
         self._processed = 0  # live: frames processed (not skipped) by this attempt
@@ -210,7 +211,10 @@ class ResultSink:
             self.error = e
 
     def _render(self, writer: MaskVideoWriter | HlsWriter, out: FrameMasks) -> None:
-        image = out.image_rgb if out.image_rgb is not None else read_frame_bgr(self.frames.path(out.frame_idx))
+        path = self.frames.path(out.frame_idx)
+        if self.live is not None and not path.exists():  # a live frame the session took (renamed it)
+            path = self.live.streamed.taken_path(out.frame_idx)
+        image = out.image_rgb if out.image_rgb is not None else read_frame_bgr(path)
         rgb = out.image_rgb is not None  # decoded already by the segmenter
         names = {obj_id: label for obj_id, (label, _) in out.labels.items()} if out.labels else None
         info = self.live.info(out.frame_idx) if self.live is not None else None  # a live frame: when captured
@@ -237,6 +241,7 @@ class ResultSink:
                 continue
             result = frame_result(job_id, out, random_weights=self.random_weights)
             if live is not None and (info := live.info(out.frame_idx)) is not None:
+                self.dropped_at_ingest = max(self.dropped_at_ingest, info.dropped_at_ingest)
                 result = msgspec.structs.replace(result, captured_at=info.time, pts_s=info.pts_s,
                                                  latency_s=round(max(0.0, now - info.time), 6))
             results.append(result)
@@ -299,4 +304,4 @@ class ResultSink:
         self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted, dropped=self.dropped,
                           latency_p50_s=p50, latency_p95_s=p95, source_outages=outages,
                           source_down_s=round(down_s, 3), source_state="up" if down_since is None else "down",
-                          source_down_since=down_since)
+                          source_down_since=down_since, dropped_at_ingest=self.dropped_at_ingest)

@@ -160,7 +160,7 @@ class JobRunner:
         frames = StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
                                 block_ms=ctx.settings.block_ms, stall_s=stall_s,
                                 producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
-                                check=self.check)
+                                check=self.check, live=job.live)
         frames.turn_wait = self._step  # waiting for a turn on a shared model is not a stall (worker/model/turns.py)
         return frames
 

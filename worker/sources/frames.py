@@ -9,6 +9,7 @@ job's own: it raises once the job must stop (its lease lost, a cancel, a shutdow
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import Protocol, cast
 import redis
 
 from schemas.errors import PermanentError, RetryableError, StorageError, VideoError
-from schemas.storage import check_frame_dir, frame_name
+from schemas.storage import check_frame_dir, frame_name, taken_frame_name
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class FrameInfo:
     at: float  # Unix time the producer had it on disk
     captured_at: float | None = None  # live sources: when it was received (None: a file's frame)
     pts_s: float | None = None  # live sources: its presentation timestamp in the source
+    dropped_at_ingest: int = 0  # live sources: frames its producer had dropped at ingest when it announced this
 
     @property
     def time(self) -> float:
@@ -50,7 +52,7 @@ class FrameInfo:
             return float(raw) if raw not in (None, b"") else None
 
         return FrameInfo(at=number(b"at") or time.time(), captured_at=number(b"captured_at"),  # older: read time
-                         pts_s=number(b"pts"))
+                         pts_s=number(b"pts"), dropped_at_ingest=int(number(b"dropped_at_ingest") or 0))
 
 
 class FrameSource(Protocol):
@@ -92,6 +94,19 @@ class _Base:
 
     def path(self, frame_idx: int) -> Path:
         return self.dir / frame_name(frame_idx)
+
+    def taken_path(self, frame_idx: int) -> Path:
+        """A live frame's JPEG once taken (producer/live_buffer.py)."""
+        return self.dir / taken_frame_name(frame_idx)
+
+    def take(self, frame_idx: int) -> bool:
+        """Take live frame `frame_idx` for the session: its JPEG renamed to its taken name, so its producer can
+        no longer give it up for a newer frame. False: the producer gave it up first (pick a newer one)."""
+        try:
+            os.rename(self.path(frame_idx), self.taken_path(frame_idx))
+            return True
+        except FileNotFoundError:
+            return self.taken_path(frame_idx).exists()  # taken already (by an earlier attempt, or a second look)
 
     def wait(self, frame_idx: int) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -136,12 +151,17 @@ class StreamedFrames(_Base):
     awaited, the producer is dead and no frame will come, so the job fails (PermanentError) without
     waiting for `stall_s`. Half the TTL is longer than the producer's refresh interval (a third), so a
     key lost in a Redis restart is back before it counts.
+
+    `live`: a live job's frames, which its producer may give up before a worker takes them
+    (producer/live_buffer.py): an announced frame's JPEG may be gone (given up) or renamed (taken), and
+    `take` says which.
     """
 
     def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
                  stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0,
-                 check: Callable[[], None] = no_check) -> None:
+                 check: Callable[[], None] = no_check, live: bool = False) -> None:
         self.client = client
+        self.live = live
         self.check = check
         self.stream = stream
         self.dir = frames_dir
@@ -235,7 +255,7 @@ class StreamedFrames(_Base):
             if self._error is not None:
                 raise VideoError(f"the producer failed while decoding: {self._error}")
             if frame_idx < self._available:
-                if not self.path(frame_idx).is_file():
+                if not self.live and not self.path(frame_idx).is_file():
                     raise StorageError(f"frame directory {self.dir} is incomplete: missing "
                                        f"{frame_name(frame_idx)}, which the producer announced")
                 return True

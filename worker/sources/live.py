@@ -1,11 +1,15 @@
 """A live job's frames: announced as the producer captures them, some skipped to keep up.
 
-A live source does not wait for the worker. When the model is slower than the camera, the worker
-skips frames so that it never falls more than `max_latency_s` behind (VSEG_MAX_LATENCY_S): before it
-takes the next frame, it looks at that frame's age (from its `captured_at`) plus what the next frame
-will take (the recent time between picks, twice: one frame in the model, one being loaded ahead), and
-if that is over the budget it jumps to the newest frame announced. The frames jumped over are
-published as `skipped` entries (worker/output/sink.py), so every announced frame has one entry.
+A live source does not wait for the worker. Each time the session needs a frame, the worker takes the
+newest frame announced (it reads the frames stream for the newest announcement first) and passes over
+the ones between it and its previous pick; when nothing newer than that pick is announced yet, it waits
+for the next frame. So a model that keeps up processes every frame, and a slower one samples the source
+evenly, a frame per model step, each as fresh as the stream allows, instead of working through a
+backlog in bursts. (A frame is picked when the session's loaders read it, one frame ahead of the model,
+LOOKAHEAD: its result comes about two model steps after its pick.) A session's first pick is the newest
+frame too: a live job that waited in the queue (or resumes after a failed attempt) starts at the live
+edge, not at a stale frame 0 (`first_pick`). The frames passed over are published as `skipped` entries
+(worker/output/sink.py), so every announced frame has one entry.
 
 Two index spaces. The result stream, the producer and the backends number the source's frames
 (`LiveFrames`: frame k is the producer's k-th). SAM 2's memory attention weighs memories by the
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,7 +36,6 @@ log = logging.getLogger(__name__)
 
 LOOKAHEAD = 1  # frames the session's loaders read ahead: a pick is made one frame before it is segmented
 KEEP_PICKS = 64  # picks remembered (session frame -> source frame): more than the session reads ahead
-_EMA = 0.2  # weight of the newest interval in the estimate of the time per frame
 
 
 class EndOfSource(StorageError):
@@ -41,26 +43,26 @@ class EndOfSource(StorageError):
 
 
 class LiveFrames:
-    """A live job's frames in the source's numbering, and the skipping policy (see the module doc).
+    """A live job's frames in the source's numbering, and the sampling policy (see the module doc).
 
-    `start_after`: the last frame an earlier attempt published (-1: none); `at_edge`: start at the newest
-    frame announced (a resumed live job goes on from the live edge, not from where it stopped)."""
+    `start_after`: the last frame an earlier attempt published (-1: none): frames up to it are never
+    picked. `at_edge`: a resumed live job (it starts at the newest frame announced, as every session does;
+    kept for the model process's spec and the log). `max_latency_s` (VSEG_MAX_LATENCY_S) no longer steers
+    the picks, which are always the newest frame: it is kept for the callers that pass it along."""
 
     def __init__(self, streamed: StreamedFrames, *, max_latency_s: float, start_after: int = -1,
-                 at_edge: bool = False, max_cond_frames: int = 8, clock: Callable[[], float] = time.time) -> None:
+                 at_edge: bool = False, max_cond_frames: int = 8) -> None:
         self.streamed = streamed
         self.max_cond_frames = max_cond_frames
         self.max_latency_s = max_latency_s
-        self.clock = clock
         self.start_after = start_after
         self.at_edge = at_edge
         self._next = start_after + 1  # the first frame that may be picked next
-        self._at_edge = at_edge
         self._picked: list[int] = []  # session frame j -> source frame
         self._first_kept = 0  # picks before this session frame are forgotten
-        self._lock = threading.Lock()
-        self._last_pick_at: float | None = None
-        self.frame_s = 0.0  # the recent time between two picks (how fast the model goes)
+        self._first_pick: int | None = None
+        self._lock = threading.Lock()  # guards the four fields above; never held while waiting for the source
+        self._pick_lock = threading.Lock()  # one pick at a time, held while it waits for the source
         self.view = SessionFrames(self)
 
     @property
@@ -73,7 +75,13 @@ class LiveFrames:
         return self.streamed.total
 
     def path(self, frame_idx: int) -> Path:
-        return self.streamed.path(frame_idx)
+        """A picked frame's JPEG: taken, so under its taken name (StreamedFrames.take)."""
+        return self.streamed.taken_path(frame_idx)
+
+    @property
+    def first_pick(self) -> int | None:
+        """The source frame this session started at (session frame 0), None before its first pick."""
+        return self._first_pick
 
     def source_index(self, session_frame: int) -> int:
         with self._lock:
@@ -87,56 +95,59 @@ class LiveFrames:
             return self._first_kept + len(self._picked)
 
     def ready(self, session_frame: int) -> bool:
-        """Whether `pick_through(session_frame)` would return without waiting for the source (as last read)."""
+        """Whether `pick_through(session_frame)` would return without waiting for the source: it is picked,
+        or a frame newer than the last pick is announced. Each pick reads the stream up to its newest frame,
+        so what was last read hardly ever shows a newer one: the stream is read again, without blocking,
+        before saying no. It never waits for a pick under way (one waiting for the source holds only
+        `_pick_lock`): the session asks at the end of a model step, holding the model (`Turn.hold`,
+        worker/model/turns.py)."""
         with self._lock:
-            if session_frame < self._first_kept + len(self._picked):
-                return True
-            return session_frame == self._first_kept + len(self._picked) and self.streamed.available > self._next
+            picks, newer = self._first_kept + len(self._picked), self._next
+        if session_frame != picks:
+            return session_frame < picks
+        if self.streamed.available <= newer:
+            self.streamed.poll_now()  # skipped while a pick is reading the stream: then it says no
+        return self.streamed.available > newer
 
     # ---- picking ----------------------------------------------------------------------------------
     def pick_through(self, session_frame: int) -> bool:
-        """Make sure session frames up to `session_frame` are picked; False once the source has ended first."""
-        with self._lock:
-            while self._first_kept + len(self._picked) <= session_frame:
+        """Make sure session frames up to `session_frame` are picked; False once the source has ended first.
+        One pick at a time (`_pick_lock`, held while waiting for the source); `_lock` guards the picks only
+        briefly, so the runner's `source_index` and the session's `ready` never wait for the source."""
+        with self._pick_lock:
+            while self.picks() <= session_frame:
                 picked = self._pick()
                 if picked is None:
                     return False
-                self._picked.append(picked)
-            if len(self._picked) > KEEP_PICKS:  # the session and the runner only ask about the newest few
-                drop = len(self._picked) - KEEP_PICKS
-                del self._picked[:drop]
-                self._first_kept += drop
+                with self._lock:
+                    self._picked.append(picked)
+                    self._next = picked + 1
+                    if self._first_pick is None:
+                        self._first_pick = picked
+                    if len(self._picked) > KEEP_PICKS:  # the session and the runner only ask about the newest few
+                        drop = len(self._picked) - KEEP_PICKS
+                        del self._picked[:drop]
+                        self._first_kept += drop
         return True
 
     def _pick(self) -> int | None:
-        """The next source frame to segment (blocking until it is announced), None if the source ended."""
-        candidate = self._next
-        if not self.streamed.wait(candidate):
+        """The next source frame to segment: the newest announced, after waiting for one newer than the
+        previous pick if there is none yet; None if the source ended first (the caller holds `_pick_lock`)."""
+        if not self.streamed.wait(self._next):
             return None
-        if self._at_edge or self._behind(candidate):
-            self.streamed.poll_now()  # what is the newest frame now?
-            candidate = max(candidate, self.streamed.available - 1)
-            if self._at_edge:
-                log.info("live job resumes at the live edge, frame %d (frames %d..%d are skipped)", candidate,
-                         self._next, candidate - 1)
-            self._at_edge = False
-        now = time.monotonic()
-        if self._last_pick_at is not None:
-            interval = now - self._last_pick_at
-            self.frame_s = interval if self.frame_s == 0.0 else (1 - _EMA) * self.frame_s + _EMA * interval
-        self._last_pick_at = now
-        for k in range(self._next, candidate + 1):  # this side no longer needs their announcements
+        self.streamed.poll_now()  # what is the newest frame now?
+        picked = max(self._next, self.streamed.available - 1)
+        while not self.streamed.take(picked):  # its producer gave it up for a newer one (producer/live_buffer.py)
+            if not self.streamed.wait(picked + 1):
+                return None
+            self.streamed.poll_now()
+            picked = max(picked + 1, self.streamed.available - 1)
+        if self._first_pick is None and picked > self._next:
+            log.info("live job %s at the live edge, frame %d (frames %d..%d are skipped)",
+                     "resumes" if self.at_edge else "starts", picked, self._next, picked - 1)
+        for k in range(self._next, picked + 1):  # this side no longer needs their announcements
             self.streamed.forget(k)
-        self._next = candidate + 1
-        return candidate
-
-    def _behind(self, frame_idx: int) -> bool:
-        """Whether segmenting this frame would publish it later than max_latency_s after its capture."""
-        info = self.streamed.info(frame_idx)
-        if info is None:
-            return False
-        expected = self.clock() - info.time + (1 + LOOKAHEAD) * self.frame_s
-        return expected > self.max_latency_s
+        return picked
 
 
 class LiveResults:
@@ -164,8 +175,9 @@ class LiveResults:
         """Frames up to `frame_idx` are published (and rendered): remove their JPEGs and announcements.
         The session only reads ahead of its results."""
         for k in range(self._released + 1, frame_idx + 1):
-            if self.remove:
+            if self.remove:  # taken (processed) or not (passed over, or given up by the producer)
                 self.streamed.path(k).unlink(missing_ok=True)
+                self.streamed.taken_path(k).unlink(missing_ok=True)
             self.streamed.forget(k)
         self._released = max(self._released, frame_idx)
 
@@ -197,7 +209,8 @@ class SessionFrames:
         return frame_idx >= 0 and self.live.pick_through(frame_idx)
 
     def ready(self, frame_idx: int) -> bool:
-        """Session frame j is picked, or a frame of the source not yet picked is announced (no Redis call)."""
+        """Session frame j is picked, or a frame of the source newer than the last pick is announced (a
+        non-blocking read of the stream when the last one showed none; see `LiveFrames.ready`)."""
         return self.live.ready(frame_idx)
 
     def path(self, frame_idx: int) -> Path:

@@ -1,0 +1,394 @@
+"""`python -m producer serve --cameras cameras.yaml`: a daemon that keeps one standing live job per camera.
+
+Each enabled camera (producer/cameras.py) runs on its own thread (`CameraRunner`) as live jobs `<camera>-<n>`
+(n from the camera's counter in Redis) through `submit_live`. A job that ends for any reason but a stop (the
+source lost past `outage_s` or never opened, the job failed, an error) is logged and replaced with backoff
+(1 s doubling to 60 s; 1 s again after a job that ran STABLE_S). Job n+1 starts only once job n has ended
+(one still running a while after its ingest ended is cancelled, and waited for): a camera never runs twice.
+
+Several daemons may serve one file. A camera runs on the daemon holding its lease (producer/cameras.py `Leases`:
+SET NX PX, renewed every lease/3 by compare-and-set); a daemon whose renewal is refused, or fails for 2/3 of a lease,
+stops the camera at once; each daemon takes, every tick, the enabled cameras nobody holds, so those of a
+daemon killed are taken over within a lease (after their last job has ended: its liveness key expires).
+
+SIGHUP re-reads the file: added cameras start, removed ones stop gracefully and free their lease, changed
+ones restart, the others run on; a bad file is logged and changes nothing. SIGTERM and SIGINT stop every
+camera gracefully (the end marker: its job completes), wait up to grace_s, free the leases and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from producer.cameras import Camera, CameraKeys, Leases, load_cameras
+from producer.control import request_cancel
+from producer.fleet_status import CameraStatus, StatusPublisher, serve_metrics
+from producer.live_submit import submit_live
+from producer.submit import job_exists
+from runtime.connection import connect
+from runtime.logs import configure_logging, run_cli
+from runtime.settings import Settings
+from schemas.errors import ConfigError, VsegError
+from schemas.names import TERMINAL_STATES, JobState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 10.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 60.0
+STABLE_S = 30.0  # a job that ran this long resets the backoff
+SETTLE_POLL_S = 0.2
+
+class CameraRunner:
+    """One camera's standing live job, on its own thread, until `request_stop` (see the module doc)."""
+
+    def __init__(self, camera: Camera, settings: Settings, client: redis.Redis, status: CameraStatus,
+                 after: Sequence[CameraRunner] = ()) -> None:
+        self.camera, self.settings, self.client, self.status, self.after = camera, settings, client, status, after
+        self.keys = CameraKeys(settings.key_prefix)
+        self.stop = threading.Event()
+        self.settle_s = max(2 * settings.producer_ttl_s, 10.0)
+        self.thread = threading.Thread(target=self._run, name=f"camera-{camera.name}", daemon=True)
+
+    def start(self) -> CameraRunner:
+        self.thread.start()
+        return self
+
+    def request_stop(self, why: str) -> None:
+        if not self.stop.is_set():
+            log.info("camera %s: stopping (%s)", self.camera.name, why)
+            self.status.stopping(why)
+            self.stop.set()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def _run(self) -> None:
+        for previous in self.after:  # the runner this one replaces (a changed camera) ends first
+            while previous.alive() and not self.stop.is_set():
+                previous.thread.join(SETTLE_POLL_S)
+        backoff = BACKOFF_MIN_S
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                ended = self._one_job()
+            except (redis.RedisError, VsegError) as e:
+                ended = f"{type(e).__name__}: {self.camera.scrub(str(e))}"
+            except Exception as e:  # noqa: BLE001 - the camera's thread outlives any one failure
+                log.exception("camera %s: unexpected failure", self.camera.name)
+                ended = f"{type(e).__name__}: {self.camera.scrub(str(e))}"
+            if ended is None or self.stop.is_set():
+                break
+            if time.monotonic() - started >= STABLE_S:
+                backoff = BACKOFF_MIN_S
+            self.status.restarting(ended)
+            log.warning("camera %s: %s; a new job in %g s", self.camera.name, ended, backoff)
+            if self.stop.wait(backoff):
+                break
+            backoff = min(2 * backoff, BACKOFF_MAX_S)
+        self.status.stopped()
+        log.info("camera %s: stopped", self.camera.name)
+
+    def _one_job(self) -> str | None:
+        """Run one job to its end: why it ended, or None when stopped."""
+        camera = self.camera
+        job_id = self._next_job_id()
+        if job_id is None:
+            return None
+        self.status.starting(job_id)
+        log.info("camera %s: job %s from %s", camera.name, job_id, camera.shown)
+        try:
+            done = submit_live(camera.source, camera.prompts, settings=camera.settings_for(self.settings),
+                               client=self.client, job_id=job_id, stop=self.stop, auto=camera.auto,
+                               labels=camera.labels, on_enqueued=self.status.enqueued, max_fps=camera.fps,
+                               stop_reason=lambda: f"camera {camera.name}: {self.status.reason or 'stopped'}")
+            ended = ("its ingest ended (the source ended for good, or the job was stopped from outside)"
+                     if done.created else "a job with its id existed already (another daemon's)")
+        except (VsegError, redis.RedisError, OSError) as e:
+            ended = camera.scrub(" ".join(str(e).split())) or type(e).__name__
+        if self.stop.is_set():
+            return None
+        state = self._settle(job_id)
+        return None if state is None else f"job {job_id} {state}: {ended}"
+
+    def _next_job_id(self) -> str | None:
+        """`<name>-<n>`: the counter's number again if that job was never enqueued, else the next one once
+        the last job has ended. None if stopped meanwhile."""
+        name, seq = self.camera.name, self.keys.seq(self.camera.name)
+        current = cast(bytes | None, self.client.get(seq))
+        if current is not None:
+            previous = f"{name}-{int(current)}"
+            if not job_exists(self.client, self.settings.keys, previous):
+                return previous
+            if self._settle(previous) is None:
+                return None
+        return f"{name}-{int(cast(int, self.client.incr(seq)))}"
+
+    def _settle(self, job_id: str) -> str | None:
+        """Wait for `job_id` to end (cancelled if it has not SETTLE_S from now); how it ended, or None if stopped."""
+        cancel_at: float | None = time.monotonic() + self.settle_s
+        while True:
+            state, error = (v.decode() if v is not None else None for v in cast(
+                list[bytes | None], self.client.hmget(self.settings.keys.job(job_id), ["state", "error"])))
+            if state is None:
+                return "was never enqueued (or has expired)"
+            if state in TERMINAL_STATES:
+                why = f" ({self.camera.scrub(error)})" if error and state != JobState.COMPLETED else ""
+                return f"ended {state}{why}"
+            if self.stop.is_set():
+                return None
+            self.status.waiting(job_id)
+            if cancel_at is not None and time.monotonic() >= cancel_at:
+                log.warning("camera %s: job %s is still %s %g s after its ingest ended: cancelling it",
+                            self.camera.name, job_id, state, self.settle_s)
+                request_cancel(job_id, settings=self.settings, client=self.client)
+                cancel_at = None
+            self.stop.wait(SETTLE_POLL_S)
+
+
+class Fleet:
+    """The daemon: the file's cameras, the leases held, a runner per held camera (see the module doc)."""
+
+    def __init__(self, path: Path, settings: Settings, environ: Mapping[str, str], *,
+                 lease_s: float = DEFAULT_LEASE_S) -> None:
+        if not 0 < lease_s < float("inf"):
+            raise ConfigError(f"--lease-s must be a number of seconds > 0, but got {lease_s}")
+        self.path, self.settings, self.environ, self.lease_s = path, settings, environ, lease_s
+        self.keys = CameraKeys(settings.key_prefix)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.cameras = self._load()
+        self.client = connect(settings)  # the cameras' jobs and the state publisher
+        timeout_s = max(0.5, min(settings.socket_timeout_s, lease_s / 4))
+        self.leases = Leases(connect(settings, retries=1, socket_timeout_s=timeout_s, connect_timeout_s=timeout_s,
+                                     health_check_interval_s=0), self.keys, self.owner, lease_s)
+        self.held: dict[str, float] = {}  # camera -> monotonic time its lease was last taken or renewed
+        self.runners: dict[str, CameraRunner] = {}
+        self.retiring: list[CameraRunner] = []  # stopped, not yet ended
+        self.statuses: dict[str, CameraStatus] = {}
+        self.tick_s = lease_s / 3
+        self.stopping, self.reload_requested, self.wake = threading.Event(), threading.Event(), threading.Event()
+        self.stop_why = "stopped"
+        self.ticked_at = self.redis_ok_at = time.monotonic()
+        self.publisher = StatusPublisher(self.client, self.keys, settings, self.owner, self.view, max(3 * lease_s, 5))
+
+    def view(self) -> list[tuple[Camera, CameraStatus | None]]:
+        return [(camera, self.statuses.get(name)) for name, camera in self.cameras.items()]
+
+    def request_reload(self) -> None:
+        self.reload_requested.set()
+        self.wake.set()  # the loop's wait ends at once
+
+    def request_stop(self, why: str) -> None:
+        self.stop_why = why
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> int:
+        server = serve_metrics(self.settings, self.view, self.health, self.ready)
+        self.publisher.start()
+        enabled = sum(c.enabled for c in self.cameras.values())
+        log.info("serving %d camera(s) (%d enabled) from %s as %s, lease %g s", len(self.cameras), enabled,
+                 self.path, self.owner, self.lease_s)
+        try:
+            while not self.stopping.is_set():
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
+                self.tick()
+                self.wake.wait(self.tick_s)
+                self.wake.clear()
+        finally:
+            self._shutdown()
+            if server is not None:
+                server.close()
+        return 0
+
+    def tick(self) -> None:
+        """Renew the leases held, free those of cameras gone, take the free ones."""
+        self.ticked_at = time.monotonic()
+        self._renew()
+        self._reap()
+        if not self.stopping.is_set():
+            self._acquire()
+
+    def reload(self) -> None:
+        """SIGHUP: the file again; a bad one changes nothing."""
+        try:
+            new = self._load()
+        except ConfigError as e:
+            log.error("cameras file not reloaded, the %d camera(s) run on unchanged: %s", len(self.runners), e)
+            return
+        old = self.cameras
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) == new.get(name):
+                continue
+            what = ("added" if name not in old else "removed" if name not in new else
+                    "disabled" if not new[name].enabled else "changed")
+            log.info("camera %s: %s in %s", name, what, self.path)
+            runner = self.runners.pop(name, None)
+            if runner is not None:
+                runner.request_stop(f"{what} in the cameras file")
+                self.retiring.append(runner)
+        self.cameras = new
+
+    def _load(self) -> dict[str, Camera]:
+        return load_cameras(self.path, self.settings, self.environ)
+
+    def _renew(self) -> None:
+        for name in list(self.held):
+            asked = time.monotonic()
+            try:
+                renewed = self.leases.renew(name)
+            except redis.RedisError as e:
+                if asked - self.held[name] >= self.lease_s * 2 / 3:
+                    self._lost(name, f"its lease could not be renewed for {asked - self.held[name]:.1f} s ({e})")
+                continue
+            self.redis_ok_at = asked
+            if renewed:
+                self.held[name] = asked
+            else:
+                self._lost(name, "its lease expired and another daemon may hold it")
+
+    def _lost(self, name: str, why: str) -> None:
+        log.error("camera %s: %s: stopping it at once", name, why)
+        del self.held[name]
+        self.statuses.pop(name, None)
+        runner = self.runners.pop(name, None)
+        if runner is not None:
+            runner.request_stop("lease lost")
+            self.retiring.append(runner)
+
+    def _reap(self) -> None:
+        """Forget the runners that have ended; free the leases of held cameras that are removed or disabled
+        once nothing of theirs runs."""
+        self.retiring = [r for r in self.retiring if r.alive()]
+        running = {r.camera.name for r in self.retiring} | set(self.runners)
+        for name in list(self.held):
+            camera = self.cameras.get(name)
+            if (camera is None or not camera.enabled) and name not in running:
+                self._release(name)
+                self.statuses.pop(name, None)
+                if camera is None:
+                    self.publisher.forget(name)
+
+    def _release(self, name: str) -> None:
+        self.held.pop(name, None)
+        try:
+            self.leases.release(name)
+        except redis.RedisError as e:  # it expires within a lease anyway
+            log.warning("camera %s: could not free its lease (%s); it expires within %g s", name, e, self.lease_s)
+
+    def _acquire(self) -> None:
+        asked = time.monotonic()
+        try:
+            for name, camera in self.cameras.items():
+                if not camera.enabled or name in self.runners:
+                    continue
+                if name not in self.held:
+                    if not self.leases.acquire(name):
+                        continue
+                    self.held[name] = asked
+                    log.info("camera %s: taken (its lease is this daemon's, %s)", name, self.owner)
+                status = self.statuses.setdefault(name, CameraStatus(name))
+                after = [r for r in self.retiring if r.camera.name == name]
+                self.runners[name] = CameraRunner(camera, self.settings, self.client, status, after).start()
+            self.leases.client.ping()
+            self.redis_ok_at = asked
+        except redis.RedisError as e:
+            log.warning("cannot take cameras' leases (%s); trying again in %.1f s", e, self.tick_s)
+
+    def _shutdown(self) -> None:
+        log.info("stopping every camera (%s)", self.stop_why)
+        for runner in [*self.runners.values(), *self.retiring]:
+            runner.request_stop(self.stop_why)
+        self.retiring.extend(self.runners.values())
+        self.runners.clear()
+        deadline = time.monotonic() + self.settings.grace_s
+        while any(r.alive() for r in self.retiring) and time.monotonic() < deadline:
+            self._renew()  # held until their ingest has ended
+            for runner in self.retiring:
+                runner.thread.join(min(self.tick_s, max(0.0, deadline - time.monotonic())) / max(1, len(self.retiring)))
+        late = sorted({r.camera.name for r in self.retiring if r.alive()})
+        if late:
+            log.warning("camera(s) %s did not stop within grace_s (%g s): their jobs fail when their liveness keys "
+                        "expire", ", ".join(late), self.settings.grace_s)
+        self.publisher.close()
+        freed = sorted(self.held)
+        for name in freed:
+            self._release(name)
+        log.info("stopped; camera(s) freed: %s", ", ".join(freed) or "none")
+
+    def health(self) -> tuple[bool, str]:
+        ok = time.monotonic() - self.ticked_at < 3 * self.tick_s + 5
+        return ok, f"{len(self.runners)} camera(s) run here" if ok else "the daemon's loop is stuck"
+
+    def ready(self) -> tuple[bool, str]:
+        since = time.monotonic() - self.redis_ok_at
+        return since < self.lease_s, (f"Redis answers, {len(self.held)} lease(s) held" if since < self.lease_s else
+                                      f"Redis has not answered for {since:.0f} s")
+
+
+def add_serve_parser(subparsers: Any) -> None:
+    """`serve`: the camera fleet daemon."""
+    s = subparsers.add_parser("serve", help="run every camera of a cameras.yaml as a standing live job (SIGHUP "
+                                            "re-reads the file, SIGTERM stops them gracefully)")
+    s.add_argument("--cameras", type=Path, required=True, metavar="FILE", help="the cameras file (cameras.yaml)")
+    s.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S, metavar="S",
+                   help=f"a camera's lease: a daemon that dies frees its cameras within it (default {DEFAULT_LEASE_S:g})")
+    s.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve per-camera metrics, /healthz and /readyz on PORT (default VSEG_METRICS_PORT; 0: none)")
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the daemon until SIGTERM or SIGINT (exit 0); SIGHUP re-reads the file."""
+    if args.metrics_port is not None:
+        settings = dataclasses.replace(settings, metrics_port=args.metrics_port)
+    fleet = Fleet(args.cameras, settings, os.environ, lease_s=args.lease_s)
+
+    def stop(signum: int, _frame: object) -> None:
+        fleet.request_stop(f"{signal.Signals(signum).name} received")
+
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: lambda *_: fleet.request_reload()}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        return fleet.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m producer.fleet serve|cameras ...`, the same commands as `python -m producer serve|cameras`."""
+    from producer.fleet_status import add_cameras_parser, run_cameras
+
+    parser = argparse.ArgumentParser(prog="python -m producer.fleet", description="The camera fleet")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_cameras_parser(sub)
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+
+    def command() -> int:
+        settings = Settings.load()
+        configure_logging(args.verbose, settings.log_format)
+        return run_serve(args, settings) if args.command == "serve" else run_cameras(args, settings)
+
+    return run_cli(command, log, handled=(VsegError, redis.RedisError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
