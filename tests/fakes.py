@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -211,13 +211,14 @@ class ChaosHooks(InProcessModel):
         free, each = self.gpu_mib
         return GpuBudget((free - each * self.open_sessions) * MIB, each * MIB, 0)
 
-    def _wait(self, frames: FrameSource, live: bool = False, ready: bool = False) -> None:
-        """One step's time, in a turn; `ready`: a live session's next frame is there (it holds the model)."""
+    def _wait(self, frames: FrameSource, live: bool = False, ready: Callable[[], bool] | None = None) -> None:
+        """One step's time, in a turn; `ready`: whether a live session's next frame is there, asked at the end
+        of the step as sam2_session.py asks it (then it holds the model)."""
         if self.delay_s <= 0:
             return
         with self.turns.turn(live=live, check=turn_wait_check(frames)) as turn:
             self._spend()
-            turn.hold = ready
+            turn.hold = ready is not None and ready()
 
     def _spend(self) -> None:
         if not self.busy:
@@ -260,7 +261,8 @@ class ChaosSession:
 
     def __next__(self) -> FrameMasks:
         out = next(self.inner)
-        self.hooks._wait(self.frames, self.live, self.live and frame_ready(self.frames, self.inner.position))
+        self.hooks._wait(self.frames, self.live,
+                         (lambda: frame_ready(self.frames, self.inner.position)) if self.live else None)
         if out.frame_idx == self.faults.crash_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if out.frame_idx == self.faults.transient_at and self.job not in self.hooks._transient_done:

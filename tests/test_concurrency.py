@@ -271,9 +271,10 @@ def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
         thread.join(10)
     frames = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.results("cam")))
               if isinstance(m, messages.FrameResult)]
-    assert [f.frame_idx for f in frames] == list(range(live_n))
+    dropped_at_ingest = int(state(redis_client, live_settings, "cam").get("dropped_at_ingest", 0))
+    assert [f.frame_idx for f in frames] == list(range(live_n - dropped_at_ingest))  # announced: one entry each
     skipped = sum(1 for f in frames if f.skipped)
-    assert skipped <= live_n // 10, f"{skipped} of {live_n} live frames skipped"
+    assert skipped + dropped_at_ingest <= live_n // 10, f"{skipped} + {dropped_at_ingest} of {live_n} not processed"
     latencies = [f.latency_s for f in frames if f.latency_s is not None]
     assert latencies and max(latencies) <= live_settings.max_latency_s + 0.25, max(latencies)
     assert during > 0, "the file job got no turn while the live job ran"

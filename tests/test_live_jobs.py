@@ -422,8 +422,9 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
 
 def test_on_a_live_job_adding_correcting_and_removing_an_object_leaves_the_others_exact(video: Path, live_settings: Settings,
                                                                           redis_client: redis.Redis) -> None:
-    """Exactness on a live job: with a budget the worker never exceeds (no skips), the disc's masks are the
-    same whether or not another object was added, corrected and removed meanwhile."""
+    """Exactness on a live job: the disc's masks are the same whether or not another object was added,
+    corrected and removed meanwhile, on every frame both runs processed (a live job samples its source at
+    the model's pace, so the frames processed may differ a little between two runs)."""
     from producer.running_prompts import add_prompts, remove_object
     from schemas.rle import decode_mask
 
@@ -443,9 +444,12 @@ def test_on_a_live_job_adding_correcting_and_removing_an_object_leaves_the_other
         producer.join(20)
         worker.join(30)
         results = frames_of(entries(redis_client, settings, job))
-        assert len(results) == N and not any(r.skipped for r in results)
-        masks[job] = {r.frame_idx: decode_mask(o.mask) for r in results for o in r.objects if o.obj_id == 1}
+        done = terminal(redis_client, settings, job)
+        assert isinstance(done, messages.Completed) and [r.frame_idx for r in results] == list(range(done.num_frames))
+        # by the frame's place in the source (its pts): frames dropped at ingest differ between two runs
+        masks[job] = {round(r.pts_s or 0, 3): decode_mask(o.mask) for r in results for o in r.objects if o.obj_id == 1}
     changed = [c for c in entries(redis_client, settings, "changed") if isinstance(c, messages.ObjectChange)]
     assert [c.change for c in changed] == ["added", "corrected", "removed"]
-    assert masks["alone"].keys() == masks["changed"].keys() == set(range(N))
-    assert all((masks["alone"][k] == masks["changed"][k]).all() for k in range(N))  # type: ignore[attr-defined]
+    both = sorted(masks["alone"].keys() & masks["changed"].keys())
+    assert len(both) >= N // 2, both
+    assert all((masks["alone"][k] == masks["changed"][k]).all() for k in both)  # type: ignore[attr-defined]
