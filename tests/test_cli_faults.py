@@ -229,21 +229,24 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
 
 @pytest.mark.integration
 def test_redis_killed_mid_stream_ends_the_submit_with_one_line(private_redis: RedisServer, tmp_path: Path) -> None:
-    long_video = make_video(tmp_path / "long.mp4", num_frames=600, size_wh=(320, 240), fps=30)
-    x, y = disc_center(0, 600, (320, 240))
+    long_video = make_video(tmp_path / "long.mp4", num_frames=60, size_wh=(320, 240), fps=30)
+    x, y = disc_center(0, 60, (320, 240))
     env = cli_env(private_redis.url, tmp_path / "storage", VSEG_PRODUCER_TTL_S="1")
     client = redis.Redis.from_url(private_redis.url)
-    proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(long_video), "--point", f"1:{x:.0f},{y:.0f}",
-                             "--job-id", "cut"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    gate = tmp_path / "gate"  # decoding waits after 20 frames until the test has killed Redis (tests/gated_producer.py)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.gated_producer", str(gate), "20", "submit", str(long_video),
+                             "--point", f"1:{x:.0f},{y:.0f}", "--job-id", "cut"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: client.exists(Keys().job("cut")) or proc.poll() is not None, timeout_s=30, what="the enqueue")
         assert proc.poll() is None, "the submit finished before Redis was killed"
         private_redis.kill()
+        gate.touch()
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=60)
         took = time.monotonic() - t0
     finally:
+        gate.touch()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -351,11 +351,15 @@ def _resumed_at_the_live_edge(live_settings: Settings, redis_client: redis.Redis
                  "the first worker under way")
     except AssertionError as e:
         raise AssertionError(f"{e}\n{first.log()[-3000:]}") from None
-    first.kill()
-    killed_at = int(redis_client.hget(live_settings.keys.job("resumed"), "frames_done") or 0)
-    time.sleep(1.5)  # the source goes on meanwhile
-    second = WorkerProcess(live_settings, "w2", tmp_path, lease_s=1.0, delay_s=0.02, env=env)
+    second = WorkerProcess(live_settings, "w2", tmp_path, lease_s=1.0, delay_s=0.02, env=env)  # idle: w1 holds it
     try:
+        wait_for(lambda: redis_client.exists(live_settings.keys.worker_health("w2")), 60, "the second worker started")
+        first.kill()
+        killed_at = int(redis_client.hget(live_settings.keys.job("resumed"), "frames_done") or 0)
+        announced_at_kill = redis_client.xlen(live_settings.keys.frames("resumed"))
+        # the source goes on meanwhile: a dozen frames announced past the kill, whatever the machine's speed
+        wait_for(lambda: redis_client.xlen(live_settings.keys.frames("resumed")) >= announced_at_kill + 12, 20,
+                 "frames announced after the kill")
         producer.join(30)
         wait_for(lambda: terminal(redis_client, live_settings, "resumed") is not None, 30, "the job ended")
         second.signal(signal.SIGTERM)

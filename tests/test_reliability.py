@@ -26,7 +26,7 @@ from schemas.names import TERMINAL_ENTRY_ID, JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ChaosHooks, ColourSegmenter, Faults
 from tests.videos import disc_center, make_video
-from tests.workers import WorkerProcess, wait_for
+from tests.workers import WorkerProcess, log_time, wait_for
 from worker.broker.claim import take
 from worker.broker.lease import Lease, LeaseLost
 from worker.broker.publish import ResultPublisher, frame_result
@@ -422,11 +422,12 @@ def test_sigterm_hands_back_after_grace_and_second_sigterm_exits_at_once(
     b.signal(signal.SIGTERM)
     # two signals that land before the handler runs count as one: wait until the first was handled
     wait_for(lambda: "SIGTERM: finishing the current job" in b.log(), timeout_s=10, what="b to handle the SIGTERM")
-    t0 = time.monotonic()
     b.signal(signal.SIGTERM)
-    assert b.wait(10) == 0  # a shutdown, not a failure: the job is handed back and the worker exits normally
-    assert time.monotonic() - t0 < 5
-    assert "second SIGTERM: handing back the current job and exiting now" in b.log()
+    assert b.wait(30) == 0  # a shutdown, not a failure: the job is handed back and the worker exits normally
+    # the worker's own reaction, from its log's clock (the interpreter's teardown after it is the machine's speed)
+    log = b.log()
+    assert log_time(log, "exiting: WorkerStats") - log_time(log, "second SIGTERM") < 1.5, log[-2000:]
+    assert "second SIGTERM: handing back the current job and exiting now" in log
     assert state(redis_client, settings, "handback")["state"] == "queued"
     c = WorkerProcess(settings, "c", tmp_path, lease_s=30.0, delay_s=0.0)
     try:
@@ -552,7 +553,8 @@ def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_clie
     check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert check.returncode == 1, check.stdout
     submit(video, prompt(), settings=settings, client=redis_client, job_id="seen")
-    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1)
+    # held at frame 5 (the fake model blocks there), so the job is still running when status asks, on any machine
+    w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1, faults={"seen": {"block_at": 5}})
     try:
         wait_for(lambda: frames_done(redis_client, settings, "seen") >= 2, what="frames")
         check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -562,8 +564,7 @@ def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_clie
         assert out.returncode == 0 and "running" in out.stdout and "attempt: 1" in out.stdout
         assert f"/{N} frames" in out.stdout
     finally:
-        w.signal(signal.SIGTERM)
-        w.wait()
+        w.kill()  # wedged on purpose: a SIGTERM would wait out the grace
     missing = subprocess.run([sys.executable, "-m", "producer", "status", "nope"], cwd=ROOT, env=env,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "no job 'nope'" in missing.stderr

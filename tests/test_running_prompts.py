@@ -70,7 +70,13 @@ def run_worker(settings: Settings, client: redis.Redis) -> threading.Thread:
 
 
 def test_objects_added_and_removed_mid_job_leave_the_others_exact(video: Path, settings: Settings,
-                                                                  redis_client: redis.Redis) -> None:
+                                                                  redis_client: redis.Redis,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.service.control
+
+    # the removal below must land before the job's last frame: commands read every 10 ms, not 200, and the
+    # removal sent at frame 21 of 30 leave a margin of seconds, not of a frame or two
+    monkeypatch.setattr(worker.service.control, "POLL_S", 0.01)
     submit(video, [point(1)], settings=settings, job_id="plain")
     run_worker(settings, redis_client).join(60)
     submit(video, [point(1)], settings=settings, job_id="changed")
@@ -79,7 +85,7 @@ def test_objects_added_and_removed_mid_job_leave_the_others_exact(video: Path, s
     send(redis_client, settings, prompt_cmd("changed", point(5, 20)))  # ahead: applied at frame 20
     send(redis_client, settings, prompt_cmd("changed", point(6, 1)))  # already segmented: applied at the next frame
     send(redis_client, settings, messages.RemoveCommand("changed", uuid.uuid4().hex, 9))  # never tracked: refused
-    wait_for(lambda: frames_done(redis_client, settings, "changed") >= 24, 30, "past frame 20")
+    wait_for(lambda: frames_done(redis_client, settings, "changed") >= 21, 30, "past frame 20")
     send(redis_client, settings, messages.RemoveCommand("changed", uuid.uuid4().hex, 6))
     thread.join(60)
     results = entries(redis_client, settings, "changed")

@@ -68,7 +68,9 @@ def test_counters_match_what_happened_and_prometheus_scrapes_them(settings: Sett
         wait_for(lambda: ended(redis_client, settings, "m-ok"), 60, "m-ok")
         submit(video, [point(1), point(2, dy=4)], settings=settings, job_id="m-too-many")  # over this worker's limit
         wait_for(lambda: ended(redis_client, settings, "m-too-many"), 60, "m-too-many")
-        submit(video, [point(1)], settings=settings, job_id="m-cancelled", stream=False)
+        # long enough that the cancel lands mid-job on any machine (12 frames at 0.05 s left it about 0.45 s)
+        long_video = make_video(tmp_path / "long.mp4", num_frames=200, size_wh=SIZE, fps=10)
+        submit(long_video, [point(1)], settings=settings, job_id="m-cancelled", stream=False)
         wait_for(lambda: int(redis_client.hget(settings.keys.job("m-cancelled"), "frames_done") or 0) >= 2, 60,
                  "m-cancelled under way")
         cancel("m-cancelled", settings=settings)
