@@ -145,6 +145,7 @@ class Started(msgspec.Struct, frozen=True):
     random_weights: bool = False
     at: float = msgspec.field(default_factory=time.time)
     resume_from: Count = 0  # the first frame this attempt computes (a resumed attempt: after the last published)
+    first_frame: Count | None = None  # live jobs: the frame this attempt processed first (its prompts apply there)
     v: int = SCHEMA_VERSION
 
 

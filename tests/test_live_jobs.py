@@ -142,6 +142,38 @@ def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_
     assert "#EXT-X-ENDLIST" in text and len(list(playlist.parent.glob("*.ts"))) <= settings.live_playlist_size + 1
 
 
+def test_a_queued_live_job_holds_at_most_live_buffer_frames_and_starts_at_the_live_edge(
+        video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
+    """No worker for its first 1.5 s (a job waiting in the queue): its producer never holds more than
+    live_buffer_frames JPEGs and drops the rest at ingest (counted); the worker then starts at a fresh frame,
+    not at frame 0, and its `started` entry says which (the submit-time prompt applied there)."""
+    settings = dataclasses.replace(live_settings, live_buffer_frames=4)
+    frames_dir = settings.storage_root / "jobs" / "queued" / "frames"
+    producer = ingest(settings, video, "queued")
+    wait_for(lambda: redis_client.exists(settings.keys.job("queued")), 20, "the live job enqueued")
+    held: list[int] = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        held.append(len(list(frames_dir.glob("*.jpg"))))
+        time.sleep(0.02)
+    assert max(held) <= 4, held
+    worker = start_worker(settings, redis_client, delay_s=0.0)
+    producer.join(30)
+    worker.join(30)
+    done = terminal(redis_client, settings, "queued")
+    assert isinstance(done, messages.Completed), done
+    state = redis_client.hgetall(settings.keys.job("queued"))
+    dropped_at_ingest = int(state[b"dropped_at_ingest"])
+    assert dropped_at_ingest > 0 and done.num_frames + dropped_at_ingest == N
+    results = entries(redis_client, settings, "queued")
+    started = [m for m in results if isinstance(m, messages.Started)]
+    frames = frames_of(results)
+    first = next(r for r in frames if not r.skipped)
+    assert len(started) == 1 and started[0].first_frame == first.frame_idx > 0
+    assert all(r.skipped for r in frames[:first.frame_idx])  # passed over: the stale frames of the wait
+    assert [o.obj_id for o in first.objects] == [1]  # the submit-time prompt, applied at the first frame processed
+
+
 def test_a_file_job_never_skips(video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
     from producer.submit import submit
 

@@ -36,7 +36,7 @@ class StreamSpec:
     stall_s: float
     producer_key: str
     producer_ttl_s: float
-    live: bool = False  # a live job's: frames may be given up or taken (StreamedFrames.live)
+    live_source: bool = False  # a live job's: frames may be given up or taken (StreamedFrames.live_source)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def describe_frames(frames: FrameSource) -> FramesSpec:
 
 def _stream_spec(frames: StreamedFrames) -> StreamSpec:
     return StreamSpec(frames.stream, str(frames.dir), frames.block_ms, frames.stall_s, frames.producer_key,
-                      frames.producer_ttl_s, frames.live)
+                      frames.producer_ttl_s, frames.live_source)
 
 
 def open_frames(spec: FramesSpec, settings: Settings) -> FrameSource:
@@ -88,7 +88,7 @@ def _open_stream(spec: StreamSpec, settings: Settings) -> StreamedFrames:
 
     return StreamedFrames(worker_client(settings), spec.stream, Path(spec.dir), block_ms=spec.block_ms,
                           stall_s=spec.stall_s, producer_key=spec.producer_key, producer_ttl_s=spec.producer_ttl_s,
-                          live=spec.live)
+                          live_source=spec.live_source)
 
 
 # ---- worker -> model process: the session protocol (worker/model/session.py) -------------------------

@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+import msgspec
+
 from schemas import messages
 from schemas.errors import PermanentError, VsegError, WorkerBroken
 from schemas.names import JobState
@@ -62,6 +64,7 @@ class JobRunner:
         self.pub = pub
         self.attempt = attempt
         self.writer: MaskVideoWriter | HlsWriter | None = None
+        self._started: messages.Started | None = None  # a live job's, until its first frame is processed
 
     def check(self) -> None:
         """Raise if the job must stop: LeaseLost, JobCancelled, HandBack/ForcedExit (worker/service/shutdown.py)."""
@@ -85,11 +88,16 @@ class JobRunner:
         try:
             frames = self._frames()
             resume = resume_point(ctx, job, self.attempt)
-            pub.started(messages.Started(
+            started = messages.Started(
                 job_id=job.job_id, worker=ctx.name, num_frames=job.num_frames, obj_ids=job.obj_ids,
                 model=ctx.segmenter.name, attempt=self.attempt, random_weights=ctx.segmenter.random_weights,
                 resume_from=resume.first_frame,
-            ))
+            )
+            if job.live:  # its `started` says which frame it processed first: written then (_propagate)
+                pub.set_state(state=JobState.RUNNING.value, worker=ctx.name, started_at=started.at)
+                self._started = started
+            else:
+                pub.started(started)
             remove_stale_partials(job.render_target, ctx.name)
             if job.render:
                 self.writer = self._writer()
@@ -160,7 +168,7 @@ class JobRunner:
         frames = StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
                                 block_ms=ctx.settings.block_ms, stall_s=stall_s,
                                 producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
-                                check=self.check, live=job.live)
+                                check=self.check, live_source=job.live)
         frames.turn_wait = self._step  # waiting for a turn on a shared model is not a stall (worker/model/turns.py)
         return frames
 
@@ -244,6 +252,11 @@ class JobRunner:
                 k = out.frame_idx
                 if picks is not None:  # the frame of the source, and those passed over before it
                     k = out.source_idx if out.source_idx is not None else picks.source_index(out.frame_idx)
+                    if self._started is not None:  # the first frame processed: where the prompts applied
+                        pub.started(msgspec.structs.replace(self._started, first_frame=k))
+                        log.info("live job %s: first frame processed %d (frames %d..%d passed over); its prompts "
+                                 "apply there", job.job_id, k, last + 1, k - 1)
+                        self._started = None
                     sink.put_skipped(range(last + 1, k))
                     out = dataclasses.replace(out, frame_idx=k)
                 full, out, key = objects.see(out, expected, live)  # labels, automatic objects' lifecycle

@@ -152,16 +152,16 @@ class StreamedFrames(_Base):
     waiting for `stall_s`. Half the TTL is longer than the producer's refresh interval (a third), so a
     key lost in a Redis restart is back before it counts.
 
-    `live`: a live job's frames, which its producer may give up before a worker takes them
+    `live_source`: a live job's frames, which its producer may give up before a worker takes them
     (producer/live_buffer.py): an announced frame's JPEG may be gone (given up) or renamed (taken), and
     `take` says which.
     """
 
     def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
                  stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0,
-                 check: Callable[[], None] = no_check, live: bool = False) -> None:
+                 check: Callable[[], None] = no_check, live_source: bool = False) -> None:
         self.client = client
-        self.live = live
+        self.live_source = live_source
         self.check = check
         self.stream = stream
         self.dir = frames_dir
@@ -255,7 +255,7 @@ class StreamedFrames(_Base):
             if self._error is not None:
                 raise VideoError(f"the producer failed while decoding: {self._error}")
             if frame_idx < self._available:
-                if not self.live and not self.path(frame_idx).is_file():
+                if not self.live_source and not self.path(frame_idx).is_file():
                     raise StorageError(f"frame directory {self.dir} is incomplete: missing "
                                        f"{frame_name(frame_idx)}, which the producer announced")
                 return True
