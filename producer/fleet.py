@@ -232,6 +232,9 @@ class Fleet:
             log.error("cameras file not reloaded, the %d camera(s) run on unchanged: %s", len(self.runners), e)
             return
         old = self.cameras
+        same = sum(1 for name in new if old.get(name) == new[name])
+        log.info("cameras file %s re-read (SIGHUP): %d camera(s) unchanged, %d added, removed or changed", self.path,
+                 same, len(set(old) | set(new)) - same)
         for name in sorted(set(old) | set(new)):
             if old.get(name) == new.get(name):
                 continue

@@ -41,6 +41,10 @@ def test_prometheus_config_scrapes_every_worker_and_the_queue_exporter() -> None
     assert jobs["vseg-worker"]["dns_sd_configs"] == [{"names": ["worker"], "type": "A", "port": 9100,
                                                       "refresh_interval": "15s"}]
     assert jobs["vseg-queue"]["static_configs"] == [{"targets": ["stats:9101"]}]
+    assert jobs["vseg-ingest"]["dns_sd_configs"] == [{"names": ["ingest"], "type": "A", "port": 9102,
+                                                      "refresh_interval": "15s"}]
+    ingest = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["ingest"]
+    assert "9102" in ingest["command"] and ingest["command"][:4] == ["python", "-m", "producer", "serve"]
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="no promtool on PATH (apt-get install prometheus)")
