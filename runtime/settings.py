@@ -139,7 +139,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"  # the address it binds to (0.0.0.0: every interface, e.g. in a container)
     log_format: str = "text"  # text: one readable line a record; json: one JSON object a line (runtime/logs.py)
     # Live jobs (cameras, broadcasts, --live): worker/sources/live.py, producer/live_source.py
-    max_latency_s: float = 2.0  # the worker skips frames to stay within this of the source
+    max_latency_s: float = 2.0  # a live producer writes a frame every half of this until its worker sets the pace
     source_outage_s: float = 60.0  # a source down (reconnecting) longer than this fails its job
     source_open_timeout_s: float = 10.0  # connecting to a live source
     source_read_timeout_s: float = 5.0  # one read that gets nothing for this long fails (and reconnects)

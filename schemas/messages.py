@@ -98,7 +98,7 @@ class JobMessage(msgspec.Struct, frozen=True):
     # True: a reclaimed attempt resumes after the last published frame; False: it runs again from frame 0
     resume: bool = True
     # A live job (a camera, a broadcast, `--live`): unbounded, frames announced as they are captured; the worker
-    # keeps within max_latency_s of the source by skipping frames, trims its streams and renders rolling HLS
+    # takes the newest frame each time (skipping the others), trims its streams and renders rolling HLS
     live: bool = False
     auto: AutoOptions | None = None  # automatic prompts (worker/service/auto.py); None: only the prompts given
     labels: tuple[str, ...] = ()  # zero-shot labels for every object (CLIP, worker/model/labels.py)
@@ -127,7 +127,7 @@ class FrameResult(msgspec.Struct, frozen=True):
     frame_idx: Count
     objects: tuple[ObjectResult, ...]
     random_weights: bool = False  # True when the model ran with random weights (smoke tests only)
-    skipped: bool = False  # live jobs: not segmented, to stay within max_latency_s of the source
+    skipped: bool = False  # live jobs: not segmented, passed over for a newer frame (worker/sources/live.py)
     captured_at: float | None = None  # live jobs: Unix time the frame was received (None: a file's frame)
     pts_s: float | None = None  # live jobs: the frame's presentation timestamp in its source, seconds
     latency_s: float | None = None  # live jobs, processed frames: from captured_at to this entry's publication
