@@ -145,7 +145,7 @@ def decoder_threads(requested: int = 0, cores: int | None = None) -> int:
     return 1 if (cores if cores is not None else usable_cores()) <= 2 else 0
 
 
-def _write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: bool = True) -> None:
+def write_jpeg(path: Path, data: YuvPlanes | np.ndarray, quality: int, whole: bool = True) -> None:
     """Encode one frame to `path`. whole: write a temporary name and rename it, so a reader of a
     directory being filled never sees half a JPEG (not needed when the whole directory is renamed)."""
     if isinstance(data, YuvPlanes):  # simplejpeg reads rows by their stride: padded planes need no copy
@@ -326,9 +326,9 @@ def _decode_into(
                 payload, height, width = frame_payload(frame, orientation)
                 args = (tmp / frame_name(kept), payload, jpeg_quality, not atomic)
                 if sum(not f.done() for f in pending) >= MAX_IN_FLIGHT:  # the pool is behind: encode it here
-                    pending.append(_run_here(_write_jpeg, *args))
+                    pending.append(_run_here(write_jpeg, *args))
                 else:
-                    pending.append(pool.submit(_write_jpeg, *args))
+                    pending.append(pool.submit(write_jpeg, *args))
                 kept += 1
                 written = _collect(pending, written, on_frames)
                 bar.update(1)

@@ -33,7 +33,8 @@ from typing import Any, cast
 
 import redis
 
-from producer.decode import _write_jpeg
+from producer import decode
+from producer.announce import FrameAnnouncer
 from producer.job_dir import frames_dir_of, make_fresh
 from producer.live_buffer import IngestBuffer
 from producer.live_source import (
@@ -45,23 +46,23 @@ from producer.live_source import (
     SourceOutage,
     redacted,
 )
-from producer.liveness import ProducerHeartbeat
 from producer.planes import frame_payload
 from producer.streaming import abandon
-from producer.submit import Submitted, _enqueue, _holding, check_auto, job_exists, new_job_id
-from runtime.cleanup import job_ended, remove_frames
+from producer.submit import Submitted, check_auto, enqueue_job, holding_submit_lock, job_exists, new_job_id
+from runtime.cleanup import job_ended
 from runtime.connection import connect
 from runtime.layout import ensure_layout
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import InputError, JobFailed, PromptError
-from schemas.names import EVENTS_MAXLEN, frame_entry_id, frames_end_entry_id, validate_job_id
+from schemas.names import EVENTS_MAXLEN, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.storage import frame_name
 
 log = logging.getLogger(__name__)
 
+INGESTING = ("its source was being ingested", "ingest")  # what stops when the worker closes the frames stream
 FLAGS_CHECK_S = 1.0  # how often the ingest looks at the job's hash: stopped, cancelled, failed
 
 
@@ -123,7 +124,7 @@ def submit_live(
         check_live_prompts(prompts, header.width, header.height, auto=auto is not None)
         check_auto(auto, labels, header.width, header.height)
         lock = client.lock(keys.submit_lock(job_id), timeout=60, blocking_timeout=60)
-        with _holding(lock, job_id):  # held until the job exists; the ingest then runs without it
+        with holding_submit_lock(lock, job_id):  # held until the job exists; the ingest then runs without it
             if job_exists(client, keys, job_id):
                 return Submitted(job_id, created=False)
             ingest = LiveIngest(client, settings, job_id, reader.source, header, prompts, render=render,
@@ -148,7 +149,8 @@ class LiveIngest:
         self.duration_s = duration_s
         self.stop = stop
         self.frames_rel, self.frames_dir = frames_dir_of(settings, job_id)
-        self.stream = settings.keys.frames(job_id)
+        self.announcer = FrameAnnouncer(client, settings, job_id, maxlen=settings.live_frames_maxlen)
+        self.stream = self.announcer.stream
         self.job = messages.JobMessage(
             job_id=job_id, frames_dir=self.frames_rel, num_frames=1, width=header.width, height=header.height,
             fps=min(header.fps, max_fps or header.fps), prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
@@ -167,9 +169,8 @@ class LiveIngest:
     def run(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> Submitted:
         make_fresh(self.settings, self.frames_dir)
         self.frames_dir.mkdir()
-        self.client.delete(self.stream)
         try:
-            with ProducerHeartbeat(self.client, self.settings.keys.producer(self.job_id), self.settings.producer_ttl_s):
+            with self.announcer.running():
                 try:
                     self._ingest(reader, on_enqueued)
                 except KeyboardInterrupt:  # Ctrl-C on a live job: stop it, as `producer stop` does
@@ -200,7 +201,7 @@ class LiveIngest:
             self._write(item)
             if not self.enqueued:
                 self.tried_enqueue = True
-                self.enqueued = _enqueue(self.client, self.settings.keys, self.job)
+                self.enqueued = enqueue_job(self.client, self.settings.keys, self.job)
                 self.client.hset(self.settings.keys.job(self.job_id), mapping={"live": 1, "source_state": "up"})
                 log.info("live job %s enqueued (%dx%d at %.2f fps from %s)", self.job_id, self.job.width,
                          self.job.height, self.job.fps, self.job.source)
@@ -213,15 +214,12 @@ class LiveIngest:
     def _write(self, item: LiveFrame) -> None:
         k = self.announced
         payload, _height, _width = frame_payload(item.frame, self.header.orientation)
-        _write_jpeg(self.frames_dir / frame_name(k), payload, self.settings.jpeg_quality, True)
-        fields: dict[str, str | int] = {"frame_idx": k, "at": f"{time.time():.6f}",
-                                        "captured_at": f"{item.captured_at:.6f}",
+        decode.write_jpeg(self.frames_dir / frame_name(k), payload, self.settings.jpeg_quality, True)
+        fields: dict[str, str | int] = {"at": f"{time.time():.6f}", "captured_at": f"{item.captured_at:.6f}",
                                         "dropped_at_ingest": self.buffer.dropped}
         if item.pts_s is not None:
             fields["pts"] = f"{item.pts_s:.6f}"
-        self._patiently(lambda: self.client.xadd(self.stream, cast(Any, fields),
-                                                 id=frame_entry_id(k), maxlen=self.settings.live_frames_maxlen,
-                                                 approximate=True), f"frame {k}'s announcement")
+        self._patiently(lambda: self.announcer.announce({k: fields}, INGESTING), f"frame {k}'s announcement")
         self.announced = k + 1
         self.buffer.added(k, item.captured_at)
         if self.started_at is None:
@@ -229,8 +227,7 @@ class LiveIngest:
 
     def _patiently(self, call: Callable[[], object], what: str) -> None:
         """A Redis write that waits out a Redis outage (up to source_outage_s: a live job runs for days and a
-        Redis restart must not end it; the worker holding the job waits for Redis too). A frame announced
-        twice (the first write landed, its reply was lost) is refused by Redis: already done."""
+        Redis restart must not end it; the worker holding the job waits for Redis too)."""
         deadline = time.monotonic() + self.settings.source_outage_s
         while True:
             try:
@@ -241,14 +238,6 @@ class LiveIngest:
                     raise
                 log.warning("job %s: Redis unavailable for %s (%s); retrying", self.job_id, what, e)
                 time.sleep(0.5)
-            except redis.ResponseError as e:
-                if "equal or smaller" not in str(e):
-                    raise
-                last = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrevrange(self.stream, count=1))
-                if last and b"error" in last[0][1]:  # the worker closed the stream: this producer was given up
-                    raise JobFailed(self.job_id, "its frames stream was closed while its source was being ingested "
-                                    f"({last[0][1][b'error'].decode(errors='replace')}), so ingest stopped") from e
-                return
 
     def _note_down(self, down: SourceDown) -> None:
         """An outage began: said at once in the job hash (`source_state` down, `source_down_since`, the outage
@@ -325,19 +314,8 @@ class LiveIngest:
         return False
 
     def _finish(self) -> None:
-        """The end marker (the frame count), then the frames go if the worker finished first."""
-        keys = self.settings.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.stream, {"end": self.announced, "dropped_at_ingest": self.buffer.dropped},
-                  id=frames_end_entry_id(self.announced))
-        pipe.hset(keys.job(self.job_id), mapping={"num_frames": self.announced,
-                                                  "dropped_at_ingest": self.buffer.dropped})
-        pipe.expire(self.stream, self.settings.results_ttl_s)
-        pipe.execute()
+        """The end marker (the frame count, and the frames dropped at ingest), then the frames go if the
+        worker finished first (producer/announce.py)."""
+        self.announcer.end(self.announced, dropped_at_ingest=self.buffer.dropped)
         log.info("live job %s: ingest ended after %d frames announced, %d dropped at ingest (%s)", self.job_id,
                  self.announced, self.buffer.dropped, self.ended_why)
-        try:
-            if job_ended(self.client, self.settings, self.job_id):
-                remove_frames(self.settings, self.job_id)
-        except (redis.RedisError, OSError) as e:
-            log.warning("could not check whether job %s's frames can be removed (%s)", self.job_id, e)

@@ -9,28 +9,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import cast
 
 import redis
 from msgspec.structs import replace
 
+from producer.announce import FrameAnnouncer
 from producer.background import in_background_thread
 from producer.decode import VideoInfo
 from producer.handoff import Enqueue, Extract, Handoff
 from producer.job_dir import remove_job_dir
-from producer.liveness import ProducerHeartbeat, redis_unavailable
+from producer.liveness import redis_unavailable
 from runtime.cleanup import job_ended, remove_frames
 from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas.errors import JobFailed, VideoError
 from schemas.messages import JobMessage
-from schemas.names import frame_entry_id, frames_end_entry_id
 
 log = logging.getLogger(__name__)
 
+DECODING = ("its video was being decoded", "decoding")  # what stops when the worker closes the frames stream
 ENDED_CHECK_S = 1.0  # how often, once enqueued, the decode asks whether the job has ended (cancelled, failed)
 
 
@@ -50,6 +50,7 @@ class StreamingEnqueue(Handoff):
         self.settings: Settings = settings
         self.need: int = max((p.frame_idx for p in job.prompts), default=0) + 1  # frames on disk before it starts
         self.announced: int = 0
+        self.announcer = FrameAnnouncer(client, settings, job.job_id)
         self.checked_at: float = time.monotonic()
         self.interrupted: threading.Event = threading.Event()
 
@@ -57,13 +58,9 @@ class StreamingEnqueue(Handoff):
     def frames_stream(self) -> str:
         return self.job.frames_stream
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """A fresh frames stream (one left by an earlier submit that died is not this one's), and the
-        liveness key: it exists before the job is enqueued and goes only after the end (or error) marker."""
-        self.client.delete(self.frames_stream)
-        with ProducerHeartbeat(self.client, self.settings.keys.producer(self.job.job_id), self.settings.producer_ttl_s):
-            yield
+    def running(self) -> AbstractContextManager[None]:
+        """A fresh frames stream and the producer's liveness key (producer/announce.py)."""
+        return self.announcer.running()
 
     def decode(self, extract: Extract) -> VideoInfo:
         return in_background_thread(lambda: extract(atomic=False, on_frames=self.on_frames), stop=self.interrupted)
@@ -82,15 +79,8 @@ class StreamingEnqueue(Handoff):
             log.info("job %s enqueued after %d frames; decoding goes on", self.job.job_id, available)
 
     def _announce(self, available: int) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        at = time.time()  # when the frames were on disk: a live frame's latency runs from here
-        for k in range(self.announced, available):
-            pipe.xadd(self.frames_stream, {"frame_idx": k, "at": f"{at:.6f}"}, id=frame_entry_id(k))
-        try:
-            pipe.execute()
-        except redis.ResponseError as e:
-            self._raise_if_closed(e)
-            raise
+        at = f"{time.time():.6f}"  # when the frames were on disk: a live frame's latency runs from here
+        self.announcer.announce({k: {"at": at} for k in range(self.announced, available)}, DECODING)
         self.announced = available
 
     def decoded(self, info: VideoInfo) -> bool:
@@ -104,17 +94,7 @@ class StreamingEnqueue(Handoff):
     def finish(self, info: VideoInfo) -> None:
         """The end marker (with the total the worker waits for), then remove the frames if the worker
         finished first."""
-        keys = self.settings.keys
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(self.frames_stream, {"end": info.num_frames}, id=frames_end_entry_id(info.num_frames))
-        pipe.hset(keys.job(self.job.job_id), "num_frames", info.num_frames)
-        pipe.expire(self.frames_stream, self.settings.results_ttl_s)
-        pipe.execute()
-        try:
-            if job_ended(self.client, self.settings, self.job.job_id):  # after the end marker: see runtime/cleanup
-                remove_frames(self.settings, self.job.job_id)
-        except (redis.RedisError, OSError) as e:  # disk space, not correctness: the submit itself succeeded
-            log.warning("could not check whether job %s's frames can be removed (%s)", self.job.job_id, e)
+        self.announcer.end(info.num_frames)
         log.info("submitted job %s (%d frames streamed, %d prompts)", self.job.job_id, info.num_frames,
                  len(self.job.prompts))
 
@@ -125,16 +105,6 @@ class StreamingEnqueue(Handoff):
             state, error = cast(list[bytes | None], self.client.hmget(self.settings.keys.job(job_id), ["state", "error"]))
             raise JobFailed(job_id, f"it ended {(state or b'expired').decode()} while its video was being decoded, so "
                                     f"decoding stopped ({(error or b'no error recorded').decode()})")
-
-    def _raise_if_closed(self, error: redis.ResponseError) -> None:
-        """A frame announcement refused because the stream ends with an error marker: the worker closed it
-        (this producer's liveness key was gone: it was cut off from Redis or stalled). Raise JobFailed."""
-        last = cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrevrange(self.frames_stream, count=1))
-        if last and b"error" in last[0][1]:
-            raise JobFailed(self.job.job_id, f"its frames stream was closed while its video was being decoded "
-                                             f"({last[0][1][b'error'].decode(errors='replace')}), so decoding stopped"
-                            ) from error
-
 
 def abandon(client: redis.Redis, settings: Settings, job_id: str, frames_dir: Path, error: BaseException,
             *, maybe_enqueued: bool = True) -> None:

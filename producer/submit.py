@@ -124,7 +124,7 @@ def submit(
     # One submitter per job id decodes; a concurrent duplicate waits for it and returns the same job.
     # (A Redis at maxmemory already refuses this lock: nothing is decoded for a job it cannot take.)
     lock = client.lock(keys.submit_lock(job_id), timeout=3600, blocking_timeout=3600)
-    with _holding(lock, job_id):
+    with holding_submit_lock(lock, job_id):
         if job_exists(client, keys, job_id):
             log.info("job %s was created concurrently by another client", job_id)
             return Submitted(job_id, created=False)
@@ -173,7 +173,7 @@ def _outside(prompts: Sequence[ObjectPrompt], width: int, height: int) -> bool:
 
 
 @contextmanager
-def _holding(lock: Lock, job_id: str) -> Iterator[None]:
+def holding_submit_lock(lock: Lock, job_id: str) -> Iterator[None]:
     """Hold the submit lock for the block. A release that fails never hides the block's own error (nor
     fails a submit that succeeded): the lock then expires on its own."""
     if not lock.acquire():
@@ -190,7 +190,7 @@ def _holding(lock: Lock, job_id: str) -> Iterator[None]:
                                                    job_id, e)
 
 
-def _enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
+def enqueue_job(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
     """The job's entry on the jobs stream, then its hash (producer/enqueue.py); False: it already existed."""
     return enqueue(client, keys, job)
 
@@ -210,7 +210,7 @@ def _decode_and_enqueue(
     labels: tuple[str, ...] = (),
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
-    frames directory, check again against what was decoded, enqueue once (`_enqueue`), and on any error
+    frames directory, check again against what was decoded, enqueue once (`enqueue_job`), and on any error
     (Ctrl-C and SystemExit too: a started worker must not wait for frames) leave nothing half made. The
     hand-off (producer/handoff.py) decides how the video is decoded, when the job is enqueued and what a
     failure undoes."""
@@ -233,7 +233,7 @@ def _decode_and_enqueue(
     )
 
     def enqueue(job: messages.JobMessage) -> bool:
-        return _enqueue(client, settings.keys, job)
+        return enqueue_job(client, settings.keys, job)
 
     handoff: Handoff = (StreamingEnqueue(client, settings, job, frames_dir, enqueue) if stream
                         else EnqueueWhenDecoded(job, frames_dir, enqueue))

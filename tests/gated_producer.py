@@ -17,7 +17,7 @@ from producer.cli import main
 
 
 def gate_jpeg_writes(gate: Path, after: int) -> None:
-    real = decode._write_jpeg
+    real = decode.write_jpeg
     written, lock = itertools.count(), threading.Lock()
 
     def gated(path: Path, data: Any, quality: int, whole: bool = True) -> None:
@@ -27,7 +27,7 @@ def gate_jpeg_writes(gate: Path, after: int) -> None:
             time.sleep(0.01)  # the gate is a file (another process opens it); a signal interrupts this sleep
         real(path, data, quality, whole)
 
-    decode._write_jpeg = gated  # type: ignore[assignment]
+    decode.write_jpeg = gated  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import redis
 
 from producer.control import cancel
 from producer.decode import extract_frames
-from producer.submit import _enqueue, submit
+from producer.submit import enqueue_job, submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed
@@ -108,7 +108,7 @@ def test_a_frame_directory_a_backend_made_is_never_removed(
     info = extract_frames(video, own)
     job = messages.JobMessage(job_id="own", frames_dir="backend/clip7", num_frames=info.num_frames,
                               width=info.width, height=info.height, fps=info.fps, prompts=tuple(prompt()))
-    assert _enqueue(redis_client, settings.keys, job)
+    assert enqueue_job(redis_client, settings.keys, job)
     run_worker(settings, redis_client)
     assert job_state(redis_client, settings, "own") == "completed"
     assert len(list(own.glob("*.jpg"))) == N

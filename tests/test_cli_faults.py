@@ -206,7 +206,7 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
     storage = tmp_path / "storage"
     settings = Settings.load(environ={}, redis_url=private_redis.url, storage_root=storage)
     client = redis.Redis.from_url(private_redis.url)
-    real_enqueue = submit_module._enqueue
+    real_enqueue = submit_module.enqueue_job
     seen: list[bool] = []
 
     def fill_then_enqueue(c: redis.Redis, keys: object, job: object) -> bool:
@@ -214,14 +214,14 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
         fill_up(client)
         return real_enqueue(c, keys, job)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(submit_module, "_enqueue", fill_then_enqueue)
+    monkeypatch.setattr(submit_module, "enqueue_job", fill_then_enqueue)
     with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
         submit_module.submit(video, prompt(), settings=settings, job_id="j", stream=stream)
     assert isinstance(redis_fault(refused.value, settings.redis_url), RedisFull)  # what the CLI says
     assert seen == [True], "the enqueue was not reached with frames on disk"
     nothing_left_of(client, settings, "j")
 
-    monkeypatch.setattr(submit_module, "_enqueue", real_enqueue)
+    monkeypatch.setattr(submit_module, "enqueue_job", real_enqueue)
     client.config_set("maxmemory", "0")
     done = submit_module.submit(video, prompt(), settings=settings, job_id="j", stream=stream)
     assert done.created and client.hget(settings.keys.job("j"), "state") == b"queued"

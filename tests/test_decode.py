@@ -170,7 +170,7 @@ def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
     """A pool that falls behind (here: held until the calling thread has encoded a frame) makes the
     decoding thread encode frames itself; frames stay whole, named in order, and `on_frames` still
     reports only contiguous prefixes."""
-    real, writers, caller_encoded = decode._write_jpeg, {}, threading.Event()
+    real, writers, caller_encoded = decode.write_jpeg, {}, threading.Event()
 
     def slow_pool(path: Path, data: object, quality: int, whole: bool = True) -> None:
         writers[path.name] = threading.current_thread().name
@@ -182,7 +182,7 @@ def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
             time.sleep(0.002)
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(decode, "_write_jpeg", slow_pool)
+    monkeypatch.setattr(decode, "write_jpeg", slow_pool)
     report = ReportedFrames(tmp_path / "f")
     extract_frames(video, tmp_path / "f", atomic=False, on_frames=report)
     seen = report.seen
@@ -195,7 +195,7 @@ def test_caller_encodes_when_the_pool_falls_behind(video: Path, tmp_path: Path,
 
 def test_an_error_in_a_frame_the_caller_encodes_is_raised(video: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real, failed = decode._write_jpeg, threading.Event()
+    real, failed = decode.write_jpeg, threading.Event()
 
     def broken_here(path: Path, data: object, quality: int, whole: bool = True) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -205,7 +205,7 @@ def test_an_error_in_a_frame_the_caller_encodes_is_raised(video: Path, tmp_path:
             failed.set()
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(decode, "_write_jpeg", broken_here)
+    monkeypatch.setattr(decode, "write_jpeg", broken_here)
     with pytest.raises(StorageError, match="disk full"):
         extract_frames(video, tmp_path / "f")
     assert not (tmp_path / "f").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
@@ -215,7 +215,7 @@ def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_pat
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool's first frames finish only after the calling thread has failed on the last one: the
     frames before the failure are still reported (a streaming job then fails instead of never starting)."""
-    real, release = decode._write_jpeg, threading.Event()
+    real, release = decode.write_jpeg, threading.Event()
 
     def stalled_pool(path: Path, data: object, quality: int, whole: bool = True) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -226,7 +226,7 @@ def test_frames_on_disk_are_reported_before_a_later_failure(video: Path, tmp_pat
             release.set()
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(decode, "_write_jpeg", stalled_pool)
+    monkeypatch.setattr(decode, "write_jpeg", stalled_pool)
     monkeypatch.setattr(decode, "ENCODE_THREADS", 1)
     monkeypatch.setattr(decode, "MAX_IN_FLIGHT", 3)
     report = ReportedFrames(tmp_path / "f")

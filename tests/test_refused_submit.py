@@ -120,14 +120,14 @@ def test_a_decode_that_fails_midway_leaves_nothing(
     """A prompt on the last frame: a streamed job is not enqueued before the decode fails either."""
     import producer.decode as decode
 
-    real: Callable[..., None] = decode._write_jpeg
+    real: Callable[..., None] = decode.write_jpeg
 
     def breaks(path: Path, *args: object) -> None:
         if path.name == "00005.jpg":
             raise VideoError("cannot write 00005.jpg")
         real(path, *args)
 
-    monkeypatch.setattr(decode, "_write_jpeg", breaks)
+    monkeypatch.setattr(decode, "write_jpeg", breaks)
     with pytest.raises(VideoError, match="cannot write"):
         submit_module.submit(videos["video"], [ObjectPrompt(1, N - 1, ((10.0, 10.0),), (1,))], settings=settings,
                              client=redis_client, job_id="broke", stream=stream)

@@ -93,14 +93,14 @@ def test_first_result_arrives_while_the_video_is_still_decoding(
 def test_job_waits_for_its_last_prompted_frame(video: Path, settings: Settings, redis_client: redis.Redis,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
-    real = decode._write_jpeg
+    real = decode.write_jpeg
 
     def spy(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         if not seen and redis_client.exists(settings.keys.job("late")):
             seen.append(int(path.name[:5]))
         real(path, image, quality, whole)
 
-    monkeypatch.setattr(decode, "_write_jpeg", spy)
+    monkeypatch.setattr(decode, "write_jpeg", spy)
     submit(video, [prompt(0), ObjectPrompt(2, 30, ((5.0, 5.0),), (1,))], settings=settings, client=redis_client,
            job_id="late")
     assert seen and seen[0] > 30  # enqueued only once frame 30 was on disk
@@ -118,7 +118,7 @@ def test_job_is_enqueued_after_the_same_few_frames_whatever_the_length(
     video = make_video(tmp_path / f"v{length}.mp4", num_frames=length, size_wh=SIZE, fps=10)
     job_id = f"len{length}"
     started: list[int] = []
-    real = decode._write_jpeg
+    real = decode.write_jpeg
 
     def spy(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         if not redis_client.exists(settings.keys.job(job_id)):
@@ -126,7 +126,7 @@ def test_job_is_enqueued_after_the_same_few_frames_whatever_the_length(
         time.sleep(0.004)  # a frame's work outlasts a thread's start-up, as with real frame sizes
         real(path, image, quality, whole)
 
-    monkeypatch.setattr(decode, "_write_jpeg", spy)
+    monkeypatch.setattr(decode, "write_jpeg", spy)
     submit(video, [prompt(0)], settings=settings, client=redis_client, job_id=job_id)
     frames_before_enqueue = max(started) + 1  # frames whose writing began before the job was queued
     assert frames_before_enqueue <= decode.MAX_IN_FLIGHT + 3, f"{frames_before_enqueue} frames of {length}"
@@ -147,14 +147,14 @@ def test_prompt_past_the_end_is_refused_before_anything_is_enqueued(
 def test_decoding_failure_after_enqueue_fails_the_job(
     video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = decode._write_jpeg
+    real = decode.write_jpeg
 
     def breaks(path: Path, image: np.ndarray, quality: int, whole: bool = True) -> None:
         if path.name == "00040.jpg":
             raise VideoError("disk full while writing 00040.jpg")
         real(path, image, quality, whole)
 
-    monkeypatch.setattr(decode, "_write_jpeg", breaks)
+    monkeypatch.setattr(decode, "write_jpeg", breaks)
     with pytest.raises(VideoError, match="disk full"):
         submit(video, [prompt(0)], settings=settings, client=redis_client, job_id="broken")
     Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True)

@@ -152,14 +152,14 @@ def test_a_job_that_ended_stops_the_decode(settings: Settings, redis_client: red
 def test_both_submits_enqueue_through_the_one_atomic_enqueue(
     stream: bool, video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = submit_module._enqueue
+    real = submit_module.enqueue_job
     calls: list[messages.JobMessage] = []
 
     def spy(client: redis.Redis, keys: object, job: messages.JobMessage) -> bool:
         calls.append(job)
         return real(client, keys, job)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(submit_module, "_enqueue", spy)
+    monkeypatch.setattr(submit_module, "enqueue_job", spy)
     done = submit_module.submit(video, [prompt()], settings=settings, client=redis_client, job_id="one", stream=stream)
     assert done.created and done.video is not None and done.video.num_frames == N
     [job] = calls
@@ -208,14 +208,14 @@ def test_a_decode_that_fails_before_the_enqueue_leaves_nothing_either_way(
 ) -> None:
     import producer.decode as decode
 
-    real = decode._write_jpeg
+    real = decode.write_jpeg
 
     def breaks(path: Path, data: object, quality: int, whole: bool = True) -> None:
         if path.name == "00000.jpg":
             raise VideoError("cannot write 00000.jpg")
         real(path, data, quality, whole)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(decode, "_write_jpeg", breaks)
+    monkeypatch.setattr(decode, "write_jpeg", breaks)
     with pytest.raises(VideoError, match="cannot write"):
         submit_module.submit(video, [prompt()], settings=settings, client=redis_client, job_id="broke", stream=stream)
     assert not redis_client.exists(settings.keys.job("broke"), settings.keys.frames("broke"))

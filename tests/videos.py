@@ -112,7 +112,7 @@ def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float, *, gate: threading.E
     wait for it too, so decoding outlasts the test's step however slow the machine is."""
     import producer.decode as decode
 
-    real = decode._write_jpeg
+    real = decode.write_jpeg
     written = itertools.count()
 
     def slow(path: Path, data: Any, quality: int, whole: bool = True) -> None:
@@ -121,7 +121,7 @@ def slow_down_jpeg_writes(monkeypatch: Any, delay_s: float, *, gate: threading.E
             gate.wait(120)
         real(path, data, quality, whole)
 
-    monkeypatch.setattr(decode, "_write_jpeg", slow)
+    monkeypatch.setattr(decode, "write_jpeg", slow)
 
 
 # ---- inputs as users send them: phone clips with a display matrix, audio only --------------------------
