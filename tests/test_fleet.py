@@ -28,7 +28,7 @@ from producer.cameras import Camera, CameraKeys
 from producer.fleet_status import CameraStatus, FleetCollector, _announced, format_table
 from runtime.settings import Settings
 from schemas.names import TERMINAL_STATES
-from tests.live_servers import LiveServer, free_port, missing_tools, rtsp_source, ts_over_tcp
+from tests.live_servers import LiveServer, free_port, hls_playlist, missing_tools, rtsp_source, ts_over_tcp
 from tests.videos import make_video
 from tests.workers import ROOT, WorkerProcess, stop_all, wait_for, worker_env
 
@@ -241,9 +241,10 @@ def test_a_daemon_streams_restarts_reloads_and_stops_its_cameras(clip: Path, set
         a: LiveServer = stack.enter_context(ts_over_tcp(clip))
         b: LiveServer = stack.enter_context(ts_over_tcp(clip))
         c: LiveServer = stack.enter_context(rtsp_source(clip) if rtsp else ts_over_tcp(clip))
+        h = stack.enter_context(hls_playlist(clip, tmp_path / "hls"))  # a finished playlist: each job completes
         camera_a = {"outage_s": 3, "username": "viewer", "password_env": "CAM_A_PASSWORD"}
-        path = write_cameras(tmp_path / "cameras.yaml", {"a": a.url, "b": b.url}, a=camera_a)
-        watcher = Watcher(redis_client, settings, ["a", "b", "c"])
+        path = write_cameras(tmp_path / "cameras.yaml", {"a": a.url, "b": b.url, "h": h}, a=camera_a)
+        watcher = Watcher(redis_client, settings, ["a", "b", "c", "h"])
         port = free_port()
         daemon = Daemon(settings, path, tmp_path, "daemon", metrics_port=port, env={"CAM_A_PASSWORD": SECRET})
         try:
@@ -259,6 +260,19 @@ def test_a_daemon_streams_restarts_reloads_and_stops_its_cameras(clip: Path, set
             assert 'vseg_camera_source_up{camera="a"} 1.0' in metrics and "vseg_camera_frames_written_total" in metrics
             assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).status == 200
 
+            wait_for(lambda: state(redis_client, settings, "h-1") in ("running", "completed"), 60, "h-1 (HLS) ran")
+
+            before = int(redis_client.hget(settings.keys.job("b-1"), "frames_done") or 0)
+            b.kill()  # a short outage, within b's outage_s: b-1 goes on, and says it is down meanwhile
+            wait_for(lambda: redis_client.hget(settings.keys.job("b-1"), "source_state") == b"down", 30, "b-1 down")
+            wait_for(lambda: camera_state(redis_client, settings, "b").get("down_since"), 30, "b's outage published")
+            assert "source down since" in cameras_table(settings)
+            b.start()
+            wait_for(lambda: int(redis_client.hget(settings.keys.job("b-1"), "frames_done") or 0) > before + 5, 60,
+                     "b-1 streaming again after the outage")
+            assert state(redis_client, settings, "b-1") == "running" and not redis_client.exists(settings.keys.job("b-2"))
+            assert redis_client.hget(settings.keys.job("b-1"), "source_outages") == b"1"
+
             a.kill()  # past a's outage_s (3 s): a-1 fails, the daemon tries a-2 until the source is back
             wait_for(lambda: camera_state(redis_client, settings, "a").get("down_since"), 30, "a's outage published")
             assert camera_state(redis_client, settings, "a")["source_up"] == "0"
@@ -272,7 +286,7 @@ def test_a_daemon_streams_restarts_reloads_and_stops_its_cameras(clip: Path, set
                      "a's restart published")
             assert "a-1" in daemon.log() and "ended failed" in daemon.log()
 
-            write_cameras(path, {"a": a.url, "c": c.url}, a=camera_a)  # b removed, c added, a unchanged
+            write_cameras(path, {"a": a.url, "c": c.url}, a=camera_a)  # b and h removed, c added, a unchanged
             daemon.signal(signal.SIGHUP)
             wait_for(lambda: state(redis_client, settings, "b-1") == "completed", 60, "b-1 completed")
             wait_for(lambda: streaming(redis_client, settings, "c-1"), 90, "c-1 streaming")
@@ -299,6 +313,8 @@ def test_a_daemon_streams_restarts_reloads_and_stops_its_cameras(clip: Path, set
         for job in ("a-2", "c-2"):
             wait_for(lambda job=job: state(redis_client, settings, job) in TERMINAL_STATES, 60, f"{job} ended")
             assert state(redis_client, settings, job) == "completed", job
+        h_jobs = [k.decode().split(":")[-1].strip("{}") for k in redis_client.scan_iter(settings.keys.job("h-*"))]
+        assert h_jobs and all(state(redis_client, settings, job) == "completed" for job in h_jobs), h_jobs
         assert not watcher.stop()
         assert SECRET not in daemon.log() and not secrets_in(redis_client)  # a's password: in the reader only
         assert redis_client.get(CameraKeys(settings.key_prefix).lease("a")) is None  # freed on the way out
