@@ -13,6 +13,8 @@ and at the last minute, with their growth (target: at most 5%).
     .venv/bin/python bench/bench_live.py [--minutes 10] [--image-size 256] [--max-latency 2]
     python3 bench/bench_live.py --device cuda --image-size 1024 --size 1920x1080 --minutes 3   # GPU check:
         no skips, p95 under 100 ms
+    .venv/bin/python bench/bench_live.py --fleet --cameras 8 --seconds 90 --which before,after   # the fleet
+        mode (bench/bench_fleet.py): 8 cameras of 720p30, producer CPU per camera, disk, latency
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def disk_bytes(folder: Path) -> int:
 
 
 def main() -> int:
+    if "--fleet" in sys.argv[1:]:  # many cameras through `producer serve`, before and after: bench/bench_fleet.py
+        from bench import bench_fleet
+
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != "--fleet")]
+        return bench_fleet.main()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--image-size", type=int, default=256)

@@ -57,6 +57,8 @@ from schemas.errors import VsegError
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_TOTAL = 1 << 29  # a frame count at least this large is a placeholder for "not known yet", not a total
+
 
 def watch(
     job_id: str,
@@ -93,7 +95,8 @@ def watch(
                 if msg.random_weights:
                     log.warning("job %s runs with RANDOM WEIGHTS: its masks are meaningless", job_id)
                 if progress and bar is None:
-                    bar = tqdm(total=msg.num_frames, desc=f"job {job_id}", unit="frame", dynamic_ncols=True)
+                    total = msg.num_frames if 0 < msg.num_frames < UNKNOWN_TOTAL else None  # not a placeholder
+                    bar = tqdm(total=total, desc=f"job {job_id}", unit="frame", dynamic_ncols=True)
             elif isinstance(msg, messages.FrameResult):
                 frame = frame_json(msg)
                 frames.append(frame)
