@@ -65,8 +65,12 @@ class CameraStatus:
     outages: int = 0
     reconnects: int = 0
     frames: int = 0
-    _done: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # job -> (outages, reconnects, frames)
+    dropped_at_ingest: int = 0
+    ingest_fps: float | None = None
+    _done: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # job -> (outages, reconnects,
+    # frames, dropped at ingest) as last seen
     _samples: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
+    _ingest: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def starting(self, job_id: str) -> None:
@@ -102,15 +106,23 @@ class CameraStatus:
                 return
             if job_id not in self._done:
                 self._samples.clear()
-            per_job = self._done.get(job_id, (0, 0, 0))
+                self._ingest.clear()
+            per_job = self._done.get(job_id, (0, 0, 0, 0))
             outages = _int(fields.get("source_outages"))
             down = fields.get("source_state") == "down"
             reconnects = max(0, outages - (1 if down else 0))  # outages the source came back from
             frames = announced if announced is not None else per_job[2]
+            dropped = max(_int(fields.get("dropped_at_ingest")), per_job[3])
             self.outages += outages - per_job[0]
             self.reconnects += reconnects - per_job[1]
             self.frames += max(0, frames - per_job[2])
-            self._done = {job_id: (outages, reconnects, max(frames, per_job[2]))}
+            self.dropped_at_ingest += dropped - per_job[3]
+            self._done = {job_id: (outages, reconnects, max(frames, per_job[2]), dropped)}
+            self._ingest.append((now, max(frames, per_job[2]) + dropped))  # frames the source sent, kept or not
+            while len(self._ingest) > 2 and now - self._ingest[1][0] >= FPS_WINDOW_S:
+                self._ingest.popleft()
+            (i0, m0), (i1, m1) = self._ingest[0], self._ingest[-1]
+            self.ingest_fps = (m1 - m0) / (i1 - i0) if i1 - i0 >= 1.0 and self.state == "streaming" else None
             self.latency_p50_s = _float(fields.get("latency_p50_s"))
             self.latency_p95_s = _float(fields.get("latency_p95_s"))
             streaming = self.state == "streaming"
@@ -128,7 +140,9 @@ class CameraStatus:
             values: dict[str, object] = {
                 "camera": self.name, "state": self.state, "job": self.job, "daemon": owner, "url": url,
                 "reason": self.reason, "restarts": self.restarts, "outages": self.outages,
-                "reconnects": self.reconnects, "frames": self.frames, "updated_at": f"{time.time():.3f}",
+                "reconnects": self.reconnects, "frames": self.frames, "dropped_at_ingest": self.dropped_at_ingest,
+                "ingest_fps": "" if self.ingest_fps is None else f"{self.ingest_fps:.2f}",
+                "updated_at": f"{time.time():.3f}",
                 "source_up": "" if self.source_up is None else int(self.source_up),
                 "down_since": "" if self.down_since is None else f"{self.down_since:.3f}",
                 "fps": "" if self.fps is None else f"{self.fps:.2f}",
@@ -226,25 +240,30 @@ class FleetCollector(Collector):
         up = GaugeMetricFamily("vseg_camera_source_up", "1 while the camera's source sends frames", labels=["camera"])
         fps = GaugeMetricFamily("vseg_camera_processed_fps", "Frames segmented per second (last few seconds)",
                                 labels=["camera"])
+        ingest = GaugeMetricFamily("vseg_camera_ingest_fps", "Frames received from the source per second, kept or "
+                                   "dropped at ingest (last few seconds)", labels=["camera"])
         latency = GaugeMetricFamily("vseg_camera_latency_seconds", "Capture-to-result latency of the camera's job",
                                     labels=["camera", "quantile"])
         counters = {name: CounterMetricFamily(f"vseg_camera_{name}", text, labels=["camera"]) for name, text in (
             ("outages", "Times the camera's source went down"),
             ("reconnects", "Outages the source came back from (the producer reconnected)"),
             ("restarts", "New jobs submitted after one ended for any reason but a stop"),
-            ("frames_written", "Frames written and announced by the camera's jobs"))}
+            ("frames_written", "Frames written and announced by the camera's jobs"),
+            ("frames_dropped_at_ingest", "Frames dropped at ingest (not encoded: live_buffer_frames, fps)"))}
         for s in statuses:
             held.add_metric([s.name], 1)
             up.add_metric([s.name], 1 if s.source_up else 0)
             if s.fps is not None:
                 fps.add_metric([s.name], s.fps)
+            if s.ingest_fps is not None:
+                ingest.add_metric([s.name], s.ingest_fps)
             for quantile, value in (("0.5", s.latency_p50_s), ("0.95", s.latency_p95_s)):
                 if value is not None:
                     latency.add_metric([s.name, quantile], value)
             for name, value in (("outages", s.outages), ("reconnects", s.reconnects), ("restarts", s.restarts),
-                                ("frames_written", s.frames)):
+                                ("frames_written", s.frames), ("frames_dropped_at_ingest", s.dropped_at_ingest)):
                 counters[name].add_metric([s.name], value)
-        yield from (held, up, fps, latency, *counters.values())
+        yield from (held, up, fps, ingest, latency, *counters.values())
 
 
 def serve_metrics(settings: Settings, view: View, health: Probe, ready: Probe) -> MetricsServer | None:

@@ -221,13 +221,17 @@ def test_the_metrics_are_labelled_by_camera() -> None:
     status = CameraStatus("gate")
     status.enqueued("gate-1")
     status.observe("gate-1", {"frames_done": "10", "latency_p50_s": "0.2", "latency_p95_s": "0.3"}, 10, now=1.0)
+    status.observe("gate-1", {"frames_done": "20", "latency_p50_s": "0.2", "latency_p95_s": "0.3",
+                              "dropped_at_ingest": "40"}, 20, now=3.0)  # 2 s: 10 written and 40 dropped
     registry = CollectorRegistry()
     registry.register(FleetCollector(lambda: [(Camera("gate", "rtsp://cam/1"), status),
                                               (Camera("yard", "rtsp://cam/2"), None)]))
     text = generate_latest(registry).decode()
     for line in ('vseg_camera_held{camera="gate"} 1.0', 'vseg_camera_source_up{camera="gate"} 1.0',
                  'vseg_camera_latency_seconds{camera="gate",quantile="0.95"} 0.3',
-                 'vseg_camera_frames_written_total{camera="gate"} 10.0', 'vseg_camera_restarts_total{camera="gate"} 0.0',
+                 'vseg_camera_frames_written_total{camera="gate"} 20.0', 'vseg_camera_restarts_total{camera="gate"} 0.0',
+                 'vseg_camera_frames_dropped_at_ingest_total{camera="gate"} 40.0',
+                 'vseg_camera_ingest_fps{camera="gate"} 25.0',
                  'vseg_camera_outages_total{camera="gate"} 0.0', 'vseg_camera_reconnects_total{camera="gate"} 0.0'):
         assert line in text, text
     assert "yard" not in text  # not held here: its holder exports its series
