@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submission import submit  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
 from tests.fakes import FROM_ENV  # noqa: E402

@@ -45,7 +45,7 @@ import redis  # noqa: E402
 
 from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submission import submit  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 from schemas import messages  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submission import submit  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submission import submit  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 from schemas.names import TERMINAL_ENTRY_ID  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402

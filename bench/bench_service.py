@@ -37,7 +37,7 @@ from bench.common import SHARED_VIDEOS, ffmpeg_exe, looped_clip, machine  # noqa
 from producer.local_redis import RedisServer  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.results import follow  # noqa: E402
-from producer.submit import submit  # noqa: E402
+from producer.submission import submit  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 from schemas import messages  # noqa: E402
 

@@ -17,7 +17,7 @@ __all__ = ["PromptReply", "add_prompts", "build_prompts", "extract_frames", "fol
 
 def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays fast
     if name == "submit":
-        from producer.submit import submit
+        from producer.submission import submit
 
         return submit
     if name == "follow":

@@ -247,7 +247,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.live_source import check_source, is_live_source
     from producer.prompts import build_prompts
-    from producer.submit import submit
+    from producer.submission import submit
 
     args.video = check_source(args.video)  # an unsupported scheme (ftp://): one line; RTSP:// is rtsp://
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
@@ -266,7 +266,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
                     labels=args.labels)
     print(result.job_id, flush=True)
     if args.watch is not None:
-        return _watch(result.job_id, args.watch, settings, None)
+        return _watch(result.job_id, args.watch, settings, None, to_stderr=True)
     return 0
 
 
@@ -346,15 +346,19 @@ def _migrate(force: bool, settings: Settings) -> int:
     return 1 if done.conflicts else 0
 
 
-def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None) -> int:
+def _watch(job_id: str, out_dir: Path, settings: Settings, timeout_s: float | None, *, to_stderr: bool = False) -> int:
+    """`watch`: the masks' and the render's paths on stdout (`submit --watch`: on stderr, so that stdout holds
+    the job id alone and `JOB=$(python -m producer submit ... --watch DIR)` works)."""
     from producer.watching import watch
 
     check_redis(settings)  # down from the start: one line (later outages are waited out)
     result = watch(job_id, out_dir, settings=settings, progress=True, timeout_s=timeout_s)
     if result.random_weights:
         log.warning("these masks come from RANDOM WEIGHTS (smoke test): they are meaningless")
-    print(f"masks: {result.masks_json}")
-    print(f"video: {result.render_path}" if result.render_path else "video: none (submitted with --no-render)")
+    out = sys.stderr if to_stderr else sys.stdout
+    print(f"masks: {result.masks_json}", file=out)
+    print(f"video: {result.render_path}" if result.render_path else "video: none (submitted with --no-render)",
+          file=out)
     return 0
 
 

@@ -38,7 +38,7 @@ from producer.cameras import Camera, CameraKeys, Leases, load_cameras
 from producer.control import request_cancel
 from producer.fleet_status import CameraStatus, StatusPublisher, serve_metrics
 from producer.live_submit import submit_live
-from producer.submit import job_exists
+from producer.submission import job_exists
 from runtime.connection import connect
 from runtime.logs import configure_logging, run_cli
 from runtime.settings import Settings

@@ -48,7 +48,14 @@ from producer.live_source import (
 )
 from producer.planes import frame_payload
 from producer.streaming import abandon
-from producer.submit import Submitted, check_auto, enqueue_job, holding_submit_lock, job_exists, new_job_id
+from producer.submission import (
+    Submitted,
+    check_auto,
+    enqueue_job,
+    holding_submit_lock,
+    job_exists,
+    new_job_id,
+)
 from runtime.cleanup import job_ended
 from runtime.connection import connect
 from runtime.layout import ensure_layout

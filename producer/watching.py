@@ -82,8 +82,7 @@ def watch(
     require_job(job_id, settings=settings, client=client)
     if is_live(job_id, settings=settings, client=client):
         return watch_live(job_id, out_dir, settings=settings, client=client, progress=progress, timeout_s=timeout_s)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frames: list[dict[str, Any]] = []
+    frames: list[dict[str, Any]] = []  # out_dir is made only for masks.json: a failed job leaves none
     by_index: dict[int, dict[str, Any]] = {}
     changes: list[dict[str, Any]] = []
     started: messages.Started | None = None
@@ -137,6 +136,7 @@ def _finish(
         "frames": frames,
         "changes": changes,  # objects added, corrected, removed or refused on the running job, in stream order
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "masks.json"
     write_atomically(path, doc)
     return WatchResult(job_id, path, render_of(settings, done.render_path), done.num_frames, done.random_weights)

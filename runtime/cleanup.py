@@ -47,4 +47,8 @@ def remove_frames(settings: Settings, job_id: str) -> bool:
         return False
     shutil.rmtree(frames_dir, ignore_errors=True)
     log.info("removed the frames of job %s (%s)", job_id, frames_dir)
+    try:  # a job without a render leaves nothing else: no empty STORAGE_ROOT/jobs/<id>/ behind
+        frames_dir.parent.rmdir()
+    except OSError:
+        pass  # its render (or a live job's HLS) is there
     return True

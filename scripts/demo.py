@@ -25,7 +25,7 @@ from producer.decode import probe  # noqa: E402
 from producer.local_redis import ensure_redis  # noqa: E402
 from producer.prompts import build_prompts  # noqa: E402
 from producer.results import WatchResult  # noqa: E402
-from producer.submit import new_job_id, submit  # noqa: E402
+from producer.submission import new_job_id, submit  # noqa: E402
 from producer.watching import watch  # noqa: E402
 from runtime.logs import configure_logging  # noqa: E402
 from runtime.settings import Settings  # noqa: E402

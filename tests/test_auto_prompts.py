@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from producer.cli import main as producer_main
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import ConfigError, PromptError

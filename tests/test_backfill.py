@@ -18,7 +18,7 @@ import redis
 import torch
 
 from producer.decode import extract_frames
-from producer.submit import submit
+from producer.submission import submit
 from producer.watching import watch
 from runtime.settings import Settings
 from schemas import messages

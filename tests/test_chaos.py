@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from producer.local_redis import RedisServer
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.names import TERMINAL_ENTRY_ID

@@ -14,7 +14,7 @@ import redis
 
 from producer.control import cancel
 from producer.decode import extract_frames
-from producer.submit import enqueue_job, submit
+from producer.submission import enqueue_job, submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed

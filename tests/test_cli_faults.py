@@ -201,7 +201,7 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
     """Redis reaches maxmemory between the lock and the enqueue script (frames already decoded and, when
     streamed, announced): the script refuses the job (redis-py's OutOfMemoryError, RedisFull on the
     command line), no job, no frames stream, no frames on disk; room again, it goes."""
-    import producer.submit as submit_module
+    import producer.submission as submit_module
 
     storage = tmp_path / "storage"
     settings = Settings.load(environ={}, redis_url=private_redis.url, storage_root=storage)
@@ -263,7 +263,7 @@ def test_a_frames_stream_closed_by_the_worker_stops_the_producer(
 ) -> None:
     """Cut off long enough for the worker to close the frames stream (liveness key gone), the producer
     finds its next announcement refused and stops with JobFailed, not a raw Redis error."""
-    from producer.submit import submit
+    from producer.submission import submit
 
     slow_down_jpeg_writes(monkeypatch, 0.05)
     frames_stream = settings.keys.frames("closed")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.submit import submit
+from producer.submission import submit
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas import messages

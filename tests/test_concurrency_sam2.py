@@ -11,7 +11,7 @@ import pytest
 import redis
 import torch
 
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from tests.videos import disc_prompt, make_video

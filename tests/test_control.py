@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from producer.control import CancelAction, CancelResult, cancel, request_cancel
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas.names import TERMINAL_STATES, JobState
 from schemas.prompts import ObjectPrompt

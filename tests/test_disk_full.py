@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from producer.decode import extract_frames
-from producer.submit import submit
+from producer.submission import submit
 from runtime.faults import disk_fault, redact_url, redis_fault
 from runtime.logs import exit_code
 from runtime.settings import Settings

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.submit import submit
+from producer.submission import submit
 from runtime.connection import worker_client
 from runtime.settings import Settings
 from schemas.prompts import ObjectPrompt

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from producer.local_redis import RedisServer, free_port
-from producer.submit import submit
+from producer.submission import submit
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas import messages

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from producer.migrate import migrate
-from producer.submit import submit
+from producer.submission import submit
 from runtime.layout import ensure_layout
 from runtime.settings import Settings
 from schemas.errors import LayoutError

@@ -17,7 +17,7 @@ from redis.crc import key_slot
 
 from producer.control import cancel, request_stop
 from producer.running_prompts import add_prompts
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas.errors import InputError
 from schemas.names import JobState

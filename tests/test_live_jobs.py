@@ -175,7 +175,7 @@ def test_a_queued_live_job_holds_at_most_live_buffer_frames_and_starts_at_the_li
 
 
 def test_a_file_job_never_skips(video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
-    from producer.submit import submit
+    from producer.submission import submit
 
     submit(video, [point()], settings=live_settings, job_id="file")
     start_worker(live_settings, redis_client, delay_s=0.02).join(60)
@@ -204,7 +204,7 @@ def test_stop_ends_a_live_job_gracefully(video: Path, live_settings: Settings, r
 
 def test_stop_refuses_a_file_job_and_an_unknown_one(video: Path, live_settings: Settings,
                                                     redis_client: redis.Redis) -> None:
-    from producer.submit import submit
+    from producer.submission import submit
     from schemas.errors import UnknownJobError
 
     submit(video, [point()], settings=live_settings, job_id="a-file")

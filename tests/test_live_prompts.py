@@ -30,7 +30,7 @@ from producer.running_prompts import (
     remove_object,
     split_now,
 )
-from producer.submit import submit
+from producer.submission import submit
 from producer.watching import watch
 from runtime.limits import LimitError
 from runtime.settings import Settings

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from producer.results import UnknownJobError, follow
-from producer.submit import submit
+from producer.submission import submit
 from producer.watching import watch
 from runtime.settings import Settings
 from schemas import messages

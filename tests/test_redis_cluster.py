@@ -18,7 +18,7 @@ import redis
 from producer.control import cancel, status
 from producer.migrate import migrate
 from producer.stats import collect_stats
-from producer.submit import submit
+from producer.submission import submit
 from runtime.connection import connect, is_cluster
 from runtime.settings import Settings
 from schemas import messages

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-import producer.submit as submit_module
+import producer.submission as submit_module
 from runtime.limits import LimitError
 from runtime.settings import Settings
 from schemas.errors import PromptError, VideoError

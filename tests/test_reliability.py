@@ -18,7 +18,7 @@ from redis.commands.core import Script
 
 from producer.control import cancel, status
 from producer.local_redis import RedisServer
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import UnknownJobError

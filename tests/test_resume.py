@@ -14,7 +14,7 @@ import pytest
 import redis
 import torch
 
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.names import TERMINAL_ENTRY_ID

@@ -21,7 +21,7 @@ import redis
 
 from producer.decode import extract_frames, probe_header, probe_video
 from producer.orientation import UPRIGHT, Orientation, from_display_matrix
-from producer.submit import submit
+from producer.submission import submit
 from producer.watching import watch
 from runtime.settings import Settings
 from schemas import messages

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames

@@ -14,7 +14,7 @@ import redis
 
 import producer.decode as decode
 from producer.results import follow
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError, VideoError
@@ -175,7 +175,7 @@ def test_decoding_failure_after_enqueue_fails_the_job(
     ],
 )
 def test_expected_frames_from_the_header(clip: dict[str, Any], expected: int) -> None:
-    from producer.submit import ClipOptions
+    from producer.submission import ClipOptions
 
     assert ClipOptions(**clip).expected_frames(300, 30.0) == expected
     assert ClipOptions(**clip).expected_frames(0, 30.0) == 0  # unknown: checked while decoding instead

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-import producer.submit as submit_module
+import producer.submission as submit_module
 from producer.decode import VideoInfo
 from producer.handoff import EnqueueWhenDecoded
 from producer.streaming import StreamingEnqueue

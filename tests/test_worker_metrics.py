@@ -13,7 +13,7 @@ import redis
 
 from producer.control import cancel
 from producer.local_redis import RedisServer
-from producer.submit import submit
+from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from schemas.names import JobState
