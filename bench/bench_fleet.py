@@ -44,7 +44,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CACHE, ROOT, SHARED_VIDEOS, machine  # noqa: E402
+from bench.common import CACHE, ROOT, SHARED_VIDEOS, disk_bytes, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from schemas import messages  # noqa: E402
 from schemas.names import Keys  # noqa: E402
@@ -83,17 +83,6 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     return total + sum(cpu_seconds(c) for c in children(pid))
-
-
-def disk_bytes(folder: Path) -> int:
-    """Bytes under `folder`; files removed while it is walked count 0."""
-    total = 0
-    for f in folder.rglob("*") if folder.exists() else ():
-        try:
-            total += f.stat().st_size if f.is_file() else 0
-        except FileNotFoundError:
-            continue
-    return total
 
 
 @dataclass

@@ -32,7 +32,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CACHE, ROOT, SHARED_VIDEOS, looped_clip, machine  # noqa: E402
+from bench.common import CACHE, ROOT, SHARED_VIDEOS, disk_bytes, looped_clip, machine  # noqa: E402
 from producer.local_redis import RedisServer  # noqa: E402
 from schemas import messages  # noqa: E402
 from schemas.names import Keys  # noqa: E402
@@ -62,17 +62,6 @@ def children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def disk_bytes(folder: Path) -> int:
-    """Bytes under `folder`; files removed while it is walked (processed JPEGs, old segments) count 0."""
-    total = 0
-    for f in folder.rglob("*") if folder.exists() else ():
-        try:
-            total += f.stat().st_size if f.is_file() else 0
-        except FileNotFoundError:
-            continue
-    return total
 
 
 def main() -> int:

@@ -28,6 +28,17 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
+def disk_bytes(folder: Path) -> int:
+    """Bytes under `folder`; files removed while it is walked (processed JPEGs, old segments) count 0."""
+    total = 0
+    for f in folder.rglob("*") if folder.exists() else ():
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def looped_clip(source: Path, num_frames: int, *, size_wh: tuple[int, int] | None = None) -> Path:
     """An H.264 clip of exactly `num_frames` frames made from `source`, played forwards then backwards
     as often as needed (ping-pong keeps motion continuous), optionally resized. Cached."""

@@ -30,7 +30,7 @@ from runtime.settings import Settings
 from schemas.names import TERMINAL_STATES
 from tests.live_servers import LiveServer, free_port, hls_playlist, missing_tools, rtsp_source, ts_over_tcp
 from tests.videos import make_video
-from tests.workers import ROOT, WorkerProcess, stop_all, wait_for, worker_env
+from tests.workers import ROOT, LoggedProcess, WorkerProcess, stop_all, wait_for, worker_env
 
 SIZE = (96, 64)
 LEASE_S = 2.0
@@ -48,39 +48,20 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_video(tmp_path_factory.mktemp("fleet") / "clip.mp4", num_frames=60, size_wh=SIZE, fps=30)
 
 
-class Daemon:
+class Daemon(LoggedProcess):
     """`python -m producer.fleet serve` in a subprocess, its log in a file."""
 
     def __init__(self, settings: Settings, cameras: Path, log_dir: Path, name: str, *, metrics_port: int = 0,
                  env: dict[str, str] | None = None) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         args = [sys.executable, "-m", "producer.fleet", "serve", "--cameras", str(cameras), "--lease-s", str(LEASE_S)]
         if metrics_port:
             args += ["--metrics-port", str(metrics_port)]
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **FAST, **(env or {})}, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout_s: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        finally:
-            if self.proc.poll() is not None:
-                self._log.close()
+        super().__init__(args, {**worker_env(settings), **FAST, **(env or {})}, log_dir, name)
 
     def started(self) -> None:
         """Wait until it serves (its first log line says so); AssertionError with its log if it exited."""
         wait_for(lambda: "serving" in self.log() or self.proc.poll() is not None, 60, "the daemon started")
         assert self.proc.poll() is None, self.log()[-3000:]
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
 
 
 class Watcher:

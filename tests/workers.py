@@ -33,22 +33,16 @@ def fake_env(*, delay_s: float = 0.0, busy: bool = False, faults: dict[str, dict
             "VSEG_FAKE_BUSY": "1" if busy else "", "VSEG_FAKE_FAULTS": json.dumps(faults or {})}
 
 
-class WorkerProcess:
-    """`python -m worker` with the fake segmenter in a subprocess, its log in a file. `faults`: job id (or
-    "*") to {"crash_at" | "transient_at" | "block_at": frame} (tests/fakes.py). Every one started is in
-    `STARTED` until it has exited: tests/conftest.py kills those a test left running (a failed assertion
-    before its `finally`), so that no worker outlives its test."""
+class LoggedProcess:
+    """A process of this project (`args` run from the repository's root) with its output in `log_dir/name.log`.
+    Every one started is in `STARTED` until it has exited: tests/conftest.py kills those a test left running
+    (a failed assertion before its `finally`), so that none outlives its test."""
 
-    def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
-                 delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 busy: bool = False, faults: dict[str, dict[str, int]] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        args = [sys.executable, "-m", "worker", "--name", name, "--lease", str(lease_s), *(extra or [])]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**worker_env(settings), **fake_env(delay_s=delay_s, busy=busy, faults=faults),
-                                                     **(env or {})}, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         STARTED.append(self)
 
     def signal(self, sig: int) -> None:
@@ -75,11 +69,23 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-STARTED: list[WorkerProcess] = []
+class WorkerProcess(LoggedProcess):
+    """`python -m worker` with the fake segmenter in a subprocess, its log in a file. `faults`: job id (or
+    "*") to {"crash_at" | "transient_at" | "block_at": frame} (tests/fakes.py)."""
+
+    def __init__(self, settings: Settings, name: str, log_dir: Path, *, lease_s: float = 1.0,
+                 delay_s: float = 0.05, extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 busy: bool = False, faults: dict[str, dict[str, int]] | None = None) -> None:
+        args = [sys.executable, "-m", "worker", "--name", name, "--lease", str(lease_s), *(extra or [])]
+        super().__init__(args, {**worker_env(settings), **fake_env(delay_s=delay_s, busy=busy, faults=faults),
+                                **(env or {})}, log_dir, name)
+
+
+STARTED: list[LoggedProcess] = []
 
 
 def kill_leftovers() -> list[str]:
-    """Kill every WorkerProcess still running (a test's leftovers); their names."""
+    """Kill every LoggedProcess (a worker, a daemon) still running (a test's leftovers); their names."""
     left = [w for w in STARTED if w.alive()]
     for w in left:
         w.kill()

@@ -211,9 +211,8 @@ class ResultSink:
             self.error = e
 
     def _render(self, writer: MaskVideoWriter | HlsWriter, out: FrameMasks) -> None:
-        path = self.frames.path(out.frame_idx)
-        if self.live is not None and not path.exists():  # a live frame the session took (renamed it)
-            path = self.live.streamed.taken_path(out.frame_idx)
+        # a live frame processed was taken by the session: renamed (worker/sources/live.py)
+        path = self.live.streamed.taken_path(out.frame_idx) if self.live is not None else self.frames.path(out.frame_idx)
         image = out.image_rgb if out.image_rgb is not None else read_frame_bgr(path)
         rgb = out.image_rgb is not None  # decoded already by the segmenter
         names = {obj_id: label for obj_id, (label, _) in out.labels.items()} if out.labels else None
