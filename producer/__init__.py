@@ -1,6 +1,11 @@
 """Client side: decode videos into frame directories, submit jobs, follow their results.
 
-Python API for backends:
+Python API for backends (README "Python quickstart"):
+
+    from producer import Client, AsyncClient, Prompt          # the client, its asyncio twin, prompts
+    from producer import Job, AsyncJob, Frame, Update, TrackedObject, Event, JobStatus  # what they hand back
+
+The functions the command line is made of, each a thin layer the client uses too:
 
     from producer import submit, follow, watch, extract_frames, build_prompts
     from producer import add_prompts, remove_object, PromptReply   # prompts on a running job
@@ -9,43 +14,30 @@ Python API for backends:
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["PromptReply", "add_prompts", "build_prompts", "extract_frames", "follow", "remove_object", "request_stop",
-           "submit", "submit_live", "watch"]
+# Each name and the module it lives in. No module of this package is named like a name here (a test checks),
+# so importing a submodule never replaces a name with a module.
+_WHERE = {
+    "Client": "producer.client", "Job": "producer.client", "AsyncClient": "producer.async_client",
+    "AsyncJob": "producer.async_client", "Frame": "producer.client_items", "Update": "producer.client_items",
+    "TrackedObject": "producer.client_items", "JobStatus": "producer.client_items", "Event": "producer.events",
+    "Prompt": "schemas.prompts", "submit": "producer.submission", "follow": "producer.results",
+    "watch": "producer.watching", "add_prompts": "producer.running_prompts",
+    "remove_object": "producer.running_prompts", "PromptReply": "producer.running_prompts",
+    "submit_live": "producer.live_submit", "request_stop": "producer.control", "extract_frames": "producer.decode",
+    "build_prompts": "producer.prompts",
+}
+_RENAMED = {"Prompt": "ObjectPrompt"}
+
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:  # lazy, so `python -m producer --help` stays fast
-    if name == "submit":
-        from producer.submission import submit
-
-        return submit
-    if name == "follow":
-        from producer.results import follow
-
-        return follow
-    if name == "watch":
-        from producer.watching import watch
-
-        return watch
-    if name in ("add_prompts", "remove_object", "PromptReply"):
-        from producer import running_prompts
-
-        return getattr(running_prompts, name)
-    if name == "submit_live":
-        from producer.live_submit import submit_live
-
-        return submit_live
-    if name == "request_stop":
-        from producer.control import request_stop
-
-        return request_stop
-    if name == "extract_frames":
-        from producer.decode import extract_frames
-
-        return extract_frames
-    if name == "build_prompts":
-        from producer.prompts import build_prompts
-
-        return build_prompts
-    raise AttributeError(name)
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'producer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
+    globals()[name] = value  # looked up once
+    return value

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 OnFrames = Callable[[int], None]
 Enqueue = Callable[[JobMessage], bool]  # the atomic enqueue: True enqueued, False the job already existed
+OnEnqueued = Callable[[str], None]  # told the job id once the job is on the jobs stream (from the decoding thread)
 
 
 class Extract(Protocol):
@@ -46,16 +47,20 @@ class Handoff(ABC):
     directory, and whether the enqueue was tried: set before the attempt, because an error (or an
     interrupt) may leave it done on the server without its result stored here."""
 
-    def __init__(self, job: JobMessage, frames_dir: Path, enqueue: Enqueue) -> None:
+    def __init__(self, job: JobMessage, frames_dir: Path, enqueue: Enqueue,
+                 on_enqueued: OnEnqueued | None = None) -> None:
         self.job: JobMessage = job
         self.frames_dir: Path = frames_dir
         self.enqueued: bool = False
         self.tried_enqueue: bool = False
         self._enqueue = enqueue
+        self._on_enqueued = on_enqueued
 
     def enqueue(self, job: JobMessage) -> bool:
         self.tried_enqueue = True
         self.enqueued = self._enqueue(job)
+        if self.enqueued and self._on_enqueued is not None:
+            self._on_enqueued(job.job_id)
         return self.enqueued
 
     def running(self) -> AbstractContextManager[object]:

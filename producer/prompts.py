@@ -75,6 +75,27 @@ def _from_json(json_file: Path) -> list[dict[str, Any]]:
     return out
 
 
+def merge_prompts(prompts: Sequence[ObjectPrompt]) -> list[ObjectPrompt]:
+    """One ObjectPrompt per (obj_id, frame_idx): the points of each, and its one box (two boxes raise
+    PromptError), ordered by frame then object."""
+    grouped: dict[tuple[int, int], list[ObjectPrompt]] = {}
+    for p in prompts:
+        grouped.setdefault((p.obj_id, p.frame_idx), []).append(p)
+    out = []
+    for (obj_id, frame_idx), group in sorted(grouped.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        boxes = [p.box_xyxy for p in group if p.box_xyxy is not None]
+        if len(boxes) > 1:
+            raise PromptError(f"object {obj_id} has two boxes on frame {frame_idx}; SAM 2 takes one box per object "
+                              "and frame")
+        prompt = ObjectPrompt(obj_id=obj_id, frame_idx=frame_idx,
+                              points_xy=tuple(xy for p in group for xy in p.points_xy),
+                              labels=tuple(label for p in group for label in p.labels),
+                              box_xyxy=boxes[0] if boxes else None)
+        check_prompt_shape(prompt)
+        out.append(prompt)
+    return out
+
+
 def build_prompts(
     points: Sequence[str] = (), boxes: Sequence[str] = (), json_file: Path | None = None
 ) -> list[ObjectPrompt]:

@@ -19,7 +19,7 @@ from msgspec.structs import replace
 from producer.announce import FrameAnnouncer
 from producer.background import in_background_thread
 from producer.decode import VideoInfo
-from producer.handoff import Enqueue, Extract, Handoff
+from producer.handoff import Enqueue, Extract, Handoff, OnEnqueued
 from producer.job_dir import remove_job_dir
 from producer.liveness import redis_unavailable
 from runtime.cleanup import job_ended, remove_frames
@@ -42,10 +42,10 @@ class StreamingEnqueue(Handoff):
     frames, so nothing is announced after the error marker."""
 
     def __init__(self, client: redis.Redis, settings: Settings, job: JobMessage, frames_dir: Path,
-                 enqueue: Enqueue) -> None:
+                 enqueue: Enqueue, on_enqueued: OnEnqueued | None = None) -> None:
         keys = settings.keys
         super().__init__(replace(job, frames_stream=keys.frames(job.job_id), producer_ttl_s=settings.producer_ttl_s),
-                         frames_dir, enqueue)
+                         frames_dir, enqueue, on_enqueued)
         self.client: redis.Redis = client
         self.settings: Settings = settings
         self.need: int = max((p.frame_idx for p in job.prompts), default=0) + 1  # frames on disk before it starts

@@ -21,7 +21,7 @@ from redis.lock import Lock
 from producer.decode import VideoHeader, VideoInfo, extract_frames, probe_header
 from producer.enqueue import enqueue
 from producer.enqueue import job_exists as enqueue_job_exists
-from producer.handoff import EnqueueWhenDecoded, Handoff, OnFrames
+from producer.handoff import EnqueueWhenDecoded, Handoff, OnEnqueued, OnFrames
 from producer.job_dir import frames_dir_of, make_fresh
 from producer.streaming import StreamingEnqueue
 from runtime.connection import connect
@@ -95,6 +95,7 @@ def submit(
     resume: bool = True,
     auto: messages.AutoOptions | None = None,
     labels: Sequence[str] = (),
+    on_enqueued: OnEnqueued | None = None,
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -111,7 +112,8 @@ def submit(
     Redis errors are redis-py's (the command line turns them into one line with
     `runtime.faults.redis_fault`): down or hung from the start, raised before anything is decoded; at
     maxmemory (OutOfMemoryError), the job is refused. Either way no half-made job remains, and the
-    frames of a job that was never enqueued are removed.
+    frames of a job that was never enqueued are removed. `on_enqueued` is told the job id as soon as the job
+    is on the jobs stream (from the decoding thread), while decoding goes on: `producer.client` returns there.
     """
     client = client or connect(settings)
     keys = settings.keys
@@ -130,7 +132,7 @@ def submit(
             return Submitted(job_id, created=False)
         clip = ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress)
         return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render,
-                                   resume=resume, auto=auto, labels=tuple(labels))
+                                   resume=resume, auto=auto, labels=tuple(labels), on_enqueued=on_enqueued)
 
 
 def check_auto(auto: messages.AutoOptions | None, labels: Sequence[str], width: int, height: int) -> None:
@@ -208,6 +210,7 @@ def _decode_and_enqueue(
     resume: bool,
     auto: messages.AutoOptions | None = None,
     labels: tuple[str, ...] = (),
+    on_enqueued: OnEnqueued | None = None,
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
     frames directory, check again against what was decoded, enqueue once (`enqueue_job`), and on any error
@@ -235,8 +238,8 @@ def _decode_and_enqueue(
     def enqueue(job: messages.JobMessage) -> bool:
         return enqueue_job(client, settings.keys, job)
 
-    handoff: Handoff = (StreamingEnqueue(client, settings, job, frames_dir, enqueue) if stream
-                        else EnqueueWhenDecoded(job, frames_dir, enqueue))
+    handoff: Handoff = (StreamingEnqueue(client, settings, job, frames_dir, enqueue, on_enqueued) if stream
+                        else EnqueueWhenDecoded(job, frames_dir, enqueue, on_enqueued))
 
     def extract(*, atomic: bool = True, on_frames: OnFrames | None = None) -> VideoInfo:
         return extract_frames(video, frames_dir, jpeg_quality=settings.jpeg_quality,

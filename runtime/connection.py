@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import redis
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
@@ -85,6 +88,18 @@ def _cluster(settings: Settings, *, timeout_s: float, connect_timeout_s: float, 
                               f"not enabled on it): set VSEG_REDIS_CLUSTER=off, or point REDIS_URL at a cluster "
                               f"node") from None
         raise redis.ConnectionError(f"no node of the Redis Cluster answers ({e})") from None
+
+
+def connect_async(settings: Settings, *, retries: int = 5) -> redis.asyncio.Redis:
+    """`connect`'s twin for asyncio (redis.asyncio): the same URL, timeouts and retries; a RedisCluster with
+    `redis_cluster` on."""
+    retry = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries=retries)
+    kwargs: dict[str, Any] = {"socket_timeout": settings.socket_timeout_s, "socket_connect_timeout": 5.0,
+                              "retry": retry}
+    if settings.redis_cluster == "on":
+        return cast(redis.asyncio.Redis, AsyncRedisCluster.from_url(settings.redis_url, **kwargs))
+    return redis.asyncio.Redis.from_url(settings.redis_url, health_check_interval=15,
+                                        retry_on_error=[redis.ConnectionError, redis.TimeoutError], **kwargs)
 
 
 QUICK_RETRIES = 1

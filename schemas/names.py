@@ -103,6 +103,11 @@ class Keys:
         """Lock held by the one submit that decodes and enqueues a job id (a duplicate waits on it)."""
         return f"{self.job(job_id)}:submit-lock"
 
+    def terminal_seen(self, job_id: str, group: str) -> str:
+        """The id of the terminal entry copy on vseg:events that consumer group `group` handed out for a job
+        (producer/events.py: later copies are duplicates); expires with the job's results."""
+        return f"{self.job(job_id)}:terminal-seen:{group}"
+
     def worker_health(self, worker: str) -> str:
         """Key a live worker refreshes (JSON: worker, host, at, jobs_done, state idle/busy/broken, reason,
         job_id, frames_done); it expires when the worker stops."""

@@ -25,6 +25,16 @@ class ObjectPrompt:
     labels: tuple[int, ...] = field(default_factory=tuple)
     box_xyxy: tuple[float, float, float, float] | None = None
 
+    @classmethod
+    def point(cls, obj_id: int, x: float, y: float, *, frame: int = 0, label: int = 1) -> ObjectPrompt:
+        """A point on object `obj_id` (label 1 foreground, 0 background) on frame `frame`, in displayed pixels."""
+        return cls(obj_id=obj_id, frame_idx=frame, points_xy=((float(x), float(y)),), labels=(label,))
+
+    @classmethod
+    def box(cls, obj_id: int, x0: float, y0: float, x1: float, y1: float, *, frame: int = 0) -> ObjectPrompt:
+        """A box around object `obj_id` on frame `frame`, in displayed pixels."""
+        return cls(obj_id=obj_id, frame_idx=frame, box_xyxy=(float(x0), float(y0), float(x1), float(y1)))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "obj_id": self.obj_id,

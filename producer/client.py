@@ -1,0 +1,308 @@
+"""The client a backend writes against: `Client` (and `AsyncClient`, its asyncio twin with the same names,
+producer/async_client.py), with a `Job` handle per job.
+
+    from producer import Client, Prompt
+
+    client = Client.from_url("redis://localhost:6379/0")         # or Client() for the settings of this machine
+    job = client.submit("match.mp4", prompts=[Prompt.point(1, 320, 240)])  # returns once the job is enqueued
+    for item in job.follow():                                   # Frame, Update, ObjectChange, Started, terminal
+        ...
+
+`submit` returns as soon as the job is on the jobs stream: a file is decoded in a background thread (a
+non-daemon thread, so a script that ends after submitting still hands over every frame), a live source
+ingested in one until it ends, `Job.stop()` or `Client.close()`. Errors before the enqueue raise from
+`submit`; errors after it reach the job's results, as for the command line (the worker fails the job), and
+`Job.submit_result()` re-raises them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from producer import control, running_prompts
+from producer.client_items import (
+    BEFORE_TERMINAL,
+    TERMINAL,
+    Item,
+    JobStatus,
+    ResultCursor,
+    Terminal,
+    status_fields,
+)
+from producer.events import Events
+from producer.prompts import build_prompts, merge_prompts
+from producer.source_urls import is_live_source
+from producer.submission import Submitted
+from runtime.connection import connect
+from runtime.faults import redact_url
+from runtime.settings import Settings
+from schemas import messages
+from schemas.errors import UnknownJobError
+from schemas.names import validate_job_id
+from schemas.prompts import ObjectPrompt
+
+log = logging.getLogger(__name__)
+
+APPEAR_S = 30.0  # how long follow/wait wait for a job id nobody has enqueued yet, by default
+XREAD_COUNT = 256  # entries per read, at most
+
+
+def prompts_of(prompts: Sequence[ObjectPrompt], points: Sequence[str], boxes: Sequence[str]) -> list[ObjectPrompt]:
+    """`prompts` plus the command line's `--point`/`--box` specs ("1:320,240", "2:0,0,50,60@5"), grouped per
+    object and frame. Raises PromptError naming the bad spec."""
+    return merge_prompts([*prompts, *build_prompts(points=list(points), boxes=list(boxes))])
+
+
+class BackgroundSubmit:
+    """A submit run in its own thread: the caller waits until the job is enqueued (or the submit failed
+    before that), the thread goes on decoding or ingesting."""
+
+    def __init__(self, run: Callable[[Callable[[str], None]], Submitted], *, live: bool, name: str) -> None:
+        self.live = live
+        self.enqueued = threading.Event()
+        self.finished = threading.Event()
+        self.result: Submitted | None = None
+        self.error: BaseException | None = None
+        self.job_id = ""
+        self._run = run
+        self.thread = threading.Thread(target=self._main, name=name, daemon=live)
+
+    def _on_enqueued(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.enqueued.set()
+
+    def _main(self) -> None:
+        try:
+            self.result = self._run(self._on_enqueued)
+        except BaseException as e:  # handed to the caller (before the enqueue) or to submit_result (after)
+            self.error = e
+            if self.enqueued.is_set():
+                log.warning("job %s: %s after the job was enqueued: %s (the job fails with it)", self.job_id,
+                            "ingest failed" if self.live else "decoding failed", e)
+        finally:
+            self.finished.set()
+
+    def start_and_wait(self) -> str:
+        """Start, and return the job id once enqueued; raise the submit's error if it failed before."""
+        self.thread.start()
+        while not self.enqueued.wait(0.05):
+            if self.finished.is_set():
+                break
+        if self.enqueued.is_set():
+            return self.job_id
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None  # finished without an enqueue: the job id existed already
+        return self.result.job_id
+
+    def wait(self, timeout_s: float | None) -> Submitted:
+        if not self.finished.wait(timeout_s):
+            raise TimeoutError(f"the submit of job {self.job_id} is still running after {timeout_s:g} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class Client:
+    """One Redis connection and the service's settings; thread-safe (redis-py's pool)."""
+
+    def __init__(self, settings: Settings | None = None, *, redis_url: str | None = None,
+                 redis_client: redis.Redis | None = None) -> None:
+        """`settings`: default `Settings.load()` (configs/service.yaml, then VSEG_* and REDIS_URL from the
+        environment); `redis_url` overrides its Redis. `redis_client`: a redis-py client to use instead of a new one."""
+        if settings is None:
+            settings = Settings.load(redis_url=redis_url)
+        elif redis_url is not None:
+            settings = dataclasses.replace(settings, redis_url=redis_url)
+        self.settings: Settings = settings
+        self.redis: redis.Redis = redis_client or connect(self.settings)
+        self._submits: list[BackgroundSubmit] = []
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, redis_url: str, **settings: Any) -> Client:
+        """A client for the Redis at `redis_url`; other settings by name (`key_prefix="vseg"`, `storage_root=...`),
+        the rest from configs/service.yaml and the environment."""
+        return cls(Settings.load(redis_url=redis_url, **settings))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, video: str | Path, prompts: Sequence[ObjectPrompt] = (), *, points: Sequence[str] = (),
+               boxes: Sequence[str] = (), job_id: str | None = None, live: bool | None = None, render: bool = True,
+               auto: messages.AutoOptions | None = None, labels: Sequence[str] = (), resume: bool = True,
+               max_frames: int | None = None, stride: int = 1, start_s: float | None = None,
+               end_s: float | None = None, duration_s: float | None = None, realtime: bool = False,
+               max_fps: float | None = None) -> Job:
+        """Enqueue a job and return its handle as soon as it is enqueued.
+
+        `video`: a file (decoded in the background), or a live source (a URL such as rtsp://..., or
+        /dev/videoN; `live=True` plays a file as one, at its own rate). `prompts` (`Prompt.point`,
+        `Prompt.box`) and/or the command line's `points`/`boxes` specs. The other options are `submit`'s on
+        the command line (`python -m producer submit --help`). The same `job_id` twice gives one job.
+        Raises before anything is enqueued, with nothing left behind: VideoError, PromptError, LimitError,
+        JobIdError, SourceUnavailable (a live source that cannot be opened), redis-py's errors."""
+        if self._closed:
+            raise RuntimeError("this client is closed")
+        all_prompts = prompts_of(prompts, points, boxes)
+        source = str(video)
+        is_live = live if live is not None else is_live_source(source)
+        settings, client = self.settings, self.redis
+        if is_live:
+            from producer.live_submit import submit_live
+
+            def run(on_enqueued: Callable[[str], None]) -> Submitted:
+                return submit_live(source, all_prompts, settings=settings, client=client, job_id=job_id,
+                                   duration_s=duration_s, realtime=realtime or (live is True and Path(source).exists()),
+                                   render=render, auto=auto, labels=labels, on_enqueued=on_enqueued, max_fps=max_fps)
+        else:
+            from producer.submission import submit
+
+            def run(on_enqueued: Callable[[str], None]) -> Submitted:
+                return submit(Path(source), all_prompts, settings=settings, client=client, job_id=job_id,
+                              max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, render=render,
+                              resume=resume, auto=auto, labels=labels, on_enqueued=on_enqueued)
+        background = BackgroundSubmit(run, live=is_live, name=f"submit-{job_id or 'new'}")
+        if is_live and not any(s.live for s in self._submits):
+            atexit.register(self.close)  # ends live ingests gracefully at exit (daemon threads are not joined)
+        self._submits.append(background)
+        return Job(self, background.start_and_wait(), background)
+
+    def job(self, job_id: str) -> Job:
+        """The handle of an existing job (follow and wait wait for it to appear)."""
+        return Job(self, validate_job_id(job_id))
+
+    def events(self, group: str, consumer: str, *, start: str = "$", claim_idle_s: float = 60.0) -> Events:
+        """Every job's lifecycle on vseg:events through consumer group `group` (created if missing, reading from
+        `start`: "$" the events after now, "0" all kept); see producer/events.py."""
+        return Events(self.redis, self.settings, group, consumer, start=start, claim_idle_s=claim_idle_s)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop live ingests this client runs (each job then completes, as with `Job.stop()`) and wait for
+        background decodes to hand over their last frame."""
+        self._closed = True
+        for background in self._submits:
+            if background.live and background.job_id and not background.finished.is_set():
+                try:
+                    control.request_stop(background.job_id, settings=self.settings, client=self.redis)
+                except Exception as e:  # noqa: BLE001 - closing: say it, go on with the others
+                    log.warning("job %s: could not stop its ingest (%s)", background.job_id, e)
+        for background in self._submits:
+            background.finished.wait(timeout_s)
+
+
+class Job:
+    """A handle on one job. Cheap: it holds an id and its client; every method asks Redis."""
+
+    def __init__(self, client: Client, job_id: str, background: BackgroundSubmit | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self._background = background
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    @property
+    def _settings(self) -> Settings:
+        return self.client.settings
+
+    def follow(self, *, timeout_s: float | None = None, appear_s: float = APPEAR_S) -> Iterator[Item]:
+        """Yield the job's results from its start, in stream order (producer/client_items.py): `Started`,
+        then `Frame`s, with `ObjectChange`s and `Update`s in their places, then the terminal entry (`Completed`,
+        `Failed`, `Cancelled` or `Dead`), and stop. Blocks while the job runs; waits out a Redis outage.
+        Raises UnknownJobError if the job has not appeared within `appear_s`, TimeoutError after `timeout_s`
+        without a new entry."""
+        self._appear(appear_s)
+        cursor = ResultCursor(self._settings.keys.results(self.id))
+        last_seen = time.monotonic()
+        while not cursor.done:
+            reply = self._xread(cursor.stream, cursor.last_id)
+            if not reply:
+                if timeout_s is not None and time.monotonic() - last_seen > timeout_s:
+                    raise TimeoutError(f"no result for job {self.id} in {timeout_s:g} s")
+                continue
+            last_seen = time.monotonic()
+            yield from cursor.take(reply[0][1])
+
+    def wait(self, timeout_s: float | None = None, *, appear_s: float = APPEAR_S) -> Terminal:
+        """Wait for the job to end and return its terminal entry (`Completed`, `Failed`, `Cancelled`, `Dead`):
+        an ended job is not an error here. Raises TimeoutError after `timeout_s`, UnknownJobError as `follow`."""
+        started = time.monotonic()
+        self._appear(appear_s)
+        cursor = ResultCursor(self._settings.keys.results(self.id), last_id=BEFORE_TERMINAL)
+        while True:
+            reply = self._xread(cursor.stream, cursor.last_id)
+            for item in cursor.take(reply[0][1] if reply else ()):
+                if isinstance(item, TERMINAL):
+                    return item
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"job {self.id} has not ended within {timeout_s:g} s ({self.status().state})")
+
+    def status(self) -> JobStatus:
+        """The job's state hash, typed. Raises UnknownJobError (never submitted, or expired)."""
+        raw = cast(dict[bytes, bytes], self.client.redis.hgetall(self._settings.keys.job(self.id)))
+        if not raw:
+            raise UnknownJobError(f"no job {self.id!r} in Redis at {redact_url(self._settings.redis_url)} "
+                                  f"(never submitted, or expired)")
+        return JobStatus.of(self.id, status_fields(raw))
+
+    def prompt(self, prompts: Sequence[ObjectPrompt] = (), *, points: Sequence[str] = (), boxes: Sequence[str] = (),
+               now: bool = False, wait_s: float = 10.0) -> running_prompts.PromptReply:
+        """Add objects to the running job or correct its objects, from each prompt's frame on (`now`: from the
+        next frame its worker processes); waits up to `wait_s` for what the worker did (`reply.changes`).
+        Raises, with nothing sent, as `python -m producer prompt` refuses (PromptError, JobEndedError, ...)."""
+        points, now_p = running_prompts.split_now(points)  # the command line's `@now` works here too
+        boxes, now_b = running_prompts.split_now(boxes)
+        return running_prompts.add_prompts(self.id, prompts_of(prompts, points, boxes), settings=self._settings,
+                                           now=now or now_p or now_b, wait_s=wait_s, client=self.client.redis)
+
+    def remove(self, obj_id: int, *, wait_s: float = 10.0) -> running_prompts.PromptReply:
+        """Stop tracking object `obj_id` from the next frame the worker processes."""
+        return running_prompts.remove_object(self.id, obj_id, settings=self._settings, wait_s=wait_s,
+                                             client=self.client.redis)
+
+    def cancel(self) -> control.CancelResult:
+        """Cancel the job (idempotent: an ended job is left as it is, and the result says so)."""
+        return control.request_cancel(self.id, settings=self._settings, client=self.client.redis)
+
+    def stop(self) -> str:
+        """End a live job gracefully (its last frames published, then `completed`); InputError on a file job."""
+        return control.request_stop(self.id, settings=self._settings, client=self.client.redis)
+
+    def submit_result(self, timeout_s: float | None = None) -> Submitted | None:
+        """For a job this client submitted: wait for its decode (or live ingest) to end, and return what it
+        did, or raise its error. None for a handle from `client.job()`."""
+        return None if self._background is None else self._background.wait(timeout_s)
+
+    def _appear(self, appear_s: float) -> None:
+        keys, deadline = self._settings.keys, time.monotonic() + appear_s
+        while not (self.client.redis.exists(keys.job(self.id)) or self.client.redis.exists(keys.results(self.id))):
+            if time.monotonic() > deadline:
+                raise UnknownJobError(f"no job {self.id!r} in Redis at {redact_url(self._settings.redis_url)} after "
+                                      f"{appear_s:g} s (wrong REDIS_URL or key_prefix, or expired?)")
+            time.sleep(0.1)
+
+    def _xread(self, stream: str, last_id: str) -> list[Any]:
+        """One blocking XREAD; a Redis outage is waited out with backoff (logged), not raised."""
+        backoff_s = 0.1
+        while True:
+            try:
+                return cast(list[Any], self.client.redis.xread({stream: last_id}, count=XREAD_COUNT,
+                                                               block=self._settings.block_ms) or [])
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", self.id, e, backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
