@@ -8,11 +8,14 @@ import ast
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from runtime.settings import Settings
+from schemas import messages
 from tests.videos import disc_prompt, make_video
 from tests.workers import ROOT, worker_env
 
@@ -73,3 +76,61 @@ print(first.job_id, second.job_id)
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=worker_env(settings), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["twice-1", "twice-2"], done.stderr
+
+
+def readme_python(section: str) -> str:
+    """The ```python block of the README section titled `section`."""
+    text = (ROOT / "README.md").read_text()
+    body = text[text.index(f"\n## {section}\n"):]
+    return body[body.index("```python\n") + len("```python\n"):body.index("\n```", body.index("```python"))]
+
+
+README_URL = "redis://localhost:6379/0"
+
+
+@pytest.mark.integration
+def test_the_readmes_python_quickstart_runs_as_shown_twice(settings: Settings, tmp_path: Path) -> None:
+    """The quickstart's code, with only its Redis URL swapped for the test's, run twice in one interpreter
+    from a folder holding `match.mp4`, against a worker."""
+    from tests.workers import WorkerProcess, stop_all
+
+    code = readme_python("Python quickstart")
+    assert code.count("\n") <= 10 and README_URL in code
+    make_video(tmp_path / "match.mp4", num_frames=8, size_wh=(640, 480), fps=10)
+    program = "\n".join([f"exec({code.replace(README_URL, settings.redis_url)!r})"] * 2)
+    worker = WorkerProcess(settings, "w-readme", tmp_path, delay_s=0.0)
+    try:
+        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=180, env={**worker_env(settings), "PYTHONPATH": str(ROOT)})
+    finally:
+        stop_all(worker)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("Completed(") for line in lines) == 2, done.stdout[-2000:]
+    assert sum(line.startswith("0 1 ") for line in lines) == 2  # frame 0, object 1, printed by each run
+
+
+@pytest.mark.integration
+def test_the_readmes_consumer_quickstart_prints_each_jobs_end_once(settings: Settings, tmp_path: Path) -> None:
+    from producer import Client
+    from tests.workers import LoggedProcess, WorkerProcess, stop_all, wait_for
+
+    code = readme_python("Consumer quickstart").replace(README_URL, settings.redis_url)
+    consumer = LoggedProcess([sys.executable, "-c", code], {**worker_env(settings), "PYTHONPATH": str(ROOT)},
+                             tmp_path, "consumer")
+    video = make_video(tmp_path / "v.mp4", num_frames=6, size_wh=SIZE, fps=10)
+    worker = WorkerProcess(settings, "w-consumer", tmp_path, delay_s=0.0)
+    try:
+        with Client(settings) as client:
+            wait_for(lambda: client.redis.exists(settings.keys.events), 30, "the consumer's group")
+            jobs = [client.submit(video, [disc_prompt(1, 0, 6, SIZE)]) for _ in range(2)]
+            for job in jobs:
+                job.wait(timeout_s=60)
+            client.redis.xadd(settings.keys.events, cast(Any, messages.encode(job.wait())))  # a duplicate copy
+            wait_for(lambda: all(f"{j.id} completed" in consumer.log() for j in jobs), 30, "both ends printed")
+            time.sleep(1.0)
+    finally:
+        consumer.kill()
+        stop_all(worker)
+    ends = [line for line in consumer.log().splitlines() if " completed " in line]
+    assert sorted(line.split()[0] for line in ends) == sorted(j.id for j in jobs), consumer.log()
