@@ -70,7 +70,7 @@ class Gate:
                     self.reached.set()
                     assert self.open.wait(30), "the test never opened the gate"
                     if fail:
-                        raise VideoError("the video is corrupt after frame %d (test)" % after)
+                        raise VideoError(f"the video is corrupt after frame {after} (test)")
                     if on_frames is not None:
                         on_frames(n)
             return real(*args, on_frames=gated, **kwargs)

@@ -106,7 +106,7 @@ def test_poison_is_acknowledged_and_not_delivered(client: Client) -> None:
 
 def test_a_dead_consumers_events_are_claimed_by_another(client: Client) -> None:
     emit(client, *lifecycle("a"))
-    for event in client.events("g", "dead-pod", start="0", claim_idle_s=0.3):
+    for _event in client.events("g", "dead-pod", start="0", claim_idle_s=0.3):
         break  # dies holding the first event (and the others of its read, which it never handed out)
     assert pending(client, "g") == 3
     got = take(client.events("g", "pod-2", claim_idle_s=0.3), 3)
