@@ -29,14 +29,21 @@ from runtime.lua import lua, register
 # TIME of the job's own Redis node). KEYS[1] of every script here is the job hash; every other key is one of
 # the same job's (its hash tag puts them all on one slot). ARGV[1] is this worker's consumer name.
 # -2: the job hash is gone (Redis restarted empty, or the job expired); -1: another worker owns the job.
-_OWNER_CHECK = """
+def _owner_check(reply: str = "%d") -> str:
+    """The fence's Lua preamble: go on only if this worker (ARGV[1]) owns the job (KEYS[1]); else return -2 or -1,
+    written as `reply` makes them ("%d" a number, "{%d, 0}" a pair with the cancel flag's place)."""
+    return f"""
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
-  return -1
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {reply % -2} end
+  return {reply % -1}
 end
-if owner ~= ARGV[1] then return -1 end
+if owner ~= ARGV[1] then return {reply % -1} end
 """
+
+
+_OWNER_CHECK = _owner_check()
+_OWNER_CHECK_PAIR = _owner_check("{%d, 0}")
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -75,13 +82,7 @@ return 1
 # KEYS: job hash. ARGV: consumer. Returns {status, cancel}: 1 this worker owns the job, -1 lost, -2 hash gone;
 # cancel 1 once a cancel was asked for. Run before a write to a shared stream (vseg:events), which no script
 # may touch together with a job's keys.
-OWNS_LUA = lua("owns", """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
-  return {-1, 0}
-end
-if owner ~= ARGV[1] then return {-1, 0} end
+OWNS_LUA = lua("owns", _OWNER_CHECK_PAIR + """
 return {1, redis.call('HGET', KEYS[1], 'cancel') == '1' and 1 or 0}
 """)
 
@@ -90,13 +91,7 @@ return {1, redis.call('HGET', KEYS[1], 'cancel') == '1' and 1 or 0}
 # MAXLEN ('': untrimmed; a live job's results: about that many entries are kept), then the entry's field/value
 # pairs. Returns {status, cancel}: status 1 written, 0 duplicate id (already there: rejected by Redis), -1 lease
 # lost, -2 job hash gone (nothing written either way).
-FENCED_XADD_LUA = lua("fenced_xadd", """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if not owner then
-  if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
-  return {-1, 0}
-end
-if owner ~= ARGV[1] then return {-1, 0} end
+FENCED_XADD_LUA = lua("fenced_xadd", _OWNER_CHECK_PAIR + """
 local status = 1
 local r
 if ARGV[5] ~= '' then
