@@ -8,6 +8,7 @@ halfway through and leaves at three quarters."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from pathlib import Path
 
@@ -103,13 +104,14 @@ def test_with_no_prompts_at_all_every_object_is_found(video: Path, auto_settings
     assert all(s is not None and 0 <= s <= 1 for s in scores)
 
 
-@pytest.mark.parametrize("options", [
-    {"keep": ("green",)},  # the square is labelled magenta: not kept
-    {"roi": (40.0, 0.0, 96.0, 64.0)},  # the square is in the top left, outside the zone
-    {"min_area": 1000},  # the square is smaller than that
+@pytest.mark.parametrize(("options", "why"), [
+    ({"keep": ("green",)}, "1 not a kept label"),  # the square is labelled magenta: not kept
+    ({"roi": (40.0, 0.0, 96.0, 64.0)}, "1 outside the roi"),  # the square is in the top left, outside the zone
+    ({"min_area": 1000}, "2 too small"),  # the square is smaller than that (and so is the disc)
 ], ids=["auto-keep", "roi", "min-area"])
 def test_limits_keep_the_square_out(video: Path, auto_settings: Settings, redis_client: redis.Redis,
-                                    options: dict[str, object]) -> None:
+                                    options: dict[str, object], why: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.service.auto_objects")
     submit(video, [disc_prompt(1, 0, N, SIZE)], settings=auto_settings, job_id="limited", auto=auto(**options),
            labels=("green", "magenta"))
     run(auto_settings, redis_client)
@@ -117,6 +119,39 @@ def test_limits_keep_the_square_out(video: Path, auto_settings: Settings, redis_
     assert isinstance(msgs[-1], messages.Completed), msgs[-1]
     assert not changes(msgs)
     assert all(set(objs) <= {1} for objs in objects_by_frame(msgs).values())
+    lines = keyframe_lines(caplog)  # and each keyframe says why the square was not added
+    assert any("2 masks proposed, 0 became objects; not added: " in line and why in line for line in lines), lines
+
+
+def keyframe_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "worker.service.auto_objects" and r.getMessage().startswith("auto keyframe ")]
+
+
+def test_each_keyframe_says_what_it_found_in_the_log_the_progress_and_status(
+        video: Path, auto_settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="worker.service.auto_objects")
+    submit(video, [disc_prompt(1, 0, N, SIZE)], settings=auto_settings, job_id="told", auto=auto())
+    run(auto_settings, redis_client)
+    assert isinstance(results(redis_client, auto_settings, "told")[-1], messages.Completed)
+    lines = keyframe_lines(caplog)
+    assert len(lines) == N // EVERY  # frames 0, 5, ... 35: one line each
+    assert lines[0] == "auto keyframe 1 (frame 0): 1 masks proposed, 0 became objects; not added: 1 overlapping an object"
+    added = [line for line in lines if "1 became objects [2]" in line]
+    assert len(added) == 1 and "2 masks proposed" in added[0] and "not added: 1 overlapping an object" in added[0]
+    proposed = sum(int(line.split(": ")[1].split(" masks")[0]) for line in lines)
+    progress = [m for _, f in redis_client.xrange(auto_settings.keys.events)
+                if isinstance(m := messages.decode(f), messages.Progress) and m.job_id == "told"]
+    assert progress[-1].frames_done == N  # the last one holds the totals, the last keyframe's too
+    assert (progress[-1].auto_keyframes, progress[-1].auto_proposed, progress[-1].auto_added) == (N // EVERY, proposed, 1)
+    assert all(a.auto_keyframes <= b.auto_keyframes for a, b in zip(progress, progress[1:]))
+    state = {k.decode(): v.decode() for k, v in redis_client.hgetall(auto_settings.keys.job("told")).items()}
+    assert (state["auto_keyframes"], state["auto_proposed"], state["auto_added"]) == (str(N // EVERY), str(proposed), "1")
+    monkeypatch.setenv("REDIS_URL", auto_settings.redis_url)
+    monkeypatch.setenv("VSEG_KEY_PREFIX", auto_settings.key_prefix)
+    assert producer_main(["status", "told"]) == 0
+    assert f"auto: {N // EVERY} keyframe(s), {proposed} masks proposed, 1 became objects" in capsys.readouterr().out
 
 
 def test_prompted_objects_get_labels_too(video: Path, auto_settings: Settings, redis_client: redis.Redis) -> None:
@@ -196,12 +231,13 @@ def test_the_clip_labeller_runs_with_random_weights_and_says_what_to_fetch_offli
     assert label in ("person", "car", "ball") and 0 <= score <= 1
     assert labeller.label(image, np.zeros_like(mask)) == ("", 0.0)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
+    with pytest.raises(ConfigError, match="hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K") as failed:
         ClipLabeller(["person"], pretrained="laion2b_s34b_b79k")
+    assert "VSEG_LABEL_PRETRAINED=random" in str(failed.value) and len(str(failed.value)) < 200, failed.value
 
 
 def test_the_render_writes_each_label_beside_its_id() -> None:
-    from worker.output.render import draw_masks
+    from worker.output.draw import draw_masks
 
     frame = np.full((120, 160, 3), 90, np.uint8)
     masks = np.zeros((1, 120, 160), bool)

@@ -45,7 +45,8 @@ from tests.fakes import ColourSegmenter
 from tests.videos import disc_center, make_video
 from tests.workers import ROOT, wait_for, worker_env
 from worker.model.segment import InProcessModel, Session
-from worker.output.render import MaskVideoWriter, partial_path
+from worker.output.draw import partial_path
+from worker.output.render import MaskVideoWriter
 from worker.service.loop import Worker
 from worker.sources.frames import FrameSource
 

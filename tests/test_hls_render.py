@@ -25,8 +25,9 @@ import pytest
 from schemas.errors import DiskFull
 from tests.render_checks import disc, iou, tinted_mask
 from worker.output import hls
+from worker.output.draw import colour_for
+from worker.output.encoded import RenderAborted
 from worker.output.hls import ENDLIST, TICKS_PER_S, HlsWriter, listed_segments, segment_files
-from worker.output.render import RenderAborted, colour_for
 
 SIZE_HW = (64, 96)
 GREY, GREEN = (128, 128, 128), (0, 255, 0)

@@ -29,7 +29,7 @@ from schemas.storage import frame_name
 from tests.fakes import ColourSegmenter
 from tests.render_checks import near_box, tinted_mask
 from tests.videos import disc_center, disc_mask, make_video
-from worker.output.render import colour_for
+from worker.output.draw import colour_for
 from worker.output.render_policy import render_preset, render_threads
 from worker.service.loop import Worker
 

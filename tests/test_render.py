@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 
 from tests.render_checks import disc, iou, near_box, tinted_mask
-from worker.output.render import (
-    PALETTE_BGR,
-    MaskVideoWriter,
-    colour_for,
-    draw_masks,
-    frame_rate,
-    partial_path,
-)
+from worker.output.draw import PALETTE_BGR, colour_for, draw_masks, frame_rate, partial_path
+from worker.output.render import MaskVideoWriter
 
 GREY = (128, 128, 128)
 GREEN = (0, 255, 0)

@@ -25,6 +25,7 @@ from redis.commands.core import Script
 
 from runtime.lua import lua, register
 
+
 # The fence (worker/broker/lease.py): the job hash's `owner` (a consumer name) and `lease_until` (ms, by the
 # TIME of the job's own Redis node). KEYS[1] of every script here is the job hash; every other key is one of
 # the same job's (its hash tag puts them all on one slot). ARGV[1] is this worker's consumer name.

@@ -32,19 +32,14 @@ import glob
 import logging
 import math
 import os
-import threading
-from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
-from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import av
-import numpy as np
 
-from runtime.faults import disk_fault
-from schemas.errors import DiskFull
-from worker.output import render
+from worker.output.draw import even_size
+from worker.output.encoded import EncodedWriter
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +135,7 @@ class _MuxerFile:
         self._failed = True
 
 
-class HlsWriter:
+class HlsWriter(EncodedWriter):
     """Draws masks on frames and encodes them as a rolling HLS stream at `playlist` (see the module doc).
 
     `close()` ends the stream (`#EXT-X-ENDLIST`); `abort()` stops without ending it, and a later
@@ -149,25 +144,22 @@ class HlsWriter:
     `playlist`, see `storage_root_of`).
     """
 
+    what = "HLS render"
+    _nothing_there = "the stream not ended"
+    _needs_a_frame = "a stream needs at least one frame"
+    _aborted_note = " (no ENDLIST)"
+
     def __init__(self, playlist: Path, *, fps: float | Fraction, width: int, height: int, segment_s: float = 2.0,
                  window: int = 6, codec: str = "libx264", crf: int = 23, preset: str = "superfast", threads: int = 0,
                  storage_root: Path | None = None) -> None:
-        if width <= 0 or height <= 0:
-            raise ValueError(f"width and height must be > 0, but got {width}x{height}")
-        if not 0 <= crf <= 51:
-            raise ValueError(f"crf must be in 0..51 (lower is better quality), but got {crf}")
         if not (math.isfinite(segment_s) and segment_s > 0):
             raise ValueError(f"segment_s must be a finite number of seconds > 0, but got {segment_s}")
         if window < 1:
             raise ValueError(f"window must be >= 1 segment, but got {window}")
-        self.playlist = Path(playlist)
-        self.width = width
-        self.height = height
-        self.rate = render.frame_rate(fps)
+        super().__init__(playlist, fps=fps, width=width, height=height, crf=crf, storage_root=storage_root)
+        self.playlist = self.target
         self.segment_s = segment_s
         self.window = window
-        self.frames_written = 0
-        self.storage_root = Path(storage_root) if storage_root is not None else render.storage_root_of(self.playlist)
         self.continued = self.playlist.exists()  # another attempt's playlist: go on after its segments
         self._segment_us = max(1, round(segment_s * _US_PER_S))
         self._ticks: Fraction | None = None  # the last frame's exact time, in ticks
@@ -176,42 +168,25 @@ class HlsWriter:
         self._next_cut = 0  # the first PTS of the next segment: that frame is made a keyframe
         self._durations: dict[int, int] = {}  # PTS -> duration of the frames in the encoder
         self._failures: list[OSError] = []  # writes of the muxer's files that failed (_MuxerFile)
-        self._closed = False
-        self._discarded = False  # aborted, or failed: the container is closed and writes are refused
-        # write() runs on the result path's thread, abort() may come from the job's: one at a time, and a
-        # write after an abort is refused instead of touching a closed container
-        self._lock = threading.RLock()
-        enc_width, enc_height = render.even_size(width, height)
         try:
             self.playlist.parent.mkdir(parents=True, exist_ok=True)
             if self.continued:
                 drop_missing_segments(self.playlist)  # an attempt that could not put its playlist right
             self._remove_unlisted()
-            self._container: Any = av.open(str(self.playlist.absolute()), mode="w", format="hls",
-                                           options=self._muxer_options(), io_open=self._io_open)
+            self._container = av.open(str(self.playlist.absolute()), mode="w", format="hls",
+                                      options=self._muxer_options(), io_open=self._io_open)
         except OSError as e:
             full = self._disk_full(e)
             if full is None:
                 raise
             raise full from e
-        try:
-            self._stream: Any = cast("av.VideoStream", self._container.add_stream(codec, rate=self.rate))
-            self._stream.width = enc_width
-            self._stream.height = enc_height
-            self._stream.pix_fmt = "yuv420p"
-            self._stream.codec_context.time_base = TIME_BASE
-            if threads > 0:  # 0: the encoder's own choice (one per core, and more)
-                self._stream.codec_context.thread_count = threads
-            if codec == "libx264":
-                # keyframes only where write() forces them (as IDR frames): at segment boundaries
-                self._stream.options = {"crf": str(crf), "preset": preset, "profile": "high", "forced-idr": "1",
-                                        "x264-params": "scenecut=0:keyint=infinite"}
-        except Exception:
-            self._discard()
-            raise
-        logger.info("%s HLS render %s: %dx%d (encoded %dx%d) at %s fps, %s s segments, %d listed, codec %s crf %d",
-                    "continuing" if self.continued else "starting", self.playlist, width, height, enc_width,
-                    enc_height, self.rate, segment_s, window, codec, crf)
+        # keyframes only where write() forces them (as IDR frames): at segment boundaries
+        self._add_stream(codec, time_base=TIME_BASE, threads=threads,
+                         options={"crf": str(crf), "preset": preset, "profile": "high", "forced-idr": "1",
+                                  "x264-params": "scenecut=0:keyint=infinite"})
+        logger.info("%s HLS render %s: %dx%d (encoded %s) at %s fps, %s s segments, %d listed, codec %s crf %d",
+                    "continuing" if self.continued else "starting", self.playlist, width, height,
+                    "x".join(map(str, even_size(width, height))), self.rate, segment_s, window, codec, crf)
 
     def _muxer_options(self) -> dict[str, str]:
         flags = "delete_segments+temp_file+omit_endlist" + ("+append_list" if self.continued else "")
@@ -233,36 +208,21 @@ class HlsWriter:
             self._failures.append(e)
             raise
 
-    def write(self, frame: np.ndarray, obj_ids: Sequence[int], masks: np.ndarray, *, rgb: bool = False,
-              at_s: float | None = None, names: Mapping[int, str] | None = None) -> None:
-        """Draw `masks` on `frame` (BGR, or RGB when `rgb`) and encode it as the next video frame, shown
-        at `at_s` seconds into the stream (None: 1/fps after the previous frame)."""
-        if self._closed:
-            raise ValueError(f"cannot write to {self.playlist}: the writer is closed")
+    def _check_at(self, at_s: float | None) -> None:
         if at_s is not None and not (math.isfinite(at_s) and at_s >= 0):
             raise ValueError(f"at_s must be a finite number of seconds >= 0, but got {at_s}")
-        video_frame = render.encoder_frame(frame, obj_ids, masks, (self.width, self.height), rgb=rgb, names=names)
-        with self._lock:
-            if self._discarded:
-                raise render.RenderAborted(
-                    f"the HLS render of {self.playlist} was aborted; frame {self.frames_written} not written")
-            previous = self._pts
-            video_frame.pts = self._next_pts(at_s)
-            video_frame.time_base = TIME_BASE
-            # how long the frame before lasted, as a guess at this one's (its packet gets it)
-            self._durations[video_frame.pts] = (video_frame.pts - previous if previous >= 0
-                                                else round(TICKS_PER_S / self.rate))
-            if self._starts_segment(video_frame.pts):
-                video_frame.pict_type = av.video.frame.PictureType.I
-            try:
-                self._mux(self._stream.encode(video_frame))
-            except OSError as e:
-                full = self._disk_full(e)
-                if full is None:
-                    raise
-                self._discard()
-                raise full from e
-            self.frames_written += 1
+
+    def _stamp(self, video_frame: Any, at_s: float | None) -> None:
+        """Shown at `at_s` seconds into the stream (None: 1/fps after the previous frame); a frame at or past
+        the next segment boundary is made a keyframe."""
+        previous = self._pts
+        video_frame.pts = self._next_pts(at_s)
+        video_frame.time_base = TIME_BASE
+        # how long the frame before lasted, as a guess at this one's (its packet gets it)
+        self._durations[video_frame.pts] = (video_frame.pts - previous if previous >= 0
+                                            else round(TICKS_PER_S / self.rate))
+        if self._starts_segment(video_frame.pts):
+            video_frame.pict_type = av.video.frame.PictureType.I
 
     def _mux(self, packets: list[Any]) -> None:
         """Mux the encoder's packets, each with its frame's duration: the muxer sums them for the length
@@ -307,45 +267,28 @@ class HlsWriter:
         self._next_cut = self._first_pts - (-k * per_segment // _US_PER_S)  # rounded up to a whole tick
         return True
 
-    def close(self) -> Path:
-        """Flush the encoder, write the last segment and end the playlist (`#EXT-X-ENDLIST`); returns it."""
-        with self._lock:
-            if self._discarded:
-                raise ValueError(f"cannot close {self.playlist}: its render was aborted, the stream not ended")
-            if self._closed:
-                return self.playlist
-            if self.frames_written == 0:
-                self.abort()
-                raise ValueError(f"no frames were written to {self.playlist}; a stream needs at least one frame")
-            try:
-                self._mux(self._stream.encode(None))
-                self._container.close()
-                self._raise_failure()
-                self._end_playlist()
-            except BaseException as e:
-                full = self._disk_full(e)
-                self._discard()
-                if full is None:
-                    raise
-                raise full from e
-            self._closed = True
-        logger.info("rendered %d frames to %s", self.frames_written, self.playlist)
-        return self.playlist
+    def _finish(self) -> None:
+        """The muxer's files are closed: any failed write fails the close; then ENDLIST."""
+        self._raise_failure()
+        self._end_playlist()
 
-    def abort(self) -> None:
-        """Stop without ending the stream: the frames so far are flushed (best effort) into a last segment
-        and the playlist gets no ENDLIST, so another attempt continues it. Idempotent, and safe from
-        another thread (it waits for a write in progress)."""
-        with self._lock:
-            if self._closed:
-                return
+    def _flush_on_abort(self) -> None:
+        """The frames so far are flushed (best effort) into a last segment, listed without ENDLIST, so
+        another attempt continues the stream."""
+        try:
+            self._mux(self._stream.encode(None))
+        except Exception as e:  # the frames encoded so far are kept all the same
+            logger.debug("flushing the encoder of %s failed while aborting: %s", self.playlist, e,
+                         exc_info=self._disk_full(e) is None)
+
+    def _after_discard(self) -> None:
+        """The container's trailer wrote the last segment and the playlist, without ENDLIST: drop from the
+        playlist segments whose writes failed."""
+        if self._failures:
             try:
-                self._mux(self._stream.encode(None))
-            except Exception as e:  # the frames encoded so far are kept all the same
-                logger.debug("flushing the encoder of %s failed while aborting: %s", self.playlist, e,
-                             exc_info=self._disk_full(e) is None)
-            self._discard()
-        logger.info("aborted HLS render of %s after %d frames (no ENDLIST)", self.playlist, self.frames_written)
+                drop_missing_segments(self.playlist)
+            except OSError as e:  # still full: the next attempt drops them before it starts
+                logger.warning("cannot rewrite %s without its missing segments: %s", self.playlist, e)
 
     def _end_playlist(self) -> None:
         """Append ENDLIST to the playlist the muxer wrote, atomically as the muxer writes it."""
@@ -361,36 +304,3 @@ class HlsWriter:
             if path.name not in listed:
                 path.unlink(missing_ok=True)
                 logger.debug("removed %s, which %s does not list", path, self.playlist)
-
-    def _disk_full(self, error: BaseException) -> DiskFull | None:
-        """DiskFull (STORAGE_ROOT, its free space, what to do) for ENOSPC or EDQUOT, else None."""
-        return disk_fault(error, self.playlist, self.storage_root)
-
-    def _discard(self) -> None:
-        """Close the container (its trailer writes the last segment and the playlist, without ENDLIST),
-        drop from the playlist segments whose writes failed, and refuse further writes. Idempotent, and
-        safe from two threads."""
-        with self._lock:
-            if self._discarded:
-                return
-            self._closed = self._discarded = True
-            try:
-                self._container.close()
-            except Exception as e:  # the segments written so far stay listed
-                logger.debug("closing the muxer of %s failed while stopping: %s", self.playlist, e,
-                             exc_info=self._disk_full(e) is None)  # a full disk is expected here: no trace
-            if self._failures:
-                try:
-                    drop_missing_segments(self.playlist)
-                except OSError as e:  # still full: the next attempt drops them before it starts
-                    logger.warning("cannot rewrite %s without its missing segments: %s", self.playlist, e)
-
-    def __enter__(self) -> HlsWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

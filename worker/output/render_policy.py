@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from runtime.settings import Settings
-from worker.output.render import partial_path
+from worker.output.draw import partial_path
 
 log = logging.getLogger(__name__)
 
