@@ -23,6 +23,7 @@ from schemas.prompts import ObjectPrompt
 from tests.test_concurrency_sam2 import CLIPS, run_jobs
 from tests.videos import disc_center, make_video
 from worker.model import step_batch
+from worker.model.next_steps import NextStepPool
 from worker.model.sam2_segmenter import Sam2Segmenter
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +58,7 @@ def propagate(predictor: object, frames_dir: Path, prompts: list[ObjectPrompt], 
                                     points=np.array(pr.points_xy, np.float32), labels=np.array(pr.labels, np.int32))
         routed = step_batch.installed(p) if batched else contextlib.nullcontext()
         if batched:
-            state[step_batch.STATE_KEY] = steps = step_batch.BatchedSteps(state, step_batch.StepPool(1))
+            state[step_batch.STATE_KEY] = steps = step_batch.BatchedSteps(state, NextStepPool(frames=1, sessions=1))
         with routed:
             for k, _, logits in p.propagate_in_video(state):  # type: ignore[attr-defined]
                 yield k, logits.clone()
@@ -91,7 +92,7 @@ def test_a_model_that_cannot_batch_says_why(predictor: object, monkeypatch: pyte
     monkeypatch.setattr(predictor, "non_overlap_masks_for_mem_enc", True)
     assert "non_overlap" in (step_batch.supported(predictor) or "")
     seg = Sam2Segmenter(predictor, name="t", random_weights=True, session_batch=4)
-    assert seg.steps.limit == 1  # the pool stays off: SAM 2's own loop
+    assert seg.pool.sessions == 1  # steps stay out of the pool: SAM 2's own loop
 
 
 def test_jobs_at_once_with_their_steps_batched_get_their_masks_within_the_tolerance(
@@ -102,9 +103,9 @@ def test_jobs_at_once_with_their_steps_batched_get_their_masks_within_the_tolera
     batched = Sam2Segmenter(predictor, name="sam2.1-tiny", random_weights=True, encoder_batch=1, session_batch=3)
     alone = run_jobs(alone_model, settings, redis_client, tmp_path, "one", 1)
     three = run_jobs(batched, settings, redis_client, tmp_path, "steps", 3)
-    assert batched.pool.shared > 0, "no frame was encoded in another session's pass"
-    assert batched.steps.shared > 0, "no step was run in another session's pass"
-    assert batched.steps.largest >= 3
+    assert batched.pool.shared_frames > 0, "no frame was encoded in another session's pass"
+    assert batched.pool.shared_steps > 0, "no step was run in another session's pass"
+    assert batched.pool.largest >= 3
     for clip in CLIPS:
         assert [k for k, _ in three[clip]] == [k for k, _ in alone[clip]]
         for (k, a), (_, b) in zip(alone[clip], three[clip], strict=True):

@@ -15,10 +15,11 @@ ways of encoding; a math library may choose other kernels for another batch size
 the setting that guarantees the predictor's exact numbers). A frame that starts a run (the first
 request, a prompt, a jump) is encoded alone, so the first result is not delayed.
 
-Across sessions (`EncoderPool`, the segmenter's, `session_batch` frames at most): several jobs' sessions
-on one shared model take turns (worker/model/turns.py). A session waiting for its turn with its next
-frame's pixels loaded offers that frame; the session whose turn it is encodes the offered frames with its
-own in one batch and leaves each one's features in that session's cache, where its next step finds them.
+Across sessions (the segmenter's `NextStepPool`, worker/model/next_steps.py, `session_batch` frames at most):
+several jobs' sessions on one shared model take turns (worker/model/turns.py). A session waiting for its turn
+with its next frame's pixels loaded offers that frame (`offerable`); the session whose turn it is encodes the
+offered frames with its own in one batch and leaves each one's features in that session's cache, where its
+next step finds them.
 The encoder runs once for several jobs' frames instead of once each (on a GPU, one large batch instead
 of K small ones); each job's frames go through the same operations, so only the batch size's choice of
 kernels can change a feature (measured: bench/RESULTS.md).
@@ -26,11 +27,12 @@ kernels can change a feature (measured: bench/RESULTS.md).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+
+from worker.model.next_steps import NextStepPool
 
 
 class FrameImages(Protocol):
@@ -53,43 +55,11 @@ def _take(value: Any, i: int) -> Any:
     return value
 
 
-class EncoderPool:
-    """Frames offered by sessions waiting for their turn, for the session encoding now (see the module doc)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # frames in one encoder pass at most, a session's own included (1: no pooling)
-        self._offers: dict[int, tuple[BatchedFeatures, int]] = {}  # id(cache) -> (cache, frame)
-        self._lock = threading.Lock()
-        self.shared = 0  # frames encoded in another session's pass
-
-    def offer(self, cache: BatchedFeatures, frame_idx: int) -> None:
-        if self.limit > 1:
-            with self._lock:
-                self._offers[id(cache)] = (cache, frame_idx)
-
-    def withdraw(self, cache: BatchedFeatures) -> None:
-        with self._lock:
-            self._offers.pop(id(cache), None)
-
-    def take(self, room: int, exclude: BatchedFeatures) -> list[tuple[BatchedFeatures, int]]:
-        """Up to `room` offered frames of other sessions whose pixels are loaded, removed from the pool."""
-        taken: list[tuple[BatchedFeatures, int]] = []
-        with self._lock:
-            for key, (cache, frame_idx) in list(self._offers.items()):
-                if len(taken) >= room:
-                    break
-                if cache is exclude or frame_idx in cache or not cache.images.ready(frame_idx):
-                    continue
-                del self._offers[key]
-                taken.append((cache, frame_idx))
-        return taken
-
-
 class BatchedFeatures(dict[int, Features]):
     """The predictor's `cached_features`, filled a batch of frames at a time (see the module doc)."""
 
     def __init__(self, images: FrameImages, encode: Callable[[torch.Tensor], dict[str, Any]], device: torch.device,
-                 *, batch: int = 2, pool: EncoderPool | None = None) -> None:
+                 *, batch: int = 2, pool: NextStepPool | None = None) -> None:
         super().__init__()
         if batch < 1:
             raise ValueError(f"batch must be >= 1, but got {batch}")
@@ -102,14 +72,10 @@ class BatchedFeatures(dict[int, Features]):
         self.encoded = 0  # frames through the encoder
         self.batched = 0  # of those, frames encoded in a batch of more than one
 
-    def offer(self, frame_idx: int) -> None:
-        """Waiting for a turn: offer `frame_idx`, the next frame of a forward run, to the session encoding now."""
-        if self.pool is not None and self._last == frame_idx - 1 and self.images.ready(frame_idx):
-            self.pool.offer(self, frame_idx)
-
-    def withdraw(self) -> None:
-        if self.pool is not None:
-            self.pool.withdraw(self)
+    def offerable(self, frame_idx: int) -> bool:
+        """Whether `frame_idx`, the session's next, may be offered for another session's pass: the next frame of a
+        forward run, its pixels loaded."""
+        return self.pool is not None and self._last == frame_idx - 1 and self.images.ready(frame_idx)
 
     def get(self, frame_idx: int, default: Any = None) -> Any:
         hit = super().get(frame_idx)
@@ -127,7 +93,7 @@ class BatchedFeatures(dict[int, Features]):
                 if ahead < 0 or not self.images.ready(ahead):
                     break
                 indices.append(ahead)
-        others = self.pool.take(self.pool.limit - len(indices), self) if self.pool is not None else []
+        others = self.pool.take_frames(self.pool.frames - len(indices), self) if self.pool is not None else []
         pixels = [self.images[i] for i in indices] + [cache.images[i] for cache, i in others]
         images = torch.stack([p.to(self.device).float() for p in pixels])
         out = self.encode(images)
@@ -140,5 +106,5 @@ class BatchedFeatures(dict[int, Features]):
         if len(images) > 1:
             self.batched += len(indices)
         if others and self.pool is not None:
-            self.pool.shared += len(others)
+            self.pool.shared_frames += len(others)
         return self[frame_idx]

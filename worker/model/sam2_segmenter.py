@@ -27,7 +27,7 @@ from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
 from worker.model import step_batch
 from worker.model.cuda_graphs import GraphCache, graphed_modules
-from worker.model.encoder_batch import EncoderPool
+from worker.model.next_steps import NextStepPool
 from worker.model.proposals import Sam2Proposer
 from worker.model.sam2_session import Sam2Session
 from worker.model.segment import GpuBudget, InProcessModel
@@ -60,10 +60,11 @@ class Sam2Segmenter(InProcessModel):
             raise ConfigError(f"encoder_batch must be >= 1, but got {encoder_batch}")
         self.predictor = predictor
         self.encoder_batch = encoder_batch
-        self.pool = EncoderPool(max(session_batch, encoder_batch) if session_batch > 1 else 1)  # across sessions
-        # objects' tracking steps in one batch: a session's own and those of up to session_batch - 1 others
+        # sessions waiting for their turn offer their next step (worker/model/next_steps.py): frames encoded in one
+        # batch across sessions, and objects' tracking steps, a session's own and those of up to session_batch - 1
         unbatchable = step_batch.supported(predictor) if session_batch > 1 else "session_batch is 1"
-        self.steps = step_batch.StepPool(session_batch if unbatchable is None else 1)
+        self.pool = NextStepPool(frames=max(session_batch, encoder_batch) if session_batch > 1 else 1,
+                                 sessions=session_batch if unbatchable is None else 1)
         if session_batch > 1 and unbatchable is not None:
             log.warning("tracking steps are not batched: %s", unbatchable)
         self.name = name
@@ -110,7 +111,7 @@ class Sam2Segmenter(InProcessModel):
         """The context one session's step runs in: the predictor to itself (a turn: `live` sessions first;
         `check` run while waiting for it), its CUDA graphs installed, inference mode, and bf16 autocast on CUDA."""
         graphed = graphed_modules(self.predictor, self.graphs) if self.graphs is not None else contextlib.nullcontext()
-        batched = step_batch.installed(self.predictor) if self.steps.limit > 1 else contextlib.nullcontext()
+        batched = step_batch.installed(self.predictor) if self.pool.sessions > 1 else contextlib.nullcontext()
         with self.turns.turn(live=live, check=check) as turn, graphed, batched, torch.inference_mode(), self._autocast():
             yield turn
 

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 
 from schemas.errors import PromptError
-from worker.model.encoder_batch import BatchedFeatures, EncoderPool
+from worker.model.encoder_batch import BatchedFeatures
 from worker.model.frame_masks import FrameMasks
 from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
+from worker.model.next_steps import NextStepPool
 from worker.model.session import MaskPrompt, Prompt, SessionBase
-from worker.model.step_batch import STATE_KEY, BatchedSteps, StepPool
+from worker.model.step_batch import STATE_KEY, BatchedSteps
 from worker.model.turns import Turn
 from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
@@ -52,8 +53,7 @@ class SharedModel(Protocol):
     torch_device: torch.device
     graphs: Any  # worker.model.cuda_graphs.GraphCache, or None (eager)
     encoder_batch: int
-    pool: EncoderPool  # frames of sessions waiting for their turn, encoded with the current one's
-    steps: StepPool  # tracking steps of sessions waiting for their turn, batched with the current one's
+    pool: NextStepPool  # next steps of sessions waiting for their turn, run with the current one's
     prune: bool
     window: int  # frames of per-frame state memory attention still reads
 
@@ -76,7 +76,7 @@ class Sam2Session(SessionBase):
                                         pool=model.pool)
         self.state = self._new_state()
         # objects' tracking steps batched (worker/model/step_batch.py): this session's, and other sessions' next
-        self.steps = BatchedSteps(self.state, model.steps) if model.steps.limit > 1 else None
+        self.steps = BatchedSteps(self.state, model.pool) if model.pool.sessions > 1 else None
         if self.steps is not None:
             self.state[STATE_KEY] = self.steps
         self._forward_to: int | None = None  # the frame a running forward pass steps next (its steps may be offered)
@@ -107,18 +107,17 @@ class Sam2Session(SessionBase):
 
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
         self.frames.wait(self._position)  # the next frame, waited for before the turn: other jobs step meanwhile
-        self.features.offer(self._position)  # encoded in another session's pass if one runs first
-        if self.steps is not None and self._plain_step_next():
-            self.steps.offer(self._position)  # and its objects tracked there too
-        try:  # while this session holds the turn no other encodes: its offers go when the step ends
+        # its next step, offered: its frame encoded, and its objects tracked, in another session's pass if one runs first
+        self.model.pool.offer(self, self._position,
+                              features=self.features if self.features.offerable(self._position) else None,
+                              steps=self.steps if self.steps is not None and self._plain_step_next() else None)
+        try:  # while this session holds the turn no other encodes: its offer goes when the step ends
             with self.model.stepping(live=self.live, check=turn_wait_check(self.frames)) as turn:
                 out = next(frames)
                 turn.hold = self.live and frame_ready(self.frames, self._position)
                 return out
         finally:
-            self.features.withdraw()
-            if self.steps is not None:
-                self.steps.withdraw()
+            self.model.pool.withdraw(self)
 
     def _plain_step_next(self) -> bool:
         """Whether the next step is the running forward pass's next frame, with no change of objects on it."""

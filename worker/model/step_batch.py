@@ -19,7 +19,8 @@ only kind propagation runs) for any number of (inference state, object, frame) a
 A batch of one is bit-identical to SAM 2's own step (tests/test_step_batch.py); a larger batch may choose
 other kernels (measured there and in bench/RESULTS.md).
 
-`BatchedSteps` (one per session, in its inference state) and `StepPool` (the segmenter's) put this under
+`BatchedSteps` (one per session, in its inference state) and the segmenter's `NextStepPool`
+(worker/model/next_steps.py, `sessions` at most) put this under
 SAM 2's loop: while a session holds its turn, `installed()` routes the predictor's plain per-object calls to
 its session's `BatchedSteps`. The first object's call of a frame runs the step of every object of that
 frame, and those of other sessions waiting for their turn that offered their next frame (up to the pool's
@@ -42,6 +43,8 @@ from typing import Any
 import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
 from sam2.utils.misc import fill_holes_in_mask_scores
+
+from worker.model.next_steps import NextStepPool
 
 log = logging.getLogger(__name__)
 
@@ -224,39 +227,10 @@ def _memory(predictor: Any, step: Step, device: torch.device) -> tuple[torch.Ten
     return torch.cat(memories, dim=0), torch.cat(memory_pos, dim=0), num_obj_ptr_tokens
 
 
-class StepPool:
-    """Sessions waiting for their turn that offered their next frame's steps (see the module doc)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit  # sessions whose steps one pass runs at most, the current one's included (1: none)
-        self._offers: dict[int, tuple[BatchedSteps, int]] = {}
-        self._lock = threading.Lock()
-        self.shared = 0  # steps run in another session's pass
-        self.passes = 0
-        self.largest = 0  # the most steps in one pass so far
-
-    def offer(self, steps: BatchedSteps, frame_idx: int) -> None:
-        if self.limit > 1:
-            with self._lock:
-                self._offers[id(steps)] = (steps, frame_idx)
-
-    def withdraw(self, steps: BatchedSteps) -> None:
-        with self._lock:
-            self._offers.pop(id(steps), None)
-
-    def take(self, exclude: BatchedSteps) -> list[tuple[BatchedSteps, int]]:
-        """Up to limit - 1 offers of other sessions, removed from the pool."""
-        with self._lock:
-            taken = [(s, f) for s, f in self._offers.values() if s is not exclude][: self.limit - 1]
-            for s, _ in taken:
-                del self._offers[id(s)]
-        return taken
-
-
 class BatchedSteps:
     """One session's side of step batching: results computed ahead, and the offers it makes."""
 
-    def __init__(self, state: dict[str, Any], pool: StepPool) -> None:
+    def __init__(self, state: dict[str, Any], pool: NextStepPool) -> None:
         self.state = state
         self.pool = pool
         self._ready: dict[tuple[int, int, bool], Result] = {}
@@ -267,12 +241,6 @@ class BatchedSteps:
         """Forget results computed ahead (the objects or the direction changed)."""
         with self._lock:
             self._ready.clear()
-
-    def offer(self, frame_idx: int) -> None:
-        self.pool.offer(self, frame_idx)
-
-    def withdraw(self) -> None:
-        self.pool.withdraw(self)
 
     def steps_at(self, frame_idx: int, reverse: bool, first_obj: int = 0) -> list[Step]:
         """The plain steps SAM 2's loop runs on `frame_idx` from object `first_obj` on (prompted frames reuse
@@ -293,7 +261,7 @@ class BatchedSteps:
         own = self.steps_at(frame_idx, reverse, obj_idx)
         prepared = [prepare(predictor, s) for s in own]
         owners: list[BatchedSteps] = [self] * len(own)
-        for other, other_frame in self.pool.take(exclude=self):
+        for other, other_frame in self.pool.take_steps(exclude=self):
             try:
                 steps = other.steps_at(other_frame, False)
                 for step in steps:
@@ -318,7 +286,7 @@ class BatchedSteps:
             if len(results) > 1:
                 owner.batched += 1
             if owner is not self:
-                self.pool.shared += 1
+                self.pool.shared_steps += 1
         if mine is None:
             raise RuntimeError(f"object {obj_idx}'s step on frame {prepared[0].step.frame_idx} was not run")
         return mine
