@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class FakeStream:
         self.available = 0
         self.forgotten: set[int] = set()
         self.outages, self.outage_s = 0, 0.0
+        self.turn_wait: Callable[[], None] | None = None
 
     @property
     def total(self) -> int | None:

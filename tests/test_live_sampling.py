@@ -37,6 +37,7 @@ class ScriptedStream:
         self.while_waiting: Callable[[], None] | None = None  # run in such a wait, before the frame comes
         self.forgets: Counter[int] = Counter()
         self.outages, self.outage_s = 0, 0.0
+        self.turn_wait: Callable[[], None] | None = None
 
     def announce(self, n: int) -> None:
         assert not self.ended

@@ -72,7 +72,7 @@ class LazyFrames:
         self.image_size = image_size
         self.device = device
         # a live source reads one frame ahead: which frame comes next is decided as late as it can be
-        self.prefetch = prefetch if prefetch is not None else int(getattr(source, "prefetch", 6))
+        self.prefetch = prefetch if prefetch is not None else source.prefetch
         self._norm = normalisation_table()
         self._on_cuda = device.type == "cuda"
         # On CUDA the model leaves the CPU free and frames must keep up with it: more decoding threads,

@@ -299,10 +299,7 @@ def _serve_session(pipe: _Pipe, segmenter: Segmenter, msg: OpenSession, settings
 
 def _watch(frames: FrameSource, check: Callable[[], None]) -> None:
     """Make the frames' waits (and the session's turn waits) run `check`: a close ends them."""
-    frames.check = check
-    live = getattr(frames, "live", None)  # a live session's view: its waits are its stream's
-    if live is not None:
-        live.streamed.check = check
+    frames.watch(check)
 
 
 def _apply_commands(served: _SessionThread, session: Session, sender: _Sender,

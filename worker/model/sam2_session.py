@@ -84,8 +84,8 @@ class Sam2Session(SessionBase):
         # A live session runs for days and is prompted again and again (prompts, automatic prompts): SAM 2 reads
         # every prompted frame in memory attention (max_cond_frames_in_attn is unlimited), so only the newest
         # max_cond_frames are kept once out of the window (worker/sources/live.py); 0: all (a file job)
-        self.max_cond_frames = int(getattr(frames, "max_cond_frames", 0))
-        self.live = bool(getattr(frames, "realtime", False))  # a live job's frames: its turns come first
+        self.max_cond_frames = frames.max_cond_frames
+        self.live = frames.realtime  # a live job's frames: its turns come first
         self.add_prompts(prompts)
 
     def _new_state(self) -> dict[str, Any]:

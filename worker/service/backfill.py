@@ -26,12 +26,12 @@ import numpy as np
 
 from schemas.prompts import ObjectPrompt
 from worker.model.segment import Segmenter
-from worker.sources.frames import FrameSource
+from worker.sources.frames import FrameSource, FrameSourceBase
 
 log = logging.getLogger(__name__)
 
 
-class Prefix:
+class Prefix(FrameSourceBase):
     """The first `n` frames of a source (the backfill reads no further than the job's current frame)."""
 
     def __init__(self, frames: FrameSource, n: int) -> None:

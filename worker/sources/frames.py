@@ -56,8 +56,25 @@ class FrameInfo:
 
 
 class FrameSource(Protocol):
+    """A job's frames as a session reads them. Every field is declared here and set at construction
+    (FrameSourceBase has the defaults); nothing is read by getattr or set on a source afterwards, except
+    `watch`, the model process's own check."""
+
     dir: Path
-    check: Callable[[], None]
+    check: Callable[[], None]  # the job's: raises once it must stop (lease lost, cancel, shutdown)
+    turn_wait: Callable[[], None] | None  # run while waiting for a turn on a shared model (None: `check`)
+    realtime: bool  # a live job's frames, which age in real time: its session's turns come first
+    max_cond_frames: int  # prompted frames a session keeps in memory attention (0: all; live: bounded)
+    prefetch: int  # frames decoded ahead (worker/model/lazy_frames.py)
+
+    def ready(self, frame_idx: int) -> bool:
+        """Whether `frame_idx` can be read without waiting, as far as the source can tell without asking
+        Redis (a source that cannot tell says no)."""
+        ...
+
+    def watch(self, check: Callable[[], None]) -> None:
+        """Run `check` in every wait from now on (the model process's own, which a close ends)."""
+        ...
 
     @property
     def total(self) -> int | None: ...
@@ -74,23 +91,32 @@ class FrameSource(Protocol):
 
 
 def frame_ready(frames: FrameSource, frame_idx: int) -> bool:
-    """Whether `frame_idx` can be read without waiting, as far as `frames` can tell without asking Redis
-    (a source that cannot tell says no)."""
-    ready = getattr(frames, "ready", None)
-    return bool(ready(frame_idx)) if ready is not None else False
+    """Whether `frame_idx` can be read without waiting (FrameSource.ready)."""
+    return frames.ready(frame_idx)
 
 
 def turn_wait_check(frames: FrameSource) -> Callable[[], None]:
     """What a session runs while it waits for its turn on a shared model (worker/model/turns.py): the job's
-    `turn_wait` where the runner set one (its check, and a note to the lease that the job waits for the
+    `turn_wait` where the runner gave one (its check, and a note to the lease that the job waits for the
     model, not stalls), else the source's `check`."""
-    return getattr(frames, "turn_wait", None) or frames.check
+    return frames.turn_wait or frames.check
 
 
-class _Base:
+class FrameSourceBase:
+    """FrameSource's defaults: a file job's frames."""
+
     dir: Path
-    check: Callable[[], None]
-    turn_wait: Callable[[], None] | None = None  # set by the runner (turn_wait_check)
+    check: Callable[[], None] = staticmethod(no_check)
+    turn_wait: Callable[[], None] | None = None
+    realtime = False
+    max_cond_frames = 0
+    prefetch = 6
+
+    def ready(self, frame_idx: int) -> bool:
+        return False
+
+    def watch(self, check: Callable[[], None]) -> None:
+        self.check = check
 
     def path(self, frame_idx: int) -> Path:
         return self.dir / frame_name(frame_idx)
@@ -121,14 +147,15 @@ class _Base:
             k += 1
 
 
-class DirFrames(_Base):
+class DirFrames(FrameSourceBase):
     """A complete frame directory of `num_frames` frames (checked up front)."""
 
     def __init__(self, frames_dir: Path, num_frames: int, *, verify: bool = True,
-                 check: Callable[[], None] = no_check) -> None:
+                 check: Callable[[], None] = no_check, turn_wait: Callable[[], None] | None = None) -> None:
         self.dir = frames_dir
         self._total = num_frames
         self.check = check
+        self.turn_wait = turn_wait
         if verify:
             check_frame_dir(frames_dir, num_frames)
 
@@ -141,7 +168,7 @@ class DirFrames(_Base):
         return 0 <= frame_idx < self._total
 
 
-class StreamedFrames(_Base):
+class StreamedFrames(FrameSourceBase):
     """Frames announced on a Redis stream while the producer is still decoding.
 
     Entry `(k+1)-0` announces frame k; the end marker (field `end`) carries the total, or `error` if
@@ -159,10 +186,12 @@ class StreamedFrames(_Base):
 
     def __init__(self, client: redis.Redis, stream: str, frames_dir: Path, *, block_ms: int = 1000,
                  stall_s: float = 120.0, producer_key: str = "", producer_ttl_s: float = 0.0,
-                 check: Callable[[], None] = no_check, live_source: bool = False) -> None:
+                 check: Callable[[], None] = no_check, live_source: bool = False,
+                 turn_wait: Callable[[], None] | None = None) -> None:
         self.client = client
         self.live_source = live_source
         self.check = check
+        self.turn_wait = turn_wait
         self.stream = stream
         self.dir = frames_dir
         self.block_ms = block_ms

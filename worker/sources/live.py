@@ -194,7 +194,7 @@ class SessionFrames:
         self.max_cond_frames = live.max_cond_frames
         self.dir: Path = live.dir
         self.check: Callable[[], None] = live.streamed.check
-        self.turn_wait: Callable[[], None] | None = getattr(live.streamed, "turn_wait", None)
+        self.turn_wait: Callable[[], None] | None = live.streamed.turn_wait
 
     @property
     def total(self) -> int | None:
@@ -207,6 +207,11 @@ class SessionFrames:
 
     def wait(self, frame_idx: int) -> bool:
         return frame_idx >= 0 and self.live.pick_through(frame_idx)
+
+    def watch(self, check: Callable[[], None]) -> None:
+        """Its waits are its stream's: the check goes there too."""
+        self.check = check
+        self.live.streamed.check = check
 
     def ready(self, frame_idx: int) -> bool:
         """Session frame j is picked, or a frame of the source newer than the last pick is announced (a
