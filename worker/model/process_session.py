@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Protocol
 
 import numpy as np
@@ -35,7 +34,7 @@ from worker.model.process_messages import (
 )
 from worker.model.proposals import Proposal
 from worker.model.segment import GpuBudget
-from worker.model.session import Prompt
+from worker.model.session import Prompt, SessionShell
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
@@ -66,20 +65,18 @@ class ModelPipe(Protocol):
     def close(self, join_s: float = 10.0) -> None: ...
 
 
-class ProcessSession:
+class ProcessSession(SessionShell):
     """A session whose model runs in the model process (see the module doc). Frames that arrive while an
     answer to add_prompts or remove_object is awaited are kept, in order, for the iteration."""
 
     def __init__(self, model: ModelPipe, session_id: int, frames: FrameSource, prompts: Sequence[Prompt],
                  *, width: int, height: int, start_frame: int = 0) -> None:
+        super().__init__(start_frame)
         self.model = model
         self.id = session_id
         self.frames = frames
-        self.closed = False
         self.generation = model.generation
         self._objects = {p.obj_id for p in prompts}
-        self._position = start_frame
-        self._stats: dict[str, float] = {}
         self._received: collections.deque[FrameMasks] = collections.deque()
         self._ended: BaseException | None | bool = False  # False: frames still coming; None: done; else its error
         # (whatever the child sends for this session is read, in order, until it answers CloseSession)
@@ -91,17 +88,8 @@ class ProcessSession:
             model.inbox.close(session_id)
             raise
 
-    @property
-    def obj_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(self._objects))
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    @property
-    def stats(self) -> dict[str, float]:
-        return dict(self._stats)
+    def _known(self) -> set[int]:
+        return self._objects
 
     def add_prompts(self, prompts: Sequence[Prompt]) -> None:
         """Prompts on `position` (the next frame, as far as this side knows) go on the child's own next frame,
@@ -115,8 +103,7 @@ class ProcessSession:
         self._objects.discard(obj_id)
 
     def _ask(self, msg: AddPrompts | RemoveObject) -> None:
-        if self.closed:
-            raise RuntimeError("this session is closed")
+        self._check_open()
         self.model.send(msg, "the prompts were sent")
         while True:
             reply = self._next_message()
@@ -128,8 +115,7 @@ class ProcessSession:
 
     def propose(self, image_rgb: np.ndarray) -> list[Proposal]:
         """The model process's mask proposer on this frame (`--auto`), between two of the session's frames."""
-        if self.closed:
-            raise RuntimeError("this session is closed")
+        self._check_open()
         self.model.send(Propose(self.id, image_rgb), "the frame to propose masks on was sent")
         while True:
             reply = self._next_message()
@@ -160,9 +146,6 @@ class ProcessSession:
             return msg
         return None
 
-    def __iter__(self) -> ProcessSession:
-        return self
-
     def __next__(self) -> FrameMasks:
         while not self._received:
             if self._ended is None or self.closed:
@@ -173,13 +156,10 @@ class ProcessSession:
             self._next_message()
         return self._received.popleft()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         """The worker stopped reading: tell the child and wait (up to stop_timeout_s) until it has closed
         the session; a child that does not (blocked waiting for a frame, wedged) is killed, and the next
         job starts a new one."""
-        if self.closed:
-            return
-        self.closed = True
         self._received.clear()
         try:
             if not self.model.connected() or self.generation != self.model.generation:
@@ -196,13 +176,6 @@ class ProcessSession:
             self.model.close(join_s=0)
         finally:
             self.model.inbox.close(self.id)
-
-    def __enter__(self) -> ProcessSession:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class ProcessProposer:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 
@@ -137,21 +137,20 @@ class PromptBook:
         return min(self.pending) if self.pending else None
 
 
-class SessionBase:
-    """What every session does alike: iteration over a generator `_run()`, the PromptBook, close on exit."""
+class SessionShell:
+    """What every session has alike, its model in this process (SessionBase) or in the model process
+    (worker/model/process_session.py ProcessSession): a position, its stats, its objects, iteration, closing
+    once, a context manager. An implementation gives `_known` (its objects) and `_close`."""
 
     def __init__(self, start_frame: int = 0) -> None:
-        self.book = PromptBook()
         self.start_frame = start_frame  # a resumed job's first frame: frames before it are not segmented
         self._position = start_frame
-        self._frames: Iterator[FrameMasks] | None = None
         self._closed = False
         self._stats: dict[str, float] = {}
 
-    # ---- the Session protocol -------------------------------------------------------------------
     @property
     def obj_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(self.book.known()))
+        return tuple(sorted(self._known()))
 
     @property
     def position(self) -> int:
@@ -161,6 +160,50 @@ class SessionBase:
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __iter__(self) -> Iterator[FrameMasks]:
+        return self
+
+    def __next__(self) -> FrameMasks:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close once; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _known(self) -> set[int]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Free what the session holds (called once)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed")
+
+
+class SessionBase(SessionShell):
+    """A session whose model runs in this process: iteration over a generator `_run()`, the PromptBook."""
+
+    def __init__(self, start_frame: int = 0) -> None:
+        super().__init__(start_frame)
+        self.book = PromptBook()
+        self._frames: Iterator[FrameMasks] | None = None
+
+    # ---- the Session protocol -------------------------------------------------------------------
     def add_prompts(self, prompts: Sequence[Prompt]) -> None:
         self._check_open()
         self.book.add(prompts, position=self._position, total=self._total())
@@ -169,9 +212,6 @@ class SessionBase:
         self._check_open()
         self.book.remove(obj_id)
 
-    def __iter__(self) -> Iterator[FrameMasks]:
-        return self
-
     def __next__(self) -> FrameMasks:
         self._check_open()
         if self._frames is None:
@@ -179,22 +219,15 @@ class SessionBase:
             self._frames = self._run()
         return self._step(self._frames)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _known(self) -> set[int]:
+        return self.book.known()
+
+    def _close(self) -> None:
         try:
             if self._frames is not None:
                 self._frames.close()  # type: ignore[attr-defined]  # a generator
         finally:
             self._release()
-
-    def __enter__(self) -> SessionBase:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # ---- for implementations ----------------------------------------------------------------------
     def _step(self, frames: Iterator[FrameMasks]) -> FrameMasks:
@@ -210,7 +243,3 @@ class SessionBase:
 
     def _release(self) -> None:
         """Free what the session holds."""
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this session is closed")
