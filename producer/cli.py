@@ -288,6 +288,9 @@ def _status(job_id: str, settings: Settings) -> int:
     for key in ("worker", "error", "render_path", "source"):
         if state.get(key):
             print(f"  {key}: {state[key]}")
+    if state.get("auto_keyframes"):  # --auto: what the keyframes found (the worker's log has why, keyframe by keyframe)
+        print(f"  auto: {state['auto_keyframes']} keyframe(s), {state.get('auto_proposed', '0')} masks proposed, "
+              f"{state.get('auto_added', '0')} became objects")
     if state.get("live") == "1":
         from producer.cli_live import live_status_lines
 

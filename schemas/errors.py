@@ -2,7 +2,9 @@
 
     VsegError                       base of everything we raise on purpose
     ├── ConfigError (ValueError)    bad settings, unknown preset
-    │   └── CheckpointError         checkpoint missing or unreadable (names the path and how to get it)
+    │   ├── CheckpointError         checkpoint missing or unreadable (names the path and how to get it)
+    │   └── LabellerUnavailable     the worker's CLIP weights cannot load: its --labels jobs fail at once
+    │                               (also a PermanentError; one short line: what is wrong, what to set)
     ├── PermanentError              retrying cannot help: fail the job at once
     │   ├── InputError (ValueError) the user's input is wrong
     │   │   ├── VideoError          missing, corrupt or non-video file, zero frames
@@ -39,6 +41,11 @@ class CheckpointError(ConfigError):
 
 class PermanentError(VsegError):
     """An error that retrying cannot fix: the job fails at once."""
+
+
+class LabellerUnavailable(ConfigError, PermanentError):
+    """This worker's labeller cannot load (CLIP weights neither in its cache nor reachable, an unknown tag):
+    a job with labels fails at once, never retried, with one short line saying what to fetch or set."""
 
 
 class InputError(PermanentError, ValueError):

@@ -165,6 +165,9 @@ class Progress(msgspec.Struct, frozen=True):
     # buffer of untaken frames was full (live_buffer_frames): a queued job, or a worker far behind the camera
     source_state: str = ""  # live jobs: "up", or "down" from the moment an outage begins; "" for a file job
     source_down_since: float | None = None  # live jobs, while down: Unix time of the last frame before the outage
+    auto_keyframes: Count = 0  # --auto jobs: keyframes the mask generator ran on so far (this attempt)
+    auto_proposed: Count = 0  # --auto jobs: masks it proposed on them, all together
+    auto_added: Count = 0  # --auto jobs: of those, the ones that became objects (the worker's log says why not)
     v: int = SCHEMA_VERSION
 
 

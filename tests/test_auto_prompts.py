@@ -220,9 +220,13 @@ def test_sam2s_own_generator_runs_on_keyframes_end_to_end(video: Path, settings:
 
 @pytest.mark.e2e
 def test_the_clip_labeller_runs_with_random_weights_and_says_what_to_fetch_offline(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    from worker.model import labels
     from worker.model.labels import ClipLabeller
 
+    monkeypatch.setattr(labels, "_loaded", {})  # this process's loads forgotten (a worker loads once)
     labeller = ClipLabeller(["person", "car", "ball"], pretrained="random")
     image = np.full((64, 96, 3), 128, np.uint8)
     mask = np.zeros((64, 96), bool)
@@ -230,7 +234,8 @@ def test_the_clip_labeller_runs_with_random_weights_and_says_what_to_fetch_offli
     label, score = labeller.label(image, mask)
     assert label in ("person", "car", "ball") and 0 <= score <= 1
     assert labeller.label(image, np.zeros_like(mask)) == ("", 0.0)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline at once (the Hub's client read its env already)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ConfigError, match="hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K") as failed:
         ClipLabeller(["person"], pretrained="laion2b_s34b_b79k")
     assert "VSEG_LABEL_PRETRAINED=random" in str(failed.value) and len(str(failed.value)) < 200, failed.value

@@ -18,9 +18,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import redis
 import torch
 
 from producer.local_redis import RedisServer
+from schemas.contract import validate_entry
+from schemas.names import Keys
 from schemas.rle import decode_mask, mask_bbox_xyxy
 from tests.videos import disc_center, make_video
 
@@ -75,6 +78,11 @@ def test_submit_worker_watch_with_real_sam2(device: str, model_process: str, env
     out = tmp_path / "out"
     wat = run(["-m", "producer", "watch", "e2e", "--out", str(out), "--timeout", "60"], env)
     assert wat.returncode == 0, wat.stderr[-3000:]
+    client, keys = redis.Redis.from_url(env["REDIS_URL"]), Keys()
+    entries = client.xrange(keys.results("e2e")) + client.xrange(keys.events)
+    assert len(entries) > N_FRAMES
+    for _id, fields in entries:
+        validate_entry(fields)  # the real model's entries match the committed schemas (schemas/contract/)
     doc = json.loads((out / "masks.json").read_text())
     assert doc["random_weights"] is True and doc["obj_ids"] == [1, 2]
     assert [f["frame_idx"] for f in doc["frames"]] == list(range(N_FRAMES))

@@ -246,12 +246,13 @@ class ResultPublisher:
         return self._fenced_xadds(self.stream, [(entry_id, None, update)], interrupt) == 1
 
     def progress(self, frames_done: int, fps: float, interrupt: Callable[[], None] | None = None,
-                 **live: Any) -> None:
-        """A progress event; a live job's carries its skips, latency and source outages (messages.Progress),
-        also kept on the job's hash for `producer status`."""
-        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3), **live), interrupt)
-        if live:  # the source's own fields in the hash are its producer's, written as they happen
-            self.set_state(**{k: v for k, v in live.items() if v is not None and k not in SOURCE_FIELDS})
+                 **figures: Any) -> None:
+        """A progress event; a live job's carries its skips, latency and source outages, an --auto job's its
+        keyframes' figures (messages.Progress), also kept on the job's hash for `producer status`."""
+        self.event(messages.Progress(self.job_id, frames_done, self.num_frames, fps=round(fps, 3), **figures),
+                   interrupt)
+        if figures:  # the source's own fields in the hash are its producer's, written as they happen
+            self.set_state(**{k: v for k, v in figures.items() if v is not None and k not in SOURCE_FIELDS})
 
     def terminal(self, msg: messages.Terminal, *, ttl_s: int, error: str = "") -> bool:
         """The job's one terminal step: entry, state and expiry in one atomic script on the job's slot; then,

@@ -91,6 +91,8 @@ class ResultSink:
         self._render_t0: float | None = None  # live: the capture time the HLS render's clock starts at
         self._processed = 0  # live: frames processed (not skipped) by this attempt
         self._progress_at = 0.0
+        self.figures: Callable[[], dict[str, int]] = dict  # more progress fields (a job's --auto figures), read then
+        self._figures_sent: dict[str, int] = {}
         self.writer = writer
         self.frames = frames
         self.random_weights = random_weights
@@ -203,9 +205,10 @@ class ResultSink:
                         self.pub.object_change(entry_id, change, command_id, interrupt=self._raise_if_aborted)
                 if outs:
                     self._handle(outs)
-                if done:
-                    if self.live is not None:  # a live job's final figures: the hash and a last progress event
-                        self._progress(time.monotonic())  # agree with its `completed`
+                if done:  # a live job's final figures (the hash and a last progress event) agree with its
+                    # `completed`; so do a job's --auto figures, when a keyframe came after its last progress
+                    if self.live is not None or self.figures() != self._figures_sent:
+                        self._progress(time.monotonic())
                     return
         except BaseException as e:  # handed to the model's thread at its next put/close
             self.error = e
@@ -292,8 +295,9 @@ class ResultSink:
 
     def _progress(self, now: float) -> None:
         fps = self.frames_done / max(now - self._t0, 1e-9)
+        figures = self._figures_sent = self.figures()
         if self.live is None:
-            self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted)
+            self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted, **figures)
             return
         p50 = p95 = None
         if self.latencies:
@@ -303,4 +307,4 @@ class ResultSink:
         self.pub.progress(self.frames_done, fps, interrupt=self._raise_if_aborted, dropped=self.dropped,
                           latency_p50_s=p50, latency_p95_s=p95, source_outages=outages,
                           source_down_s=round(down_s, 3), source_state="up" if down_since is None else "down",
-                          source_down_since=down_since, dropped_at_ingest=self.dropped_at_ingest)
+                          source_down_since=down_since, dropped_at_ingest=self.dropped_at_ingest, **figures)

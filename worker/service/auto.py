@@ -14,6 +14,11 @@ entry `added` (source `auto`) is written just before the frame it first shows on
 stops tracking it. One never confirmed and absent that long is dropped without a word. Objects named
 by prompts are the user's: they are never ended here.
 
+Every keyframe says what its proposals came to (`Keyframe`: one INFO line, and the job's progress
+totals `auto_keyframes`, `auto_proposed`, `auto_added`): how many masks were proposed, which became
+objects, and why the others did not (too small, outside the roi, overlapping an object, no room left
+under the object limits, not a kept label, not taken by the session at the end of the video).
+
 `LabelBook` gives every object of a job with `labels` its label (worker/model/labels.py, CLIP), taken
 on its first frame with a mask and refreshed every `label_every` processed frames.
 """
@@ -21,8 +26,9 @@ on its first frame with a mask and refreshed every `label_every` processed frame
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -56,6 +62,37 @@ class Lifecycle:
     removals: tuple[int, ...] = ()
 
 
+# why a proposed mask did not become an object, in the order they are checked
+TOO_SMALL = "too small"
+OUTSIDE_ROI = "outside the roi"
+OVERLAPPING = "overlapping an object"
+OVER_AUTO_MAX = "over --auto-max-objects"
+OVER_MAX = "over VSEG_MAX_OBJECTS"
+NOT_KEPT = "not a kept label"
+NOT_TAKEN = "not taken by the session"
+
+
+@dataclass
+class Keyframe:
+    """What one keyframe's proposals came to: `proposed` masks, the objects `added`, the others by why."""
+
+    number: int  # 1 for the job's first keyframe (this attempt's)
+    frame_idx: int
+    proposed: int
+    added: list[int] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def describe(self, hint: str = "") -> str:
+        """One line: `hint` says why a generator may propose nothing (its thresholds, random weights)."""
+        line = (f"auto keyframe {self.number} (frame {self.frame_idx}): {self.proposed} masks proposed"
+                f"{f' ({hint})' if hint and not self.proposed else ''}, {len(self.added)} became objects")
+        if self.added:
+            line += f" {self.added}"
+        if self.skipped:
+            line += "; not added: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+        return line
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return float(np.count_nonzero(a & b)) / union if union else 0.0
@@ -75,6 +112,8 @@ class AutoTracker:
         self._last_key: float | None = None
         self.keyframes = 0
         self.proposed = 0
+        self.added = 0  # objects that proposals became, all keyframes together (this attempt's)
+        self.last: Keyframe | None = None
 
     # ---- keyframes ----------------------------------------------------------------------------------
     def keyframe(self, session_frame: int, at_s: float | None = None) -> bool:
@@ -91,45 +130,50 @@ class AutoTracker:
         return due
 
     def propose(self, image_rgb: np.ndarray, out: FrameMasks, position: int) -> list[MaskPrompt]:
-        """New objects seen on `out`'s frame, as mask prompts from `position` (the session's next frame) on."""
+        """New objects seen on `out`'s frame, as mask prompts from `position` (the session's next frame) on;
+        `last` says what became of every proposal."""
         self.keyframes += 1
         proposals = self.proposer.propose(image_rgb)
         self.proposed += len(proposals)
+        report = self.last = Keyframe(self.keyframes, out.frame_idx, len(proposals))
         taken = [m for obj_id, m in zip(out.obj_ids, out.masks) if np.any(m)]
-        room = min(self.options.max_objects - len(self.tracks), self.settings.max_objects - len(out.obj_ids))
+        auto_room = self.options.max_objects - len(self.tracks)
+        room = min(auto_room, self.settings.max_objects - len(out.obj_ids))
         prompts: list[MaskPrompt] = []
-        for p in proposals:
+        for k, p in enumerate(proposals):
             if len(prompts) >= room:
+                report.skipped[OVER_AUTO_MAX if room == auto_room else OVER_MAX] += len(proposals) - k
                 break
-            if not self._admissible(p, taken):
-                continue
+            why = self._refusal(p, taken)
             label = ""
-            if self.options.keep:
-                if self.labeller is None:
-                    break
-                label, _score = self.labeller.label(image_rgb, p.mask)
-                if label not in self.options.keep:
-                    continue
+            if why is None and self.options.keep:
+                label = self.labeller.label(image_rgb, p.mask)[0] if self.labeller is not None else ""
+                why = None if label in self.options.keep else NOT_KEPT
+            if why is not None:
+                report.skipped[why] += 1
+                continue
             obj_id = self._new_id(out.obj_ids)
             self.tracks[obj_id] = _Track(obj_id, label)
             taken.append(p.mask)
             prompts.append(MaskPrompt(obj_id, position, p.mask))
-        if prompts:
-            log.info("auto: %d new objects %s on keyframe %d (%d masks proposed)", len(prompts),
-                     [p.obj_id for p in prompts], out.frame_idx, len(proposals))
+        report.added = [p.obj_id for p in prompts]
+        self.added += len(prompts)
         return prompts
 
-    def _admissible(self, p: Proposal, taken: list[np.ndarray]) -> bool:
+    def _refusal(self, p: Proposal, taken: list[np.ndarray]) -> str | None:
+        """Why proposal `p` cannot be a new object (None: it can)."""
         area = int(np.count_nonzero(p.mask))
         if area < self.min_area:
-            return False
+            return TOO_SMALL
         if self.options.roi is not None:
             ys, xs = np.nonzero(p.mask)
             cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
             x0, y0, x1, y1 = self.options.roi
             if not (x0 <= cx <= x1 and y0 <= cy <= y1):
-                return False
-        return all(iou(p.mask, m) < self.settings.auto_new_iou for m in taken)
+                return OUTSIDE_ROI
+        if any(iou(p.mask, m) >= self.settings.auto_new_iou for m in taken):
+            return OVERLAPPING
+        return None
 
     def _new_id(self, in_use: Sequence[int]) -> int:
         self.next_id = max(self.next_id, max(in_use, default=0) + 1)
@@ -138,9 +182,17 @@ class AutoTracker:
         return obj_id
 
     def forget(self, obj_ids: Sequence[int]) -> None:
-        """Objects proposed that the session did not take."""
+        """Objects proposed that the session did not take (at the end of the video)."""
         for obj_id in obj_ids:
             self.tracks.pop(obj_id, None)
+        if self.last is not None and (gone := [o for o in obj_ids if o in self.last.added]):
+            self.last.added = [o for o in self.last.added if o not in gone]
+            self.last.skipped[NOT_TAKEN] += len(gone)
+            self.added -= len(gone)
+
+    def figures(self) -> dict[str, int]:
+        """The job's progress figures so far (messages.Progress)."""
+        return {"auto_keyframes": self.keyframes, "auto_proposed": self.proposed, "auto_added": self.added}
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def track(self, out: FrameMasks) -> tuple[FrameMasks, Lifecycle]:

@@ -33,6 +33,7 @@ class JobObjects:
     frames: FrameSource
     auto: AutoTracker | None = None
     book: LabelBook | None = None
+    hint: str = ""  # why a keyframe may find nothing (said in its line when it does)
     _removals: tuple[int, ...] = ()
     _last_labels: dict[int, str] = dataclasses.field(default_factory=dict)
 
@@ -44,7 +45,7 @@ class JobObjects:
             auto = AutoTracker(job.auto, ctx.settings, build_proposer(ctx.settings, ctx.segmenter), labeller=labeller,
                                fps=job.fps, known_ids=job.obj_ids)
         book = LabelBook(labeller, ctx.settings.label_every) if labeller is not None else None
-        return cls(feed, frames, auto, book)
+        return cls(feed, frames, auto, book, hint=_hint(ctx))
 
     def see(self, out: FrameMasks, session_frame: int, live: LiveResults | None) -> tuple[FrameMasks, FrameMasks, bool]:
         """Before frame `out` (already the job's frame index) is put: its labels, and the automatic objects
@@ -87,6 +88,12 @@ class JobObjects:
             prompts = self.auto.propose(full.image_rgb, full, session.position)
             if prompts:
                 self._add(session, prompts)
+            if self.auto.last is not None:  # one line a keyframe: what its proposals came to, and why
+                log.info("%s", self.auto.last.describe(self.hint))
+
+    def figures(self) -> dict[str, int]:
+        """The job's --auto figures for its progress events (read by the sink's thread); {} without --auto."""
+        return self.auto.figures() if self.auto is not None else {}
 
     def _add(self, session: Session, prompts: list[MaskPrompt]) -> None:
         """Add the new objects at the session's position; a model process may have moved on meanwhile (its
@@ -98,7 +105,7 @@ class JobObjects:
                 return
             except PromptError as e:  # moved on, or at the end of the video
                 error = e
-        log.info("automatic objects %s not added: %s", [p.obj_id for p in prompts], error)
+        log.debug("automatic objects %s not added: %s", [p.obj_id for p in prompts], error)
         assert self.auto is not None
         self.auto.forget([p.obj_id for p in prompts])
 
@@ -107,3 +114,12 @@ class JobObjects:
             return out.image_rgb
         path: Path = live.streamed.path(out.frame_idx) if live is not None else self.frames.path(out.frame_idx)
         return cv2.cvtColor(read_frame_bgr(path), cv2.COLOR_BGR2RGB)
+
+
+def _hint(ctx: WorkerContext) -> str:
+    """Why SAM 2's generator may propose nothing on a keyframe: its own filters (and a smoke run's weights)."""
+    if ctx.settings.proposer:
+        return ""
+    hint = (f"none passed the generator's auto_pred_iou_thresh {ctx.settings.auto_pred_iou_thresh:g} and "
+            f"auto_stability_score_thresh {ctx.settings.auto_stability_score_thresh:g}")
+    return hint + (": RANDOM WEIGHTS, expected" if ctx.segmenter.random_weights else "")

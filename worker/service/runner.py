@@ -29,6 +29,7 @@ from schemas.prompts import ObjectPrompt
 from worker.broker.attempts import is_transient
 from worker.broker.lease import LeaseLost
 from worker.broker.publish import JobCancelled, ResultPublisher, object_result
+from worker.model.labels import check_labeller
 from worker.model.session import MaskPrompt, Prompt, Session
 from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
@@ -86,6 +87,8 @@ class JobRunner:
         if job.live:  # unbounded: its result stream is trimmed (a consumer keeps up by XREAD from its last id)
             pub.maxlen = ctx.settings.live_results_maxlen
         try:
+            if job.labels:  # a worker whose labeller cannot load fails the job now, in one line (not retried)
+                check_labeller(ctx.settings)
             frames = self._frames()
             resume = resume_point(ctx, job, self.attempt)
             started = messages.Started(
@@ -168,17 +171,15 @@ class JobRunner:
         frames = StreamedFrames(ctx.client, ctx.keys.frames(job.job_id), job.frames_dir,
                                 block_ms=ctx.settings.block_ms, stall_s=stall_s,
                                 producer_key=ctx.keys.producer(job.job_id), producer_ttl_s=job.producer_ttl_s,
-                                check=self.check, live_source=job.live)
-        frames.turn_wait = self._step  # waiting for a turn on a shared model is not a stall (worker/model/turns.py)
+                                check=self.check, live_source=job.live,
+                                turn_wait=self._step)  # waiting for a turn on a shared model is not a stall
         return frames
 
     def _frames(self) -> FrameSource:
         job = self.job
         if job.source is FrameSourceKind.STREAM:
             return self._streamed()
-        frames = DirFrames(job.frames_dir, job.num_frames, check=self.check)
-        frames.turn_wait = self._step
-        return frames
+        return DirFrames(job.frames_dir, job.num_frames, check=self.check, turn_wait=self._step)
 
     def _live(self, resume: Resume) -> tuple[LiveFrames, LiveResults]:
         """A live job's two sides (worker/sources/live.py): the session's picks, and the results'."""
@@ -211,6 +212,7 @@ class JobRunner:
         feed.load(resume.first_frame)
         feed.start()
         objects = JobObjects.of(ctx, job, frames, feed)
+        sink.figures = objects.figures  # its progress events carry the job's --auto figures
 
         def backfilled(prompt: ObjectPrompt, position: int, request_id: str) -> MaskPrompt | None:
             """A prompt on a frame already published (worker/service/backfill.py); None where the model runs
