@@ -15,7 +15,6 @@ from runtime.settings import Settings
 from schemas.errors import VsegError, WorkerBroken
 
 log = logging.getLogger("worker")
-LABELS_CHECK_JOIN_S = 2.0  # at exit, the most a worker waits for its start's labeller check (worker/model/labels.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +113,8 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
     from prometheus_client import CollectorRegistry
 
     from runtime.connection import worker_client
-    from runtime.logs import ContextThread, job_log_context
+    from runtime.logs import job_log_context
     from runtime.metrics import MetricsServer
-    from worker.model.labels import labeller_problem
     from worker.model.load import load_segmenter
     from worker.service.loop import Worker, default_worker_name
 
@@ -130,9 +128,6 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
                                health=lambda: probes["health"](), ready=lambda: probes["ready"]()).start()
     try:
         with job_log_context(worker=name):
-            # whether jobs with labels can run here, said at start (beside the model's load) and remembered
-            labels = ContextThread(target=labeller_problem, args=(settings,), daemon=True, name="labeller-check")
-            labels.start()
             segmenter = load_segmenter(settings)
             try:
                 worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=name,
@@ -142,7 +137,6 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
                 worker.run(burst=burst)
             finally:
                 segmenter.close()  # the model's process, if it has one
-                labels.join(LABELS_CHECK_JOIN_S)  # a worker that ends at once: its check's line not in the teardown
         return 0
     finally:
         if server is not None:

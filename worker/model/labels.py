@@ -8,12 +8,13 @@ package and a model is built from its name alone, so the whole path runs offline
 weights in the tests; the weights themselves come through the Hugging Face Hub, like SAM 2's
 checkpoints (`HF_HOME` cache; offline, the error says which repository to fetch).
 
-Whether CLIP can load here is checked once per worker (`labeller_problem`: at its start, beside the
-model's load, worker/cli.py) and remembered: weights neither in the Hugging Face cache nor reachable
+Whether CLIP can load here is checked once per worker (`labeller_problem`, at the start of its first job
+with labels: importing open_clip alone takes about 3 s of CPU, too much to spend at every worker's start
+for jobs that may never come) and remembered: weights neither in the Hugging Face cache nor reachable
 (offline, HF_HUB_OFFLINE), an unknown tag. A job with labels then fails at once, before anything runs,
-with one short line naming what to fetch or to set (LabellerUnavailable). The network itself is loaded
-once per worker, at its first job with labels, and shared by its jobs. A smoke run (`--checkpoint
-random`) labels with random weights too, said loudly at start (`label_weights`).
+with one short line naming what to fetch or to set (LabellerUnavailable), said in the log once. The
+network itself is loaded once per worker, at its first job with labels, and shared by its jobs. A smoke
+run (`--checkpoint random`) labels with random weights too, said loudly when CLIP is checked (`label_weights`).
 
 The seam: the `labeller` setting names a `module:callable` building another from (settings, labels):
 a backend's own detector or classifier.
