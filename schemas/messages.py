@@ -176,7 +176,7 @@ class Completed(msgspec.Struct, frozen=True):
     job_id: str
     render_path: str  # relative to STORAGE_ROOT; "" when the job asked for no render
     num_frames: Count
-    num_objects: Count
+    num_objects: Count  # objects tracked at the job's end (those on its last frame: prompted, added, automatic; not removed or lost)
     timings_s: dict[str, float] = msgspec.field(default_factory=dict)
     random_weights: bool = False
     at: float = msgspec.field(default_factory=time.time)

@@ -181,7 +181,7 @@ def _forbidden_download(**kwargs: Any) -> str:
 def _assert_says_how_to_get_it(message: str, preset: ModelPreset, checkpoint_dir: Path) -> None:
     assert str(checkpoint_dir / preset.file) in message
     assert preset.hf_repo in message
-    assert f"huggingface-cli download {preset.hf_repo} {preset.file} --local-dir {checkpoint_dir}" in message
+    assert f"hf download {preset.hf_repo} {preset.file} --local-dir {checkpoint_dir}" in message
     assert f"curl -L -o {checkpoint_dir / preset.file} {preset.url}" in message
     assert "--checkpoint random" in message
 

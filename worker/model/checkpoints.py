@@ -163,7 +163,7 @@ def _missing_preset_message(preset: ModelPreset, path: Path, why: str) -> str:
     return (
         f"checkpoint for preset {preset.name} not found at {path} and not fetched from Hugging Face repo "
         f"{preset.hf_repo} ({why}); get it by hand with "
-        f"`huggingface-cli download {preset.hf_repo} {preset.file} --local-dir {path.parent}` or "
+        f"`hf download {preset.hf_repo} {preset.file} --local-dir {path.parent}` or "
         f"`curl -L -o {path} {preset.url}`, or pass --checkpoint PATH to an existing file, "
         f"or run with --checkpoint {RANDOM} for a smoke test (meaningless masks)"
     )

@@ -66,6 +66,7 @@ class JobRunner:
         self.attempt = attempt
         self.writer: MaskVideoWriter | HlsWriter | None = None
         self._started: messages.Started | None = None  # a live job's, until its first frame is processed
+        self._tracked: int | None = None  # objects on the last frame this attempt published
 
     def check(self) -> None:
         """Raise if the job must stop: LeaseLost, JobCancelled, HandBack/ForcedExit (worker/service/shutdown.py)."""
@@ -116,7 +117,8 @@ class JobRunner:
             timings["render_close_s"] = time.monotonic() - t_render
             timings["total_s"] = time.monotonic() - t0
             ctx.finish(pub, messages.Completed(
-                job_id=job.job_id, render_path=job.render_rel, num_frames=num_frames, num_objects=len(job.obj_ids),
+                job_id=job.job_id, render_path=job.render_rel, num_frames=num_frames,
+                num_objects=self._tracked if self._tracked is not None else len(job.obj_ids),
                 timings_s={k: round(v, 4) for k, v in timings.items()}, random_weights=ctx.segmenter.random_weights,
             ), JobState.COMPLETED)
             if job.live:  # frames/s counts what the model processed, not the frames skipped to keep up
@@ -264,6 +266,7 @@ class JobRunner:
                 full, out, key = objects.see(out, expected, live)  # labels, automatic objects' lifecycle
                 feed.flush(expected, k, sink.put_change)  # changes taking effect here go just before it
                 sink.put(out)
+                self._tracked = len(out.obj_ids)  # objects tracked on the last frame: `completed`'s num_objects
                 last = k
                 expected += 1
                 objects.after(session, full, key)  # automatic objects ended, or new ones on a keyframe
