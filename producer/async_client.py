@@ -28,7 +28,7 @@ import redis
 import redis.asyncio
 
 from producer import control, running_prompts
-from producer.client import APPEAR_S, XREAD_COUNT, Client, Job
+from producer.client import APPEAR_S, XREAD_COUNT, Client, Job, redis_faults
 from producer.client_items import BEFORE_TERMINAL, TERMINAL, Item, JobStatus, ResultCursor, Terminal
 from producer.events import AsyncEvents
 from producer.submission import Submitted
@@ -139,12 +139,15 @@ class AsyncJob:
 
     async def _appear(self, appear_s: float) -> None:
         keys, deadline = self.client.settings.keys, time.monotonic() + appear_s
-        while not (await self.client.redis.exists(keys.job(self.id))
-                   or await self.client.redis.exists(keys.results(self.id))):
+        while not await self._exists(keys.job(self.id), keys.results(self.id)):
             if time.monotonic() > deadline:
                 raise UnknownJobError(f"no job {self.id!r} in Redis at {redact_url(self.client.settings.redis_url)} "
                                       f"after {appear_s:g} s (wrong REDIS_URL or key_prefix, or expired?)")
             await asyncio.sleep(0.1)
+
+    async def _exists(self, *keys: str) -> bool:
+        with redis_faults(self.client.settings):
+            return any([await self.client.redis.exists(key) for key in keys])
 
     async def _xread(self, stream: str, last_id: str) -> list[Any]:
         backoff_s = 0.1

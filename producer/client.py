@@ -18,6 +18,7 @@ ingested in one until it ends, `Job.stop()` or `Client.close()`. Errors before t
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -43,7 +44,7 @@ from producer.prompts import build_prompts, merge_prompts
 from producer.source_urls import is_live_source
 from producer.submission import Submitted
 from runtime.connection import connect
-from runtime.faults import redact_url
+from runtime.faults import redact_url, redis_fault
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import UnknownJobError
@@ -60,6 +61,19 @@ def prompts_of(prompts: Sequence[ObjectPrompt], points: Sequence[str], boxes: Se
     """`prompts` plus the command line's `--point`/`--box` specs ("1:320,240", "2:0,0,50,60@5"), grouped per
     object and frame. Raises PromptError naming the bad spec."""
     return merge_prompts([*prompts, *build_prompts(points=list(points), boxes=list(boxes))])
+
+
+@contextlib.contextmanager
+def redis_faults(settings: Settings) -> Iterator[None]:
+    """Redis down, hung or full, raised as one line of the service's exception tree that names the URL (its
+    password hidden) and what to do: RedisUnavailable, RedisFull (chained from redis-py's error)."""
+    try:
+        yield
+    except redis.RedisError as e:
+        fault = redis_fault(e, settings.redis_url)
+        if fault is None:
+            raise
+        raise fault from e
 
 
 class BackgroundSubmit:
@@ -154,7 +168,7 @@ class Client:
         `Prompt.box`) and/or the command line's `points`/`boxes` specs. The other options are `submit`'s on
         the command line (`python -m producer submit --help`). The same `job_id` twice gives one job.
         Raises before anything is enqueued, with nothing left behind: VideoError, PromptError, LimitError,
-        JobIdError, SourceUnavailable (a live source that cannot be opened), redis-py's errors."""
+        JobIdError, SourceUnavailable (a live source that cannot be opened), RedisUnavailable, RedisFull."""
         if self._closed:
             raise RuntimeError("this client is closed")
         all_prompts = prompts_of(prompts, points, boxes)
@@ -179,7 +193,8 @@ class Client:
         if is_live and not any(s.live for s in self._submits):
             atexit.register(self.close)  # ends live ingests gracefully at exit (daemon threads are not joined)
         self._submits.append(background)
-        return Job(self, background.start_and_wait(), background)
+        with redis_faults(self.settings):
+            return Job(self, background.start_and_wait(), background)
 
     def job(self, job_id: str) -> Job:
         """The handle of an existing job (follow and wait wait for it to appear)."""
@@ -253,7 +268,8 @@ class Job:
 
     def status(self) -> JobStatus:
         """The job's state hash, typed. Raises UnknownJobError (never submitted, or expired)."""
-        raw = cast(dict[bytes, bytes], self.client.redis.hgetall(self._settings.keys.job(self.id)))
+        with redis_faults(self._settings):
+            raw = cast(dict[bytes, bytes], self.client.redis.hgetall(self._settings.keys.job(self.id)))
         if not raw:
             raise UnknownJobError(f"no job {self.id!r} in Redis at {redact_url(self._settings.redis_url)} "
                                   f"(never submitted, or expired)")
@@ -266,21 +282,25 @@ class Job:
         Raises, with nothing sent, as `python -m producer prompt` refuses (PromptError, JobEndedError, ...)."""
         points, now_p = running_prompts.split_now(points)  # the command line's `@now` works here too
         boxes, now_b = running_prompts.split_now(boxes)
-        return running_prompts.add_prompts(self.id, prompts_of(prompts, points, boxes), settings=self._settings,
-                                           now=now or now_p or now_b, wait_s=wait_s, client=self.client.redis)
+        with redis_faults(self._settings):
+            return running_prompts.add_prompts(self.id, prompts_of(prompts, points, boxes), settings=self._settings,
+                                               now=now or now_p or now_b, wait_s=wait_s, client=self.client.redis)
 
     def remove(self, obj_id: int, *, wait_s: float = 10.0) -> running_prompts.PromptReply:
         """Stop tracking object `obj_id` from the next frame the worker processes."""
-        return running_prompts.remove_object(self.id, obj_id, settings=self._settings, wait_s=wait_s,
-                                             client=self.client.redis)
+        with redis_faults(self._settings):
+            return running_prompts.remove_object(self.id, obj_id, settings=self._settings, wait_s=wait_s,
+                                                 client=self.client.redis)
 
     def cancel(self) -> control.CancelResult:
         """Cancel the job (idempotent: an ended job is left as it is, and the result says so)."""
-        return control.request_cancel(self.id, settings=self._settings, client=self.client.redis)
+        with redis_faults(self._settings):
+            return control.request_cancel(self.id, settings=self._settings, client=self.client.redis)
 
     def stop(self) -> str:
         """End a live job gracefully (its last frames published, then `completed`); InputError on a file job."""
-        return control.request_stop(self.id, settings=self._settings, client=self.client.redis)
+        with redis_faults(self._settings):
+            return control.request_stop(self.id, settings=self._settings, client=self.client.redis)
 
     def submit_result(self, timeout_s: float | None = None) -> Submitted | None:
         """For a job this client submitted: wait for its decode (or live ingest) to end, and return what it
@@ -289,11 +309,15 @@ class Job:
 
     def _appear(self, appear_s: float) -> None:
         keys, deadline = self._settings.keys, time.monotonic() + appear_s
-        while not (self.client.redis.exists(keys.job(self.id)) or self.client.redis.exists(keys.results(self.id))):
+        while not self._exists(keys.job(self.id), keys.results(self.id)):
             if time.monotonic() > deadline:
                 raise UnknownJobError(f"no job {self.id!r} in Redis at {redact_url(self._settings.redis_url)} after "
                                       f"{appear_s:g} s (wrong REDIS_URL or key_prefix, or expired?)")
             time.sleep(0.1)
+
+    def _exists(self, *keys: str) -> bool:
+        with redis_faults(self._settings):
+            return any(self.client.redis.exists(key) for key in keys)
 
     def _xread(self, stream: str, last_id: str) -> list[Any]:
         """One blocking XREAD; a Redis outage is waited out with backoff (logged), not raised."""

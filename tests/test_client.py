@@ -21,7 +21,7 @@ from producer import AsyncClient, Client, Frame, Prompt, Update
 from producer.control import CancelAction
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import PromptError, UnknownJobError, VideoError
+from schemas.errors import PromptError, RedisUnavailable, UnknownJobError, VideoError
 from schemas.rle import decode_mask
 from tests.videos import disc_prompt, make_video
 from tests.workers import WorkerProcess, stop_all, wait_for
@@ -222,3 +222,22 @@ def test_async_client_has_the_same_names(settings: Settings, worker: WorkerProce
     assert isinstance(items[0], messages.Started) and items[-1] == end and isinstance(end, messages.Completed)
     assert [i.frame_idx for i in items if isinstance(i, Frame)] == list(range(N))
     assert seen[0] == "started" and seen[-1] == "completed" and "progress" in seen
+
+
+def test_a_redis_that_does_not_answer_is_one_line_naming_it(video: Path, settings: Settings) -> None:
+    import dataclasses
+
+    down = dataclasses.replace(settings, redis_url="redis://:secret@127.0.0.1:1/0")
+    with Client(down) as client:
+        with pytest.raises(RedisUnavailable, match=r"cannot reach Redis at redis://:\*\*\*@127.0.0.1:1/0") as raised:
+            client.submit(video, [point(1)])
+        assert "secret" not in str(raised.value)
+        with pytest.raises(RedisUnavailable):
+            client.job("j").status()
+
+    async def follow_async() -> None:
+        async with AsyncClient(down) as a:
+            await a.job("j").wait(appear_s=1)
+
+    with pytest.raises(RedisUnavailable):
+        asyncio.run(follow_async())
