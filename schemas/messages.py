@@ -64,6 +64,23 @@ class EntryType(str, enum.Enum):
     UPDATE = "update"  # on the result stream: an object's mask on a frame already published, computed later
 
 
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """What every entry has: its type (`TYPE`: the stream entry's `type` field, beside `data`) and the schema
+    version `v`, written last."""
+
+    TYPE: ClassVar[EntryType]
+    v: int = SCHEMA_VERSION
+
+
+class TimedEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry with `at`: the Unix time it was made, written just before `v` (so not an Entry subclass,
+    whose `v` would come first)."""
+
+    TYPE: ClassVar[EntryType]
+    at: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
 class AutoOptions(msgspec.Struct, frozen=True):
     """Automatic prompts (`--auto`): SAM 2's mask generator on keyframes finds the objects nobody named."""
 
@@ -75,7 +92,7 @@ class AutoOptions(msgspec.Struct, frozen=True):
     keep: tuple[str, ...] = ()  # only automatic objects with one of these labels (needs `labels`)
 
 
-class JobMessage(msgspec.Struct, frozen=True):
+class JobMessage(Entry, frozen=True):
     """A video job on `vseg:jobs`: a frame directory under STORAGE_ROOT plus the prompts."""
 
     TYPE: ClassVar[EntryType] = EntryType.JOB
@@ -102,7 +119,6 @@ class JobMessage(msgspec.Struct, frozen=True):
     live: bool = False
     auto: AutoOptions | None = None  # automatic prompts (worker/service/auto.py); None: only the prompts given
     labels: tuple[str, ...] = ()  # zero-shot labels for every object (CLIP, worker/model/labels.py)
-    v: int = SCHEMA_VERSION
 
 
 class ObjectResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -118,7 +134,7 @@ class ObjectResult(msgspec.Struct, frozen=True, omit_defaults=True):
     label_score: float | None = None  # and its probability
 
 
-class FrameResult(msgspec.Struct, frozen=True):
+class FrameResult(Entry, frozen=True):
     """One frame's objects. Every frame the producer announces gets exactly one entry; a live job's frame
     skipped to keep up with the source has `skipped` true and no objects."""
 
@@ -131,10 +147,9 @@ class FrameResult(msgspec.Struct, frozen=True):
     captured_at: float | None = None  # live jobs: Unix time the frame was received (None: a file's frame)
     pts_s: float | None = None  # live jobs: the frame's presentation timestamp in its source, seconds
     latency_s: float | None = None  # live jobs, processed frames: from captured_at to this entry's publication
-    v: int = SCHEMA_VERSION
 
 
-class Started(msgspec.Struct, frozen=True):
+class Started(TimedEntry, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.STARTED
     job_id: str
     worker: str
@@ -143,19 +158,16 @@ class Started(msgspec.Struct, frozen=True):
     model: str = ""
     attempt: Count = 1
     random_weights: bool = False
-    at: float = msgspec.field(default_factory=time.time)
     resume_from: Count = 0  # the first frame this attempt computes (a resumed attempt: after the last published)
     first_frame: Count | None = None  # live jobs: the frame this attempt processed first (its prompts apply there)
-    v: int = SCHEMA_VERSION
 
 
-class Progress(msgspec.Struct, frozen=True):
+class Progress(TimedEntry, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.PROGRESS
     job_id: str
     frames_done: Count
     num_frames: Count
     fps: float = 0.0
-    at: float = msgspec.field(default_factory=time.time)
     dropped: Count = 0  # live jobs: frames skipped so far to keep up with the source
     latency_p50_s: float | None = None  # live jobs: capture-to-publish latency of the recent processed frames
     latency_p95_s: float | None = None
@@ -168,10 +180,9 @@ class Progress(msgspec.Struct, frozen=True):
     auto_keyframes: Count = 0  # --auto jobs: keyframes the mask generator ran on so far (this attempt)
     auto_proposed: Count = 0  # --auto jobs: masks it proposed on them, all together
     auto_added: Count = 0  # --auto jobs: of those, the ones that became objects (the worker's log says why not)
-    v: int = SCHEMA_VERSION
 
 
-class Completed(msgspec.Struct, frozen=True):
+class Completed(TimedEntry, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.COMPLETED
     job_id: str
     render_path: str  # relative to STORAGE_ROOT; "" when the job asked for no render
@@ -179,42 +190,34 @@ class Completed(msgspec.Struct, frozen=True):
     num_objects: Count  # objects tracked at the job's end (those on its last frame: prompted, added, automatic; not removed or lost)
     timings_s: dict[str, float] = msgspec.field(default_factory=dict)
     random_weights: bool = False
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class Failed(msgspec.Struct, frozen=True):
+class Failed(TimedEntry, frozen=True):
     TYPE: ClassVar[EntryType] = EntryType.FAILED
     job_id: str
     error: str
     error_type: str = ""
     retryable: bool = False
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class Cancelled(msgspec.Struct, frozen=True):
+class Cancelled(TimedEntry, frozen=True):
     """Terminal: the job was cancelled (`python -m producer cancel`); it is not retried."""
 
     TYPE: ClassVar[EntryType] = EntryType.CANCELLED
     job_id: str
     frames_done: Count = 0
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class Dead(msgspec.Struct, frozen=True):
+class Dead(TimedEntry, frozen=True):
     """Terminal: the job ran out of attempts (or could not be decoded) and was moved to vseg:dead."""
 
     TYPE: ClassVar[EntryType] = EntryType.DEAD
     job_id: str
     error: str
     attempts: Count = 0
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class PromptCommand(msgspec.Struct, frozen=True):
+class PromptCommand(TimedEntry, frozen=True):
     """Prompts for a running job: a new object id is tracked from its prompt's frame on, an existing one
     corrected from there. `now`: from the next frame the worker processes, whatever frame the prompt names
     (its coordinates are then taken as they are)."""
@@ -224,22 +227,18 @@ class PromptCommand(msgspec.Struct, frozen=True):
     request_id: str
     prompts: tuple[ObjectPrompt, ...]
     now: bool = False
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class RemoveCommand(msgspec.Struct, frozen=True):
+class RemoveCommand(TimedEntry, frozen=True):
     """Stop tracking an object of a running job, from the next frame the worker processes."""
 
     TYPE: ClassVar[EntryType] = EntryType.REMOVE
     job_id: str
     request_id: str
     obj_id: Count
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class ObjectChange(msgspec.Struct, frozen=True):
+class ObjectChange(TimedEntry, frozen=True):
     """What a command did: `change` added, corrected or removed from `frame_idx` on, or refused (`note` says
     why; the job goes on unharmed). `requested_frame`: the frame the prompt named (-1: now, or a removal)."""
 
@@ -253,11 +252,9 @@ class ObjectChange(msgspec.Struct, frozen=True):
     requested_frame: int = -1
     note: str = ""
     label: str = ""  # jobs with labels: the object's label when the change was made
-    at: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
 
 
-class FrameUpdate(msgspec.Struct, frozen=True):
+class FrameUpdate(Entry, frozen=True):
     """Objects' masks on a frame whose `frame` entry is already out: a prompt on a frame a file job had
     already segmented is propagated backwards from it, and each earlier frame gets one of these (frames
     keep their once-only entries). A reader replaces those objects on that frame, or adds them."""
@@ -267,7 +264,6 @@ class FrameUpdate(msgspec.Struct, frozen=True):
     frame_idx: Count
     objects: tuple[ObjectResult, ...]
     request_id: str = ""  # the prompt command that led to it
-    v: int = SCHEMA_VERSION
 
 
 Message = (JobMessage | FrameResult | Started | Progress | Completed | Failed | Cancelled | Dead | PromptCommand

@@ -32,12 +32,12 @@ def samples(mod: ModuleType) -> list[Any]:
                        submitted_at=AT, render=False),  # ints where floats go, as some writers send them
         old_code.sample_frame(mod),
         mod.FrameResult("j2", 0, (), random_weights=True),
-        mod.Started("j2", "host:1", 3, (0, 4), "sam2.1-tiny", 2, True, AT),
-        mod.Progress("j2", 2, 3, 4.5, AT),
-        mod.Completed("j2", "jobs/j2/render.mp4", 3, 2, {"total_s": 1.25, "segment_s": 1}, False, AT),
-        mod.Failed("j2", "boom", "RuntimeError", True, AT),
-        mod.Cancelled("j2", 2, AT),
-        mod.Dead("j2", "out of attempts", 3, AT),
+        mod.Started("j2", "host:1", 3, (0, 4), "sam2.1-tiny", 2, True, at=AT),
+        mod.Progress("j2", 2, 3, 4.5, at=AT),
+        mod.Completed("j2", "jobs/j2/render.mp4", 3, 2, {"total_s": 1.25, "segment_s": 1}, False, at=AT),
+        mod.Failed("j2", "boom", "RuntimeError", True, at=AT),
+        mod.Cancelled("j2", 2, at=AT),
+        mod.Dead("j2", "out of attempts", 3, at=AT),
     ]
 
 
