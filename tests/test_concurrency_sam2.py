@@ -79,6 +79,7 @@ def test_two_and_three_jobs_at_once_get_the_masks_each_gets_alone(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_warm_up_measures_a_session_and_k_comes_from_free_memory() -> None:
+    from worker.model.host import ModelHost
     from worker.service.capacity import pick_concurrency, refusal
 
     torch.manual_seed(0)
@@ -88,6 +89,6 @@ def test_on_cuda_the_warm_up_measures_a_session_and_k_comes_from_free_memory() -
     seg.warm_up()
     budget = seg.gpu_budget()
     assert budget is not None and budget.session_bytes > 0 and budget.model_bytes > 0 and budget.free_bytes > 0
-    k, why = pick_concurrency(Settings(), seg, model_per_slot=False)
+    k, why = pick_concurrency(Settings(), ModelHost(seg))
     assert 1 <= k <= 16 and "MiB free on cuda" in why
     assert refusal([budget], busy=1) is None or budget.free_bytes < 1.5 * budget.session_bytes

@@ -20,7 +20,7 @@ from runtime.settings import Settings
 from schemas.errors import ConfigError, RetryableError
 from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
-from worker.model.load import load_segmenter
+from worker.model.host import ModelHost
 from worker.model.process import ModelProcess, ModelProcessDied, use_model_process
 from worker.model.process_messages import (
     DirSpec,
@@ -173,12 +173,12 @@ def test_model_process_setting() -> None:
     assert not use_model_process(Settings(model_process="off"), "cuda")
     with pytest.raises(ConfigError, match="model_process must be auto, on or off"):
         Settings(model_process="sometimes")
-    beside_fake = load_segmenter(Settings(segmenter=FROM_ENV))  # auto beside a factory's segmenter: in process
+    beside_fake = ModelHost.load(Settings(segmenter=FROM_ENV)).first  # auto beside a factory's segmenter: in process
     assert isinstance(beside_fake, ChaosHooks) and not isinstance(beside_fake, ModelProcess)
     with pytest.raises(ConfigError, match="module.path:callable"):
         Settings(segmenter="not a factory")
     with pytest.raises(ConfigError, match="cannot be imported"):
-        load_segmenter(Settings(segmenter="tests.no_such_module:make"))
+        ModelHost.load(Settings(segmenter="tests.no_such_module:make"))
 
 
 def test_the_sender_never_makes_the_model_wait_on_the_pipe() -> None:

@@ -13,9 +13,10 @@ import pytest
 from runtime.settings import Settings
 from schemas.errors import ConfigError, WorkerBroken
 from tests.fakes import ChaosHooks, ColourSegmenter
+from worker.model.host import ModelHost
 from worker.model.segment import GpuBudget
 from worker.model.turns import FairTurns
-from worker.service.capacity import pick_concurrency, refusal, slot_segmenters
+from worker.service.capacity import pick_concurrency, refusal
 from worker.service.context import SlotState
 from worker.service.shutdown import Shutdown
 from worker.service.slots import JobSlots
@@ -183,7 +184,7 @@ def test_a_held_model_goes_to_the_waiting_file_job_when_the_live_session_does_no
 
 
 def test_concurrency_set_is_taken_as_it_is_and_checked() -> None:
-    k, why = pick_concurrency(Settings(concurrency=5), ChaosHooks(ColourSegmenter()), model_per_slot=False)
+    k, why = pick_concurrency(Settings(concurrency=5), ModelHost(ChaosHooks(ColourSegmenter())))
     assert (k, why) == (5, "set by concurrency (VSEG_CONCURRENCY or --concurrency)")
     with pytest.raises(ConfigError, match=r"concurrency \(VSEG_CONCURRENCY\) must be 0..64"):
         Settings(concurrency=-1)
@@ -193,14 +194,14 @@ def test_concurrency_set_is_taken_as_it_is_and_checked() -> None:
 
 def test_default_concurrency_on_cpu_is_one_and_on_cuda_what_fits() -> None:
     cpu = ChaosHooks(ColourSegmenter())
-    assert pick_concurrency(Settings(), cpu, model_per_slot=False)[0] == 1
+    assert pick_concurrency(Settings(), ModelHost(cpu))[0] == 1
     gpu = ChaosHooks(ColourSegmenter(), gpu_mib=(10_000, 1_000))
-    k, why = pick_concurrency(Settings(), gpu, model_per_slot=False)
+    k, why = pick_concurrency(Settings(), ModelHost(gpu))
     assert k == 8 and "10000 MiB free" in why and "1000 MiB" in why  # 80% of 10 GB in 1 GB sessions
     big = ChaosHooks(ColourSegmenter(), gpu_mib=(1_000_000, 100))
-    assert pick_concurrency(Settings(), big, model_per_slot=False)[0] == 16  # capped
+    assert pick_concurrency(Settings(), ModelHost(big))[0] == 16  # capped
     tiny = ChaosHooks(ColourSegmenter(), gpu_mib=(500, 1_000))
-    assert pick_concurrency(Settings(), tiny, model_per_slot=False)[0] == 1  # always at least one
+    assert pick_concurrency(Settings(), ModelHost(tiny))[0] == 1  # always at least one
 
 
 def test_default_concurrency_with_a_model_process_per_slot_counts_each_model() -> None:
@@ -208,7 +209,7 @@ def test_default_concurrency_with_a_model_process_per_slot_counts_each_model() -
         def gpu_budget(self) -> GpuBudget | None:
             return GpuBudget(10_000 * MIB, 1_000 * MIB, 1_500 * MIB)
 
-    k, why = pick_concurrency(Settings(), Budgeted(ColourSegmenter()), model_per_slot=True)
+    k, why = pick_concurrency(Settings(), ModelHost(Budgeted(ColourSegmenter()), per_slot=True))
     assert k == 4  # 8000 MiB / 2500 MiB = 3 more models and sessions, plus the first model's slot
     assert "plus a model process of 1500 MiB per slot" in why
 
@@ -225,9 +226,9 @@ def test_refusal_leaves_room_for_one_more_session_and_counts_sessions_still_to_o
     assert refusal([budget, low], busy=1) is not None  # the lowest free figure counts (the latest)
 
 
-def test_slot_segmenters_share_one_model_or_start_one_per_slot_and_clean_up_on_failure() -> None:
+def test_a_host_shares_one_model_or_starts_one_per_slot_and_cleans_up_on_failure() -> None:
     first = ChaosHooks(ColourSegmenter())
-    assert slot_segmenters(first, 3, model_per_slot=False, start=lambda: pytest.fail("nothing to start")) == [first] * 3
+    assert ModelHost(first).slots(3) == [first] * 3
     started: list[ChaosHooks] = []
     closed: list[ChaosHooks] = []
 
@@ -241,10 +242,10 @@ def test_slot_segmenters_share_one_model_or_start_one_per_slot_and_clean_up_on_f
         started.append(Closing(ColourSegmenter()))
         return started[-1]
 
-    assert len(slot_segmenters(first, 3, model_per_slot=True, start=start)) == 3
+    assert len(ModelHost(first, per_slot=True, start=start).slots(3)) == 3
     started.clear()
     with pytest.raises(RuntimeError, match="no more GPU"):
-        slot_segmenters(first, 4, model_per_slot=True, start=start)
+        ModelHost(first, per_slot=True, start=start).slots(4)
     assert closed == started  # those started before the failure are closed again
 
 

@@ -115,7 +115,7 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
     from runtime.connection import worker_client
     from runtime.logs import job_log_context
     from runtime.metrics import MetricsServer
-    from worker.model.load import load_segmenter
+    from worker.model.host import ModelHost
     from worker.service.loop import Worker, default_worker_name
 
     name = name or default_worker_name()
@@ -128,15 +128,15 @@ def serve(settings: Settings, *, name: str | None, burst: bool) -> int:
                                health=lambda: probes["health"](), ready=lambda: probes["ready"]()).start()
     try:
         with job_log_context(worker=name):
-            segmenter = load_segmenter(settings)
+            host = ModelHost.load(settings)
             try:
-                worker = Worker(settings=settings, segmenter=segmenter, client=worker_client(settings), name=name,
+                worker = Worker(settings=settings, segmenter=host, client=worker_client(settings), name=name,
                                 registry=registry)
                 probes.update(health=worker.health.alive, ready=worker.ready)
                 worker.install_signal_handlers()
                 worker.run(burst=burst)
             finally:
-                segmenter.close()  # the model's process, if it has one
+                host.close()  # the model's process, if it has one
         return 0
     finally:
         if server is not None:

@@ -7,12 +7,8 @@ the log says why:
   - on CUDA: as many as fit in the free memory with a margin: free x HEADROOM / (one session's measured
     cost, plus one model's when each slot has a model process of its own), at most MAX_AUTO.
 
-Where the slots run (`slot_segmenters`): with the model in this process, every slot opens its sessions
-on the one shared model (fair turns, worker/model/turns.py); with the model in a process of its own (the
-CUDA default), each slot gets a model process: one Python thread per process launches the kernels, the
-bottleneck of a small model on a fast GPU (worker/model/process.py), so K processes keep K of them busy;
-with batching across jobs (`session_batch` > 1) every slot shares one model process instead, since
-batching needs the sessions on one model (its fewer, larger launches are what keeps the GPU busy there).
+Where the slots run is the model host's (worker/model/host.py): one model shared by the slots, or a model
+process per slot, whose memory then counts once per job here.
 
 Admission (`refusal`): a worker holding at least one job takes another only while the device has room
 for one more session (ADMIT_FACTOR times its measured cost free), so that a burst of jobs waits in the
@@ -23,10 +19,11 @@ job always takes one: a single job too large for the device fails as that job's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from runtime.settings import Settings
-from worker.model.segment import GpuBudget, Segmenter
+from worker.model.host import ModelHost
+from worker.model.segment import GpuBudget
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +33,9 @@ ADMIT_FACTOR = 1.5  # free memory a new job needs, in sessions' costs
 MIB = 1024 * 1024
 
 
-def pick_concurrency(settings: Settings, segmenter: Segmenter, *, model_per_slot: bool) -> tuple[int, str]:
+def pick_concurrency(settings: Settings, host: ModelHost) -> tuple[int, str]:
     """K and why (for the log)."""
+    segmenter, model_per_slot = host.first, host.per_slot
     if settings.concurrency:
         return settings.concurrency, "set by concurrency (VSEG_CONCURRENCY or --concurrency)"
     budget = segmenter.gpu_budget()
@@ -68,20 +66,3 @@ def refusal(budgets: Sequence[GpuBudget | None], busy: int, unopened: int = 0) -
         return None
     return (f"{free / MIB:.0f} MiB free on the GPU, a session needs about {need / MIB:.0f} MiB: holding {busy} "
             f"job(s), taking no more until one ends")
-
-
-def slot_segmenters(first: Segmenter, k: int, *, model_per_slot: bool,
-                    start: Callable[[], Segmenter]) -> list[Segmenter]:
-    """Slot k's model: the shared `first` for every slot, or (`model_per_slot`) `first` and k - 1 more
-    started with `start` (model processes); those started are closed again if one fails to start."""
-    if not model_per_slot:
-        return [first] * k
-    models = [first]
-    try:
-        for _ in range(k - 1):
-            models.append(start())
-    except BaseException:
-        for model in models[1:]:
-            model.close()
-        raise
-    return models

@@ -50,10 +50,10 @@ from schemas.names import Keys
 from worker.broker.claim import Entry, claim_expired, ensure_group, is_group_gone, read_new
 from worker.broker.lease import Lease
 from worker.broker.scripts import Scripts
-from worker.model.process import ModelProcess
+from worker.model.host import ModelHost
 from worker.model.segment import Segmenter
 from worker.service import entry
-from worker.service.capacity import pick_concurrency, refusal, slot_segmenters
+from worker.service.capacity import pick_concurrency, refusal
 from worker.service.context import WorkerContext
 from worker.service.health import Health, Housekeeping, WorkerStats, peak_rss_mib
 from worker.service.metrics import WorkerMetrics
@@ -97,10 +97,14 @@ class Worker:
     """One worker: the model loaded once, a Redis client, and the loop. What its parts share is in `ctx`;
     each entry's state is the entry's own (worker/service/entry.py)."""
 
-    def __init__(self, *, settings: Settings, segmenter: Segmenter, client: redis.Redis, name: str | None = None,
-                 on_fatal: Callable[[str], None] = exit_now, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, *, settings: Settings, segmenter: Segmenter | ModelHost, client: redis.Redis,
+                 name: str | None = None, on_fatal: Callable[[str], None] = exit_now,
+                 registry: CollectorRegistry | None = None) -> None:
+        """`segmenter`: the model host (worker/model/host.py `ModelHost.load`), or a segmenter made elsewhere
+        (tests, plug-ins), whose host `ModelHost.of` tells."""
         self.settings = settings
-        self.segmenter = segmenter
+        host = ModelHost.of(settings, segmenter)
+        self.segmenter = segmenter = host.first
         self.client = client
         self.name = name or default_worker_name()
         self.stats = WorkerStats()
@@ -117,11 +121,11 @@ class Worker:
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
                                  on_fatal=on_fatal, metrics=self.metrics)
         self._url = redact_url(settings.redis_url)
-        model_per_slot = isinstance(segmenter, ModelProcess) and not segmenter.shared  # one session a process
-        self.concurrency, why = pick_concurrency(settings, segmenter, model_per_slot=model_per_slot)
-        log.info("worker %s holds up to %d job(s) at once: %s", self.name, self.concurrency, why)
-        self.models = slot_segmenters(segmenter, self.concurrency, model_per_slot=model_per_slot,
-                                      start=lambda: ModelProcess(settings))
+        self.host = host
+        self.concurrency, why = pick_concurrency(settings, host)
+        log.info("worker %s holds up to %d job(s) at once: %s; the model runs %s", self.name, self.concurrency,
+                 why, host.form)
+        self.models = host.slots(self.concurrency)
         self.slots = JobSlots([dataclasses.replace(self.ctx, segmenter=m) for m in self.models])
         self._refused: str | None = None  # why admission last refused a job for memory (logged when it changes)
 
