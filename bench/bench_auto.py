@@ -1,7 +1,7 @@
 """What automatic prompts cost: tracking alone against `--auto --auto-every 30` on the same clip.
 
 One SAM 2.1 tiny model (random weights unless --checkpoint), one prompted object, the clip's frames
-through a session (worker/model/sam2_session.py) twice, rounds interleaved: once tracking only, once
+through a session (worker/model/sam2/session.py) twice, rounds interleaved: once tracking only, once
 with the automatic-prompt path of a job (worker/service/auto.py: SAM 2's automatic mask generator on
 every 30th frame, new objects added as mask prompts). Prints frames/s of each, their ratio (target: auto
 costs at most 1.5x tracking alone, amortised over the keyframes), the generator's time per keyframe, and
@@ -30,8 +30,8 @@ from producer.decode import extract_frames, probe  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 from schemas import messages  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
-from worker.model.checkpoints import build_predictor, get_preset  # noqa: E402
-from worker.model.sam2_segmenter import Sam2Segmenter  # noqa: E402
+from worker.model.sam2.checkpoints import build_predictor, get_preset  # noqa: E402
+from worker.model.sam2.segmenter import Sam2Segmenter  # noqa: E402
 from worker.service.auto import AutoTracker  # noqa: E402
 from worker.sources.frames import DirFrames  # noqa: E402
 

@@ -4,9 +4,9 @@
 Modes (worker/service/capacity.py):
   shared     one model in the worker's process; the K sessions take fair turns on it (worker/model/turns.py)
   batched    shared, and the session whose turn it is runs the next frames of sessions waiting for their turn
-             with its own (`session_batch` 8): the image encoder over their frames (worker/model/encoder_batch.py),
+             with its own (`session_batch` 8): the image encoder over their frames (worker/model/sam2/encoder_batch.py),
              memory attention, the mask decoder and the memory encoder over all their objects
-             (worker/model/step_batch.py)
+             (worker/model/sam2/step_batch.py)
   processes  a model process per slot: K copies of the model, each with its own kernel-launching thread
   batched-process  batched, in one model process of its own shared by every slot (its sessions on threads
              of their own there)

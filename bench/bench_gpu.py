@@ -7,7 +7,7 @@ Driver only: our SAM 2 driver (Sam2Segmenter.segment: lazy loading from the JPEG
 encoder, released state) in this process, no Redis: what the model path costs before publishing.
 Service: the whole service, submit from the video file to the job's last result
 (bench_service.run_service), with the MP4 render (the default) and masks only. Our driver and the
-service run SAM 2's per-frame modules from CUDA graphs (worker/model/cuda_graphs.py, the default); the
+service run SAM 2's per-frame modules from CUDA graphs (worker/model/sam2/cuda_graphs.py, the default); the
 "eager" runs turn that off, to show what the graphs add and what the rest of the service costs.
 
 All runs use SAM 2.1 tiny with random weights in bf16 (autocast, as the worker does) at --image-size
@@ -38,8 +38,8 @@ from bench.bench_service import run_service  # noqa: E402
 from bench.common import SHARED_VIDEOS, looped_clip, machine  # noqa: E402
 from producer.decode import extract_frames  # noqa: E402
 from schemas.prompts import ObjectPrompt  # noqa: E402
-from worker.model.checkpoints import build_predictor, get_preset  # noqa: E402
-from worker.model.sam2_segmenter import Sam2Segmenter  # noqa: E402
+from worker.model.sam2.checkpoints import build_predictor, get_preset  # noqa: E402
+from worker.model.sam2.segmenter import Sam2Segmenter  # noqa: E402
 from worker.sources.frames import DirFrames  # noqa: E402
 
 

@@ -8,7 +8,7 @@
 #   4. bench_live.py --device cuda --image-size 1024 --size 1920x1080: one 1080p30 live source (ffmpeg on PATH
 #      serves it over TCP) for LIVE_MINUTES (3): target no skips and a capture-to-result p95 under 100 ms.
 #   5. bench_concurrency.py on CUDA (tiny at 1024, 1920x1080): aggregate frames/s for K = 1, 2, 4, 8 jobs on one
-#      worker, shared model (with and without batching across jobs: frames and objects, worker/model/step_batch.py)
+#      worker, shared model (with and without batching across jobs: frames and objects, worker/model/sam2/step_batch.py)
 #      against a model process per slot and one batching model process for all slots (targets: K=8 at least 4x K=1; CONCURRENCY_OBJECTS objects a job, 1);
 #      then how many 30 fps one-object live streams one GPU holds with no skips (STREAMS_MODE: processes, or
 #      batched).

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ffmpeg_extract  # noqa: E402
-from worker.model.checkpoints import build_predictor, get_preset  # noqa: E402
-from worker.model.sam2_segmenter import _cast_memory_to_query_dtype  # noqa: E402
+from worker.model.sam2.checkpoints import build_predictor, get_preset  # noqa: E402
+from worker.model.sam2.segmenter import _cast_memory_to_query_dtype  # noqa: E402
 
 
 def main() -> None:

@@ -213,7 +213,7 @@ class ChaosHooks(InProcessModel):
 
     def _wait(self, frames: FrameSource, live: bool = False, ready: Callable[[], bool] | None = None) -> None:
         """One step's time, in a turn; `ready`: whether a live session's next frame is there, asked at the end
-        of the step as sam2_session.py asks it (then it holds the model)."""
+        of the step as worker/model/sam2/session.py asks it (then it holds the model)."""
         if self.delay_s <= 0:
             return
         with self.turns.turn(live=live, check=turn_wait_check(frames)) as turn:

@@ -28,19 +28,14 @@ from tests.fakes import ChaosHooks, ColourSegmenter
 from tests.test_sam2_memory import bare_predictor_masks
 from tests.videos import disc_center, disc_prompt, make_video
 from tests.workers import wait_for
-from worker.model.checkpoints import build_predictor, get_preset
-from worker.model.sam2_segmenter import Sam2Segmenter
+from worker.model.sam2.checkpoints import build_predictor, get_preset
+from worker.model.sam2.segmenter import Sam2Segmenter
 from worker.service.backfill import backfill
 from worker.service.loop import Worker
 from worker.sources.frames import DirFrames
 
 N = 30
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def start(settings: Settings, client: redis.Redis) -> threading.Thread:

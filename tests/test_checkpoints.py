@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from schemas.errors import CheckpointError, ConfigError
-from worker.model.checkpoints import (
+from worker.model.sam2.checkpoints import (
     RANDOM,
     ModelPreset,
     build_predictor,

@@ -20,7 +20,7 @@ from schemas import messages
 from schemas.errors import JobFailed
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video, slow_down_jpeg_writes
+from tests.videos import slow_down_jpeg_writes
 from tests.workers import wait_for
 from worker.service.loop import Worker
 
@@ -30,29 +30,20 @@ N = 40
 SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("c") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
-
-
 @pytest.fixture
 def slow_producer(monkeypatch: pytest.MonkeyPatch) -> None:
     """About 0.1 s a frame (2 s for the video): long enough to end the job while it decodes."""
     slow_down_jpeg_writes(monkeypatch, 0.1)
 
 
-def submit_in_thread(video: Path, settings: Settings, job_id: str) -> tuple[threading.Thread, list[BaseException]]:
+def submit_in_thread(video: Path, prompt: list[ObjectPrompt], settings: Settings,
+                     job_id: str) -> tuple[threading.Thread, list[BaseException]]:
     """Start submitting in a thread; the list receives what `submit` raised."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            submit(video, prompt(), settings=settings, job_id=job_id)
+            submit(video, prompt, settings=settings, job_id=job_id)
         except BaseException as e:  # noqa: BLE001 - checked by the caller
             errors.append(e)
 
@@ -71,9 +62,9 @@ def job_state(client: redis.Redis, settings: Settings, job_id: str) -> str:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_finished_job_leaves_its_render_and_results_but_not_its_frames(
-    stream: bool, video: Path, settings: Settings, redis_client: redis.Redis
+    stream: bool, video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="done", stream=stream)
+    submit(video, prompt, settings=settings, client=redis_client, job_id="done", stream=stream)
     frames_dir = settings.storage_root / "jobs/done/frames"
     assert len(list(frames_dir.glob("*.jpg"))) == N  # the producer finished first: the worker removes them
     run_worker(settings, redis_client)
@@ -85,16 +76,20 @@ def test_a_finished_job_leaves_its_render_and_results_but_not_its_frames(
     assert len(frames) == N
 
 
-def test_keep_frames_on_keeps_them(video: Path, settings: Settings, redis_client: redis.Redis) -> None:
+def test_keep_frames_on_keeps_them(
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
+) -> None:
     settings = dataclasses.replace(settings, keep_frames="on")
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="kept")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="kept")
     run_worker(settings, redis_client)
     assert job_state(redis_client, settings, "kept") == "completed"
     assert len(list((settings.storage_root / "jobs/kept/frames").glob("*.jpg"))) == N
 
 
-def test_a_failed_job_loses_its_frames_too(video: Path, settings: Settings, redis_client: redis.Redis) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="bad", stream=False)
+def test_a_failed_job_loses_its_frames_too(
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
+) -> None:
+    submit(video, prompt, settings=settings, client=redis_client, job_id="bad", stream=False)
     (settings.storage_root / "jobs/bad/frames/00003.jpg").unlink()  # a permanent error at the worker
     run_worker(settings, redis_client)
     assert job_state(redis_client, settings, "bad") == "failed"
@@ -102,12 +97,12 @@ def test_a_failed_job_loses_its_frames_too(video: Path, settings: Settings, redi
 
 
 def test_a_frame_directory_a_backend_made_is_never_removed(
-    video: Path, settings: Settings, redis_client: redis.Redis
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
 ) -> None:
     own = settings.storage_root / "backend/clip7"
     info = extract_frames(video, own)
     job = messages.JobMessage(job_id="own", frames_dir="backend/clip7", num_frames=info.num_frames,
-                              width=info.width, height=info.height, fps=info.fps, prompts=tuple(prompt()))
+                              width=info.width, height=info.height, fps=info.fps, prompts=tuple(prompt))
     assert enqueue_job(redis_client, settings.keys, job)
     run_worker(settings, redis_client)
     assert job_state(redis_client, settings, "own") == "completed"
@@ -115,7 +110,8 @@ def test_a_frame_directory_a_backend_made_is_never_removed(
 
 
 def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_the_frames(
-    video: Path, settings: Settings, redis_client: redis.Redis, slow_producer: None
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis,
+    slow_producer: None
 ) -> None:
     """The worker ends the job first and must leave the frames (the producer is still writing them);
     the producer notices within a second, stops decoding, and removes them."""
@@ -123,7 +119,7 @@ def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_th
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        submitter, errors = submit_in_thread(video, settings, "cut")
+        submitter, errors = submit_in_thread(video, prompt, settings, "cut")
         wait_for(lambda: job_state(redis_client, settings, "cut") == "running", timeout_s=20, what="the job to run")
         assert cancel("cut", settings=settings, client=redis_client) == "requested"
         wait_for(lambda: job_state(redis_client, settings, "cut") == "cancelled", timeout_s=20, what="the cancel")
@@ -142,9 +138,10 @@ def test_a_streamed_job_cancelled_mid_decode_stops_its_producer_which_removes_th
 
 
 def test_a_queued_streamed_job_cancelled_before_any_worker_stops_its_producer(
-    video: Path, settings: Settings, redis_client: redis.Redis, slow_producer: None
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis,
+    slow_producer: None
 ) -> None:
-    submitter, errors = submit_in_thread(video, settings, "early")
+    submitter, errors = submit_in_thread(video, prompt, settings, "early")
     wait_for(lambda: job_state(redis_client, settings, "early") == "queued", timeout_s=20, what="the job to be queued")
     assert cancel("early", settings=settings, client=redis_client) == "cancelled"
     assert (settings.storage_root / "jobs/early/frames").is_dir()  # the producer is still writing them

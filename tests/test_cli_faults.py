@@ -34,19 +34,9 @@ SIZE = (96, 64)
 PASSWORD = "s3cret-Pw"
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
 def point() -> str:
     x, y = disc_center(0, N, SIZE)
     return f"1:{x:.0f},{y:.0f}"
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(obj_id=1, frame_idx=0, points_xy=((x, y),), labels=(1,))]
 
 
 def cli_env(redis_url: str, storage_root: Path, **extra: str) -> dict[str, str]:
@@ -196,7 +186,8 @@ def test_submit_cancel_and_status_against_a_full_redis(private_redis: RedisServe
 @pytest.mark.integration
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
 def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
-    stream: bool, private_redis: RedisServer, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stream: bool, private_redis: RedisServer, video: Path, prompt: list[ObjectPrompt], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis reaches maxmemory between the lock and the enqueue script (frames already decoded and, when
     streamed, announced): the script refuses the job (redis-py's OutOfMemoryError, RedisFull on the
@@ -216,14 +207,14 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
 
     monkeypatch.setattr(submit_module, "enqueue_job", fill_then_enqueue)
     with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:
-        submit_module.submit(video, prompt(), settings=settings, job_id="j", stream=stream)
+        submit_module.submit(video, prompt, settings=settings, job_id="j", stream=stream)
     assert isinstance(redis_fault(refused.value, settings.redis_url), RedisFull)  # what the CLI says
     assert seen == [True], "the enqueue was not reached with frames on disk"
     nothing_left_of(client, settings, "j")
 
     monkeypatch.setattr(submit_module, "enqueue_job", real_enqueue)
     client.config_set("maxmemory", "0")
-    done = submit_module.submit(video, prompt(), settings=settings, job_id="j", stream=stream)
+    done = submit_module.submit(video, prompt, settings=settings, job_id="j", stream=stream)
     assert done.created and client.hget(settings.keys.job("j"), "state") == b"queued"
 
 
@@ -259,7 +250,8 @@ def test_redis_killed_mid_stream_ends_the_submit_with_one_line(private_redis: Re
 
 @pytest.mark.integration
 def test_a_frames_stream_closed_by_the_worker_stops_the_producer(
-    settings: Settings, redis_client: redis.Redis, video: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, redis_client: redis.Redis, video: Path, prompt: list[ObjectPrompt],
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Cut off long enough for the worker to close the frames stream (liveness key gone), the producer
     finds its next announcement refused and stops with JobFailed, not a raw Redis error."""
@@ -277,7 +269,7 @@ def test_a_frames_stream_closed_by_the_worker_stops_the_producer(
     try:
         with pytest.raises(JobFailed, match=r"its frames stream was closed while its video was being decoded "
                                             r"\(producer lost: the producer stopped\), so decoding stopped"):
-            submit(video, prompt(), settings=settings, client=redis_client, job_id="closed")
+            submit(video, prompt, settings=settings, client=redis_client, job_id="closed")
     finally:
         closer.join()
     last = redis_client.xrevrange(frames_stream, count=1)[0][1]

@@ -20,7 +20,8 @@ from producer.submission import submit
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
 from schemas import messages
-from tests.test_reliability import assert_complete_exactly_once, frames_done, prompt, started_events, state
+from schemas.prompts import ObjectPrompt
+from tests.test_reliability import assert_complete_exactly_once, frames_done, started_events, state
 from tests.videos import make_video
 from tests.workers import WorkerProcess, stop_all, wait_for
 
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.integration
 
 N = 24
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def events(client: redis.Redis, settings: Settings) -> list[messages.Message]:
@@ -53,11 +49,11 @@ def most_held_at_once(client: redis.Redis, settings: Settings) -> int:
 
 
 def test_jobs_run_at_once_each_exactly_once_and_the_log_says_how_many(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     jobs = ["k0", "k1", "k2"]
     for job_id in jobs:
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.03, extra=["--concurrency", "3"])
     try:
         wait_for(lambda: all(state(redis_client, settings, j).get("state") == "completed" for j in jobs),
@@ -72,17 +68,17 @@ def test_jobs_run_at_once_each_exactly_once_and_the_log_says_how_many(
 
 
 def test_no_job_waits_behind_another_whole_video(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, prompt: list[ObjectPrompt]
 ) -> None:
     """A short job submitted while a long one runs is done long before it: their frames take turns."""
     long_n, short_n = 80, 8
     long_video = make_video(tmp_path / "long.mp4", num_frames=long_n, size_wh=SIZE, fps=10)
     short_video = make_video(tmp_path / "short.mp4", num_frames=short_n, size_wh=SIZE, fps=10)
-    submit(long_video, prompt(), settings=settings, client=redis_client, job_id="long")
+    submit(long_video, prompt, settings=settings, client=redis_client, job_id="long")
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.05, extra=["--concurrency", "2"])
     try:
         wait_for(lambda: frames_done(redis_client, settings, "long") >= 5, what="the long job runs")
-        submit(short_video, prompt(), settings=settings, client=redis_client, job_id="short")
+        submit(short_video, prompt, settings=settings, client=redis_client, job_id="short")
         wait_for(lambda: frames_done(redis_client, settings, "short") >= 1, what="the short job starts")
         long_at_start = frames_done(redis_client, settings, "long")
         wait_for(lambda: state(redis_client, settings, "short").get("state") == "completed", timeout_s=60,
@@ -101,11 +97,11 @@ def test_no_job_waits_behind_another_whole_video(
 
 
 def test_a_failing_job_does_not_touch_its_siblings(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="good", stream=False)
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="bad", stream=False)
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="flaky", stream=False)
+    submit(video, prompt, settings=settings, client=redis_client, job_id="good", stream=False)
+    submit(video, prompt, settings=settings, client=redis_client, job_id="bad", stream=False)
+    submit(video, prompt, settings=settings, client=redis_client, job_id="flaky", stream=False)
     (settings.storage_root / "jobs/bad/frames/00005.jpg").write_bytes(b"not a jpeg")  # a permanent failure
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.03, extra=["--concurrency", "3"],
                       faults={"flaky": {"transient_at": 7}})
@@ -124,10 +120,10 @@ def test_a_failing_job_does_not_touch_its_siblings(
 
 
 def test_sigterm_hands_back_every_job_held(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     for job_id in ("h0", "h1"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     a = WorkerProcess(settings, "a", tmp_path, lease_s=30.0, delay_s=0.3, extra=["--grace", "0.5", "--concurrency", "2"])
     try:
         wait_for(lambda: all(frames_done(redis_client, settings, j) >= 1 for j in ("h0", "h1")), timeout_s=30,
@@ -151,11 +147,11 @@ def test_sigterm_hands_back_every_job_held(
 
 
 def test_kill_9_has_each_job_reclaimed_and_resumed_once(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     jobs = ("r0", "r1")
     for job_id in jobs:
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1, extra=["--concurrency", "2"])
     b = None
     try:
@@ -176,13 +172,13 @@ def test_kill_9_has_each_job_reclaimed_and_resumed_once(
 
 
 def test_admission_stops_before_the_gpu_memory_runs_out(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """A pretend GPU with 1000 MiB free and 300 MiB a session: room for two sessions with a margin, so a
     worker allowed four jobs holds two; the others wait in the queue and run as those end."""
     jobs = [f"m{k}" for k in range(4)]
     for job_id in jobs:
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.03, extra=["--concurrency", "4"],
                       env={"VSEG_FAKE_GPU_MIB": "1000,300"})
     try:
@@ -211,10 +207,10 @@ def test_default_concurrency_comes_from_the_device_and_the_log_says_why(
 
 
 def test_health_key_lists_every_job_held(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     for job_id in ("j0", "j1"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.2, extra=["--concurrency", "2"])
 
     def held() -> set[str]:
@@ -233,7 +229,7 @@ def test_health_key_lists_every_job_held(
 
 
 def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, prompt: list[ObjectPrompt]
 ) -> None:
     """One worker, two jobs: a file job of 400 frames and a 30 fps live source whose frames need 75% of the
     shared model's turns. Fair turns alone would give the live job half and make it skip a third of its
@@ -252,7 +248,7 @@ def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
                                         concurrency=2)
     camera = make_video(tmp_path / "camera.mp4", num_frames=live_n, size_wh=SIZE, fps=fps)
     long_video = make_video(tmp_path / "long.mp4", num_frames=400, size_wh=SIZE, fps=10)
-    submit(long_video, prompt(), settings=live_settings, client=redis_client, job_id="batch", render=False)
+    submit(long_video, prompt, settings=live_settings, client=redis_client, job_id="batch", render=False)
     worker = Worker(settings=live_settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=0.025),
                     client=redis_client, name="mixed")
     thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
@@ -282,12 +278,12 @@ def test_a_live_job_keeps_its_latency_budget_ahead_of_a_file_job(
 
 
 def test_cancel_stops_one_job_held_and_leaves_the_other_running(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     from producer.control import cancel
 
     for job_id in ("keep", "drop"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.1, extra=["--concurrency", "2"])
     try:
         wait_for(lambda: all(frames_done(redis_client, settings, j) >= 2 for j in ("keep", "drop")), timeout_s=30,
@@ -305,14 +301,14 @@ def test_cancel_stops_one_job_held_and_leaves_the_other_running(
 
 
 def test_a_wedged_model_hands_back_the_jobs_beside_it_before_the_worker_exits(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """Job `wedge` never returns from frame 3, holding the shared model's turn. Its sibling waits for a turn
     that never comes; waiting for the model is not a stall, so only `wedge` stalls (abandoned, its attempt
     counted). Before the wedged worker exits for its supervisor it hands the sibling back, its attempt not
     counted, and the next worker takes both at once and completes them."""
     for job_id in ("wedge", "beside"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     extra = ["--stall", "1.5", "--concurrency", "2"]
     w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.05, extra=extra, faults={"wedge": {"block_at": 3}})
     try:

@@ -15,8 +15,8 @@ from producer.submission import submit
 from runtime.settings import Settings
 from schemas import messages
 from tests.videos import disc_prompt, make_video
-from worker.model.checkpoints import build_predictor, get_preset
-from worker.model.sam2_segmenter import Sam2Segmenter
+from worker.model.sam2.checkpoints import build_predictor, get_preset
+from worker.model.sam2.segmenter import Sam2Segmenter
 from worker.service.loop import Worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

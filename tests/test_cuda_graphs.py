@@ -1,4 +1,4 @@
-"""worker/model/cuda_graphs.py: input signatures, buffers and scoping on the CPU (unit tier); capture, replay,
+"""worker/model/sam2/cuda_graphs.py: input signatures, buffers and scoping on the CPU (unit tier); capture, replay,
 fallback and eviction on a GPU (gpu tier). The whole SAM 2 driver with graphs is compared with SAM 2's
 own predictor in tests/test_sam2_memory.py (gpu tier)."""
 
@@ -11,7 +11,7 @@ import torch
 
 from runtime.settings import Settings
 from schemas.errors import ConfigError
-from worker.model.cuda_graphs import (
+from worker.model.sam2.cuda_graphs import (
     GRAPHED_MODULES,
     GraphCache,
     GraphedForward,
@@ -43,7 +43,7 @@ def test_signature_tells_apart_what_a_graph_depends_on() -> None:
 
 
 def test_signature_refuses_what_it_cannot_describe() -> None:
-    from worker.model.cuda_graphs import _Unsupported
+    from worker.model.sam2.cuda_graphs import _Unsupported
 
     with pytest.raises(_Unsupported):
         _signature((object(),), [])
@@ -82,7 +82,7 @@ def test_buffer_keeps_an_expanded_inputs_layout() -> None:
     (lambda x: x.to("meta"), "between cpu and meta"),  # a copy to another device (on a GPU: a host copy)
 ], ids=["arithmetic", "repeat-int", "item", "bool-mask", "nonzero", "repeat-tensor", "device-copy"])
 def test_the_capture_check_flags_what_a_graph_cannot_hold(fn: Any, flagged: str | None) -> None:
-    from worker.model.cuda_graphs import _CaptureCheck
+    from worker.model.sam2.cuda_graphs import _CaptureCheck
 
     with _CaptureCheck() as check:
         fn(torch.arange(4.0) - 1)

@@ -18,11 +18,7 @@ from schemas.errors import StorageError, VideoError
 from tests.videos import make_video
 
 N = 20
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("d") / "v.mp4", num_frames=N, size_wh=(160, 120), fps=10)
+SIZE = (160, 120)  # the clip of the `video` fixture (tests/conftest.py)
 
 
 def names(d: Path) -> list[str]:

@@ -196,19 +196,9 @@ def assert_one_disk_full_line(stderr: str, storage_root: Path) -> str:
 # ---- fixtures -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-@pytest.fixture(scope="module")
 def long_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """More frames than a 64 KiB disk holds."""
     return make_video(tmp_path_factory.mktemp("v") / "long.mp4", num_frames=80, size_wh=SIZE, fps=10)
-
-
-def prompts() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
 def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str]:
@@ -491,23 +481,24 @@ def test_extract_into_a_full_dir_prints_one_line(long_video: Path, tmp_path: Pat
 
 # ---- integration: the worker ----------------------------------------------------------------------
 
-def _submit_then_fill(disk: Disk, video: Path, settings: Settings, client: redis.Redis, job_id: str) -> None:
+def _submit_then_fill(disk: Disk, video: Path, prompt: list[ObjectPrompt], settings: Settings,
+                      client: redis.Redis, job_id: str) -> None:
     """The whole video's frames on the disk, then the disk filled but 8 KiB: the MP4 does not fit."""
-    submit(video, prompts(), settings=settings, client=client, job_id=job_id, stream=False)
+    submit(video, prompt, settings=settings, client=client, job_id=job_id, stream=False)
     disk.fill(leave_bytes=8192)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("disk_kind", ["tmpfs", "patched"])
 def test_render_onto_a_full_disk_is_retried_and_completes_once_space_is_freed(
-        video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch,
-        disk_kind: str) -> None:
+        video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch, disk_kind: str) -> None:
     root = settings.storage_root
     # resume off: the retry runs the model again from frame 0 (the resumed path: tests/test_resume.py)
     fast = replace(settings, retry_backoff_s=0.01, max_attempts=3, resume="off")
     with small_disk(root, 256, disk_kind) as disk:
         patch_renders_unless_mounted(disk, monkeypatch)
-        _submit_then_fill(disk, video, fast, redis_client, "retry")
+        _submit_then_fill(disk, video, prompt, fast, redis_client, "retry")
         free_when_full = disk.free_bytes()
         segmenter = FreesSpaceOnAttempt(disk, attempt=2)
         with worker_log(disk) as log:
@@ -539,12 +530,13 @@ def test_render_onto_a_full_disk_is_retried_and_completes_once_space_is_freed(
 
 @pytest.mark.integration
 def test_render_onto_a_disk_that_stays_full_ends_dead_with_the_disk_full_error(
-        video: Path, settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     root = settings.storage_root
     fast = replace(settings, retry_backoff_s=0.01, max_attempts=2, resume="off")
     with small_disk(root, 256) as disk:
         patch_renders_unless_mounted(disk, monkeypatch)
-        _submit_then_fill(disk, video, fast, redis_client, "stuck")
+        _submit_then_fill(disk, video, prompt, fast, redis_client, "stuck")
         segmenter = FreesSpaceOnAttempt(disk, attempt=None)
         with worker_log(disk) as log:
             Worker(settings=fast, segmenter=segmenter, client=redis_client, name="w").run(burst=True)

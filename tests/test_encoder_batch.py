@@ -1,4 +1,4 @@
-"""Unit tests of worker.model.encoder_batch: which frames go through the image encoder together, and that
+"""Unit tests of worker.model.sam2.encoder_batch: which frames go through the image encoder together, and that
 each frame's features are those of encoding it alone (a fake per-sample encoder; the real model's
 equality is tests/test_sam2_memory.py)."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from worker.model.encoder_batch import BatchedFeatures
+from worker.model.sam2.encoder_batch import BatchedFeatures
 
 
 class FakeImages:
@@ -117,7 +117,7 @@ def test_bad_batch_size() -> None:
 
 def test_the_segmenter_rejects_a_bad_batch_size_before_touching_the_model() -> None:
     from schemas.errors import ConfigError
-    from worker.model.sam2_segmenter import Sam2Segmenter
+    from worker.model.sam2.segmenter import Sam2Segmenter
 
     with pytest.raises(ConfigError, match="encoder_batch must be >= 1"):
         Sam2Segmenter(object(), name="t", random_weights=True, encoder_batch=0)
@@ -130,7 +130,7 @@ def test_lazy_frames_ready_means_loaded_without_waiting(tmp_path: Path) -> None:
     from PIL import Image
 
     from tests.workers import wait_for
-    from worker.model.lazy_frames import LazyFrames
+    from worker.model.sam2.lazy_frames import LazyFrames
     from worker.sources.frames import DirFrames
 
     for k in range(3):

@@ -18,7 +18,7 @@ from runtime.connection import worker_client
 from runtime.settings import Settings
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center
 from tests.workers import wait_for
 from worker.broker.claim import ensure_group
 from worker.service.health import Housekeeping, WorkerStats
@@ -27,11 +27,6 @@ from worker.service.loop import Worker
 pytestmark = pytest.mark.integration
 
 N, SIZE = 12, (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def housekeeping(client: redis.Redis, settings: Settings, name: str = "me") -> Housekeeping:

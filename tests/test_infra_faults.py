@@ -44,11 +44,6 @@ N = 24
 SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     srv = RedisServer(data_dir=tmp_path / "redis", appendonly=True)
@@ -71,11 +66,6 @@ def client(server: RedisServer) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(server.url, socket_timeout=5)
     yield c
     c.close()
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
 def answers(c: redis.Redis) -> bool:
@@ -119,14 +109,15 @@ def thaw(server: RedisServer) -> None:
 # ---- outages longer than a lease ----------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["stopped", "sigstopped"])
 def test_outage_of_three_leases_mid_job_then_the_job_completes_with_every_frame_once(
-    how: str, video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
+    how: str, video: Path, prompt: list[ObjectPrompt], server: RedisServer, cfg: Settings,
+    client: redis.Redis, tmp_path: Path
 ) -> None:
     """Redis stopped (then started on the same port) or frozen with SIGSTOP (the socket stays open and
     nothing answers) for three leases mid-job: the worker presumes its lease lost and stops writing;
     once Redis is back its renewal finds the job still its own (no other worker took it), so the job
     resumes where it paused, in the same attempt, and every frame ends up once."""
     lease_s = 1.0
-    submit(video, prompt(), settings=cfg, client=client, job_id="out")
+    submit(video, prompt, settings=cfg, client=client, job_id="out")
     w = WorkerProcess(cfg, "w", tmp_path, lease_s=lease_s, delay_s=0.1)
     try:
         wait_for(lambda: frames_done(client, cfg, "out") >= 4, what="frames before the outage")
@@ -155,7 +146,7 @@ HOUSEKEPT_EMPTY = "housekeeping: the jobs stream"  # the line housekeeping logs 
 
 @pytest.mark.parametrize("when", ["idle", "mid-job"])
 def test_redis_restarted_empty_then_housekeeping_and_the_same_worker_completes_the_next_job(
-    when: str, video: Path, tmp_path: Path, storage_root: Path
+    when: str, video: Path, prompt: list[ObjectPrompt], tmp_path: Path, storage_root: Path
 ) -> None:
     """No persistence (or a failover to a replica without the group): Redis is shut down and started empty on
     the same port. An idle worker, or one mid-job (its job is logged as vanished), runs its housekeeping on
@@ -169,7 +160,7 @@ def test_redis_restarted_empty_then_housekeeping_and_the_same_worker_completes_t
     w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1, env={"VSEG_HOUSEKEEPING_S": "0.05"})
     try:
         if when == "mid-job":
-            submit(video, prompt(), settings=settings, client=c, job_id="lost")
+            submit(video, prompt, settings=settings, client=c, job_id="lost")
             wait_for(lambda: frames_done(c, settings, "lost") >= 4, what="frames")
         else:
             wait_for(lambda: "ready" in w.log() and c.exists(settings.keys.worker_health("w")), what="worker ready")
@@ -184,7 +175,7 @@ def test_redis_restarted_empty_then_housekeeping_and_the_same_worker_completes_t
         wait_for(lambda: HOUSEKEPT_EMPTY in w.log(), timeout_s=20, what="housekeeping on the empty Redis")
         wait_for(lambda: c.exists(settings.keys.jobs), timeout_s=10, what="the jobs stream recreated")
         wait_for(lambda: c.exists(settings.keys.worker_health("w")), timeout_s=10, what="the health key rewritten")
-        submit(video, prompt(), settings=settings, client=c, job_id="next")
+        submit(video, prompt, settings=settings, client=c, job_id="next")
         wait_for(lambda: state(c, settings, "next").get("state") == "completed", timeout_s=30, what="next job")
         assert w.alive() and w.proc.pid == pid
         assert_every_frame_once(c, settings, "next")
@@ -200,10 +191,11 @@ def test_redis_restarted_empty_then_housekeeping_and_the_same_worker_completes_t
 
 # ---- SIGTERM whatever Redis does ---------------------------------------------------------------------
 def test_sigterm_during_an_outage_exits_within_grace_plus_a_lease_and_another_worker_completes(
-    video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], server: RedisServer, cfg: Settings, client: redis.Redis,
+    tmp_path: Path
 ) -> None:
     lease_s, grace_s = 2.0, 1.0
-    submit(video, prompt(), settings=cfg, client=client, job_id="term")
+    submit(video, prompt, settings=cfg, client=client, job_id="term")
     a = WorkerProcess(cfg, "a", tmp_path, lease_s=lease_s, delay_s=0.2, extra=["--grace", str(grace_s)])
     b: WorkerProcess | None = None
     try:
@@ -245,7 +237,9 @@ def test_an_idle_worker_exits_at_once_on_sigterm_with_redis_hung(
 
 
 # ---- Redis not up yet ---------------------------------------------------------------------------------
-def test_worker_started_before_redis_waits_then_serves(video: Path, tmp_path: Path, storage_root: Path) -> None:
+def test_worker_started_before_redis_waits_then_serves(
+    video: Path, prompt: list[ObjectPrompt], tmp_path: Path, storage_root: Path
+) -> None:
     port = free_port()
     settings = Settings.load(environ={}, redis_url=f"redis://127.0.0.1:{port}/0", storage_root=storage_root,
                              block_ms=200)
@@ -260,7 +254,7 @@ def test_worker_started_before_redis_waits_then_serves(video: Path, tmp_path: Pa
         assert check.returncode == 1  # not ready while it cannot reach Redis
         srv.start()
         c = redis.Redis(port=port, socket_timeout=5)
-        submit(video, prompt(), settings=settings, client=c, job_id="late")
+        submit(video, prompt, settings=settings, client=c, job_id="late")
         wait_for(lambda: state(c, settings, "late").get("state") == "completed", timeout_s=30, what="job completes")
         assert_every_frame_once(c, settings, "late")
     finally:
@@ -288,11 +282,12 @@ def free_memory(c: redis.Redis) -> None:
 
 
 def test_redis_full_before_and_during_a_job(
-    video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], server: RedisServer, cfg: Settings, client: redis.Redis,
+    tmp_path: Path
 ) -> None:
     """A worker started while Redis is full stays up and says what to do; a job whose writes are refused
     mid-way waits (its lease still renews), then goes on once memory is freed: every frame once."""
-    submit(video, prompt(), settings=cfg, client=client, job_id="full1")
+    submit(video, prompt, settings=cfg, client=client, job_id="full1")
     fill_to_maxmemory(client)
     w = WorkerProcess(cfg, "w", tmp_path, lease_s=1.0, delay_s=0.1)
     try:
@@ -303,7 +298,7 @@ def test_redis_full_before_and_during_a_job(
         wait_for(lambda: state(client, cfg, "full1").get("state") == "completed", timeout_s=40, what="job 1")
         assert_every_frame_once(client, cfg, "full1")
 
-        submit(video, prompt(), settings=cfg, client=client, job_id="full2")
+        submit(video, prompt, settings=cfg, client=client, job_id="full2")
         wait_for(lambda: frames_done(client, cfg, "full2") >= 4, what="job 2 frames")
         fill_to_maxmemory(client)
         seen = w.log().count("out of memory")
@@ -324,11 +319,12 @@ def test_redis_full_before_and_during_a_job(
 
 
 def test_redis_full_longer_than_stall_s_retries_the_attempt_and_keeps_the_input(
-    video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], server: RedisServer, cfg: Settings, client: redis.Redis,
+    tmp_path: Path
 ) -> None:
     """Full for longer than stall_s: the attempt fails with RedisFull (retried with backoff); the job's
     frames stay on disk for the retry, which completes once memory is freed."""
-    submit(video, prompt(), settings=cfg, client=client, job_id="fullong")
+    submit(video, prompt, settings=cfg, client=client, job_id="fullong")
     w = WorkerProcess(cfg, "w", tmp_path, lease_s=1.0, delay_s=0.1, extra=["--stall", "2", "--max-attempts", "10"])
     try:
         wait_for(lambda: frames_done(client, cfg, "fullong") >= 4, what="frames")
@@ -347,7 +343,8 @@ def test_redis_full_longer_than_stall_s_retries_the_attempt_and_keeps_the_input(
 
 # ---- no thread dies silently -------------------------------------------------------------------------
 def test_sink_thread_killed_by_failing_writes_fails_or_retries_the_job_never_stalls(
-    video: Path, cfg: Settings, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    video: Path, prompt: list[ObjectPrompt], cfg: Settings, client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The result path's writes raise: with the queue full and the sink thread gone, the model's thread
     neither blocks on put nor on close. A permanent error fails the job; a retryable one retries it."""
@@ -366,7 +363,7 @@ def test_sink_thread_killed_by_failing_writes_fails_or_retries_the_job_never_sta
     slow = ColourSegmenter()
     for job_id, expected in (("sinkperm", "failed"), ("sinkretry", "completed")):
         calls["n"] = 0
-        submit(video, prompt(), settings=cfg, client=client, job_id=job_id)
+        submit(video, prompt, settings=cfg, client=client, job_id=job_id)
         t0 = time.monotonic()
         Worker(settings=cfg, segmenter=slow, client=client, name="inproc").run(burst=True)
         assert time.monotonic() - t0 < 30
@@ -379,14 +376,15 @@ def test_sink_thread_killed_by_failing_writes_fails_or_retries_the_job_never_sta
 
 @pytest.mark.parametrize("model_process", ["off", "on"])
 def test_stalled_job_is_abandoned_reclaimed_and_dead_lettered_after_max_attempts(
-    model_process: str, video: Path, server: RedisServer, cfg: Settings, client: redis.Redis, tmp_path: Path
+    model_process: str, video: Path, prompt: list[ObjectPrompt], server: RedisServer, cfg: Settings,
+    client: redis.Redis, tmp_path: Path
 ) -> None:
     """The model never returns from frame 3. After stall_s the lease stops being renewed and the job is
     handed back (claimable at once), the attempt counted. In-process, the wedged worker exits with
     EXIT_BROKEN for its supervisor; with its model in a child process, the child is killed and the same
     worker goes on. Past max_attempts the job is dead-lettered and the next job still flows."""
-    submit(video, prompt(), settings=cfg, client=client, job_id="wedge")
-    submit(video, prompt(), settings=cfg, client=client, job_id="after")
+    submit(video, prompt, settings=cfg, client=client, job_id="wedge")
+    submit(video, prompt, settings=cfg, client=client, job_id="after")
     extra = ["--stall", "1.5", "--max-attempts", "2"]
     env = {"VSEG_MODEL_PROCESS": model_process}
     wedge = {"wedge": {"block_at": 3}}
@@ -416,9 +414,10 @@ def test_stalled_job_is_abandoned_reclaimed_and_dead_lettered_after_max_attempts
 
 # ---- a broken worker exits non-zero ---------------------------------------------------------------------
 def test_dead_lease_thread_hands_the_job_back_and_the_worker_exits_broken(
-    video: Path, cfg: Settings, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    video: Path, prompt: list[ObjectPrompt], cfg: Settings, client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    submit(video, prompt(), settings=cfg, client=client, job_id="nolease")
+    submit(video, prompt, settings=cfg, client=client, job_id="nolease")
 
     def broken_renew(self: Lease) -> bool:
         raise RuntimeError("injected: the heartbeat crashed")
@@ -442,7 +441,8 @@ def test_dead_lease_thread_hands_the_job_back_and_the_worker_exits_broken(
 
 
 def test_model_process_that_cannot_restart_makes_the_worker_exit_broken(
-    video: Path, cfg: Settings, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    video: Path, prompt: list[ObjectPrompt], cfg: Settings, client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from worker.model.process import ModelProcess
 
@@ -455,7 +455,7 @@ def test_model_process_that_cannot_restart_makes_the_worker_exit_broken(
             raise RuntimeError("injected: CUDA is gone")
 
         monkeypatch.setattr(ModelProcess, "_start", cannot_start)
-        submit(video, prompt(), settings=cfg, client=client, job_id="nomodel")
+        submit(video, prompt, settings=cfg, client=client, job_id="nomodel")
         worker = Worker(settings=cfg, segmenter=mp, client=client, name="nomodel-w")
         with pytest.raises(WorkerBroken, match="could not be started again"):
             worker.run(burst=True)

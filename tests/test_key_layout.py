@@ -24,7 +24,7 @@ from schemas.errors import LayoutError
 from schemas.names import LAYOUT_VERSION, TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, disc_prompt, make_video
+from tests.videos import disc_center
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 from worker.service.loop import Worker
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.integration
 
 N = 12
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    return [disc_prompt(1, 0, N, SIZE)]
 
 
 def downgrade(client: redis.Redis, settings: Settings) -> list[str]:
@@ -70,19 +61,19 @@ def test_an_empty_redis_gets_the_marker(settings: Settings, redis_client: redis.
 
 
 def test_old_layout_is_refused_then_migrated_and_its_jobs_complete(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     keys = settings.keys
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="inflight")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="inflight")
     a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.15)
     wait_for(lambda: int(redis_client.hget(keys.job("inflight"), "frames_done") or 0) >= 3, what="a publishes")
     a.kill()
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="queued")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="queued")
     old = downgrade(redis_client, settings)
     assert "vseg:job:queued" in old and "vseg:results:inflight" in old and redis_client.xlen(keys.jobs) == 2
 
     with pytest.raises(LayoutError, match="python -m producer migrate"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id="new")
+        submit(video, prompt, settings=settings, client=redis_client, job_id="new")
     env = {**worker_env(settings), "HF_HUB_OFFLINE": "1"}
     x, y = disc_center(0, N, SIZE)
     out = subprocess.run([sys.executable, "-m", "producer", "submit", str(video), "--point", f"1:{x:.0f},{y:.0f}",

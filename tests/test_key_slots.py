@@ -23,7 +23,6 @@ from schemas.errors import InputError
 from schemas.names import JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_prompt, make_video
 from worker.broker.claim import take
 from worker.broker.lease import Lease
 from worker.broker.scripts import Scripts
@@ -33,15 +32,6 @@ pytestmark = pytest.mark.integration
 
 N = 8
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    return [disc_prompt(1, 0, N, SIZE)]
 
 
 @pytest.fixture
@@ -70,13 +60,14 @@ def evalsha_keys(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, tu
 
 
 def test_every_script_call_keeps_to_one_hash_slot(
-    video: Path, settings: Settings, redis_client: redis.Redis, evalsha_keys: list[tuple[str, tuple[str, ...]]]
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis,
+    evalsha_keys: list[tuple[str, tuple[str, ...]]]
 ) -> None:
     keys = settings.keys
     for job_id in ("done", "queued", "prompted"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)
     assert cancel("queued", settings=settings, client=redis_client) == "cancelled"
-    add_prompts("prompted", prompt(), settings=settings, wait_s=0, client=redis_client)
+    add_prompts("prompted", prompt, settings=settings, wait_s=0, client=redis_client)
     with pytest.raises(InputError):
         request_stop("prompted", settings=settings, client=redis_client)  # not a live job: its script said so
     redis_client.xadd(keys.jobs, {"type": "job", "data": b"\xc1garbage"})  # poison: dead-lettered

@@ -13,17 +13,12 @@ import redis
 from producer.submission import submit
 from runtime.settings import Settings
 from schemas.errors import JobFailed
-from tests.videos import disc_prompt, make_video
+from tests.videos import disc_prompt
 from tests.workers import ROOT, WorkerProcess, stop_all, wait_for, worker_env
 
 pytestmark = pytest.mark.integration
 
 N, SIZE = 8, (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def point() -> str:

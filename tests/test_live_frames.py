@@ -16,7 +16,7 @@ from producer.decode import extract_frames
 from schemas.prompts import ObjectPrompt
 from tests.test_sam2_memory import bare_predictor_masks
 from tests.videos import disc_center, make_video
-from worker.model.sam2_segmenter import Sam2Segmenter
+from worker.model.sam2.segmenter import Sam2Segmenter
 from worker.sources.frames import FrameInfo
 from worker.sources.live import LiveFrames, LiveResults
 

@@ -38,11 +38,6 @@ N = 90  # 3 s at 30 fps
 SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("live") / "v.mp4", num_frames=N, size_wh=SIZE, fps=FPS)
-
-
 @pytest.fixture
 def live_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, max_latency_s=0.5, live_segment_s=1.0, live_playlist_size=3,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.model.pil_resize import resize
+from worker.model.sam2.pil_resize import resize
 
 SIZES = [((160, 120), (256, 256)), ((960, 540), (1024, 1024)), ((1280, 720), (1024, 1024)),
          ((1920, 1080), (1024, 1024)), ((128, 96), (256, 256)), ((3001, 1999), (1024, 1024)),

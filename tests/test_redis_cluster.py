@@ -26,7 +26,7 @@ from schemas.errors import LayoutError
 from schemas.names import LAYOUT_VERSION, TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from tests.cluster import RedisClusterNodes
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center
 from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
 
 pytestmark = pytest.mark.integration
@@ -34,11 +34,6 @@ pytestmark = pytest.mark.integration
 N = 16
 SIZE = (96, 64)
 CLUSTER_ENV = {"VSEG_REDIS_CLUSTER": "on"}
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +55,6 @@ def client(csettings: Settings) -> Iterator[redis.Redis]:
     c = connect(csettings)
     yield c
     c.close()
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
 def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str]:
@@ -108,7 +98,7 @@ def cli(args: list[str], settings: Settings, cluster: str = "on") -> subprocess.
 
 
 def test_submit_worker_watch_on_a_cluster_with_jobs_on_every_node(
-    video: Path, csettings: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], csettings: Settings, client: redis.Redis, tmp_path: Path
 ) -> None:
     assert is_cluster(client)
     keys = csettings.keys
@@ -117,7 +107,7 @@ def test_submit_worker_watch_on_a_cluster_with_jobs_on_every_node(
     out = cli(["submit", str(video), "--point", f"1:{x:.0f},{y:.0f}", "--job-id", jobs[0]], csettings)
     assert out.returncode == 0 and out.stdout.strip() == jobs[0], out.stderr[-2000:]
     for job_id in jobs[1:]:
-        assert submit(video, prompt(), settings=csettings, client=client, job_id=job_id).created
+        assert submit(video, prompt, settings=csettings, client=client, job_id=job_id).created
     assert client.get(keys.layout) == LAYOUT_VERSION.encode()
     w = WorkerProcess(csettings, "w", tmp_path, lease_s=1.0, delay_s=0.01, env=CLUSTER_ENV,
                       extra=["--concurrency", "3"])  # the three jobs, on three nodes, held at once
@@ -145,9 +135,9 @@ def test_submit_worker_watch_on_a_cluster_with_jobs_on_every_node(
 
 
 def test_killed_worker_job_is_reclaimed_on_a_cluster_with_every_frame_once(
-    video: Path, csettings: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], csettings: Settings, client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=csettings, client=client, job_id="crash")
+    submit(video, prompt, settings=csettings, client=client, job_id="crash")
     a = WorkerProcess(csettings, "a", tmp_path, lease_s=1.0, delay_s=0.15, env=CLUSTER_ENV)
     wait_for(lambda: int(state(client, csettings, "crash").get("frames_done", 0)) >= 4, what="a publishes frames")
     a.kill()
@@ -166,15 +156,15 @@ def test_killed_worker_job_is_reclaimed_on_a_cluster_with_every_frame_once(
 
 
 def test_cancel_of_a_queued_and_of_a_running_job_on_a_cluster(
-    video: Path, csettings: Settings, client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], csettings: Settings, client: redis.Redis, tmp_path: Path
 ) -> None:
     keys = csettings.keys
-    submit(video, prompt(), settings=csettings, client=client, job_id="queued")
+    submit(video, prompt, settings=csettings, client=client, job_id="queued")
     assert cancel("queued", settings=csettings, client=client) == "cancelled"
     assert client.xlen(keys.jobs) == 0 and status("queued", settings=csettings, client=client)["state"] == "cancelled"
     assert terminal_events(client, csettings)["queued"] == ["cancelled"]
 
-    submit(video, prompt(), settings=csettings, client=client, job_id="running")
+    submit(video, prompt, settings=csettings, client=client, job_id="running")
     w = WorkerProcess(csettings, "w", tmp_path, lease_s=1.0, delay_s=0.2, env=CLUSTER_ENV)
     try:
         wait_for(lambda: int(state(client, csettings, "running").get("frames_done", 0)) >= 2, what="frames")

@@ -25,7 +25,6 @@ from schemas.errors import UnknownJobError
 from schemas.names import TERMINAL_ENTRY_ID, JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ChaosHooks, ColourSegmenter, Faults
-from tests.videos import disc_center, make_video
 from tests.workers import WorkerProcess, log_time, wait_for
 from worker.broker.claim import take
 from worker.broker.lease import Lease, LeaseLost
@@ -38,16 +37,6 @@ pytestmark = pytest.mark.integration
 
 N = 24
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
 def state(client: redis.Redis, settings: Settings, job_id: str) -> dict[str, str]:
@@ -82,10 +71,10 @@ def frames_done(client: redis.Redis, settings: Settings, job_id: str) -> int:
 
 # ---- 1. lease and heartbeat ---------------------------------------------------------------------
 def test_long_job_is_never_handed_to_a_second_worker_while_the_first_lives(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """A job ten leases long, with CPU-bound (GIL-holding) model work, stays with its first worker."""
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="long")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="long")
     lease_s = 0.5
     a = WorkerProcess(settings, "a", tmp_path, lease_s=lease_s, delay_s=10 * lease_s / N, busy=True)
     wait_for(lambda: state(redis_client, settings, "long").get("state") == "running", what="a starts")
@@ -105,9 +94,9 @@ def test_long_job_is_never_handed_to_a_second_worker_while_the_first_lives(
 
 # ---- 2. crash recovery --------------------------------------------------------------------------
 def test_killed_worker_job_is_reclaimed_and_completes_with_every_frame_once(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="crash")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="crash")
     a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1)
     wait_for(lambda: frames_done(redis_client, settings, "crash") >= 5, what="a publishes frames")
     a.kill()
@@ -123,7 +112,7 @@ def test_killed_worker_job_is_reclaimed_and_completes_with_every_frame_once(
 
 
 def test_model_process_workers_kill_9_leaves_no_orphan_and_the_job_completes_once(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """The same with the model in a child process of each worker (VSEG_MODEL_PROCESS=on, the CUDA
     default): killing the worker takes its model process with it, and the next worker's model
@@ -131,7 +120,7 @@ def test_model_process_workers_kill_9_leaves_no_orphan_and_the_job_completes_onc
     import re
 
     on = {"VSEG_MODEL_PROCESS": "on"}
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="mp")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="mp")
     a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1, env=on)
     wait_for(lambda: frames_done(redis_client, settings, "mp") >= 5, what="a publishes frames")
     child = int(re.search(r"model process (\d+) ready", a.log()).group(1))  # type: ignore[union-attr]
@@ -156,9 +145,9 @@ def test_model_process_workers_kill_9_leaves_no_orphan_and_the_job_completes_onc
 
 # ---- 3. fencing -----------------------------------------------------------------------------------
 def test_stale_worker_writes_nothing_after_losing_its_lease(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="stale")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="stale")
     a = WorkerProcess(settings, "a", tmp_path, lease_s=1.0, delay_s=0.1)
     wait_for(lambda: frames_done(redis_client, settings, "stale") >= 3, what="a publishes frames")
     a.signal(signal.SIGSTOP)
@@ -275,10 +264,10 @@ def test_frame_entries_are_written_in_one_pipelined_round_trip_and_duplicates_re
 
 # ---- 4. attempts and dead letters -------------------------------------------------------------------
 def test_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_flow(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="poison")
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="after")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="poison")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="after")
     spawned = 0
     while state(redis_client, settings, "poison").get("state") != "dead" and spawned < 6:
         w = WorkerProcess(settings, f"w{spawned}", tmp_path, lease_s=0.5, delay_s=0.01, extra=["--max-attempts", "3"],
@@ -300,10 +289,10 @@ def test_job_that_kills_its_worker_every_time_is_dead_lettered_and_others_flow(
 
 
 def test_transient_error_retries_with_backoff_and_permanent_fails_at_once(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="blip")
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="perm")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="blip")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="perm")
     (settings.storage_root / "jobs/perm/frames/00002.jpg").unlink()
     hooks = ChaosHooks(ColourSegmenter(), faults={"blip": Faults(transient_at=4)})  # RetryableError once, at frame 4
     worker = Worker(settings=settings, segmenter=hooks, client=redis_client, name="inproc")
@@ -338,16 +327,16 @@ class TimesOutAfterWriting:
 
 
 def test_retry_after_client_timeout_and_racing_submits_give_one_job(
-    video: Path, settings: Settings, redis_client: redis.Redis
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
 ) -> None:
     flaky = TimesOutAfterWriting(redis_client)
     with pytest.raises(redis.TimeoutError):
-        submit(video, prompt(), settings=settings, client=flaky, job_id="retry")  # type: ignore[arg-type]
-    assert not submit(video, prompt(), settings=settings, client=redis_client, job_id="retry").created
+        submit(video, prompt, settings=settings, client=flaky, job_id="retry")  # type: ignore[arg-type]
+    assert not submit(video, prompt, settings=settings, client=redis_client, job_id="retry").created
 
     results: list[bool] = []
     threads = [threading.Thread(target=lambda: results.append(
-        submit(video, prompt(), settings=settings, client=redis.Redis.from_url(settings.redis_url), job_id="race").created
+        submit(video, prompt, settings=settings, client=redis.Redis.from_url(settings.redis_url), job_id="race").created
     )) for _ in range(4)]
     for t in threads:
         t.start()
@@ -362,9 +351,9 @@ def test_retry_after_client_timeout_and_racing_submits_give_one_job(
 
 # ---- 6. cancellation -----------------------------------------------------------------------------------
 def test_cancel_running_job_stops_it_within_a_few_frames_and_it_is_not_retried(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="stopme")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="stopme")
     w = WorkerProcess(settings, "w", tmp_path, lease_s=0.5, delay_s=0.15)
     try:
         wait_for(lambda: frames_done(redis_client, settings, "stopme") >= 3, what="frames")
@@ -383,8 +372,10 @@ def test_cancel_running_job_stops_it_within_a_few_frames_and_it_is_not_retried(
     assert cancel("stopme", settings=settings, client=redis_client) == "cancelled"  # already ended
 
 
-def test_cancel_queued_job_and_unknown_job(video: Path, settings: Settings, redis_client: redis.Redis) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="queued")
+def test_cancel_queued_job_and_unknown_job(
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
+) -> None:
+    submit(video, prompt, settings=settings, client=redis_client, job_id="queued")
     assert cancel("queued", settings=settings, client=redis_client) == "cancelled"
     assert redis_client.xlen(settings.keys.jobs) == 0
     assert status("queued", settings=settings, client=redis_client)["state"] == "cancelled"
@@ -396,9 +387,9 @@ def test_cancel_queued_job_and_unknown_job(video: Path, settings: Settings, redi
 
 # ---- 7. graceful shutdown --------------------------------------------------------------------------------
 def test_sigterm_finishes_the_current_job_within_the_grace_period(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="finish")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="finish")
     w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.05, extra=["--grace", "30"])
     wait_for(lambda: frames_done(redis_client, settings, "finish") >= 2, what="frames")
     w.signal(signal.SIGTERM)
@@ -407,9 +398,9 @@ def test_sigterm_finishes_the_current_job_within_the_grace_period(
 
 
 def test_sigterm_hands_back_after_grace_and_second_sigterm_exits_at_once(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="handback")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="handback")
     a = WorkerProcess(settings, "a", tmp_path, lease_s=30.0, delay_s=0.3, extra=["--grace", "0.5"])
     wait_for(lambda: frames_done(redis_client, settings, "handback") >= 1, what="frames")
     a.signal(signal.SIGTERM)
@@ -450,11 +441,11 @@ def own_redis(tmp_path: Path) -> Any:
 
 
 def test_redis_restart_mid_job_loses_and_duplicates_nothing(
-    video: Path, own_redis: RedisServer, storage_root: Path, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], own_redis: RedisServer, storage_root: Path, tmp_path: Path
 ) -> None:
     settings = Settings.load(environ={}, redis_url=own_redis.url, storage_root=storage_root, block_ms=200)
     client = redis.Redis.from_url(own_redis.url)
-    submit(video, prompt(), settings=settings, client=client, job_id="outage")
+    submit(video, prompt, settings=settings, client=client, job_id="outage")
     w = WorkerProcess(settings, "w", tmp_path, lease_s=4.0, delay_s=0.1)
     try:
         wait_for(lambda: frames_done(client, settings, "outage") >= 4, what="frames")
@@ -469,10 +460,12 @@ def test_redis_restart_mid_job_loses_and_duplicates_nothing(
     assert state(client, settings, "outage")["attempt"] == "1"
 
 
-def test_accepted_job_survives_redis_kill_9_with_aof(video: Path, own_redis: RedisServer, storage_root: Path) -> None:
+def test_accepted_job_survives_redis_kill_9_with_aof(
+    video: Path, prompt: list[ObjectPrompt], own_redis: RedisServer, storage_root: Path
+) -> None:
     settings = Settings.load(environ={}, redis_url=own_redis.url, storage_root=storage_root, block_ms=200)
     client = redis.Redis.from_url(own_redis.url)
-    assert submit(video, prompt(), settings=settings, client=client, job_id="durable").created
+    assert submit(video, prompt, settings=settings, client=client, job_id="durable").created
     own_redis.kill()
     own_redis.start()
     worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=client, name="after-crash")
@@ -498,12 +491,12 @@ def test_idle_consumers_are_removed_only_when_they_hold_nothing(settings: Settin
 
 # ---- 10. trust boundaries -----------------------------------------------------------------------------------------
 def test_job_cannot_leave_storage_root_and_limits_apply_at_the_worker(
-    video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     keys = settings.keys
     for job_id, frames_dir, num_frames in (("escape", "../outside", 3), ("abs", "/etc", 3),
                                            ("huge", "jobs/huge/frames", 10**6)):
-        job = messages.JobMessage(job_id, frames_dir, num_frames, 96, 64, 10.0, tuple(prompt()))
+        job = messages.JobMessage(job_id, frames_dir, num_frames, 96, 64, 10.0, tuple(prompt))
         redis_client.hset(keys.job(job_id), mapping={"state": "queued"})
         redis_client.xadd(keys.jobs, messages.encode(job))  # type: ignore[arg-type]
     Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client).run(burst=True)
@@ -514,14 +507,16 @@ def test_job_cannot_leave_storage_root_and_limits_apply_at_the_worker(
 
     small = Settings.load(environ={}, redis_url=settings.redis_url, storage_root=settings.storage_root, max_frames=5)
     with pytest.raises(LimitError, match="VSEG_MAX_FRAMES"):
-        submit(video, prompt(), settings=small, client=redis_client, job_id="toolong")
+        submit(video, prompt, settings=small, client=redis_client, job_id="toolong")
     tiny = Settings.load(environ={}, redis_url=settings.redis_url, storage_root=settings.storage_root, max_pixels=100)
     with pytest.raises(LimitError, match="pixels"):
-        submit(video, prompt(), settings=tiny, client=redis_client, job_id="toobig")
+        submit(video, prompt, settings=tiny, client=redis_client, job_id="toobig")
     assert not redis_client.exists(keys.job("toolong")) and not (settings.storage_root / "jobs/toolong/frames").exists()
 
 
-def test_password_and_acl_user_in_redis_url(video: Path, tmp_path: Path, storage_root: Path) -> None:
+def test_password_and_acl_user_in_redis_url(
+    video: Path, prompt: list[ObjectPrompt], tmp_path: Path, storage_root: Path
+) -> None:
     server = RedisServer(data_dir=tmp_path / "auth")
     server.data_dir.mkdir()
     server.extra_args = ["--requirepass", "s3cret", "--user", "svc", "on", ">pw2", "~*", "&*", "+@all"]
@@ -535,7 +530,7 @@ def test_password_and_acl_user_in_redis_url(video: Path, tmp_path: Path, storage
 
             client = connect(settings)
             job = f"auth{len(url)}"
-            submit(video, prompt(), settings=settings, client=client, job_id=job)
+            submit(video, prompt, settings=settings, client=client, job_id=job)
             Worker(settings=settings, segmenter=ColourSegmenter(), client=client).run(burst=True)
             assert state(client, settings, job)["state"] == "completed"
     finally:
@@ -543,7 +538,9 @@ def test_password_and_acl_user_in_redis_url(video: Path, tmp_path: Path, storage
 
 
 # ---- 11. visibility --------------------------------------------------------------------------------------------------
-def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_status_and_worker_check_cli(
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
@@ -552,7 +549,7 @@ def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_clie
     env = worker_env(settings)
     check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert check.returncode == 1, check.stdout
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="seen")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="seen")
     # held at frame 5 (the fake model blocks there), so the job is still running when status asks, on any machine
     w = WorkerProcess(settings, "w", tmp_path, lease_s=1.0, delay_s=0.1, faults={"seen": {"block_at": 5}})
     try:
@@ -570,7 +567,9 @@ def test_status_and_worker_check_cli(video: Path, settings: Settings, redis_clie
     assert missing.returncode != 0 and "no job 'nope'" in missing.stderr
 
 
-def test_rediss_url_with_a_private_ca(video: Path, tmp_path: Path, storage_root: Path) -> None:
+def test_rediss_url_with_a_private_ca(
+    video: Path, prompt: list[ObjectPrompt], tmp_path: Path, storage_root: Path
+) -> None:
     """TLS: redis-server with a certificate signed by a CA the test makes; the URL names the CA file."""
     import shutil
     import subprocess
@@ -606,7 +605,7 @@ def test_rediss_url_with_a_private_ca(video: Path, tmp_path: Path, storage_root:
 
         client = connect(settings)
         wait_for(lambda: _pings(client), timeout_s=10, what="TLS redis-server")
-        submit(video, prompt(), settings=settings, client=client, job_id="tls")
+        submit(video, prompt, settings=settings, client=client, job_id="tls")
         Worker(settings=settings, segmenter=ColourSegmenter(), client=client).run(burst=True)
         assert state(client, settings, "tls")["state"] == "completed"
         plain = redis.Redis(port=tls_port, socket_timeout=2)

@@ -22,7 +22,7 @@ from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.test_fake_segmenter import N_FRAMES, green_centre, write_frames
-from tests.videos import disc_center, disc_prompt, make_video
+from tests.videos import disc_center, make_video
 from tests.workers import WorkerProcess, wait_for
 from worker.model.process import ModelProcess
 from worker.model.session import MaskPrompt
@@ -30,15 +30,6 @@ from worker.sources.frames import DirFrames
 
 N = 24
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    return [disc_prompt(1, 0, N, SIZE)]
 
 
 def finished(client: redis.Redis, settings: Settings, job_id: str) -> bool:
@@ -74,20 +65,20 @@ def frames_in(path: Path) -> int:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("resume", ["on", "off"])
-def test_a_reclaimed_job_resumes_after_its_last_published_frame(video: Path, settings: Settings,
-                                                                 redis_client: redis.Redis, tmp_path: Path,
-                                                                 resume: str) -> None:
+def test_a_reclaimed_job_resumes_after_its_last_published_frame(video: Path, prompt: list[ObjectPrompt],
+                                                                 settings: Settings, redis_client: redis.Redis,
+                                                                 tmp_path: Path, resume: str) -> None:
     reference = f"ref-{resume}"
     job = f"crash-{resume}"
     steady = WorkerProcess(settings, "steady", tmp_path, delay_s=0.02, env={"VSEG_RESUME": resume})
     try:  # the uninterrupted run, for comparison
-        submit(video, prompt(), settings=settings, job_id=reference)
+        submit(video, prompt, settings=settings, job_id=reference)
         wait_for(lambda: finished(redis_client, settings, reference), 60, "the reference job")
     finally:
         steady.signal(signal.SIGTERM)
         steady.wait(30)
     crasher = WorkerProcess(settings, "crasher", tmp_path, delay_s=0.02, faults={job: {"crash_at": 14}})
-    submit(video, prompt(), settings=settings, job_id=job)
+    submit(video, prompt, settings=settings, job_id=job)
     assert crasher.wait(60) == -signal.SIGKILL
     published_before = len(frame_masks(redis_client, settings, job))
     assert 0 < published_before <= 14
@@ -144,8 +135,8 @@ def test_a_session_started_later_from_masks_goes_on_from_there(tmp_path: Path) -
 @pytest.mark.e2e
 def test_sam2_resumes_from_masks_with_the_same_object_ids(tmp_path: Path) -> None:
     from producer.decode import extract_frames
-    from worker.model.checkpoints import build_predictor, get_preset
-    from worker.model.sam2_segmenter import Sam2Segmenter
+    from worker.model.sam2.checkpoints import build_predictor, get_preset
+    from worker.model.sam2.segmenter import Sam2Segmenter
 
     n, size = 12, (128, 96)
     extract_frames(make_video(tmp_path / "v.mp4", num_frames=n, size_wh=size, fps=10), tmp_path / "frames")

@@ -21,7 +21,7 @@ from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
 from schemas.rle import decode_mask
 from tests.fakes import ChaosHooks, ColourSegmenter
-from tests.videos import disc_prompt, make_video
+from tests.videos import disc_prompt
 from tests.workers import WorkerProcess, wait_for
 from worker.service.loop import Worker
 
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.integration
 
 N = 30
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def point(obj_id: int, frame: int = 0) -> ObjectPrompt:

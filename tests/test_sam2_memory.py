@@ -17,9 +17,9 @@ from PIL import Image
 from producer.decode import extract_frames
 from schemas.prompts import ObjectPrompt
 from tests.videos import disc_center, make_video
-from worker.model.checkpoints import build_predictor, get_preset
-from worker.model.lazy_frames import LazyFrames
-from worker.model.sam2_segmenter import Sam2Segmenter
+from worker.model.sam2.checkpoints import build_predictor, get_preset
+from worker.model.sam2.lazy_frames import LazyFrames
+from worker.model.sam2.segmenter import Sam2Segmenter
 from worker.sources.frames import DirFrames
 
 pytestmark = pytest.mark.e2e
@@ -129,7 +129,7 @@ def test_the_cuda_loaders_arithmetic_gives_the_predictors_own_pixels(frames_dir:
     for JPEGs Pillow writes (other subsampling), a grey one, and a PNG (which takes the Pillow path)."""
     from sam2.utils.misc import load_video_frames_from_jpg_images
 
-    from worker.model.lazy_frames import _decode_rgb, model_input_on_device, normalisation_table
+    from worker.model.sam2.lazy_frames import _decode_rgb, model_input_on_device, normalisation_table
 
     odd = tmp_path / "odd"
     odd.mkdir()

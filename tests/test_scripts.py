@@ -16,7 +16,6 @@ from schemas import messages
 from schemas.names import TERMINAL_ENTRY_ID, JobState
 from schemas.prompts import ObjectPrompt
 from tests.fakes import ColourSegmenter
-from tests.videos import disc_center, make_video
 from worker.broker.claim import take
 from worker.broker.lease import Lease
 from worker.broker.publish import ResultPublisher, frame_result
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.integration
 
 N = 12
 SIZE = (96, 64)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
-def prompt() -> list[ObjectPrompt]:
-    x, y = disc_center(0, N, SIZE)
-    return [ObjectPrompt(1, 0, ((x, y),), (1,))]
 
 
 def calls(client: redis.Redis, command: str) -> int:
@@ -79,20 +68,20 @@ def test_every_script_runs_again_after_script_flush(settings: Settings, redis_cl
 
 
 def test_a_worker_runs_its_scripts_by_evalsha_and_never_sends_their_text(
-    video: Path, settings: Settings, redis_client: redis.Redis
+    video: Path, prompt: list[ObjectPrompt], settings: Settings, redis_client: redis.Redis
 ) -> None:
     """INFO commandstats on the test's own redis-server: during a job (and a job after SCRIPT FLUSH) every
     fenced write, renewal and terminal step is an EVALSHA; EVAL is never sent, SCRIPT LOAD only after the
     flush."""
     for job_id in ("first", "second"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)  # the producer's own EVAL
+        submit(video, prompt, settings=settings, client=redis_client, job_id=job_id)  # the producer's own EVAL
     redis_client.config_resetstat()
     worker = Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="w")
     assert worker.run(burst=True) == 2
     assert calls(redis_client, "eval") == 0
     assert calls(redis_client, "evalsha") >= 2 * (N + 2)  # at least every frame, started and the terminal step
 
-    submit(video, prompt(), settings=settings, client=redis_client, job_id="after-flush")
+    submit(video, prompt, settings=settings, client=redis_client, job_id="after-flush")
     redis_client.script_flush()
     redis_client.config_resetstat()
     assert Worker(settings=settings, segmenter=ColourSegmenter(), client=redis_client, name="w2").run(burst=True) == 1

@@ -166,7 +166,7 @@ SIZE = (128, 96)
 
 @pytest.fixture(scope="module")
 def sam2(predictor: object) -> Segmenter:
-    from worker.model.sam2_segmenter import Sam2Segmenter
+    from worker.model.sam2.segmenter import Sam2Segmenter
 
     return Sam2Segmenter(predictor, name="t", random_weights=True, encoder_batch=1)
 

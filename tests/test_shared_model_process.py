@@ -23,8 +23,8 @@ from producer.submission import submit
 from runtime.settings import Settings
 from tests.fakes import FROM_ENV, ColourSegmenter
 from tests.test_fake_segmenter import prompts, write_frames
-from tests.test_reliability import assert_complete_exactly_once, prompt, state
-from tests.videos import make_video
+from tests.test_reliability import assert_complete_exactly_once, state
+from tests.videos import disc_prompt, make_video
 from tests.workers import WorkerProcess, stop_all, wait_for
 from worker.model.process import ModelProcess, ModelProcessDied
 from worker.model.segment import FrameMasks
@@ -154,7 +154,7 @@ def test_a_worker_holding_two_jobs_on_one_shared_model_process_completes_both(
 ) -> None:
     video = make_video(tmp_path / "v.mp4", num_frames=16, size_wh=(96, 64), fps=10)
     for job_id in ("p0", "p1"):
-        submit(video, prompt(), settings=settings, client=redis_client, job_id=job_id)
+        submit(video, [disc_prompt(1, 0, 16, (96, 64))], settings=settings, client=redis_client, job_id=job_id)
     env = {"VSEG_MODEL_PROCESS": "on", "VSEG_SESSION_BATCH": "2"}
     w = WorkerProcess(settings, "w", tmp_path, delay_s=0.03, extra=["--concurrency", "2"], env=env)
     try:

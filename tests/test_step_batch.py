@@ -1,4 +1,4 @@
-"""E2E tier: tracking steps batched across objects and sessions (worker/model/step_batch.py) on the real SAM 2
+"""E2E tier: tracking steps batched across objects and sessions (worker/model/sam2/step_batch.py) on the real SAM 2
 (random weights, CPU, image size 256) against SAM 2's own per-object loop.
 
 - A batch of one is SAM 2's own step, bit for bit (the copy of its memory selection is exact).
@@ -22,9 +22,9 @@ from runtime.settings import Settings
 from schemas.prompts import ObjectPrompt
 from tests.test_concurrency_sam2 import CLIPS, run_jobs
 from tests.videos import disc_center, make_video
-from worker.model import step_batch
 from worker.model.next_steps import NextStepPool
-from worker.model.sam2_segmenter import Sam2Segmenter
+from worker.model.sam2 import step_batch
+from worker.model.sam2.segmenter import Sam2Segmenter
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,5 @@
 """Unit tier: the bookkeeping of next steps batched across sessions (worker/model/next_steps.py NextStepPool,
-worker/model/step_batch.py BatchedSteps), with the model's part replaced: whose steps a pass runs, where each
+worker/model/sam2/step_batch.py BatchedSteps), with the model's part replaced: whose steps a pass runs, where each
 result goes, that a step another session fails to prepare is left to that session, and that one offer's two
 parts (its frame to encode, its objects' steps) are each taken once."""
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from worker.model import step_batch
 from worker.model.next_steps import NextStepPool
-from worker.model.step_batch import BatchedSteps, Step
+from worker.model.sam2 import step_batch
+from worker.model.sam2.step_batch import BatchedSteps, Step
 
 
 def state(objects: int, cond: dict[int, set[int]] | None = None) -> dict[str, Any]:

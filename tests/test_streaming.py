@@ -31,11 +31,6 @@ N = 80
 SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("s") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
 @pytest.fixture
 def slow_jpeg(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the producer take ~20 ms per frame, so decoding visibly outlasts the first results."""

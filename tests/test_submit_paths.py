@@ -18,15 +18,10 @@ from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import JobFailed, PromptError, VideoError
 from schemas.prompts import ObjectPrompt
-from tests.videos import disc_center, make_video
+from tests.videos import disc_center
 
 N = 12
 SIZE = (64, 48)
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("paths") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
 
 
 def prompt(frame_idx: int = 0, obj_id: int = 1) -> ObjectPrompt:

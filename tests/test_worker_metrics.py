@@ -30,11 +30,6 @@ N = 12
 SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_video(tmp_path_factory.mktemp("v") / "v.mp4", num_frames=N, size_wh=SIZE, fps=10)
-
-
 def point(obj_id: int, dy: float = 0) -> ObjectPrompt:
     return disc_prompt(obj_id, 0, N, SIZE, dy)
 

@@ -1,2 +1,11 @@
-"""The model side: the Segmenter and Session seam, SAM 2 (loaded once, one session per job), its speed-ups
-(batched encoder, CUDA graphs, Pillow's resize on the GPU), checkpoints, and the model process."""
+"""The model side, in two parts.
+
+The host (this folder): the Segmenter and Session seams (`segment.py`, `session.py`), where the model runs
+(`host.py`: in this process, a model process shared by the slots, or one per slot; the model process in
+`process*.py`), turns on a shared model (`turns.py`), the pool where waiting sessions offer their next step
+(`next_steps.py`), the mask-proposer seam and CLIP labels (`proposals.py`, `labels.py`), and which model is
+built (`build.py`).
+
+A model family in a folder of its own: `sam2` (SAM 2's segmenter and session, batched steps, CUDA graphs,
+checkpoints, its automatic mask generator). A second family is a sibling folder built from `build.py`.
+"""

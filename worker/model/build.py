@@ -54,14 +54,14 @@ def build_segmenter(settings: Settings) -> Segmenter:
     """The segmenter itself, in this process (a model process's child calls this too)."""
     if settings.segmenter:
         return import_factory(settings.segmenter)(settings)
-    from worker.model.checkpoints import (
+    from worker.model.sam2.checkpoints import (
         RANDOM,
         build_predictor,
         get_preset,
         resolve_checkpoint,
         resolve_device,
     )
-    from worker.model.sam2_segmenter import Sam2Segmenter
+    from worker.model.sam2.segmenter import Sam2Segmenter
 
     device = resolve_device(settings.device)
     preset = get_preset(settings.model_preset)

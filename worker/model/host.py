@@ -29,7 +29,7 @@ def model_device(settings: Settings) -> str:
     picks its own, so auto counts as the CPU for it."""
     if settings.segmenter:
         return "cpu" if settings.device == "auto" else settings.device
-    from worker.model.checkpoints import resolve_device
+    from worker.model.sam2.checkpoints import resolve_device
 
     return resolve_device(settings.device)
 

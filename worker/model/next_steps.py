@@ -2,9 +2,9 @@
 their whole next step, and the session whose turn it is runs what it can of them with its own.
 
 A step has two parts, each run in one batch for several sessions: the frame's image encoding
-(worker/model/encoder_batch.py: `BatchedFeatures` takes an offered frame whose pixels are loaded and leaves
+(worker/model/sam2/encoder_batch.py: `BatchedFeatures` takes an offered frame whose pixels are loaded and leaves
 its features in the offering session's cache) and the objects' tracking steps
-(worker/model/step_batch.py: `BatchedSteps` takes an offered plain step, no prompt or removal on the
+(worker/model/sam2/step_batch.py: `BatchedSteps` takes an offered plain step, no prompt or removal on the
 frame, and leaves each object's result where the offering session's turn finds it). A session offers once
 (`offer`), before it waits; each part is taken at most once, by the first pass that can run it; the offer
 goes when its session's turn comes (`withdraw`) or once both parts are taken.

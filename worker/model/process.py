@@ -1,7 +1,7 @@
 """The model in a process of its own, so that the result path cannot slow it down (the default on CUDA).
 
 A small model on a fast GPU is bound by the Python thread that launches its kernels: SAM 2.1 tiny at
-1024 runs 27 to 55 frames/s on an H100 eagerly (about 80 with CUDA graphs, worker/model/cuda_graphs.py),
+1024 runs 27 to 55 frames/s on an H100 eagerly (about 80 with CUDA graphs, worker/model/sam2/cuda_graphs.py),
 with the GPU mostly idle either way. That thread takes the GIL back
 hundreds of times a frame, and every other thread of the worker (RLE encoding, MP4 rendering, Redis
 writes) holds the GIL in between: in one process the model ran at about 70 to 80% of its bare speed
@@ -25,7 +25,7 @@ worker/model/process_child.py):
   few frames ahead of what the worker has read: `position` is the child's); a session closed early
   (cancel, lease lost, hand-back) asks the child to close it and waits for it (a close also ends the
   child's wait for a frame); one session at a time, or with `shared` (`session_batch` > 1, so that
-  several jobs' steps can be batched on one model: worker/model/step_batch.py) every slot's at once, each
+  several jobs' steps can be batched on one model: worker/model/sam2/step_batch.py) every slot's at once, each
   on a thread of its own in the child, their messages sorted by session on this side
   (worker/model/process_inbox.py);
 - an error in the child (a bad prompt, CUDA out of memory) is re-raised in the worker as itself, so it

@@ -2,7 +2,7 @@
 
 A Segmenter is the model, loaded once per worker; each job opens a Session on it
 (worker/model/session.py) that owns the job's state. Implemented by
-worker.model.sam2_segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
+worker.model.sam2.segmenter.Sam2Segmenter (the real SAM 2 video predictor), by
 worker.model.process.ModelProcess (either, in a child process), and in tests by tests.fakes (chosen
 with the `segmenter` setting).
 """

@@ -2,8 +2,8 @@
 
 A Sam2Segmenter owns what every job shares: the predictor (weights), its CUDA graphs (on CUDA, SAM 2's
 image encoder, memory attention, memory encoder, mask decoder and prompt encoder replay from CUDA
-graphs, worker/model/cuda_graphs.py), the autocast policy (bf16 on CUDA only) and the turns its sessions
-take (worker/model/turns.py). Each job opens a Sam2Session (worker/model/sam2_session.py) that holds its own inference state, frame loaders
+graphs, worker/model/sam2/cuda_graphs.py), the autocast policy (bf16 on CUDA only) and the turns its sessions
+take (worker/model/turns.py). Each job opens a Sam2Session (worker/model/sam2/session.py) that holds its own inference state, frame loaders
 and feature cache; nothing of one job stays on the segmenter.
 """
 
@@ -25,11 +25,11 @@ from runtime.settings import Settings
 from schemas.errors import ConfigError
 from schemas.prompts import ObjectPrompt
 from schemas.storage import frame_name
-from worker.model import step_batch
-from worker.model.cuda_graphs import GraphCache, graphed_modules
 from worker.model.next_steps import NextStepPool
-from worker.model.proposals import Sam2Proposer
-from worker.model.sam2_session import Sam2Session
+from worker.model.sam2 import step_batch
+from worker.model.sam2.cuda_graphs import GraphCache, graphed_modules
+from worker.model.sam2.proposer import Sam2Proposer
+from worker.model.sam2.session import Sam2Session
 from worker.model.segment import GpuBudget, InProcessModel
 from worker.model.session import Prompt
 from worker.model.turns import FairTurns, Turn
@@ -75,7 +75,7 @@ class Sam2Segmenter(InProcessModel):
         # max_obj_ptrs_in_encoder-1 earlier frames (memory_temporal_stride_for_eval apart)
         stride = int(getattr(predictor, "memory_temporal_stride_for_eval", 1))
         self.window = max(predictor.num_maskmem * stride, predictor.max_obj_ptrs_in_encoder) + 1
-        # SAM 2's per-frame modules replayed from CUDA graphs (worker/model/cuda_graphs.py), kept across jobs
+        # SAM 2's per-frame modules replayed from CUDA graphs (worker/model/sam2/cuda_graphs.py), kept across jobs
         self.graphs = GraphCache(predictor) if cuda_graphs and self.torch_device.type == "cuda" else None
         self.session_bytes: int | None = None  # one session's GPU memory, measured by warm_up (CUDA only)
         self.model_bytes = 0

@@ -36,7 +36,7 @@ from worker.model.next_steps import NextStepPool
 
 
 class FrameImages(Protocol):
-    """The frames' model-ready pixels (worker.model.lazy_frames.LazyFrames)."""
+    """The frames' model-ready pixels (worker.model.sam2.lazy_frames.LazyFrames)."""
 
     def __getitem__(self, frame_idx: int) -> torch.Tensor: ...
 

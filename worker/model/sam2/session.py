@@ -1,7 +1,7 @@
 """One job's session on SAM 2's video predictor (worker/model/session.py has the protocol).
 
 The session owns the predictor's inference state for its job, built over lazily loaded frames
-(worker/model/lazy_frames.py) and a batched feature cache (worker/model/encoder_batch.py), and its stats.
+(worker/model/sam2/lazy_frames.py) and a batched feature cache (worker/model/sam2/encoder_batch.py), and its stats.
 The predictor itself (weights, CUDA graphs) is the Sam2Segmenter's, shared by every session; each step
 (one frame) runs in a turn of the segmenter's (worker/model/turns.py: fair, a live job's first), with its
 CUDA graphs installed, in inference mode and (on CUDA) bf16 autocast, so sessions on several threads take
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from schemas.errors import PromptError
-from worker.model.encoder_batch import BatchedFeatures
 from worker.model.frame_masks import FrameMasks
-from worker.model.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.next_steps import NextStepPool
+from worker.model.sam2.encoder_batch import BatchedFeatures
+from worker.model.sam2.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
+from worker.model.sam2.step_batch import STATE_KEY, BatchedSteps
 from worker.model.session import MaskPrompt, Prompt, SessionBase
-from worker.model.step_batch import STATE_KEY, BatchedSteps
 from worker.model.turns import Turn
 from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
@@ -47,11 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class SharedModel(Protocol):
-    """What a session uses of the model every session shares (worker.model.sam2_segmenter.Sam2Segmenter)."""
+    """What a session uses of the model every session shares (worker.model.sam2.segmenter.Sam2Segmenter)."""
 
     predictor: Any  # SAM2VideoPredictor
     torch_device: torch.device
-    graphs: Any  # worker.model.cuda_graphs.GraphCache, or None (eager)
+    graphs: Any  # worker.model.sam2.cuda_graphs.GraphCache, or None (eager)
     encoder_batch: int
     pool: NextStepPool  # next steps of sessions waiting for their turn, run with the current one's
     prune: bool
@@ -75,7 +75,7 @@ class Sam2Session(SessionBase):
         self.features = BatchedFeatures(self.images, encode, model.torch_device, batch=model.encoder_batch,
                                         pool=model.pool)
         self.state = self._new_state()
-        # objects' tracking steps batched (worker/model/step_batch.py): this session's, and other sessions' next
+        # objects' tracking steps batched (worker/model/sam2/step_batch.py): this session's, and other sessions' next
         self.steps = BatchedSteps(self.state, model.pool) if model.pool.sessions > 1 else None
         if self.steps is not None:
             self.state[STATE_KEY] = self.steps

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from runtime.machine import usable_cores
-from worker.model import pil_resize
+from worker.model.sam2 import pil_resize
 from worker.sources.frames import FrameSource
 
 UNKNOWN_LENGTH = 1 << 30  # num_frames placeholder while a streamed video's length is unknown
@@ -116,7 +116,7 @@ class LazyFrames:
         return torch.from_numpy(np.stack([self._norm[c][small[:, :, c]] for c in range(3)]))
 
     def _prepare_on_cuda(self, full: np.ndarray) -> torch.Tensor:
-        """Resize (Pillow's arithmetic in integers: worker/model/pil_resize.py) and normalise (the same lookup
+        """Resize (Pillow's arithmetic in integers: worker/model/sam2/pil_resize.py) and normalise (the same lookup
         table) on the GPU, so the model gets identical numbers while this thread holds the GIL for
         almost nothing; on this thread's own stream, overlapping the model's work. Returns once the
         frame is ready on the device."""

@@ -4,7 +4,7 @@ SAM 2 1.1.0's `propagate_in_video` tracks every object on its own: for each fram
 memory attention, the mask decoder and the memory encoder with a batch of one
 (`_run_single_frame_inference`). With several objects, and several jobs' sessions on one shared model
 (worker/model/turns.py), that is many small launches where one batch would do (on a GPU the launching
-thread, not the GPU, sets the pace: worker/model/cuda_graphs.py).
+thread, not the GPU, sets the pace: worker/model/sam2/cuda_graphs.py).
 
 `run_steps(predictor, steps)` runs plain tracking steps (no prompt on the frame, memory encoder on: the
 only kind propagation runs) for any number of (inference state, object, frame) at once:
