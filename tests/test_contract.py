@@ -222,9 +222,9 @@ def frames_done(client: redis.Redis, settings: Settings, job: str) -> int:
 def test_a_file_job_given_prompts_and_a_removal_while_it_runs(video: Path, settings: Settings,
                                                                redis_client: redis.Redis,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.service.control
+    import worker.service.control_reader
 
-    monkeypatch.setattr(worker.service.control, "POLL_S", 0.01)
+    monkeypatch.setattr(worker.service.control_reader, "POLL_S", 0.01)
     seen = Seen()
     submit(video, [disc_prompt(1, 0, N, SIZE)], settings=settings, job_id="file")
     seen.typed("jobs", redis_client.xrange(settings.keys.jobs))  # before a worker takes it

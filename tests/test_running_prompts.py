@@ -67,11 +67,11 @@ def run_worker(settings: Settings, client: redis.Redis) -> threading.Thread:
 def test_objects_added_and_removed_mid_job_leave_the_others_exact(video: Path, settings: Settings,
                                                                   redis_client: redis.Redis,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.service.control
+    import worker.service.control_reader
 
     # the removal below must land before the job's last frame: commands read every 10 ms, not 200, and the
     # removal sent at frame 21 of 30 leave a margin of seconds, not of a frame or two
-    monkeypatch.setattr(worker.service.control, "POLL_S", 0.01)
+    monkeypatch.setattr(worker.service.control_reader, "POLL_S", 0.01)
     submit(video, [point(1)], settings=settings, job_id="plain")
     run_worker(settings, redis_client).join(60)
     submit(video, [point(1)], settings=settings, job_id="changed")
