@@ -250,8 +250,8 @@ class ChaosSession:
     position = property(lambda self: self.inner.position)
     stats = property(lambda self: self.inner.stats)
 
-    def add_prompts(self, prompts: Sequence[ObjectPrompt]) -> None:
-        self.inner.add_prompts(prompts)
+    def add_prompts(self, prompts: Sequence[ObjectPrompt], *, or_next: bool = False) -> None:
+        self.inner.add_prompts(prompts, or_next=or_next)
 
     def remove_object(self, obj_id: int) -> None:
         self.inner.remove_object(obj_id)

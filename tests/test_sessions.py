@@ -110,6 +110,16 @@ def test_prompts_for_frames_already_out_are_refused_and_change_nothing(frames: D
         next(s)
 
 
+def test_or_next_puts_a_prompt_on_a_frame_already_computed_on_the_next_one(frames: DirFrames) -> None:
+    """`or_next`: the session, not its caller, resolves "from the next frame you compute"."""
+    with ColourSegmenter().open_session(frames, [green(0)], width=W, height=H) as s:
+        next(s), next(s), next(s)
+        s.add_prompts([red(1)], or_next=True)  # frame 1 is out: from frame 3 on
+        s.add_prompts([red(5, obj_id=8)], or_next=True)  # a frame still ahead stays where it is
+        rest = list(s)
+    assert [o.obj_ids for o in rest] == [(2, 7), (2, 7), (2, 7, 8), (2, 7, 8), (2, 7, 8)]
+
+
 def test_a_session_whose_objects_are_all_gone_yields_empty_frames_until_one_comes_back(frames: DirFrames) -> None:
     with ColourSegmenter().open_session(frames, [green(0)], width=W, height=H) as s:
         first = next(s)
@@ -155,6 +165,24 @@ def test_a_session_over_the_model_process_takes_the_same_commands(frames: DirFra
         next(half)
         half.close()  # closed early: the child leaves it and takes the next
         assert len(list(model.segment(frames, [red(0)], width=W, height=H))) == N_FRAMES
+    finally:
+        model.close()
+
+
+def test_over_the_model_process_or_next_is_resolved_by_the_child(frames: DirFrames,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker reads frame 0 while the child has computed more: a prompt meant "from the next frame" on
+    frame 0 takes effect on the child's next frame, which its answer tells (`position`), with no retry."""
+    monkeypatch.setenv("VSEG_FAKE_DELAY_S", "0.2")  # the child a frame per 0.2 s: far from the video's end
+    model = ModelProcess(Settings(model_process="on", segmenter=FROM_ENV, device="cpu"))
+    try:
+        with model.open_session(frames, [green(0)], width=W, height=H) as remote:
+            first = next(remote)
+            remote.add_prompts([red(0)], or_next=True)
+            at = remote.position  # the child's position when it took the prompt
+            rest = [first, *remote]
+        assert 1 <= at < N_FRAMES
+        assert [o.obj_ids for o in rest] == [(2,)] * at + [(2, 7)] * (N_FRAMES - at)
     finally:
         model.close()
 

@@ -318,11 +318,7 @@ def _apply_commands(served: _SessionThread, session: Session, sender: _Sender,
             error: BaseException | None = None
             try:
                 if isinstance(command, AddPrompts):
-                    prompts = command.prompts
-                    if command.catch_up:  # meant for the next frame, which the child may have passed meanwhile
-                        prompts = tuple(dataclasses.replace(p, frame_idx=max(p.frame_idx, session.position))
-                                        for p in prompts)
-                    session.add_prompts(prompts)
+                    session.add_prompts(command.prompts, or_next=command.or_next)
                 else:
                     session.remove_object(command.obj_id)
             except Exception as e:  # noqa: BLE001 - refused: raised again in the worker

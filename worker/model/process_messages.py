@@ -112,8 +112,7 @@ class AddPrompts:
 
     session: int
     prompts: tuple[Prompt, ...]
-    # the worker meant "from the next frame": one the child has passed meanwhile moves to its position
-    catch_up: bool = False
+    or_next: bool = False  # Session.add_prompts's: a frame the child has computed meanwhile moves to its position
 
 
 @dataclass(frozen=True)

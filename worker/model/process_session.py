@@ -91,11 +91,10 @@ class ProcessSession(SessionShell):
     def _known(self) -> set[int]:
         return self._objects
 
-    def add_prompts(self, prompts: Sequence[Prompt]) -> None:
+    def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None:
         """Prompts on `position` (the next frame, as far as this side knows) go on the child's own next frame,
         which may be later by now: the child computes frames while the command is on its way."""
-        catch_up = bool(prompts) and all(p.frame_idx == self._position for p in prompts)
-        self._ask(AddPrompts(self.id, tuple(prompts), catch_up))
+        self._ask(AddPrompts(self.id, tuple(prompts), or_next))  # the child resolves `or_next` at its own position
         self._objects |= {p.obj_id for p in prompts}
 
     def remove_object(self, obj_id: int) -> None:

@@ -13,7 +13,10 @@ tracks on that frame. Between frames it takes:
   frame is taken any frame may be prompted (the session runs a backward pass for objects prompted
   after frame 0, as SAM 2 does). Once frames flow, a prompt must be on `position` or later, the next
   frame the model has not computed yet: it takes effect when propagation reaches its frame. A prompt on
-  an earlier frame raises PromptError (its frame's results are already out).
+  an earlier frame raises PromptError (its frame's results are already out), unless `or_next` asks that it
+  take effect from the next frame the session computes instead: the session resolves it, so a caller never
+  retries (a model process may have computed frames the worker has not read yet). Either way a prompt
+  takes effect on max(its frame, `position` after the call).
 - `remove_object(obj_id)`: the object is gone from the next frame on.
 - `close()`: releases the state and the loaders (idempotent; a session is also a context manager).
 
@@ -23,6 +26,7 @@ left yields empty FrameMasks until a prompt brings one back or the frames end.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -66,7 +70,7 @@ class Session(Protocol):
         """This session's figures so far (frames loaded, waits, frames held), for logs and results."""
         ...
 
-    def add_prompts(self, prompts: Sequence[Prompt]) -> None: ...
+    def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None: ...
 
     def remove_object(self, obj_id: int) -> None: ...
 
@@ -204,8 +208,10 @@ class SessionBase(SessionShell):
         self._frames: Iterator[FrameMasks] | None = None
 
     # ---- the Session protocol -------------------------------------------------------------------
-    def add_prompts(self, prompts: Sequence[Prompt]) -> None:
+    def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None:
         self._check_open()
+        if or_next:  # a frame already computed: the next one instead
+            prompts = [dataclasses.replace(p, frame_idx=max(p.frame_idx, self._position)) for p in prompts]
         self.book.add(prompts, position=self._position, total=self._total())
 
     def remove_object(self, obj_id: int) -> None:

@@ -96,16 +96,13 @@ class JobObjects:
         return self.auto.figures() if self.auto is not None else {}
 
     def _add(self, session: Session, prompts: list[MaskPrompt]) -> None:
-        """Add the new objects at the session's position; a model process may have moved on meanwhile (its
-        position comes back with its answer): once more there. Never fails the job."""
-        for _ in range(2):
-            at = [dataclasses.replace(p, frame_idx=session.position) for p in prompts]
-            try:
-                session.add_prompts(at)
-                return
-            except PromptError as e:  # moved on, or at the end of the video
-                error = e
-        log.debug("automatic objects %s not added: %s", [p.obj_id for p in prompts], error)
+        """Add the new objects from the next frame the session computes (it resolves which: a model process
+        may have moved on meanwhile). Never fails the job."""
+        try:
+            session.add_prompts([dataclasses.replace(p, frame_idx=session.position) for p in prompts], or_next=True)
+            return
+        except PromptError as error:  # at the end of the video
+            log.debug("automatic objects %s not added: %s", [p.obj_id for p in prompts], error)
         assert self.auto is not None
         self.auto.forget([p.obj_id for p in prompts])
 

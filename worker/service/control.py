@@ -199,17 +199,10 @@ class ControlFeed:
         return True
 
     def _add(self, session: Session, prompt: ObjectPrompt) -> int:
-        """Add one prompt; a session ahead of what the worker has read (a model process) takes it at its own
-        position instead. Returns the frame it takes effect on."""
-        try:
-            session.add_prompts([prompt])
-            return prompt.frame_idx
-        except PromptError:
-            if prompt.frame_idx >= session.position:
-                raise
-            later = replace(prompt, frame_idx=session.position)
-            session.add_prompts([later])
-            return later.frame_idx
+        """Add one prompt, from its frame or, if the session has computed that frame meanwhile (a model process
+        ahead of what the worker has read), from the next it computes. Returns the frame it takes effect on."""
+        session.add_prompts([prompt], or_next=True)
+        return max(prompt.frame_idx, session.position)
 
     def _remove(self, session: Session, command: messages.RemoveCommand) -> None:
         try:
