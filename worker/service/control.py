@@ -36,19 +36,16 @@ import redis
 
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import PromptError, WorkerBroken
+from schemas.errors import PromptError
 from schemas.names import Keys
 from schemas.prompts import ObjectPrompt
-from worker.broker.lease import LeaseLost
-from worker.broker.publish import JobCancelled
 from worker.model.session import MaskPrompt, Session
 from worker.service.control_changes import Command, HeldChanges, Put
 from worker.service.control_reader import ControlReader, stream_id
-from worker.service.shutdown import HandBack
+from worker.service.outcomes import STOPPED, outcome_of
 
 log = logging.getLogger(__name__)
 
-STOPS = (LeaseLost, JobCancelled, HandBack, WorkerBroken)  # end the attempt: never turned into a refusal
 # prompts on frames already published (worker/service/backfill.py): (prompt, the session's position, request id) ->
 # the object's mask prompt at the position, its earlier frames queued as `update` entries; None: not possible here
 Backfill = Callable[[ObjectPrompt, int, str], MaskPrompt | None]
@@ -124,9 +121,9 @@ class ControlFeed:
             for replay in self._replays.pop(frame):
                 try:
                     self._replay(session, replay)
-                except STOPS:
-                    raise
-                except Exception:  # noqa: BLE001 - a replay must not fail its job either
+                except Exception as e:  # noqa: BLE001 - a replay must not fail its job either (a stop ends it)
+                    if outcome_of(e) in STOPPED:
+                        raise
                     log.exception("job %s: replaying request %s failed; going on without it", self.job_id,
                                   replay.command.request_id)
         self._new.extend(self.reader.arrived())
@@ -137,9 +134,9 @@ class ControlFeed:
                     self._remove(session, command)
                 else:
                     self._prompt(session, command)
-            except STOPS:
-                raise
             except Exception as e:  # noqa: BLE001 - a command must never fail its job: it is refused, with why
+                if outcome_of(e) in STOPPED:  # (a stop ends the attempt)
+                    raise
                 log.exception("job %s: command %s could not be applied", self.job_id, command.request_id)
                 obj_ids = [command.obj_id] if isinstance(command, messages.RemoveCommand) else sorted(
                     {p.obj_id for p in command.prompts})

@@ -24,9 +24,9 @@ import redis
 from runtime.faults import redis_fault
 from runtime.logs import ContextThread, job_log_context
 from schemas import messages
-from schemas.errors import InfrastructureError, SchemaError, WorkerBroken
+from schemas.errors import InfrastructureError, SchemaError
 from schemas.names import JobState
-from worker.broker.attempts import count_attempt, is_transient, note_retry, read_record, retry_delay_s
+from worker.broker.attempts import count_attempt, note_retry, read_record, retry_delay_s
 from worker.broker.claim import drop_ended, drop_entry, take
 from worker.broker.claim import hand_back as hand_back_entry
 from worker.broker.dead_letter import add_dead_entry, peek
@@ -34,17 +34,16 @@ from worker.broker.lease import (
     JobStalled,
     JobVanished,
     Lease,
-    LeaseLost,
     is_nogroup,
     vanished_message,
     wait_with_lease,
 )
-from worker.broker.publish import JobCancelled, ResultPublisher
+from worker.broker.publish import ResultPublisher
 from worker.broker.redis_client import call_bounded
 from worker.service.context import WorkerContext
 from worker.service.job import ValidJob, validate_job
+from worker.service.outcomes import Outcome, outcome_of
 from worker.service.runner import JobRunner, fail
-from worker.service.shutdown import ForcedExit, HandBack
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +128,21 @@ class JobEntry:
         with lease:
             try:
                 self._attempts()
-            except JobVanished:
-                raise
-            except LeaseLost as e:
-                if isinstance(e, JobStalled):
-                    ctx.stats.jobs_abandoned += 1
-                ctx.stats.leases_lost += 1
-                log.warning("job %s: %s; stopping without writing anything more", job_id, e)
-            except ForcedExit:
-                lease.stop(join_s=0.5)  # no renewal may land after the hand-back (it would hide the job a lease)
-                hand_back(ctx, self.entry_id, job_id, lease, timeout_s=min(2.0, ctx.settings.lease_s))
-                raise
-            except HandBack:
-                lease.stop(join_s=0.5)
-                hand_back(ctx, self.entry_id, job_id, lease)
-            except WorkerBroken:
-                lease.stop(join_s=0.5)
-                hand_back(ctx, self.entry_id, job_id, lease)
+            except BaseException as e:  # what it means is worker/service/outcomes.py's; the lease is acted on here
+                outcome = outcome_of(e)
+                if outcome is Outcome.LEASE_LOST:
+                    if isinstance(e, JobStalled):
+                        ctx.stats.jobs_abandoned += 1
+                    ctx.stats.leases_lost += 1
+                    log.warning("job %s: %s; stopping without writing anything more", job_id, e)
+                    return
+                if outcome in (Outcome.FORCED_EXIT, Outcome.HAND_BACK, Outcome.BROKEN):
+                    lease.stop(join_s=0.5)  # no renewal may land after the hand-back (it would hide the job a lease)
+                    forced = outcome is Outcome.FORCED_EXIT
+                    hand_back(ctx, self.entry_id, job_id, lease,
+                              timeout_s=min(2.0, ctx.settings.lease_s) if forced else None)
+                    if outcome is Outcome.HAND_BACK:
+                        return
                 raise
             finally:
                 self.left.set()
@@ -176,13 +173,9 @@ class JobEntry:
                 with job_log_context(attempt=attempt):
                     JobRunner(ctx, self.job, pub, attempt).run()
                 return
-            except (LeaseLost, HandBack, JobCancelled, WorkerBroken):
-                raise
             except Exception as e:
-                if not is_transient(e):
+                if outcome_of(e) is not Outcome.RETRY:  # Redis gone: the job stays pending (handle)
                     raise
-                if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-                    raise  # Redis itself is gone: the job stays pending (handle), taken again when it is back
                 note_retry(pub, e)
                 wait_s = retry_delay_s(ctx.settings.retry_backoff_s, attempt)
                 log.warning("job %s attempt %d: transient %s: %s; retrying in %.1f s", job_id, attempt,

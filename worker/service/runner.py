@@ -21,11 +21,9 @@ import time
 import msgspec
 
 from schemas import messages
-from schemas.errors import PermanentError, VsegError, WorkerBroken
+from schemas.errors import VsegError
 from schemas.names import JobState
 from schemas.prompts import ObjectPrompt
-from worker.broker.attempts import is_transient
-from worker.broker.lease import LeaseLost
 from worker.broker.publish import JobCancelled, ResultPublisher, object_result
 from worker.model.labels import check_labeller
 from worker.model.session import MaskPrompt, Session
@@ -39,13 +37,12 @@ from worker.service.context import WorkerContext
 from worker.service.control import ControlFeed
 from worker.service.job import ValidJob
 from worker.service.job_kinds import kind_of
+from worker.service.outcomes import STOPPED, Outcome, outcome_of
 from worker.service.resume import Resume, render_published, resume_point
-from worker.service.shutdown import HandBack
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
 
-STOPS = (LeaseLost, HandBack, JobCancelled, WorkerBroken)  # end the attempt; nothing more may be written
 
 
 def fail(ctx: WorkerContext, pub: ResultPublisher, job_id: str, error: Exception) -> None:
@@ -116,19 +113,18 @@ class JobRunner:
                 timings_s={k: round(v, 4) for k, v in timings.items()}, random_weights=ctx.segmenter.random_weights,
             ), JobState.COMPLETED)
             log.info("%s", kind.completed_line(timings["total_s"], num_frames, int(timings.get("frames_skipped", 0))))
-        except JobCancelled:
+        except BaseException as e:  # what it means is worker/service/outcomes.py's; the job's end is written here
             self._abort_render()
-            log.warning("job %s cancelled", job.job_id)
-            frames_done = int(ctx.client.hget(ctx.keys.job(job.job_id), "frames_done") or 0)
-            ctx.finish(pub, messages.Cancelled(job.job_id, frames_done), JobState.CANCELLED)
-        except STOPS:
-            self._abort_render()
-            raise
-        except Exception as e:
-            self._abort_render()
-            if is_transient(e) and not isinstance(e, PermanentError):
+            outcome = outcome_of(e)
+            if outcome is Outcome.CANCELLED:
+                log.warning("job %s cancelled", job.job_id)
+                frames_done = int(ctx.client.hget(ctx.keys.job(job.job_id), "frames_done") or 0)
+                ctx.finish(pub, messages.Cancelled(job.job_id, frames_done), JobState.CANCELLED)
+            elif outcome is Outcome.FAIL:
+                assert isinstance(e, Exception)
+                fail(ctx, pub, job.job_id, e)
+            else:
                 raise
-            fail(ctx, pub, job.job_id, e)
 
     def _writer(self) -> MaskVideoWriter | HlsWriter:
         """The job's render: one MP4, or a live job's rolling HLS (a later attempt goes on with its playlist)."""
@@ -229,10 +225,10 @@ class JobRunner:
             if session is not None:
                 session.close()
             sink.close()
-        except STOPS:
-            sink.abort()  # nothing more may be written
-            raise
-        except BaseException:
+        except BaseException as e:
+            if outcome_of(e) in STOPPED:
+                sink.abort()  # nothing more may be written
+                raise
             try:
                 sink.close()  # publish what the model produced before it failed
             except Exception:

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.logs import ContextThread
-from schemas.errors import WorkerBroken
 from worker.broker.dead_letter import peek
 from worker.service import entry
 from worker.service.context import SlotState, WorkerContext
-from worker.service.shutdown import ForcedExit
+from worker.service.outcomes import Outcome, outcome_of
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +113,13 @@ class JobSlots:
     def _run(self, slot: int, entry_id: str, fields: dict[Any, Any], job_id: str) -> None:
         try:
             self._note(self.handle(self.contexts[slot], entry_id, fields))
-        except ForcedExit:
-            pass  # handed back; the loop sees the shutdown's `forced` and leaves once every slot has
-        except WorkerBroken as e:
-            self._fail(e, f"slot {slot} (job {job_id}): the worker is broken: {e}; handing back every other job")
-        except BaseException as e:  # noqa: BLE001 - a bug: the others are handed back, the loop raises it
-            log.exception("slot %d (job %s): unexpected error; handing back every other job", slot, job_id)
-            self._fail(e, "")
+        except BaseException as e:  # noqa: BLE001 - what it means: worker/service/outcomes.py
+            outcome = outcome_of(e)
+            if outcome is Outcome.BROKEN:
+                self._fail(e, f"slot {slot} (job {job_id}): the worker is broken: {e}; handing back every other job")
+            elif outcome is not Outcome.FORCED_EXIT:  # (handed back: the loop leaves once every slot has)
+                log.exception("slot %d (job %s): unexpected error; handing back every other job", slot, job_id)
+                self._fail(e, "")  # a bug: the others are handed back, the loop raises it
         finally:
             self._leave(slot, job_id)
 
