@@ -65,7 +65,7 @@ class FrameSource(Protocol):
     turn_wait: Callable[[], None] | None  # run while waiting for a turn on a shared model (None: `check`)
     realtime: bool  # a live job's frames, which age in real time: its session's turns come first
     max_cond_frames: int  # prompted frames a session keeps in memory attention (0: all; live: bounded)
-    prefetch: int  # frames decoded ahead (worker/model/lazy_frames.py)
+    prefetch: int  # frames decoded ahead (worker/model/sam2/lazy_frames.py)
 
     def ready(self, frame_idx: int) -> bool:
         """Whether `frame_idx` can be read without waiting, as far as the source can tell without asking

@@ -184,7 +184,7 @@ class LiveResults:
 
 class SessionFrames:
     """The FrameSource a live session reads: frame j is the j-th frame picked (see the module doc).
-    `max_cond_frames`: the prompted frames a session keeps in memory attention (worker/model/sam2_session.py)."""
+    `max_cond_frames`: the prompted frames a session keeps in memory attention (worker/model/sam2/session.py)."""
 
     prefetch = LOOKAHEAD
     realtime = True  # its frames age in real time: its session's turns on a shared model come first
