@@ -78,11 +78,13 @@ print(first.job_id, second.job_id)
     assert done.returncode == 0 and done.stdout.split() == ["twice-1", "twice-2"], done.stderr
 
 
-def readme_python(section: str) -> str:
-    """The ```python block of the README section titled `section`."""
+def readme_python(section: str, block: int = 0) -> str:
+    """The `block`-th ```python block of the README section titled `section`."""
     text = (ROOT / "README.md").read_text()
     body = text[text.index(f"\n## {section}\n"):]
-    return body[body.index("```python\n") + len("```python\n"):body.index("\n```", body.index("```python"))]
+    body = body[:body.find("\n## ", 1)]
+    blocks = body.split("```python\n")[1:]
+    return blocks[block][:blocks[block].index("\n```")]
 
 
 README_URL = "redis://localhost:6379/0"
@@ -134,3 +136,22 @@ def test_the_readmes_consumer_quickstart_prints_each_jobs_end_once(settings: Set
         stop_all(worker)
     ends = [line for line in consumer.log().splitlines() if " completed " in line]
     assert sorted(line.split()[0] for line in ends) == sorted(j.id for j in jobs), consumer.log()
+
+
+@pytest.mark.integration
+def test_the_readmes_async_example_runs_as_shown_twice(settings: Settings, tmp_path: Path) -> None:
+    from tests.workers import WorkerProcess, stop_all
+
+    code = readme_python("Consumer quickstart", block=1)
+    assert "AsyncClient" in code and README_URL in code
+    make_video(tmp_path / "match.mp4", num_frames=6, size_wh=(640, 480), fps=10)
+    program = "\n".join([f"exec({code.replace(README_URL, settings.redis_url)!r})"] * 2)
+    worker = WorkerProcess(settings, "w-async", tmp_path, delay_s=0.0)
+    try:
+        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=180, env={**worker_env(settings), "PYTHONPATH": str(ROOT)})
+    finally:
+        stop_all(worker)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["6", "6"], done.stdout
+    assert done.stdout.count("Completed(") == 2
