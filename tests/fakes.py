@@ -39,7 +39,7 @@ from schemas.errors import PromptError, RetryableError, StorageError
 from schemas.prompts import ObjectPrompt
 from worker.model.proposals import Proposal
 from worker.model.segment import FrameMasks, GpuBudget, InProcessModel, MaskPrompt, Prompt, Segmenter, Session
-from worker.model.session import SessionBase
+from worker.model.session import Backfill, Opens, SessionBase
 from worker.model.turns import FairTurns
 from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
@@ -134,6 +134,10 @@ class ColourSession(SessionBase):
 
     def _total(self) -> int | None:
         return self.frames.total
+
+    def _backfill_on(self) -> tuple[Opens, FrameSource, int, int]:
+        height, width = read_frame(self.frames, 0).shape[:2]
+        return self.model, self.frames, width, height
 
     def _sample(self, prompts: Sequence[Prompt]) -> None:
         for p in prompts:
@@ -255,6 +259,9 @@ class ChaosSession:
 
     def remove_object(self, obj_id: int) -> None:
         self.inner.remove_object(obj_id)
+
+    def backfill(self, prompt: ObjectPrompt) -> Backfill:
+        return self.inner.backfill(prompt)
 
     def __iter__(self) -> ChaosSession:
         return self

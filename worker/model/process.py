@@ -59,6 +59,7 @@ from worker.model.process_child import serve
 from worker.model.process_inbox import Inboxes
 from worker.model.process_messages import (
     AddPrompts,
+    BackfillPrompt,
     CloseSession,
     Error,
     Exit,
@@ -172,7 +173,8 @@ class ModelProcess:
     def connected(self) -> bool:
         return self._conn is not None
 
-    def send(self, msg: OpenSession | AddPrompts | RemoveObject | Propose | CloseSession, what: str) -> None:
+    def send(self, msg: OpenSession | AddPrompts | BackfillPrompt | RemoveObject | Propose | CloseSession,
+             what: str) -> None:
         if self._conn is None:
             raise ModelProcessDied(f"the model process was stopped before {what}; the job is retried with a new one")
         try:

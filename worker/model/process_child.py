@@ -34,6 +34,8 @@ from worker.model.frame_masks import FrameMasks
 from worker.model.process_messages import (
     AddPrompts,
     Answer,
+    Backfilled,
+    BackfillPrompt,
     Closed,
     CloseSession,
     Done,
@@ -191,6 +193,9 @@ def _answer_ended(pipe: _Pipe, segmenter: Segmenter, msg: ToModel, settings: Set
     """A command for a session that has ended (or never was)."""
     if isinstance(msg, (AddPrompts, RemoveObject)):
         pipe.send(Answer(msg.session, 0, PromptError(f"session {msg.session} has ended: its frames are all out")))
+    elif isinstance(msg, BackfillPrompt):
+        pipe.send(Backfilled(msg.session, msg.prompt.obj_id, 0, np.zeros((0,), np.uint8), (0,), (),
+                             error=PromptError(f"session {msg.session} has ended: its frames are all out")))
     elif isinstance(msg, Propose):  # between sessions too: the proposer needs the model, not a session
         pipe.send(_propose(segmenter, msg, settings))
     elif isinstance(msg, CloseSession):
@@ -324,6 +329,8 @@ def _apply_commands(served: _SessionThread, session: Session, sender: _Sender,
             except Exception as e:  # noqa: BLE001 - refused: raised again in the worker
                 error = _portable(e)
             sender.send(Answer(session_id, session.position, error))
+        elif isinstance(command, BackfillPrompt):
+            sender.send(_backfill(session, command))
         elif isinstance(command, Propose):
             sender.send(_propose(segmenter, command, settings))
 
@@ -346,3 +353,16 @@ def _propose(segmenter: Segmenter, msg: Propose, settings: Settings) -> Proposed
     h, w = msg.image_rgb.shape[:2]
     masks = np.stack([p.mask for p in found]) if found else np.zeros((0, h, w), dtype=bool)
     return Proposed(msg.session, np.packbits(masks, axis=-1), tuple(masks.shape), tuple(p.score for p in found))
+
+
+def _backfill(session: Session, command: BackfillPrompt) -> Backfilled:
+    """Session.backfill in the child, between two of its frames (at its own position)."""
+    try:
+        done = session.backfill(command.prompt)
+    except Exception as e:  # noqa: BLE001 - refused: raised again in the worker
+        return Backfilled(command.session, command.prompt.obj_id, 0, np.zeros((0,), np.uint8), (0,), (),
+                          error=_portable(e))
+    stacked = np.stack([done.masks[k] for k in range(done.upto)]) if done.upto else np.zeros((0, 0, 0), bool)
+    return Backfilled(command.session, done.obj_id, done.upto, np.packbits(stacked, axis=-1), tuple(stacked.shape),
+                      tuple(done.scores[k] for k in range(done.upto)), done.seconds)
+

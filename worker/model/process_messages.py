@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from runtime.settings import Settings
+from schemas.prompts import ObjectPrompt
 from worker.model.segment import GpuBudget
 from worker.model.session import Prompt
 from worker.sources.frames import DirFrames, FrameSource, StreamedFrames
@@ -116,6 +117,14 @@ class AddPrompts:
 
 
 @dataclass(frozen=True)
+class BackfillPrompt:
+    """Session.backfill: run in the child, at its own position; answered by a `Backfilled`."""
+
+    session: int
+    prompt: ObjectPrompt
+
+
+@dataclass(frozen=True)
 class RemoveObject:
     """Session.remove_object: answered by an `Answer`."""
 
@@ -143,7 +152,7 @@ class Propose:
     image_rgb: np.ndarray
 
 
-ToModel = OpenSession | AddPrompts | RemoveObject | Propose | CloseSession | Exit
+ToModel = OpenSession | AddPrompts | BackfillPrompt | RemoveObject | Propose | CloseSession | Exit
 
 
 # ---- model process -> worker ------------------------------------------------------------------------
@@ -217,4 +226,19 @@ class Proposed:
     error: BaseException | None = None
 
 
-FromModel = Ready | Frame | Answer | Proposed | Done | Closed | Error
+@dataclass(frozen=True)
+class Backfilled:
+    """What a `BackfillPrompt` did: the object's masks on frames 0..upto-1, bit-packed along the last axis as a
+    Frame's, and their scores (the object is in the child's session from `upto` on); or its error."""
+
+    session: int
+    obj_id: int
+    upto: int
+    packed: np.ndarray
+    shape: tuple[int, ...]
+    scores: tuple[float, ...]
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+
+FromModel = Ready | Frame | Answer | Proposed | Backfilled | Done | Closed | Error

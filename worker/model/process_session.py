@@ -15,11 +15,14 @@ import numpy as np
 
 from runtime.logs import job_log_fields
 from schemas.errors import RetryableError, VsegError
+from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
 from worker.model.process_inbox import Inboxes
 from worker.model.process_messages import (
     AddPrompts,
     Answer,
+    Backfilled,
+    BackfillPrompt,
     Closed,
     CloseSession,
     Done,
@@ -34,7 +37,7 @@ from worker.model.process_messages import (
 )
 from worker.model.proposals import Proposal
 from worker.model.segment import GpuBudget
-from worker.model.session import Prompt, SessionShell
+from worker.model.session import Backfill, Prompt, SessionShell
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ class ModelPipe(Protocol):
 
     def connected(self) -> bool: ...
 
-    def send(self, msg: OpenSession | AddPrompts | RemoveObject | Propose | CloseSession, what: str) -> None: ...
+    def send(self, msg: OpenSession | AddPrompts | BackfillPrompt | RemoveObject | Propose | CloseSession,
+             what: str) -> None: ...
 
     def recv_for(self, session: ProcessSession, *, timeout_s: float | None = None, what: str = "job",
                  check: Callable[[], None] | None = None) -> FromModel: ...
@@ -97,6 +101,23 @@ class ProcessSession(SessionShell):
         self._ask(AddPrompts(self.id, tuple(prompts), or_next))  # the child resolves `or_next` at its own position
         self._objects |= {p.obj_id for p in prompts}
 
+    def backfill(self, prompt: ObjectPrompt) -> Backfill:
+        """Session.backfill, run by the child at its own position (frames it computed meanwhile are kept for
+        the iteration, and come before its answer)."""
+        self._check_open()
+        self.model.send(BackfillPrompt(self.id, prompt), "the prompt to propagate was sent")
+        while True:
+            reply = self._next_message()
+            if isinstance(reply, Backfilled):
+                break
+        if reply.error is not None:
+            raise reply.error
+        self._position = max(self._position, reply.upto)
+        self._objects.add(prompt.obj_id)
+        masks = np.unpackbits(reply.packed, axis=-1, count=reply.shape[-1]).astype(bool).reshape(reply.shape)
+        return Backfill(reply.obj_id, reply.upto, {k: masks[k] for k in range(reply.upto)},
+                        dict(enumerate(reply.scores)), reply.seconds)
+
     def remove_object(self, obj_id: int) -> None:
         self._ask(RemoveObject(self.id, obj_id))
         self._objects.discard(obj_id)
@@ -124,7 +145,7 @@ class ProcessSession(SessionShell):
                 masks = np.unpackbits(reply.packed, axis=-1, count=reply.shape[-1]).astype(bool).reshape(reply.shape)
                 return [Proposal(m, s) for m, s in zip(masks, reply.scores)]
 
-    def _next_message(self) -> Answer | Proposed | None:
+    def _next_message(self) -> Answer | Proposed | Backfilled | None:
         """Read one message for this session: a frame is kept for the iteration, the end is noted; an
         Answer or Proposed is returned."""
         msg = self.model.recv_for(self, check=self.frames.check)
@@ -141,7 +162,7 @@ class ProcessSession(SessionShell):
             self._stats, self._ended = msg.stats, None
         elif isinstance(msg, Error):
             self._ended = msg.error
-        elif isinstance(msg, (Answer, Proposed)):
+        elif isinstance(msg, (Answer, Proposed, Backfilled)):
             return msg
         return None
 

@@ -27,6 +27,8 @@ left yields empty FrameMasks until a prompt brings one back or the frames end.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -37,6 +39,9 @@ import numpy as np
 from schemas.errors import PromptError
 from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
+from worker.sources.frames import FrameSource, Prefix
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,27 @@ class MaskPrompt:
 
 
 Prompt = ObjectPrompt | MaskPrompt
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """A prompt on a frame already computed, run alone over frames 0..upto (`Session.backfill`): the object's
+    masks and scores on frames 0..upto-1; from `upto` on it is in the job's session."""
+
+    obj_id: int
+    upto: int
+    masks: dict[int, np.ndarray] = field(repr=False)
+    scores: dict[int, float] = field(repr=False)
+    seconds: float = 0.0
+    seed: np.ndarray | None = field(default=None, repr=False)  # its mask on `upto`, where it seeds the session
+    # (None when the model process ran it: the child keeps it)
+
+
+class Opens(Protocol):
+    """What a backfill needs of a model: a session of its own (worker.model.segment.Segmenter)."""
+
+    def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
+                     start_frame: int = 0) -> Session: ...
 
 
 class Session(Protocol):
@@ -73,6 +99,14 @@ class Session(Protocol):
     def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None: ...
 
     def remove_object(self, obj_id: int) -> None: ...
+
+    def backfill(self, prompt: ObjectPrompt) -> Backfill:
+        """A prompt on a frame already computed (a file job's, worker/service/control.py): run alone, in a
+        session of its own on the same model, backwards from its frame to 0 and forwards to P, the next frame
+        this session computes; its mask on P seeds the object here (SAM 2's `add_new_mask`), from P on. The
+        session resolves P itself (a model process, its child, at its own position). Returns the masks of
+        frames 0..P-1, for the caller to publish as `update` entries."""
+        ...
 
     def __iter__(self) -> Iterator[FrameMasks]: ...
 
@@ -227,6 +261,32 @@ class SessionBase(SessionShell):
 
     def _known(self) -> set[int]:
         return self.book.known()
+
+    def backfill(self, prompt: ObjectPrompt) -> Backfill:
+        """Session.backfill, on this process's model (`_backfill_on`: the model, the job's frames, its size)."""
+        self._check_open()
+        model, frames, width, height = self._backfill_on()
+        upto, t0 = self._position, time.monotonic()
+        masks: dict[int, np.ndarray] = {}
+        scores: dict[int, float] = {}
+        empty = np.zeros((height, width), dtype=bool)
+        with model.open_session(Prefix(frames, upto + 1), [prompt], width=width, height=height) as alone:
+            for out in alone:
+                frames.check()
+                if prompt.obj_id in out.obj_ids:
+                    k = out.obj_ids.index(prompt.obj_id)
+                    masks[out.frame_idx], scores[out.frame_idx] = out.masks[k], float(out.scores[k])
+        seed = masks.pop(upto, empty)
+        self.add_prompts([MaskPrompt(prompt.obj_id, upto, seed)])
+        seconds = time.monotonic() - t0
+        log.info("object %d prompted on frame %d, already computed: propagated over frames 0..%d in %.2f s",
+                 prompt.obj_id, prompt.frame_idx, upto, seconds)
+        return Backfill(prompt.obj_id, upto, {k: masks.get(k, empty) for k in range(upto)},
+                        {k: scores.get(k, 0.0) for k in range(upto)}, seconds, seed)
+
+    def _backfill_on(self) -> tuple[Opens, FrameSource, int, int]:
+        """The model a backfill opens its own session on, the job's frames, and their width and height."""
+        raise PromptError(f"{type(self).__name__} cannot propagate a prompt on a frame already computed")
 
     def _close(self) -> None:
         try:

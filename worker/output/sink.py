@@ -50,7 +50,7 @@ OnFrame = Callable[[int, int, list[float]], None]  # frames done, of which newly
 
 @dataclass(frozen=True)
 class Update:
-    """An object's mask on a frame already published (worker/service/backfill.py), at a fixed entry id."""
+    """An object's mask on a frame already published (Session.backfill, worker/model/session.py), at a fixed entry id."""
 
     entry_id: str
     msg: messages.FrameUpdate

@@ -16,7 +16,7 @@ earlier attempt applied it (a live job's trimmed stream may have lost the record
 are refused by Redis as duplicates.
 
 A prompt on a frame a file job has already published is propagated backwards from it by the runner's
-backfill (worker/service/backfill.py: `update` entries for the earlier frames); a live job's prompts,
+backfill (Session.backfill, worker/model/session.py: `update` entries for the earlier frames); a live job's prompts,
 whatever frame they name, apply at the next frame processed. Every change is held until the runner
 puts the frame it takes effect on (`flush`): the session, a model process, may be frames ahead.
 
@@ -39,16 +39,14 @@ from schemas import messages
 from schemas.errors import PromptError
 from schemas.names import Keys
 from schemas.prompts import ObjectPrompt
-from worker.model.session import MaskPrompt, Session
-from worker.service.control_changes import Command, HeldChanges, Put
+from worker.broker.publish import object_result
+from worker.model.session import Session
+from worker.service.control_changes import Command, HeldChanges, Sink
 from worker.service.control_reader import ControlReader, stream_id
 from worker.service.outcomes import STOPPED, outcome_of
 
 log = logging.getLogger(__name__)
 
-# prompts on frames already published (worker/service/backfill.py): (prompt, the session's position, request id) ->
-# the object's mask prompt at the position, its earlier frames queued as `update` entries; None: not possible here
-Backfill = Callable[[ObjectPrompt, int, str], MaskPrompt | None]
 
 
 @dataclass(frozen=True)
@@ -76,9 +74,9 @@ class ControlFeed:
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, job_id: str,
                  reachable: Callable[[], bool] = lambda: True, *, live: bool = False,
-                 backfill: Backfill | None = None) -> None:
+                 backfills: bool = False) -> None:
         self.live = live  # every prompt and replay applies at the next frame processed (frames are not kept)
-        self.backfill = backfill  # a file job's: prompts on frames already published propagated backwards
+        self.backfills = backfills  # a file job's: prompts on frames already published propagated backwards
         self.settings = settings
         self.job_id = job_id
         self.reader = ControlReader(client, keys, job_id, reachable)
@@ -144,10 +142,10 @@ class ControlFeed:
                     self.changes.hold(session.position, command, obj_id, "refused", -1,
                                       f"the worker could not apply it: {type(e).__name__}: {e}")
 
-    def flush(self, session_frame: int, frame_idx: int, put: Put) -> None:
+    def flush(self, session_frame: int, frame_idx: int, sink: Sink) -> None:
         """Write the changes taking effect at session frame `session_frame` (frame `frame_idx` of the job) or
         before, just before that frame's entry (worker/service/control_changes.py)."""
-        self.changes.flush(session_frame, frame_idx, put)
+        self.changes.flush(session_frame, frame_idx, sink)
 
     def reserve(self, frame_idx: int, count: int) -> list[str]:
         """`count` entry ids just before frame `frame_idx`'s entry, after those given out so far there."""
@@ -181,18 +179,18 @@ class ControlFeed:
             self.changes.hold(target, command, p.obj_id, change, requested, note)
 
     def _backfilled(self, session: Session, command: messages.PromptCommand, p: ObjectPrompt, change: str) -> bool:
-        """A prompt on a frame already published, propagated backwards (worker/service/backfill.py): its earlier
-        frames as `update` entries, the object from the session's position on. False: not possible here."""
-        if self.backfill is None:
+        """A prompt on a frame already published, propagated backwards (Session.backfill): its earlier frames as
+        `update` entries, the object from the frame the session resolves on. False: not for this job (live)."""
+        if not self.backfills:
             return False
-        position = session.position
-        seed = self.backfill(p, position, command.request_id)
-        if seed is None:
-            return False
-        session.add_prompts([seed])
-        self.changes.hold(position, command, p.obj_id, change, p.frame_idx,
+        done = session.backfill(p)
+        self.changes.hold_updates(done.upto, [
+            messages.FrameUpdate(self.job_id, k, (object_result(p.obj_id, done.masks[k], done.scores[k]),),
+                                 request_id=command.request_id) for k in range(done.upto)])
+        upto = done.upto
+        self.changes.hold(upto, command, p.obj_id, change, p.frame_idx,
                           f"prompted on frame {p.frame_idx}, already segmented: propagated from there, frames "
-                          f"0..{position - 1} updated (update entries)")
+                          f"0..{upto - 1} updated (update entries)")
         return True
 
     def _add(self, session: Session, prompt: ObjectPrompt) -> int:

@@ -23,16 +23,14 @@ import msgspec
 from schemas import messages
 from schemas.errors import VsegError
 from schemas.names import JobState
-from schemas.prompts import ObjectPrompt
-from worker.broker.publish import JobCancelled, ResultPublisher, object_result
+from worker.broker.publish import JobCancelled, ResultPublisher
 from worker.model.labels import check_labeller
-from worker.model.session import MaskPrompt, Session
+from worker.model.session import Session
 from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.output.render_policy import remove_stale_partials, render_preset, render_threads
 from worker.output.sink import ResultSink
 from worker.service.auto_objects import JobObjects
-from worker.service.backfill import backfill
 from worker.service.context import WorkerContext
 from worker.service.control import ControlFeed
 from worker.service.job import ValidJob
@@ -162,25 +160,12 @@ class JobRunner:
         expected = kind.first_session_frame(resume)  # the session's next frame
         last = resume.first_frame - 1  # the job's last frame put to the sink
         feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable,
-                           live=kind.live)
+                           live=kind.live, backfills=kind.backfills)
         feed.load(resume.first_frame)
         feed.start()
         objects = JobObjects.of(ctx, job, frames, feed)
         sink.figures = objects.figures  # its progress events carry the job's --auto figures
 
-        def backfilled(prompt: ObjectPrompt, position: int, request_id: str) -> MaskPrompt | None:
-            """A prompt on a frame already published (worker/service/backfill.py); None where the model runs
-            ahead of what is published (a model process)."""
-            if session is None or position != expected:
-                return None
-            done = backfill(ctx.segmenter, frames, prompt, upto=position, width=job.width, height=job.height)
-            for entry_id, k in zip(feed.reserve(position, position), range(position)):
-                result = object_result(prompt.obj_id, done.masks[k], done.scores[k])
-                sink.put_update(entry_id, messages.FrameUpdate(job.job_id, k, (result,), request_id=request_id))
-            return MaskPrompt(prompt.obj_id, position, done.seed)
-
-        if kind.backfills:
-            feed.backfill = backfilled
         segment_s = 0.0
         session: Session | None = None
         try:
@@ -213,7 +198,7 @@ class JobRunner:
                     self._started = None
                 kind.passed_over(last, k, sink)  # a live job's frames before it, published as skipped
                 full, out, key = objects.see(out, expected, live)  # labels, automatic objects' lifecycle
-                feed.flush(expected, k, sink.put_change)  # changes taking effect here go just before it
+                feed.flush(expected, k, sink)  # changes taking effect here go just before it
                 sink.put(out)
                 self._tracked = len(out.obj_ids)  # objects tracked on the last frame: `completed`'s num_objects
                 last = k
@@ -221,7 +206,7 @@ class JobRunner:
                 objects.after(session, full, key)  # automatic objects ended, or new ones on a keyframe
                 feed.apply(session)  # the job's control stream, between two frames
                 t_seg = time.monotonic()
-            feed.flush(expected, last + 1, sink.put_change)  # changes after the last frame
+            feed.flush(expected, last + 1, sink)  # changes after the last frame
             if session is not None:
                 session.close()
             sink.close()

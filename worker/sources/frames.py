@@ -346,3 +346,29 @@ class StreamedFrames(FrameSourceBase):
                 except (redis.ConnectionError, redis.TimeoutError) as e:
                     log.warning("Redis unavailable while waiting for frames (%s); retrying", e)
                     time.sleep(0.2)
+
+
+class Prefix(FrameSourceBase):
+    """The first `n` frames of a source (the backfill reads no further than the job's current frame)."""
+
+    def __init__(self, frames: FrameSource, n: int) -> None:
+        self.frames = frames
+        self.n = n
+        self.dir: Path = frames.dir
+        self.check = frames.check
+
+    @property
+    def total(self) -> int | None:
+        return self.n
+
+    def wait(self, frame_idx: int) -> bool:
+        return 0 <= frame_idx < self.n and self.frames.wait(frame_idx)
+
+    def path(self, frame_idx: int) -> Path:
+        return self.frames.path(frame_idx)
+
+    def announced_at(self, frame_idx: int) -> float | None:
+        return None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))

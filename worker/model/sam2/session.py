@@ -28,7 +28,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from worker.model.next_steps import NextStepPool
 from worker.model.sam2.encoder_batch import BatchedFeatures
 from worker.model.sam2.lazy_frames import UNKNOWN_LENGTH, EndOfFrames, LazyFrames
 from worker.model.sam2.step_batch import STATE_KEY, BatchedSteps
-from worker.model.session import MaskPrompt, Prompt, SessionBase
+from worker.model.session import MaskPrompt, Opens, Prompt, SessionBase
 from worker.model.turns import Turn
 from worker.sources.frames import FrameSource, frame_ready, turn_wait_check
 
@@ -87,6 +87,10 @@ class Sam2Session(SessionBase):
         self.max_cond_frames = frames.max_cond_frames
         self.live = frames.realtime  # a live job's frames: its turns come first
         self.add_prompts(prompts)
+
+    def _backfill_on(self) -> tuple[Opens, FrameSource, int, int]:
+        """A backfill opens a session of its own on the same shared model (its steps take turns as any job's)."""
+        return cast(Opens, self.model), self.frames, self.width, self.height
 
     def _new_state(self) -> dict[str, Any]:
         """The predictor's inference state, as init_state builds it, over lazily loaded frames."""
