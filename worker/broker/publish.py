@@ -66,13 +66,13 @@ class JobCancelled(Exception):
     """The job's cancel flag was set: stop and write the cancelled terminal entry."""
 
 
-def _no_interrupt() -> None:
+def no_interrupt() -> None:
     return None
 
 
 def retry_redis(fn: Callable[[], T], *, lease: Lease, what: str, redis_url: str = "",
                 full_patience_s: float | None = None, patience_s: float | None = None,
-                interrupt: Callable[[], None] = _no_interrupt) -> T:
+                interrupt: Callable[[], None] = no_interrupt) -> T:
     """Run `fn` (a fenced write), waiting out infrastructure faults (see the module doc): connection
     errors are retried while the lease may still be ours, then the write waits for the lease to be
     confirmed again or lost; Redis full is retried for up to `full_patience_s` (default: the lease's
@@ -125,7 +125,8 @@ class ResultPublisher:
     """Publishes one job's entries under `lease`. Frame k goes to id (k+1)-0, so Redis rejects a duplicate."""
 
     def __init__(self, client: redis.Redis, keys: Keys, job_id: str, num_frames: int, lease: Lease,
-                 *, patience_s: float | None = None, redis_url: str = "", maxlen: int = 0) -> None:
+                 *, patience_s: float | None = None, redis_url: str = "", maxlen: int = 0,
+                 interrupt: Callable[[], None] = no_interrupt) -> None:
         self.client = client
         self.keys = keys
         self.job_id = job_id
@@ -137,7 +138,7 @@ class ResultPublisher:
         self.maxlen = maxlen  # 0: the result stream is kept whole; a live job's is trimmed to about this many
         self.duplicates_rejected = 0
         self.cancel_requested = False
-        self.interrupt: Callable[[], None] = _no_interrupt  # the worker's: raises past a shutdown deadline
+        self.interrupt = interrupt  # the worker's: raises past a shutdown deadline
 
     def _retry(self, fn: Callable[[], T], what: str, interrupt: Callable[[], None] | None = None) -> T:
         """`interrupt`: the caller's own stop (an aborted sink), run with the worker's deadline check."""

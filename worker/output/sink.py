@@ -82,7 +82,7 @@ class ResultSink:
     def __init__(self, pub: ResultPublisher, writer: MaskVideoWriter | HlsWriter | None, frames: FrameSource, *,
                  random_weights: bool, progress_every: int, on_frame: OnFrame, depth: int = 4,
                  check: Callable[[], None] = _no_check, first_frame: int = 0, live: LiveResults | None = None,
-                 dropped: int = 0) -> None:
+                 dropped: int = 0, figures: Callable[[], dict[str, int]] = dict) -> None:
         self.pub = pub
         self.live = live
         self.dropped = dropped  # live: frames skipped (by earlier attempts too)
@@ -91,7 +91,7 @@ class ResultSink:
         self._render_t0: float | None = None  # live: the capture time the HLS render's clock starts at
         self._processed = 0  # live: frames processed (not skipped) by this attempt
         self._progress_at = 0.0
-        self.figures: Callable[[], dict[str, int]] = dict  # more progress fields (a job's --auto figures), read then
+        self.figures = figures  # more progress fields (a job's --auto figures), read at each progress event
         self._figures_sent: dict[str, int] = {}
         self.writer = writer
         self.frames = frames

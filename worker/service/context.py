@@ -17,7 +17,7 @@ from schemas import messages
 from schemas.errors import VsegError
 from schemas.names import JobState, Keys
 from worker.broker.lease import Lease
-from worker.broker.publish import ResultPublisher
+from worker.broker.publish import ResultPublisher, no_interrupt
 from worker.broker.scripts import Scripts
 from worker.model.segment import Segmenter
 from worker.service.health import Health, WorkerStats
@@ -61,10 +61,8 @@ class WorkerContext:
     def publisher(self, job_id: str, num_frames: int, lease: Lease, *, interruptible: bool = True) -> ResultPublisher:
         """A publisher under `lease`; `interruptible`: a write waiting out Redis still stops for a shutdown
         (a job's writes; not a dead letter's, which is written whole or not at all)."""
-        pub = ResultPublisher(self.client, self.keys, job_id, num_frames, lease, redis_url=self.settings.redis_url)
-        if interruptible:
-            pub.interrupt = self.shutdown.check
-        return pub
+        return ResultPublisher(self.client, self.keys, job_id, num_frames, lease, redis_url=self.settings.redis_url,
+                               interrupt=self.shutdown.check if interruptible else no_interrupt)
 
     def finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: JobState, error: str = "") -> None:
         """The job's terminal step (worker/broker/publish.py), counted; then its frames may go."""

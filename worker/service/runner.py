@@ -154,17 +154,17 @@ class JobRunner:
             ctx.health.job(job.job_id, n)
             metrics.published(n, frames.announced_at, skipped=skipped, latencies=latencies)
 
-        sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
-                          progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
-                          first_frame=resume.first_frame, live=live, dropped=kind.dropped_before(resume))
-        expected = kind.first_session_frame(resume)  # the session's next frame
-        last = resume.first_frame - 1  # the job's last frame put to the sink
         feed = ControlFeed(ctx.client, ctx.keys, ctx.settings, job.job_id, reachable=pub.lease.writable,
                            live=kind.live, backfills=kind.backfills)
+        objects = JobObjects.of(ctx, job, frames, feed)
+        sink = ResultSink(pub, self.writer, frames, random_weights=ctx.segmenter.random_weights,
+                          progress_every=ctx.settings.progress_every, on_frame=published, check=self.check,
+                          first_frame=resume.first_frame, live=live, dropped=kind.dropped_before(resume),
+                          figures=objects.figures)  # its progress events carry the job's --auto figures
+        expected = kind.first_session_frame(resume)  # the session's next frame
+        last = resume.first_frame - 1  # the job's last frame put to the sink
         feed.load(resume.first_frame)
         feed.start()
-        objects = JobObjects.of(ctx, job, frames, feed)
-        sink.figures = objects.figures  # its progress events carry the job's --auto figures
 
         segment_s = 0.0
         session: Session | None = None
