@@ -1,6 +1,9 @@
-"""The one settings object: defaults from configs/service.yaml, overridden by the environment, read once.
+"""The one settings object: its defaults (here, and only here), a deployment's configs/service.yaml, then the
+environment, read once.
 
-Precedence: command-line flag > environment variable > configs/service.yaml > the defaults below.
+Precedence: command-line flag > environment variable > configs/service.yaml > the defaults below. The YAML
+holds only what a deployment changes (it ships empty): a key restating a default would hide a later change of
+that default (tests/test_schemas.py refuses one).
 Build it once at the edge (`Settings.load()`) and pass it down; nothing else reads os.environ.
 """
 

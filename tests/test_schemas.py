@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+import yaml
 from pycocotools import mask as mask_utils
 from redis.crc import key_slot
 
@@ -248,6 +249,18 @@ def test_keys_and_entry_ids() -> None:
                         "vseg:producer:{j}", "vseg:job:{j}:submit-lock"]
     assert len({key_slot(k.encode()) for k in job_keys}) == 1 and keys.layout == "vseg:layout"
     assert int(frame_entry_id(10**9).split("-")[0]) < int(TERMINAL_ENTRY_ID.split("-")[0])
+
+
+def test_the_shipped_service_yaml_restates_no_default() -> None:
+    """configs/service.yaml holds only what a deployment changes: a key equal to its default in
+    runtime/settings.py would hide a later change of that default."""
+    from runtime.settings import SERVICE_YAML
+
+    doc = yaml.safe_load(SERVICE_YAML.read_text()) or {}
+    defaults = Settings.load(environ={}, config_path=None)
+    restated = [k for k, v in doc.items()
+                if getattr(Settings.load(environ={}, config_path=None, **{k: v}), k) == getattr(defaults, k)]
+    assert not restated, f"configs/service.yaml restates the defaults of {restated}: keep them in runtime/settings.py"
 
 
 def test_settings_precedence(tmp_path: Path) -> None:

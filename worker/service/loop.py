@@ -45,7 +45,6 @@ from runtime.connection import worker_socket_timeout_s
 from runtime.faults import redact_url, redis_fault, redis_full_message
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
-from schemas.errors import WorkerBroken
 from schemas.names import Keys
 from worker.broker.claim import Entry, claim_expired, ensure_group, is_group_gone, read_new
 from worker.broker.lease import Lease
@@ -57,7 +56,8 @@ from worker.service.capacity import pick_concurrency, refusal
 from worker.service.context import WorkerContext
 from worker.service.health import Health, Housekeeping, WorkerStats, peak_rss_mib
 from worker.service.metrics import WorkerMetrics
-from worker.service.shutdown import ForcedExit, Shutdown, Stopped
+from worker.service.outcomes import Outcome, outcome_of
+from worker.service.shutdown import Shutdown, Stopped
 from worker.service.slots import JobSlots
 
 log = logging.getLogger(__name__)
@@ -283,14 +283,18 @@ class Worker:
                 if self.slots.take_redis_failed():  # Redis failed under a job: back off before claiming again
                     self._idle_sleep(backoff)
             self._leave_slots()
-        except ForcedExit:
-            self._leave_slots()
-            log.warning("exiting at once")
-        except WorkerBroken as e:
-            self.shutdown.force()  # every other job held is handed back
-            self._leave_slots(raise_trouble=False)
-            self.health.mark_broken(str(e), min(2.0, self.settings.lease_s))
-            raise
+        except BaseException as e:  # what it means: worker/service/outcomes.py
+            outcome = outcome_of(e)
+            if outcome is Outcome.FORCED_EXIT:
+                self._leave_slots()
+                log.warning("exiting at once")
+            elif outcome is Outcome.BROKEN:
+                self.shutdown.force()  # every other job held is handed back
+                self._leave_slots(raise_trouble=False)
+                self.health.mark_broken(str(e), min(2.0, self.settings.lease_s))
+                raise
+            else:
+                raise
         finally:
             self.health.remove(min(0.5, self.settings.lease_s))
             for model in self.models[1:]:  # the model processes this worker started for its other slots
