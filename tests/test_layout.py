@@ -146,3 +146,21 @@ def test_the_readmes_code_map_names_every_module() -> None:
     unnamed = sorted(str(p.relative_to(ROOT)) for p in modules().values()
                      if p.name not in {"__init__.py", "__main__.py"} and str(p.relative_to(ROOT)) not in named)
     assert not unnamed, f"modules missing from the README's code map: {unnamed}"
+
+
+def test_the_runner_stays_short_and_nothing_outside_the_model_asks_which_model_it_has() -> None:
+    """Issue 28's acceptance: the runner at most 200 lines; no `isinstance` on a concrete model class (the host
+    decides where the model runs: worker/model/host.py) outside worker/model/."""
+    runner = ROOT / "worker" / "service" / "runner.py"
+    assert len(runner.read_text().splitlines()) <= 200
+    concrete = {"Sam2Segmenter", "Sam2Session", "ModelProcess", "ProcessSession", "InProcessModel", "ModelHost"}
+    found = []
+    for path in sorted(ROOT.glob("[!.]*/**/*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] not in ("producer", "worker", "runtime", "schemas") or rel.parts[:2] == ("worker", "model"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance" and len(node.args) == 2:
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                found += [f"{rel}:{node.lineno} {name}" for name in names & concrete]
+    assert not found, found

@@ -64,6 +64,19 @@ class WorkerContext:
         return ResultPublisher(self.client, self.keys, job_id, num_frames, lease, redis_url=self.settings.redis_url,
                                interrupt=self.shutdown.check if interruptible else no_interrupt)
 
+    def fail(self, pub: ResultPublisher, job_id: str, error: Exception) -> None:
+        """End the job `failed` with `error` (a permanent error, or one we did not expect: logged in full)."""
+        level = logging.WARNING if isinstance(error, VsegError) else logging.ERROR
+        log.log(level, "job %s failed: %s: %s", job_id, type(error).__name__, error, exc_info=level == logging.ERROR)
+        self.finish(pub, messages.Failed(job_id, str(error), type(error).__name__), JobState.FAILED,
+                    error=f"{type(error).__name__}: {error}")
+
+    def cancelled(self, pub: ResultPublisher, job_id: str) -> None:
+        """End the job `cancelled`, with the frames it had published."""
+        log.warning("job %s cancelled", job_id)
+        frames_done = int(self.client.hget(self.keys.job(job_id), "frames_done") or 0)
+        self.finish(pub, messages.Cancelled(job_id, frames_done), JobState.CANCELLED)
+
     def finish(self, pub: ResultPublisher, msg: messages.Terminal, outcome: JobState, error: str = "") -> None:
         """The job's terminal step (worker/broker/publish.py), counted; then its frames may go."""
         pub.terminal(msg, ttl_s=self.settings.results_ttl_s, error=error)

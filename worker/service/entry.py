@@ -43,7 +43,7 @@ from worker.broker.redis_client import call_bounded
 from worker.service.context import WorkerContext
 from worker.service.job import ValidJob, validate_job
 from worker.service.outcomes import Outcome, outcome_of
-from worker.service.runner import JobRunner, fail
+from worker.service.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class JobEntry:
                 return
             if self.job is None:
                 assert self.invalid is not None
-                fail(ctx, pub, job_id, self.invalid)
+                ctx.fail(pub, job_id, self.invalid)
                 return
             try:
                 with job_log_context(attempt=attempt):

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from runtime.settings import Settings
+from schemas import messages
 from schemas.errors import VsegError
+from schemas.names import JobState
+from worker.broker.publish import ResultPublisher
 from worker.model.frame_masks import FrameMasks
-from worker.model.session import Prompt
+from worker.model.session import Prompt, Session
 from worker.output.hls import HlsWriter
 from worker.output.render import MaskVideoWriter
 from worker.output.sink import ResultSink
@@ -37,7 +43,6 @@ class FileJob:
 
     live = False
     backfills = True  # a prompt on a frame already published is propagated backwards (update entries)
-    started_at_first_frame = False
 
     def __init__(self, ctx: WorkerContext, job: ValidJob, *, check: Callable[[], None],
                  turn_wait: Callable[[], None]) -> None:
@@ -50,6 +55,23 @@ class FileJob:
     @property
     def settings(self) -> Settings:
         return self.ctx.settings
+
+    def start(self, pub: ResultPublisher, started: messages.Started) -> messages.Started | None:
+        """Publish `started` now; a live job holds it (returned) until its first frame processed, which it names."""
+        pub.started(started)
+        return None
+
+    def first_processed(self, pub: ResultPublisher, started: messages.Started, k: int, last: int) -> None:
+        """A held `started` published at the first frame processed (a live job's; a file job holds none)."""
+        return None
+
+    def timings(self, sink: ResultSink, session: Session | None, *, t0: float, segment_s: float) -> dict[str, float]:
+        """`completed`'s timings_s, but the render's close and the total."""
+        timings = {"first_result_s": (sink.first_result_at or time.monotonic()) - t0, "segment_s": segment_s,
+                   "publish_s": sink.publish_s, "render_s": sink.render_s}
+        if session is not None and "waited_s" in session.stats:  # the model's wait for frames, when known
+            timings["frames_waited_s"] = session.stats["waited_s"]
+        return timings
 
     def describe(self, attempt: int) -> str:
         job = self.job
@@ -128,12 +150,24 @@ class LiveJob(FileJob):
 
     live = True
     backfills = False
-    started_at_first_frame = True
 
     def __init__(self, ctx: WorkerContext, job: ValidJob, *, check: Callable[[], None],
                  turn_wait: Callable[[], None]) -> None:
         super().__init__(ctx, job, check=check, turn_wait=turn_wait)
         self.picks: LiveFrames | None = None
+
+    def start(self, pub: ResultPublisher, started: messages.Started) -> messages.Started | None:
+        pub.set_state(state=JobState.RUNNING.value, worker=self.ctx.name, started_at=started.at)
+        return started
+
+    def first_processed(self, pub: ResultPublisher, started: messages.Started, k: int, last: int) -> None:
+        """The first frame processed, `k`: its `started` now, naming it (its prompts applied there)."""
+        pub.started(msgspec.structs.replace(started, first_frame=k))
+        log.info("live job %s: first frame processed %d (frames %d..%d passed over); its prompts apply there",
+                 self.job.job_id, k, last + 1, k - 1)
+
+    def timings(self, sink: ResultSink, session: Session | None, *, t0: float, segment_s: float) -> dict[str, float]:
+        return {**super().timings(sink, session, t0=t0, segment_s=segment_s), "frames_skipped": float(sink.dropped)}
 
     def describe(self, attempt: int) -> str:
         job = self.job

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
-
 from schemas import messages
 from schemas.errors import VsegError
 from schemas.names import JobState
@@ -42,21 +40,9 @@ from worker.sources.frames import FrameSource
 log = logging.getLogger(__name__)
 
 
-
-def fail(ctx: WorkerContext, pub: ResultPublisher, job_id: str, error: Exception) -> None:
-    """End the job `failed` with `error` (a permanent error, or one we did not expect: logged in full)."""
-    level = logging.WARNING if isinstance(error, VsegError) else logging.ERROR
-    log.log(level, "job %s failed: %s: %s", job_id, type(error).__name__, error, exc_info=level == logging.ERROR)
-    ctx.finish(pub, messages.Failed(job_id, str(error), type(error).__name__), JobState.FAILED,
-               error=f"{type(error).__name__}: {error}")
-
-
 class JobRunner:
     def __init__(self, ctx: WorkerContext, job: ValidJob, pub: ResultPublisher, attempt: int) -> None:
-        self.ctx = ctx
-        self.job = job
-        self.pub = pub
-        self.attempt = attempt
+        self.ctx, self.job, self.pub, self.attempt = ctx, job, pub, attempt
         self.writer: MaskVideoWriter | HlsWriter | None = None
         self._started: messages.Started | None = None  # a live job's, until its first frame is processed
         self._tracked: int | None = None  # objects on the last frame this attempt published
@@ -70,9 +56,8 @@ class JobRunner:
         self.ctx.shutdown.check()
 
     def run(self) -> None:
-        job, pub, ctx = self.job, self.pub, self.ctx
+        job, pub, ctx, kind = self.job, self.pub, self.ctx, self.kind
         t0 = time.monotonic()
-        kind = self.kind
         log.info("%s", kind.describe(self.attempt))
         pub.lease.progress()
         pub.maxlen = kind.results_maxlen
@@ -81,19 +66,14 @@ class JobRunner:
                 check_labeller(ctx.settings)
             frames = kind.frames()
             resume = resume_point(ctx, job, self.attempt)
-            started = messages.Started(
+            self._started = kind.start(pub, messages.Started(  # a live job's: held until its first frame
                 job_id=job.job_id, worker=ctx.name, num_frames=job.num_frames, obj_ids=job.obj_ids,
                 model=ctx.segmenter.name, attempt=self.attempt, random_weights=ctx.segmenter.random_weights,
-                resume_from=resume.first_frame,
-            )
-            if kind.started_at_first_frame:  # its `started` says which frame it processed first: then (_propagate)
-                pub.set_state(state=JobState.RUNNING.value, worker=ctx.name, started_at=started.at)
-                self._started = started
-            else:
-                pub.started(started)
+                resume_from=resume.first_frame))
             remove_stale_partials(job.render_target, ctx.name)
-            if job.render:
-                self.writer = self._writer()
+            if job.render:  # one MP4, or a live job's rolling HLS (a later attempt goes on with its playlist)
+                device = ctx.segmenter.device
+                self.writer = kind.writer(render_preset(ctx.settings, device), render_threads(ctx.settings, device))
             if isinstance(self.writer, MaskVideoWriter) and resume.first_frame:
                 render_published(ctx, job, frames, self.writer, resume.first_frame, progress=self._step)
             timings, num_frames = self._propagate(frames, t0, resume)
@@ -115,19 +95,12 @@ class JobRunner:
             self._abort_render()
             outcome = outcome_of(e)
             if outcome is Outcome.CANCELLED:
-                log.warning("job %s cancelled", job.job_id)
-                frames_done = int(ctx.client.hget(ctx.keys.job(job.job_id), "frames_done") or 0)
-                ctx.finish(pub, messages.Cancelled(job.job_id, frames_done), JobState.CANCELLED)
+                ctx.cancelled(pub, job.job_id)
             elif outcome is Outcome.FAIL:
                 assert isinstance(e, Exception)
-                fail(ctx, pub, job.job_id, e)
+                ctx.fail(pub, job.job_id, e)
             else:
                 raise
-
-    def _writer(self) -> MaskVideoWriter | HlsWriter:
-        """The job's render: one MP4, or a live job's rolling HLS (a later attempt goes on with its playlist)."""
-        device = self.ctx.segmenter.device
-        return self.kind.writer(render_preset(self.ctx.settings, device), render_threads(self.ctx.settings, device))
 
     def _step(self) -> None:
         """Progress outside the model's loop (the lease's renewal), and a point where the job may stop."""
@@ -143,9 +116,8 @@ class JobRunner:
         """Run the model on this thread; publishing and rendering happen in the sink's thread. A live job's
         session sees only the frames it picks, numbered 0, 1, ... (worker/sources/live.py): each result is
         mapped back to its frame of the source, and the frames passed over are published as skipped."""
-        job, pub, ctx = self.job, self.pub, self.ctx
+        job, pub, ctx, kind = self.job, self.pub, self.ctx, self.kind
         metrics = ctx.metrics.job(resume.first_frame)
-        kind = self.kind
         session_frames = kind.session_frames(frames, resume)
         live = kind.results
 
@@ -192,9 +164,7 @@ class JobRunner:
                 out = kind.place(out)  # the job's frame
                 k = out.frame_idx
                 if self._started is not None:  # a live job's first frame processed: where its prompts applied
-                    pub.started(msgspec.structs.replace(self._started, first_frame=k))
-                    log.info("live job %s: first frame processed %d (frames %d..%d passed over); its prompts "
-                             "apply there", job.job_id, k, last + 1, k - 1)
+                    kind.first_processed(pub, self._started, k, last)
                     self._started = None
                 kind.passed_over(last, k, sink)  # a live job's frames before it, published as skipped
                 full, out, key = objects.see(out, expected, live)  # labels, automatic objects' lifecycle
@@ -225,16 +195,4 @@ class JobRunner:
             if session is not None:
                 session.close()  # the session's state and loaders go whatever ended it
         self.check()
-        total = kind.total(last, expected, frames)
-        timings = {
-            "first_result_s": (sink.first_result_at or time.monotonic()) - t0,
-            "segment_s": segment_s,
-            "publish_s": sink.publish_s,
-            "render_s": sink.render_s,
-        }
-        if kind.live:
-            timings["frames_skipped"] = float(sink.dropped)
-        for name in ("waited_s",):  # the model's wait for frames (the producer, or the loaders), when known
-            if session is not None and name in session.stats:
-                timings[f"frames_{name}"] = session.stats[name]
-        return timings, total
+        return kind.timings(sink, session, t0=t0, segment_s=segment_s), kind.total(last, expected, frames)
