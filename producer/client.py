@@ -32,15 +32,15 @@ import redis
 from producer import control, running_prompts
 from producer.client_items import (
     BEFORE_TERMINAL,
-    TERMINAL,
     Item,
     JobStatus,
-    ResultCursor,
     Terminal,
+    item_of,
     status_fields,
 )
 from producer.events import Events
 from producer.prompts import build_prompts, merge_prompts
+from producer.results import entries
 from producer.source_urls import is_live_source
 from producer.submission import Submitted
 from runtime.connection import connect
@@ -241,30 +241,22 @@ class Job:
         Raises UnknownJobError if the job has not appeared within `appear_s`, TimeoutError after `timeout_s`
         without a new entry."""
         self._appear(appear_s)
-        cursor = ResultCursor(self._settings.keys.results(self.id))
-        last_seen = time.monotonic()
-        while not cursor.done:
-            reply = self._xread(cursor.stream, cursor.last_id)
-            if not reply:
-                if timeout_s is not None and time.monotonic() - last_seen > timeout_s:
-                    raise TimeoutError(f"no result for job {self.id} in {timeout_s:g} s")
-                continue
-            last_seen = time.monotonic()
-            yield from cursor.take(reply[0][1])
+        for entry_id, msg in entries(self.id, settings=self._settings, client=self.client.redis, timeout_s=timeout_s,
+                                     count=XREAD_COUNT):
+            item = item_of(msg, entry_id)
+            if item is not None:
+                yield item
 
     def wait(self, timeout_s: float | None = None, *, appear_s: float = APPEAR_S) -> Terminal:
         """Wait for the job to end and return its terminal entry (`Completed`, `Failed`, `Cancelled`, `Dead`):
         an ended job is not an error here. Raises TimeoutError after `timeout_s`, UnknownJobError as `follow`."""
-        started = time.monotonic()
         self._appear(appear_s)
-        cursor = ResultCursor(self._settings.keys.results(self.id), last_id=BEFORE_TERMINAL)
-        while True:
-            reply = self._xread(cursor.stream, cursor.last_id)
-            for item in cursor.take(reply[0][1] if reply else ()):
-                if isinstance(item, TERMINAL):
-                    return item
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"job {self.id} has not ended within {timeout_s:g} s ({self.status().state})")
+        try:  # only the terminal entry comes after BEFORE_TERMINAL
+            _entry_id, msg = next(entries(self.id, settings=self._settings, client=self.client.redis,
+                                          timeout_s=timeout_s, after=BEFORE_TERMINAL))
+        except TimeoutError:
+            raise TimeoutError(f"job {self.id} has not ended within {timeout_s:g} s ({self.status().state})") from None
+        return cast(Terminal, msg)
 
     def status(self) -> JobStatus:
         """The job's state hash, typed. Raises UnknownJobError (never submitted, or expired)."""
@@ -318,15 +310,3 @@ class Job:
     def _exists(self, *keys: str) -> bool:
         with redis_faults(self._settings):
             return any(self.client.redis.exists(key) for key in keys)
-
-    def _xread(self, stream: str, last_id: str) -> list[Any]:
-        """One blocking XREAD; a Redis outage is waited out with backoff (logged), not raised."""
-        backoff_s = 0.1
-        while True:
-            try:
-                return cast(list[Any], self.client.redis.xread({stream: last_id}, count=XREAD_COUNT,
-                                                               block=self._settings.block_ms) or [])
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", self.id, e, backoff_s)
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)

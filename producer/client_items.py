@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 
 from schemas import messages
 from schemas.errors import SchemaError
-from schemas.names import TERMINAL_ENTRY_ID
+from schemas.names import TERMINAL_ENTRY_ID, TERMINAL_STATES
 from schemas.rle import Rle
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,11 @@ class TrackedObject:
         return cls(obj.obj_id, obj.mask, obj.bbox_xyxy, obj.area, obj.score, obj.label, obj.label_score)
 
 
-def _objects(results: Iterable[messages.ObjectResult]) -> tuple[TrackedObject, ...]:
-    return tuple(TrackedObject.of(o) for o in results)
-
-
 @dataclass(frozen=True, eq=False)
-class Frame:
-    """A `frame` entry: every announced frame gets exactly one. A live job's frame passed over for a newer
-    one has `skipped` true and no objects."""
+class _Masks:
+    """What a `frame` and an `update` entry have alike: a frame of one job, and objects with lazy masks."""
 
-    entry: messages.FrameResult
+    entry: messages.FrameResult | messages.FrameUpdate
     entry_id: str  # its id on the result stream
 
     @property
@@ -87,7 +82,19 @@ class Frame:
 
     @cached_property
     def objects(self) -> tuple[TrackedObject, ...]:
-        return _objects(self.entry.objects)
+        return tuple(TrackedObject.of(o) for o in self.entry.objects)
+
+    def masks(self) -> dict[int, np.ndarray]:
+        """Each object's mask by object id (decoded now)."""
+        return {o.obj_id: o.mask for o in self.objects}
+
+
+@dataclass(frozen=True, eq=False)
+class Frame(_Masks):
+    """A `frame` entry: every announced frame gets exactly one. A live job's frame passed over for a newer
+    one has `skipped` true and no objects."""
+
+    entry: messages.FrameResult
 
     @property
     def skipped(self) -> bool:
@@ -107,34 +114,17 @@ class Frame:
     def random_weights(self) -> bool:
         return self.entry.random_weights
 
-    def masks(self) -> dict[int, np.ndarray]:
-        """Each object's mask by object id (decoded now)."""
-        return {o.obj_id: o.mask for o in self.objects}
-
 
 @dataclass(frozen=True, eq=False)
-class Update:
+class Update(_Masks):
     """An `update` entry: objects' masks on frame `frame_idx`, already yielded, that a prompt on a later frame
     changed. Replace those objects on that frame, or add them."""
 
     entry: messages.FrameUpdate
-    entry_id: str
-
-    @property
-    def job_id(self) -> str:
-        return self.entry.job_id
-
-    @property
-    def frame_idx(self) -> int:
-        return self.entry.frame_idx
 
     @property
     def request_id(self) -> str:
         return self.entry.request_id
-
-    @cached_property
-    def objects(self) -> tuple[TrackedObject, ...]:
-        return _objects(self.entry.objects)
 
 
 Item = Started | Frame | Update | ObjectChange | Completed | Failed | Cancelled | Dead
@@ -153,10 +143,10 @@ class ResultCursor:
     stream: str
     last_id: str = "0-0"
     done: bool = False
-    skipped: list[str] = field(default_factory=list)
 
-    def take(self, entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[Item]:
-        items: list[Item] = []
+    def read(self, entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[tuple[str, messages.Message]]:
+        """One XREAD's entries as (entry id, message), up to the terminal entry."""
+        out: list[tuple[str, messages.Message]] = []
         for raw_id, fields in entries:
             if self.done:
                 break
@@ -165,15 +155,14 @@ class ResultCursor:
                 msg = messages.decode(fields)
             except SchemaError as e:
                 log.error("skipping undecodable entry %s on %s: %s", entry_id, self.stream, e)
-                self.skipped.append(entry_id)
                 continue
-            item = item_of(msg, entry_id)
-            if item is None:
-                continue
-            items.append(item)
-            if isinstance(item, TERMINAL):
-                self.done = True
-        return items
+            out.append((entry_id, msg))
+            self.done = isinstance(msg, TERMINAL)
+        return out
+
+    def take(self, entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> list[Item]:
+        """`read`, as the items `follow` yields."""
+        return [item for entry_id, msg in self.read(entries) if (item := item_of(msg, entry_id)) is not None]
 
 
 def item_of(msg: messages.Message, entry_id: str) -> Item | None:
@@ -216,7 +205,7 @@ class JobStatus:
 
     @property
     def ended(self) -> bool:
-        return self.state in ("completed", "failed", "cancelled", "dead")
+        return self.state in {s.value for s in TERMINAL_STATES}
 
     @classmethod
     def of(cls, job_id: str, fields: dict[str, str]) -> JobStatus:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -103,6 +103,13 @@ class _Group:
             self.pending_from = got[-1][0] if got else None
         return got
 
+    def claimed(self, reply: Any) -> list[tuple[str, Any]]:
+        """XAUTOCLAIM's entries: those another consumer of the group left pending past claim_idle_s (it died)."""
+        return [(_text(i), f) for i, f in reply[1]]
+
+    def gone(self) -> None:
+        log.warning("group %s on %s is gone (Redis restarted empty?): creating it again", self.group, self.stream)
+
     def read_args(self) -> dict[str, Any]:
         if self.pending_from is not None:
             return {"streams": {self.stream: self.pending_from}, "count": READ_COUNT}
@@ -176,25 +183,19 @@ class Events:
         while True:
             try:
                 got = self.g.entries(self.client.xreadgroup(self.g.group, self.g.consumer, **self.g.read_args()))
-                if not got and self.g.pending_from is None:
-                    got = self._claim()
+                if not got and self.g.pending_from is None:  # nothing new: what a dead consumer left pending
+                    got = self.g.claimed(self.client.xautoclaim(self.g.stream, self.g.group, self.g.consumer,
+                                                                self.g.claim_idle_ms, count=READ_COUNT))
                 return got
             except redis.ResponseError as e:
                 if not _is_nogroup(e):
                     raise
-                log.warning("group %s on %s is gone (Redis restarted empty?): creating it again", self.g.group,
-                            self.g.stream)
+                self.g.gone()
                 self.ensure_group()
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("Redis unavailable while reading events (%s); retrying in %.1f s", e, backoff_s)
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
-
-    def _claim(self) -> list[tuple[str, Any]]:
-        """Entries another consumer of the group left pending longer than claim_idle_s (it died)."""
-        reply = cast(list[Any], self.client.xautoclaim(self.g.stream, self.g.group, self.g.consumer,
-                                                       self.g.claim_idle_ms, count=READ_COUNT))
-        return [(_text(i), f) for i, f in reply[1]]
 
 
 class AsyncEvents:
@@ -265,15 +266,13 @@ class AsyncEvents:
                 reply = await self.client.xreadgroup(self.g.group, self.g.consumer, **self.g.read_args())
                 got = self.g.entries(reply)
                 if not got and self.g.pending_from is None:
-                    claimed = await self.client.xautoclaim(self.g.stream, self.g.group, self.g.consumer,
-                                                           self.g.claim_idle_ms, count=READ_COUNT)
-                    got = [(_text(i), f) for i, f in claimed[1]]
+                    got = self.g.claimed(await self.client.xautoclaim(self.g.stream, self.g.group, self.g.consumer,
+                                                                      self.g.claim_idle_ms, count=READ_COUNT))
                 return got
             except redis.ResponseError as e:
                 if not _is_nogroup(e):
                     raise
-                log.warning("group %s on %s is gone (Redis restarted empty?): creating it again", self.g.group,
-                            self.g.stream)
+                self.g.gone()
                 await self.ensure_group()
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("Redis unavailable while reading events (%s); retrying in %.1f s", e, backoff_s)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import redis
 
+from producer.client_items import ResultCursor
 from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.settings import Settings
@@ -72,14 +73,13 @@ def entries(
 ) -> Iterator[tuple[str, messages.Message]]:
     """`follow`'s loop: (entry id, message) for each entry after the id `after`, up to the terminal entry;
     `count` entries read at a time, at most (the most it holds)."""
-    stream = settings.keys.results(job_id)
-    last_id: bytes | str = after
+    cursor = ResultCursor(settings.keys.results(job_id), last_id=after)
     last_seen = time.monotonic()
     backoff_s = 0.1
     while True:
         try:
             reply = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]],
-                         client.xread({stream: last_id}, count=count, block=settings.block_ms))
+                         client.xread({cursor.stream: cursor.last_id}, count=count, block=settings.block_ms))
             backoff_s = 0.1
         except (redis.ConnectionError, redis.TimeoutError) as e:
             log.warning("Redis unavailable while following %s (%s); retrying in %.1f s", job_id, e, backoff_s)
@@ -91,16 +91,9 @@ def entries(
                 raise TimeoutError(f"no result for job {job_id} in {timeout_s:.0f} s")
             continue
         last_seen = time.monotonic()
-        for entry_id, fields in reply[0][1]:
-            last_id = entry_id
-            try:
-                msg = messages.decode(fields)
-            except SchemaError as e:
-                log.error("skipping undecodable entry %s on %s: %s", entry_id, stream, e)
-                continue
-            yield _str(entry_id), msg
-            if isinstance(msg, TERMINAL):
-                return
+        yield from cursor.read(reply[0][1])  # decoded, undecodable ones logged and passed over
+        if cursor.done:
+            return
 
 
 def _str(value: bytes | str) -> str:

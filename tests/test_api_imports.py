@@ -90,15 +90,13 @@ def readme_python(section: str, block: int = 0) -> str:
 README_URL = "redis://localhost:6379/0"
 
 
-@pytest.mark.integration
-def test_the_readmes_python_quickstart_runs_as_shown_twice(settings: Settings, tmp_path: Path) -> None:
-    """The quickstart's code, with only its Redis URL swapped for the test's, run twice in one interpreter
-    from a folder holding `match.mp4`, against a worker."""
+def run_twice_beside_match_mp4(code: str, settings: Settings, tmp_path: Path,
+                               num_frames: int) -> subprocess.CompletedProcess[str]:
+    """A README example, only its Redis URL swapped for the test's, run twice in one interpreter from a folder
+    holding a 640x480 `match.mp4` of `num_frames` frames, against a worker; it must exit 0."""
     from tests.workers import WorkerProcess, stop_all
 
-    code = readme_python("Python quickstart")
-    assert code.count("\n") <= 10 and README_URL in code
-    make_video(tmp_path / "match.mp4", num_frames=8, size_wh=(640, 480), fps=10)
+    make_video(tmp_path / "match.mp4", num_frames=num_frames, size_wh=(640, 480), fps=10)
     program = "\n".join([f"exec({code.replace(README_URL, settings.redis_url)!r})"] * 2)
     worker = WorkerProcess(settings, "w-readme", tmp_path, delay_s=0.0)
     try:
@@ -107,6 +105,16 @@ def test_the_readmes_python_quickstart_runs_as_shown_twice(settings: Settings, t
     finally:
         stop_all(worker)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.integration
+def test_the_readmes_python_quickstart_runs_as_shown_twice(settings: Settings, tmp_path: Path) -> None:
+    """The quickstart's code, with only its Redis URL swapped for the test's, run twice in one interpreter
+    from a folder holding `match.mp4`, against a worker."""
+    code = readme_python("Python quickstart")
+    assert code.count("\n") <= 10 and README_URL in code
+    done = run_twice_beside_match_mp4(code, settings, tmp_path, num_frames=8)
     lines = done.stdout.splitlines()
     assert sum(line.startswith("Completed(") for line in lines) == 2, done.stdout[-2000:]
     assert sum(line.startswith("0 1 ") for line in lines) == 2  # frame 0, object 1, printed by each run
@@ -140,18 +148,8 @@ def test_the_readmes_consumer_quickstart_prints_each_jobs_end_once(settings: Set
 
 @pytest.mark.integration
 def test_the_readmes_async_example_runs_as_shown_twice(settings: Settings, tmp_path: Path) -> None:
-    from tests.workers import WorkerProcess, stop_all
-
     code = readme_python("Consumer quickstart", block=1)
     assert "AsyncClient" in code and README_URL in code
-    make_video(tmp_path / "match.mp4", num_frames=6, size_wh=(640, 480), fps=10)
-    program = "\n".join([f"exec({code.replace(README_URL, settings.redis_url)!r})"] * 2)
-    worker = WorkerProcess(settings, "w-async", tmp_path, delay_s=0.0)
-    try:
-        done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=180, env={**worker_env(settings), "PYTHONPATH": str(ROOT)})
-    finally:
-        stop_all(worker)
-    assert done.returncode == 0, done.stderr
+    done = run_twice_beside_match_mp4(code, settings, tmp_path, num_frames=6)
     assert [line.split()[0] for line in done.stdout.splitlines()] == ["6", "6"], done.stdout
     assert done.stdout.count("Completed(") == 2
