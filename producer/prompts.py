@@ -99,37 +99,14 @@ def merge_prompts(prompts: Sequence[ObjectPrompt]) -> list[ObjectPrompt]:
 def build_prompts(
     points: Sequence[str] = (), boxes: Sequence[str] = (), json_file: Path | None = None
 ) -> list[ObjectPrompt]:
-    """One ObjectPrompt per (obj_id, frame_idx), from CLI specs and/or a JSON file."""
-    grouped: dict[tuple[int, int], dict[str, Any]] = {}
-
-    def slot(obj_id: int, frame_idx: int) -> dict[str, Any]:
-        return grouped.setdefault((obj_id, frame_idx), {"points": [], "labels": [], "box": None})
-
+    """One ObjectPrompt per (obj_id, frame_idx), from CLI specs and/or a JSON file (`merge_prompts`)."""
+    parts: list[ObjectPrompt] = []
     for spec in points:
         obj_id, frame_idx, xy, label = parse_point(spec)
-        s = slot(obj_id, frame_idx)
-        s["points"].append(xy)
-        s["labels"].append(label)
+        parts.append(ObjectPrompt(obj_id=obj_id, frame_idx=frame_idx, points_xy=(xy,), labels=(label,)))
     for spec in boxes:
         obj_id, frame_idx, box = parse_box(spec)
-        s = slot(obj_id, frame_idx)
-        if s["box"] is not None:
-            raise PromptError(f"object {obj_id} has two boxes on frame {frame_idx}; SAM 2 takes one box per object and frame")
-        s["box"] = box
+        parts.append(ObjectPrompt(obj_id=obj_id, frame_idx=frame_idx, box_xyxy=box))
     if json_file is not None:
-        for wire in _from_json(json_file):
-            p = ObjectPrompt.from_dict(wire)
-            s = slot(p.obj_id, p.frame_idx)
-            s["points"].extend(p.points_xy)
-            s["labels"].extend(p.labels)
-            if p.box_xyxy is not None:
-                if s["box"] is not None:
-                    raise PromptError(f"object {p.obj_id} has two boxes on frame {p.frame_idx}")
-                s["box"] = p.box_xyxy
-    prompts = []
-    for (obj_id, frame_idx), s in sorted(grouped.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        prompt = ObjectPrompt(obj_id=obj_id, frame_idx=frame_idx, points_xy=tuple(s["points"]),
-                              labels=tuple(s["labels"]), box_xyxy=s["box"])
-        check_prompt_shape(prompt)
-        prompts.append(prompt)
-    return prompts
+        parts += [ObjectPrompt.from_dict(wire) for wire in _from_json(json_file)]
+    return merge_prompts(parts)
