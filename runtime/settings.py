@@ -94,6 +94,16 @@ ENV_VARS: dict[str, str] = {
     "label_model": "VSEG_LABEL_MODEL",
     "label_pretrained": "VSEG_LABEL_PRETRAINED",
     "label_every": "VSEG_LABEL_EVERY",
+    "zone_min_overlap": "VSEG_ZONE_MIN_OVERLAP",
+    "zone_hysteresis": "VSEG_ZONE_HYSTERESIS",
+    "zone_confirm_frames": "VSEG_ZONE_CONFIRM_FRAMES",
+    "line_margin_px": "VSEG_LINE_MARGIN_PX",
+    "dwell_s": "VSEG_DWELL_S",
+    "webhook_secret": "VSEG_WEBHOOK_SECRET",
+    "webhook_timeout_s": "VSEG_WEBHOOK_TIMEOUT_S",
+    "webhook_max_attempts": "VSEG_WEBHOOK_MAX_ATTEMPTS",
+    "ui_token": "VSEG_UI_TOKEN",
+    "ui_host": "VSEG_UI_HOST",
 }
 
 LOG_FORMATS = ("text", "json")
@@ -170,6 +180,18 @@ class Settings:
     label_model: str = "ViT-B-32"  # open_clip model name
     label_pretrained: str = "laion2b_s34b_b79k"  # open_clip weights (from the Hugging Face Hub); random: tests only
     label_every: int = 30  # processed frames between two labellings of an object
+    # Zones and events (producer/alerts.py): judged on each object's mask, frame by frame
+    zone_min_overlap: float = 0.5  # an object is in a zone once at least this fraction of its mask is inside
+    zone_hysteresis: float = 0.5  # and out again once the fraction falls below zone_min_overlap * (1 - this)
+    zone_confirm_frames: int = 2  # an enter, leave or crossing counts once it has held this many processed frames
+    line_margin_px: float = 4.0  # a mask's centre this close to a line is on neither side (no flicker on the line)
+    dwell_s: float = 10.0  # in a zone this long (video time): one `dwell` event per stay
+    webhook_secret: str = ""  # HMAC-SHA256 key signing each webhook body (X-Vseg-Signature); "": unsigned
+    webhook_timeout_s: float = 5.0  # one webhook POST
+    webhook_max_attempts: int = 8  # POSTs of one event before it is given up (logged, counted); backoff doubles
+    # The web viewer (producer/ui): no token needed on 127.0.0.1; on any other address every request needs it
+    ui_token: str = ""
+    ui_host: str = "127.0.0.1"  # address the viewer binds to (producer serve --http-port, python -m producer ui)
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
@@ -243,6 +265,15 @@ class Settings:
                               f"whole seconds), but got {self.live_segment_s}")
         if self.rtsp_transport not in ("tcp", "udp"):
             raise ConfigError(f"rtsp_transport (VSEG_RTSP_TRANSPORT) must be tcp or udp, but got {self.rtsp_transport!r}")
+        if not 0 < self.zone_min_overlap <= 1 or not 0 <= self.zone_hysteresis < 1:
+            raise ConfigError(f"zone_min_overlap (VSEG_ZONE_MIN_OVERLAP) must be in (0, 1] and zone_hysteresis "
+                              f"(VSEG_ZONE_HYSTERESIS) in [0, 1), but got {self.zone_min_overlap} and "
+                              f"{self.zone_hysteresis}")
+        for name in ("zone_confirm_frames", "dwell_s", "webhook_timeout_s", "webhook_max_attempts"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        if self.line_margin_px < 0:
+            raise ConfigError(f"line_margin_px (VSEG_LINE_MARGIN_PX) must be >= 0, but got {self.line_margin_px}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format (VSEG_LOG_FORMAT) must be text or json, but got {self.log_format!r}")
 

@@ -9,6 +9,7 @@
     │   ├── InputError (ValueError) the user's input is wrong
     │   │   ├── VideoError          missing, corrupt or non-video file, zero frames
     │   │   ├── PromptError         malformed prompt, prompt outside the frame or video
+    │   │   │   └── ZoneError       malformed zone or line, or one outside the frame
     │   │   ├── StorageError        path outside STORAGE_ROOT, frame directory missing or incomplete
     │   │   └── JobIdError          job id with characters that are unsafe in keys and paths
     │   ├── SchemaError (ValueError) a wire message that does not decode: poison, dead-letter it
@@ -64,6 +65,10 @@ class SourceUnavailable(VsegError):
 
 class PromptError(InputError):
     """A prompt is malformed or lies outside the video."""
+
+
+class ZoneError(PromptError):
+    """A zone (polygon) or line is malformed, or lies outside the video's displayed frame."""
 
 
 class StorageError(InputError):

@@ -69,6 +69,11 @@ class Keys:
         return f"{self.prefix}:dead"
 
     @property
+    def alerts(self) -> str:
+        """Zone and line events of every job (producer/alerts.py): zone_enter, zone_leave, line_cross, dwell."""
+        return f"{self.prefix}:alerts"
+
+    @property
     def layout(self) -> str:
         """String with the key layout this Redis holds (LAYOUT_VERSION); see runtime/layout.py."""
         return f"{self.prefix}:layout"
@@ -107,6 +112,16 @@ class Keys:
         """The id of the terminal entry copy on vseg:events that consumer group `group` handed out for a job
         (producer/events.py: later copies are duplicates); expires with the job's results."""
         return f"{self.job(job_id)}:terminal-seen:{group}"
+
+    def job_alerts(self, job_id: str) -> str:
+        """One job's zone and line events (the same entries as on `alerts`); expires with the job's results.
+        Not the results stream: its entry ids are frame numbers, so no other writer may add to it."""
+        return f"{self.job(job_id)}:alerts"
+
+    def zone_state(self, job_id: str) -> str:
+        """Where the events consumer stands on a job: each object's zones, sides of lines and dwell, as of the
+        last frame it judged (producer/alerts.py); a restart resumes from it."""
+        return f"{self.job(job_id)}:zone-state"
 
     def worker_health(self, worker: str) -> str:
         """Key a live worker refreshes (JSON: worker, host, at, jobs_done, state idle/busy/broken, reason,
