@@ -3,6 +3,7 @@
 Python API for backends (README "Python quickstart"):
 
     from producer import Client, AsyncClient, Prompt          # the client, its asyncio twin, prompts
+    from producer import Zone, Line                           # zones and lines for events (alerts)
     from producer import Job, AsyncJob, Frame, Update, TrackedObject, Event, JobStatus  # what they hand back
 
 The functions the command line is made of, each a thin layer the client uses too:
@@ -27,7 +28,7 @@ _WHERE = {
     "watch": "producer.watching", "add_prompts": "producer.running_prompts",
     "remove_object": "producer.running_prompts", "PromptReply": "producer.running_prompts",
     "submit_live": "producer.live_submit", "request_stop": "producer.control", "extract_frames": "producer.decode",
-    "build_prompts": "producer.prompts",
+    "build_prompts": "producer.prompts", "Zone": "producer.zones", "Line": "producer.zones",
 }
 _RENAMED = {"Prompt": "ObjectPrompt"}
 

@@ -12,6 +12,8 @@ state and lease) and its lease (`Leases`: which daemon runs it).
         max_latency_s: 1.0              # default VSEG_MAX_LATENCY_S
         outage_s: null                  # null: wait for the source for ever; default VSEG_SOURCE_OUTAGE_S
         enabled: true
+        zones: {door: [[0, 0], [200, 0], [200, 300], [0, 300]]}   # events: python -m producer alerts
+        lines: {gate: [[0, 400], [640, 400]]}   # in: from its left to its right, looking from its 1st point
 
 A refusal is one line naming the file, the camera and the field (ConfigError). The password is read
 when the file is (at start and on SIGHUP) and put into the URL in this process only (`Camera.source`):
@@ -35,16 +37,17 @@ import yaml
 from producer.auto_args import every
 from producer.live_source import LIVE_SCHEMES, redacted, with_credentials
 from producer.prompts import build_prompts
+from producer.zones import NO_ZONES, ZoneSet, from_config
 from runtime.lua import lua, register
 from runtime.settings import Settings
-from schemas.errors import ConfigError, JobIdError, PromptError
+from schemas.errors import ConfigError, JobIdError, PromptError, ZoneError
 from schemas.messages import AutoOptions
 from schemas.names import hash_tag, validate_job_id
 from schemas.prompts import ObjectPrompt
 
 FOREVER_S = 10 * 365 * 24 * 3600.0  # `outage_s: null`: the source is waited for, for all practical purposes, for ever
 FIELDS = ("name", "url", "username", "password_env", "password_file", "prompts", "auto", "labels", "fps",
-          "max_latency_s", "outage_s", "enabled")
+          "max_latency_s", "outage_s", "enabled", "zones", "lines")
 AUTO_FIELDS = ("every", "max_objects", "min_area", "roi", "keep")
 _DEVICE = re.compile(r"/dev/video\d+")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$")
@@ -66,6 +69,8 @@ class Camera:
     max_latency_s: float = 2.0
     outage_s: float | None = 60.0  # None: wait for the source for ever
     enabled: bool = True
+    # Not compared: new zones (SIGHUP, the viewer's save) are handed to the running job, which runs on
+    zones: ZoneSet = field(default=NO_ZONES, compare=False)
 
     @property
     def source(self) -> str:
@@ -199,7 +204,7 @@ class _Entry:
                       labels=labels, fps=self._optional_seconds("fps", None),
                       max_latency_s=self._seconds("max_latency_s", self.settings.max_latency_s),
                       outage_s=self._optional_seconds("outage_s", self.settings.source_outage_s),
-                      enabled=self._flag("enabled", True))
+                      enabled=self._flag("enabled", True), zones=self._zones())
 
     def _name(self) -> str:
         name = self.raw.get("name")
@@ -301,6 +306,12 @@ class _Entry:
         return AutoOptions(every_frames=frames, every_s=seconds, max_objects=max_objects, min_area=min_area,
                            roi=None if roi is None else (float(roi[0]), float(roi[1]), float(roi[2]), float(roi[3])),
                            keep=tuple(k.strip() for k in keep))
+
+    def _zones(self) -> ZoneSet:
+        try:
+            return from_config(self.raw.get("zones"), self.raw.get("lines"), f"{self.path}: {self.who}")
+        except ZoneError as e:
+            raise ConfigError(str(e)) from None
 
     def _labels(self) -> tuple[str, ...]:
         raw = self.raw.get("labels", [])

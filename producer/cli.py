@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME]",
                    help="a box around object OBJ; repeatable")
     s.add_argument("--prompts", type=Path, dest="prompts_file", help="JSON file of prompts (see producer/prompts.py)")
+    s.add_argument("--zone", action="append", default=[], metavar="NAME:X,Y,X,Y,X,Y[,...]",
+                   help="a zone (a polygon of 3 points or more, displayed pixels) whose enters, leaves and dwells "
+                        "`python -m producer alerts` reports; repeatable")
+    s.add_argument("--line", action="append", default=[], metavar="NAME:X0,Y0,X1,Y1",
+                   help="a line whose crossings (in: from its left to its right, looking from X0,Y0 to X1,Y1) it "
+                        "reports; repeatable")
     s.add_argument("--job-id", help="choose the job id; submitting the same id twice gives one job")
     s.add_argument("--watch", type=Path, metavar="DIR", help="then follow the job and write DIR/masks.json")
     s.add_argument("--no-render", dest="render", action="store_false",
@@ -248,9 +254,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from producer.live_source import check_source, is_live_source
     from producer.prompts import build_prompts
     from producer.submission import submit
+    from producer.zones import parse_zones
 
     args.video = check_source(args.video)  # an unsupported scheme (ftp://): one line; RTSP:// is rtsp://
     prompts = build_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file)
+    args.zones = parse_zones(args.zone, args.line)
     check_redis(settings)  # Redis down: say so at once, before any decoding
     if args.live or is_live_source(args.video):
         from producer.cli_live import submit_live_job
@@ -263,7 +271,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     result = submit(Path(args.video), prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
                     stream=args.stream, render=args.render, resume=args.resume, auto=auto_options(args),
-                    labels=args.labels)
+                    labels=args.labels, zones=args.zones)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None, to_stderr=True)

@@ -48,7 +48,7 @@ def submit_live_job(args: argparse.Namespace, prompts: list[ObjectPrompt], setti
     try:
         submit_live(source, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
                     realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
-                    on_enqueued=announce, stop=stop, stop_reason=lambda: f"{signalled[0]}: stopping the job"
+                    on_enqueued=announce, stop=stop, zones=args.zones, stop_reason=lambda: f"{signalled[0]}: stopping the job"
                     if signalled else "stopped")
     except VsegError:
         if signalled and not enqueued:  # stopped while the source was opening: nothing was submitted

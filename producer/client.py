@@ -43,6 +43,7 @@ from producer.prompts import build_prompts, merge_prompts
 from producer.results import entries
 from producer.source_urls import is_live_source
 from producer.submission import Submitted
+from producer.zones import Line, Zone, build, parse_line, parse_zone
 from runtime.connection import connect
 from runtime.faults import redact_url, redis_fault
 from runtime.settings import Settings
@@ -160,18 +161,23 @@ class Client:
                auto: messages.AutoOptions | None = None, labels: Sequence[str] = (), resume: bool = True,
                max_frames: int | None = None, stride: int = 1, start_s: float | None = None,
                end_s: float | None = None, duration_s: float | None = None, realtime: bool = False,
-               max_fps: float | None = None) -> Job:
+               max_fps: float | None = None, zones: Sequence[str | Zone] = (),
+               lines: Sequence[str | Line] = ()) -> Job:
         """Enqueue a job and return its handle as soon as it is enqueued.
 
         `video`: a file (decoded in the background), or a live source (a URL such as rtsp://..., or
         /dev/videoN; `live=True` plays a file as one, at its own rate). `prompts` (`Prompt.point`,
-        `Prompt.box`) and/or the command line's `points`/`boxes` specs. The other options are `submit`'s on
+        `Prompt.box`) and/or the command line's `points`/`boxes` specs. `zones` and `lines`: what the events
+        (`python -m producer alerts`) are judged against, as `Zone`/`Line` or the command line's specs
+        ("door:0,0,200,0,200,300", "gate:0,400,640,400"). The other options are `submit`'s on
         the command line (`python -m producer submit --help`). The same `job_id` twice gives one job.
         Raises before anything is enqueued, with nothing left behind: VideoError, PromptError, LimitError,
         JobIdError, SourceUnavailable (a live source that cannot be opened), RedisUnavailable, RedisFull."""
         if self._closed:
             raise RuntimeError("this client is closed")
         all_prompts = prompts_of(prompts, points, boxes)
+        zone_set = build([z if isinstance(z, Zone) else parse_zone(z) for z in zones],
+                         [ln if isinstance(ln, Line) else parse_line(ln) for ln in lines])
         source = str(video)
         is_live = live if live is not None else is_live_source(source)
         settings, client = self.settings, self.redis
@@ -181,14 +187,15 @@ class Client:
             def run(on_enqueued: Callable[[str], None]) -> Submitted:
                 return submit_live(source, all_prompts, settings=settings, client=client, job_id=job_id,
                                    duration_s=duration_s, realtime=realtime or (live is True and Path(source).exists()),
-                                   render=render, auto=auto, labels=labels, on_enqueued=on_enqueued, max_fps=max_fps)
+                                   render=render, auto=auto, labels=labels, on_enqueued=on_enqueued, max_fps=max_fps,
+                                   zones=zone_set)
         else:
             from producer.submission import submit
 
             def run(on_enqueued: Callable[[str], None]) -> Submitted:
                 return submit(Path(source), all_prompts, settings=settings, client=client, job_id=job_id,
                               max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, render=render,
-                              resume=resume, auto=auto, labels=labels, on_enqueued=on_enqueued)
+                              resume=resume, auto=auto, labels=labels, on_enqueued=on_enqueued, zones=zone_set)
         background = BackgroundSubmit(run, live=is_live, name=f"submit-{job_id or 'new'}")
         if is_live and not any(s.live for s in self._submits):
             atexit.register(self.close)  # ends live ingests gracefully at exit (daemon threads are not joined)

@@ -16,6 +16,7 @@ has ended.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import redis
 
@@ -26,12 +27,13 @@ from schemas.names import JobState, Keys
 
 log = logging.getLogger(__name__)
 
-# KEYS: job hash. ARGV: entry id, num_frames, submitted_at, source, state (JobState.QUEUED). 1 created (fields
-# a worker already set are kept), 0 the job already exists (nothing written).
+# KEYS: job hash. ARGV: entry id, num_frames, submitted_at, source, state (JobState.QUEUED), then field, value
+# pairs (`job_fields`). 1 created (fields a worker already set are kept), 0 the job already exists (nothing written).
 _CREATE_LUA = lua("create_job", """
 if redis.call('HEXISTS', KEYS[1], 'submitted_at') == 1 then return 0 end
 local fields = {'state', ARGV[5], 'attempt', '0', 'frames_done', '0', 'num_frames', ARGV[2],
                 'submitted_at', ARGV[3], 'source', ARGV[4], 'entry_id', ARGV[1]}
+for i = 6, #ARGV, 2 do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1] end
 for i = 1, #fields, 2 do redis.call('HSETNX', KEYS[1], fields[i], fields[i + 1]) end
 return 1
 """)
@@ -43,16 +45,23 @@ def job_exists(client: redis.Redis, keys: Keys, job_id: str) -> bool:
     return bool(client.hexists(keys.job(job_id), "submitted_at"))
 
 
-def enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
+def job_fields(job: messages.JobMessage, extra: Mapping[str, str]) -> list[str]:
+    """The job hash's fields beside its state, for readers that have no JobMessage (the viewer, the events
+    consumer): the displayed size and rate, then `extra` (zones, camera, source_path, preview)."""
+    fields = {"width": str(job.width), "height": str(job.height), "fps": f"{job.fps:.6g}", **extra}
+    return [item for pair in fields.items() for item in pair]
+
+
+def enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage, extra: Mapping[str, str] | None = None) -> bool:
     """Add the job's entry to the jobs stream, then create its hash; False if the job already existed (the
-    entry just added is deleted again: nothing is left of this call)."""
+    entry just added is deleted again: nothing is left of this call). `extra`: more hash fields (`job_fields`)."""
     ensure_layout(client, keys)  # checked at the submit's start; marked with the Redis's first job
     fields = messages.encode(job)
     raw = client.xadd(keys.jobs, {"type": fields["type"], "data": fields["data"]})
     entry_id = raw.decode() if isinstance(raw, bytes) else str(raw)
     create = register(client, "create_job")  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
     if create(keys=[keys.job(job.job_id)], args=[entry_id, job.num_frames, job.submitted_at, job.source,
-                                                  JobState.QUEUED.value]):
+                                                  JobState.QUEUED.value, *job_fields(job, extra or {})]):
         return True
     client.xdel(keys.jobs, entry_id)
     log.info("job %s already exists: its new entry %s on %s deleted again", job.job_id, entry_id, keys.jobs)

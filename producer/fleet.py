@@ -1,10 +1,7 @@
 """`python -m producer serve --cameras cameras.yaml`: a daemon that keeps one standing live job per camera.
 
-Each enabled camera (producer/cameras.py) runs on its own thread (`CameraRunner`) as live jobs `<camera>-<n>`
-(n from the camera's counter in Redis) through `submit_live`. A job that ends for any reason but a stop (the
-source lost past `outage_s` or never opened, the job failed, an error) is logged and replaced with backoff
-(1 s doubling to 60 s; 1 s again after a job that ran STABLE_S). Job n+1 starts only once job n has ended
-(one still running a while after its ingest ended is cancelled, and waited for): a camera never runs twice.
+Each enabled camera (producer/cameras.py) runs on its own thread (producer/camera_runner.py `CameraRunner`)
+as live jobs `<camera>-<n>`, replaced with backoff when one ends for any reason but a stop.
 
 Several daemons may serve one file. A camera runs on the daemon holding its lease (producer/cameras.py `Leases`:
 SET NX PX, renewed every lease/3 by compare-and-set); a daemon whose renewal is refused, or fails for 2/3 of a lease,
@@ -12,8 +9,13 @@ stops the camera at once; each daemon takes, every tick, the enabled cameras nob
 daemon killed are taken over within a lease (after their last job has ended: its liveness key expires).
 
 SIGHUP re-reads the file: added cameras start, removed ones stop gracefully and free their lease, changed
-ones restart, the others run on; a bad file is logged and changes nothing. SIGTERM and SIGINT stop every
-camera gracefully (the end marker: its job completes), wait up to grace_s, free the leases and exit 0.
+ones restart, the others run on; a bad file is logged and changes nothing. A camera whose zones or lines
+alone changed runs on: its running job's `zones` are replaced (the events consumer judges by them from then).
+SIGTERM and SIGINT stop every camera gracefully (the end marker: its job completes), wait up to grace_s, free
+the leases and exit 0.
+
+`--http-port P` serves the web viewer (producer/ui) from the daemon; its "save zones" on a camera's job
+writes them into the cameras file (producer/camera_file.py) and re-reads it, as SIGHUP does.
 """
 
 from __future__ import annotations
@@ -28,136 +30,25 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import redis
 
+from producer.camera_file import save_camera_zones
+from producer.camera_runner import CameraRunner
 from producer.cameras import Camera, CameraKeys, Leases, load_cameras
-from producer.control import request_cancel
 from producer.fleet_status import CameraStatus, StatusPublisher, serve_metrics
-from producer.live_submit import submit_live
-from producer.submission import job_exists
+from producer.zones import ZoneSet
 from runtime.connection import connect
 from runtime.logs import configure_logging, run_cli
 from runtime.settings import Settings
 from schemas.errors import ConfigError, VsegError
-from schemas.names import TERMINAL_STATES, JobState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 10.0
-BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 60.0
-STABLE_S = 30.0  # a job that ran this long resets the backoff
-SETTLE_POLL_S = 0.2
-
-class CameraRunner:
-    """One camera's standing live job, on its own thread, until `request_stop` (see the module doc)."""
-
-    def __init__(self, camera: Camera, settings: Settings, client: redis.Redis, status: CameraStatus,
-                 after: Sequence[CameraRunner] = ()) -> None:
-        self.camera, self.settings, self.client, self.status, self.after = camera, settings, client, status, after
-        self.keys = CameraKeys(settings.key_prefix)
-        self.stop = threading.Event()
-        self.settle_s = max(2 * settings.producer_ttl_s, 10.0)
-        self.thread = threading.Thread(target=self._run, name=f"camera-{camera.name}", daemon=True)
-
-    def start(self) -> CameraRunner:
-        self.thread.start()
-        return self
-
-    def request_stop(self, why: str) -> None:
-        if not self.stop.is_set():
-            log.info("camera %s: stopping (%s)", self.camera.name, why)
-            self.status.stopping(why)
-            self.stop.set()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def _run(self) -> None:
-        for previous in self.after:  # the runner this one replaces (a changed camera) ends first
-            while previous.alive() and not self.stop.is_set():
-                previous.thread.join(SETTLE_POLL_S)
-        backoff = BACKOFF_MIN_S
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                ended = self._one_job()
-            except (redis.RedisError, VsegError) as e:
-                ended = f"{type(e).__name__}: {self.camera.scrub(str(e))}"
-            except Exception as e:  # noqa: BLE001 - the camera's thread outlives any one failure
-                log.exception("camera %s: unexpected failure", self.camera.name)
-                ended = f"{type(e).__name__}: {self.camera.scrub(str(e))}"
-            if ended is None or self.stop.is_set():
-                break
-            if time.monotonic() - started >= STABLE_S:
-                backoff = BACKOFF_MIN_S
-            self.status.restarting(ended)
-            log.warning("camera %s: %s; a new job in %g s", self.camera.name, ended, backoff)
-            if self.stop.wait(backoff):
-                break
-            backoff = min(2 * backoff, BACKOFF_MAX_S)
-        self.status.stopped()
-        log.info("camera %s: stopped", self.camera.name)
-
-    def _one_job(self) -> str | None:
-        """Run one job to its end: why it ended, or None when stopped."""
-        camera = self.camera
-        job_id = self._next_job_id()
-        if job_id is None:
-            return None
-        self.status.starting(job_id)
-        log.info("camera %s: job %s from %s", camera.name, job_id, camera.shown)
-        try:
-            done = submit_live(camera.source, camera.prompts, settings=camera.settings_for(self.settings),
-                               client=self.client, job_id=job_id, stop=self.stop, auto=camera.auto,
-                               labels=camera.labels, on_enqueued=self.status.enqueued, max_fps=camera.fps,
-                               stop_reason=lambda: f"camera {camera.name}: {self.status.reason or 'stopped'}")
-            ended = ("its ingest ended (the source ended for good, or the job was stopped from outside)"
-                     if done.created else "a job with its id existed already (another daemon's)")
-        except (VsegError, redis.RedisError, OSError) as e:
-            ended = camera.scrub(" ".join(str(e).split())) or type(e).__name__
-        if self.stop.is_set():
-            return None
-        state = self._settle(job_id)
-        return None if state is None else f"job {job_id} {state}: {ended}"
-
-    def _next_job_id(self) -> str | None:
-        """`<name>-<n>`: the counter's number again if that job was never enqueued, else the next one once
-        the last job has ended. None if stopped meanwhile."""
-        name, seq = self.camera.name, self.keys.seq(self.camera.name)
-        current = cast(bytes | None, self.client.get(seq))
-        if current is not None:
-            previous = f"{name}-{int(current)}"
-            if not job_exists(self.client, self.settings.keys, previous):
-                return previous
-            if self._settle(previous) is None:
-                return None
-        return f"{name}-{int(cast(int, self.client.incr(seq)))}"
-
-    def _settle(self, job_id: str) -> str | None:
-        """Wait for `job_id` to end (cancelled if it has not SETTLE_S from now); how it ended, or None if stopped."""
-        cancel_at: float | None = time.monotonic() + self.settle_s
-        while True:
-            state, error = (v.decode() if v is not None else None for v in cast(
-                list[bytes | None], self.client.hmget(self.settings.keys.job(job_id), ["state", "error"])))
-            if state is None:
-                return "was never enqueued (or has expired)"
-            if state in TERMINAL_STATES:
-                why = f" ({self.camera.scrub(error)})" if error and state != JobState.COMPLETED else ""
-                return f"ended {state}{why}"
-            if self.stop.is_set():
-                return None
-            self.status.waiting(job_id)
-            if cancel_at is not None and time.monotonic() >= cancel_at:
-                log.warning("camera %s: job %s is still %s %g s after its ingest ended: cancelling it",
-                            self.camera.name, job_id, state, self.settle_s)
-                request_cancel(job_id, settings=self.settings, client=self.client)
-                cancel_at = None
-            self.stop.wait(SETTLE_POLL_S)
-
 
 class Fleet:
     """The daemon: the file's cameras, the leases held, a runner per held camera (see the module doc)."""
@@ -196,8 +87,20 @@ class Fleet:
         self.stopping.set()
         self.wake.set()
 
-    def run(self) -> int:
+    def save_zones(self, camera: str, zones: ZoneSet) -> None:
+        """The viewer's save (producer/ui's CameraConfig): into the cameras file, then re-read as on SIGHUP."""
+        save_camera_zones(self.path, camera, zones, self.settings, self.environ)
+        log.info("camera %s: zones and lines saved into %s by the viewer", camera, self.path)
+        self.request_reload()
+
+    def run(self, http_port: int | None = None) -> int:
         server = serve_metrics(self.settings, self.view, self.health, self.ready)
+        ui = None
+        if http_port is not None:
+            from producer.ui.server import start_ui
+
+            ui = start_ui(self.settings, self.settings.ui_host, http_port, cameras=self)
+            log.info("web viewer on %s", ui.url)
         self.publisher.start()
         enabled = sum(c.enabled for c in self.cameras.values())
         log.info("serving %d camera(s) (%d enabled) from %s as %s, lease %g s", len(self.cameras), enabled,
@@ -211,6 +114,8 @@ class Fleet:
                 self.wake.wait(self.tick_s)
                 self.wake.clear()
         finally:
+            if ui is not None:
+                ui.close()
             self._shutdown()
             if server is not None:
                 server.close()
@@ -237,6 +142,12 @@ class Fleet:
                  same, len(set(old) | set(new)) - same)
         for name in sorted(set(old) | set(new)):
             if old.get(name) == new.get(name):
+                if name in self.runners and old[name].zones != new[name].zones:
+                    try:
+                        self.runners[name].update_zones(new[name])
+                    except redis.RedisError as e:
+                        log.warning("camera %s: its job's new zones could not be written (%s); its next job "
+                                    "has them", name, e)
                 continue
             what = ("added" if name not in old else "removed" if name not in new else
                     "disabled" if not new[name].enabled else "changed")
@@ -353,6 +264,9 @@ def add_serve_parser(subparsers: Any) -> None:
                    help=f"a camera's lease: a daemon that dies frees its cameras within it (default {DEFAULT_LEASE_S:g})")
     s.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve per-camera metrics, /healthz and /readyz on PORT (default VSEG_METRICS_PORT; 0: none)")
+    s.add_argument("--http-port", type=int, metavar="PORT",
+                   help="serve the web viewer on PORT (cameras, jobs, click-to-track, zones; address VSEG_UI_HOST, "
+                        "default 127.0.0.1; any other needs VSEG_UI_TOKEN)")
 
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -367,7 +281,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: lambda *_: fleet.request_reload()}
     previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
-        return fleet.run()
+        return fleet.run(args.http_port)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

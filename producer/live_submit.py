@@ -25,9 +25,10 @@ goes, and a worker falling behind skips to the newest frame anyway.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +48,7 @@ from producer.live_source import (
     redacted,
 )
 from producer.planes import frame_payload
+from producer.preview import PreviewWriter
 from producer.streaming import abandon
 from producer.submission import (
     Submitted,
@@ -56,6 +58,7 @@ from producer.submission import (
     job_exists,
     new_job_id,
 )
+from producer.zones import ZoneSet
 from runtime.cleanup import job_ended
 from runtime.connection import connect
 from runtime.layout import ensure_layout
@@ -65,7 +68,7 @@ from schemas import messages
 from schemas.errors import InputError, JobFailed, PromptError
 from schemas.names import EVENTS_MAXLEN, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
-from schemas.storage import frame_name
+from schemas.storage import frame_name, job_preview_rel, resolve_inside
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ def submit_live(
     stop: threading.Event | None = None,
     stop_reason: Callable[[], str] | None = None,
     max_fps: float | None = None,
+    zones: ZoneSet | None = None,
+    camera: str = "",
 ) -> Submitted:
     """Ingest `source` as a live job until it ends (see the module doc); returns when ingest has ended.
     `realtime`: a file played at its own rate (`--live`). Raises VideoError (cannot open, no video),
@@ -111,7 +116,9 @@ def submit_live(
     opened; SourceLost once the source is gone for good after the job started (the job fails with it).
     `stop` set (from any thread, a signal handler): ingest ends as `producer stop` ends it, the end marker
     written, and the worker completes the job; `stop_reason` says why in the log. `max_fps`: frames are
-    sampled at ingest to at most this rate (the others dropped at ingest: not encoded, not announced)."""
+    sampled at ingest to at most this rate (the others dropped at ingest: not encoded, not announced).
+    `zones`: what its events are judged against (checked against the displayed frame: ZoneError); `camera`:
+    the fleet camera it runs for (the job hash's `camera`, for the viewer and the events)."""
     if duration_s is not None and not 0 < duration_s < float("inf"):
         raise InputError(f"--duration must be a number of seconds > 0, but got {duration_s:g}")
     if max_fps is not None and not 0 < max_fps < float("inf"):
@@ -130,13 +137,16 @@ def submit_live(
         check_job_limits(1, header.width, header.height, prompts, settings)
         check_live_prompts(prompts, header.width, header.height, auto=auto is not None)
         check_auto(auto, labels, header.width, header.height)
+        zones = (zones or ZoneSet()).check(header.width, header.height)
         lock = client.lock(keys.submit_lock(job_id), timeout=60, blocking_timeout=60)
         with holding_submit_lock(lock, job_id):  # held until the job exists; the ingest then runs without it
             if job_exists(client, keys, job_id):
                 return Submitted(job_id, created=False)
             ingest = LiveIngest(client, settings, job_id, reader.source, header, prompts, render=render,
                                 duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels),
-                                stop_reason=stop_reason, max_fps=max_fps)
+                                stop_reason=stop_reason, max_fps=max_fps,
+                                extra={**({"zones": zones.to_json()} if zones else {}),
+                                       **({"camera": camera} if camera else {})})
         return ingest.run(reader, on_enqueued)
     finally:
         reader.close()
@@ -148,7 +158,8 @@ class LiveIngest:
     def __init__(self, client: redis.Redis, settings: Settings, job_id: str, source: str, header: LiveHeader,
                  prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
                  stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = (),
-                 stop_reason: Callable[[], str] | None = None, max_fps: float | None = None) -> None:
+                 stop_reason: Callable[[], str] | None = None, max_fps: float | None = None,
+                 extra: Mapping[str, str] | None = None) -> None:
         self.client = client
         self.settings = settings
         self.job_id = job_id
@@ -172,10 +183,20 @@ class LiveIngest:
         self.buffer = IngestBuffer(lambda k: self.frames_dir / frame_name(k), limit=settings.live_buffer_frames,
                                    idle_refresh_s=settings.max_latency_s, min_spacing_s=1 / max_fps if max_fps else 0.0)
         self._down_note_id = ""
+        self.extra = dict(extra or {})
+        self.preview: PreviewWriter | None = None
+        if settings.live_preview_height:
+            self.extra["preview"] = job_preview_rel(job_id)
 
     def run(self, reader: LiveReader, on_enqueued: Callable[[str], None] | None) -> Submitted:
         make_fresh(self.settings, self.frames_dir)
         self.frames_dir.mkdir()
+        if "preview" in self.extra:
+            self.preview = PreviewWriter(
+                resolve_inside(self.settings.storage_root, self.extra["preview"]).parent, width=self.header.width,
+                height=self.header.height, orientation=self.header.orientation,
+                max_height=self.settings.live_preview_height, segment_s=self.settings.live_segment_s,
+                window=self.settings.live_playlist_size, fps=self.job.fps)
         try:
             with self.announcer.running():
                 try:
@@ -187,6 +208,8 @@ class LiveIngest:
                     log.warning("job %s: %s", self.job_id, self.ended_why)
                 self._finish()
         except BaseException as e:
+            if self.preview is not None and not self.enqueued:  # nothing of a job never enqueued is left
+                shutil.rmtree(self.preview.folder, ignore_errors=True)
             abandon(self.client, self.settings, self.job_id, self.frames_dir, e, maybe_enqueued=self.tried_enqueue)
             raise
         return Submitted(self.job_id, created=self.enqueued)
@@ -201,6 +224,8 @@ class LiveIngest:
             if isinstance(item, SourceOutage):
                 self._note_outage(item)
                 continue
+            if self.preview is not None:  # every captured frame, those dropped at ingest too
+                self.preview.write(item.frame, item.captured_at)
             if not self.buffer.admit(item.captured_at, time.time()).write:  # dropped at ingest: not encoded
                 if self._should_end():
                     return
@@ -208,7 +233,7 @@ class LiveIngest:
             self._write(item)
             if not self.enqueued:
                 self.tried_enqueue = True
-                self.enqueued = enqueue_job(self.client, self.settings.keys, self.job)
+                self.enqueued = enqueue_job(self.client, self.settings.keys, self.job, self.extra)
                 self.client.hset(self.settings.keys.job(self.job_id), mapping={"live": 1, "source_state": "up"})
                 log.info("live job %s enqueued (%dx%d at %.2f fps from %s)", self.job_id, self.job.width,
                          self.job.height, self.job.fps, self.job.source)
@@ -324,5 +349,7 @@ class LiveIngest:
         """The end marker (the frame count, and the frames dropped at ingest), then the frames go if the
         worker finished first (producer/announce.py)."""
         self.announcer.end(self.announced, dropped_at_ingest=self.buffer.dropped)
+        if self.preview is not None:
+            self.preview.close()
         log.info("live job %s: ingest ended after %d frames announced, %d dropped at ingest (%s)", self.job_id,
                  self.announced, self.buffer.dropped, self.ended_why)

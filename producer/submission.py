@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +24,7 @@ from producer.enqueue import job_exists as enqueue_job_exists
 from producer.handoff import EnqueueWhenDecoded, Handoff, OnEnqueued, OnFrames
 from producer.job_dir import frames_dir_of, make_fresh
 from producer.streaming import StreamingEnqueue
+from producer.zones import NO_ZONES, ZoneSet
 from runtime.connection import connect
 from runtime.layout import ensure_layout
 from runtime.limits import check_job_limits
@@ -96,6 +97,7 @@ def submit(
     auto: messages.AutoOptions | None = None,
     labels: Sequence[str] = (),
     on_enqueued: OnEnqueued | None = None,
+    zones: ZoneSet | None = None,
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -114,6 +116,8 @@ def submit(
     maxmemory (OutOfMemoryError), the job is refused. Either way no half-made job remains, and the
     frames of a job that was never enqueued are removed. `on_enqueued` is told the job id as soon as the job
     is on the jobs stream (from the decoding thread), while decoding goes on: `producer.client` returns there.
+    `zones`: the zones and lines its events are judged against (producer/alerts.py), checked against the
+    displayed frame (ZoneError) before anything is decoded.
     """
     client = client or connect(settings)
     keys = settings.keys
@@ -132,7 +136,8 @@ def submit(
             return Submitted(job_id, created=False)
         clip = ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress)
         return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render,
-                                   resume=resume, auto=auto, labels=tuple(labels), on_enqueued=on_enqueued)
+                                   resume=resume, auto=auto, labels=tuple(labels), on_enqueued=on_enqueued,
+                                   zones=zones or ZoneSet())
 
 
 def check_auto(auto: messages.AutoOptions | None, labels: Sequence[str], width: int, height: int) -> None:
@@ -192,9 +197,11 @@ def holding_submit_lock(lock: Lock, job_id: str) -> Iterator[None]:
                                                    job_id, e)
 
 
-def enqueue_job(client: redis.Redis, keys: Keys, job: messages.JobMessage) -> bool:
-    """The job's entry on the jobs stream, then its hash (producer/enqueue.py); False: it already existed."""
-    return enqueue(client, keys, job)
+def enqueue_job(client: redis.Redis, keys: Keys, job: messages.JobMessage,
+                extra: Mapping[str, str] | None = None) -> bool:
+    """The job's entry on the jobs stream, then its hash (producer/enqueue.py), with `extra` hash fields;
+    False: it already existed."""
+    return enqueue(client, keys, job, extra)
 
 
 def _decode_and_enqueue(
@@ -211,6 +218,7 @@ def _decode_and_enqueue(
     auto: messages.AutoOptions | None = None,
     labels: tuple[str, ...] = (),
     on_enqueued: OnEnqueued | None = None,
+    zones: ZoneSet = NO_ZONES,
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
     frames directory, check again against what was decoded, enqueue once (`enqueue_job`), and on any error
@@ -222,6 +230,7 @@ def _decode_and_enqueue(
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
     _validate_displayed(prompts, header, settings.max_frames, allow_none=auto is not None)
     check_auto(auto, labels, width, height)
+    zones.check(width, height)
     expected = clip.expected_frames(estimate, fps)
     if stream:  # enqueued before the count is known: refuse from the header what the decode would refuse
         check_job_limits(expected, width, height, prompts, settings)
@@ -235,8 +244,10 @@ def _decode_and_enqueue(
         labels=labels,
     )
 
+    extra = {"source_path": str(Path(video).resolve()), **({"zones": zones.to_json()} if zones else {})}
+
     def enqueue(job: messages.JobMessage) -> bool:
-        return enqueue_job(client, settings.keys, job)
+        return enqueue_job(client, settings.keys, job, extra)
 
     handoff: Handoff = (StreamingEnqueue(client, settings, job, frames_dir, enqueue, on_enqueued) if stream
                         else EnqueueWhenDecoded(job, frames_dir, enqueue, on_enqueued))

@@ -86,6 +86,9 @@ class ZoneSet:
             raise ZoneError(f"zones are not valid JSON ({e})") from None
 
 
+NO_ZONES = ZoneSet()
+
+
 def build(zones: Iterable[Zone], lines: Iterable[Line]) -> ZoneSet:
     """A ZoneSet, refusing a name given twice."""
     out = ZoneSet(tuple(zones), tuple(lines))

@@ -79,6 +79,7 @@ ENV_VARS: dict[str, str] = {
     "live_buffer_frames": "VSEG_LIVE_BUFFER_FRAMES",
     "live_segment_s": "VSEG_LIVE_SEGMENT_S",
     "live_playlist_size": "VSEG_LIVE_PLAYLIST_SIZE",
+    "live_preview_height": "VSEG_LIVE_PREVIEW_HEIGHT",
     "live_max_cond_frames": "VSEG_LIVE_MAX_COND_FRAMES",
     "proposer": "VSEG_PROPOSER",
     "auto_points_per_side": "VSEG_AUTO_POINTS_PER_SIDE",
@@ -163,6 +164,7 @@ class Settings:
     live_buffer_frames: int = 8  # a live producer's JPEGs no worker has taken yet, at most (producer/live_buffer.py)
     live_segment_s: float = 2.0  # seconds of video per HLS segment of a live job's render
     live_playlist_size: int = 6  # segments in the rolling HLS playlist (older ones are deleted)
+    live_preview_height: int = 480  # a live job's preview for the viewer (every captured frame), lines; 0: none
     live_max_cond_frames: int = 8  # prompted (conditioning) frames memory attention reads in a live session
     # Automatic prompts (--auto): SAM 2's mask generator (worker/model/proposals.py), the guide's values
     proposer: str = ""  # "module:callable" building another MaskProposer from the Settings; "": SAM 2's generator
@@ -257,6 +259,9 @@ class Settings:
             if getattr(self, name) and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", getattr(self, name)):
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be module.path:callable, but got "
                                   f"{getattr(self, name)!r}")
+        if self.live_preview_height < 0 or self.live_preview_height % 2:
+            raise ConfigError(f"live_preview_height (VSEG_LIVE_PREVIEW_HEIGHT) must be an even number of lines >= 0 "
+                              f"(0: no preview), but got {self.live_preview_height}")
         if not 2 <= self.live_buffer_frames <= 10_000:
             raise ConfigError(f"live_buffer_frames (VSEG_LIVE_BUFFER_FRAMES) must be 2..10000 frames, but got "
                               f"{self.live_buffer_frames}")

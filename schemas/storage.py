@@ -43,6 +43,11 @@ def job_render_rel(job_id: str, *, live: bool = False) -> str:
     return f"jobs/{validate_job_id(job_id)}/render.mp4"
 
 
+def job_preview_rel(job_id: str) -> str:
+    """A live job's preview (producer/preview.py): every captured frame as rolling HLS, without masks."""
+    return f"jobs/{validate_job_id(job_id)}/preview/index.m3u8"
+
+
 def resolve_inside(root: Path, rel: str) -> Path:
     """Resolve `rel` under `root`, refusing absolute paths, '..' and symlinks that leave the root."""
     pure = PurePosixPath(rel)
