@@ -169,4 +169,7 @@ class PreviewWriter:
             except Exception:  # noqa: BLE001 - already failing: only the file matters now
                 pass
             self._container = self._stream = None
-        self._segment_path(self._seq, tmp=True).unlink(missing_ok=True)
+        try:
+            self._segment_path(self._seq, tmp=True).unlink(missing_ok=True)
+        except OSError as e:  # the folder itself is at fault: nothing more to free
+            log.debug("cannot remove %s: %s", self._segment_path(self._seq, tmp=True), e)

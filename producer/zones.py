@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.errors import ZoneError
 
@@ -124,13 +125,18 @@ def parse_zones(zones: Sequence[str] = (), lines: Sequence[str] = ()) -> ZoneSet
 
 
 def from_config(zones: object, lines: object, where: str) -> ZoneSet:
-    """cameras.yaml's `zones: {NAME: [[x, y], ...]}` and `lines: {NAME: [[x0, y0], [x1, y1]]}`."""
-    for field, value in (("zones", zones), ("lines", lines)):
+    """cameras.yaml's `zones: {NAME: [[x, y], ...]}` and `lines: {NAME: [[x0, y0], [x1, y1]]}`; a refusal
+    names `where` (the file and the camera) and the field."""
+    parsed: dict[str, list[Any]] = {"zones": [], "lines": []}
+    for field, value, make in (("zones", zones, _zone), ("lines", lines, _line)):
         if value is not None and not isinstance(value, Mapping):
             raise ZoneError(f"{where}, field {field}: a map of NAME: [[x, y], ...]")
+        try:
+            parsed[field] = [make((str(k), v)) for k, v in (value or {}).items()]
+        except ZoneError as e:
+            raise ZoneError(f"{where}, field {field}: {e}") from None
     try:
-        return build([_zone((str(k), v)) for k, v in dict(zones or {}).items()],  # type: ignore[call-overload]
-                     [_line((str(k), v)) for k, v in dict(lines or {}).items()])  # type: ignore[call-overload]
+        return build(parsed["zones"], parsed["lines"])
     except ZoneError as e:
         raise ZoneError(f"{where}: {e}") from None
 

@@ -73,6 +73,11 @@ class Keys:
         """Zone and line events of every job (producer/alerts.py): zone_enter, zone_leave, line_cross, dwell."""
         return f"{self.prefix}:alerts"
 
+    def alerts_jobs(self, group: str) -> str:
+        """Set of the job ids the events consumer of group `group` follows (producer/alerts.py): added when it sees
+        a job's `started`, removed after its terminal entry; a restart follows them again."""
+        return f"{self.prefix}:alerts:jobs:{group}"
+
     @property
     def layout(self) -> str:
         """String with the key layout this Redis holds (LAYOUT_VERSION); see runtime/layout.py."""

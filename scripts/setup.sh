@@ -24,6 +24,11 @@ for tool in prometheus ffmpeg; do
     apt-get install -y -q --no-install-recommends "$tool" >/dev/null 2>&1; } || \
     echo "$tool not installed: the tests that need it will be skipped" >&2
 done
+# The viewer's browser tests drive Debian's chromium headless through its chromedriver (no browser download).
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+  { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+    apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+  echo "chromium and chromium-driver not installed: the browser tests will be skipped" >&2
 /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
   { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q --no-install-recommends \
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad >/dev/null 2>&1; } || \
