@@ -96,7 +96,7 @@ class Fleet:
     def run(self, http_port: int | None = None) -> int:
         server = serve_metrics(self.settings, self.view, self.health, self.ready)
         ui = None
-        if http_port is not None:
+        if http_port:  # None or 0: no viewer
             from producer.ui.server import start_ui
 
             ui = start_ui(self.settings, self.settings.ui_host, http_port, cameras=self)
@@ -266,7 +266,7 @@ def add_serve_parser(subparsers: Any) -> None:
                    help="serve per-camera metrics, /healthz and /readyz on PORT (default VSEG_METRICS_PORT; 0: none)")
     s.add_argument("--http-port", type=int, metavar="PORT",
                    help="serve the web viewer on PORT (cameras, jobs, click-to-track, zones; address VSEG_UI_HOST, "
-                        "default 127.0.0.1; any other needs VSEG_UI_TOKEN)")
+                        "default 127.0.0.1; any other needs VSEG_UI_TOKEN; 0: none)")
 
 
 def run_serve(args: argparse.Namespace, settings: Settings) -> int:
