@@ -9,6 +9,7 @@ tests first: what a camera's status makes of its jobs' figures, the `cameras` ta
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -276,6 +277,13 @@ def test_a_daemon_streams_restarts_reloads_and_stops_its_cameras(clip: Path, set
             wait_for(lambda: state(redis_client, settings, "b-1") == "completed", 60, "b-1 completed")
             wait_for(lambda: streaming(redis_client, settings, "c-1"), 90, "c-1 streaming")
             assert state(redis_client, settings, "a-2") == "running"  # untouched
+            assert redis_client.hget(settings.keys.job("a-2"), "camera") == b"a"
+            door = {"door": [[0, 0], [40, 0], [40, 40]]}  # zones alone changed: a-2 runs on, with them
+            write_cameras(path, {"a": a.url, "c": c.url}, a={**camera_a, "zones": door})
+            daemon.signal(signal.SIGHUP)
+            wait_for(lambda: redis_client.hget(settings.keys.job("a-2"), "zones"), 30, "a-2's zones replaced")
+            assert json.loads(redis_client.hget(settings.keys.job("a-2"), "zones"))["zones"][0]["name"] == "door"
+            assert state(redis_client, settings, "a-2") == "running" and not redis_client.exists(settings.keys.job("a-3"))
             write_cameras(path, {"a": a.url, "c": c.url}, a=camera_a, c={"prompts": ["--point 1:40,30"]})
             daemon.signal(signal.SIGHUP)  # c changed: c-1 completes, then c-2 starts
             wait_for(lambda: state(redis_client, settings, "c-1") == "completed", 60, "c-1 completed")
