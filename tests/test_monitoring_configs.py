@@ -43,8 +43,12 @@ def test_prometheus_config_scrapes_every_worker_and_the_queue_exporter() -> None
     assert jobs["vseg-queue"]["static_configs"] == [{"targets": ["stats:9101"]}]
     assert jobs["vseg-ingest"]["dns_sd_configs"] == [{"names": ["ingest"], "type": "A", "port": 9102,
                                                       "refresh_interval": "15s"}]
-    ingest = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["ingest"]
+    assert jobs["vseg-alerts"]["dns_sd_configs"] == [{"names": ["alerts"], "type": "A", "port": 9103,
+                                                      "refresh_interval": "15s"}]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    ingest, alerts = services["ingest"], services["alerts"]
     assert "9102" in ingest["command"] and ingest["command"][:4] == ["python", "-m", "producer", "serve"]
+    assert "9103" in alerts["command"] and alerts["command"][:4] == ["python", "-m", "producer", "alerts"]
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="no promtool on PATH (apt-get install prometheus)")
