@@ -90,7 +90,7 @@ class JobFollower:
         self.state_key, self.alerts_key = keys.zone_state(job_id), keys.job_alerts(job_id)
         self.rules = Rules.of(settings)
         self.saved = Saved()
-        self.judge = ZoneJudge(job_id, self.rules)
+        self.judge = ZoneJudge(job_id, self.rules, state=self.saved.judge)
         self.loaded = False
         self.read_from = "0"
         self._zones: tuple[Any, ZoneSet] = (None, ZoneSet())
@@ -105,8 +105,10 @@ class JobFollower:
         try:
             self.client.xgroup_create(self.stream, self.group, id="0")
         except redis.ResponseError as e:
+            if "requires the key to exist" in str(e):  # expired just now
+                return GONE
             if "BUSYGROUP" not in str(e):
-                return GONE if "requires the key to exist" in str(e) else _raise(e)
+                raise
         raw = self.client.get(self.state_key)
         self.saved = Saved()
         if raw:
@@ -134,9 +136,10 @@ class JobFollower:
                 return IDLE
             raise reply
         entries = [(_text(i), f) for i, f in (reply[0][1] if reply else [])]
-        if self.read_from == "0" and not entries:
-            self.read_from = ">"  # this consumer's pending entries are done: new ones from now on
-            return BUSY
+        if self.read_from != ">":  # this consumer's pending entries first (a restart), then new ones
+            self.read_from = entries[-1][0] if entries else ">"
+            if not entries:
+                return BUSY
         if not entries:
             return IDLE
         self.judge.camera = _text(camera) if camera else ""
@@ -163,14 +166,17 @@ class JobFollower:
                 terminal = True
             elif fields and zones and id_tuple(entry_id) > last and fields.get(b"type") == b"frame":
                 frame = self._frame(entry_id, fields)
-                if frame is not None:
-                    events += self.judge.judge(frame, zones)
-                    judged = True
+                try:
+                    events += self.judge.judge(frame, zones) if frame is not None else []
+                except ValueError as e:  # masks of another size than the frame's: judged as if it had none
+                    log.error("job %s: skipping frame entry %s: %s", self.job_id, entry_id, e)
+                judged = judged or frame is not None
         if not zones and self.judge.state.objects:
             self.judge.state = self.saved.judge = JudgeState()  # no zones now: a zone set later starts afresh
             judged = True
-        if judged:
-            self.saved.last_id = max((i for i, _ in entries if i != TERMINAL_ENTRY_ID), key=id_tuple)
+        frames = [i for i, _ in entries if i != TERMINAL_ENTRY_ID]
+        if judged and frames:
+            self.saved.last_id = max(frames, key=id_tuple)
         self._publish(events, [i for i, _ in entries], judged, terminal)
         return ENDED if terminal else BUSY
 
@@ -222,7 +228,3 @@ class JobFollower:
         pipe.execute()
         for event in events:
             self.on_event(event)
-
-
-def _raise(error: Exception) -> str:
-    raise error

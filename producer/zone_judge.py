@@ -138,24 +138,23 @@ def zone_raster(points: tuple[Point, ...], width: int, height: int) -> tuple[np.
     return mask, encode_mask(mask)
 
 
-def _is_rle(mask: Any) -> bool:
-    return isinstance(mask, dict)
+def _size(mask: np.ndarray | Rle) -> list[int]:
+    return list(mask.shape) if isinstance(mask, np.ndarray) else [int(v) for v in mask["size"]]
 
 
 def _area(mask: np.ndarray | Rle) -> int:
-    return int(mask_utils.area(dict(mask))) if _is_rle(mask) else int(np.count_nonzero(mask))
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(mask_utils.area(dict(mask)))
 
 
 def _inside(mask: np.ndarray | Rle, zone: tuple[np.ndarray, Rle]) -> int:
-    if _is_rle(mask):
-        return int(mask_utils.area(mask_utils.merge([dict(mask), dict(zone[1])], intersect=True)))
-    return int(np.count_nonzero(mask & zone[0]))
+    if isinstance(mask, np.ndarray):
+        return int(np.count_nonzero(mask & zone[0]))
+    return int(mask_utils.area(mask_utils.merge([dict(mask), dict(zone[1])], intersect=True)))
 
 
 def centroid(mask: np.ndarray | Rle) -> tuple[float, float] | None:
     """The mask's centre of mass in pixel coordinates (a pixel's centre at +0.5), or None when empty."""
-    dense = decode_mask(mask) if _is_rle(mask) else mask  # type: ignore[arg-type]
-    ys, xs = np.nonzero(dense)
+    ys, xs = np.nonzero(mask if isinstance(mask, np.ndarray) else decode_mask(mask))
     if xs.size == 0:
         return None
     return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
@@ -207,11 +206,12 @@ class ZoneJudge:
         at = time.time() if at is None else at
         out: list[AlertEvent] = []
         objects = {o.obj_id: o for o in frame.objects}
+        areas = {o.obj_id: self._area(o, frame) for o in frame.objects}  # checked before any state changes
         for obj_id in sorted(set(objects) | set(self.state.objects)):
             st = self.state.objects.setdefault(obj_id, ObjectState())
             self._forget_gone(st, zones)
             obj = objects.get(obj_id)
-            area = 0 if obj is None else self._area(obj, frame)
+            area = areas.get(obj_id, 0)
             for zone in zones.zones:
                 hit = 0 if not area else _inside(obj.mask, zone_raster(zone.points, frame.width, frame.height))  # type: ignore[union-attr]
                 out += self._zone(st.zones.setdefault(zone.name, InZone()), zone.name, obj_id, frame,
@@ -230,7 +230,7 @@ class ZoneJudge:
 
     @staticmethod
     def _area(obj: ObjectMask, frame: FrameIn) -> int:
-        size = [int(v) for v in obj.mask["size"]] if _is_rle(obj.mask) else list(obj.mask.shape)  # type: ignore[union-attr,index]
+        size = _size(obj.mask)
         if size != [frame.height, frame.width]:
             raise ValueError(f"object {obj.obj_id}'s mask on frame {frame.frame_idx} must be {frame.height}x"
                              f"{frame.width} (the frame's height x width), but is {size[0]}x{size[1]}")

@@ -43,7 +43,7 @@ class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
     at: float  # Unix time the event was judged
     overlap: float | None = None  # zone events: the fraction of the object's mask inside the zone on that frame
     direction: str = ""  # line_cross: in (from the left of the line to its right, walking from its first point to its second) or out
-    dwell_s: float | None = None  # dwell: seconds in the zone so far; zone_leave: seconds the stay lasted (None: it began before the zone was judged)
+    dwell_s: float | None = None  # dwell: seconds in the zone so far; zone_leave: seconds the stay lasted (null: its enter was not judged)
     label: str = ""  # the object's label on that frame (jobs with labels)
 
 

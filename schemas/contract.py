@@ -1,8 +1,9 @@
 """The contract as files: a JSON Schema per entry type and an AsyncAPI document, generated from the Structs.
 
 What: `python -m schemas.contract` writes `schemas/contract/`: `<type>.schema.json` (JSON Schema draft
-2020-12) for the `data` map of each entry type (job, frame, ... update), two hand-written ones for the
-plain field/value streams (`frames-stream.schema.json`, `dead-letter.schema.json`), and `asyncapi.yaml`
+2020-12) for the `data` map of each entry type (job, frame, ... update; `alert`, the zone events of
+schemas/alerts.py, whose `type` field is the event's kind), two hand-written ones for the plain field/value
+streams (schemas/contract_plain.py: `frames-stream.schema.json`, `dead-letter.schema.json`), and `asyncapi.yaml`
 (AsyncAPI 3.0: every stream, its messages, who writes and who reads). `--check` writes nothing and exits
 1 naming each stale file. `validate_entry` checks a raw stream entry against the committed schema of its
 type (`validate_plain` one of a plain stream), raising SchemaError naming the type and the field.
@@ -41,16 +42,18 @@ from typing import Any
 import msgspec
 
 from schemas import messages
+from schemas.alerts import ALERT_TYPES, AlertEvent
+from schemas.contract_plain import BYTES_NOTE, DRAFT, PLAIN, dead_letter_schema, frames_schema
 from schemas.errors import SchemaError
 from schemas.names import JOB_ID_PATTERN
 from schemas.prompts import ObjectPrompt
 from schemas.rle import Rle
 
 CONTRACT_DIR = Path(__file__).resolve().parent / "contract"
-DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_FORMAT = "application/schema+json;version=draft-2020-12"
-TYPES: dict[str, Any] = {t.value: cls for t in messages.EntryType for cls in typing.get_args(messages.Message)
-                         if cls.TYPE is t}
+TYPES: dict[str, Any] = {**{t.value: cls for t in messages.EntryType for cls in typing.get_args(messages.Message)
+                            if cls.TYPE is t}, "alert": AlertEvent}  # alert: zone and line events (schemas/alerts.py)
+WIRE = {name: (name,) for name in TYPES} | {"alert": ALERT_TYPES}  # each type's `type` field: an alert's is its kind
 NESTED: dict[str, Any] = {c.__name__: c for c in (ObjectPrompt, messages.AutoOptions, messages.ObjectResult, Rle)}
 # The Structs without a docstring of their own, said here (the others' descriptions are their docstrings).
 ABOUT = {
@@ -59,8 +62,6 @@ ABOUT = {
     "completed": "Terminal: the job finished; every frame has its entry.",
     "failed": "Terminal: the job failed with a permanent error (or a transient one, out of attempts, ends `dead`).",
 }
-BYTES_NOTE = "msgpack bin (bytes) on the wire; a base64 string in the JSON form these schemas check"
-NUMBER, COUNT = r"^-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?$", r"^[0-9]+$"  # numbers in a plain stream's strings
 
 # Streams: channel id -> (address, what it holds, its messages). Who writes and who reads: OPERATIONS.
 RESULTS = ["started", "frame", "object", "update", "completed", "failed", "cancelled", "dead"]
@@ -80,6 +81,10 @@ CHANNELS: dict[str, tuple[str, str, list[str]]] = {
              "field/value pairs, not msgpack `data`.", ["dead_letter"]),
     "frames": ("vseg:frames:{job_id}", "A streamed job's frames as they are decoded (or captured), its live "
                "source's outages, then an end or error marker. Plain field/value pairs, not msgpack `data`.", FRAMES),
+    "alerts": ("vseg:alerts", "Every job's zone and line events (`python -m producer alerts`), at least once: a "
+               "`key` seen before is a duplicate; read it with your own consumer group.", ["alert"]),
+    "job_alerts": ("vseg:job:{job_id}:alerts", "One job's zone and line events, the same entries as on vseg:alerts; "
+                   "they expire with the job's results.", ["alert"]),
 }
 # (role, action, channel, messages): `send` writes (XADD), `receive` reads; the README's table says the same.
 OPERATIONS: list[tuple[str, str, str, list[str]]] = [
@@ -95,6 +100,8 @@ OPERATIONS: list[tuple[str, str, str, list[str]]] = [
     ("worker", "receive", "control", ["prompt", "remove"]),
     ("worker", "send", "dead", ["dead_letter"]),
     ("backend", "receive", "dead", ["dead_letter"]),
+    ("producer", "send", "alerts", ["alert"]), ("producer", "send", "job_alerts", ["alert"]),  # producer/alerts.py
+    ("backend", "receive", "alerts", ["alert"]), ("backend", "receive", "job_alerts", ["alert"]),
     ("producer", "send", "frames", FRAMES),
     ("worker", "send", "frames", ["frames_error"]),  # `producer lost: ...`, which closes the stream
     ("worker", "receive", "frames", FRAMES),
@@ -193,7 +200,7 @@ def entry_schema(name: str) -> dict[str, Any]:
         "$id": f"urn:vseg:contract:v{messages.SCHEMA_VERSION}:{name}",
         "title": f"`{name}` entry data ({cls.__name__})",
         "description": f"{doc} On {', '.join(streams)}, written by {' and '.join(writers)}: the entry's `type` "
-                       f"field is `{name}` and its `data` field this map (msgpack on the wire; this schema checks "
+                       f"field is {' or '.join(f'`{t}`' for t in WIRE[name])} and its `data` field this map (msgpack on the wire; this schema checks "
                        f"its JSON form, where bytes are base64 strings). `required` lists the fields the current "
                        f"writer always writes (`x-always-present`); a reader fills a missing field that has a "
                        f"`default` with it, and ignores fields it does not know."
@@ -204,62 +211,16 @@ def entry_schema(name: str) -> dict[str, Any]:
     }
 
 
-def _plain(names: dict[str, tuple[str, str]], required: list[str], title: str) -> dict[str, Any]:
-    props = {k: {"type": "string", "description": d, **({"pattern": p} if p else {})} for k, (p, d) in names.items()}
-    return {"title": title, "type": "object", "properties": props, "required": required}
-
-
-def frames_schema() -> dict[str, Any]:
-    """`vseg:frames:{job_id}`'s entries (producer/announce.py, producer/live_submit.py): one of five shapes."""
-    at = (NUMBER, "Unix time the producer announced it (latency runs from it)")
-    ingest = (COUNT, "a live job: frames its producer dropped at ingest so far")
-    reason = ("", "why (at most 200 characters)")
-    shapes = {
-        "frame_announced": _plain({"frame_idx": (COUNT, "k: its JPEG is on disk (entry id (k+1)-0)"), "at": at,
-                                   "captured_at": (NUMBER, "a live job: Unix time the frame was received"),
-                                   "pts": (NUMBER, "a live job whose source has timestamps: its timestamp, seconds"),
-                                   "dropped_at_ingest": ingest}, ["frame_idx", "at"], "A frame announced"),
-        "source_down": _plain({"down_since": (NUMBER, "Unix time of the last frame before the outage"),
-                               "reason": reason}, ["down_since", "reason"], "A live source's outage began (id N-1)"),
-        "source_up": _plain({"outage_s": (NUMBER, "how long it was down, seconds"), "reason": reason},
-                            ["outage_s", "reason"], "A live source is back (id N-2, or N-1)"),
-        "frames_end": _plain({"end": (COUNT, "the total N (entry id (N+1)-0)"), "dropped_at_ingest": ingest},
-                             ["end"], "The end marker"),
-        "frames_error": _plain({"error": ("", "why decoding failed or stopped; a worker's `producer lost: ...`")},
-                               ["error"], "The error marker: it closes the stream"),
-    }
-    return {"$schema": DRAFT, "$id": f"urn:vseg:contract:v{messages.SCHEMA_VERSION}:frames-stream",
-            "title": "`vseg:frames:{job_id}` entry", "description": "Plain field/value pairs (Redis strings; numbers "
-            "in decimal), not msgpack `data`: one of the shapes in `$defs`.",
-            "oneOf": [{"$ref": f"#/$defs/{k}"} for k in shapes], "$defs": shapes}
-
-
-def dead_letter_schema() -> dict[str, Any]:
-    """`vseg:dead`'s entries (worker/broker/dead_letter.py)."""
-    schema = _plain({
-        "type": ("", "the original entry's `type` (when it had one)"),
-        "data": ("", f"the original entry's `data`: {BYTES_NOTE}"),
-        "error": ("", "why it was dead-lettered"), "error_type": ("", "the error's class name"),
-        "source_stream": ("", "where it came from (`vseg:jobs`)"), "source_id": ("", "its entry id there"),
-        "attempts": (COUNT, "runs made; 0 for poison"), "worker": ("", "who dead-lettered it"),
-        "at": (NUMBER, "Unix time")}, ["error", "error_type", "source_stream", "source_id", "attempts", "worker", "at"],
-        "`vseg:dead` entry")
-    schema["properties"]["data"]["contentEncoding"] = "base64"
-    return {"$schema": DRAFT, "$id": f"urn:vseg:contract:v{messages.SCHEMA_VERSION}:dead-letter", **schema,
-            "description": "Plain field/value pairs, not msgpack `data`: the original entry's fields plus why. A dead "
-                           "job (one whose entry names a job id) also gets a `dead` terminal entry."}
-
-
-PLAIN = {"frames": ("frames-stream.schema.json", frames_schema), "dead": ("dead-letter.schema.json", dead_letter_schema)}
-
-
 def message_object(name: str) -> dict[str, Any]:
     if name in TYPES:
         schema = entry_schema(name)
         return {"name": name, "title": schema["title"], "summary": schema["description"].split(". ")[0] + ".",
                 "contentType": "application/msgpack",
-                "headers": {"type": "object", "required": ["type"], "properties": {"type": {"const": name}},
-                            "description": "The entry's `type` field; the payload is its `data` field."},
+                "headers": {"type": "object", "required": ["type", *(["key"] if name == "alert" else [])],
+                            "properties": {"type": {"const": name} if WIRE[name] == (name,) else {"enum": list(WIRE[name])},
+                                           **({"key": {"type": "string"}} if name == "alert" else {})},
+                            "description": "The entry's `type` field (and an alert's `key`); the payload is its `data` "
+                                           "field."},
                 "payload": {"schemaFormat": SCHEMA_FORMAT, "schema": {"$ref": f"./{name}.schema.json"}}}
     dead = name == "dead_letter"
     ref = "./dead-letter.schema.json" if dead else f"./frames-stream.schema.json#/$defs/{name}"
@@ -289,7 +250,8 @@ def asyncapi() -> dict[str, Any]:
                  "version": str(messages.SCHEMA_VERSION),
                  "description": "Generated by `python -m schemas.contract` from schemas/messages.py: do not edit. "
                                 "Every entry on vseg:jobs, vseg:results:{job_id}, vseg:events and vseg:control:{job_id} "
-                                "has two fields, `type` (the message name) and `data` (a msgpack map, the payload). "
+                                "has two fields, `type` (the message name) and `data` (a msgpack map, the payload); "
+                                "an alert's (vseg:alerts) has a third, `key`. "
                                 "Names are under `key_prefix` (`vseg`). One document for three roles, each "
                                 "operation tagged with its role: producer, worker, backend (your client). `send` "
                                 "writes the stream (XADD), `receive` reads it (XREAD, XREADGROUP)."},
@@ -361,7 +323,7 @@ def validate_entry(fields: Mapping[Any, Any], directory: Path = CONTRACT_DIR) ->
     raw_type, data = fields.get(b"type", fields.get("type")), fields.get(b"data", fields.get("data"))
     if raw_type is None or data is None:
         raise SchemaError(f"stream entry needs `type` and `data` fields; got {sorted(map(_text, fields))}")
-    name = _text(raw_type)
+    name = next((n for n, wire in WIRE.items() if _text(raw_type) in wire), _text(raw_type))
     if name not in TYPES:
         raise SchemaError(f"unknown entry type {name!r}; expected one of {sorted(TYPES)}")
     try:

@@ -94,7 +94,8 @@ def test_the_asyncapi_document_is_structurally_3_0() -> None:
         assert set(re.findall(r"{(\w+)}", channel["address"])) == set(channel.get("parameters", {})), cid
     assert set(contract.TYPES) <= on_channels, "every entry type is on some channel"
     assert {c["address"] for c in doc["channels"].values()} == {
-        "vseg:jobs", "vseg:results:{job_id}", "vseg:events", "vseg:control:{job_id}", "vseg:dead", "vseg:frames:{job_id}"}
+        "vseg:jobs", "vseg:results:{job_id}", "vseg:events", "vseg:control:{job_id}", "vseg:dead", "vseg:frames:{job_id}",
+        "vseg:alerts", "vseg:job:{job_id}:alerts"}
     roles: dict[str, set[str]] = {}
     for oid, op in doc["operations"].items():
         assert op["action"] in ("send", "receive"), oid
