@@ -44,7 +44,7 @@ from pycocotools import mask as mask_utils
 from producer.zones import Line, Point, ZoneSet
 from runtime.settings import Settings
 from schemas.alerts import AlertEvent, event_key
-from schemas.rle import Rle, decode_mask, encode_mask
+from schemas.rle import Rle, encode_mask, rle_centroid
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,9 @@ def _inside(mask: np.ndarray | Rle, zone: tuple[np.ndarray, Rle]) -> int:
 
 def centroid(mask: np.ndarray | Rle) -> tuple[float, float] | None:
     """The mask's centre of mass in pixel coordinates (a pixel's centre at +0.5), or None when empty."""
-    ys, xs = np.nonzero(mask if isinstance(mask, np.ndarray) else decode_mask(mask))
+    if not isinstance(mask, np.ndarray):
+        return rle_centroid(mask)
+    ys, xs = np.nonzero(mask)
     if xs.size == 0:
         return None
     return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5

@@ -77,3 +77,50 @@ def rle_to_json(rle: Rle | dict[str, Any]) -> dict[str, Any]:
     """RLE with `counts` as an ASCII string, for JSON files (pycocotools accepts both)."""
     counts = rle["counts"]
     return {"size": list(rle["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def rle_runs(rle: Rle | dict[str, Any]) -> np.ndarray:
+    """The run lengths of compressed COCO RLE (zeros first, then ones, alternately, column-major): the
+    inverse of pycocotools' string packing (5 bits a character, offset 48, the runs after the second stored
+    as differences from the run two before), which pycocotools does not expose."""
+    raw = _coco(rle)["counts"]
+    runs: list[int] = []
+    i, n = 0, len(raw)
+    while i < n:
+        value, shift, more = 0, 0, True
+        while more:
+            c = raw[i] - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            i += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return np.asarray(runs, dtype=np.int64)
+
+
+def rle_centroid(rle: Rle | dict[str, Any]) -> tuple[float, float] | None:
+    """The mask's centre of mass (x, y), a pixel's centre at +0.5, from the runs alone (no decoding: a tenth
+    of decoding a 1280x720 mask, producer/zone_judge.py's lines); None when empty."""
+    height = int(rle["size"][0])
+    runs = rle_runs(rle)
+    ends = np.cumsum(runs)
+    starts, stops = (ends - runs)[1::2], ends[1::2]  # the runs of ones: pixels [start, stop) column-major
+    area = int((stops - starts).sum())
+    if area == 0 or height == 0:
+        return None
+
+    def col_sum(n: np.ndarray) -> np.ndarray:  # sum of i // height for i < n
+        q, r = n // height, n % height
+        return height * q * (q - 1) // 2 + r * q
+
+    def row_sum(n: np.ndarray) -> np.ndarray:  # sum of i % height for i < n
+        q, r = n // height, n % height
+        return q * height * (height - 1) // 2 + r * (r - 1) // 2
+
+    x = float((col_sum(stops) - col_sum(starts)).sum()) / area
+    y = float((row_sum(stops) - row_sum(starts)).sum()) / area
+    return x + 0.5, y + 0.5

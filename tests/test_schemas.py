@@ -358,3 +358,21 @@ def test_the_registry_refuses_an_unknown_script_and_a_second_text_under_one_name
             lua("test_only_script", "return 1")
     finally:
         SCRIPTS.pop("test_only_script")
+
+
+@pytest.mark.parametrize("shape", [(720, 1280), (7, 5), (1, 1), (64, 96)])
+def test_rle_runs_and_centroid_match_the_decoded_mask(shape: tuple[int, int]) -> None:
+    from schemas.rle import rle_centroid, rle_runs
+
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.0, 0.02, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        rle = encode_mask(mask)
+        runs = rle_runs(rle)
+        assert runs.sum() == mask.size and runs[1::2].sum() == mask.sum()
+        ys, xs = np.nonzero(mask)
+        got = rle_centroid(rle)
+        if xs.size == 0:
+            assert got is None
+        else:
+            assert got == pytest.approx((xs.mean() + 0.5, ys.mean() + 0.5), abs=1e-9)
