@@ -11,6 +11,9 @@ The functions the command line is made of, each a thin layer the client uses too
     from producer import submit, follow, watch, extract_frames, build_prompts
     from producer import add_prompts, remove_object, PromptReply   # prompts on a running job
     from producer import submit_live, request_stop                 # live jobs (cameras, broadcasts)
+
+Sub-package: `ui`, the web viewer (`python -m producer ui`, `serve --http-port`): cameras and jobs, masks drawn
+over the video in the browser, prompts, removals, zones (producer/ui/__init__.py).
 """
 
 from __future__ import annotations

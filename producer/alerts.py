@@ -5,7 +5,10 @@ line events (`zone_enter`, `zone_leave`, `line_cross`, `dwell`) on `vseg:alerts`
 It never slows a worker down: it only reads what workers publish, through consumer groups of its own (group
 `--group`, default `alerts`):
 - jobs are found through the group on `vseg:events` (each `started` entry; jobs started while the process was
-  down come on its restart) and noted in `Keys.alerts_jobs(group)`, so a restart follows them again;
+  down come on its restart) and noted in `Keys.alerts_jobs(group)`, so a restart follows them again; when
+  the group is made (the first start), the jobs already running (their `started` entries among the last
+  ADOPT_SCAN of `vseg:events`) are followed too, from their newest frame on: a camera running for days
+  gets its events from now, not its past replayed;
 - each job's result stream is read through the group on that stream (producer/alert_follow.py: judged in
   order, published, the judge's state saved, then acknowledged; at least once, with an idempotency key).
 
@@ -41,11 +44,13 @@ from runtime.settings import Settings
 from schemas import messages
 from schemas.alerts import AlertEvent
 from schemas.errors import ConfigError, SchemaError
+from schemas.names import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "main"  # one consumer a group: a restart reads the pending entries its predecessor left
 IDLE_MS = 100  # how long an idle round waits on vseg:events
+ADOPT_SCAN = 10_000  # entries of vseg:events read back for the jobs already running when the group is made
 STATUS_EVERY_S = 60.0
 OUTCOMES = ("delivered", "retried", "given_up")
 
@@ -124,12 +129,39 @@ class AlertsService:
         group already follows."""
         try:
             self.client.xgroup_create(self.keys.events, self.group, id="$", mkstream=True)
+            self._adopt_running()
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
         for raw in cast(set[bytes], self.client.smembers(self.registry_key)):
             self._follow(raw.decode())
         self.started = True
+
+    def _adopt_running(self) -> None:
+        """The group is new: note the jobs running now (started, not ended), each one's group on its result
+        stream made at its newest entry, so that they are judged from now on."""
+        adopted: list[str] = []
+        for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]],
+                              self.client.xrevrange(self.keys.events, count=ADOPT_SCAN)):
+            if fields.get(b"type") != b"started":
+                continue
+            try:
+                job_id = messages.decode(fields).job_id
+            except SchemaError:
+                continue
+            state = cast(bytes | None, self.client.hget(self.keys.job(job_id), "state"))
+            if job_id in adopted or state is None or state.decode() in set(TERMINAL_STATES):
+                continue
+            try:
+                self.client.xgroup_create(self.keys.results(job_id), self.group, id="$")
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e) and "requires the key to exist" not in str(e):
+                    raise
+            self.client.sadd(self.registry_key, job_id)
+            adopted.append(job_id)
+        if adopted:
+            log.info("group %s is new: following the %d job(s) already running from their newest frame on: %s",
+                     self.group, len(adopted), ", ".join(adopted[:20]) + (" ..." if len(adopted) > 20 else ""))
 
     def _round(self) -> bool:
         """Every job's step once: whether any job had entries."""

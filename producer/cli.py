@@ -1,5 +1,6 @@
-"""`python -m producer {submit,extract,watch,status,cancel,stop,prompt,remove,stats,migrate,serve,cameras}`: the
-client side on the command line (`serve`: the camera fleet daemon, producer/fleet.py).
+"""`python -m producer {submit,extract,watch,status,cancel,stop,prompt,remove,stats,migrate,serve,cameras,alerts,ui}`:
+the client side on the command line (`serve`: the camera fleet daemon, producer/fleet.py; `alerts`: the zone
+events, producer/alerts.py; `ui`: the web viewer alone, producer/ui).
 
 Every error a user can cause or meet ends in one line on stderr and a non-zero exit (`runtime.logs.run_cli`):
 bad input (2: a bad flag, file, video, prompt or job id), an unknown job (1: the id is well-formed, Redis
@@ -10,6 +11,7 @@ to do).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -28,7 +30,11 @@ from runtime.settings import Settings
 from schemas.errors import InputError, RedisUnavailable, VsegError
 
 log = logging.getLogger("producer")
-
+# the commands of other modules: the command -> (its module, the function adding its parser, its run(args, settings))
+RUNNERS = {"serve": ("producer.fleet", "add_serve_parser", "run_serve"),  # the camera fleet daemon
+           "cameras": ("producer.fleet_status", "add_cameras_parser", "run_cameras"),  # the fleet's table
+           "alerts": ("producer.alerts", "add_alerts_parser", "run_alerts"),  # the events consumer
+           "ui": ("producer.ui.server", "add_ui_parser", "run_ui")}  # the web viewer alone
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
@@ -126,11 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--serve", type=_port, metavar="PORT",
                    help="instead, serve them as Prometheus metrics on PORT (/metrics, /healthz, /readyz) until stopped")
     q.add_argument("--host", help="address to serve on (default metrics_host, VSEG_METRICS_HOST: 127.0.0.1)")
-    from producer.fleet import add_serve_parser
-    from producer.fleet_status import add_cameras_parser
-
-    add_serve_parser(sub)  # serve --cameras FILE [--lease-s S] [--metrics-port P]: the camera fleet daemon
-    add_cameras_parser(sub)  # cameras: the fleet's table
+    for module, add_parser, _ in RUNNERS.values():
+        getattr(importlib.import_module(module), add_parser)(sub)
     return p
 
 
@@ -190,14 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             return _prompt(args, settings)
         if args.command == "remove":
             return _remove(args, settings)
-        if args.command == "serve":
-            from producer.fleet import run_serve
-
-            return run_serve(args, settings)
-        if args.command == "cameras":
-            from producer.fleet_status import run_cameras
-
-            return run_cameras(args, settings)
+        if args.command in RUNNERS:  # serve, cameras, alerts, ui
+            module, _, runner = RUNNERS[args.command]
+            return int(getattr(importlib.import_module(module), runner)(args, settings))
         if args.command == "migrate":
             return _migrate(args.force, settings)
         return _watch(args.job_id, args.out_dir, settings, args.timeout_s)

@@ -244,7 +244,8 @@ def _decode_and_enqueue(
         labels=labels,
     )
 
-    extra = {"source_path": str(Path(video).resolve()), **({"zones": zones.to_json()} if zones else {})}
+    extra = {"source_path": str(Path(video).resolve()), **({"zones": zones.to_json()} if zones else {}),
+             **({"start_s": f"{clip.start_s:.6g}"} if clip.start_s else {})}  # the viewer maps video time by it
 
     def enqueue(job: messages.JobMessage) -> bool:
         return enqueue_job(client, settings.keys, job, extra)

@@ -435,3 +435,24 @@ def test_kill_9_midway_and_a_restart_lose_no_event(video: Path, settings: Settin
     finally:
         second.signal(signal.SIGTERM)
         assert second.wait(15) == 0
+
+
+def test_a_new_group_follows_the_jobs_already_running_from_their_newest_frame(settings: Settings,
+                                                                              redis_client: redis.Redis) -> None:
+    """`alerts` started for the first time while cameras run: their jobs are judged from now on (no past
+    replayed), and a job that already ended is not followed."""
+    start_job(redis_client, settings, "running")
+    write_frames(redis_client, settings, "running", WALK[:6])  # entered and crossed before the consumer came
+    start_job(redis_client, settings, "ended")
+    write_frames(redis_client, settings, "ended", WALK)
+    finish(redis_client, settings, "ended")
+    with service(settings) as svc:
+        wait_for(lambda: following(redis_client, settings) == {b"running"}, 10, "the running job adopted")
+        assert not redis_client.xlen(settings.keys.alerts)  # nothing of the past
+        write_frames(redis_client, settings, "running", WALK[6:], start=6)  # judged from here, afresh
+        want = expected("running", WALK[6:], Rules.of(settings), start=6)
+        assert [e.type for e in want] == ["zone_enter", "zone_leave", "line_cross"]  # seen inside first: entered
+        wait_for(lambda: redis_client.xlen(settings.keys.job_alerts("running")) >= len(want), 10, "judged from now")
+        assert svc.started
+    assert published(redis_client, settings.keys.job_alerts("running")) == want
+    assert not redis_client.exists(settings.keys.job_alerts("ended"))
