@@ -134,3 +134,19 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "other.yaml"
     path.write_text(text)
     return path
+
+
+def test_the_fleet_saves_the_viewers_zones_into_its_file_and_reloads(tmp_path: Path, settings: Settings,
+                                                                      redis_client: redis.Redis) -> None:
+    from producer.fleet import Fleet
+
+    path = tmp_path / "cameras.yaml"
+    path.write_text(CAMERAS)
+    fleet = Fleet(path, settings, {})
+    zones = parse_zones(["lot:10,10,50,10,50,50"])
+    fleet.save_zones("yard", zones)  # what the viewer calls (producer/ui/actions.py's CameraConfig)
+    assert fleet.reload_requested.is_set() and "# the front gate" in path.read_text()
+    fleet.reload()
+    assert fleet.cameras["yard"].zones == zones
+    with pytest.raises(ConfigError, match="no camera named 'gone'"):
+        fleet.save_zones("gone", zones)
