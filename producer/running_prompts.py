@@ -191,13 +191,14 @@ def remove_object(job_id: str, obj_id: int, *, settings: Settings, wait_s: float
                   client: redis.Redis | None = None) -> PromptReply:
     """Stop tracking object `obj_id` of a running or queued job from the next frame its worker processes;
     wait up to `wait_s` for the reply. Raises as `add_prompts` does, and UnknownObjectError for an object
-    the job never had."""
+    the job never had. A job with automatic objects (`--auto`) has objects only its worker knows: an id the
+    client does not know is sent all the same, and the worker's reply says whether it had it."""
     validate_job_id(job_id)
     if isinstance(obj_id, bool) or not isinstance(obj_id, int) or obj_id < 0:
         raise PromptError(f"an object id must be an integer >= 0, but got {obj_id!r}")
     client = client or connect(settings)
     job = _read_job(client, settings, job_id, _REMOVE_ONLY)
-    if obj_id not in job.ever:
+    if obj_id not in job.ever and job.job.auto is None:
         removed = sorted(job.ever - job.tracked)
         raise UnknownObjectError(f"job {job_id} has no object {obj_id} (its objects now: "
                                  f"{', '.join(map(str, sorted(job.tracked))) or 'none'}"

@@ -278,3 +278,29 @@ def test_with_the_model_in_its_own_process_the_generator_runs_there(auto_setting
     added, lost = changes(msgs)
     assert first <= added.frame_idx <= first + EVERY + 16 + auto_settings.auto_confirm_frames
     assert end <= lost.frame_idx <= end + auto_settings.auto_lost_frames + 1
+
+
+def test_an_automatic_object_can_be_removed_by_its_id(video: Path, auto_settings: Settings,
+                                                      redis_client: redis.Redis) -> None:
+    """The viewer's remove button on an automatic object: the client does not know the id (the worker made
+    it), so the worker decides; an id it never had is refused by it, the job unharmed."""
+    from producer.running_prompts import remove_object
+
+    submit(video, [], settings=auto_settings, job_id="rm", auto=auto())
+    worker = Worker(settings=auto_settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=0.15),
+                    client=redis_client, name="auto")
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
+    thread.start()
+    wait = 30.0
+    while not any(c.change == "added" for c in changes(results(redis_client, auto_settings, "rm"))) and wait > 0:
+        thread.join(0.1)
+        wait -= 0.1
+    reply = remove_object("rm", 1, settings=auto_settings, client=redis_client)
+    assert [c.change for c in reply.changes] == ["removed"], reply
+    refused = remove_object("rm", 77, settings=auto_settings, client=redis_client)
+    assert [c.change for c in refused.changes] == ["refused"], refused
+    thread.join(60)
+    msgs = results(redis_client, auto_settings, "rm")
+    assert isinstance(msgs[-1], messages.Completed)
+    removed_at = next(c.frame_idx for c in changes(msgs) if c.change == "removed")
+    assert all(1 not in objs for k, objs in objects_by_frame(msgs).items() if k >= removed_at)
