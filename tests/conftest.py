@@ -65,6 +65,7 @@ def settings(redis_server: RedisServer, storage_root: Path, tmp_path: Path) -> S
     return Settings.load(
         environ={}, redis_url=redis_server.url, storage_root=storage_root, checkpoint_dir=tmp_path / "ckpt",
         block_ms=200, progress_every=5,
+        live_preview_height=0,  # the viewer's preview of live jobs: on where a test asks (tests/test_preview.py)
     )
 
 

@@ -200,10 +200,10 @@ def test_redis_filling_up_at_the_enqueue_leaves_nothing_half_done(
     real_enqueue = submit_module.enqueue_job
     seen: list[bool] = []
 
-    def fill_then_enqueue(c: redis.Redis, keys: object, job: object) -> bool:
+    def fill_then_enqueue(c: redis.Redis, keys: object, job: object, extra: object = None) -> bool:
         seen.append((storage / "jobs/j/frames").is_dir())
         fill_up(client)
-        return real_enqueue(c, keys, job)  # type: ignore[arg-type]
+        return real_enqueue(c, keys, job, extra)  # type: ignore[arg-type]
 
     monkeypatch.setattr(submit_module, "enqueue_job", fill_then_enqueue)
     with pytest.raises(redis.exceptions.OutOfMemoryError) as refused:

@@ -90,7 +90,8 @@ def test_a_failure_stops_the_preview_not_the_caller(tmp_path: Path, caplog: pyte
 @pytest.mark.integration
 def test_a_live_job_has_a_preview_of_every_captured_frame(video: Path, settings: Settings,
                                                            redis_client: redis.Redis) -> None:
-    live = dataclasses.replace(settings, live_segment_s=1.0, live_playlist_size=10, max_latency_s=0.5)
+    live = dataclasses.replace(settings, live_segment_s=1.0, live_playlist_size=10, max_latency_s=0.5,
+                               live_preview_height=480)
     done = threading.Event()
 
     def ingest() -> None:

@@ -150,9 +150,9 @@ def test_both_submits_enqueue_through_the_one_atomic_enqueue(
     real = submit_module.enqueue_job
     calls: list[messages.JobMessage] = []
 
-    def spy(client: redis.Redis, keys: object, job: messages.JobMessage) -> bool:
+    def spy(client: redis.Redis, keys: object, job: messages.JobMessage, extra: object = None) -> bool:
         calls.append(job)
-        return real(client, keys, job)  # type: ignore[arg-type]
+        return real(client, keys, job, extra)  # type: ignore[arg-type]
 
     monkeypatch.setattr(submit_module, "enqueue_job", spy)
     done = submit_module.submit(video, [prompt()], settings=settings, client=redis_client, job_id="one", stream=stream)

@@ -154,7 +154,8 @@ def open_job(driver: Any, ui: UiServer, job_id: str) -> None:
 def test_a_live_job_plays_its_preview_and_a_click_adds_an_object(browser: Any, ui: UiServer, settings: Settings,
                                                                   redis_client: redis.Redis, tmp_path: Path) -> None:
     n, fps = 600, 15  # 40 s of camera: far more than the test needs, stopped at its end
-    settings = dataclasses.replace(settings, live_segment_s=1.0, max_latency_s=0.5, producer_ttl_s=3.0)
+    settings = dataclasses.replace(settings, live_segment_s=1.0, max_latency_s=0.5, producer_ttl_s=3.0,
+                                   live_preview_height=480)
     video = clip(tmp_path / "camera.mp4", n, fps, moving=False)
     producer = threading.Thread(target=lambda: submit_live(video, [disc_prompt(1, 0, n, (W, H))], settings=settings,
                                                            job_id="cam", realtime=True), daemon=True)

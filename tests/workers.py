@@ -23,7 +23,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return {
         **os.environ, "REDIS_URL": settings.redis_url, "STORAGE_ROOT": str(settings.storage_root),
         "VSEG_KEY_PREFIX": settings.key_prefix, "VSEG_BLOCK_MS": "200", "VSEG_RETRY_BACKOFF_S": "0.2",
-        "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
+        "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "VSEG_LIVE_PREVIEW_HEIGHT": str(settings.live_preview_height),
     }
 
 
