@@ -15,6 +15,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.util import load_yaml_guess_indent
 
 from producer.cameras import Camera, load_cameras
 from producer.zones import ZoneSet
@@ -41,9 +42,12 @@ def save_camera_zones(path: Path, name: str, zones: ZoneSet, settings: Settings,
     yaml = YAML()  # round trip
     yaml.preserve_quotes = True
     try:
-        doc: Any = yaml.load(path.read_text())
+        text = path.read_text()
+        _, indent, dash = load_yaml_guess_indent(text)
+        doc: Any = yaml.load(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the cameras file ({e.strerror or e})") from e
+    yaml.indent(mapping=dash or 2, sequence=indent or 2, offset=dash or 0)  # the file's own indentation
     entries = doc.get("cameras") if isinstance(doc, Mapping) else None
     entry: Any = next((c for c in entries or [] if isinstance(c, Mapping) and c.get("name") == name), None)
     if entry is None:

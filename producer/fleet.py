@@ -72,13 +72,15 @@ class Fleet:
         self.tick_s = lease_s / 3
         self.stopping, self.reload_requested, self.wake = threading.Event(), threading.Event(), threading.Event()
         self.stop_why = "stopped"
+        self.reload_why = "SIGHUP"  # why the next reload happens (SIGHUP, or the viewer's save)
         self.ticked_at = self.redis_ok_at = time.monotonic()
         self.publisher = StatusPublisher(self.client, self.keys, settings, self.owner, self.view, max(3 * lease_s, 5))
 
     def view(self) -> list[tuple[Camera, CameraStatus | None]]:
         return [(camera, self.statuses.get(name)) for name, camera in self.cameras.items()]
 
-    def request_reload(self) -> None:
+    def request_reload(self, why: str = "SIGHUP") -> None:
+        self.reload_why = why
         self.reload_requested.set()
         self.wake.set()  # the loop's wait ends at once
 
@@ -91,7 +93,7 @@ class Fleet:
         """The viewer's save (producer/ui's CameraConfig): into the cameras file, then re-read as on SIGHUP."""
         save_camera_zones(self.path, camera, zones, self.settings, self.environ)
         log.info("camera %s: zones and lines saved into %s by the viewer", camera, self.path)
-        self.request_reload()
+        self.request_reload("the viewer saved zones")
 
     def run(self, http_port: int | None = None) -> int:
         server = serve_metrics(self.settings, self.view, self.health, self.ready)
@@ -138,8 +140,8 @@ class Fleet:
             return
         old = self.cameras
         same = sum(1 for name in new if old.get(name) == new[name])
-        log.info("cameras file %s re-read (SIGHUP): %d camera(s) unchanged, %d added, removed or changed", self.path,
-                 same, len(set(old) | set(new)) - same)
+        log.info("cameras file %s re-read (%s): %d camera(s) unchanged, %d added, removed or changed", self.path,
+                 self.reload_why, same, len(set(old) | set(new)) - same)
         for name in sorted(set(old) | set(new)):
             if old.get(name) == new.get(name):
                 if name in self.runners and old[name].zones != new[name].zones:

@@ -105,6 +105,8 @@ def test_cameras_yaml_zones_are_read_and_saved_with_comments_kept(tmp_path: Path
                               Settings(), {})
     text = path.read_text()
     assert "# the gate and the yard" in text and "# the front gate" in text  # comments kept
+    assert "\n  - name: gate" in text and "\n  - name: yard" in text  # and the file's indentation
+    assert 'prompts: ["--point 1:320,240"]' in text  # and its quotes
     assert "lot: [[10, 10], [50, 10], [50, 50]]" in text and "exit: [[0, 5], [20, 5.5]]" in text
     assert path.stat().st_mode & 0o777 == 0o640
     again = load_cameras(path, Settings(), {})
