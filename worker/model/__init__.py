@@ -7,5 +7,6 @@ The host (this folder): the Segmenter and Session seams (`segment.py`, `session.
 built (`build.py`).
 
 A model family in a folder of its own: `sam2` (SAM 2's segmenter and session, batched steps, CUDA graphs,
-checkpoints, its automatic mask generator). A second family is a sibling folder built from `build.py`.
+checkpoints, its automatic mask generator), and `sam3` (SAM 3: instances found and tracked by text phrases,
+through transformers; standalone for now, not yet built from `build.py`).
 """
