@@ -110,8 +110,12 @@ def test_the_source_killed_and_restarted_mid_job_reconnects_and_the_job_goes_on(
             state = {k.decode(): v.decode() for k, v in redis_client.hgetall(key).items()}
             assert state["source_outages"] == "1" and float(state["source_down_since"]) <= time.time()
             assert any(line.startswith("source state: down since ") for line in live_status_lines(state)), state
-            down = [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.events))
-                    if isinstance(m, messages.Progress) and m.job_id == "flaky" and m.source_state == "down"]
+            def down_events() -> list[messages.Progress]:  # written just after the hash: waited for
+                return [m for m in (messages.decode(f) for _, f in redis_client.xrange(live_settings.keys.events))
+                        if isinstance(m, messages.Progress) and m.job_id == "flaky" and m.source_state == "down"]
+
+            wait_for(lambda: down_events(), 10, "the progress event saying down")
+            down = down_events()
             assert len(down) == 1 and down[0].source_outages == 1 and down[0].source_down_since is not None
             server.restart()
             wait_for(lambda: frames_done(redis_client, live_settings, "flaky") >= before + 20, 40,
