@@ -11,7 +11,7 @@
 #      (bench_gpu.py; target >= 0.9);
 #   5. gpu tests (90 s): the gpu tier (CUDA graphs, the driver's masks against SAM 2's own, CUDA end to end).
 # --dry-run: the same steps on the CPU at toy sizes (image size 256, 320x180, a few frames; step 4 as
-# bench_service.py, the service against the plain SAM 2 way, since bench_gpu.py needs CUDA), in under three
+# bench_service.py, the service against the plain SAM 2 way, since bench_gpu.py needs CUDA), in under five
 # minutes: tests/test_gpu_checks.py runs it, so the script is known to work before a GPU is at hand.
 # Usage: bash bench/gpu_checks.sh [--dry-run] OUTDIR [VIDEO]   (VIDEO: ../shared/videos/bedroom.mp4)
 set -uo pipefail
@@ -25,7 +25,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ "$dry" = 1 ]; then
-  device=cpu; isize=256; size=320x180; streams=1; ks=1,2; frames=6; minutes=0.25; t=(60 60 45 60 60)
+  device=cpu; isize=256; size=320x180; streams=1; ks=1,2; frames=6; minutes=0.25; t=(120 90 60 90 90)
   echo "dry run: the steps on the CPU at toy sizes" | tee "$out/env.txt"
 else
   device=cuda; isize=1024; size=1920x1080; streams=1,4,8,16,24,32; ks=1,8; frames=90; minutes=1; t=(90 120 75 90 90)
