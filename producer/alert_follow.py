@@ -23,6 +23,7 @@ from typing import Any, cast
 import msgspec
 import redis
 
+from producer.enqueue import lane_keys
 from producer.zone_judge import FrameIn, JudgeState, ObjectMask, Rules, ZoneJudge
 from producer.zones import ZoneSet
 from runtime.settings import Settings
@@ -59,13 +60,14 @@ def id_tuple(entry_id: str) -> tuple[int, int]:
 def job_fps(client: redis.Redis, settings: Settings, job_id: str) -> float | None:
     """A job's frame rate: its hash's `fps`, else its job message's (on vseg:jobs while the job runs)."""
     keys = settings.keys
-    fps, entry_id = cast(list[bytes | None], client.hmget(keys.job(job_id), ["fps", "entry_id"]))
+    fps, entry_id, lane = cast(list[bytes | None], client.hmget(keys.job(job_id), ["fps", "entry_id", "lane"]))
     if fps:
         return float(fps)
     if not entry_id:
         return None
     for _id, fields in cast(list[tuple[bytes, dict[bytes, bytes]]],
-                            client.xrange(keys.jobs, min=_text(entry_id), max=_text(entry_id), count=1)):
+                            client.xrange(lane_keys(keys, lane).jobs, min=_text(entry_id), max=_text(entry_id),
+                                          count=1)):
         try:
             msg = messages.decode(fields)
         except SchemaError:

@@ -22,6 +22,9 @@ def add_auto_arguments(s: argparse.ArgumentParser) -> None:
                    help="label every object with one of these (zero-shot, CLIP), e.g. person,car,ball")
     s.add_argument("--auto-keep", type=words, default=(), metavar="A,B,...",
                    help="keep only automatic objects labelled one of these (needs --labels)")
+    s.add_argument("--text", type=words, default=(), metavar='"A, B, ..."',
+                   help='track every instance of each phrase, e.g. "player, ball" (SAM 3: a worker started with '
+                        '--model sam3 takes the job)')
 
 
 def every(text: str) -> tuple[int, float]:

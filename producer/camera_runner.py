@@ -92,7 +92,7 @@ class CameraRunner:
         try:
             done = submit_live(camera.source, camera.prompts, settings=camera.settings_for(self.settings),
                                client=self.client, job_id=job_id, stop=self.stop, auto=camera.auto,
-                               labels=camera.labels, on_enqueued=self._enqueued, max_fps=camera.fps,
+                               labels=camera.labels, text=camera.text, on_enqueued=self._enqueued, max_fps=camera.fps,
                                zones=camera.zones, camera=camera.name,
                                stop_reason=lambda: f"camera {camera.name}: {self.status.reason or 'stopped'}")
             ended = ("its ingest ended (the source ended for good, or the job was stopped from outside)"

@@ -9,6 +9,7 @@ state and lease) and its lease (`Leases`: which daemon runs it).
         password_env: GATE_PASSWORD
         prompts: ["--point 1:320,240", "--box 2:10,20,200,220"]
         auto: {every: 2s, max_objects: 4}   # or auto: true; labels: [person, car]
+        text: [person, car]             # or: every instance of each phrase (SAM 3), instead of prompts and auto
         max_latency_s: 1.0              # default VSEG_MAX_LATENCY_S
         outage_s: null                  # null: wait for the source for ever; default VSEG_SOURCE_OUTAGE_S
         enabled: true
@@ -46,7 +47,7 @@ from schemas.names import hash_tag, validate_job_id
 from schemas.prompts import ObjectPrompt
 
 FOREVER_S = 10 * 365 * 24 * 3600.0  # `outage_s: null`: the source is waited for, for all practical purposes, for ever
-FIELDS = ("name", "url", "username", "password_env", "password_file", "prompts", "auto", "labels", "fps",
+FIELDS = ("name", "url", "username", "password_env", "password_file", "prompts", "auto", "labels", "text", "fps",
           "max_latency_s", "outage_s", "enabled", "zones", "lines")
 AUTO_FIELDS = ("every", "max_objects", "min_area", "roi", "keep")
 _DEVICE = re.compile(r"/dev/video\d+")
@@ -65,6 +66,7 @@ class Camera:
     prompts: tuple[ObjectPrompt, ...] = ()
     auto: AutoOptions | None = None
     labels: tuple[str, ...] = ()
+    text: tuple[str, ...] = ()  # phrases whose every instance is tracked (SAM 3 workers)
     fps: float | None = None  # None: the source's own rate
     max_latency_s: float = 2.0
     outage_s: float | None = 60.0  # None: wait for the source for ever
@@ -196,12 +198,14 @@ class _Entry:
         url = self._url()
         username = self._text("username", "")
         password = self._password(username)
-        auto, labels = self._auto(), self._labels()
-        prompts = self._prompts(auto is not None)
+        auto, labels, text = self._auto(), self._labels(), self._phrases()
+        prompts = self._prompts(auto is not None or bool(text))
+        if text and (prompts or auto is not None):
+            raise self.fail("text", "finds the objects itself: give text, or prompts and auto, not both")
         if auto is not None and (missing := [k for k in auto.keep if k not in labels]):
             raise self.fail("auto", f"keep names {', '.join(missing)}, not among labels {list(labels)}")
         return Camera(name=name, url=url, username=username, password=password, prompts=prompts, auto=auto,
-                      labels=labels, fps=self._optional_seconds("fps", None),
+                      labels=labels, text=text, fps=self._optional_seconds("fps", None),
                       max_latency_s=self._seconds("max_latency_s", self.settings.max_latency_s),
                       outage_s=self._optional_seconds("outage_s", self.settings.source_outage_s),
                       enabled=self._flag("enabled", True), zones=self._zones())
@@ -276,7 +280,7 @@ class _Entry:
             raise self.fail("prompts", f"a live job's prompts are on its first frame, but some name frames {later}: "
                                        "drop the @FRAME part")
         if not prompts and not auto:
-            raise self.fail("prompts", "none given: a camera needs prompts, or `auto`")
+            raise self.fail("prompts", "none given: a camera needs prompts, `auto` or `text`")
         return prompts
 
     def _auto(self) -> AutoOptions | None:
@@ -312,6 +316,13 @@ class _Entry:
             return from_config(self.raw.get("zones"), self.raw.get("lines"), f"{self.path}: {self.who}")
         except ZoneError as e:
             raise ConfigError(str(e)) from None
+
+    def _phrases(self) -> tuple[str, ...]:
+        raw = self.raw.get("text", [])
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            raise self.fail("text", "a list of phrases such as [person, red car]")
+        return tuple(x.strip() for x in items)
 
     def _labels(self) -> tuple[str, ...]:
         raw = self.raw.get("labels", [])

@@ -22,6 +22,7 @@ import redis
 from redis.exceptions import LockError
 
 from producer.auto_args import add_auto_arguments, auto_options
+from producer.cli_prompts import seconds as _seconds
 from runtime.connection import quick_client
 from runtime.faults import redact_url, redis_fault
 from runtime.layout import cluster_node_error
@@ -34,7 +35,9 @@ log = logging.getLogger("producer")
 RUNNERS = {"serve": ("producer.fleet", "add_serve_parser", "run_serve"),  # the camera fleet daemon
            "cameras": ("producer.fleet_status", "add_cameras_parser", "run_cameras"),  # the fleet's table
            "alerts": ("producer.alerts", "add_alerts_parser", "run_alerts"),  # the events consumer
-           "ui": ("producer.ui.server", "add_ui_parser", "run_ui")}  # the web viewer alone
+           "ui": ("producer.ui.server", "add_ui_parser", "run_ui"),  # the web viewer alone
+           "prompt": ("producer.cli_prompts", "add_prompt_parser", "run_prompt"),  # a running job's commands
+           "remove": ("producer.cli_prompts", "add_remove_parser", "run_remove")}
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
@@ -101,24 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "finished, then it completes")
     sp.add_argument("job_id")
 
-    pr = sub.add_parser("prompt", help="add objects to a running or queued job, or correct them, from a frame on")
-    pr.add_argument("job_id")
-    pr.add_argument("--point", action="append", default=[], metavar="OBJ:X,Y[:LABEL][@FRAME|@now]",
-                    help="a point on object OBJ (label 1 foreground, 0 background; frame default 0; @now: as --now); "
-                         "repeatable")
-    pr.add_argument("--box", action="append", default=[], metavar="OBJ:X0,Y0,X1,Y1[@FRAME|@now]",
-                    help="a box around object OBJ; repeatable")
-    pr.add_argument("--prompts", type=Path, dest="prompts_file", metavar="FILE.json", help="JSON file of prompts (as for submit)")
-    pr.add_argument("--now", action="store_true",
-                    help="apply the prompts at the next frame the worker processes (no frame may be named)")
-    pr.add_argument("--wait", type=_seconds, default=10.0, dest="wait_s", metavar="S",
-                    help="wait this long for the worker's reply (default 10; 0: do not wait)")
-    rm = sub.add_parser("remove", help="stop tracking an object of a running or queued job, from the next frame")
-    rm.add_argument("job_id")
-    rm.add_argument("obj_id", type=_obj_id, metavar="OBJ")
-    rm.add_argument("--wait", type=_seconds, default=10.0, dest="wait_s", metavar="S",
-                    help="wait this long for the worker's reply (default 10; 0: do not wait)")
-
     w = sub.add_parser("watch", help="follow a job's results, write DIR/masks.json, print the MP4's path")
     w.add_argument("job_id")
     w.add_argument("--out", type=Path, required=True, dest="out_dir")
@@ -144,27 +129,11 @@ def _port(text: str) -> int:
     return port
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, but got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, but got {text}")
-    return value
-
-
 def _positive_seconds(text: str) -> float:
     value = _seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"seconds must be > 0, but got {text}")
     return value
-
-
-def _obj_id(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"an object id is an integer >= 0, but got {text!r}")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,10 +158,6 @@ def main(argv: list[str] | None = None) -> int:
             return _stop(args.job_id, settings)
         if args.command == "stats":
             return _stats(args, settings)
-        if args.command == "prompt":
-            return _prompt(args, settings)
-        if args.command == "remove":
-            return _remove(args, settings)
         if args.command in RUNNERS:  # serve, cameras, alerts, ui
             module, _, runner = RUNNERS[args.command]
             return int(getattr(importlib.import_module(module), runner)(args, settings))
@@ -269,7 +234,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     result = submit(Path(args.video), prompts, settings=settings, job_id=args.job_id, max_frames=args.max_frames,
                     stride=args.stride, start_s=args.start_s, end_s=args.end_s, progress=True,
                     stream=args.stream, render=args.render, resume=args.resume, auto=auto_options(args),
-                    labels=args.labels, zones=args.zones)
+                    labels=args.labels, zones=args.zones, text=args.text)
     print(result.job_id, flush=True)
     if args.watch is not None:
         return _watch(result.job_id, args.watch, settings, None, to_stderr=True)
@@ -313,34 +278,6 @@ def _cancel(job_id: str, settings: Settings) -> int:
     return 0
 
 
-def _prompt(args: argparse.Namespace, settings: Settings) -> int:
-    """Print what the worker did (a line per object), or that the prompts were sent; exit 1 if it refused all."""
-    from producer.running_prompts import add_prompts, cli_prompts
-
-    prompts, now = cli_prompts(points=args.point, boxes=args.box, json_file=args.prompts_file, now=args.now)
-    client = quick_client(settings)
-    try:
-        reply = add_prompts(args.job_id, prompts, settings=settings, now=now, wait_s=args.wait_s, client=client)
-    finally:
-        client.close()
-    reply.raise_if_refused()
-    print(reply.describe())
-    return 0
-
-
-def _remove(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.running_prompts import remove_object
-
-    client = quick_client(settings)
-    try:
-        reply = remove_object(args.job_id, args.obj_id, settings=settings, wait_s=args.wait_s, client=client)
-    finally:
-        client.close()
-    reply.raise_if_refused()
-    print(reply.describe())
-    return 0
-
-
 def _migrate(force: bool, settings: Settings) -> int:
     """Print every key moved (old -> new) and a summary; exit 1 if a key was left (its new name was taken)."""
     from producer.migrate import migrate
@@ -378,7 +315,10 @@ def _stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.serve is None:
         client = quick_client(settings)
         try:
-            print(format_stats(collect_stats(client, settings.keys), settings.keys, settings.redis_url))
+            for keys in settings.keys.all_lanes():  # the first lane always; another once it has a stream
+                if keys.lane and not client.exists(keys.jobs):
+                    continue
+                print(format_stats(collect_stats(client, keys), keys, settings.redis_url))
         finally:
             client.close()
         return 0

@@ -47,7 +47,7 @@ def submit_live_job(args: argparse.Namespace, prompts: list[ObjectPrompt], setti
 
     try:
         submit_live(source, prompts, settings=settings, job_id=args.job_id, duration_s=args.duration_s,
-                    realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels,
+                    realtime=args.live, render=args.render, auto=auto_options(args), labels=args.labels, text=args.text,
                     on_enqueued=announce, stop=stop, zones=args.zones, stop_reason=lambda: f"{signalled[0]}: stopping the job"
                     if signalled else "stopped")
     except VsegError:

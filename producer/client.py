@@ -48,7 +48,7 @@ from runtime.connection import connect
 from runtime.faults import redact_url, redis_fault
 from runtime.settings import Settings
 from schemas import messages
-from schemas.errors import UnknownJobError
+from schemas.errors import PromptError, UnknownJobError
 from schemas.names import validate_job_id
 from schemas.prompts import ObjectPrompt
 
@@ -162,20 +162,23 @@ class Client:
                max_frames: int | None = None, stride: int = 1, start_s: float | None = None,
                end_s: float | None = None, duration_s: float | None = None, realtime: bool = False,
                max_fps: float | None = None, zones: Sequence[str | Zone] = (),
-               lines: Sequence[str | Line] = ()) -> Job:
+               lines: Sequence[str | Line] = (), text: str | Sequence[str] = ()) -> Job:
         """Enqueue a job and return its handle as soon as it is enqueued.
 
         `video`: a file (decoded in the background), or a live source (a URL such as rtsp://..., or
         /dev/videoN; `live=True` plays a file as one, at its own rate). `prompts` (`Prompt.point`,
         `Prompt.box`) and/or the command line's `points`/`boxes` specs. `zones` and `lines`: what the events
         (`python -m producer alerts`) are judged against, as `Zone`/`Line` or the command line's specs
-        ("door:0,0,200,0,200,300", "gate:0,400,640,400"). The other options are `submit`'s on
+        ("door:0,0,200,0,200,300", "gate:0,400,640,400"). `text`: phrases whose every instance is tracked,
+        "player, ball" or ["player", "ball"] (a SAM 3 worker takes the job; NoCapableWorker when none is live).
+        The other options are `submit`'s on
         the command line (`python -m producer submit --help`). The same `job_id` twice gives one job.
         Raises before anything is enqueued, with nothing left behind: VideoError, PromptError, LimitError,
         JobIdError, SourceUnavailable (a live source that cannot be opened), RedisUnavailable, RedisFull."""
         if self._closed:
             raise RuntimeError("this client is closed")
         all_prompts = prompts_of(prompts, points, boxes)
+        phrases = tuple(p.strip() for p in (text.split(",") if isinstance(text, str) else text))
         zone_set = build([z if isinstance(z, Zone) else parse_zone(z) for z in zones],
                          [ln if isinstance(ln, Line) else parse_line(ln) for ln in lines])
         source = str(video)
@@ -188,14 +191,15 @@ class Client:
                 return submit_live(source, all_prompts, settings=settings, client=client, job_id=job_id,
                                    duration_s=duration_s, realtime=realtime or (live is True and Path(source).exists()),
                                    render=render, auto=auto, labels=labels, on_enqueued=on_enqueued, max_fps=max_fps,
-                                   zones=zone_set)
+                                   zones=zone_set, text=phrases)
         else:
             from producer.submission import submit
 
             def run(on_enqueued: Callable[[str], None]) -> Submitted:
                 return submit(Path(source), all_prompts, settings=settings, client=client, job_id=job_id,
                               max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, render=render,
-                              resume=resume, auto=auto, labels=labels, on_enqueued=on_enqueued, zones=zone_set)
+                              resume=resume, auto=auto, labels=labels, on_enqueued=on_enqueued, zones=zone_set,
+                              text=phrases)
         background = BackgroundSubmit(run, live=is_live, name=f"submit-{job_id or 'new'}")
         if is_live and not any(s.live for s in self._submits):
             atexit.register(self.close)  # ends live ingests gracefully at exit (daemon threads are not joined)
@@ -275,10 +279,18 @@ class Job:
         return JobStatus.of(self.id, status_fields(raw))
 
     def prompt(self, prompts: Sequence[ObjectPrompt] = (), *, points: Sequence[str] = (), boxes: Sequence[str] = (),
-               now: bool = False, wait_s: float = 10.0) -> running_prompts.PromptReply:
+               now: bool = False, wait_s: float = 10.0, text: str | Sequence[str] = ()) -> running_prompts.PromptReply:
         """Add objects to the running job or correct its objects, from each prompt's frame on (`now`: from the
         next frame its worker processes); waits up to `wait_s` for what the worker did (`reply.changes`).
+        `text` ("ball" or ["ball", "referee"]): a job with text looks for these phrases too, from the next frame on.
         Raises, with nothing sent, as `python -m producer prompt` refuses (PromptError, JobEndedError, ...)."""
+        if text:
+            if prompts or points or boxes:
+                raise PromptError("give text or points and boxes, not both: phrases apply from the next frame on")
+            phrases = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
+            with redis_faults(self._settings):
+                return running_prompts.add_text(self.id, phrases, settings=self._settings, wait_s=wait_s,
+                                                client=self.client.redis)
         points, now_p = running_prompts.split_now(points)  # the command line's `@now` works here too
         boxes, now_b = running_prompts.split_now(boxes)
         with redis_faults(self._settings):

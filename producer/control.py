@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import redis
 
+from producer.enqueue import lane_keys
 from runtime.cleanup import producer_finished, remove_frames
 from runtime.connection import connect
 from runtime.faults import redact_url
@@ -41,7 +42,7 @@ if state == ARGV[3] and (not owner or owner == '') then
   redis.call('HSET', KEYS[1], 'state', ARGV[4], 'event_copied', '0', 'finished_at', redis.call('TIME')[1])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-  return {2, ARGV[4], redis.call('HGET', KEYS[1], 'entry_id') or ''}
+  return {2, ARGV[4], redis.call('HGET', KEYS[1], 'entry_id') or '', redis.call('HGET', KEYS[1], 'lane') or ''}
 end
 return {1, state, ''}
 """)
@@ -97,7 +98,7 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
     ensure_layout(client, keys, mark=False)  # a job of the old layout is not "unknown": LayoutError says what to do
     fields = messages.encode(messages.Cancelled(job_id, 0))
     cancel_script = register(client, "cancel_job")  # EVALSHA (SCRIPT LOAD once, after a NOSCRIPT)
-    code, state, entry_id = cast(list[Any], cancel_script(
+    code, state, entry_id, *lane = cast(list[Any], cancel_script(
         keys=[keys.job(job_id), keys.results(job_id)],
         args=[TERMINAL_ENTRY_ID, settings.results_ttl_s, JobState.QUEUED.value, JobState.CANCELLED.value,
               terminal_states_arg(), *[x for kv in fields.items() for x in kv]],
@@ -112,7 +113,8 @@ def request_cancel(job_id: str, *, settings: Settings, client: redis.Redis | Non
         client.xadd(keys.events, cast(Any, fields), maxlen=EVENTS_MAXLEN, approximate=True)
         client.hset(keys.job(job_id), "event_copied", "1")
         if entry_id:
-            client.xdel(keys.jobs, entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+            client.xdel(lane_keys(keys, lane[0] if lane else "").jobs,
+                        entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
     if result.action is CancelAction.CANCELLED:  # no worker ever had it: remove its frames, unless a
         try:                                       # producer still streams them (it removes them when it stops)
             if producer_finished(client, settings, job_id):

@@ -23,7 +23,7 @@ import redis
 from runtime.layout import ensure_layout
 from runtime.lua import lua, register
 from schemas import messages
-from schemas.names import JobState, Keys
+from schemas.names import JobState, Keys, lane_of
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,18 @@ def job_exists(client: redis.Redis, keys: Keys, job_id: str) -> bool:
 
 def job_fields(job: messages.JobMessage, extra: Mapping[str, str]) -> list[str]:
     """The job hash's fields beside its state, for readers that have no JobMessage (the viewer, the events
-    consumer): the displayed size and rate, then `extra` (zones, camera, source_path, preview)."""
-    fields = {"width": str(job.width), "height": str(job.height), "fps": f"{job.fps:.6g}", **extra}
+    consumer): the displayed size and rate, its lane (the jobs stream its entry is on, `lane_keys`), then `extra`
+    (zones, camera, source_path, preview)."""
+    fields = {"width": str(job.width), "height": str(job.height), "fps": f"{job.fps:.6g}",
+              **({"lane": lane_of(job.text)} if lane_of(job.text) else {}), **extra}
     return [item for pair in fields.items() for item in pair]
 
 
 def enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage, extra: Mapping[str, str] | None = None) -> bool:
     """Add the job's entry to the jobs stream, then create its hash; False if the job already existed (the
-    entry just added is deleted again: nothing is left of this call). `extra`: more hash fields (`job_fields`)."""
+    entry just added is deleted again: nothing is left of this call). `extra`: more hash fields (`job_fields`).
+    The entry goes on the jobs stream of the job's lane (a text job's: `vseg:jobs:text`)."""
+    keys = keys.for_lane(lane_of(job.text))
     ensure_layout(client, keys)  # checked at the submit's start; marked with the Redis's first job
     fields = messages.encode(job)
     raw = client.xadd(keys.jobs, {"type": fields["type"], "data": fields["data"]})
@@ -66,3 +70,13 @@ def enqueue(client: redis.Redis, keys: Keys, job: messages.JobMessage, extra: Ma
     client.xdel(keys.jobs, entry_id)
     log.info("job %s already exists: its new entry %s on %s deleted again", job.job_id, entry_id, keys.jobs)
     return False
+
+
+def lane_keys(keys: Keys, lane: bytes | str | None) -> Keys:
+    """`keys` with the jobs stream a job's entry is on, from its hash's `lane` field (None or "": the first)."""
+    text = lane.decode() if isinstance(lane, bytes) else (lane or "")
+    try:
+        return keys.for_lane(text)
+    except ValueError:
+        log.warning("a job hash names lane %r, unknown to this client: reading %s", text, keys.jobs)
+        return keys

@@ -36,6 +36,7 @@ import redis
 
 from producer import decode
 from producer.announce import FrameAnnouncer
+from producer.capabilities import require_worker
 from producer.job_dir import frames_dir_of, make_fresh
 from producer.live_buffer import IngestBuffer
 from producer.live_source import (
@@ -53,6 +54,7 @@ from producer.streaming import abandon
 from producer.submission import (
     Submitted,
     check_auto,
+    check_text,
     enqueue_job,
     holding_submit_lock,
     job_exists,
@@ -66,7 +68,7 @@ from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import InputError, JobFailed, PromptError
-from schemas.names import EVENTS_MAXLEN, validate_job_id
+from schemas.names import EVENTS_MAXLEN, POINTS, TEXT, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 from schemas.storage import frame_name, job_preview_rel, resolve_inside
 
@@ -109,6 +111,7 @@ def submit_live(
     max_fps: float | None = None,
     zones: ZoneSet | None = None,
     camera: str = "",
+    text: Sequence[str] = (),
 ) -> Submitted:
     """Ingest `source` as a live job until it ends (see the module doc); returns when ingest has ended.
     `realtime`: a file played at its own rate (`--live`). Raises VideoError (cannot open, no video),
@@ -118,7 +121,8 @@ def submit_live(
     written, and the worker completes the job; `stop_reason` says why in the log. `max_fps`: frames are
     sampled at ingest to at most this rate (the others dropped at ingest: not encoded, not announced).
     `zones`: what its events are judged against (checked against the displayed frame: ZoneError); `camera`:
-    the fleet camera it runs for (the job hash's `camera`, for the viewer and the events)."""
+    the fleet camera it runs for (the job hash's `camera`, for the viewer and the events); `text`: phrases whose
+    every instance is tracked (SAM 3; NoCapableWorker at once when no live worker takes text)."""
     if duration_s is not None and not 0 < duration_s < float("inf"):
         raise InputError(f"--duration must be a number of seconds > 0, but got {duration_s:g}")
     if max_fps is not None and not 0 < max_fps < float("inf"):
@@ -127,6 +131,8 @@ def submit_live(
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
     ensure_layout(client, keys, mark=False)  # LayoutError on a Redis of the old key layout, before anything is written
+    check_text(text, prompts, auto)
+    require_worker(client, keys, TEXT if text else POINTS, url=settings.redis_url)
     if job_exists(client, keys, job_id):
         log.info("job %s already exists: not submitting it again", job_id)
         return Submitted(job_id, created=False)
@@ -135,7 +141,7 @@ def submit_live(
     try:
         header = reader.open()  # a source that cannot be opened is refused here, nothing written
         check_job_limits(1, header.width, header.height, prompts, settings)
-        check_live_prompts(prompts, header.width, header.height, auto=auto is not None)
+        check_live_prompts(prompts, header.width, header.height, auto=auto is not None or bool(text))
         check_auto(auto, labels, header.width, header.height)
         zones = (zones or ZoneSet()).check(header.width, header.height)
         lock = client.lock(keys.submit_lock(job_id), timeout=60, blocking_timeout=60)
@@ -144,7 +150,7 @@ def submit_live(
                 return Submitted(job_id, created=False)
             ingest = LiveIngest(client, settings, job_id, reader.source, header, prompts, render=render,
                                 duration_s=duration_s, stop=stop, auto=auto, labels=tuple(labels),
-                                stop_reason=stop_reason, max_fps=max_fps,
+                                stop_reason=stop_reason, max_fps=max_fps, text=tuple(p.strip() for p in text),
                                 extra={**({"zones": zones.to_json()} if zones else {}),
                                        **({"camera": camera} if camera else {})})
         return ingest.run(reader, on_enqueued)
@@ -159,7 +165,7 @@ class LiveIngest:
                  prompts: Sequence[ObjectPrompt], *, render: bool, duration_s: float | None,
                  stop: threading.Event, auto: messages.AutoOptions | None = None, labels: tuple[str, ...] = (),
                  stop_reason: Callable[[], str] | None = None, max_fps: float | None = None,
-                 extra: Mapping[str, str] | None = None) -> None:
+                 extra: Mapping[str, str] | None = None, text: tuple[str, ...] = ()) -> None:
         self.client = client
         self.settings = settings
         self.job_id = job_id
@@ -172,7 +178,8 @@ class LiveIngest:
         self.job = messages.JobMessage(
             job_id=job_id, frames_dir=self.frames_rel, num_frames=1, width=header.width, height=header.height,
             fps=min(header.fps, max_fps or header.fps), prompts=tuple(prompts), source=redacted(source), frames_stream=self.stream,
-            producer_ttl_s=settings.producer_ttl_s, render=render, live=True, auto=auto, labels=labels)
+            producer_ttl_s=settings.producer_ttl_s, render=render, live=True, auto=auto, labels=labels,
+            text=text)
         self.announced = 0
         self.enqueued = False
         self.tried_enqueue = False

@@ -16,6 +16,7 @@ from typing import Any, cast
 import redis
 
 from producer.client_items import ResultCursor
+from producer.enqueue import lane_keys
 from runtime.connection import connect
 from runtime.faults import redact_url
 from runtime.settings import Settings
@@ -104,13 +105,13 @@ def is_live(job_id: str, *, settings: Settings, client: redis.Redis) -> bool:
     """Whether the job is a live one: its hash's `live` field (set by the producer as it enqueues), else the
     `live` of its job message, still on the jobs stream while the job runs (its hash's `entry_id`)."""
     keys = settings.keys
-    live, entry_id = cast(list[bytes | str | None], client.hmget(keys.job(job_id), ["live", "entry_id"]))
+    live, entry_id, lane = cast(list[bytes | str | None], client.hmget(keys.job(job_id), ["live", "entry_id", "lane"]))
     if live is not None:
         return _str(live) == "1"
     if not entry_id:
         return False
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                   client.xrange(keys.jobs, min=_str(entry_id), max=_str(entry_id), count=1))
+                   client.xrange(lane_keys(keys, lane).jobs, min=_str(entry_id), max=_str(entry_id), count=1))
     for _id, fields in entries:
         try:
             msg = messages.decode(fields)

@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import redis
 
+from producer.enqueue import lane_keys
 from producer.prompts import build_prompts
 from runtime.connection import connect
 from runtime.faults import redact_url
@@ -148,6 +149,10 @@ class PromptReply:
 
 
 def _change_line(change: messages.ObjectChange) -> str:
+    if change.obj_id == messages.TEXT_OBJ_ID:
+        what = f"text {change.label!r}"
+        return (f"{what} refused: {change.note or 'no reason given'}" if change.change == "refused"
+                else f"{what} looked for from frame {change.frame_idx}")
     if change.change == "refused":
         return f"object {change.obj_id} refused: {change.note or 'no reason given'}"
     line = f"object {change.obj_id} {change.change} from frame {change.frame_idx}"
@@ -187,6 +192,27 @@ def add_prompts(job_id: str, prompts: Sequence[ObjectPrompt], *, settings: Setti
     return _send_and_wait(client, settings, command, tuple(sorted(new)), wait_s, _PROMPTS_ONLY)
 
 
+def add_text(job_id: str, phrases: Sequence[str], *, settings: Settings, wait_s: float = 10.0,
+             client: redis.Redis | None = None) -> PromptReply:
+    """Look for every instance of these phrases too in a running or queued job with text (SAM 3), from the next
+    frame its worker processes; wait up to `wait_s` for the worker's reply (one `text` entry per phrase, obj_id
+    TEXT_OBJ_ID; the instances found come as `added` entries as they show).
+
+    Raises, with nothing written: PromptError (an empty phrase, or a job without text: its worker's model takes
+    none), and as `add_prompts` does."""
+    validate_job_id(job_id)
+    clean = tuple(p.strip() for p in phrases)
+    if not clean or not all(clean):
+        raise PromptError(f"--text needs phrases such as \"ball, referee\", but got {list(phrases)!r}")
+    client = client or connect(settings)
+    job = _read_job(client, settings, job_id, _PROMPTS_ONLY)
+    if not job.job.text:
+        raise PromptError(f"job {job_id} was submitted without --text, so its worker's model takes no phrases: submit "
+                          "a job with --text (a SAM 3 worker takes it)")
+    command = messages.PromptCommand(job_id, uuid.uuid4().hex, (), text=clean)
+    return _send_and_wait(client, settings, command, (messages.TEXT_OBJ_ID,), wait_s, _PROMPTS_ONLY)
+
+
 def remove_object(job_id: str, obj_id: int, *, settings: Settings, wait_s: float = 10.0,
                   client: redis.Redis | None = None) -> PromptReply:
     """Stop tracking object `obj_id` of a running or queued job from the next frame its worker processes;
@@ -198,7 +224,7 @@ def remove_object(job_id: str, obj_id: int, *, settings: Settings, wait_s: float
         raise PromptError(f"an object id must be an integer >= 0, but got {obj_id!r}")
     client = client or connect(settings)
     job = _read_job(client, settings, job_id, _REMOVE_ONLY)
-    if obj_id not in job.ever and job.job.auto is None:
+    if obj_id not in job.ever and job.job.auto is None and not job.job.text:
         removed = sorted(job.ever - job.tracked)
         raise UnknownObjectError(f"job {job_id} has no object {obj_id} (its objects now: "
                                  f"{', '.join(map(str, sorted(job.tracked))) or 'none'}"
@@ -218,7 +244,8 @@ def _ended(job_id: str, state: str, what: str) -> JobEndedError:
 
 def _read_job(client: redis.Redis, settings: Settings, job_id: str, what: str) -> _Job:
     keys = settings.keys
-    state, entry_id = cast(list[bytes | None], client.hmget(keys.job(job_id), ["state", "entry_id"]))
+    state, entry_id, lane = cast(list[bytes | None], client.hmget(keys.job(job_id), ["state", "entry_id", "lane"]))
+    keys = lane_keys(keys, lane)
     if state is None:
         raise _unknown(settings, job_id)
     if state.decode() in TERMINAL_STATES:

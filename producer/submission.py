@@ -18,6 +18,7 @@ import redis
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from producer.capabilities import require_worker
 from producer.decode import VideoHeader, VideoInfo, extract_frames, probe_header
 from producer.enqueue import enqueue
 from producer.enqueue import job_exists as enqueue_job_exists
@@ -31,7 +32,7 @@ from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PromptError
-from schemas.names import Keys, validate_job_id
+from schemas.names import POINTS, TEXT, Keys, validate_job_id
 from schemas.prompts import ObjectPrompt, validate_prompts
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def submit(
     labels: Sequence[str] = (),
     on_enqueued: OnEnqueued | None = None,
     zones: ZoneSet | None = None,
+    text: Sequence[str] = (),
 ) -> Submitted:
     """Decode `video`, validate `prompts` against it and enqueue one job; returns its id.
 
@@ -117,12 +119,16 @@ def submit(
     frames of a job that was never enqueued are removed. `on_enqueued` is told the job id as soon as the job
     is on the jobs stream (from the decoding thread), while decoding goes on: `producer.client` returns there.
     `zones`: the zones and lines its events are judged against (producer/alerts.py), checked against the
-    displayed frame (ZoneError) before anything is decoded.
+    displayed frame (ZoneError) before anything is decoded. `text`: phrases whose every instance is tracked (a
+    SAM 3 worker takes the job; prompts may then be empty): NoCapableWorker, before anything is decoded, when no
+    live worker takes text (producer/capabilities.py).
     """
     client = client or connect(settings)
     keys = settings.keys
     job_id = validate_job_id(job_id) if job_id else new_job_id()
     ensure_layout(client, keys, mark=False)  # the first Redis call, before any decoding: LayoutError on an old layout
+    check_text(text, prompts, auto)
+    require_worker(client, keys, TEXT if text else POINTS, url=settings.redis_url)
     if job_exists(client, keys, job_id):
         log.info("job %s already exists: not submitting it again", job_id)
         return Submitted(job_id, created=False)
@@ -137,7 +143,20 @@ def submit(
         clip = ClipOptions(max_frames=max_frames, stride=stride, start_s=start_s, end_s=end_s, progress=progress)
         return _decode_and_enqueue(client, settings, job_id, video, prompts, clip, stream=stream, render=render,
                                    resume=resume, auto=auto, labels=tuple(labels), on_enqueued=on_enqueued,
-                                   zones=zones or ZoneSet())
+                                   zones=zones or ZoneSet(), text=tuple(p.strip() for p in text))
+
+
+def check_text(text: Sequence[str], prompts: Sequence[ObjectPrompt], auto: messages.AutoOptions | None) -> None:
+    """Refuse text prompts that a SAM 3 worker cannot take, before anything is written."""
+    if not text:
+        return
+    if any(not isinstance(p, str) or not p.strip() for p in text):
+        raise PromptError(f"--text has an empty phrase: {list(text)!r}; give phrases such as \"player, ball\"")
+    if prompts:
+        raise PromptError("--text jobs take no --point, --box or --prompts: SAM 3 workers track text phrases only; "
+                          "submit the point and box objects as a job of their own")
+    if auto is not None:
+        raise PromptError("--text and --auto are two ways of finding objects: give one of them")
 
 
 def check_auto(auto: messages.AutoOptions | None, labels: Sequence[str], width: int, height: int) -> None:
@@ -219,6 +238,7 @@ def _decode_and_enqueue(
     labels: tuple[str, ...] = (),
     on_enqueued: OnEnqueued | None = None,
     zones: ZoneSet = NO_ZONES,
+    text: tuple[str, ...] = (),
 ) -> Submitted:
     """The one enqueue path, streamed or not: check what the video's header tells, decode into a fresh
     frames directory, check again against what was decoded, enqueue once (`enqueue_job`), and on any error
@@ -228,7 +248,7 @@ def _decode_and_enqueue(
     header = probe_header(video)  # width and height as displayed: prompts are in the upright picture
     width, height, fps, estimate = header.width, header.height, header.fps, header.estimate
     check_job_limits(1, width, height, prompts, settings)  # refuse oversized frames before decoding
-    _validate_displayed(prompts, header, settings.max_frames, allow_none=auto is not None)
+    _validate_displayed(prompts, header, settings.max_frames, allow_none=auto is not None or bool(text))
     check_auto(auto, labels, width, height)
     zones.check(width, height)
     expected = clip.expected_frames(estimate, fps)
@@ -242,6 +262,7 @@ def _decode_and_enqueue(
         resume=resume,
         auto=auto,
         labels=labels,
+        text=text,
     )
 
     extra = {"source_path": str(Path(video).resolve()), **({"zones": zones.to_json()} if zones else {}),
@@ -265,7 +286,7 @@ def _decode_and_enqueue(
             info = handoff.decode(extract)
             check_job_limits(info.num_frames, info.width, info.height, prompts, settings)
             validate_prompts(prompts, width=info.width, height=info.height, num_frames=info.num_frames,
-                             allow_none=auto is not None)
+                             allow_none=auto is not None or bool(text))
             created = handoff.decoded(info)
         except BaseException as e:
             handoff.abandon(e)

@@ -95,6 +95,8 @@ ENV_VARS: dict[str, str] = {
     "label_model": "VSEG_LABEL_MODEL",
     "label_pretrained": "VSEG_LABEL_PRETRAINED",
     "label_every": "VSEG_LABEL_EVERY",
+    "reid_window_s": "VSEG_REID_WINDOW_S",
+    "reid_threshold": "VSEG_REID_THRESHOLD",
     "zone_min_overlap": "VSEG_ZONE_MIN_OVERLAP",
     "zone_hysteresis": "VSEG_ZONE_HYSTERESIS",
     "zone_confirm_frames": "VSEG_ZONE_CONFIRM_FRAMES",
@@ -182,6 +184,9 @@ class Settings:
     label_model: str = "ViT-B-32"  # open_clip model name
     label_pretrained: str = "laion2b_s34b_b79k"  # open_clip weights (from the Hugging Face Hub); random: tests only
     label_every: int = 30  # processed frames between two labellings of an object
+    # Identities (worker/model/sam3/identities.py): a text object lost and seen again gets its old id back
+    reid_window_s: float = 10.0  # seconds of video a lost object is remembered; 0: no re-identification
+    reid_threshold: float = 0.9  # cosine similarity of embeddings at which a new instance is a lost object again
     # Zones and events (producer/alerts.py): judged on each object's mask, frame by frame
     zone_min_overlap: float = 0.5  # an object is in a zone once at least this fraction of its mask is inside
     zone_hysteresis: float = 0.5  # and out again once the fraction falls below zone_min_overlap * (1 - this)
@@ -277,6 +282,9 @@ class Settings:
         for name in ("zone_confirm_frames", "dwell_s", "webhook_timeout_s", "webhook_max_attempts"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} ({ENV_VARS[name]}) must be positive, but got {getattr(self, name)}")
+        if self.reid_window_s < 0 or not -1 <= self.reid_threshold <= 1:
+            raise ConfigError(f"reid_window_s (VSEG_REID_WINDOW_S) must be >= 0 and reid_threshold "
+                              f"(VSEG_REID_THRESHOLD) in [-1, 1], but got {self.reid_window_s} and {self.reid_threshold}")
         if self.line_margin_px < 0:
             raise ConfigError(f"line_margin_px (VSEG_LINE_MARGIN_PX) must be >= 0, but got {self.line_margin_px}")
         if self.log_format not in LOG_FORMATS:

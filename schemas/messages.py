@@ -42,6 +42,7 @@ from schemas.prompts import ObjectPrompt, check_prompt_shape
 from schemas.rle import Rle
 
 SCHEMA_VERSION = 1
+TEXT_OBJ_ID = -1  # the obj_id of an `object` entry that answers a command's text (no one object)
 
 # Bounds msgspec checks while decoding (in C; `ge` also refuses NaN). Constructors do not check them.
 Count = Annotated[int, Meta(ge=0)]
@@ -119,6 +120,9 @@ class JobMessage(Entry, frozen=True):
     live: bool = False
     auto: AutoOptions | None = None  # automatic prompts (worker/service/auto.py); None: only the prompts given
     labels: tuple[str, ...] = ()  # zero-shot labels for every object (CLIP, worker/model/labels.py)
+    # Text prompts (SAM 3): every instance of each phrase is found and tracked, each its own object (an `object`
+    # entry `added`, source `text`, label the phrase); such a job goes on vseg:jobs:text, read by SAM 3 workers
+    text: tuple[str, ...] = ()
 
 
 class ObjectResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -227,6 +231,9 @@ class PromptCommand(TimedEntry, frozen=True):
     request_id: str
     prompts: tuple[ObjectPrompt, ...]
     now: bool = False
+    # phrases to look for from the next frame processed on (a job with text, on a SAM 3 worker): the worker
+    # answers with one `object` entry per phrase, obj_id -1 and change `text`, then `added` ones as instances show
+    text: tuple[str, ...] = ()
 
 
 class RemoveCommand(TimedEntry, frozen=True):
@@ -246,9 +253,11 @@ class ObjectChange(TimedEntry, frozen=True):
     job_id: str
     obj_id: int
     frame_idx: Count
-    change: str  # added | corrected | removed | refused | lost (an automatic object gone for auto_lost_frames)
+    # added | corrected | removed | refused | lost (an automatic or text object gone) | returned (a lost object seen
+    # again within reid_window_s: its old id back) | text (a phrase a command asked for: obj_id TEXT_OBJ_ID)
+    change: str
     request_id: str = ""
-    source: str = "prompt"  # prompt (a command) | auto (the mask generator, and its objects' lifecycle)
+    source: str = "prompt"  # prompt (a command) | auto (the mask generator) | text (a phrase, SAM 3)
     requested_frame: int = -1
     note: str = ""
     label: str = ""  # jobs with labels: the object's label when the change was made
@@ -357,12 +366,20 @@ def _check(msg: Message) -> None:
         raise SchemaError(f"{name} message field job_id: {e}") from None
     if isinstance(msg, PromptCommand):
         _check_prompts(name, msg.prompts)
+        _check_text(name, msg.text)
     if not isinstance(msg, JobMessage):
         return
     if not math.isfinite(msg.producer_ttl_s):
         raise SchemaError(f"job message field producer_ttl_s must be a number of seconds >= 0, "
                           f"but got {msg.producer_ttl_s!r}")
     _check_prompts(name, msg.prompts)
+    _check_text(name, msg.text)
+
+
+def _check_text(name: str, text: tuple[str, ...]) -> None:
+    for i, phrase in enumerate(text):
+        if not phrase.strip():
+            raise SchemaError(f"{name} message field text[{i}] is empty: every phrase must name something")
 
 
 def _check_prompts(name: str, prompts: tuple[ObjectPrompt, ...]) -> None:

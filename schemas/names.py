@@ -42,16 +42,40 @@ def hash_tag(job_id: str) -> str:
     return "{" + job_id + "}"
 
 
+# What a job needs of its worker's model, and the jobs stream ("lane") it goes on: a worker reads the one lane its
+# model serves (worker/model/models.py). Points and boxes (SAM 2): `vseg:jobs`, as ever; text (SAM 3): `vseg:jobs:text`.
+POINTS = "points"
+TEXT = "text"
+LANES = {POINTS: "", TEXT: TEXT}  # capability -> lane ("" is the first stream, `vseg:jobs`)
+
+
+def lane_of(text: tuple[str, ...] | list[str]) -> str:
+    """The lane of a job with these text phrases: text jobs on theirs, the rest on `vseg:jobs`."""
+    return LANES[TEXT] if text else LANES[POINTS]
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Names of the service's streams and keys under one prefix (default `vseg`)."""
+    """Names of the service's streams and keys under one prefix (default `vseg`); `lane` picks the jobs stream
+    (a worker's keys name the lane it reads; a client's the first, and `for_lane` another)."""
 
     prefix: str = DEFAULT_PREFIX
+    lane: str = ""
+
+    def for_lane(self, lane: str) -> Keys:
+        """The same names, with the jobs stream of `lane` ("" or a value of LANES)."""
+        if lane not in LANES.values():
+            raise ValueError(f"unknown jobs lane {lane!r}; known: {sorted(LANES.values())}")
+        return Keys(self.prefix, lane)
+
+    def all_lanes(self) -> list[Keys]:
+        """One Keys per lane, the first lane first (queue statistics, the viewer)."""
+        return [self.for_lane(lane) for lane in dict.fromkeys(LANES.values())]
 
     @property
     def jobs(self) -> str:
-        """Stream of submitted jobs; workers read it through the `group` consumer group."""
-        return f"{self.prefix}:jobs"
+        """Stream of submitted jobs of this lane; workers read it through the `group` consumer group."""
+        return f"{self.prefix}:jobs:{self.lane}" if self.lane else f"{self.prefix}:jobs"
 
     @property
     def group(self) -> str:

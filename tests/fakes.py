@@ -257,6 +257,9 @@ class ChaosSession:
     def add_prompts(self, prompts: Sequence[ObjectPrompt], *, or_next: bool = False) -> None:
         self.inner.add_prompts(prompts, or_next=or_next)
 
+    def add_text(self, phrases: Sequence[str]) -> None:
+        self.inner.add_text(phrases)
+
     def remove_object(self, obj_id: int) -> None:
         self.inner.remove_object(obj_id)
 

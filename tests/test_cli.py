@@ -35,7 +35,7 @@ def test_worker_without_checkpoint_names_the_path_and_how_to_get_it(env: dict[st
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "huge"], "unknown model preset 'huge'"),
+        (["--model", "huge"], "unknown model 'huge': give --model (VSEG_MODEL) one of sam2.1-tiny"),
         (["--checkpoint", "/nope/model.pt"], "checkpoint file not found: /nope/model.pt"),
         (["--image-size", "250"], "multiple of 16"),
     ],

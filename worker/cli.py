@@ -18,10 +18,13 @@ log = logging.getLogger("worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker", description="SAM 2 video segmentation worker")
+    p = argparse.ArgumentParser(prog="python -m worker", description="SAM 2 / SAM 3 video segmentation worker")
     p.add_argument("command", nargs="?", default="run", choices=["run", "check"],
                    help="run (default): process jobs; check: exit 0 if a worker on this host is healthy")
-    p.add_argument("--model", dest="model_preset", help="model preset: tiny, small, base_plus, large (VSEG_MODEL)")
+    p.add_argument("--model", dest="model_preset",
+                   help="the model this worker serves (VSEG_MODEL): sam2.1-tiny (default), sam2.1-small, "
+                        "sam2.1-base-plus, sam2.1-large (points and boxes, jobs from vseg:jobs), or sam3 (text "
+                        "prompts, jobs from vseg:jobs:text; --checkpoint DIR of facebook/sam3, or random)")
     p.add_argument("--checkpoint", help="checkpoint .pt path, or 'random' for a smoke test with random weights")
     p.add_argument("--image-size", type=int, help="model input size (default: the model's, 1024; CPU tests use 256)")
     p.add_argument("--device", help="auto (default), cuda, cuda:N or cpu")

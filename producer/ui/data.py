@@ -19,13 +19,14 @@ import msgspec
 import redis
 
 from producer.cameras import CameraKeys
+from producer.enqueue import lane_keys
 from producer.fleet_status import describe_state, read_cameras
 from producer.zones import ZoneSet
 from runtime.faults import redact_url
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import SchemaError, UnknownJobError, ZoneError
-from schemas.names import TERMINAL_ENTRY_ID, TERMINAL_STATES, frame_entry_id, validate_job_id
+from schemas.names import TERMINAL_ENTRY_ID, TERMINAL_STATES, Keys, frame_entry_id, validate_job_id
 from schemas.storage import job_frames_rel
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,19 @@ def read_job(client: redis.Redis, settings: Settings, job_id: str) -> JobView:
     if not fields:
         raise UnknownJobError(f"no job {job_id!r} in Redis at {redact_url(settings.redis_url)} (never submitted, "
                               f"or its results expired): check the job id")
-    message = _job_message(client, settings, job_id, fields.get("entry_id", ""))
+    message = _job_message(client, lane_keys(keys, fields.get("lane")), job_id, fields.get("entry_id", ""))
     view = JobView(job_id, fields, message)
     if view.size is None:
         view = JobView(job_id, fields, message, _size_from_masks(client, settings, job_id))
     return view
 
 
-def _job_message(client: redis.Redis, settings: Settings, job_id: str, entry_id: str) -> messages.JobMessage | None:
+def _job_message(client: redis.Redis, keys: Keys, job_id: str, entry_id: str) -> messages.JobMessage | None:
+    """The job message at `entry_id` of `keys.jobs` (its lane's), None once gone."""
     if not entry_id:
         return None
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                   client.xrange(settings.keys.jobs, min=entry_id, max=entry_id, count=1))
+                   client.xrange(keys.jobs, min=entry_id, max=entry_id, count=1))
     for _id, raw in entries:
         try:
             msg = messages.decode(raw)
@@ -197,7 +199,9 @@ def _job_of(fields: Mapping[bytes, bytes]) -> str:
 def recent_job_ids(client: redis.Redis, settings: Settings, limit: int = JOBS_SHOWN) -> list[str]:
     """Jobs on the jobs stream (in flight), then those of the newest vseg:events entries, newest first."""
     keys = settings.keys
-    in_flight = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(keys.jobs, count=limit))
+    in_flight = [entry for lane in keys.all_lanes()
+                 for entry in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(lane.jobs, count=limit))]
+    in_flight.sort(key=lambda entry: tuple(int(n) for n in _text(entry[0]).split("-")), reverse=True)
     events = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(keys.events, count=EVENTS_SCANNED))
     seen: dict[str, None] = {}
     for _id, fields in [*in_flight, *events]:

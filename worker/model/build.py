@@ -11,6 +11,7 @@ from typing import cast
 
 from runtime.settings import Settings
 from schemas.errors import ConfigError
+from worker.model.models import choose_model
 from worker.model.segment import Segmenter
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ def build_segmenter(settings: Settings) -> Segmenter:
     """The segmenter itself, in this process (a model process's child calls this too)."""
     if settings.segmenter:
         return import_factory(settings.segmenter)(settings)
+    choice = choose_model(settings.model_preset)
+    if choice.family == "sam3":
+        return build_sam3(settings)
     from worker.model.sam2.checkpoints import (
         RANDOM,
         build_predictor,
@@ -64,7 +68,7 @@ def build_segmenter(settings: Settings) -> Segmenter:
     from worker.model.sam2.segmenter import Sam2Segmenter
 
     device = resolve_device(settings.device)
-    preset = get_preset(settings.model_preset)
+    preset = get_preset(choice.preset)
     ckpt = resolve_checkpoint(preset, settings.checkpoint, settings.checkpoint_dir)
     random_weights = settings.checkpoint == RANDOM
     if random_weights:
@@ -85,3 +89,21 @@ def build_segmenter(settings: Settings) -> Segmenter:
              "kept out of the first job)")
     log.info("warmed up in %.2f s", segmenter.warm_up())
     return segmenter
+
+
+def build_sam3(settings: Settings) -> Segmenter:
+    """SAM 3 (`--model sam3`): the real weights from `checkpoint` (a folder; none: the Hugging Face cache), or with
+    `--checkpoint random` the tiny random model (smoke tests: its masks mean nothing)."""
+    from worker.model.sam2.checkpoints import RANDOM, resolve_device
+    from worker.model.sam3.build import load_sam3, load_tiny
+    from worker.model.sam3.segmenter import Sam3Segmenter
+
+    device = resolve_device(settings.device)
+    if settings.checkpoint == RANDOM:
+        log.warning("!!! RANDOM WEIGHTS: SAM 3 is the tiny untrained model; every mask is meaningless (smoke test) !!!")
+        sam3 = load_tiny(device=device)
+    else:
+        sam3 = load_sam3(settings.checkpoint, device=device)
+    share_cores_with_model(device)
+    log.info("loaded %s on %s: text prompts (jobs on the text lane)", sam3.name, device)
+    return Sam3Segmenter(sam3, reid_window_s=settings.reid_window_s, reid_threshold=settings.reid_threshold)

@@ -24,6 +24,9 @@ class FrameMasks:
     source_idx: int | None = field(default=None, compare=False)
     # Jobs with labels: each object's (label, probability), given by the runner (worker/service/auto.py)
     labels: Mapping[int, tuple[str, float]] | None = field(default=None, compare=False)
+    # Objects that came or went on this frame by the model's own doing (a SAM 3 session's text instances):
+    # (obj_id, change, label) with change added | lost | returned; the runner writes each as an `object` entry
+    changes: tuple[tuple[int, str, str], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3 or self.masks.shape[0] != len(self.obj_ids):

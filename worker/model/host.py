@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from runtime.settings import Settings
 from worker.model.build import build_segmenter
+from worker.model.models import choose_model
 from worker.model.process import ModelProcess, use_model_process
 from worker.model.segment import Segmenter
 
@@ -46,6 +47,8 @@ class ModelHost:
     @classmethod
     def load(cls, settings: Settings) -> ModelHost:
         """The host the settings ask for, its first model loaded."""
+        if not settings.segmenter and choose_model(settings.model_preset).family == "sam3":
+            return cls(build_segmenter(settings))  # SAM 3 runs in the worker's process (no model process for it)
         if use_model_process(settings, model_device(settings)):
             shared = settings.session_batch > 1
             return cls(ModelProcess(settings, shared=shared), per_slot=not shared,

@@ -54,6 +54,7 @@ from typing import Any
 
 from runtime.settings import Settings
 from schemas.errors import WorkerBroken
+from schemas.names import POINTS
 from worker.model.frame_masks import FrameMasks
 from worker.model.process_child import serve
 from worker.model.process_inbox import Inboxes
@@ -90,6 +91,7 @@ class ModelProcess:
         self.shared = shared  # holds every slot's session at once (see the module doc), else one at a time
         self.name = ""
         self.random_weights = False
+        self.capability = POINTS  # a model process runs SAM 2 (SAM 3 runs in the worker's process)
         self.device = "cpu"
         self.restarts = 0
         self.sessions_opened = 0

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from schemas.names import POINTS
 from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
 from worker.model.session import MaskPrompt, Prompt, Session
@@ -35,6 +36,7 @@ class Segmenter(Protocol):
 
     name: str  # model name for logs and results, e.g. "sam2.1-tiny"
     random_weights: bool  # True only for smoke tests: results are meaningless
+    capability: str  # what its jobs may ask: schemas.names.POINTS (points, boxes) or TEXT (phrases, SAM 3)
 
     @property
     def device(self) -> str:
@@ -89,6 +91,8 @@ class InProcessModel:
     """What a segmenter that runs in the worker's own process does for the Segmenter protocol's
     lifecycle (nothing to start, nothing to stop from outside, nothing to release), and `segment` as
     one session run to its end."""
+
+    capability = POINTS
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
                      start_frame: int = 0) -> Session:

@@ -18,6 +18,7 @@ tracks on that frame. Between frames it takes:
   retries (a model process may have computed frames the worker has not read yet). Either way a prompt
   takes effect on max(its frame, `position` after the call).
 - `remove_object(obj_id)`: the object is gone from the next frame on.
+- `add_text(phrases)`: every instance of each phrase is found from the next frame on (SAM 3 only).
 - `close()`: releases the state and the loaders (idempotent; a session is also a context manager).
 
 Objects can come and go, so the obj_ids of successive FrameMasks can differ; a session with no object
@@ -99,6 +100,11 @@ class Session(Protocol):
     def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None: ...
 
     def remove_object(self, obj_id: int) -> None: ...
+
+    def add_text(self, phrases: Sequence[str]) -> None:
+        """Phrases to find and track every instance of, from the next frame the model computes (a text model's
+        session, worker/model/sam3/segmenter.py); PromptError from a model that takes no text."""
+        ...
 
     def backfill(self, prompt: ObjectPrompt) -> Backfill:
         """A prompt on a frame already computed (a file job's, worker/service/control.py): run alone, in a
@@ -224,6 +230,11 @@ class SessionShell:
 
     def _known(self) -> set[int]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def add_text(self, phrases: Sequence[str]) -> None:
+        """Session.add_text: this model takes no text (SAM 3's session overrides it)."""
+        raise PromptError(f"this worker's model takes no text prompts (asked for {', '.join(phrases)}): text jobs "
+                          "go to a SAM 3 worker (python -m worker --model sam3)")
 
     def _close(self) -> None:
         """Free what the session holds (called once)."""

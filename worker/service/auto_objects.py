@@ -51,6 +51,8 @@ class JobObjects:
         """Before frame `out` (already the job's frame index) is put: its labels, and the automatic objects
         confirmed (shown from here, an `added` entry) or lost (an entry after it). Returns (every object,
         what is published, whether a keyframe follows)."""
+        for obj_id, change, label in out.changes:  # a text model's own objects (SAM 3): added, lost, returned
+            self.feed.note(session_frame, obj_id, change, label=label, source="text")
         if self.auto is None and self.book is None:
             return out, out, False
         at_s = None

@@ -48,10 +48,11 @@ class WorkerContext:
     on_fatal: Callable[[str], None]  # the job's thread is wedged: leave now (called from a helper thread)
     metrics: WorkerMetrics
     slot: SlotState = field(default_factory=SlotState)  # the slot this context runs jobs in
+    lane: str = ""  # the jobs stream this worker reads: its model's (worker/model/models.py)
 
     @property
     def keys(self) -> Keys:
-        return self.settings.keys
+        return self.settings.keys.for_lane(self.lane)
 
     def lease(self, entry_id: str, job_id: str, on_stall: Callable[[str], None] | None = None) -> Lease:
         """A lease on `entry_id` for this worker (not yet renewing: use it as a context manager)."""

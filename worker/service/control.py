@@ -137,7 +137,7 @@ class ControlFeed:
                     raise
                 log.exception("job %s: command %s could not be applied", self.job_id, command.request_id)
                 obj_ids = [command.obj_id] if isinstance(command, messages.RemoveCommand) else sorted(
-                    {p.obj_id for p in command.prompts})
+                    {p.obj_id for p in command.prompts} | ({messages.TEXT_OBJ_ID} if command.text else set()))
                 for obj_id in obj_ids:
                     self.changes.hold(session.position, command, obj_id, "refused", -1,
                                       f"the worker could not apply it: {type(e).__name__}: {e}")
@@ -151,11 +151,17 @@ class ControlFeed:
         """`count` entry ids just before frame `frame_idx`'s entry, after those given out so far there."""
         return self.changes.reserve(frame_idx, count)
 
-    def note(self, session_frame: int, obj_id: int, change: str, *, label: str = "", note: str = "") -> None:
-        """An automatic object's change (worker/service/auto.py), written when the runner reaches its frame."""
-        self.changes.hold(session_frame, None, obj_id, change, -1, note, label)
+    def note(self, session_frame: int, obj_id: int, change: str, *, label: str = "", note: str = "",
+             source: str = "auto") -> None:
+        """A change the model made (an automatic object's, worker/service/auto.py; a text instance's, source
+        `text`), written when the runner reaches its frame."""
+        self.changes.hold(session_frame, None, obj_id, change, -1, note, label, source=source)
 
     def _prompt(self, session: Session, command: messages.PromptCommand) -> None:
+        if command.text:
+            self._text(session, command)
+        if not command.prompts:
+            return
         known = set(session.obj_ids)
         new_ids = {p.obj_id for p in command.prompts} - known
         if len(known) + len(new_ids) > self.settings.max_objects:
@@ -177,6 +183,19 @@ class ControlFeed:
                 self.changes.hold(session.position, command, p.obj_id, "refused", requested, str(e))
                 continue
             self.changes.hold(target, command, p.obj_id, change, requested, note)
+
+    def _text(self, session: Session, command: messages.PromptCommand) -> None:
+        """A command's phrases, looked for from the next frame on: one `text` entry per phrase (obj_id
+        TEXT_OBJ_ID), or `refused` with why (a model that takes no text)."""
+        try:
+            session.add_text(command.text)
+        except PromptError as e:
+            for phrase in command.text:
+                self.changes.hold(session.position, command, messages.TEXT_OBJ_ID, "refused", -1, str(e), phrase)
+            return
+        for phrase in command.text:
+            self.changes.hold(session.position, command, messages.TEXT_OBJ_ID, "text", -1,
+                              f"every instance of {phrase!r} is looked for from here on", phrase)
 
     def _backfilled(self, session: Session, command: messages.PromptCommand, p: ObjectPrompt, change: str) -> bool:
         """A prompt on a frame already published, propagated backwards (Session.backfill): its earlier frames as
@@ -213,6 +232,9 @@ class ControlFeed:
         try:
             if change.change == "removed":
                 session.remove_object(change.obj_id)
+                frame = session.position
+            elif change.change == "text":  # a phrase: looked for again from here
+                session.add_text([change.label])
                 frame = session.position
             else:
                 assert isinstance(command, messages.PromptCommand)

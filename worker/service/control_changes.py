@@ -38,6 +38,7 @@ class Held:
     requested: int
     note: str
     label: str = ""
+    source: str = "auto"  # prompt (a command) | auto | text: ObjectChange.source
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,10 @@ class HeldChanges:
         self._per_frame: dict[int, int] = defaultdict(int)  # object entries written for each frame, this attempt
 
     def hold(self, frame: int, command: Command | None, obj_id: int, change: str, requested: int, note: str,
-             label: str = "") -> None:
-        self._held.append(Held(frame, command, obj_id, change, requested, note, label))
+             label: str = "", *, source: str = "auto") -> None:
+        """A change to write at `frame`: a command's (source `prompt`), else the model's (`source`)."""
+        self._held.append(Held(frame, command, obj_id, change, requested, note, label,
+                               "prompt" if command is not None else source))
 
     def hold_updates(self, frame: int, updates: list[messages.FrameUpdate]) -> None:
         self._held.append(HeldUpdates(frame, tuple(updates)))
@@ -82,7 +85,7 @@ class HeldChanges:
             request_id = h.command.request_id if h.command is not None else ""
             sink.put_change(entry_id, messages.ObjectChange(
                 self.job_id, h.obj_id, frame_idx, h.change, request_id=request_id,
-                source="prompt" if h.command is not None else "auto", requested_frame=h.requested, note=h.note,
+                source=h.source, requested_frame=h.requested, note=h.note,
                 label=h.label), self.command_ids.get(request_id, ""))
 
     def reserve(self, frame_idx: int, count: int) -> list[str]:

@@ -116,7 +116,7 @@ class JobEntry:
         self.job: ValidJob | None = None
         self.invalid: Exception | None = None  # why the job cannot run: it ends `failed`, never retried
         try:
-            self.job = validate_job(msg, ctx.settings)
+            self.job = validate_job(msg, ctx.settings, ctx.segmenter.capability)
         except Exception as e:  # noqa: BLE001 - a PermanentError saying what is wrong, or a bug (logged in full)
             self.invalid = e
         self.left = threading.Event()  # set once this job's thread has left the job

@@ -55,8 +55,10 @@ class Health:
     answering (the key is then left to expire rather than waited on)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, name: str, stats: WorkerStats, *, period_s: float = 1.0,
-                 stale_s: float = 10.0) -> None:
+                 stale_s: float = 10.0, model: str = "", capabilities: tuple[str, ...] = ()) -> None:
         self.client = client
+        self.model = model  # what this worker serves, in its key for `submit`'s check (producer/capabilities.py)
+        self.capabilities = capabilities
         self.key = keys.worker_health(name)
         self.name = name
         self.stats = stats
@@ -74,7 +76,8 @@ class Health:
 
     def value(self, **status: Any) -> str:
         return json.dumps({"worker": self.name, "host": socket.gethostname(), "at": time.time(),
-                           "jobs_done": self.stats.jobs_done, **status})
+                           "jobs_done": self.stats.jobs_done, "model": self.model,
+                           "capabilities": list(self.capabilities), **status})
 
     def beat(self, **status: Any) -> None:
         """What the key says from now on (the heartbeat thread writes it within a second)."""

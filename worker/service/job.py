@@ -18,6 +18,7 @@ from runtime.limits import check_job_limits
 from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import PermanentError
+from schemas.names import POINTS, TEXT
 from schemas.prompts import ObjectPrompt, object_ids, validate_prompts
 from schemas.storage import job_render_rel, resolve_inside
 
@@ -47,6 +48,7 @@ class ValidJob:
     live: bool = False  # unbounded, real time: frames may be skipped, rolling HLS (worker/sources/live.py)
     auto: messages.AutoOptions | None = None  # automatic prompts (worker/service/auto.py)
     labels: tuple[str, ...] = ()  # zero-shot labels for every object (worker/model/labels.py)
+    text: tuple[str, ...] = ()  # phrases whose every instance is tracked (SAM 3: worker/model/sam3/segmenter.py)
 
     @property
     def render_rel(self) -> str:
@@ -55,10 +57,17 @@ class ValidJob:
         return job_render_rel(self.job_id, live=self.live) if self.render else ""
 
 
-def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
-    """Check `msg` against the limits, its prompts and STORAGE_ROOT; raise a PermanentError saying what
-    is wrong. A streamed job's frame count is not known yet, so its prompts may lie on any frame up to
-    the frame limit (the producer checked them against the decoded count)."""
+def validate_job(msg: messages.JobMessage, settings: Settings, capability: str = POINTS) -> ValidJob:
+    """Check `msg` against the limits, its prompts, STORAGE_ROOT and what this worker's model can do
+    (`capability`); raise a PermanentError saying what is wrong. A streamed job's frame count is not known yet,
+    so its prompts may lie on any frame up to the frame limit (the producer checked them against the decoded
+    count)."""
+    if msg.text and capability != TEXT:
+        raise PermanentError(f"job {msg.job_id} has text prompts ({', '.join(msg.text)}), which this worker's model "
+                             "cannot take: text jobs go on the text lane, read by SAM 3 workers (--model sam3)")
+    if capability == TEXT and (msg.prompts or msg.auto is not None or not msg.text):
+        raise PermanentError(f"job {msg.job_id} is not for a SAM 3 worker: it takes text phrases only (no points, "
+                             "boxes or --auto); submit point and box objects as a job of their own")
     check_job_limits(msg.num_frames, msg.width, msg.height, msg.prompts, settings)
     frames_dir = resolve_inside(settings.storage_root, msg.frames_dir)
     source = FrameSourceKind.STREAM if msg.frames_stream else FrameSourceKind.DIR
@@ -68,7 +77,7 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
     if msg.live and source is not FrameSourceKind.STREAM:
         raise PermanentError(f"job {msg.job_id} is live but has no frames stream: a live job's frames are announced "
                              "as they are captured; submit it with python -m producer submit (streaming)")
-    validate_prompts(msg.prompts, width=msg.width, height=msg.height, allow_none=msg.auto is not None,
+    validate_prompts(msg.prompts, width=msg.width, height=msg.height, allow_none=msg.auto is not None or bool(msg.text),
                      num_frames=settings.max_frames if source is FrameSourceKind.STREAM else msg.num_frames)
     return ValidJob(
         job_id=msg.job_id,
@@ -87,4 +96,5 @@ def validate_job(msg: messages.JobMessage, settings: Settings) -> ValidJob:
         live=msg.live,
         auto=msg.auto,
         labels=msg.labels,
+        text=msg.text,
     )

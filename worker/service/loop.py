@@ -45,7 +45,7 @@ from runtime.connection import worker_socket_timeout_s
 from runtime.faults import redact_url, redis_fault, redis_full_message
 from runtime.logs import EXIT_BROKEN
 from runtime.settings import Settings
-from schemas.names import Keys
+from schemas.names import LANES, Keys
 from worker.broker.claim import Entry, claim_expired, ensure_group, is_group_gone, read_new
 from worker.broker.lease import Lease
 from worker.broker.scripts import Scripts
@@ -109,17 +109,19 @@ class Worker:
         self.name = name or default_worker_name()
         self.stats = WorkerStats()
         self.shutdown = Shutdown(settings.grace_s)
+        self.lane = LANES[segmenter.capability]  # the jobs stream of what its model can do
         self.health = Health(client, settings.keys, self.name, self.stats,
-                             stale_s=max(10.0, 2 * worker_socket_timeout_s(settings) + 1.0))
+                             stale_s=max(10.0, 2 * worker_socket_timeout_s(settings) + 1.0), model=segmenter.name,
+                             capabilities=(segmenter.capability,))
         self.metrics = WorkerMetrics(
             self.stats, model=segmenter.name, image_size=settings.image_size or DEFAULT_IMAGE_SIZE,
             device=segmenter.device, random_weights=segmenter.random_weights,
             gpu_memory=segmenter.gpu_memory_bytes if segmenter.device.startswith("cuda") else None, registry=registry)
-        self._housekeeping = Housekeeping(client, settings.keys, self.name, every_s=settings.housekeeping_s,
+        self._housekeeping = Housekeeping(client, self.keys, self.name, every_s=settings.housekeeping_s,
                                           lease_s=settings.lease_s, stats=self.stats)
         self.ctx = WorkerContext(settings=settings, client=client, scripts=Scripts(client), segmenter=segmenter,
                                  name=self.name, stats=self.stats, health=self.health, shutdown=self.shutdown,
-                                 on_fatal=on_fatal, metrics=self.metrics)
+                                 on_fatal=on_fatal, metrics=self.metrics, lane=self.lane)
         self._url = redact_url(settings.redis_url)
         self.host = host
         self.concurrency, why = pick_concurrency(settings, host)
@@ -131,7 +133,7 @@ class Worker:
 
     @property
     def keys(self) -> Keys:
-        return self.settings.keys
+        return self.settings.keys.for_lane(self.lane)
 
     @property
     def jobs_done(self) -> int:
@@ -238,9 +240,9 @@ class Worker:
         try:
             self.wait_for_redis()
             if not self.shutdown.requested:
-                log.info("worker %s ready (model %s%s, lease %.1f s, stall %.0f s)", self.name, self.segmenter.name,
-                         ", RANDOM WEIGHTS" if self.segmenter.random_weights else "", self.settings.lease_s,
-                         self.settings.stall_s)
+                log.info("worker %s ready (model %s%s, %s jobs from %s, lease %.1f s, stall %.0f s)", self.name,
+                         self.segmenter.name, ", RANDOM WEIGHTS" if self.segmenter.random_weights else "",
+                         self.segmenter.capability, self.keys.jobs, self.settings.lease_s, self.settings.stall_s)
             while not self.shutdown.requested:
                 if not self._admitted():
                     continue

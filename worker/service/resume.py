@@ -56,8 +56,8 @@ FRESH = Resume()
 
 def resume_point(ctx: WorkerContext, job: ValidJob, attempt: int) -> Resume:
     """Where this attempt starts (see the module doc)."""
-    if attempt == 1 or not job.resume or ctx.settings.resume != "on":
-        return FRESH
+    if attempt == 1 or not job.resume or ctx.settings.resume != "on" or job.text:
+        return FRESH  # a text job runs again from its first frame: SAM 3 takes no mask seeds (the same ids again)
     last = last_published_frame(ctx.client, ctx.keys, job.job_id)
     if last is None:
         return FRESH

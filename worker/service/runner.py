@@ -147,6 +147,8 @@ class JobRunner:
                                                      height=job.height, start_frame=resume.seed_frame)
                 metrics.session_opened()
                 ctx.slot.session_open = True
+                if job.text:  # every instance of each phrase, from the first frame (a SAM 3 worker's session)
+                    session.add_text(job.text)
                 feed.apply(session)  # prompts sent while the job was queued, replays
             for out in session or ():
                 assert session is not None
