@@ -10,7 +10,8 @@ The tiny random SAM 3 TextTracker (worker.model.sam3.build.load_tiny) runs over 
 `step` computes frame f (its features are cached then: embeddings.py says why that is the moment), each
 visible object's embedding is taken from its ground-truth mask of frame f, by each candidate:
 
-    histogram      HSV 8x8x4 colour histogram of the masked pixels (no model)
+    histogram      HSV 8x8x2 colour histogram of the masked pixels, square roots (no model; the default)
+    histogram-884  HSV 8x8x4, plain shares (the first try: value bins are what lighting moves)
     pooled         SAM 3 backbone features averaged under the mask, three FPN levels
     pooled-coarse  the stride-14 level alone (what the tracker's memory attention reads)
     pointer        SAM's object pointer for the mask (the one a new detection's mask conditions)
@@ -38,8 +39,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -108,7 +109,8 @@ def make_clip(n: int = 60, seed: int = 0) -> Clip:
         # the triangle: a loop in the middle
         cx, cy, s = 64 + 22 * np.sin(2 * np.pi * u + phase[3]), 52 + 8 * np.cos(2 * np.pi * u), 13 * scale[3]
         tri = (yy <= cy + s * 0.6) & (np.abs(xx - cx) <= (yy - (cy - s)) * 0.62)
-        colour = np.broadcast_to(np.array([45, 185, 60], np.float32), (H, W, 3)) + rng.normal(0, 10, (H, W, 1))
+        colour = (np.broadcast_to(np.array([45, 185, 60], np.float32), (H, W, 3))
+                  + rng.normal(0, 10, (H, W, 1)).astype(np.float32))
         shapes.append((TRIANGLE, tri, colour * gain[3]))
 
         # the striped box: diagonally up-left, over the others
@@ -116,7 +118,7 @@ def make_clip(n: int = 60, seed: int = 0) -> Clip:
         hw, hh = 11 * scale[2], 8 * scale[2]
         box = (np.abs(xx - cx) <= hw) & (np.abs(yy - cy) <= hh)
         stripes = ((xx - cx + 100) // 3).astype(int) % 2 == 0
-        colour = np.where(stripes[..., None], np.float32([40, 60, 220]), np.float32([235, 235, 240]))
+        colour = np.where(stripes[..., None], np.array([40, 60, 220], np.float32), np.array([235, 235, 240], np.float32))
         shapes.append((BOX, box, colour * gain[2]))
 
         visible: dict[str, np.ndarray] = {}
@@ -174,6 +176,8 @@ def collect(clip: Clip, seed: int) -> tuple[Samples, float]:
             continue
         for name, mask in clip.masks[t].items():
             take("histogram", name, t, lambda: embeddings.colour_histogram(frame, mask))  # noqa: B023
+            take("histogram-884", name, t, lambda: embeddings.colour_histogram(  # noqa: B023
+                frame, mask, bins=(8, 8, 4), hellinger=False))  # noqa: B023
             take("pooled", name, t, lambda: embeddings.pooled_features(tracker, mask, t))  # noqa: B023
             take("pointer", name, t, lambda: embeddings.mask_object_pointer(tracker, mask, t))  # noqa: B023
             crop = masked_crop(frame, mask)
@@ -275,7 +279,7 @@ def main() -> None:
           "look-alike | return: own | return: best other | ms each |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = {}
-    for kind in ("histogram", "pooled", "pooled-coarse", "pointer", "clip"):
+    for kind in ("histogram", "histogram-884", "pooled", "pooled-coarse", "pointer", "clip"):
         f = results[kind] = figures(samples, kind, clip)
         dims = len(samples.vectors[kind][0])
         print(f"| {kind} | {dims} | {int(f['n'])} | {f['same']:.3f} | {f['different']:.3f} | {f['margin']:+.3f} | "

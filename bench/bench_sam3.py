@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
@@ -57,6 +57,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 
+if TYPE_CHECKING:  # imported where used: preflight() first says what is missing, in one line
+    from transformers import Sam3VideoModel
+
+    from worker.model.sam3.build import Sam3
+
 KINDS = ("library", "ours file", "ours live")
 PHRASE = "player"
 NEVER = 10**9  # a hot-start threshold no clip reaches: that removal is off
@@ -65,8 +70,10 @@ COMPARABLE = 16  # a live job times object pointers as a video of >= 16 frames d
                  # clips are normalised by their own length in the library, so a live run's masks may differ
 CPU_RESIZED = "library, frames resized on the CPU"  # CUDA only: the library as ours feeds the model
 TRANSFORMERS = "5.25"  # worker/model/sam3 leans on this version's session internals (pyproject.toml pins it)
-WHEELS = ("transformers==5.25.0 huggingface_hub==2.4.0 httpx2 httpcore2 truststore open_clip_torch "
-          "(pip download --no-deps --only-binary=:all: --python-version 3.12 ...; bench/gpu_checks.sh says how)")
+# What the GPU machine's image lacks for this script (it has transformers 5.17, huggingface_hub 1.x, no open_clip):
+# pure-Python wheels to carry, fetched with bench/gpu_checks.sh's `pip download` line.
+WHEELS = ("transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 "
+          "open_clip_torch==3.3.0")
 
 
 @dataclass
@@ -107,13 +114,16 @@ def preflight() -> None:
     tracker needs (the GPU machine's image holds another transformers and no open_clip)."""
     import importlib.util
 
-    import transformers
-
+    carry = f"install or carry the wheels {WHEELS} (bench/gpu_checks.sh's header says how)"
+    try:
+        import transformers
+    except ImportError as e:  # transformers checks huggingface_hub's version when imported
+        raise SystemExit(f"bench_sam3 cannot import transformers ({e}): {carry}") from e
     if not transformers.__version__.startswith(TRANSFORMERS):
         raise SystemExit(f"bench_sam3 needs transformers {TRANSFORMERS}.*, but got {transformers.__version__} "
-                         f"at {Path(transformers.__file__).parent}: install or carry the wheels {WHEELS}")
+                         f"at {Path(transformers.__file__).parent}: {carry}")
     if importlib.util.find_spec("open_clip") is None:
-        raise SystemExit(f"bench_sam3 needs open_clip's BPE file (SAM 3's vocabulary): carry {WHEELS}")
+        raise SystemExit(f"bench_sam3 needs open_clip's BPE file (SAM 3's vocabulary): {carry}")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -155,7 +165,7 @@ def video_clip(path: Path, num_frames: int, width: int, height: int) -> np.ndarr
     frames: list[np.ndarray] = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb: np.ndarray = frame.to_ndarray(format="rgb24")
             if rgb.shape[:2] != (height, width):
                 rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
             frames.append(rgb)
@@ -166,7 +176,7 @@ def video_clip(path: Path, num_frames: int, width: int, height: int) -> np.ndarr
     return np.stack([frames[k % len(frames)] for k in range(num_frames)])
 
 
-def load_model(kind: str, checkpoint: Path | None, device: str, dtype: torch.dtype) -> Any:
+def load_model(kind: str, checkpoint: Path | None, device: str, dtype: torch.dtype) -> Sam3:
     """A Sam3 (worker/model/sam3/build.py): the real weights, the tiny random model, or SAM 3's full
     architecture with random weights built straight on `device`."""
     from transformers import Sam3VideoConfig, Sam3VideoModel
@@ -179,7 +189,7 @@ def load_model(kind: str, checkpoint: Path | None, device: str, dtype: torch.dty
     if kind == "tiny":
         sam3 = load_tiny(seed=0, device=device)
         if dtype != torch.float32:
-            sam3.model.to(dtype)
+            torch.nn.Module.to(sam3.model, dtype)
             sam3 = Sam3(model=sam3.model, processor=sam3.processor, name=sam3.name, random_weights=True,
                         device=device, dtype=dtype)
         return sam3
@@ -187,7 +197,7 @@ def load_model(kind: str, checkpoint: Path | None, device: str, dtype: torch.dty
     torch.manual_seed(0)
     with torch.device(device):
         model = Sam3VideoModel(Sam3VideoConfig())
-    model = model.to(dtype).eval()
+    model = cast("Sam3VideoModel", torch.nn.Module.to(model, dtype).eval())
     make_it_see(model)
     return Sam3(model=model, processor=make_processor(model), name="sam3-full-random", random_weights=True,
                 device=device, dtype=dtype)
@@ -196,11 +206,12 @@ def load_model(kind: str, checkpoint: Path | None, device: str, dtype: torch.dty
 class ObjectCount:
     """Sets how many instances the model tracks (the module docstring says how and why); one per model."""
 
-    def __init__(self, sam3: Any) -> None:
+    def __init__(self, sam3: Sam3) -> None:
         self.model = sam3.model
         self.forced = sam3.random_weights
         self.n = 1
-        self.queries = int(self.model.config.detector_config.detr_decoder_config.num_queries)
+        detector: Any = self.model.config.detector_config  # a Sam3Config
+        self.queries = int(detector.detr_decoder_config.num_queries)
         if self.forced:
             self.model.det_nms_thresh = 0.0
             self.model.hotstart_unmatch_thresh = NEVER
@@ -235,7 +246,7 @@ def read_peak(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
 
-def run_library(sam3: Any, video: np.ndarray, keep: bool, processing_device: str | None = None) -> Run:
+def run_library(sam3: Sam3, video: np.ndarray, keep: bool, processing_device: str | None = None) -> Run:
     """transformers' own loop over the whole clip (frames given up front; resized on the inference device,
     the library's default, unless `processing_device` says otherwise)."""
     processor, model, device = sam3.processor, sam3.model, sam3.device
@@ -261,9 +272,9 @@ def run_library(sam3: Any, video: np.ndarray, keep: bool, processing_device: str
     return Run("library", seconds, len(video), tracked, shown, peak, results)
 
 
-def run_ours(sam3: Any, video: np.ndarray, live: bool, keep: bool) -> Run:
+def run_ours(sam3: Sam3, video: np.ndarray, live: bool, keep: bool) -> Run:
     """Our TextTracker, one frame at a time (a file job, or a live one when `live`)."""
-    from worker.model.sam3.tracker import TextTracker
+    from worker.model.sam3.tracker import TextFrame, TextTracker
 
     device = sam3.device
     height, width = video.shape[1:3]
@@ -273,7 +284,7 @@ def run_ours(sam3: Any, video: np.ndarray, live: bool, keep: bool) -> Run:
     tracker = TextTracker(sam3, [PHRASE], width=width, height=height, num_frames=None if live else len(video))
     tracked, shown, results = [], [], []
 
-    def take(frames: list[Any]) -> None:
+    def take(frames: list[TextFrame]) -> None:
         for f in frames:
             shown.append(len(f.obj_ids))
             if keep:
@@ -311,13 +322,13 @@ def rotated(kinds: tuple[str, ...], k: int) -> list[str]:
     return [kinds[(i + k) % len(kinds)] for i in range(len(kinds))]
 
 
-def one_run(kind: str, sam3: Any, video: np.ndarray, keep: bool) -> Run:
+def one_run(kind: str, sam3: Sam3, video: np.ndarray, keep: bool) -> Run:
     if kind == "library":
         return run_library(sam3, video, keep)
     return run_ours(sam3, video, live=kind == "ours live", keep=keep)
 
 
-def compare(sam3: Any, runs: dict[str, Run], video: np.ndarray) -> dict[str, tuple[bool | None, int]]:
+def compare(sam3: Sam3, runs: dict[str, Run], video: np.ndarray) -> dict[str, tuple[bool | None, int]]:
     """Ours (both runs) against the library's run of the same round; on CUDA also against the library fed
     as ours feeds the model (frames resized on the CPU: an untimed run), to tell resizing from tracking."""
     live_ok = len(video) >= COMPARABLE
@@ -350,6 +361,11 @@ def summarise(n: int, rounds: list[dict[str, Run]], checks: dict[str, tuple[bool
     )
 
 
+def span(low_high: list[int]) -> str:
+    """[1, 4] -> '1-4'."""
+    return f"{low_high[0]}-{low_high[1]}"
+
+
 def print_table(figures: list[Figures]) -> None:
     """The side-by-side table: one line per object count."""
     print(f"{'objects':>7} {'tracked':>7} {'shown':>5} | {'library':>16} {'ours file':>16} {'ours live':>16} | "
@@ -357,7 +373,7 @@ def print_table(figures: list[Figures]) -> None:
     for f in figures:
         cells = " ".join(f"{f.fps[k]:.2f} ({f.s_per_frame[k]:.3f} s)".rjust(16) for k in KINDS)
         peaks = ", ".join(f"{f.gpu_peak_mib[k]:.0f}" for k in KINDS) if f.gpu_peak_mib else "-"
-        print(f"{f.objects:>7} {'%d-%d' % tuple(f.tracked):>7} {'%d-%d' % tuple(f.shown):>5} | {cells} | "
+        print(f"{f.objects:>7} {span(f.tracked):>7} {span(f.shown):>5} | {cells} | "
               f"{f.ratio['ours file']:8.3f} {f.ratio['ours live']:8.3f} | {peaks}")
     print("(frames/s, median of the rounds, with s/frame; ratios: ours frames/s / the library's, median of the "
           "rounds' ratios; tracked, shown: fewest-most objects on any frame of any run)")
@@ -390,7 +406,7 @@ def check_counts(figures: Figures, forced: bool) -> list[str]:
     return []
 
 
-def measure(sam3: Any, video: np.ndarray, counts: list[int], rounds: int, warmup: int, budget_s: float,
+def measure(sam3: Sam3, video: np.ndarray, counts: list[int], rounds: int, warmup: int, budget_s: float,
             on_figures: Callable[[list[Figures], int], None]) -> list[Figures]:
     """Warm up, then interleaved rounds until `rounds` are done or the next would pass `budget_s`;
     `on_figures` gets the figures so far after every count of every round."""

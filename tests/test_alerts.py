@@ -44,10 +44,8 @@ from schemas import alerts, contract, messages
 from schemas.alerts import AlertEvent
 from schemas.names import STARTED_ENTRY_ID, TERMINAL_ENTRY_ID, frame_entry_id
 from schemas.rle import encode_mask, mask_bbox_xyxy
-from tests.fakes import ChaosHooks, ColourSegmenter
 from tests.videos import disc_prompt
-from tests.workers import LoggedProcess, wait_for, worker_env
-from worker.service.loop import Worker
+from tests.workers import LoggedProcess, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -343,11 +341,7 @@ def group_ready(client: redis.Redis, settings: Settings, group: str) -> bool:
 
 
 def run_worker(settings: Settings, client: redis.Redis, delay_s: float) -> threading.Thread:
-    worker = Worker(settings=settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=delay_s), client=client,
-                    name="w")
-    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
-    thread.start()
-    return thread
+    return start_worker(settings, client, delay_s, name="w")
 
 
 def judged(client: redis.Redis, settings: Settings, job_id: str) -> list[AlertEvent]:

@@ -1,8 +1,9 @@
-"""bench/gpu_checks.sh, dry: the same five steps the GPU machine runs, on the CPU at toy sizes, in under five
+"""bench/gpu_checks.sh, dry: the same six steps the GPU machine runs, on the CPU at toy sizes, in under five
 minutes (each step bounded: a loaded 2-core CI box runs the streams step for about a minute), so the script is known to work before GPU time is at hand (it comes rarely and briefly)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from tests.workers import ROOT
 
 pytestmark = pytest.mark.slow
 
-STEPS = ("streams", "concurrency", "live", "service", "gpu_tests")
+STEPS = ("streams", "concurrency", "live", "service", "gpu_tests", "sam3")
 
 
 def test_the_dry_run_runs_every_step_on_the_cpu_in_under_five_minutes(tmp_path: Path) -> None:
@@ -31,4 +32,20 @@ def test_the_dry_run_runs_every_step_on_the_cpu_in_under_five_minutes(tmp_path: 
     summary = done.stdout
     assert "K=2:" in summary and "latency capture -> publish" in summary and "service/plain" in summary
     assert "streams: frames skipped" in summary or "1 streams:" in summary
+    assert "ours file: equal; ours live: equal" in summary
+    assert_sane_sam3_figures(json.loads((out / "sam3.json").read_text()))
     assert took < 300, f"the dry run took {took:.0f} s"
+
+
+def assert_sane_sam3_figures(report: dict) -> None:
+    """bench_sam3.py's JSON: every requested count tracked exactly, on every frame of every run, each run's
+    frames/s positive, and ours (file and live) equal to the library bit for bit."""
+    assert report["model"] == "sam3-tiny-random" and report["device"] == "cpu" and report["rounds"] == 1
+    assert [r["objects"] for r in report["results"]] == [1, 4]
+    for result in report["results"]:
+        n = result["objects"]
+        assert result["tracked"] == [n, n] and result["shown"] == [n, n], result
+        assert all(fps > 0 for fps in result["fps"].values()), result["fps"]
+        assert set(result["fps"]) == {"library", "ours file", "ours live"}
+        assert result["ratio"]["ours file"] > 0 and result["ratio"]["ours live"] > 0
+        assert result["equal"] == {"ours file": True, "ours live": True}, result["differing_pixels"]

@@ -26,10 +26,8 @@ from schemas import messages
 from schemas.errors import InputError, PromptError, SourceUnavailable
 from schemas.names import TERMINAL_ENTRY_ID
 from schemas.prompts import ObjectPrompt
-from tests.fakes import ChaosHooks, ColourSegmenter
 from tests.videos import disc_prompt, make_video
-from tests.workers import ROOT, WorkerProcess, wait_for, worker_env
-from worker.service.loop import Worker
+from tests.workers import ROOT, WorkerProcess, start_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +59,6 @@ def terminal(client: redis.Redis, settings: Settings, job: str) -> messages.Mess
     return messages.decode(got[0][1]) if got else None
 
 
-def start_worker(settings: Settings, client: redis.Redis, delay_s: float) -> threading.Thread:
-    worker = Worker(settings=settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=delay_s), client=client,
-                    name="live-worker")
-    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
-    thread.start()
-    return thread
-
 
 def ingest(settings: Settings, video: Path, job: str, **kwargs: object) -> threading.Thread:
     def run() -> None:
@@ -85,7 +76,7 @@ def test_a_worker_slower_than_the_source_keeps_up_by_skipping(video: Path, live_
     settings = dataclasses.replace(live_settings, live_results_maxlen=40)
     producer = ingest(settings, video, "cam")
     wait_for(lambda: redis_client.exists(settings.keys.job("cam")), 20, "the live job enqueued")
-    worker = start_worker(settings, redis_client, delay_s=0.08)  # about 12 frames/s against 30
+    worker = start_worker(settings, redis_client, delay_s=0.08, name="live-worker")  # about 12 frames/s against 30
     frames_dir = settings.storage_root / "jobs" / "cam" / "frames"
     held = []
     while producer.is_alive():
@@ -152,7 +143,7 @@ def test_a_queued_live_job_holds_at_most_live_buffer_frames_and_starts_at_the_li
         held.append(len(list(frames_dir.glob("*.jpg"))))
         time.sleep(0.02)
     assert max(held) <= 4, held
-    worker = start_worker(settings, redis_client, delay_s=0.0)
+    worker = start_worker(settings, redis_client, delay_s=0.0, name="live-worker")
     producer.join(30)
     worker.join(30)
     done = terminal(redis_client, settings, "queued")
@@ -173,7 +164,7 @@ def test_a_file_job_never_skips(video: Path, live_settings: Settings, redis_clie
     from producer.submission import submit
 
     submit(video, [point()], settings=live_settings, job_id="file")
-    start_worker(live_settings, redis_client, delay_s=0.02).join(60)
+    start_worker(live_settings, redis_client, delay_s=0.02, name="live-worker").join(60)
     results = frames_of(entries(redis_client, live_settings, "file"))
     assert len(results) == N and not any(r.skipped for r in results)
     assert all(r.captured_at is None and r.latency_s is None for r in results)
@@ -182,7 +173,7 @@ def test_a_file_job_never_skips(video: Path, live_settings: Settings, redis_clie
 def test_stop_ends_a_live_job_gracefully(video: Path, live_settings: Settings, redis_client: redis.Redis) -> None:
     producer = ingest(live_settings, video, "stopped")
     wait_for(lambda: redis_client.exists(live_settings.keys.job("stopped")), 20, "the live job enqueued")
-    worker = start_worker(live_settings, redis_client, delay_s=0.0)
+    worker = start_worker(live_settings, redis_client, delay_s=0.0, name="live-worker")
     wait_for(lambda: int(redis_client.hget(live_settings.keys.job("stopped"), "frames_done") or 0) >= 10, 20,
              "frames published")
     assert "stop requested" in request_stop("stopped", settings=live_settings, client=redis_client)
@@ -213,7 +204,7 @@ def test_duration_ends_a_live_job_after_that_many_seconds(video: Path, live_sett
                                                           redis_client: redis.Redis) -> None:
     producer = ingest(live_settings, video, "short", duration_s=1.0)
     wait_for(lambda: redis_client.exists(live_settings.keys.job("short")), 20, "the live job enqueued")
-    worker = start_worker(live_settings, redis_client, delay_s=0.0)
+    worker = start_worker(live_settings, redis_client, delay_s=0.0, name="live-worker")
     producer.join(20)
     worker.join(30)
     done = terminal(redis_client, live_settings, "short")
@@ -227,7 +218,7 @@ def test_a_prompt_on_a_live_job_applies_at_the_next_frame_processed(video: Path,
 
     producer = ingest(live_settings, video, "prompted")
     wait_for(lambda: redis_client.exists(live_settings.keys.job("prompted")), 20, "the live job enqueued")
-    worker = start_worker(live_settings, redis_client, delay_s=0.02)
+    worker = start_worker(live_settings, redis_client, delay_s=0.02, name="live-worker")
     wait_for(lambda: int(redis_client.hget(live_settings.keys.job("prompted"), "frames_done") or 0) >= 10, 20,
              "frames published")
     reply = add_prompts("prompted", [disc_prompt(2, 3, N, SIZE, dy=4)], settings=live_settings,
@@ -289,7 +280,7 @@ def test_sigterm_to_a_live_submit_ends_its_job_gracefully(video: Path, live_sett
     worker: threading.Thread | None = None
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "term-live"
-        worker = start_worker(live_settings, redis_client, delay_s=0.0)  # burst: it ends with the job
+        worker = start_worker(live_settings, redis_client, delay_s=0.0, name="live-worker")  # burst: it ends with the job
         wait_for(lambda: int(redis_client.hget(live_settings.keys.job("term-live"), "frames_done") or 0) >= 3,
                  timeout_s=30, what="frames published")
         proc.send_signal(signal.SIGTERM)
@@ -466,7 +457,7 @@ def test_on_a_live_job_adding_correcting_and_removing_an_object_leaves_the_other
     for job in ("alone", "changed"):
         producer = ingest(settings, video, job)
         wait_for(lambda job=job: redis_client.exists(settings.keys.job(job)), 20, "the live job enqueued")
-        worker = start_worker(settings, redis_client, delay_s=0.0)
+        worker = start_worker(settings, redis_client, delay_s=0.0, name="live-worker")
         if job == "changed":
             wait_for(lambda: int(redis_client.hget(settings.keys.job("changed"), "frames_done") or 0) >= 20, 20, "frames")
             add_prompts(job, [disc_prompt(2, 0, N, SIZE, dy=3)], settings=settings, client=redis_client, wait_s=10)

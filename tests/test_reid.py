@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.bench_reid import BALL, BOX, H, LOOKALIKE, TRIANGLE, W, Clip, make_clip, return_frames
+from bench.bench_reid import BALL, BOX, LOOKALIKE, TRIANGLE, Clip, H, W, make_clip, return_frames
 from schemas.errors import ConfigError, SchemaError
 from worker.model.sam3 import embeddings
 from worker.model.sam3.build import load_tiny
@@ -28,11 +28,16 @@ B = np.array([0.0, 1.0, 0.0])
 NEAR_A = np.array([0.95, 0.3, 0.0])  # cosine ~0.954 to A
 
 
+def same(found: Match | None, obj_id: int, similarity: float, gone_s: float) -> bool:
+    return (found is not None and found.obj_id == obj_id and abs(found.similarity - similarity) < 1e-3
+            and abs(found.gone_s - gone_s) < 1e-9)
+
+
 def test_an_object_lost_and_seen_again_within_the_window_gets_its_id_back() -> None:
     book = ReidBook(window_s=5.0, threshold=0.9)
     book.lost(7, A, at_s=10.0, label="ball")
     found = book.match(NEAR_A, at_s=12.5, label="ball")
-    assert found == Match(7, pytest.approx(0.954, abs=1e-3), pytest.approx(2.5))
+    assert same(found, 7, 0.954, 2.5)
     assert 7 not in book and len(book) == 0
 
 
@@ -55,7 +60,7 @@ def test_no_match_after_the_window_and_old_entries_are_dropped() -> None:
 def test_the_edge_of_the_window_still_matches() -> None:
     book = ReidBook(window_s=5.0, threshold=0.9)
     book.lost(7, A, at_s=1.0)
-    assert book.match(A, at_s=6.0) == Match(7, pytest.approx(1.0), pytest.approx(5.0))
+    assert same(book.match(A, at_s=6.0), 7, 1.0, 5.0)
 
 
 def test_below_the_threshold_no_match_and_the_entry_stays() -> None:
@@ -69,7 +74,7 @@ def test_a_ball_never_becomes_a_player_but_an_unlabelled_object_may_match_either
     book = ReidBook(window_s=5.0, threshold=0.9)
     book.lost(7, A, at_s=0.0, label="ball")
     assert book.match(A, at_s=1.0, label="player") is None
-    assert book.match(A, at_s=1.0, label="") == Match(7, pytest.approx(1.0), pytest.approx(1.0))
+    assert same(book.match(A, at_s=1.0, label=""), 7, 1.0, 1.0)
     book.lost(9, A, at_s=0.0, label="")
     assert book.match(A, at_s=1.0, label="player") is not None
 
@@ -161,7 +166,7 @@ def test_each_embedding_of_an_instance_on_the_tiny_tracker_is_a_finite_vector(cl
     made = embeddings.mask_object_pointer(tracker, truth, newest)
     assert made is not None and made.shape == (hidden,) and np.isfinite(made).all()
     hist = embeddings.colour_histogram(clip.frames[newest], truth)
-    assert hist.shape == (256,) and hist.sum() == pytest.approx(1.0)
+    assert hist.shape == (8 * 8 * 2,) and np.linalg.norm(hist) == pytest.approx(1.0)  # square roots of shares
     # what the session no longer holds is None, and asking never creates an entry
     assert embeddings.pooled_features(tracker, truth, 0) is None  # features: the newest frame only
     assert embeddings.mask_object_pointer(tracker, truth, 0) is None

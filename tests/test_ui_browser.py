@@ -42,10 +42,8 @@ from producer.zones import ZoneSet, parse_zones
 from runtime.settings import Settings
 from schemas.prompts import ObjectPrompt
 from schemas.rle import encode_mask
-from tests.fakes import ChaosHooks, ColourSegmenter
 from tests.videos import disc_center, disc_prompt, make_video
-from tests.workers import ROOT, wait_for
-from worker.service.loop import Worker
+from tests.workers import ROOT, start_worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -97,13 +95,6 @@ def ui(settings: Settings) -> Iterator[UiServer]:
     with start_ui(settings, "127.0.0.1", 0) as server:
         yield server
 
-
-def start_worker(settings: Settings, client: redis.Redis, delay_s: float) -> threading.Thread:
-    worker = Worker(settings=settings, segmenter=ChaosHooks(ColourSegmenter(), delay_s=delay_s), client=client,
-                    name="ui-worker")
-    thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
-    thread.start()
-    return thread
 
 
 def js(driver: Any, script: str, *args: Any) -> Any:
@@ -161,7 +152,7 @@ def test_a_live_job_plays_its_preview_and_a_click_adds_an_object(browser: Any, u
                                                            job_id="cam", realtime=True), daemon=True)
     producer.start()
     wait_for(lambda: redis_client.exists(settings.keys.job("cam")), 20, "the live job enqueued")
-    worker = start_worker(settings, redis_client, delay_s=0.02)
+    worker = start_worker(settings, redis_client, delay_s=0.02, name="ui-worker")
     try:
         open_job(browser, ui, "cam")
         assert js(browser, "return vseg.player()") == "preview"
@@ -201,7 +192,7 @@ def running_file_job(settings: Settings, client: redis.Redis, tmp_path: Path, *,
     video = clip(tmp_path / "clip.mp4", n, 10, moving=True)
     submit(video, prompts or [disc_prompt(1, 0, n, (W, H))], settings=settings, job_id=job_id, client=client,
            zones=zones)
-    return job_id, start_worker(settings, client, delay_s)
+    return job_id, start_worker(settings, client, delay_s, name="ui-worker")
 
 
 def end(job_id: str, worker: threading.Thread, settings: Settings, client: redis.Redis) -> None:

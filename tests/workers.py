@@ -9,12 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import redis
+
 from runtime.settings import Settings
-from tests.fakes import FROM_ENV
+from tests.fakes import FROM_ENV, ChaosHooks, ColourSegmenter
+from worker.model.segment import Segmenter
+from worker.service.loop import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +124,30 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 30, what: str =
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def start_worker(settings: Settings, client: redis.Redis, delay_s: float = 0.0, *, name: str = "w",
+                 segmenter: Segmenter | None = None, burst: bool = True) -> threading.Thread:
+    """A worker on `segmenter` (default: the colour fake, `delay_s` a frame) running in a daemon thread; with
+    `burst` it exits once the queue is empty (`running_worker` stops one that does not)."""
+    worker = Worker(settings=settings, segmenter=segmenter or ChaosHooks(ColourSegmenter(), delay_s=delay_s),
+                    client=client, name=name)
+    thread = threading.Thread(target=worker.run, kwargs={"burst": burst}, daemon=True, name=f"worker-{name}")
+    thread.worker = worker  # type: ignore[attr-defined]  # for running_worker's stop
+    thread.start()
+    return thread
+
+
+@contextmanager
+def running_worker(settings: Settings, client: redis.Redis, segmenter: Segmenter, *, name: str = "w",
+                   join_s: float = 60.0) -> Iterator[Worker]:
+    """A worker serving until the block ends, then stopped (its job, if any, finished) and joined."""
+    thread = start_worker(settings, client, name=name, segmenter=segmenter, burst=False)
+    worker: Worker = thread.worker  # type: ignore[attr-defined]
+    try:
+        yield worker
+    finally:
+        worker.shutdown.stop()
+        thread.join(join_s)
+        if thread.is_alive():
+            raise AssertionError(f"worker {name} did not stop within {join_s} s")
