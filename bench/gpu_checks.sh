@@ -20,7 +20,7 @@
 #      Without them the step fails in one line naming them; the other steps do not need them.
 # --dry-run: the same steps on the CPU at toy sizes (image size 256, 320x180, a few frames; step 4 as
 # bench_service.py, the service against the plain SAM 2 way, since bench_gpu.py needs CUDA; step 6 with SAM 3's
-# tiny random model at 128x96, 1 and 4 objects, 16 frames, one round), in under five
+# tiny random model at 128x96, 1 and 4 objects, 4 frames, one round), in under five
 # minutes: tests/test_gpu_checks.py runs it, so the script is known to work before a GPU is at hand.
 # Usage: bash bench/gpu_checks.sh [--dry-run] OUTDIR [VIDEO]   (VIDEO: ../shared/videos/bedroom.mp4)
 set -uo pipefail
@@ -34,9 +34,9 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if [ "$dry" = 1 ]; then
-  device=cpu; isize=256; size=320x180; streams=1; ks=1,2; frames=6; minutes=0.25; t=(120 90 60 90 90 60)
+  device=cpu; isize=256; size=320x180; streams=1; ks=1,2; frames=6; minutes=0.25; t=(120 90 60 90 90 90)
   budget_s=600
-  sam3=(--device cpu --model tiny --size 128x96 --objects 1,4 --frames 16 --warmup 2 --rounds 1 --threads 2)
+  sam3=(--device cpu --model tiny --size 128x96 --objects 1,4 --frames 4 --warmup 2 --rounds 1 --threads 2)
   echo "dry run: the steps on the CPU at toy sizes" | tee "$out/env.txt"
 else
   device=cuda; isize=1024; size=1920x1080; streams=1,4,8,16,24,32; ks=1,8; frames=90; minutes=1; t=(90 120 75 90 90 120)

@@ -260,6 +260,9 @@ class ChaosSession:
     def add_text(self, phrases: Sequence[str]) -> None:
         self.inner.add_text(phrases)
 
+    def reserve_ids(self, upto: int) -> None:
+        self.inner.reserve_ids(upto)
+
     def remove_object(self, obj_id: int) -> None:
         self.inner.remove_object(obj_id)
 

@@ -32,14 +32,16 @@ def test_the_dry_run_runs_every_step_on_the_cpu_in_under_five_minutes(tmp_path: 
     summary = done.stdout
     assert "K=2:" in summary and "latency capture -> publish" in summary and "service/plain" in summary
     assert "streams: frames skipped" in summary or "1 streams:" in summary
-    assert "ours file: equal; ours live: equal" in summary
+    assert "ours file: equal; ours live: not compared" in summary
     assert_sane_sam3_figures(json.loads((out / "sam3.json").read_text()))
     assert took < 300, f"the dry run took {took:.0f} s"
 
 
 def assert_sane_sam3_figures(report: dict) -> None:
     """bench_sam3.py's JSON: every requested count tracked exactly, on every frame of every run, each run's
-    frames/s positive, and ours (file and live) equal to the library bit for bit."""
+    frames/s positive, and our file run equal to the library bit for bit. The live run is not compared on a
+    4-frame clip: the library times object pointers by the clip's length under 16 frames, a live job as a long
+    video's (worker/model/sam3/bounded.py); tests/test_sam3_text.py compares it on 24 frames."""
     assert report["model"] == "sam3-tiny-random" and report["device"] == "cpu" and report["rounds"] == 1
     assert [r["objects"] for r in report["results"]] == [1, 4]
     for result in report["results"]:
@@ -48,4 +50,4 @@ def assert_sane_sam3_figures(report: dict) -> None:
         assert all(fps > 0 for fps in result["fps"].values()), result["fps"]
         assert set(result["fps"]) == {"library", "ours file", "ours live"}
         assert result["ratio"]["ours file"] > 0 and result["ratio"]["ours live"] > 0
-        assert result["equal"] == {"ours file": True, "ours live": True}, result["differing_pixels"]
+        assert result["equal"] == {"ours file": True, "ours live": None}, result["differing_pixels"]

@@ -90,6 +90,19 @@ def test_a_camera_takes_text_instead_of_prompts(tmp_path: Path) -> None:
         load_cameras(path, Settings.load(environ={}), {})
 
 
+def test_a_live_text_jobs_later_attempt_numbers_its_objects_in_a_block_of_its_own() -> None:
+    from worker.service.runner import LIVE_ID_BLOCK, text_ids_above
+
+    @dataclasses.dataclass
+    class Job:
+        obj_ids: tuple[int, ...]
+        live: bool
+
+    assert text_ids_above(Job((), False), 3) == 0  # a file job runs again from frame 0: the same ids
+    assert text_ids_above(Job((), True), 1) == 0
+    assert text_ids_above(Job((), True), 3) == 2 * LIVE_ID_BLOCK
+
+
 # ---- identities ---------------------------------------------------------------------------------------------
 def frame(k: int, ids: list[int], boxes: list[tuple[int, int, int, int]], labels: dict[int, str]) -> TextFrame:
     masks = np.zeros((len(ids), 40, 40), bool)

@@ -106,6 +106,11 @@ class Session(Protocol):
         session, worker/model/sam3/segmenter.py); PromptError from a model that takes no text."""
         ...
 
+    def reserve_ids(self, upto: int) -> None:
+        """Ids up to `upto` are the job's already: objects the model finds itself (SAM 3's instances) get higher
+        ones. A no-op for a model that finds none."""
+        ...
+
     def backfill(self, prompt: ObjectPrompt) -> Backfill:
         """A prompt on a frame already computed (a file job's, worker/service/control.py): run alone, in a
         session of its own on the same model, backwards from its frame to 0 and forwards to P, the next frame
@@ -230,6 +235,9 @@ class SessionShell:
 
     def _known(self) -> set[int]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def reserve_ids(self, upto: int) -> None:
+        """Session.reserve_ids: this model numbers no objects of its own."""
 
     def add_text(self, phrases: Sequence[str]) -> None:
         """Session.add_text: this model takes no text (SAM 3's session overrides it)."""

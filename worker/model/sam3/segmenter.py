@@ -105,6 +105,9 @@ class Sam3Session(SessionBase):
         if self.tracker is not None:
             self.tracker.add_phrases(clean)
 
+    def reserve_ids(self, upto: int) -> None:
+        self.identities.reserve_above(upto)
+
     def remove_object(self, obj_id: int) -> None:
         self._check_open()
         if obj_id not in self._known():
