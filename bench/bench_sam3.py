@@ -379,7 +379,7 @@ def print_table(figures: list[Figures]) -> None:
         print(f"{f.objects:>7} {span(f.tracked):>7} {span(f.shown):>5} | {cells} | "
               f"{f.ratio['ours file']:8.3f} {f.ratio['ours live']:8.3f} | {peaks}")
     print("(frames/s, median of the rounds, with s/frame; ratios: ours frames/s / the library's, median of the "
-          "rounds' ratios; tracked, shown: fewest-most objects on any frame of any run)")
+          "rounds' ratios; tracked, shown: fewest-most objects on any frame of any run; GPU peak: the weights included)")
 
 
 def equality_line(figures: list[Figures]) -> str:

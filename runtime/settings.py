@@ -186,7 +186,7 @@ class Settings:
     label_every: int = 30  # processed frames between two labellings of an object
     # Identities (worker/model/sam3/identities.py): a text object lost and seen again gets its old id back
     reid_window_s: float = 10.0  # seconds of video a lost object is remembered; 0: no re-identification
-    reid_threshold: float = 0.9  # cosine similarity of embeddings at which a new instance is a lost object again
+    reid_threshold: float = 0.8  # cosine similarity of embeddings at which a new instance is a lost object again
     # Zones and events (producer/alerts.py): judged on each object's mask, frame by frame
     zone_min_overlap: float = 0.5  # an object is in a zone once at least this fraction of its mask is inside
     zone_hysteresis: float = 0.5  # and out again once the fraction falls below zone_min_overlap * (1 - this)

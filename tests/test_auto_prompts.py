@@ -12,6 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import redis
@@ -22,7 +23,7 @@ from runtime.settings import Settings
 from schemas import messages
 from schemas.errors import ConfigError, PromptError
 from tests.fakes import ChaosHooks, ColourSegmenter
-from tests.videos import disc_prompt, draw_entering_square, entering_square, make_video
+from tests.videos import ENTERING_BGR, disc_prompt, draw_entering_square, entering_square, make_video
 from worker.service.loop import Worker
 
 pytestmark = pytest.mark.integration
@@ -304,3 +305,29 @@ def test_an_automatic_object_can_be_removed_by_its_id(video: Path, auto_settings
     assert isinstance(msgs[-1], messages.Completed)
     removed_at = next(c.frame_idx for c in changes(msgs) if c.change == "removed")
     assert all(1 not in objs for k, objs in objects_by_frame(msgs).items() if k >= removed_at)
+
+
+def test_an_automatic_object_that_leaves_and_comes_back_gets_its_id_back(
+        tmp_path: Path, auto_settings: Settings, redis_client: redis.Redis) -> None:
+    """Identities that survive (issue 30): the square leaves for 8 frames and comes back; the keyframe that
+    finds it again gives it its old id (`returned`); with re-identification off it is a new object."""
+    side = max(6, min(SIZE) // 5)
+
+    def draw(k: int, img: np.ndarray) -> None:
+        if 8 <= k < 18 or 26 <= k < 36:
+            cv2.rectangle(img, (2, 2), (2 + side, 2 + side), ENTERING_BGR, -1)
+
+    video = make_video(tmp_path / "back.mp4", num_frames=N, size_wh=SIZE, fps=10, draw=draw)
+    for job, window in (("back", 10.0), ("back-off", 0.0)):
+        settings = dataclasses.replace(auto_settings, reid_window_s=window)
+        submit(video, [disc_prompt(1, 0, N, SIZE)], settings=settings, job_id=job, auto=auto())
+        run(settings, redis_client)
+    msgs = results(redis_client, auto_settings, "back")
+    assert isinstance(msgs[-1], messages.Completed), msgs[-1]
+    assert [(c.obj_id, c.change) for c in changes(msgs)] == [(2, "added"), (2, "lost"), (2, "returned"),
+                                                              (2, "lost")]
+    returned = changes(msgs)[2]
+    assert 26 <= returned.frame_idx <= 26 + EVERY + auto_settings.auto_confirm_frames and returned.source == "auto"
+    assert "reid_window_s" in returned.note
+    off = results(redis_client, auto_settings, "back-off")
+    assert [(c.obj_id, c.change) for c in changes(off)] == [(2, "added"), (2, "lost"), (3, "added"), (3, "lost")]

@@ -1,4 +1,4 @@
-"""Re-identification (issue 30 item 4): the lost-objects book (worker/service/reid.py), the embeddings read
+"""Re-identification (issue 30 item 4): the lost-objects book (worker/model/reid.py), the embeddings read
 from a running SAM 3 TextTracker (worker/model/sam3/embeddings.py), and the recommended embedding's
 separation on bench/bench_reid.py's synthetic clip, where a red ball leaves the picture and comes back.
 """
@@ -13,15 +13,15 @@ import torch
 
 from bench.bench_reid import BALL, BOX, LOOKALIKE, TRIANGLE, Clip, H, W, make_clip, return_frames
 from schemas.errors import ConfigError, SchemaError
-from worker.model.sam3 import embeddings
-from worker.model.sam3.build import load_tiny
-from worker.model.sam3.tracker import TextTracker
-from worker.service.reid import (
+from worker.model.reid import (
     RECOMMENDED_THRESHOLD,
     Match,
     ReidBook,
     embedding_similarity,
 )
+from worker.model.sam3 import embeddings
+from worker.model.sam3.build import load_tiny
+from worker.model.sam3.tracker import TextTracker
 
 A = np.array([1.0, 0.0, 0.0])
 B = np.array([0.0, 1.0, 0.0])

@@ -91,7 +91,7 @@ def test_a_camera_takes_text_instead_of_prompts(tmp_path: Path) -> None:
 
 
 def test_a_live_text_jobs_later_attempt_numbers_its_objects_in_a_block_of_its_own() -> None:
-    from worker.service.runner import LIVE_ID_BLOCK, text_ids_above
+    from worker.service.resume import LIVE_ID_BLOCK, text_ids_above
 
     @dataclasses.dataclass
     class Job:

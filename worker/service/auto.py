@@ -14,6 +14,12 @@ entry `added` (source `auto`) is written just before the frame it first shows on
 stops tracking it. One never confirmed and absent that long is dropped without a word. Objects named
 by prompts are the user's: they are never ended here.
 
+Identities that survive: an automatic object ended as lost is remembered for `reid_window_s` with what it
+looked like on the last keyframe it was seen on (worker/model/sam3/embeddings.py `colour_histogram`, the
+embedding bench/bench_reid.py chose). A proposal on a later keyframe that looks like it (cosine similarity
+at least `reid_threshold`, worker/model/reid.py) becomes that object again, with its old id: once
+confirmed, an `object` entry `returned` instead of `added`.
+
 Every keyframe says what its proposals came to (`Keyframe`: one INFO line, and the job's progress
 totals `auto_keyframes`, `auto_proposed`, `auto_added`): how many masks were proposed, which became
 objects, and why the others did not (too small, outside the roi, overlapping an object, no room left
@@ -37,6 +43,7 @@ from schemas import messages
 from worker.model.frame_masks import FrameMasks
 from worker.model.labels import Labeller
 from worker.model.proposals import MaskProposer, Proposal
+from worker.model.reid import ReidBook, colour_histogram
 from worker.model.session import MaskPrompt
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,8 @@ class _Track:
     confirmed: bool = False
     absent: int = 0  # processed frames in a row it was absent
     in_session: bool = False  # it has come out of the session (a model process may hand on earlier frames first)
+    embedding: np.ndarray | None = None  # what it looked like on the last keyframe it was seen on (re-identification)
+    returning: bool = False  # a lost object seen again: `returned` once confirmed, not `added`
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Lifecycle:
     added: tuple[tuple[int, str], ...] = ()  # (obj_id, label) shown from this frame on
     lost: tuple[tuple[int, str], ...] = ()  # (obj_id, label) ended after this frame
     removals: tuple[int, ...] = ()
+    returned: tuple[tuple[int, str], ...] = ()  # (obj_id, label): lost objects shown again from this frame on
 
 
 # why a proposed mask did not become an object, in the order they are checked
@@ -110,6 +120,7 @@ class AutoTracker:
         self.next_id = max(known_ids, default=0) + 1
         self.min_area = options.min_area or settings.auto_min_mask_region_area
         self._last_key: float | None = None
+        self.reid = ReidBook(settings.reid_window_s, settings.reid_threshold) if settings.reid_window_s > 0 else None
         self.keyframes = 0
         self.proposed = 0
         self.added = 0  # objects that proposals became, all keyframes together (this attempt's)
@@ -133,6 +144,8 @@ class AutoTracker:
         """New objects seen on `out`'s frame, as mask prompts from `position` (the session's next frame) on;
         `last` says what became of every proposal."""
         self.keyframes += 1
+        at_s = self._last_key if self._last_key is not None else 0.0
+        self._remember_looks(image_rgb, out)
         proposals = self.proposer.propose(image_rgb)
         self.proposed += len(proposals)
         report = self.last = Keyframe(self.keyframes, out.frame_idx, len(proposals))
@@ -152,13 +165,29 @@ class AutoTracker:
             if why is not None:
                 report.skipped[why] += 1
                 continue
-            obj_id = self._new_id(out.obj_ids)
-            self.tracks[obj_id] = _Track(obj_id, label)
+            embedding = colour_histogram(image_rgb, p.mask) if self.reid is not None else None
+            match = self.reid.match(embedding, at_s, label) if self.reid is not None and embedding is not None else None
+            if match is not None and match.obj_id not in out.obj_ids:
+                obj_id = match.obj_id
+                log.info("proposal on frame %d is automatic object %d again (similarity %.3f, gone %.1f s)",
+                         out.frame_idx, obj_id, match.similarity, match.gone_s)
+            else:
+                obj_id = self._new_id(out.obj_ids)
+            self.tracks[obj_id] = _Track(obj_id, label, embedding=embedding, returning=match is not None)
             taken.append(p.mask)
             prompts.append(MaskPrompt(obj_id, position, p.mask))
         report.added = [p.obj_id for p in prompts]
         self.added += len(prompts)
         return prompts
+
+    def _remember_looks(self, image_rgb: np.ndarray, out: FrameMasks) -> None:
+        """On a keyframe: what each confirmed automatic object looks like now (for when it is lost)."""
+        if self.reid is None:
+            return
+        for obj_id, mask in zip(out.obj_ids, out.masks):
+            t = self.tracks.get(obj_id)
+            if t is not None and t.confirmed and mask.any():
+                t.embedding = colour_histogram(image_rgb, mask)
 
     def _refusal(self, p: Proposal, taken: list[np.ndarray]) -> str | None:
         """Why proposal `p` cannot be a new object (None: it can)."""
@@ -195,11 +224,14 @@ class AutoTracker:
         return {"auto_keyframes": self.keyframes, "auto_proposed": self.proposed, "auto_added": self.added}
 
     # ---- lifecycle --------------------------------------------------------------------------------
-    def track(self, out: FrameMasks) -> tuple[FrameMasks, Lifecycle]:
-        """`out` less the automatic objects not yet confirmed, and what changed (see the module doc)."""
+    def track(self, out: FrameMasks, at_s: float | None = None) -> tuple[FrameMasks, Lifecycle]:
+        """`out` less the automatic objects not yet confirmed, and what changed (see the module doc); `at_s`: the
+        frame's time in the video (default: its index at the job's fps), for re-identification's window."""
         settings = self.settings
+        now = at_s if at_s is not None else out.frame_idx / self.fps
         hide: list[int] = []
         added: list[tuple[int, str]] = []
+        returned: list[tuple[int, str]] = []
         lost: list[tuple[int, str]] = []
         removals: list[int] = []
         for k, obj_id in enumerate(out.obj_ids):
@@ -213,18 +245,20 @@ class AutoTracker:
                 t.seen += present
                 if t.seen >= settings.auto_confirm_frames:
                     t.confirmed = True
-                    added.append((obj_id, t.label))
+                    (returned if t.returning else added).append((obj_id, t.label))
                 else:
                     hide.append(obj_id)
             if t.absent >= settings.auto_lost_frames:
                 if t.confirmed:
                     lost.append((obj_id, t.label))
+                    if self.reid is not None and t.embedding is not None:
+                        self.reid.lost(obj_id, t.embedding, now, t.label)
                 removals.append(obj_id)
                 del self.tracks[obj_id]
         for obj_id in self.tracks.keys() - set(out.obj_ids):  # gone from the session (removed by a command)
             if self.tracks[obj_id].in_session:
                 del self.tracks[obj_id]
-        return without(out, hide), Lifecycle(tuple(added), tuple(lost), tuple(removals))
+        return without(out, hide), Lifecycle(tuple(added), tuple(lost), tuple(removals), tuple(returned))
 
 
 def without(out: FrameMasks, hidden: Sequence[int]) -> FrameMasks:

@@ -65,10 +65,13 @@ class JobObjects:
             out = self.book.update(out, out.image_rgb)
         full = out
         if self.auto is not None:
-            out, life = self.auto.track(out)
+            out, life = self.auto.track(out, at_s)
             labels = {obj_id: label for obj_id, (label, _) in (full.labels or {}).items()}
             for obj_id, label in life.added:
                 self.feed.note(session_frame, obj_id, "added", label=labels.get(obj_id) or label)
+            for obj_id, label in life.returned:
+                self.feed.note(session_frame, obj_id, "returned", label=labels.get(obj_id) or label,
+                               note=f"seen again within reid_window_s ({self.auto.settings.reid_window_s:g} s)")
             for obj_id, label in life.lost:
                 self.feed.note(session_frame + 1, obj_id, "lost", label=self._last_labels.get(obj_id) or label,
                                note=f"absent on {self.auto.settings.auto_lost_frames} processed frames in a row")

@@ -29,7 +29,7 @@ from schemas.errors import StorageError
 from schemas.names import TERMINAL_ENTRY_ID, frame_entry_id
 from schemas.rle import decode_mask
 from worker.broker.publish import last_published_frame
-from worker.model.session import MaskPrompt, Prompt
+from worker.model.session import MaskPrompt, Prompt, Session
 from worker.output.render import MaskVideoWriter
 from worker.output.sink import read_frame_bgr
 from worker.service.context import WorkerContext
@@ -129,3 +129,23 @@ def render_published(ctx: WorkerContext, job: ValidJob, frames: FrameSource, wri
     if done != upto:
         raise StorageError(f"job {job.job_id}: {done} of the {upto} frames published before the resume point are on "
                            f"its result stream; cannot draw them")
+
+
+LIVE_ID_BLOCK = 1_000_000  # a live text job's attempt numbers its objects in a block of its own
+
+
+def text_ids_above(job: ValidJob, attempt: int) -> int:
+    """The highest id a text job's objects must stay above: its prompted ids; and for a live job's later attempt,
+    every id an earlier attempt may have given (a live job resumes at the live edge, where SAM 3 finds its
+    instances anew: attempt N numbers them from (N - 1) * LIVE_ID_BLOCK + 1, so no id is ever reused). A file job
+    runs again from its first frame and gives the same ids again."""
+    above = max(job.obj_ids, default=0)
+    return max(above, (attempt - 1) * LIVE_ID_BLOCK) if job.live else above
+
+
+def start_text(session: Session, job: ValidJob, attempt: int) -> None:
+    """A text job's phrases given to its new session, its ids kept above `text_ids_above`'s (nothing for a job
+    without text)."""
+    if job.text:
+        session.reserve_ids(text_ids_above(job, attempt))
+        session.add_text(job.text)

@@ -34,22 +34,10 @@ from worker.service.control import ControlFeed
 from worker.service.job import ValidJob
 from worker.service.job_kinds import kind_of
 from worker.service.outcomes import STOPPED, Outcome, outcome_of
-from worker.service.resume import Resume, render_published, resume_point
+from worker.service.resume import Resume, render_published, resume_point, start_text
 from worker.sources.frames import FrameSource
 
 log = logging.getLogger(__name__)
-
-
-LIVE_ID_BLOCK = 1_000_000  # a live text job's attempt numbers its objects in a block of its own
-
-
-def text_ids_above(job: ValidJob, attempt: int) -> int:
-    """The highest id a text job's objects must stay above: its prompted ids; and for a live job's later attempt,
-    every id an earlier attempt may have given (a live job resumes at the live edge, where SAM 3 finds its
-    instances anew: attempt N numbers them from (N - 1) * LIVE_ID_BLOCK + 1, so no id is ever reused). A file job
-    runs again from its first frame and gives the same ids again."""
-    above = max(job.obj_ids, default=0)
-    return max(above, (attempt - 1) * LIVE_ID_BLOCK) if job.live else above
 
 
 class JobRunner:
@@ -159,9 +147,7 @@ class JobRunner:
                                                      height=job.height, start_frame=resume.seed_frame)
                 metrics.session_opened()
                 ctx.slot.session_open = True
-                if job.text:  # every instance of each phrase, from the first frame (a SAM 3 worker's session)
-                    session.reserve_ids(text_ids_above(job, self.attempt))
-                    session.add_text(job.text)
+                start_text(session, job, self.attempt)  # a text job's phrases, from its first frame (SAM 3)
                 feed.apply(session)  # prompts sent while the job was queued, replays
             for out in session or ():
                 assert session is not None

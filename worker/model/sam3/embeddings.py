@@ -1,4 +1,4 @@
-"""An embedding of one instance from a running TextTracker, for re-identification (worker/service/reid.py).
+"""An embedding of one instance from a running TextTracker, for re-identification (worker/model/reid.py).
 
 Three kinds, measured against each other (and against CLIP) by bench/bench_reid.py:
 
@@ -45,11 +45,13 @@ import cv2
 import numpy as np
 import torch
 
+from worker.model.reid import HSV_BINS, colour_histogram
 from worker.model.sam3.tracker import TextTracker
+
+__all__ = ["HSV_BINS", "colour_histogram", "mask_object_pointer", "object_pointer", "pooled_features", "tracked_mask"]
 
 log = logging.getLogger(__name__)
 
-HSV_BINS = (8, 8, 2)  # hue, saturation, value: colour matters more than brightness (lighting changes)
 
 
 def _obj_idx(tracker: TextTracker, obj_id: int) -> int | None:
@@ -137,21 +139,3 @@ def mask_object_pointer(tracker: TextTracker, mask: np.ndarray, frame_idx: int) 
     with torch.inference_mode():
         out = model._use_mask_as_output(pix, high_res, inputs)
     return _vector(out.object_pointer)
-
-
-def colour_histogram(image_rgb: np.ndarray, mask: np.ndarray, *, bins: tuple[int, int, int] = HSV_BINS,
-                     hellinger: bool = True) -> np.ndarray:
-    """An HSV histogram (8 hue x 8 saturation x 2 value bins) of the pixels under `mask` (bool H x W, the
-    image's size), as the square roots of its shares (`hellinger`: unit length, so that cosine is the
-    Bhattacharyya coefficient, and a few dominant bins weigh less); all zeros for an empty mask. No model:
-    the baseline to beat. Two value bins, not more: lighting moves value first, and on bench_reid's clip
-    8x8x4 plain shares kept 63% of same-identity pairs at 1% false matches, 8x8x2 square roots 96%."""
-    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.shape[:2] != np.shape(mask):
-        raise ValueError(f"image must be H x W x 3 and mask H x W of the same size, but got {image_rgb.shape} "
-                         f"and {np.shape(mask)}")
-    m = np.asarray(mask, dtype=bool).astype(np.uint8)
-    hsv = cv2.cvtColor(np.ascontiguousarray(image_rgb, dtype=np.uint8), cv2.COLOR_RGB2HSV)
-    hist = cv2.calcHist([hsv], [0, 1, 2], m, list(bins), [0, 180, 0, 256, 0, 256]).reshape(-1)
-    total = float(hist.sum())
-    shares = hist / total if total > 0 else hist
-    return (np.sqrt(shares) if hellinger else shares).astype(np.float32)

@@ -5,7 +5,7 @@ own (above every prompted id), and an instance lost and seen again should keep i
 
 - A new library instance first gets an embedding of what it looks like (`embed`: its mask over the frame, see
   worker/model/sam3/embeddings.py and bench/RESULTS.md for why this one). If an object of the same label was lost
-  within `window_s` and looks alike (cosine similarity >= `threshold`, worker/service/reid.py ReidBook), the
+  within `window_s` and looks alike (cosine similarity >= `threshold`, worker/model/reid.py ReidBook), the
   instance takes that object's id: a `returned` change. Otherwise it gets the job's next id: `added`.
 - An object missing from a released frame (the hot start removed it, it was suppressed, its mask went empty) is
   `lost` there, and remembered with its last embedding. If the library's own instance comes back (the same library
@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.model.sam3.embeddings import colour_histogram
+from worker.model.reid import ReidBook, colour_histogram
 from worker.model.sam3.tracker import TextFrame
-from worker.service.reid import ReidBook
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ class Sam3Segmenter(InProcessModel):
 
     capability = TEXT
 
-    def __init__(self, sam3: Sam3, *, reid_window_s: float = 0.0, reid_threshold: float = 0.9) -> None:
+    def __init__(self, sam3: Sam3, *, reid_window_s: float = 0.0, reid_threshold: float = 0.8) -> None:
         self.sam3 = sam3
         self.name = sam3.name
         self.random_weights = sam3.random_weights

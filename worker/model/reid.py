@@ -10,7 +10,8 @@ however long a live job runs.
 
 Which embedding is filed is the caller's choice (worker/model/sam3/embeddings.py offers SAM's object
 pointer, mask-pooled backbone features and a colour histogram; bench/bench_reid.py measures which
-separates identities best, and bench/RESULTS.md records it). Pure: numpy only, no torch, no I/O; the
+separates identities best, and bench/RESULTS.md records it: `colour_histogram`, here because a SAM 2 worker's
+automatic objects use it too). Pure: numpy and OpenCV, no torch, no I/O; the
 state round-trips through `to_dict`/`from_dict` so that a resumed job keeps the ids it may give back.
 """
 
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from schemas.errors import ConfigError, SchemaError
@@ -169,3 +171,23 @@ class ReidBook:
         for obj_id, embedding, at_s, label in entries:
             book.lost(obj_id, embedding, at_s, label)
         return book
+
+HSV_BINS = (8, 8, 2)  # hue, saturation, value: colour matters more than brightness (lighting changes)
+
+
+def colour_histogram(image_rgb: np.ndarray, mask: np.ndarray, *, bins: tuple[int, int, int] = HSV_BINS,
+                     hellinger: bool = True) -> np.ndarray:
+    """An HSV histogram (8 hue x 8 saturation x 2 value bins) of the pixels under `mask` (bool H x W, the
+    image's size), as the square roots of its shares (`hellinger`: unit length, so that cosine is the
+    Bhattacharyya coefficient, and a few dominant bins weigh less); all zeros for an empty mask. No model:
+    the baseline to beat. Two value bins, not more: lighting moves value first, and on bench_reid's clip
+    8x8x4 plain shares kept 63% of same-identity pairs at 1% false matches, 8x8x2 square roots 96%."""
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.shape[:2] != np.shape(mask):
+        raise ValueError(f"image must be H x W x 3 and mask H x W of the same size, but got {image_rgb.shape} "
+                         f"and {np.shape(mask)}")
+    m = np.asarray(mask, dtype=bool).astype(np.uint8)
+    hsv = cv2.cvtColor(np.ascontiguousarray(image_rgb, dtype=np.uint8), cv2.COLOR_RGB2HSV)
+    hist = cv2.calcHist([hsv], [0, 1, 2], m, list(bins), [0, 180, 0, 256, 0, 256]).reshape(-1)
+    total = float(hist.sum())
+    shares = hist / total if total > 0 else hist
+    return (np.sqrt(shares) if hellinger else shares).astype(np.float32)
