@@ -38,7 +38,7 @@ def exprs() -> list[str]:
 def test_prometheus_config_scrapes_every_worker_and_the_queue_exporter() -> None:
     config = yaml.safe_load((CONFIGS / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert jobs["vseg-worker"]["dns_sd_configs"] == [{"names": ["worker"], "type": "A", "port": 9100,
+    assert jobs["vseg-worker"]["dns_sd_configs"] == [{"names": ["worker", "worker-sam3"], "type": "A", "port": 9100,
                                                       "refresh_interval": "15s"}]
     assert jobs["vseg-queue"]["static_configs"] == [{"targets": ["stats:9101"]}]
     assert jobs["vseg-ingest"]["dns_sd_configs"] == [{"names": ["ingest"], "type": "A", "port": 9102,
@@ -46,6 +46,8 @@ def test_prometheus_config_scrapes_every_worker_and_the_queue_exporter() -> None
     assert jobs["vseg-alerts"]["dns_sd_configs"] == [{"names": ["alerts"], "type": "A", "port": 9103,
                                                       "refresh_interval": "15s"}]
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    sam3 = services["worker-sam3"]  # the text jobs' workers: their own service, scraped as workers
+    assert sam3["command"][-2:] == ["--model", "sam3"] and sam3["environment"]["VSEG_METRICS_PORT"] == 9100
     ingest, alerts = services["ingest"], services["alerts"]
     assert "9102" in ingest["command"] and ingest["command"][:4] == ["python", "-m", "producer", "serve"]
     assert "9103" in alerts["command"] and alerts["command"][:4] == ["python", "-m", "producer", "alerts"]
