@@ -133,7 +133,9 @@ def test_the_example_file_loads(tmp_path: Path) -> None:
     path = tmp_path / "cameras.yaml"
     path.write_text(example.read_text().replace("/run/secrets/yard_camera_password", str(secret)))
     cameras = load_cameras(path, SETTINGS, {"GATE_CAMERA_PASSWORD": "y"})
-    assert [(c.name, c.enabled) for c in cameras.values()] == [("gate", True), ("yard", True), ("lobby", False)]
+    assert [(c.name, c.enabled) for c in cameras.values()] == [("gate", True), ("yard", True), ("pitch", True),
+                                                                ("lobby", False)]
+    assert cameras["pitch"].text == ("player", "ball")
 
 
 def test_equal_files_give_equal_cameras_and_a_new_password_changes_the_camera(tmp_path: Path) -> None:
