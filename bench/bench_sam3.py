@@ -30,7 +30,7 @@ the frames on the GPU, ours on the CPU: ours is also compared with an untimed li
 on the CPU, to tell resizing from tracking; the report says how many mask pixels differ, if any.
 
     .venv/bin/python bench/bench_sam3.py [--device cpu|cuda] [--model tiny|full] [--checkpoint DIR]
-        [--size 1920x1080] [--objects 1,4,16] [--frames 10] [--warmup 2] [--rounds 3] [--video PATH]
+        [--size 1920x1080] [--objects 1,4,16] [--frames 16] [--warmup 2] [--rounds 3] [--video PATH]
         [--dtype auto|float32|bfloat16] [--budget-s S] [--threads N] [--json OUT]
 
 --model full is SAM 3's real architecture (transformers' default Sam3VideoConfig, about 860 M parameters)
@@ -446,27 +446,57 @@ def measure(sam3: Sam3, video: np.ndarray, counts: list[int], rounds: int, warmu
     return figures
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--model", choices=("tiny", "full"), default="tiny")
     ap.add_argument("--checkpoint", type=Path, help="a facebook/sam3 folder: real weights (load_sam3)")
     ap.add_argument("--size", type=parse_size, default=(1920, 1080), help="WIDTHxHEIGHT of the frames")
     ap.add_argument("--objects", default="1,4,16", help="comma-separated instance counts")
-    ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--frames", type=int, default=COMPARABLE)
     ap.add_argument("--warmup", type=int, default=2, help="frames of the untimed warm-up run of each kind")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--video", type=Path, help="decode the first --frames frames of this clip (else synthetic)")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no round that would end past this")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", type=Path, help="write the figures here (after every round)")
+    ap.add_argument("--json", type=Path, help="write the figures here (after every count of every round)")
     args = ap.parse_args()
-    counts = [int(v) for v in args.objects.split(",") if v]
-    if not counts or min(counts) < 1 or args.frames < 1 or args.warmup < 1 or args.rounds < 1:
+    args.counts = [int(v) for v in args.objects.split(",") if v]
+    if not args.counts or min(args.counts) < 1 or args.frames < 1 or args.warmup < 1 or args.rounds < 1:
         raise SystemExit("--objects, --frames, --warmup and --rounds must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA here")
+    return args
+
+
+def describe(args: argparse.Namespace, sam3: Sam3, load_s: float) -> dict[str, Any]:
+    """What ran where (printed, and the JSON's header)."""
+    import transformers
+
+    params = sum(p.numel() for p in sam3.model.parameters()) / 1e6
+    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
+    width, height = args.size
+    header = {
+        "machine": machine() + gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": sam3.name, "params_m": round(params, 1), "random_weights": sam3.random_weights,
+        "device": args.device, "dtype": str(sam3.dtype).removeprefix("torch."), "size": f"{width}x{height}",
+        "frames": args.frames, "warmup_frames": args.warmup, "clip": str(args.video or "synthetic"),
+        "phrase": PHRASE, "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"machine: {header['machine']}, torch {header['torch']}, transformers {header['transformers']}")
+    print(f"model: {sam3.name} ({params:.0f} M parameters, {'random' if sam3.random_weights else 'real'} weights), "
+          f"{header['dtype']} on {args.device}, loaded in {load_s:.1f} s; clip: {header['clip']} at {width}x{height}, "
+          f"{args.frames} frames, phrase {PHRASE!r}; objects {args.counts}; up to {args.rounds} interleaved rounds, "
+          "medians", flush=True)
+    print("runs: library = init_video_session(video) + add_text_prompt + propagate_in_video_iterator + "
+          "postprocess_outputs; ours file / ours live = TextTracker.step per frame (num_frames F / None + finish); "
+          "each timed from frames on the host to the last masks on the host", flush=True)
+    return header
+
+
+def main() -> None:
+    args = parse_args()
     preflight()
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -475,30 +505,15 @@ def main() -> None:
     logging.getLogger("worker.model.sam3.build").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        args.dtype, torch.bfloat16 if cuda else torch.float32)
     width, height = args.size
-    frames = max(args.frames, args.warmup)
-    video = (video_clip(args.video, frames, width, height) if args.video else synthetic_clip(frames, width, height))
+    video = (video_clip(args.video, args.frames, width, height) if args.video
+             else synthetic_clip(args.frames, width, height))
     t0 = time.monotonic()
     sam3 = load_model(args.model, args.checkpoint, args.device, dtype)
-    params = sum(p.numel() for p in sam3.model.parameters()) / 1e6
-    gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    header = {
-        "machine": machine() + gpu, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "model": sam3.name, "params_m": round(params, 1), "random_weights": sam3.random_weights,
-        "device": args.device, "dtype": str(dtype).removeprefix("torch."), "size": f"{width}x{height}",
-        "frames": args.frames, "warmup_frames": args.warmup, "clip": str(args.video or "synthetic"),
-        "phrase": PHRASE, "date": time.strftime("%Y-%m-%d"),
-    }
-    print(f"machine: {header['machine']}, torch {header['torch']}, transformers {header['transformers']}")
-    print(f"model: {sam3.name} ({params:.0f} M parameters, {'random' if sam3.random_weights else 'real'} weights), "
-          f"{header['dtype']} on {args.device}, loaded in {time.monotonic() - t0:.1f} s; clip: {header['clip']} "
-          f"at {width}x{height}, {args.frames} frames, phrase {PHRASE!r}; objects {counts}; up to {args.rounds} "
-          f"interleaved rounds, medians", flush=True)
-    print("runs: library = init_video_session(video) + add_text_prompt + propagate_in_video_iterator + "
-          "postprocess_outputs; ours file / ours live = TextTracker.step per frame (num_frames F / None + finish); "
-          "each timed from frames on the host to the last masks on the host", flush=True)
+    header = describe(args, sam3, time.monotonic() - t0)
 
     def write(figures: list[Figures], done: int) -> None:
         if args.json:
@@ -506,11 +521,10 @@ def main() -> None:
             args.json.write_text(json.dumps({**header, "rounds": done, "results": [asdict(f) for f in figures]},
                                             indent=1))
 
-    video = video[: args.frames] if len(video) > args.frames else video
-    figures = measure(sam3, video, counts, args.rounds, args.warmup, args.budget_s, write)
+    figures = measure(sam3, video, args.counts, args.rounds, args.warmup, args.budget_s, write)
     print_table(figures)
-    problems = [p for f in figures for p in check_counts(f, sam3.random_weights)]
     print(equality_line(figures))
+    problems = [p for f in figures for p in check_counts(f, sam3.random_weights)]
     if problems:
         raise SystemExit("object counts off: " + "; ".join(problems))
 

@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ "$dry" = 1 ]; then
   device=cpu; isize=256; size=320x180; streams=1; ks=1,2; frames=6; minutes=0.25; t=(120 90 60 90 90 90)
   budget_s=600
-  sam3=(--device cpu --model tiny --size 128x96 --objects 1,4 --frames 4 --warmup 2 --rounds 1 --threads 2)
+  sam3=(--device cpu --model tiny --size 128x96 --objects 1,4 --frames 4 --warmup 2 --rounds 1 --threads 1)
   echo "dry run: the steps on the CPU at toy sizes" | tee "$out/env.txt"
 else
   device=cuda; isize=1024; size=1920x1080; streams=1,4,8,16,24,32; ks=1,8; frames=90; minutes=1; t=(90 120 75 90 90 120)
@@ -74,5 +74,5 @@ if [ "$limit" -ge 60 ]; then  # its own --budget-s leaves ~45 s for imports, bui
 else
   echo "sam3 skipped: ${left} s left of the ${budget_s} s budget; sam3 rc=skipped" | tee "$out/sam3.log"
 fi
-grep -h -E "K=|streams:|passed|failed|skipped|round|median|frames/s|first result|bare|plain|rc=|latency|frames:|objects|^ +[0-9]+ +[0-9]+-[0-9]+|against the library" \
+grep -h -E "K=|streams:|passed|failed|skipped|round|median|frames/s|first result|bare|plain|rc=|latency|frames:|^objects |^ +[0-9]+ +[0-9]+-[0-9]+|against the library" \
   "$out"/*.log | grep -v "propagate in video"

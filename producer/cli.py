@@ -256,7 +256,7 @@ def _status(job_id: str, settings: Settings) -> int:
     print(f"  attempt: {state.get('attempt', '0')}")
     if state.get("live") != "1":
         print(f"  progress: {state.get('frames_done', '0')}/{state.get('num_frames', '?')} frames")
-    for key in ("worker", "error", "render_path", "source"):
+    for key in ("worker", "error", "render_path", "source", "lane"):
         if state.get(key):
             print(f"  {key}: {state[key]}")
     if state.get("auto_keyframes"):  # --auto: what the keyframes found (the worker's log has why, keyframe by keyframe)
