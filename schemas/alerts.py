@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.decode_errors import invalid
+from schemas.decode_errors import check_version, entry_field, invalid
 from schemas.errors import JobIdError, SchemaError
 from schemas.names import validate_job_id
 
@@ -67,25 +67,16 @@ def to_json(event: AlertEvent) -> bytes:
     return _JSON.encode(event)
 
 
-def _field(fields: Mapping[Any, Any], name: str) -> Any:
-    value = fields.get(name, fields.get(name.encode()))
-    if value is None:
-        raise SchemaError(f"alert entry has no {name!r} field; fields present: {sorted(map(str, fields))}")
-    return value
-
-
 def decode(fields: Mapping[Any, Any]) -> AlertEvent:
     """The event of an alerts-stream entry; SchemaError (naming the field) for anything malformed."""
-    raw = _field(fields, "data")
+    raw = entry_field(fields, "data", "alert entry")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise SchemaError(f"alert entry's data must be msgpack bytes, but got {type(raw).__name__}")
     try:
         version = msgspec.msgpack.decode(raw).get("v")
     except (msgspec.DecodeError, AttributeError) as e:
         raise SchemaError(f"alert entry's data is not a msgpack map: {e}") from None
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= ALERT_VERSION:
-        raise SchemaError(f"alert entry has schema version {version!r}, but this reader supports 1..{ALERT_VERSION}; "
-                          f"upgrade the reader")
+    check_version(version, ALERT_VERSION, "alert", "upgrade the reader")
     try:
         event = _DECODER.decode(raw)
     except msgspec.ValidationError as e:

@@ -35,7 +35,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 from msgspec import Meta
 
-from schemas.decode_errors import invalid, short
+from schemas.decode_errors import check_version, entry_field, invalid, short
 from schemas.errors import JobIdError, PromptError, SchemaError
 from schemas.names import validate_job_id
 from schemas.prompts import ObjectPrompt, check_prompt_shape
@@ -310,21 +310,14 @@ def encode(msg: Message) -> dict[str, bytes]:
     return {"type": msg.TYPE.value.encode(), "data": _ENCODER.encode(msg)}
 
 
-def _field(fields: Mapping[Any, Any], name: str) -> Any:
-    value = fields.get(name, fields.get(name.encode()))
-    if value is None:
-        raise SchemaError(f"stream entry has no {name!r} field; fields present: {sorted(map(str, fields))}")
-    return value
-
-
 def decode(fields: Mapping[Any, Any]) -> Message:
     """Decode stream entry fields into a message, raising SchemaError on anything malformed."""
-    raw_type = _field(fields, "type")
+    raw_type = entry_field(fields, "type", "stream entry")
     type_name = raw_type.decode(errors="replace") if isinstance(raw_type, (bytes, bytearray)) else str(raw_type)
     decoder = _DECODERS.get(type_name)
     if decoder is None:
         raise SchemaError(f"unknown entry type {type_name!r}; expected one of {sorted(_BY_TYPE)}")
-    raw = _field(fields, "data")
+    raw = entry_field(fields, "data", "stream entry")
     if not isinstance(raw, (bytes, bytearray, memoryview)):  # a map decoded already: back to msgpack, one path
         try:
             raw = _ENCODER.encode(raw)
@@ -338,23 +331,13 @@ def decode(fields: Mapping[Any, Any]) -> Message:
         raise SchemaError(f"{type_name} data must be a map with string keys: {e}") from None
     except msgspec.DecodeError as e:
         raise SchemaError(f"{type_name} entry's data is not valid msgpack: {e}") from None
-    _check_version(type_name, header.v)
+    check_version(header.v, SCHEMA_VERSION, type_name, "upgrade the worker or the client")
     try:
         msg: Message = decoder.decode(raw)
     except msgspec.ValidationError as e:
         raise invalid(type_name, e, msgspec.msgpack.decode(raw)) from None
     _check(msg)
     return msg
-
-
-def _check_version(name: str, version: Any) -> None:
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SchemaError(f"{name} data has no integer schema version 'v' (got {version!r})")
-    if version < 1 or version > SCHEMA_VERSION:
-        raise SchemaError(
-            f"{name} message has schema version {version}, but this reader supports 1..{SCHEMA_VERSION}; "
-            f"upgrade the worker or the client"
-        )
 
 
 def _check(msg: Message) -> None:

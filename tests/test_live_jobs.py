@@ -402,11 +402,11 @@ def _resumed_at_the_live_edge(live_settings: Settings, redis_client: redis.Redis
 
 
 @pytest.mark.slow
-def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_settings: Settings,
+def test_six_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_settings: Settings,
                                                                       redis_client: redis.Redis,
                                                                       tmp_path: Path) -> None:
-    """A short version of bench/bench_live.py: 10,000 frames of a small source at 250 fps."""
-    total, fps, size = 10_000, 250, (64, 48)
+    """A short version of bench/bench_live.py (its soak runs longer): 6,000 frames of a small source at 250 fps."""
+    total, fps, size = 6_000, 250, (64, 48)
     video = make_video(tmp_path / "long.mp4", num_frames=total, size_wh=size, fps=fps)
     settings = dataclasses.replace(live_settings, live_results_maxlen=500, live_frames_maxlen=500,
                                    progress_every=250)
@@ -435,7 +435,7 @@ def test_ten_thousand_live_frames_keep_disk_rss_and_redis_memory_flat(live_setti
     dropped_at_ingest = int(redis_client.hget(settings.keys.job("soak"), "dropped_at_ingest") or 0)
     assert isinstance(done, messages.Completed) and done.num_frames + dropped_at_ingest == total, \
         (done, worker.log()[-2000:])
-    early = next(s for s in samples if s[0] >= 2_000)
+    early = next(s for s in samples if s[0] >= 1_500)
     late = samples[-1]
     assert late[0] >= 0.9 * done.num_frames
     assert late[1] <= early[1] * 1.10 + 8 * 2**20, f"worker RSS grew from {early[1]} to {late[1]} bytes"

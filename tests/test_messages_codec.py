@@ -48,7 +48,7 @@ IDS = [f"{new.TYPE.value}{i}" for i, (_, new) in enumerate(PAIRS)]
 # Fields added since the codec changed (new fields get defaults; an old reader ignores them).
 ADDED = {"resume", "resume_from", "live", "auto", "labels", "skipped", "captured_at", "pts_s", "latency_s", "dropped",
          "latency_p50_s", "latency_p95_s", "source_outages", "source_down_s", "label", "label_score", "first_frame",
-         "dropped_at_ingest", "source_state", "source_down_since", "auto_keyframes", "auto_proposed", "auto_added"}
+         "dropped_at_ingest", "source_state", "source_down_since", "auto_keyframes", "auto_proposed", "auto_added", "text"}
 
 
 def _without_added(data: dict[str, Any]) -> dict[str, Any]:
