@@ -28,6 +28,7 @@ export class Results {
       case "update":
         return this.update(doc);
       case "object":
+        if (doc.obj_id < 0) return null;  // a command's text phrase (change "text"), not an object
         this.touch(doc.obj_id, { state: doc.change, from: doc.frame_idx, note: doc.note, source: doc.source,
           ...(doc.label ? { label: doc.label } : {}) });
         return null;
