@@ -152,9 +152,6 @@ def check_text(text: Sequence[str], prompts: Sequence[ObjectPrompt], auto: messa
         return
     if any(not isinstance(p, str) or not p.strip() for p in text):
         raise PromptError(f"--text has an empty phrase: {list(text)!r}; give phrases such as \"player, ball\"")
-    if prompts:
-        raise PromptError("--text jobs take no --point, --box or --prompts: SAM 3 workers track text phrases only; "
-                          "submit the point and box objects as a job of their own")
     if auto is not None:
         raise PromptError("--text and --auto are two ways of finding objects: give one of them")
 

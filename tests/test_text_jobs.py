@@ -36,6 +36,7 @@ from worker.model.sam3.build import Sam3, load_tiny
 from worker.model.sam3.identities import Identities
 from worker.model.sam3.segmenter import Sam3Segmenter
 from worker.model.sam3.tracker import TextFrame
+from worker.model.session import MaskPrompt
 from worker.sources.frames import DirFrames
 
 PHRASES = ["player", "ball"]
@@ -69,10 +70,9 @@ def test_each_lane_has_its_jobs_stream_and_shares_every_other_key() -> None:
         keys.for_lane("colour")
 
 
-def test_text_refuses_points_auto_and_empty_phrases() -> None:
+def test_text_takes_points_beside_it_but_not_auto_or_empty_phrases() -> None:
     check_text(["player"], [], None)
-    with pytest.raises(PromptError, match="take no --point"):
-        check_text(["player"], [ObjectPrompt(obj_id=1, frame_idx=0, points_xy=((1.0, 1.0),), labels=(1,))], None)
+    check_text(["player"], [ObjectPrompt(obj_id=1, frame_idx=0, points_xy=((1.0, 1.0),), labels=(1,))], None)
     with pytest.raises(PromptError, match="give one of them"):
         check_text(["player"], [], messages.AutoOptions())
     with pytest.raises(PromptError, match="empty phrase"):
@@ -202,12 +202,11 @@ def test_the_session_gives_the_librarys_masks_in_the_jobs_ids(sam3: Sam3, tmp_pa
     assert added == first_seen, "each object is `added` on the frame it first shows on"
 
 
-def test_the_session_takes_no_points_and_needs_text(sam3: Sam3, tmp_path: Path) -> None:
+def test_the_session_needs_text_and_takes_no_masks(sam3: Sam3, tmp_path: Path) -> None:
     jpeg_clip(tmp_path / "f", 3)
     model = Sam3Segmenter(sam3)
-    point = ObjectPrompt(obj_id=1, frame_idx=0, points_xy=((5.0, 5.0),), labels=(1,))
-    with pytest.raises(PromptError, match="text phrases .* only"):
-        model.open_session(DirFrames(tmp_path / "f", 3), [point], width=W, height=H)
+    with pytest.raises(PromptError, match="no mask prompts"):
+        model.open_session(DirFrames(tmp_path / "f", 3), [MaskPrompt(1, 0, np.ones((H, W), bool))], width=W, height=H)
     with model.open_session(DirFrames(tmp_path / "f", 3), [], width=W, height=H) as session:
         with pytest.raises(PromptError, match="needs text"):
             next(session)
@@ -216,6 +215,40 @@ def test_the_session_takes_no_points_and_needs_text(sam3: Sam3, tmp_path: Path) 
             session.add_text(["", "ball"])
         with pytest.raises(PromptError, match="no object 9 to remove"):
             session.remove_object(9)
+        with pytest.raises(PromptError, match="the video has 3 frames"):
+            session.add_prompts([point(5, 3)])
+
+
+def point(obj_id: int, frame_idx: int, xy: tuple[float, float] = (30.0, 40.0)) -> ObjectPrompt:
+    return ObjectPrompt(obj_id=obj_id, frame_idx=frame_idx, points_xy=(xy,), labels=(1,))
+
+
+def test_points_and_boxes_mix_with_text_on_sam3s_own_tracker(sam3: Sam3, tmp_path: Path) -> None:
+    """A point object from frame 0 and a box object from frame 5 beside the text's instances: their ids kept, the
+    text's above them, each present from its prompt's frame on; a point on a text object's id is refused, a
+    correction of a point object and its removal are taken."""
+    jpeg_clip(tmp_path / "f", 24)
+    box = ObjectPrompt(obj_id=7, frame_idx=5, box_xyxy=(10.0, 10.0, 60.0, 50.0))
+    with Sam3Segmenter(sam3).open_session(DirFrames(tmp_path / "f", 24), [point(3, 0), box], width=W,
+                                          height=H) as session:
+        session.add_text(PHRASES)
+        out = [next(session)]
+        text_ids = sorted({o for f in out for o in f.obj_ids} - {3, 7})
+        with pytest.raises(PromptError, match="found by the text"):
+            session.add_prompts([point(text_ids[0], session.position)])
+        session.add_prompts([point(3, session.position, (60.0, 50.0))])  # a correction, from the next frame
+        at = session.position
+        session.remove_object(7)
+        out += list(session)
+    assert [f.frame_idx for f in out] == list(range(24))
+    assert all(3 in f.obj_ids for f in out), "the point object from its frame on"
+    assert [7 in f.obj_ids for f in out[:at]] == [k >= 5 for k in range(at)], "the box object from frame 5 on"
+    assert all(7 not in f.obj_ids for f in out[at:]), "removed"
+    assert text_ids and min(text_ids) > 7, "the text's ids above the prompted ones"
+    for f in out:
+        k = f.obj_ids.index(3)
+        assert f.masks[k].shape == (H, W) and f.masks[k].any() and 0 <= f.scores[k] <= 1
+        assert 3 not in (f.labels or {}), "a point object has no phrase"
 
 
 def test_a_removed_text_object_stays_gone(sam3: Sam3, tmp_path: Path) -> None:
@@ -249,7 +282,7 @@ def test_a_text_job_is_refused_at_submit_while_no_worker_takes_text(settings: Se
 
 
 @pytest.mark.integration
-def test_a_text_job_runs_on_a_sam3_worker_with_labelled_objects(settings: Settings, redis_client: redis.Redis,
+def test_a_text_job_runs_on_a_sam3_worker_with_labelled_objects_and_a_point_object(settings: Settings, redis_client: redis.Redis,
                                                                  text_video: Path, sam3: Sam3) -> None:
     with running_worker(settings, redis_client, Sam3Segmenter(sam3), name="sam3-w"):
         wait_for(lambda: ("sam3-tiny-random", "text") in live_models(redis_client, settings.keys), 20,
@@ -257,7 +290,7 @@ def test_a_text_job_runs_on_a_sam3_worker_with_labelled_objects(settings: Settin
         health = json.loads(redis_client.get(settings.keys.worker_health("sam3-w")) or b"{}")
         assert health["capabilities"] == ["text"] and health["model"] == "sam3-tiny-random"
         with Client(settings) as client:
-            job = client.submit(text_video, text="player, ball", job_id="t-file")
+            job = client.submit(text_video, text="player, ball", points=["1:30,40"], job_id="t-file")
             assert redis_client.hget(settings.keys.job("t-file"), "lane") == b"text"
             ended = job.wait(timeout_s=120)
             assert isinstance(ended, messages.Completed), ended
@@ -269,8 +302,9 @@ def test_a_text_job_runs_on_a_sam3_worker_with_labelled_objects(settings: Settin
     assert len(frames) == 24
     added = {c.obj_id: c.label for c in changes if c.change == "added"}
     assert added and all(c.source == "text" for c in changes) and set(added.values()) <= set(PHRASES)
-    assert min(added) == 1, "the job's ids start at 1"
-    shown = {(o.obj_id, o.label) for f in frames for o in f.objects}
+    assert min(added) == 2, "the text's ids start above the prompted object's"
+    assert all(any(o.obj_id == 1 and o.area for o in f.objects) for f in frames), "the point object on every frame"
+    shown = {(o.obj_id, o.label) for f in frames for o in f.objects if o.obj_id != 1}
     assert shown and all(label == added[obj_id] for obj_id, label in shown), "each object labelled with its phrase"
     assert all(0 <= o.score <= 1 for f in frames for o in f.objects)
 

@@ -65,9 +65,9 @@ def validate_job(msg: messages.JobMessage, settings: Settings, capability: str =
     if msg.text and capability != TEXT:
         raise PermanentError(f"job {msg.job_id} has text prompts ({', '.join(msg.text)}), which this worker's model "
                              "cannot take: text jobs go on the text lane, read by SAM 3 workers (--model sam3)")
-    if capability == TEXT and (msg.prompts or msg.auto is not None or not msg.text):
-        raise PermanentError(f"job {msg.job_id} is not for a SAM 3 worker: it takes text phrases only (no points, "
-                             "boxes or --auto); submit point and box objects as a job of their own")
+    if capability == TEXT and (msg.auto is not None or not msg.text):
+        raise PermanentError(f"job {msg.job_id} is not for a SAM 3 worker: it takes jobs with text (and points and "
+                             "boxes beside it), not --auto or points alone: those go to a SAM 2 worker")
     check_job_limits(msg.num_frames, msg.width, msg.height, msg.prompts, settings)
     frames_dir = resolve_inside(settings.storage_root, msg.frames_dir)
     source = FrameSourceKind.STREAM if msg.frames_stream else FrameSourceKind.DIR

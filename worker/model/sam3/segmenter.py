@@ -16,18 +16,27 @@ them), and each frame the tracker releases becomes a FrameMasks:
   session yields its first frame after reading 16, and the rest when its source ends (a file's last frame, or a
   live source's end).
 
-What SAM 3 here does not take: point and box prompts (transformers' Sam3VideoModel tracks text only), a resumed
-job's mask seeds (a text job runs again from its first frame: `worker/service/resume.py`), and backfills.
+Point and box objects can be mixed in (the job's prompts, and commands): SAM 3's own tracker follows them in a
+session of its own on the features the text tracker computed for the frame (worker/model/sam3/points.py). They
+start at their prompt's frame (nothing propagates backwards), keep the ids they were given (a text object's id
+cannot be prompted), and are published with the frame the text tracker releases.
+
+What SAM 3 here does not take: a resumed job's mask seeds (a text job runs again from its first frame:
+`worker/service/resume.py`), and a prompt on a frame already segmented (no backfill: SAM 3's session runs
+forwards only; `--now` applies a prompt at the next frame).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
+import torch
 
 from schemas.errors import PromptError, StorageError
 from schemas.names import TEXT
@@ -35,16 +44,16 @@ from schemas.prompts import ObjectPrompt
 from worker.model.frame_masks import FrameMasks
 from worker.model.sam3.build import Sam3
 from worker.model.sam3.identities import Identities
+from worker.model.sam3.points import PointObjects
 from worker.model.sam3.tracker import TextFrame, TextTracker
 from worker.model.segment import InProcessModel
-from worker.model.session import MaskPrompt, Prompt, SessionBase
+from worker.model.session import Backfill, MaskPrompt, Prompt, SessionBase
 from worker.model.turns import FairTurns
 from worker.sources.frames import FrameSource, turn_wait_check
 
 log = logging.getLogger(__name__)
 
-NO_POINTS = ("a SAM 3 worker tracks text phrases (--text) only: points, boxes and masks are not taken here; submit "
-             "point and box objects as a job of their own, which a SAM 2 worker takes")
+NO_MASKS = "a SAM 3 session takes text, points and boxes: no mask prompts (a text job does not resume from masks)"
 
 
 class Sam3Segmenter(InProcessModel):
@@ -66,12 +75,12 @@ class Sam3Segmenter(InProcessModel):
 
     def open_session(self, frames: FrameSource, prompts: Sequence[Prompt], *, width: int, height: int,
                      start_frame: int = 0) -> Sam3Session:
-        if any(isinstance(p, (ObjectPrompt, MaskPrompt)) for p in prompts):
-            raise PromptError(NO_POINTS)
         if start_frame:
             raise PromptError(f"a SAM 3 session starts at frame 0, not {start_frame}: a text job runs again from "
                               f"its first frame")
-        return Sam3Session(self, frames, width=width, height=height)
+        session = Sam3Session(self, frames, width=width, height=height)
+        session.add_prompts(prompts)
+        return session
 
 
 class Sam3Session(SessionBase):
@@ -85,15 +94,43 @@ class Sam3Session(SessionBase):
         self.tracker: TextTracker | None = None
         self._phrases: list[str] = []
         self.identities = Identities(window_s=model.reid_window_s, threshold=model.reid_threshold)
+        self.points: PointObjects | None = None
+        self._prompts: list[ObjectPrompt] = []  # point and box prompts given before the first frame
+        self._point_out: dict[int, dict[int, tuple[np.ndarray, float]]] = {}  # frame -> point objects, until released
         self._ready: deque[FrameMasks] = deque()
         self._images: dict[int, np.ndarray] = {}  # frames given, not yet released (re-identification reads them)
-        self._fps = 0.0
 
     # ---- the Session protocol -------------------------------------------------------------------
     def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None:
+        """Point and box objects (new, or corrections of point and box objects), from their frame on."""
         self._check_open()
-        if prompts:
-            raise PromptError(NO_POINTS)
+        if any(isinstance(p, MaskPrompt) for p in prompts):
+            raise PromptError(NO_MASKS)
+        given = [p for p in prompts if isinstance(p, ObjectPrompt)]
+        if or_next:
+            given = [dataclasses.replace(p, frame_idx=max(p.frame_idx, self._position)) for p in given]
+        total = self.frames.total
+        for p in given:
+            if p.obj_id in self.identities.label_of:
+                raise PromptError(f"object {p.obj_id} was found by the text {self.identities.label_of[p.obj_id]!r}: "
+                                  "points and boxes make or correct objects of their own; give a new id")
+            if p.frame_idx < self._position:
+                raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but frames up to "
+                                  f"{self._position - 1} are already segmented: prompt frame {self._position} or "
+                                  "later (SAM 3 does not propagate backwards), or apply it now")
+            if total is not None and p.frame_idx >= total:
+                raise PromptError(f"prompt for object {p.obj_id} is on frame {p.frame_idx}, but the video has "
+                                  f"{total} frames (0..{total - 1})")
+        for p in given:
+            self.identities.reserve_above(p.obj_id)
+            if self.points is None:
+                self._prompts.append(p)
+            else:
+                self.points.add(p)
+
+    def backfill(self, prompt: ObjectPrompt) -> Backfill:
+        raise PromptError(f"prompt for object {prompt.obj_id} is on frame {prompt.frame_idx}, already segmented: SAM 3 "
+                          f"does not propagate backwards; apply it now (--now, @now) instead")
 
     def add_text(self, phrases: Sequence[str]) -> None:
         """Look for these phrases from the next frame read on (PromptError for an empty one)."""
@@ -112,10 +149,18 @@ class Sam3Session(SessionBase):
         self._check_open()
         if obj_id not in self._known():
             raise PromptError(f"no object {obj_id} to remove: the session tracks {sorted(self._known()) or 'none'}")
-        self.identities.hide(obj_id)  # still tracked by the library (else its phrase would find it again), not shown
+        if obj_id in self._point_ids():
+            if self.points is not None:
+                self.points.remove(obj_id)
+            self._prompts = [p for p in self._prompts if p.obj_id != obj_id]
+        else:
+            self.identities.hide(obj_id)  # still tracked by the library (else its phrase would find it again)
+
+    def _point_ids(self) -> set[int]:
+        return set(self.points.obj_ids) if self.points is not None else {p.obj_id for p in self._prompts}
 
     def _known(self) -> set[int]:
-        return set(self.identities.live_ids())
+        return set(self.identities.live_ids()) | self._point_ids()
 
     def _total(self) -> int | None:
         return self.frames.total
@@ -133,12 +178,18 @@ class Sam3Session(SessionBase):
             image = self._read(k)
             total = self.frames.total
             if self.tracker is None:  # a file's length is known once it is decoded; a live source's never
+                length = total if total is not None and not self.frames.realtime else None
                 self.tracker = TextTracker(self.model.sam3, self._phrases, width=self.width, height=self.height,
-                                           num_frames=total if total is not None and not self.frames.realtime
-                                           else None)
+                                           num_frames=length)
+                self.points = PointObjects(self.model.sam3, width=self.width, height=self.height, num_frames=length)
+                for p in self._prompts:
+                    self.points.add(p)
+                self._prompts = []
             self._images[k] = image
             with self.model.turns.turn(live=self.frames.realtime, check=turn_wait_check(self.frames)):
                 released = self.tracker.step(image)
+                assert self.points is not None
+                self._point_out[k] = self.points.step(k, self._features(k, image) if self.points.obj_ids else None)
             self._position = k = k + 1
             self._publish(released)
         if self.tracker is not None:
@@ -156,16 +207,34 @@ class Sam3Session(SessionBase):
                                f"{self.height}")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
+    def _features(self, k: int, image: np.ndarray) -> dict[str, Any]:
+        """Frame k's features as the tracker reads them: those the text tracker just cached, or (when its session
+        was reset on that frame, every instance removed) computed again from the frame."""
+        assert self.tracker is not None
+        cached = self.tracker.session.cache.get_vision_features(k)
+        if cached is not None:
+            return cached
+        sam3 = self.model.sam3
+        pixels = sam3.processor.video_processor(videos=image[None], return_tensors="pt").pixel_values_videos[0]
+        with torch.inference_mode():
+            embeds = sam3.model.detector_model.get_vision_features(pixel_values=pixels.to(sam3.device, sam3.dtype))
+            feats, pos = sam3.model.get_vision_features_for_tracker(vision_embeds=embeds)
+        return {"vision_feats": feats, "vision_pos_embeds": pos}
+
     def _publish(self, released: list[TextFrame]) -> None:
         for frame in released:
             image = self._images.pop(frame.frame_idx, None)
             at_s = self._time_of(frame.frame_idx)
             mapped = self.identities.see(frame, image, at_s)
             keep = list(mapped.keep)
-            self._ready.append(FrameMasks(frame_idx=frame.frame_idx, obj_ids=mapped.obj_ids,
-                                          masks=frame.masks[keep].astype(bool, copy=False),
-                                          scores=frame.scores[keep].astype(np.float32, copy=False), image_rgb=image,
-                                          labels=mapped.labels, changes=mapped.changes))
+            points = self._point_out.pop(frame.frame_idx, {})
+            by_id = {o: (frame.masks[k], float(frame.scores[k])) for o, k in zip(mapped.obj_ids, keep)} | points
+            obj_ids = tuple(sorted(by_id))
+            masks = (np.stack([by_id[o][0] for o in obj_ids]).astype(bool, copy=False) if obj_ids
+                     else np.zeros((0, self.height, self.width), bool))
+            self._ready.append(FrameMasks(frame_idx=frame.frame_idx, obj_ids=obj_ids, masks=masks,
+                                          scores=np.array([by_id[o][1] for o in obj_ids], np.float32),
+                                          image_rgb=image, labels=mapped.labels, changes=mapped.changes))
 
     def _time_of(self, frame_idx: int) -> float:
         """The frame's time, for the re-identification window: its announcement's (a live frame's capture
@@ -176,5 +245,8 @@ class Sam3Session(SessionBase):
     def _release(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
+        if self.points is not None:
+            self.points.close()
+        self._point_out.clear()
         self._images.clear()
         self._ready.clear()
