@@ -174,12 +174,12 @@ class ControlFeed:
             requested = -1 if command.now else p.frame_idx
             target, note = prompt_target(p, now=command.now, live=self.live, position=session.position)
             change = "corrected" if p.obj_id in session.obj_ids else "added"
-            if target != p.frame_idx and not command.now and not self.live and self._backfilled(session, command, p,
-                                                                                                 change):
-                continue
             try:
+                if target != p.frame_idx and not command.now and not self.live and self._backfilled(session, command,
+                                                                                                     p, change):
+                    continue
                 target = self._add(session, replace(p, frame_idx=target))
-            except PromptError as e:
+            except PromptError as e:  # a model that cannot take it (SAM 3: no backfill): refused, with why
                 self.changes.hold(session.position, command, p.obj_id, "refused", requested, str(e))
                 continue
             self.changes.hold(target, command, p.obj_id, change, requested, note)
