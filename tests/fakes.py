@@ -257,8 +257,8 @@ class ChaosSession:
     def add_prompts(self, prompts: Sequence[ObjectPrompt], *, or_next: bool = False) -> None:
         self.inner.add_prompts(prompts, or_next=or_next)
 
-    def add_text(self, phrases: Sequence[str]) -> None:
-        self.inner.add_text(phrases)
+    def add_text(self, phrases: Sequence[str], *, fps: float | None = None) -> None:
+        self.inner.add_text(phrases, fps=fps)
 
     def reserve_ids(self, upto: int) -> None:
         self.inner.reserve_ids(upto)

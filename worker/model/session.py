@@ -101,9 +101,10 @@ class Session(Protocol):
 
     def remove_object(self, obj_id: int) -> None: ...
 
-    def add_text(self, phrases: Sequence[str]) -> None:
+    def add_text(self, phrases: Sequence[str], *, fps: float | None = None) -> None:
         """Phrases to find and track every instance of, from the next frame the model computes (a text model's
-        session, worker/model/sam3/segmenter.py); PromptError from a model that takes no text."""
+        session, worker/model/sam3/segmenter.py); `fps`: the video's frame rate (given with a job's first
+        phrases). PromptError from a model that takes no text."""
         ...
 
     def reserve_ids(self, upto: int) -> None:
@@ -239,7 +240,7 @@ class SessionShell:
     def reserve_ids(self, upto: int) -> None:
         """Session.reserve_ids: this model numbers no objects of its own."""
 
-    def add_text(self, phrases: Sequence[str]) -> None:
+    def add_text(self, phrases: Sequence[str], *, fps: float | None = None) -> None:
         """Session.add_text: this model takes no text (SAM 3's session overrides it)."""
         raise PromptError(f"this worker's model takes no text prompts (asked for {', '.join(phrases)}): text jobs "
                           "go to a SAM 3 worker (python -m worker --model sam3)")

@@ -148,4 +148,4 @@ def start_text(session: Session, job: ValidJob, attempt: int) -> None:
     without text)."""
     if job.text:
         session.reserve_ids(text_ids_above(job, attempt))
-        session.add_text(job.text)
+        session.add_text(job.text, fps=job.fps)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -99,6 +100,8 @@ class Sam3Session(SessionBase):
         self._point_out: dict[int, dict[int, tuple[np.ndarray, float]]] = {}  # frame -> point objects, until released
         self._ready: deque[FrameMasks] = deque()
         self._images: dict[int, np.ndarray] = {}  # frames given, not yet released (re-identification reads them)
+        self._times: dict[int, float] = {}  # a live job's frames: when each was read (monotonic), until released
+        self._fps = 30.0  # a file's frame rate, until add_text says
 
     # ---- the Session protocol -------------------------------------------------------------------
     def add_prompts(self, prompts: Sequence[Prompt], *, or_next: bool = False) -> None:
@@ -132,9 +135,12 @@ class Sam3Session(SessionBase):
         raise PromptError(f"prompt for object {prompt.obj_id} is on frame {prompt.frame_idx}, already segmented: SAM 3 "
                           f"does not propagate backwards; apply it now (--now, @now) instead")
 
-    def add_text(self, phrases: Sequence[str]) -> None:
-        """Look for these phrases from the next frame read on (PromptError for an empty one)."""
+    def add_text(self, phrases: Sequence[str], *, fps: float | None = None) -> None:
+        """Look for these phrases from the next frame read on (PromptError for an empty one); `fps`: the video's
+        frame rate (a file job's frames are timed by it for re-identification's window)."""
         self._check_open()
+        if fps is not None and fps > 0:
+            self._fps = fps
         clean = [p.strip() for p in phrases]
         if not clean or not all(clean):
             raise PromptError(f"text phrases must be non-empty, but got {list(phrases)!r}")
@@ -186,6 +192,8 @@ class Sam3Session(SessionBase):
                     self.points.add(p)
                 self._prompts = []
             self._images[k] = image
+            if self.frames.realtime:
+                self._times[k] = time.monotonic()
             with self.model.turns.turn(live=self.frames.realtime, check=turn_wait_check(self.frames)):
                 released = self.tracker.step(image)
                 assert self.points is not None
@@ -237,10 +245,10 @@ class Sam3Session(SessionBase):
                                           image_rgb=image, labels=mapped.labels, changes=mapped.changes))
 
     def _time_of(self, frame_idx: int) -> float:
-        """The frame's time, for the re-identification window: its announcement's (a live frame's capture
-        clock), else its index at 30 frames/s (a file's)."""
-        at = self.frames.announced_at(frame_idx)
-        return at if at is not None else frame_idx / 30.0
+        """The frame's time in seconds, for the re-identification window: a live frame's by the clock when it was
+        read (the newest captured: live jobs skip to keep up), a file's by its index at the video's fps."""
+        at = self._times.pop(frame_idx, None)
+        return at if at is not None else frame_idx / self._fps
 
     def _release(self) -> None:
         if self.tracker is not None:
@@ -248,5 +256,6 @@ class Sam3Session(SessionBase):
         if self.points is not None:
             self.points.close()
         self._point_out.clear()
+        self._times.clear()
         self._images.clear()
         self._ready.clear()
