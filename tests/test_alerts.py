@@ -302,7 +302,9 @@ def test_on_a_redis_cluster_jobs_on_every_node(tmp_path: Path, storage_root: Pat
                 start_job(client, settings, job_id)
                 write_frames(client, settings, job_id, WALK)
                 finish(client, settings, job_id)
-            wait_for(lambda: not following(client, settings), 20, "every job's end")
+            # every job's events out, then none followed (the consumer may find the last job after the others end)
+            wait_for(lambda: client.xlen(settings.keys.alerts) >= 4 * len(jobs) and not following(client, settings),
+                     30, "every job's events and end")
         for job_id in jobs:
             assert published(client, settings.keys.job_alerts(job_id)) == expected(job_id, WALK, Rules.of(settings))
         assert client.xlen(settings.keys.alerts) == 4 * len(jobs)
