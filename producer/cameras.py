@@ -318,17 +318,17 @@ class _Entry:
             raise ConfigError(str(e)) from None
 
     def _phrases(self) -> tuple[str, ...]:
-        raw = self.raw.get("text", [])
-        items = raw.split(",") if isinstance(raw, str) else raw
-        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
-            raise self.fail("text", "a list of phrases such as [person, red car]")
-        return tuple(x.strip() for x in items)
+        return self._words("text", "a list of phrases such as [person, red car]")
 
     def _labels(self) -> tuple[str, ...]:
-        raw = self.raw.get("labels", [])
+        return self._words("labels", "a list of labels such as [person, car]")
+
+    def _words(self, name: str, expected: str) -> tuple[str, ...]:
+        """A field holding a list of non-empty strings (or one comma-separated string); `expected` says what."""
+        raw = self.raw.get(name, [])
         items = raw.split(",") if isinstance(raw, str) else raw
         if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
-            raise self.fail("labels", "a list of labels such as [person, car]")
+            raise self.fail(name, expected)
         return tuple(x.strip() for x in items)
 
     def _text(self, name: str, default: str) -> str:
